@@ -1,0 +1,192 @@
+"""CentralList: one per size class, the spans not cached by any P (Go's mcentral).
+See shm/__init__.py for an overview.
+
+A central list holds `partial` spans (some object free) and `full` spans (none free), doubly
+linked through the span records, plus the class's counters (layout.CENTRAL).  Everything here runs
+inside an Op holding central lock c (checked); a span that becomes empty goes back to the page
+heap, which takes the heap lock after central[c] -- the lock order.
+
+The pairs to check against Go:
+    cache_span / uncache_span   a P takes a span for its cache / gives it back
+    collect                     a P re-lists the objects freed in a span it caches (mimalloc's
+                                page collect: frees by the owner and PENDING frees by others)
+    free_object                 a free of an object in a span this P does not cache
+
+Object states live in the allocation map (layout.py: FREE, ALLOC, PENDING, LISTED, TAG(k)); the
+state changes of a whole span are one `bytes.translate` over its object-start bytes.
+"""
+
+from itertools import compress
+
+from . import layout as L
+from .errors import BadHandle, CorruptionError, DoubleFree
+from .sizeclasses import CLASS_TO_ALLOCNPAGES, CLASS_TO_NOBJS, CLASS_TO_SIZE
+
+S = L.SPAN
+C = L.CENTRAL
+H = L.HEAP
+FREE, ALLOC, PENDING, LISTED = L.FREE, L.ALLOC, L.PENDING, L.LISTED
+
+
+def tag(k):
+    return L.TAG0 + k
+
+
+def _cache_table(k):
+    t = bytearray(range(256))
+    t[FREE] = t[PENDING] = LISTED
+    t[ALLOC] = tag(k)
+    return bytes(t)
+
+
+def _uncache_table(k):
+    t = bytearray(range(256))
+    t[tag(k)] = ALLOC
+    t[LISTED] = t[PENDING] = FREE
+    return bytes(t)
+
+
+CACHE_T = [_cache_table(k) for k in range(L.MAX_SLOTS + 1)]
+IS_LISTED = bytes(1 if v == LISTED else 0 for v in range(256))
+UNCACHE_T = [_uncache_table(k) for k in range(L.MAX_SLOTS + 1)]
+
+
+class CentralList:
+    """The central lists of every size class of one attached arena."""
+
+    def __init__(self, arena):
+        self.arena = arena
+        self.q = arena.q
+        self.mv = arena.mv
+        self.lay = arena.lay
+        self.heap = arena.heap
+
+    def cw(self, c):
+        return self.lay.central_word(c)
+
+    def head_w(self, c, which):
+        return self.cw(c) + C["partial" if which == L.LIST_PARTIAL else "full"]
+
+    def starts(self, r):
+        """(byte offset in the segment of the first object-start byte, stride, nelems, base
+        handle, object size) of span r."""
+        q, w = self.q, self.lay.span_word(r)
+        c = q[w + S["sizeclass"]]
+        size = CLASS_TO_SIZE[c]
+        base = self.lay.heap_off + q[w + S["start"]] * L.PAGE_SIZE
+        off = self.lay.amap_off + (base - self.lay.heap_off) // 8
+        return off, size // 8, q[w + S["nelems"]], base, size
+
+    def _span_bytes(self, r):
+        off, stride, n, base, size = self.starts(r)
+        return off, stride, bytes(self.mv[off:off + n * stride:stride]), base, size
+
+    def _place(self, op, c, r, alloc_count, nelems):
+        """Put uncached span r where it belongs: full list, partial list, or back to the heap."""
+        if alloc_count == 0:
+            op.add(self.cw(c) + C["nspans"], -1)
+            op.acquire(L.LOCK_HEAP)
+            self.heap.free_span(op, r)
+        elif alloc_count == nelems:
+            self.heap.list_push(op, self.head_w(c, L.LIST_FULL), r, L.LIST_FULL)
+        else:
+            self.heap.list_push(op, self.head_w(c, L.LIST_PARTIAL), r, L.LIST_PARTIAL)
+
+    # --- a P takes and gives back spans -------------------------------------------------------
+    def grow(self, op, c):
+        """A fresh span of class c from the page heap (Go: mcentral.grow), not on any list."""
+        op.acquire(L.LOCK_HEAP)
+        r = self.heap.alloc_span(op, CLASS_TO_ALLOCNPAGES[c], c, CLASS_TO_NOBJS[c])
+        op.add(self.cw(c) + C["nspans"], 1)
+        return r
+
+    def cache_span(self, op, c, k):
+        """Give P k a span of class c with a free object; returns (record, handles listed)."""
+        op.need(L.LOCK_CENTRAL(c), "CentralList.cache_span")
+        q = self.q
+        head = q[self.head_w(c, L.LIST_PARTIAL)]
+        if head:
+            r = head - 1
+            self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r)
+            op.add(self.cw(c) + C["live"], -q[self.lay.span_word(r) + S["alloc_count"]])
+        else:
+            r = self.grow(op, c)
+        w = self.lay.span_word(r)
+        op.w(w + S["owner"], k + 1)
+        op.w(w + S["alloc_count"], 0)
+        op.w(self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, r + 1)
+        op.add(self.cw(c) + C["ncached"], 1)
+        return r, self.collect(op, c, r, k)
+
+    def collect(self, op, c, r, k):
+        """Re-list every free or PENDING object of span r (cached by P k) into P k's cache.
+        Counts the newly listed objects as mallocs, optimistically (Go's cacheSpan)."""
+        op.need(L.LOCK_CENTRAL(c), "CentralList.collect")
+        q, w = self.q, self.lay.span_word(r)
+        if q[w + S["owner"]] != k + 1:
+            raise CorruptionError(f"collect of span {r} by P {k}, but it is cached by {q[w + S['owner']] - 1}")
+        off, stride, old, base, size = self._span_bytes(r)
+        new = old.translate(CACHE_T[k])
+        op.wbytes(off, stride, new)
+        op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
+        op.w(w + S["npending"], 0)
+        # Highest address first, so list.pop() hands out ascending addresses.
+        n = len(new)
+        return list(compress(range(base + (n - 1) * size, base - 1, -size), new[::-1].translate(IS_LISTED)))
+
+    def uncache_span(self, op, c, r, k):
+        """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
+        uncounted, PENDING frees merged, and the span placed by its allocated count."""
+        op.need(L.LOCK_CENTRAL(c), "CentralList.uncache_span")
+        q, w = self.q, self.lay.span_word(r)
+        if q[w + S["owner"]] != k + 1:
+            raise CorruptionError(f"uncache of span {r} by P {k}, but it is cached by {q[w + S['owner']] - 1}")
+        off, stride, old, base, size = self._span_bytes(r)
+        new = old.translate(UNCACHE_T[k])
+        op.wbytes(off, stride, new)
+        op.add(self.cw(c) + C["mallocs"], -old.count(LISTED))
+        n = new.count(ALLOC)
+        op.w(w + S["owner"], 0)
+        op.w(w + S["alloc_count"], n)
+        op.w(w + S["npending"], 0)
+        op.w(self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, 0)
+        op.add(self.cw(c) + C["ncached"], -1)
+        op.add(self.cw(c) + C["live"], n)
+        self._place(op, c, r, n, q[w + S["nelems"]])
+
+    # --- frees that are not the fast path ------------------------------------------------
+    def free_object(self, op, c, r, h, k):
+        """Free object `h` of span r (class c) on behalf of P k (-1: no P).  Validates first,
+        changes nothing on a bad handle."""
+        op.need(L.LOCK_CENTRAL(c), "CentralList.free_object")
+        q, w = self.q, self.lay.span_word(r)
+        off, stride, n, base, size = self.starts(r)
+        i, rem = divmod(h - base, size)
+        if rem or not 0 <= i < n:
+            raise BadHandle(f"handle {h} is inside a block of {size} bytes but not at its start "
+                            f"(block starts at {base + i * size})" if 0 <= i < n else
+                            f"handle {h} is in the tail of a span, past its last object")
+        boff = off + i * stride
+        b = self.mv[boff]
+        if b in (FREE, LISTED, PENDING):
+            raise DoubleFree(f"double free: block {h} ({size} bytes) is already free")
+        owner = q[w + S["owner"]]
+        if b == ALLOC:
+            if owner:
+                raise CorruptionError(f"span {r} is cached by P {owner - 1} but object {h} is ALLOC")
+            op.wbyte(boff, FREE)
+            cnt = q[w + S["alloc_count"]]
+            op.w(w + S["alloc_count"], cnt - 1)
+            op.add(self.cw(c) + C["live"], -1)
+            lst = q[w + S["list"]]
+            self.heap.list_remove(op, self.head_w(c, lst), r)
+            self._place(op, c, r, cnt - 1, q[w + S["nelems"]])
+            return
+        j = b - L.TAG0
+        if owner != j + 1:
+            raise CorruptionError(f"object {h} carries the tag of P {j} but span {r} is cached by {owner - 1}")
+        if j == k:
+            op.wbyte(boff, FREE)  # our own span: collected on our next refill
+        else:
+            op.wbyte(boff, PENDING)
+            op.add(w + S["npending"], 1)

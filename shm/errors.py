@@ -1,0 +1,96 @@
+"""The one error tree of shmalloc.  See shm/__init__.py for an overview.
+
+    ShmallocError                  base of everything this project raises on purpose
+    ├── OutOfMemory                the heap (or /dev/shm) is full; nothing was changed
+    ├── BadHandle                  a handle that is not a live object start; nothing was changed
+    │   └── DoubleFree             the handle was an object, but it is already free
+    ├── LayoutMismatch             the segment is not an arena of this layout version
+    ├── CorruptionError            an invariant is broken (names it); never raised for bad input
+    ├── ArenaClosed                the arena or heap was closed in this process
+    ├── ForkedHeap                 a Heap used in a child after fork(); connect() again there
+    ├── NoFreeSlot                 every P slot is taken
+    └── ProtocolError              control channel (service/, client/) errors; `code` is the wire code
+        ├── DaemonUnavailable      no daemon answered at the endpoint before the deadline
+        ├── NotParked              a live P did not park before the snapshot deadline
+        └── RemoteError            the daemon answered {"ok": false}; `code` and message from the wire
+
+Input errors (OutOfMemory, BadHandle, ...) leave the arena exactly as it was: every mutation made
+under a cross-process lock is undo-logged and rolled back when the operation fails half way.
+"""
+
+
+class ShmallocError(Exception):
+    """Base class of every error shmalloc raises on purpose."""
+
+    code = "ERROR"
+
+
+class OutOfMemory(ShmallocError, MemoryError):
+    """The reserved heap, or the tmpfs behind /dev/shm, has no room left.  Recoverable."""
+
+    code = "OUT_OF_MEMORY"
+
+
+class BadHandle(ShmallocError, ValueError):
+    """A handle that is not the start of a live object: out of range, not an object
+    boundary, never allocated.  Nothing was changed."""
+
+    code = "BAD_HANDLE"
+
+
+class DoubleFree(BadHandle):
+    """The handle is an object start, but the object is already free."""
+
+    code = "DOUBLE_FREE"
+
+
+class LayoutMismatch(ShmallocError):
+    """The segment's magic, layout version or size does not match this code."""
+
+    code = "LAYOUT_MISMATCH"
+
+
+class CorruptionError(ShmallocError):
+    """An invariant of the arena is broken.  The message names it (Go: throw)."""
+
+    code = "CORRUPTION"
+
+
+class ArenaClosed(ShmallocError):
+    code = "CLOSED"
+
+
+class ForkedHeap(ShmallocError):
+    """A Heap inherited through fork() was used in the child.  The child must call
+    client.connect() to get a P of its own; the parent's P stays the parent's."""
+
+    code = "FORKED"
+
+
+class NoFreeSlot(ShmallocError):
+    code = "NO_FREE_SLOT"
+
+
+class ProtocolError(ShmallocError):
+    """A malformed or unanswerable control-channel message."""
+
+    code = "BAD_REQUEST"
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class DaemonUnavailable(ProtocolError):
+    code = "UNAVAILABLE"
+
+
+class NotParked(ProtocolError):
+    code = "NOT_PARKED"
+
+
+class RemoteError(ProtocolError):
+    """The daemon replied {"ok": false, "error": code, "message": ...}."""
+
+    code = "REMOTE"

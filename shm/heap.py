@@ -1,0 +1,279 @@
+"""PageHeap: pages, spans and the page->span map (Go's mheap).  See shm/__init__.py for an overview.
+
+The heap is `heap_max` bytes at `heap_off` in the segment, reserved sparse.  Pages [0, committed)
+are committed with os.posix_fallocate, which fails with ENOSPC on a full tmpfs -- a clean
+OutOfMemory -- where touching an uncommitted page of a full tmpfs would kill the process with
+SIGBUS.  Every span allocation fallocates its range again (a no-op on committed pages, a
+re-commit after MADV_REMOVE), so no code path ever writes to a page tmpfs has not promised.
+
+Free spans live in size buckets (bucket n holds free spans of n pages, n < 128; bucket 128 holds
+the rest), doubly linked through their records.  The page map holds record index+1 for every page
+of an in-use span, and for the first and last page of a free span (enough to coalesce).
+
+Every method runs inside an Op that holds the heap lock (checked), and writes through it.
+"""
+
+import errno
+import mmap
+import os
+
+from . import layout as L
+from .errors import CorruptionError, OutOfMemory
+
+S = L.SPAN
+H = L.HEAP
+PAGE = L.PAGE_SIZE
+GROW_PAGES = 128  # commit at least 1 MiB at a time
+
+
+class PageHeap:
+    def __init__(self, arena):
+        self.arena = arena
+        self.q = arena.q
+        self.lay = arena.lay
+        self.hw = arena.lay.heap_word()
+        self.pm = arena.lay.pagemap_word()
+
+    # --- small accessors ----------------------------------------------------------------
+    def sw(self, r):
+        return self.lay.span_word(r)
+
+    def field(self, r, name):
+        return self.q[self.lay.span_word(r) + S[name]]
+
+    def hget(self, name):
+        return self.q[self.hw + H[name]]
+
+    def span_of_page(self, page):
+        """Record index of the in-use span holding `page`, or -1.  No lock: a hint that the
+        caller re-validates under the span's lock."""
+        if not 0 <= page < self.lay.heap_pages:
+            return -1
+        r = self.q[self.pm + page] - 1
+        if r < 0:
+            return -1
+        w = self.lay.span_word(r)
+        q = self.q
+        if q[w + S["state"]] != L.SPAN_INUSE or not q[w + S["start"]] <= page < q[w + S["start"]] + q[w + S["npages"]]:
+            return -1
+        return r
+
+    # --- intrusive doubly linked lists through span records ------------------------------------
+    def list_push(self, op, head_w, r, tag):
+        q, w = self.q, self.sw(r)
+        first = q[head_w]
+        op.w(w + S["next"], first)
+        op.w(w + S["prev"], 0)
+        op.w(w + S["list"], tag)
+        if first:
+            op.w(self.sw(first - 1) + S["prev"], r + 1)
+        op.w(head_w, r + 1)
+
+    def list_remove(self, op, head_w, r):
+        q, w = self.q, self.sw(r)
+        nxt, prv = q[w + S["next"]], q[w + S["prev"]]
+        if prv:
+            op.w(self.sw(prv - 1) + S["next"], nxt)
+        else:
+            if q[head_w] != r + 1:
+                raise CorruptionError(f"span {r} is not at the head of its list but has no prev")
+            op.w(head_w, nxt)
+        if nxt:
+            op.w(self.sw(nxt - 1) + S["prev"], prv)
+        op.w(w + S["next"], 0)
+        op.w(w + S["prev"], 0)
+        op.w(w + S["list"], L.LIST_NONE)
+
+    def bucket_w(self, npages):
+        return self.hw + L.HEAP_BUCKETS_AT + min(npages, L.NBUCKETS - 1)
+
+    # --- span records -------------------------------------------------------------------
+    def new_record(self, op):
+        q, hw = self.q, self.hw
+        r = q[hw + H["free_record"]] - 1
+        if r >= 0:
+            op.w(hw + H["free_record"], q[self.sw(r) + S["next"]])
+        else:
+            r = q[hw + H["records_high"]]
+            if r >= self.lay.nrecords:
+                raise CorruptionError("span table exhausted (more spans than pages)")
+            op.w(hw + H["records_high"], r + 1)
+        w = self.sw(r)
+        for name in ("next", "prev", "list", "owner", "alloc_count", "npending", "released", "sizeclass", "nelems"):
+            op.w(w + S[name], 0)
+        op.add(hw + H["nrecords_used"], 1)
+        return r
+
+    def drop_record(self, op, r):
+        w = self.sw(r)
+        op.w(w + S["state"], L.SPAN_UNUSED)
+        op.w(w + S["list"], L.LIST_UNUSED)
+        op.w(w + S["next"], self.q[self.hw + H["free_record"]])
+        op.w(self.hw + H["free_record"], r + 1)
+        op.add(self.hw + H["nrecords_used"], -1)
+
+    def set_pagemap(self, op, start, npages, value, ends_only=False):
+        if ends_only:
+            op.w(self.pm + start, value)
+            op.w(self.pm + start + npages - 1, value)
+        else:
+            op.wwords(self.pm + start, [value] * npages)
+
+    # --- free spans ---------------------------------------------------------------------
+    def _insert_free(self, op, r):
+        """Make record r (start, npages, released set) a FREE span, coalescing neighbours."""
+        q = self.q
+        w = self.sw(r)
+        start, npages = q[w + S["start"]], q[w + S["npages"]]
+        released = q[w + S["released"]]
+        committed = q[self.hw + H["committed_pages"]]
+        for side in (-1, +1):
+            p = start - 1 if side < 0 else start + npages
+            if not 0 <= p < committed:
+                continue
+            n = q[self.pm + p] - 1
+            if n < 0 or n == r:
+                continue
+            nw = self.sw(n)
+            if q[nw + S["state"]] != L.SPAN_FREE:
+                continue
+            ns, nn = q[nw + S["start"]], q[nw + S["npages"]]
+            if not ((side < 0 and ns + nn == start) or (side > 0 and ns == start + npages)):
+                continue
+            # Mixed released state: re-commit the released part so the merged span is committed.
+            nrel = q[nw + S["released"]]
+            if nrel != released:
+                if nrel:
+                    self._commit(op, ns, nn)
+                    op.add(self.hw + H["released_pages"], -nn)
+                else:
+                    self._commit(op, start, npages)
+                    op.add(self.hw + H["released_pages"], -npages)
+                released = 0
+            self.list_remove(op, self.bucket_w(nn), n)
+            self.drop_record(op, n)
+            start, npages = min(start, ns), npages + nn
+        op.w(w + S["start"], start)
+        op.w(w + S["npages"], npages)
+        op.w(w + S["state"], L.SPAN_FREE)
+        op.w(w + S["sizeclass"], 0)
+        op.w(w + S["released"], released)
+        self.set_pagemap(op, start, npages, r + 1, ends_only=True)
+        self.list_push(op, self.bucket_w(npages), r, L.LIST_HEAPFREE)
+
+    def _find_free(self, npages):
+        q = self.q
+        for b in range(min(npages, L.NBUCKETS - 1), L.NBUCKETS - 1):
+            head = q[self.hw + L.HEAP_BUCKETS_AT + b]
+            if head:
+                return head - 1
+        best, r = -1, q[self.hw + L.HEAP_BUCKETS_AT + L.NBUCKETS - 1] - 1
+        while r >= 0:  # bucket 128: best fit, then lowest address
+            n = q[self.sw(r) + S["npages"]]
+            if n >= npages and (best < 0 or (n, q[self.sw(r) + S["start"]]) < (q[self.sw(best) + S["npages"]], q[self.sw(best) + S["start"]])):
+                best = r
+            r = q[self.sw(r) + S["next"]] - 1
+        return best
+
+    def _commit(self, op, start, npages):
+        a = self.arena
+        try:
+            os.posix_fallocate(a.fd, self.lay.heap_off + start * PAGE, npages * PAGE)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise OutOfMemory(f"/dev/shm is full: cannot commit {npages * PAGE} bytes of heap "
+                                  f"({os.strerror(e.errno)}); free space in /dev/shm or lower --max-heap") from None
+            raise
+
+    def grow(self, op, npages):
+        """Commit at least `npages` more pages at the end of the heap (Go's mheap.grow)."""
+        op.need(L.LOCK_HEAP, "PageHeap.grow")
+        q, hw = self.q, self.hw
+        committed = q[hw + H["committed_pages"]]
+        room = self.lay.heap_pages - committed
+        if npages > room:
+            raise OutOfMemory(f"heap exhausted: need {npages} pages, {room} of {self.lay.heap_pages} "
+                              f"left to commit (--max-heap {self.lay.heap_max} bytes)")
+        n = min(room, max(npages, GROW_PAGES))
+        self._commit(op, committed, n)
+        op.w(hw + H["committed_pages"], committed + n)
+        op.add(hw + H["grows"], 1)
+        r = self.new_record(op)
+        w = self.sw(r)
+        op.w(w + S["start"], committed)
+        op.w(w + S["npages"], n)
+        self._insert_free(op, r)
+
+    # --- the span interface (Go: mheap.alloc / mheap.freeSpan) ------------------------------
+    def alloc_span(self, op, npages, sizeclass, nelems):
+        """An INUSE span of `npages` pages for `sizeclass` (0 = one large object)."""
+        op.need(L.LOCK_HEAP, "PageHeap.alloc_span")
+        if npages <= 0:
+            raise CorruptionError(f"alloc_span of {npages} pages")
+        f = self._find_free(npages)
+        if f < 0:
+            self.grow(op, npages)
+            f = self._find_free(npages)
+            if f < 0:
+                raise CorruptionError(f"heap grew by {npages} pages but has no free span that large")
+        q, hw = self.q, self.hw
+        fw = self.sw(f)
+        fstart, fn, frel = q[fw + S["start"]], q[fw + S["npages"]], q[fw + S["released"]]
+        self._commit(op, fstart, npages)
+        self.list_remove(op, self.bucket_w(fn), f)
+        if fn > npages:
+            rest = self.new_record(op)
+            rw = self.sw(rest)
+            op.w(rw + S["start"], fstart + npages)
+            op.w(rw + S["npages"], fn - npages)
+            op.w(rw + S["state"], L.SPAN_FREE)
+            op.w(rw + S["released"], frel)
+            self.set_pagemap(op, fstart + npages, fn - npages, rest + 1, ends_only=True)
+            self.list_push(op, self.bucket_w(fn - npages), rest, L.LIST_HEAPFREE)
+        if frel:
+            op.add(hw + H["released_pages"], -npages)
+        op.w(fw + S["npages"], npages)
+        op.w(fw + S["state"], L.SPAN_INUSE)
+        op.w(fw + S["sizeclass"], sizeclass)
+        op.w(fw + S["nelems"], nelems)
+        op.w(fw + S["released"], 0)
+        op.w(fw + S["alloc_count"], 0)
+        op.w(fw + S["npending"], 0)
+        op.w(fw + S["owner"], 0)
+        self.set_pagemap(op, fstart, npages, f + 1)
+        op.add(hw + H["inuse_pages"], npages)
+        return f
+
+    def free_span(self, op, r):
+        """Return INUSE span r to the free buckets, coalescing (Go: mheap.freeSpan)."""
+        op.need(L.LOCK_HEAP, "PageHeap.free_span")
+        q, w = self.q, self.sw(r)
+        if q[w + S["state"]] != L.SPAN_INUSE:
+            raise CorruptionError(f"free_span of span {r} in state {q[w + S['state']]}")
+        if q[w + S["list"]] != L.LIST_NONE or q[w + S["owner"]]:
+            raise CorruptionError(f"free_span of span {r} still on a list or cached")
+        op.add(self.hw + H["inuse_pages"], -q[w + S["npages"]])
+        op.w(w + S["released"], 0)
+        op.w(w + S["nelems"], 0)
+        # Interior page-map entries may keep pointing at r: lookups check state and range.
+        self._insert_free(op, r)
+
+    def release_free(self, op, min_pages=1):
+        """Give every committed, unreleased free span back to the OS (MADV_REMOVE punches the
+        pages out of tmpfs).  Returns the bytes released.  Go: scavenger / debug.FreeOSMemory."""
+        op.need(L.LOCK_HEAP, "PageHeap.release_free")
+        q, total = self.q, 0
+        mm = self.arena.mmap
+        for b in range(1, L.NBUCKETS):
+            r = q[self.hw + L.HEAP_BUCKETS_AT + b] - 1
+            while r >= 0:
+                w = self.sw(r)
+                n = q[w + S["npages"]]
+                if not q[w + S["released"]] and n >= min_pages:
+                    mm.madvise(mmap.MADV_REMOVE, self.lay.heap_off + q[w + S["start"]] * PAGE, n * PAGE)
+                    op.w(w + S["released"], 1)
+                    op.add(self.hw + H["released_pages"], n)
+                    op.add(self.hw + H["releases"], 1)
+                    total += n * PAGE
+                r = q[w + S["next"]] - 1
+        return total

@@ -1,0 +1,285 @@
+"""Byte layout of the arena segment.  See shm/__init__.py for an overview.
+
+The arena is ONE `multiprocessing.shared_memory` segment, reserved at its full size with
+ftruncate (sparse on tmpfs: untouched pages cost nothing).  Every integer field is an unsigned
+64-bit little-endian word, addressed as an index into a `memoryview.cast('Q')` of the whole
+segment; only the allocation map is bytes.  Regions, in order, each starting on an 8 KiB
+boundary:
+
+    offset        region        contents
+    0             header        HDR_* words: magic, version, sizes, the offset of every region
+    lock_off      locks         REGION preamble, then per lock: dirty actor+1, dirty pid
+    central_off   central       REGION preamble, then per size class c (0..66): CENTRAL_* words
+    heapmeta_off  heapmeta      REGION preamble, HEAP_* words, free-span bucket heads
+    slots_off     P slots       per slot (nslots workers, then the daemon's actor slot and the
+                                registry's actor slot): SLOT_* words, then the undo log
+    spans_off     span table    REGION preamble, then nrecords records of SPAN_* words
+    pagemap_off   page map      REGION preamble, then one word per heap page: record index+1
+    amap_off      alloc map     one byte per 8-byte granule of the heap (no preamble: indexed
+                                directly by (handle - heap_off) >> 3)
+    heap_off      heap pages    heap_max bytes, committed in chunks with posix_fallocate
+
+Each preamble is [magic, version, bytes] so a reader refuses a region that is not what it
+expects (`Arena.attach` checks them all).
+
+Allocation-map byte values (one byte per 8-byte granule; only object starts are ever non-zero):
+
+    0            FREE        not allocated, not in any P's local list
+    1            ALLOC       allocated, span not cached by any P (or a large object)
+    2            PENDING     freed by a P that does not cache the span; merged by the owner
+    3            LISTED      free, sitting in the owning P's local free list (counted optimistically
+                             as a malloc, as Go's cacheSpan does; uncounted again at uncache)
+    16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
+"""
+
+from . import sizeclasses as sc
+from .errors import LayoutMismatch
+
+VERSION = 1
+MAGIC = int.from_bytes(b"SHMALLOC", "little")
+WORD = 8
+ALIGN = sc.PAGE_SIZE
+PAGE_SIZE = sc.PAGE_SIZE
+PAGE_SHIFT = sc.PAGE_SHIFT
+NCLASS = sc.NUM_SIZE_CLASSES
+
+# Allocation-map byte values.
+FREE, ALLOC, PENDING, LISTED, TAG0 = 0, 1, 2, 3, 16
+MAX_SLOTS = 255 - TAG0  # tags must fit in a byte
+
+# Region preamble: magic, version, bytes; data starts 8 words in.
+PREAMBLE = 8
+
+
+def _words(*names):
+    """Name -> word index, in declaration order."""
+    return {n: i for i, n in enumerate(names)}
+
+
+# --- header (word index from 0) ------------------------------------------------------------
+# Written once by the creating daemon before anyone attaches, except where noted.
+HDR = _words(
+    "magic", "version", "total_bytes", "heap_max",  # bytes
+    "nslots",            # P slots for workers; slot nslots is the daemon's actor, nslots+1 the registry's
+    "slot_words",        # words per slot, undo log included
+    "nrecords",          # span records
+    "lock_off", "central_off", "heapmeta_off", "slots_off", "spans_off", "pagemap_off",
+    "amap_off", "amap_bytes", "heap_off",  # byte offsets / sizes
+    "daemon_pid",        # pid of the daemon that serves the arena; written by the daemon
+    "epoch",             # last snapshot epoch; written by the daemon only
+    "created_ns",        # time.time_ns() at creation
+    "flush_count",       # cache flushes done by the daemon; daemon only
+)
+HEADER_WORDS = 64
+
+# --- locks ----------------------------------------------------------------------------------
+# Lock ids, in lock order (a process takes them in ascending id order, never the reverse):
+# central[c] for c in 1..66 is id c-1, then the heap, then the slot registry.
+def LOCK_CENTRAL(c):
+    return c - 1
+
+
+LOCK_HEAP = NCLASS - 1
+LOCK_REGISTRY = NCLASS
+NLOCKS = NCLASS + 1
+LOCK_WORDS = 2  # dirty actor+1 (0 = clean), dirty pid; written by the holder only
+
+# --- central list, one record per size class -----------------------------------------------
+# Every word written under central lock c only.
+CENTRAL = _words(
+    "partial",   # record index+1 of the first span with a free object (0 = none)
+    "full",      # record index+1 of the first span with no free object
+    "mallocs",   # objects; cumulative, optimistic: += objects listed into a P's cache,
+                 #   -= those still listed when the span is uncached (Go's mcentral.nmalloc)
+    "live",      # objects allocated in spans of this class NOT cached by any P
+    "nspans",    # in-use spans of this class (cached or not)
+    "ncached",   # spans of this class cached by some P
+)
+CENTRAL_WORDS = 8
+
+# --- page heap metadata -----------------------------------------------------------------------
+# Every word written under the heap lock only.
+HEAP = _words(
+    "committed_pages",   # pages [0, committed_pages) of the heap are fallocate'd (or released)
+    "inuse_pages",       # pages in INUSE spans
+    "released_pages",    # pages of FREE spans given back with MADV_REMOVE
+    "nrecords_used",     # records in state FREE or INUSE
+    "records_high",      # records ever touched (bump pointer into the span table)
+    "free_record",       # record index+1 of the first UNUSED record below records_high
+    "large_mallocs",     # large objects allocated; cumulative
+    "large_live",        # large objects live
+    "large_live_pages",  # pages of live large spans
+    "large_total_bytes",  # bytes of large spans ever allocated; cumulative
+    "grows",             # heap growths; cumulative
+    "releases",          # MADV_REMOVE calls; cumulative
+)
+HEAP_BUCKETS_AT = 16     # word index of bucket heads: bucket n (1..127) = free spans of n pages,
+NBUCKETS = 129           # bucket 128 = free spans of 128 pages or more; each a record index+1
+HEAPMETA_WORDS = HEAP_BUCKETS_AT + NBUCKETS
+
+# --- P slots -------------------------------------------------------------------------------
+SLOT = _words(
+    "state",         # SLOT_FREE / SLOT_ACTIVE / SLOT_DEAD; under the registry lock
+    "pid",           # worker pid; under the registry lock
+    "gen",           # incremented at every claim; under the registry lock
+    "stop",          # 1 = the daemon asks this P to park (the fast path reads its low byte)
+    "stop_epoch",    # epoch of that request; written by the daemon before `stop`
+    "parked",        # epoch the P parked for; written by the P (or the daemon if it is dead)
+    "flush_gen",     # bumped by the daemon each time it flushes this P's cache while parked
+    "heartbeat_ns",  # time.time_ns() of the P's last control-thread heartbeat
+    "claimed_ns",    # time.time_ns() at claim
+    "log_used",      # undo log: bytes of entries committed to the log (see locks.py)
+    "log_n",         # undo log: number of entries
+    "ops",           # slow-path operations done; cumulative (statistics only)
+)
+SLOT_CACHED_AT = 16      # word index of cached[c], c in 0..66: record index+1 of the span of class c
+                         # this P caches; written under central lock c
+SLOT_HEAD_WORDS = 128
+LOG_BYTES = 64 * 1024    # undo log bytes per actor
+SLOT_FREE, SLOT_ACTIVE = 0, 1
+
+# --- span records --------------------------------------------------------------------------
+SPAN = _words(
+    "start",       # first page (index into the heap)
+    "npages",      # pages
+    "state",       # SPAN_UNUSED / SPAN_FREE / SPAN_INUSE; under the heap lock
+    "sizeclass",   # 0 = large object; else a size class; set under the heap lock
+    "owner",       # slot+1 of the P caching this span, 0 = none; under central lock
+    "list",        # LIST_* ; which list links this record (central lock, or heap lock for free)
+    "next",        # record index+1 in that list
+    "prev",        # record index+1 in that list
+    "alloc_count",  # objects allocated; valid while owner == 0; under central lock
+    "npending",    # PENDING bytes waiting for the owner; under central lock
+    "nelems",      # objects in the span; set with sizeclass
+    "released",    # 1 = FREE span whose pages were given back (MADV_REMOVE); heap lock
+)
+SPAN_WORDS = 16
+SPAN_UNUSED, SPAN_FREE, SPAN_INUSE = 0, 1, 2
+LIST_NONE, LIST_PARTIAL, LIST_FULL, LIST_HEAPFREE, LIST_UNUSED = 0, 1, 2, 3, 4
+
+REGION_MAGIC = {
+    "locks": 0x4B434F4C,     # "LOCK"
+    "central": 0x4C544E43,   # "CNTL"
+    "heapmeta": 0x50414548,  # "HEAP"
+    "spans": 0x4E415053,     # "SPAN"
+    "pagemap": 0x50414D50,   # "PMAP"
+}
+
+
+def _up(n, a=ALIGN):
+    return (n + a - 1) // a * a
+
+
+def pow2_at_least(n):
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+class Layout:
+    """Offsets (bytes) of every region, computed from (heap_max, nslots)."""
+
+    def __init__(self, heap_max, nslots):
+        if heap_max < PAGE_SIZE or heap_max % PAGE_SIZE:
+            raise ValueError(f"heap size must be a positive multiple of {PAGE_SIZE} bytes, got {heap_max}")
+        if not 1 <= nslots <= MAX_SLOTS:
+            raise ValueError(f"nslots must be in 1..{MAX_SLOTS}, got {nslots}")
+        self.heap_max = heap_max
+        self.heap_pages = heap_max // PAGE_SIZE
+        self.nslots = nslots
+        self.nrecords = self.heap_pages + 1
+        self.slot_words = SLOT_HEAD_WORDS + LOG_BYTES // WORD
+        # The handle mask (see cache.py) needs a power-of-two span of handles.
+        self.handle_range = pow2_at_least(heap_max)
+        off = _up(HEADER_WORDS * WORD)
+        self.lock_off = off
+        off = _up(off + (PREAMBLE + NLOCKS * LOCK_WORDS) * WORD)
+        self.central_off = off
+        off = _up(off + (PREAMBLE + NCLASS * CENTRAL_WORDS) * WORD)
+        self.heapmeta_off = off
+        off = _up(off + (PREAMBLE + HEAPMETA_WORDS) * WORD)
+        self.slots_off = off
+        off = _up(off + (nslots + 2) * self.slot_words * WORD)
+        self.spans_off = off
+        off = _up(off + (PREAMBLE + self.nrecords * SPAN_WORDS) * WORD)
+        self.pagemap_off = off
+        off = _up(off + (PREAMBLE + self.heap_pages) * WORD)
+        self.amap_off = off
+        self.amap_bytes = self.handle_range // 8
+        off = _up(off + self.amap_bytes)
+        self.heap_off = off
+        self.total_bytes = off + heap_max
+        self.region_bytes = {
+            "locks": self.central_off - self.lock_off,
+            "central": self.heapmeta_off - self.central_off,
+            "heapmeta": self.slots_off - self.heapmeta_off,
+            "spans": self.pagemap_off - self.spans_off,
+            "pagemap": self.amap_off - self.pagemap_off,
+        }
+
+    # Word indexes (into the Q view) of the structures.
+    def lock_word(self, lid):
+        return self.lock_off // WORD + PREAMBLE + lid * LOCK_WORDS
+
+    def central_word(self, c):
+        return self.central_off // WORD + PREAMBLE + c * CENTRAL_WORDS
+
+    def heap_word(self):
+        return self.heapmeta_off // WORD + PREAMBLE
+
+    def slot_word(self, k):
+        return self.slots_off // WORD + k * self.slot_words
+
+    def slot_log_off(self, k):
+        """Byte offset of slot k's undo log."""
+        return (self.slot_word(k) + SLOT_HEAD_WORDS) * WORD
+
+    def span_word(self, r):
+        return self.spans_off // WORD + PREAMBLE + r * SPAN_WORDS
+
+    def pagemap_word(self):
+        return self.pagemap_off // WORD + PREAMBLE
+
+    def region_offsets(self):
+        return {"locks": self.lock_off, "central": self.central_off, "heapmeta": self.heapmeta_off,
+                "spans": self.spans_off, "pagemap": self.pagemap_off}
+
+    # Header I/O.
+    def write_header(self, q, now_ns):
+        h = [0] * HEADER_WORDS
+        vals = dict(magic=MAGIC, version=VERSION, total_bytes=self.total_bytes, heap_max=self.heap_max,
+                    nslots=self.nslots, slot_words=self.slot_words, nrecords=self.nrecords,
+                    lock_off=self.lock_off, central_off=self.central_off, heapmeta_off=self.heapmeta_off,
+                    slots_off=self.slots_off, spans_off=self.spans_off, pagemap_off=self.pagemap_off,
+                    amap_off=self.amap_off, amap_bytes=self.amap_bytes, heap_off=self.heap_off,
+                    created_ns=now_ns)
+        for k, v in vals.items():
+            h[HDR[k]] = v
+        for name, off in self.region_offsets().items():
+            w = off // WORD
+            q[w], q[w + 1], q[w + 2] = REGION_MAGIC[name], VERSION, self.region_bytes[name]
+        # Header last (magic last of all), so a concurrent attacher never sees a half header.
+        for i in range(1, HEADER_WORDS):
+            q[i] = h[i]
+        q[0] = MAGIC
+
+    @classmethod
+    def from_header(cls, q, segment_bytes):
+        """Rebuild the layout from a segment's header, refusing anything else."""
+        if len(q) < HEADER_WORDS or q[HDR["magic"]] != MAGIC:
+            raise LayoutMismatch("segment is not a shmalloc arena (bad magic)")
+        if q[HDR["version"]] != VERSION:
+            raise LayoutMismatch(f"arena layout version {q[HDR['version']]}, this code speaks {VERSION}")
+        lay = cls(q[HDR["heap_max"]], q[HDR["nslots"]])
+        for k in ("total_bytes", "slot_words", "nrecords", "lock_off", "central_off", "heapmeta_off",
+                  "slots_off", "spans_off", "pagemap_off", "amap_off", "amap_bytes", "heap_off"):
+            if q[HDR[k]] != getattr(lay, k):
+                raise LayoutMismatch(f"arena header field {k}={q[HDR[k]]} disagrees with layout {getattr(lay, k)}")
+        if segment_bytes < lay.total_bytes:
+            raise LayoutMismatch(f"segment is {segment_bytes} bytes, arena needs {lay.total_bytes}")
+        for name, off in lay.region_offsets().items():
+            w = off // WORD
+            if (q[w], q[w + 1], q[w + 2]) != (REGION_MAGIC[name], VERSION, lay.region_bytes[name]):
+                raise LayoutMismatch(f"region {name} at {off} has a bad preamble")
+        return lay

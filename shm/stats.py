@@ -1,0 +1,384 @@
+"""Stats: every figure declared once, read fast, read slow, checked.  See shm/__init__.py.
+
+FIELDS is the one declaration of the snapshot's figures -- name, unit, kind, meaning -- that the
+snapshot, the CLI table (service/cli.py), the metrics export (service/metrics.py) and the docs
+are generated from (mimalloc's MI_STAT_FIELDS, Go's MemStats comments).
+
+    read_stats(arena)       the fast figures, from the counters the allocator keeps.  EXACT
+                            ONLY AFTER EVERY CACHE WAS FLUSHED: objects in spans cached by a P
+                            are not in `live`, and objects a P has listed are counted as
+                            mallocs optimistically (Go's cacheSpan).  Arena.update_stats
+                            flushes first -- the order of golang/go commit 0ddde4ada2b1.
+    read_stats_slow(arena)  recomputes every figure from the ground truth (span table, page
+                            map, allocation map), valid flushed or not (Go: ReadMemStatsSlow).
+    check(arena)            every structural invariant and identity; returns the problems.
+    identities(snap)        the identities of DESIGN.md section 6, on any snapshot dict.
+
+How frees are counted.  A free is never counted by a per-operation counter: frees of class c
+are `mallocs[c] - live[c]`, live objects being ground truth in the allocation map.  So a process
+killed between any two instructions cannot make mallocs, frees and live objects disagree.
+"""
+
+from . import layout as L
+from .sizeclasses import CLASS_TO_SIZE
+
+S = L.SPAN
+H = L.HEAP
+C = L.CENTRAL
+PAGE = L.PAGE_SIZE
+SPAN_BYTES = L.SPAN_WORDS * 8
+
+# (name, unit, kind, help).  kind: gauge | counter | info.  Units: bytes, objects, count, ns.
+FIELDS = (
+    ("sys", "bytes", "gauge", "Bytes of the arena in use by the allocator: heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys."),
+    ("heap_sys", "bytes", "gauge", "Heap bytes committed (posix_fallocate) so far, released pages included."),
+    ("heap_idle", "bytes", "gauge", "Heap bytes in free spans (heap_sys - heap_inuse)."),
+    ("heap_inuse", "bytes", "gauge", "Heap bytes in spans holding objects (small-class spans and large objects)."),
+    ("heap_released", "bytes", "gauge", "Bytes of free spans given back to the OS with MADV_REMOVE (part of heap_idle)."),
+    ("heap_alloc", "bytes", "gauge", "Bytes of live objects: class size times live small objects, plus whole large spans."),
+    ("total_alloc", "bytes", "counter", "Bytes ever allocated (class size for small objects, span bytes for large ones)."),
+    ("heap_objects", "objects", "gauge", "Live objects (mallocs - frees)."),
+    ("mallocs", "objects", "counter", "Objects ever allocated."),
+    ("frees", "objects", "counter", "Objects ever freed."),
+    ("mspan_sys", "bytes", "gauge", "Span-table bytes ever touched (records_high records)."),
+    ("mspan_inuse", "bytes", "gauge", "Span-table bytes of records in use (free and in-use spans)."),
+    ("mcache_sys", "bytes", "gauge", "P-slot bytes (caches and their undo logs) reserved for workers."),
+    ("mcache_inuse", "bytes", "gauge", "P-slot bytes of slots held by a worker."),
+    ("gc_sys", "bytes", "gauge", "Allocation-map bytes covering the committed heap (one byte per 8 heap bytes)."),
+    ("other_sys", "bytes", "gauge", "Header, lock words, central lists, heap metadata, service slots, and the page map of the committed heap."),
+    ("large_mallocs", "objects", "counter", "Large objects (over 32 KiB) ever allocated."),
+    ("large_frees", "objects", "counter", "Large objects ever freed."),
+    ("large_bytes", "bytes", "gauge", "Bytes of live large spans."),
+)
+FIELD_NAMES = tuple(f[0] for f in FIELDS)
+# Snapshot keys that are not figures of the arena but of the snapshot itself.
+META_FIELDS = (
+    ("consistent", "bool", "info", "True when every P was parked and flushed before reading."),
+    ("epoch", "count", "counter", "Snapshot number, from 1."),
+    ("pause_ns", "ns", "gauge", "Stop-the-world pause of this snapshot."),
+    ("num_p", "count", "gauge", "Live Ps (connected workers) at the snapshot."),
+)
+COUNTERS = tuple(f[0] for f in FIELDS if f[2] == "counter")
+
+
+def _sys_parts(arena, committed_pages, records_high, records_used, nactive):
+    lay = arena.lay
+    slot_bytes = lay.slot_words * 8
+    heap_sys = committed_pages * PAGE
+    other = (lay.central_off  # header + lock words
+             + lay.region_bytes["central"] + lay.region_bytes["heapmeta"]
+             + 2 * slot_bytes  # the daemon's and the registry's actor slots
+             + L.PREAMBLE * 8 * 2  # span-table and page-map preambles
+             + committed_pages * 8)  # page map of the committed heap
+    return dict(heap_sys=heap_sys, mspan_sys=records_high * SPAN_BYTES, mspan_inuse=records_used * SPAN_BYTES,
+                mcache_sys=lay.nslots * slot_bytes, mcache_inuse=nactive * slot_bytes,
+                gc_sys=heap_sys // 8, other_sys=other)
+
+
+def _assemble(arena, committed, inuse_pages, released_pages, records_high, records_used, nactive,
+              mallocs_c, live_c, large_mallocs, large_live, large_live_pages, large_total_bytes):
+    d = _sys_parts(arena, committed, records_high, records_used, nactive)
+    d["sys"] = d["heap_sys"] + d["mspan_sys"] + d["mcache_sys"] + d["gc_sys"] + d["other_sys"]
+    d["heap_inuse"] = inuse_pages * PAGE
+    d["heap_idle"] = d["heap_sys"] - d["heap_inuse"]
+    d["heap_released"] = released_pages * PAGE
+    by_size = [{"size": CLASS_TO_SIZE[c], "mallocs": mallocs_c[c], "frees": mallocs_c[c] - live_c[c]}
+               for c in range(1, L.NCLASS)]
+    small_bytes = sum(live_c[c] * CLASS_TO_SIZE[c] for c in range(1, L.NCLASS))
+    d["large_mallocs"] = large_mallocs
+    d["large_frees"] = large_mallocs - large_live
+    d["large_bytes"] = large_live_pages * PAGE
+    d["heap_alloc"] = small_bytes + d["large_bytes"]
+    d["heap_objects"] = sum(live_c[1:]) + large_live
+    d["mallocs"] = sum(mallocs_c[1:]) + large_mallocs
+    d["frees"] = d["mallocs"] - d["heap_objects"]
+    d["total_alloc"] = sum(mallocs_c[c] * CLASS_TO_SIZE[c] for c in range(1, L.NCLASS)) + large_total_bytes
+    d["by_size"] = by_size
+    return d
+
+
+def read_stats(arena):
+    """The fast figures (see the module docstring: exact only after a flush)."""
+    q, lay = arena.q, arena.lay
+    hw = lay.heap_word()
+    hg = lambda n: q[hw + H[n]]  # noqa: E731
+    mallocs_c = [0] * L.NCLASS
+    live_c = [0] * L.NCLASS
+    for c in range(1, L.NCLASS):
+        cw = lay.central_word(c)
+        mallocs_c[c] = q[cw + C["mallocs"]]
+        live_c[c] = q[cw + C["live"]]
+    return _assemble(arena, hg("committed_pages"), hg("inuse_pages"), hg("released_pages"), hg("records_high"),
+                     hg("nrecords_used"), len(arena.active_slots()), mallocs_c, live_c, hg("large_mallocs"),
+                     hg("large_live"), hg("large_live_pages"), hg("large_total_bytes"))
+
+
+def span_records(arena):
+    """Every FREE or INUSE record as a dict, ascending by start page."""
+    q, lay = arena.q, arena.lay
+    high = q[lay.heap_word() + H["records_high"]]
+    out = []
+    for r in range(high):
+        w = lay.span_word(r)
+        st = q[w + S["state"]]
+        if st in (L.SPAN_FREE, L.SPAN_INUSE):
+            d = {k: q[w + i] for k, i in S.items()}
+            d["r"] = r
+            out.append(d)
+    out.sort(key=lambda d: d["start"])
+    return out
+
+
+def object_bytes(arena, rec):
+    """The allocation-map bytes of a small span's object starts."""
+    c = rec["sizeclass"]
+    size = CLASS_TO_SIZE[c]
+    off = arena.lay.amap_off + rec["start"] * PAGE // 8
+    stride = size // 8
+    return bytes(arena.mv[off:off + rec["nelems"] * stride:stride])
+
+
+def _allocated(b):
+    return sum(1 for x in b if x == L.ALLOC or x >= L.TAG0)
+
+
+def read_stats_slow(arena, records=None):
+    """Every figure recomputed from the span table and the allocation map (Go's
+    ReadMemStatsSlow).  Cumulative counters come from the counters, corrected for objects that
+    sit listed in a P's cache (counted optimistically, not yet handed out)."""
+    q, lay = arena.q, arena.lay
+    hw = lay.heap_word()
+    records = span_records(arena) if records is None else records
+    mallocs_c = [q[lay.central_word(c) + C["mallocs"]] if c else 0 for c in range(L.NCLASS)]
+    live_c = [0] * L.NCLASS
+    inuse_pages = released_pages = large_live = large_live_pages = 0
+    for rec in records:
+        if rec["state"] == L.SPAN_FREE:
+            if rec["released"]:
+                released_pages += rec["npages"]
+            continue
+        inuse_pages += rec["npages"]
+        c = rec["sizeclass"]
+        if c == 0:
+            large_live += 1
+            large_live_pages += rec["npages"]
+            continue
+        b = object_bytes(arena, rec)
+        live_c[c] += _allocated(b)
+        if rec["owner"]:
+            mallocs_c[c] -= b.count(L.LISTED)
+    committed = q[hw + H["committed_pages"]]
+    return _assemble(arena, committed, inuse_pages, released_pages, q[hw + H["records_high"]], len(records),
+                     len(arena.active_slots()), mallocs_c, live_c, q[hw + H["large_mallocs"]], large_live,
+                     large_live_pages, q[hw + H["large_total_bytes"]])
+
+
+def identities(s):
+    """The identities every consistent snapshot satisfies (a port of Go's TestMemStats).
+    Returns the broken ones, each named; an empty list means all hold."""
+    bad = []
+
+    def want(cond, what):
+        if not cond:
+            bad.append(what)
+
+    parts = s["heap_sys"] + s["mspan_sys"] + s["mcache_sys"] + s["gc_sys"] + s["other_sys"]
+    want(s["sys"] == parts, f"sys {s['sys']} != heap_sys+mspan_sys+mcache_sys+gc_sys+other_sys {parts}")
+    want(s["heap_idle"] + s["heap_inuse"] == s["heap_sys"],
+         f"heap_idle {s['heap_idle']} + heap_inuse {s['heap_inuse']} != heap_sys {s['heap_sys']}")
+    want(s["heap_released"] <= s["heap_idle"], f"heap_released {s['heap_released']} > heap_idle {s['heap_idle']}")
+    want(s["heap_alloc"] <= s["heap_inuse"], f"heap_alloc {s['heap_alloc']} > heap_inuse {s['heap_inuse']}")
+    want(s["heap_objects"] == s["mallocs"] - s["frees"],
+         f"heap_objects {s['heap_objects']} != mallocs {s['mallocs']} - frees {s['frees']}")
+    want(s["total_alloc"] >= s["heap_alloc"], f"total_alloc {s['total_alloc']} < heap_alloc {s['heap_alloc']}")
+    by = s["by_size"]
+    small = sum((e["mallocs"] - e["frees"]) * e["size"] for e in by)
+    want(s["heap_alloc"] == small + s["large_bytes"],
+         f"heap_alloc {s['heap_alloc']} != sum by_size live bytes {small} + large_bytes {s['large_bytes']}")
+    want(s["mallocs"] == sum(e["mallocs"] for e in by) + s["large_mallocs"],
+         f"mallocs {s['mallocs']} != sum by_size mallocs + large_mallocs")
+    want(s["frees"] == sum(e["frees"] for e in by) + s["large_frees"],
+         f"frees {s['frees']} != sum by_size frees + large_frees")
+    for e in by:
+        want(e["frees"] <= e["mallocs"], f"class {e['size']}: frees {e['frees']} > mallocs {e['mallocs']}")
+    for k in FIELD_NAMES:
+        want(s[k] >= 0, f"{k} is negative: {s[k]}")
+    return bad
+
+
+def monotonic(prev, cur):
+    """Cumulative counters never decrease between snapshots."""
+    bad = [f"{k} went backwards: {prev[k]} -> {cur[k]}" for k in COUNTERS if cur[k] < prev[k]]
+    for a, b in zip(prev["by_size"], cur["by_size"]):
+        for k in ("mallocs", "frees"):
+            if b[k] < a[k]:
+                bad.append(f"by_size[{a['size']}].{k} went backwards: {a[k]} -> {b[k]}")
+    return bad
+
+
+def diff(a, b):
+    """Field-by-field differences between two snapshots (fast vs slow)."""
+    out = [f"{k}: {a[k]} != {b[k]}" for k in FIELD_NAMES if a[k] != b[k]]
+    for x, y in zip(a["by_size"], b["by_size"]):
+        if x != y:
+            out.append(f"by_size[{x['size']}]: {x} != {y}")
+    return out
+
+
+def check(arena):
+    """Every structural invariant of the arena (expensive: walks everything).  Run on a quiet
+    arena (world parked, or no workers).  Returns the list of problems; empty = healthy."""
+    q, lay, mv = arena.q, arena.lay, arena.mv
+    bad = []
+    hw = lay.heap_word()
+    committed = q[hw + H["committed_pages"]]
+    records = span_records(arena)
+    # Locks and logs: a quiet arena has no half-done operation.
+    for lid in range(L.NLOCKS):
+        if q[lay.lock_word(lid)]:
+            bad.append(f"lock {lid} is dirty (actor {q[lay.lock_word(lid)] - 1} died mid-operation, not repaired)")
+    for k in range(lay.nslots + 2):
+        if q[lay.slot_word(k) + L.SLOT["log_used"]]:
+            bad.append(f"actor {k} has an undo log of {q[lay.slot_word(k) + L.SLOT['log_used']]} bytes")
+    # The page heap tiles [0, committed) with FREE and INUSE spans, free neighbours coalesced.
+    page = 0
+    prev_free = False
+    for rec in records:
+        if rec["start"] != page:
+            bad.append(f"span {rec['r']} starts at page {rec['start']}, expected {page} (gap or overlap)")
+        page = rec["start"] + rec["npages"]
+        free = rec["state"] == L.SPAN_FREE
+        if free and prev_free:
+            bad.append(f"free span {rec['r']} at page {rec['start']} was not coalesced with its predecessor")
+        prev_free = free
+        if rec["npages"] == 0:
+            bad.append(f"span {rec['r']} has 0 pages")
+    if page != committed:
+        bad.append(f"spans cover {page} pages but {committed} are committed")
+    pm = lay.pagemap_word()
+    inuse_pages = 0
+    for rec in records:
+        r1 = rec["r"] + 1
+        if rec["state"] == L.SPAN_INUSE:
+            inuse_pages += rec["npages"]
+            for p in range(rec["start"], rec["start"] + rec["npages"]):
+                if q[pm + p] != r1:
+                    bad.append(f"page map: page {p} of span {rec['r']} maps to {q[pm + p] - 1}")
+                    break
+        else:
+            for p in (rec["start"], rec["start"] + rec["npages"] - 1):
+                if q[pm + p] != r1:
+                    bad.append(f"page map: end page {p} of free span {rec['r']} maps to {q[pm + p] - 1}")
+            want_list = L.LIST_HEAPFREE
+            if rec["list"] != want_list:
+                bad.append(f"free span {rec['r']} is not on a heap free list")
+    if inuse_pages != q[hw + H["inuse_pages"]]:
+        bad.append(f"heap inuse_pages {q[hw + H['inuse_pages']]} != pages of in-use spans {inuse_pages}")
+    if q[hw + H["nrecords_used"]] != len(records):
+        bad.append(f"heap nrecords_used {q[hw + H['nrecords_used']]} != records in use {len(records)}")
+    # Free buckets: every FREE span exactly once, in the right bucket, links consistent.
+    seen = set()
+    for b in range(1, L.NBUCKETS):
+        r, prev = q[hw + L.HEAP_BUCKETS_AT + b] - 1, -1
+        while r >= 0:
+            w = lay.span_word(r)
+            if r in seen:
+                bad.append(f"free bucket {b}: span {r} seen twice (cycle?)")
+                break
+            seen.add(r)
+            n = q[w + S["npages"]]
+            if q[w + S["state"]] != L.SPAN_FREE or min(n, L.NBUCKETS - 1) != b:
+                bad.append(f"free bucket {b} holds span {r} (state {q[w + S['state']]}, {n} pages)")
+            if q[w + S["prev"]] != prev + 1:
+                bad.append(f"free bucket {b}: span {r} prev link {q[w + S['prev']] - 1} != {prev}")
+            prev, r = r, q[w + S["next"]] - 1
+    nfree = sum(1 for rec in records if rec["state"] == L.SPAN_FREE)
+    if len(seen) != nfree:
+        bad.append(f"free buckets hold {len(seen)} spans, {nfree} spans are free")
+    # Central lists and caches.
+    owner_of = {}
+    for k in range(lay.nslots):
+        for c in range(L.NCLASS):
+            v = q[lay.slot_word(k) + L.SLOT_CACHED_AT + c]
+            if v:
+                owner_of[v - 1] = (k, c)
+    for c in range(1, L.NCLASS):
+        cw = lay.central_word(c)
+        on_list = {}
+        for which, name in ((L.LIST_PARTIAL, "partial"), (L.LIST_FULL, "full")):
+            r, prev = q[cw + C[name]] - 1, -1
+            while r >= 0:
+                if r in on_list:
+                    bad.append(f"class {c} {name} list: span {r} twice")
+                    break
+                on_list[r] = which
+                w = lay.span_word(r)
+                if q[w + S["prev"]] != prev + 1:
+                    bad.append(f"class {c} {name} list: span {r} prev link broken")
+                prev, r = r, q[w + S["next"]] - 1
+        live = nspans = ncached = 0
+        for rec in records:
+            if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != c:
+                continue
+            nspans += 1
+            r = rec["r"]
+            b = object_bytes(arena, rec)
+            alloc = _allocated(b)
+            if rec["owner"]:
+                ncached += 1
+                k = rec["owner"] - 1
+                if owner_of.get(r) != (k, c):
+                    bad.append(f"span {r} says it is cached by P {k} but slot {k} does not cache it")
+                allowed = {L.FREE, L.PENDING, L.LISTED, L.TAG0 + k}
+                if b.count(L.PENDING) != rec["npending"]:
+                    bad.append(f"span {r}: npending {rec['npending']} != PENDING bytes {b.count(L.PENDING)}")
+                if r in on_list:
+                    bad.append(f"span {r} is cached by P {k} and on a central list")
+            else:
+                allowed = {L.FREE, L.ALLOC}
+                live += rec["alloc_count"]
+                if alloc != rec["alloc_count"]:
+                    bad.append(f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects {alloc}")
+                want = L.LIST_FULL if alloc == rec["nelems"] else L.LIST_PARTIAL
+                if alloc == 0:
+                    bad.append(f"span {r} (class {c}) is empty but was not returned to the heap")
+                if on_list.get(r) != want or rec["list"] != want:
+                    bad.append(f"span {r} (class {c}, {alloc}/{rec['nelems']} allocated) on list {on_list.get(r)}, want {want}")
+            odd = set(b) - allowed
+            if odd:
+                bad.append(f"span {r} (class {c}, owner {rec['owner']}) has object bytes {sorted(odd)}")
+        if live != q[cw + C["live"]]:
+            bad.append(f"class {c}: central live {q[cw + C['live']]} != allocated objects in uncached spans {live}")
+        if nspans != q[cw + C["nspans"]]:
+            bad.append(f"class {c}: central nspans {q[cw + C['nspans']]} != in-use spans {nspans}")
+        if ncached != q[cw + C["ncached"]]:
+            bad.append(f"class {c}: central ncached {q[cw + C['ncached']]} != cached spans {ncached}")
+    for r, (k, c) in owner_of.items():
+        w = lay.span_word(r)
+        if q[w + S["owner"]] != k + 1 or q[w + S["sizeclass"]] != c or q[w + S["state"]] != L.SPAN_INUSE:
+            bad.append(f"slot {k} caches span {r} for class {c}, but the span disagrees")
+    # The allocation map: only object starts of in-use spans are non-zero.
+    amap = mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
+    nonzero = len(amap) - bytes(amap).count(0)
+    starts_nonzero = 0
+    for rec in records:
+        if rec["state"] != L.SPAN_INUSE:
+            continue
+        if rec["sizeclass"] == 0:
+            b0 = amap[rec["start"] * PAGE // 8]
+            if b0 != L.ALLOC:
+                bad.append(f"large span {rec['r']}: start byte {b0}, want ALLOC")
+            starts_nonzero += b0 != 0
+        else:
+            b = object_bytes(arena, rec)
+            starts_nonzero += len(b) - b.count(0)
+    if nonzero != starts_nonzero:
+        bad.append(f"allocation map has {nonzero} non-zero bytes, object starts account for {starts_nonzero} "
+                   "(a byte set outside an object start, or in a free span)")
+    amap.release()
+    # Figures: the fast read must equal the slow walk whenever no P caches a span.
+    slow = read_stats_slow(arena, records)
+    bad += identities(slow)
+    if not owner_of:
+        bad += ["fast != slow: " + d for d in diff(read_stats(arena), slow)]
+    return bad
