@@ -336,7 +336,8 @@ class Arena:
         def op_free(op):
             r = self.heap.span_of_page(page)
             if r < 0:
-                raise BadHandle(f"handle {h} is not inside any allocated span")
+                raise BadHandle(f"handle {h} is not a live block: no span holds it (never allocated, "
+                                "or freed and its span returned to the heap)")
             c = self.q[self.lay.span_word(r) + S["sizeclass"]]
             op.acquire(L.LOCK_HEAP if c == 0 else L.LOCK_CENTRAL(c))
             r2 = self.heap.span_of_page(page)

@@ -1,0 +1,123 @@
+"""Fixtures that track every process, socket file and /dev/shm segment a test makes, and fail
+the test on anything left over."""
+
+import os
+import signal
+import sys
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from shm import Arena  # noqa: E402
+
+
+def shm_names():
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("shmalloc")}
+    except FileNotFoundError:
+        return set()
+
+
+def _helpers():
+    """multiprocessing's own long-lived helper processes (resource tracker, forkserver)."""
+    pids = set()
+    from multiprocessing import forkserver, resource_tracker
+    for obj in (resource_tracker._resource_tracker, forkserver._forkserver):
+        pid = getattr(obj, "_pid", None) or getattr(obj, "_forkserver_pid", None)
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+def child_pids():
+    """Live (non-zombie) direct children of this process, from /proc, less multiprocessing's
+    own helpers."""
+    me, out = os.getpid(), set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        rest = st[st.rindex(")") + 2:].split()
+        if int(rest[1]) == me and rest[0] != "Z":
+            out.add(int(d))
+    return out - _helpers()
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request):
+    """Every test: no new /dev/shm segment, no child process left behind."""
+    shm_before = shm_names()
+    kids_before = child_pids()
+    yield
+    leaked_shm = shm_names() - shm_before
+    leaked_kids = child_pids() - kids_before
+    for pid in leaked_kids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    for name in leaked_shm:
+        try:
+            os.unlink("/dev/shm/" + name)
+        except FileNotFoundError:
+            pass
+    problems = []
+    if leaked_shm:
+        problems.append(f"/dev/shm segments left behind: {sorted(leaked_shm)}")
+    if leaked_kids:
+        problems.append(f"child processes left running: {sorted(leaked_kids)}")
+    if problems:
+        pytest.fail("; ".join(problems))
+
+
+def unique_name(tag="t"):
+    return f"shmalloc-test-{tag}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_arena():
+    made = []
+
+    def make(heap_max=32 << 20, nslots=16, name=None):
+        a = Arena.create(name or unique_name(), heap_max, nslots)
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.destroy()
+
+
+@pytest.fixture
+def arena(make_arena):
+    return make_arena()
+
+
+def pattern(handle, n):
+    """The bytes every test writes into a block: derived from its handle, so two blocks that
+    overlap cannot both verify."""
+    seed = (handle * 2654435761) & 0xFFFFFFFF
+    unit = seed.to_bytes(4, "little") + (handle & 0xFFFFFFFF).to_bytes(4, "little")
+    return (unit * (n // 8 + 1))[:n]
+
+
+def metadata_bytes(arena):
+    """Everything of the arena but the heap pages and the dead bytes of the undo logs (an
+    empty log keeps its last entries' bytes): a heap 'unchanged' check compares these."""
+    from shm import layout as L
+    lay, mv = arena.lay, arena.mv
+    parts = [bytes(mv[:lay.slots_off])]
+    for k in range(lay.nslots + 2):
+        w = lay.slot_word(k) * 8
+        parts.append(bytes(mv[w:w + L.SLOT_HEAD_WORDS * 8]))
+    parts.append(bytes(mv[lay.spans_off:lay.heap_off]))
+    return b"".join(parts)
