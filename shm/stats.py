@@ -225,21 +225,39 @@ def diff(a, b):
     return out
 
 
-def check(arena):
+CHECK_PARTS = ("locks", "heap", "central", "amap", "figures")
+
+
+def check(arena, parts=CHECK_PARTS):
     """Every structural invariant of the arena (expensive: walks everything).  Run on a quiet
-    arena (world parked, or no workers).  Returns the list of problems; empty = healthy."""
-    q, lay, mv = arena.q, arena.lay, arena.mv
-    bad = []
-    hw = lay.heap_word()
-    committed = q[hw + H["committed_pages"]]
+    arena (world parked, or no workers).  Returns the list of problems; empty = healthy.
+    `parts` picks sections: locks and logs, page heap, central lists and caches, allocation
+    map, figures (identities, fast == slow)."""
     records = span_records(arena)
-    # Locks and logs: a quiet arena has no half-done operation.
+    bad = []
+    for part in parts:
+        bad += _CHECKS[part](arena, records)
+    return bad
+
+
+def _check_locks(arena, records):
+    """A quiet arena has no half-done operation: no dirty lock word, every undo log empty."""
+    q, lay, bad = arena.q, arena.lay, []
     for lid in range(L.NLOCKS):
         if q[lay.lock_word(lid)]:
             bad.append(f"lock {lid} is dirty (actor {q[lay.lock_word(lid)] - 1} died mid-operation, not repaired)")
     for k in range(lay.nslots + 2):
         if q[lay.slot_word(k) + L.SLOT["log_used"]]:
             bad.append(f"actor {k} has an undo log of {q[lay.slot_word(k) + L.SLOT['log_used']]} bytes")
+    return bad
+
+
+def _check_heap(arena, records):
+    """Spans tile [0, committed) with free neighbours coalesced; page map, counters and free
+    buckets agree with the span table."""
+    q, lay, bad = arena.q, arena.lay, []
+    hw = lay.heap_word()
+    committed = q[hw + H["committed_pages"]]
     # The page heap tiles [0, committed) with FREE and INUSE spans, free neighbours coalesced.
     page = 0
     prev_free = False
@@ -295,6 +313,12 @@ def check(arena):
     nfree = sum(1 for rec in records if rec["state"] == L.SPAN_FREE)
     if len(seen) != nfree:
         bad.append(f"free buckets hold {len(seen)} spans, {nfree} spans are free")
+    return bad
+
+
+def _check_central(arena, records):
+    """Central lists, caches and counters agree with the spans and their object bytes."""
+    q, lay, bad = arena.q, arena.lay, []
     # Central lists and caches.
     owner_of = {}
     for k in range(lay.nslots):
@@ -357,6 +381,13 @@ def check(arena):
         w = lay.span_word(r)
         if q[w + S["owner"]] != k + 1 or q[w + S["sizeclass"]] != c or q[w + S["state"]] != L.SPAN_INUSE:
             bad.append(f"slot {k} caches span {r} for class {c}, but the span disagrees")
+    return bad
+
+
+def _check_amap(arena, records):
+    """Only object starts of in-use spans have non-zero allocation-map bytes."""
+    q, lay, mv, bad = arena.q, arena.lay, arena.mv, []
+    committed = q[lay.heap_word() + H["committed_pages"]]
     # The allocation map: only object starts of in-use spans are non-zero.
     amap = mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
     nonzero = len(amap) - bytes(amap).count(0)
@@ -376,9 +407,18 @@ def check(arena):
         bad.append(f"allocation map has {nonzero} non-zero bytes, object starts account for {starts_nonzero} "
                    "(a byte set outside an object start, or in a free span)")
     amap.release()
+    return bad
+
+
+def _check_figures(arena, records):
+    """The identities hold on the slow walk, and the fast figures equal it when no P caches a span."""
     # Figures: the fast read must equal the slow walk whenever no P caches a span.
     slow = read_stats_slow(arena, records)
-    bad += identities(slow)
-    if not owner_of:
+    bad = identities(slow)
+    if not any(arena.cached_spans(k) for k in range(arena.lay.nslots)):
         bad += ["fast != slow: " + d for d in diff(read_stats(arena), slow)]
     return bad
+
+
+_CHECKS = {"locks": _check_locks, "heap": _check_heap, "central": _check_central, "amap": _check_amap,
+           "figures": _check_figures}

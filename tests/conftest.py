@@ -116,8 +116,12 @@ def metadata_bytes(arena):
     from shm import layout as L
     lay, mv = arena.lay, arena.mv
     parts = [bytes(mv[:lay.slots_off])]
+    control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns")]  # P control, not heap state
     for k in range(lay.nslots + 2):
-        w = lay.slot_word(k) * 8
-        parts.append(bytes(mv[w:w + L.SLOT_HEAD_WORDS * 8]))
+        w = lay.slot_word(k)
+        words = list(arena.q[w:w + L.SLOT_HEAD_WORDS])
+        for i in control:
+            words[i] = 0
+        parts.append(repr(words).encode())
     parts.append(bytes(mv[lay.spans_off:lay.heap_off]))
     return b"".join(parts)

@@ -1,0 +1,184 @@
+"""The allocator against a plain-Python model (hypothesis state machine), and tables of
+page-heap states: before, operations, after (after Go's page-allocator tests)."""
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from conftest import metadata_bytes, pattern, unique_name
+from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout
+from shm import stats as S
+from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS
+
+PAGE = layout.PAGE_SIZE
+SIZES = st.one_of(st.integers(1, 512), st.integers(513, 32768), st.integers(32769, 300_000))
+
+
+class AllocatorModel(RuleBasedStateMachine):
+    """Two Ps on one small arena; the model is a dict handle -> (size, owner P)."""
+
+    def __init__(self):
+        super().__init__()
+        self.arena = Arena.create(unique_name("model"), 4 << 20, 4)
+        self.ps = [ProcessCache(self.arena), ProcessCache(self.arena)]
+        self.live = {}          # handle -> (size, capacity)
+        self.freed = set()      # handles freed and not reallocated since
+        self.mallocs = self.frees = 0
+        self.prev = None
+
+    def teardown(self):
+        for p in self.ps:
+            p.close()
+        self.arena.destroy()
+
+    @rule(p=st.integers(0, 1), size=SIZES)
+    def alloc(self, p, size):
+        try:
+            b = self.ps[p].alloc(size)
+        except OutOfMemory:
+            return
+        assert b.handle not in self.live, "handed out a live block twice"
+        for h, (sz, cap) in self.live.items():
+            assert b.handle + b.capacity <= h or h + cap <= b.handle, "blocks overlap"
+        if size <= 32768:
+            assert b.capacity == CLASS_TO_SIZE[SIZE_TO_CLASS[(size + 7) >> 3]]
+        b.buf[:] = pattern(b.handle, size)
+        self.live[b.handle] = (size, b.capacity)
+        self.freed.discard(b.handle)
+        self.mallocs += 1
+
+    @precondition(lambda self: self.live)
+    @rule(p=st.integers(0, 1), data=st.data())
+    def free(self, p, data):
+        h = data.draw(st.sampled_from(sorted(self.live)))
+        size, _ = self.live.pop(h)
+        assert bytes(self.ps[p].view(h, size)) == pattern(h, size), "block contents changed"
+        self.ps[p].free(h)
+        self.freed.add(h)
+        self.frees += 1
+
+    @precondition(lambda self: self.freed)
+    @rule(p=st.integers(0, 1), data=st.data())
+    def bad_free(self, p, data):
+        h = data.draw(st.sampled_from(sorted(self.freed)))
+        before = metadata_bytes(self.arena)
+        with pytest.raises(BadHandle):
+            self.ps[p].free(h)
+        assert metadata_bytes(self.arena) == before
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), delta=st.sampled_from([1, 8, 16, -8]))
+    def bad_interior_free(self, data, delta):
+        h = data.draw(st.sampled_from(sorted(self.live)))
+        bad = h + delta
+        if bad in self.live:
+            return
+        before = metadata_bytes(self.arena)
+        with pytest.raises(BadHandle):
+            self.ps[0].free(bad)
+        assert metadata_bytes(self.arena) == before
+
+    @rule(p=st.integers(0, 1))
+    def flush_one(self, p):
+        self.ps[p].flush()
+
+    @rule()
+    def release(self):
+        self.arena.release_free_pages()
+
+    @rule()
+    def snapshot(self):
+        snap = self.arena.update_stats(parked=[p.slot for p in self.ps])
+        assert identities(snap) == []
+        assert S.diff(snap, S.read_stats_slow(self.arena)) == []
+        assert snap["heap_objects"] == len(self.live)
+        assert snap["mallocs"] == self.mallocs and snap["frees"] == self.frees
+        if self.prev:
+            assert S.monotonic(self.prev, snap) == []
+        self.prev = snap
+
+    @invariant()
+    def slow_walk_agrees_with_model(self):
+        slow = S.read_stats_slow(self.arena)
+        assert identities(slow) == []
+        assert slow["heap_objects"] == len(self.live)
+        assert slow["mallocs"] == self.mallocs and slow["frees"] == self.frees
+        assert slow["heap_alloc"] == sum(cap for _, cap in self.live.values())
+
+    @invariant()
+    def structures_hold(self):
+        assert S.check(self.arena) == []
+
+
+TestAllocatorModel = AllocatorModel.TestCase
+TestAllocatorModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
+                                       suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- page heap tables ------------------------------------------------------------------------
+# Each row: operations, then the expected tiling of the committed heap as (npages, state) runs,
+# F = free, U = in use.  Operations: ("a", name, npages) allocates a span; ("f", name) frees it.
+# The heap commits at least GROW_PAGES (128) pages at a time.
+HEAP_TABLE = [
+    ("first alloc grows", [("a", "x", 1)], [(1, "U"), (127, "F")]),
+    ("split and reuse", [("a", "x", 3), ("a", "y", 2)], [(3, "U"), (2, "U"), (123, "F")]),
+    ("free coalesces right", [("a", "x", 3), ("a", "y", 2), ("f", "y")], [(3, "U"), (125, "F")]),
+    ("free coalesces left", [("a", "x", 3), ("a", "y", 2), ("a", "z", 1), ("f", "x"), ("f", "y")],
+     [(5, "F"), (1, "U"), (122, "F")]),
+    ("free coalesces both sides", [("a", "x", 3), ("a", "y", 2), ("a", "z", 1), ("f", "x"), ("f", "z"), ("f", "y")],
+     [(128, "F")]),
+    ("hole reused first fit by bucket", [("a", "x", 4), ("a", "y", 1), ("f", "x"), ("a", "z", 2)],
+     [(2, "U"), (2, "F"), (1, "U"), (123, "F")]),
+    ("grow past a chunk", [("a", "x", 100), ("a", "y", 100)], [(100, "U"), (100, "U"), (56, "F")]),
+    ("grow merges with free tail", [("a", "x", 120), ("a", "y", 20)], [(120, "U"), (20, "U"), (116, "F")]),
+    ("big request grows by itself", [("a", "x", 300)], [(300, "U")]),
+    ("free everything", [("a", "x", 300), ("a", "y", 7), ("f", "x"), ("f", "y")], [(428, "F")]),
+]
+
+
+def tiling(arena):
+    return [(r["npages"], "U" if r["state"] == layout.SPAN_INUSE else "F") for r in S.span_records(arena)]
+
+
+@pytest.mark.parametrize("name,ops,after", HEAP_TABLE, ids=[r[0] for r in HEAP_TABLE])
+def test_page_heap_table(make_arena, name, ops, after):
+    arena = make_arena(heap_max=8 << 20)
+    assert tiling(arena) == []  # before: nothing committed
+    spans = {}
+
+    for op in ops:
+        def step(o, op=op):
+            o.acquire(layout.LOCK_HEAP)
+            if op[0] == "a":
+                spans[op[1]] = arena.heap.alloc_span(o, op[2], 0, 1)
+            else:
+                arena.heap.free_span(o, spans.pop(op[1]))
+        arena.run(arena.daemon_actor, step)
+    assert tiling(arena) == after
+    assert S.check(arena, parts=("locks", "heap")) == []  # raw spans: no objects to check
+
+
+def test_page_heap_release_and_recommit_table(make_arena):
+    arena = make_arena(heap_max=8 << 20)
+    spans = {}
+
+    def run(fn):
+        def step(o):
+            o.acquire(layout.LOCK_HEAP)
+            return fn(o)
+        return arena.run(arena.daemon_actor, step)
+
+    spans["x"] = run(lambda o: arena.heap.alloc_span(o, 10, 0, 1))
+    spans["y"] = run(lambda o: arena.heap.alloc_span(o, 10, 0, 1))
+    run(lambda o: arena.heap.free_span(o, spans.pop("x")))
+    assert run(lambda o: arena.heap.release_free(o)) == (10 + 108) * PAGE
+    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [(10, 1), (10, 0), (108, 1)]
+    # Reusing a released span re-commits what it takes; the rest stays released.
+    spans["z"] = run(lambda o: arena.heap.alloc_span(o, 4, 0, 1))
+    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [(4, 0), (6, 1), (10, 0), (108, 1)]
+    assert arena.q[arena.lay.heap_word() + layout.HEAP["released_pages"]] == 6 + 108
+    # Freeing next to released spans: mixed neighbours are re-committed, so the merge is unreleased.
+    run(lambda o: arena.heap.free_span(o, spans.pop("y")))
+    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [(4, 0), (124, 0)]
+    assert arena.q[arena.lay.heap_word() + layout.HEAP["released_pages"]] == 0
