@@ -102,12 +102,7 @@ def arena(make_arena):
     return make_arena()
 
 
-def pattern(handle, n):
-    """The bytes every test writes into a block: derived from its handle, so two blocks that
-    overlap cannot both verify."""
-    seed = (handle * 2654435761) & 0xFFFFFFFF
-    unit = seed.to_bytes(4, "little") + (handle & 0xFFFFFFFF).to_bytes(4, "little")
-    return (unit * (n // 8 + 1))[:n]
+from service.demo import pattern  # noqa: E402,F401 - the one pattern, shared with the demo
 
 
 def metadata_bytes(arena):

@@ -1,0 +1,230 @@
+"""shmalloc's worker library: connect to the daemon, become a P, allocate zero-copy blocks.
+See shm/__init__.py for the allocator's overview.
+
+    import client
+    heap = client.connect()           # endpoint: argument, $SHMALLOC_ENDPOINT, or the default
+    blk = heap.alloc(1000)            # Block: .handle (int), .size, .capacity, .buf (memoryview)
+    heap.free(blk)                    # or heap.free(blk.handle), from any process
+    mv = heap.view(handle)            # zero-copy view of a block another process allocated
+    snap = heap.stats()               # consistent snapshot (every cache flushed first)
+    client.stats(endpoint)            # the same from an observer that holds no P
+    heap.close()                      # or: with client.connect() as heap: ...
+
+Errors (one tree, shm/errors.py):
+
+    ShmallocError
+    ├── OutOfMemory, BadHandle (DoubleFree), LayoutMismatch, CorruptionError,
+    │   ArenaClosed, ForkedHeap, NoFreeSlot
+    └── ProtocolError ── DaemonUnavailable, NotParked, RemoteError
+
+A Heap's fast path never waits on the daemon: allocation and free touch only shared memory.
+A control thread owns the Heap's ZeroMQ socket (sockets are not thread-safe): it parks the P
+when the daemon stops the world, and sends heartbeats.  After fork() the child's copy of a Heap
+raises ForkedHeap: call client.connect() in the child.
+"""
+
+import itertools
+import os
+import threading
+
+import zmq
+
+from service import protocol
+from service.daemon import default_endpoint
+from shm import Arena, Block, ProcessCache
+from shm.errors import (ArenaClosed, BadHandle, CorruptionError, DaemonUnavailable, DoubleFree, ForkedHeap,
+                        LayoutMismatch, NoFreeSlot, NotParked, OutOfMemory, ProtocolError, RemoteError,
+                        ShmallocError)
+
+__all__ = ["connect", "stats", "check", "ping", "Heap", "Block", "ShmallocError", "OutOfMemory", "BadHandle",
+           "DoubleFree", "LayoutMismatch", "CorruptionError", "ArenaClosed", "ForkedHeap", "NoFreeSlot",
+           "ProtocolError", "DaemonUnavailable", "NotParked", "RemoteError"]
+
+_ids = itertools.count(1)
+
+
+def _context():
+    # Context.instance() is rebuilt after a fork (it checks the pid).
+    return zmq.Context.instance()
+
+
+def request(endpoint, op, timeout_ms=5000, **args):
+    """One request/reply on a fresh DEALER socket; DaemonUnavailable after `timeout_ms`."""
+    endpoint = endpoint or default_endpoint()
+    sock = _context().socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        rid = next(_ids)
+        sock.send(protocol.encode_request(op, rid, **args))
+        while True:
+            if not sock.poll(timeout_ms):
+                raise DaemonUnavailable(f"no daemon answered {op!r} at {endpoint} within {timeout_ms} ms "
+                                        "(is `shmalloc daemon` running there?)")
+            reply = protocol.decode_reply(sock.recv(), op=op)
+            if reply.get("id") == rid:
+                return reply
+    finally:
+        sock.close(0)
+
+
+def ping(endpoint=None, timeout_ms=2000):
+    return request(endpoint, "ping", timeout_ms)
+
+
+def stats(endpoint=None, deadline_ms=2000, slow=False, timeout_ms=None):
+    """A consistent snapshot from an observer that holds no P."""
+    return request(endpoint, "stats", timeout_ms or deadline_ms + 5000, deadline_ms=deadline_ms,
+                   slow=slow)["snapshot"]
+
+
+def check(endpoint=None, timeout_ms=30000):
+    """The daemon's full span walk: {"problems": [...], "snapshot": {...}}."""
+    return request(endpoint, "check", timeout_ms)
+
+
+class Heap(ProcessCache):
+    """A P of the daemon's arena: the fast path of ProcessCache plus the control thread."""
+
+    def __init__(self, endpoint=None, timeout_ms=5000):
+        self.endpoint = endpoint or default_endpoint()
+        info = ping(self.endpoint, timeout_ms)
+        arena = Arena.attach(info["arena"])
+        try:
+            super().__init__(arena)
+        except BaseException:
+            arena.close()
+            raise
+        self._control = None
+        try:
+            self._control = _Control(self)
+            self._control.start()
+            if not self._control.ready.wait(timeout_ms / 1000 + 1):
+                raise DaemonUnavailable(f"no daemon answered 'register' at {self.endpoint} within {timeout_ms} ms")
+            if self._control.error is not None:
+                raise self._control.error
+        except BaseException:
+            if self._control is not None:
+                self._control.stop()
+                self._control = None
+            self._close_local()
+            raise
+
+    def view(self, handle, size=None):
+        return super().view(handle, size)
+
+    def stats(self, deadline_ms=2000, slow=False):
+        """A consistent snapshot: the daemon parks every P -- this one included, through its
+        control thread -- and flushes every cache before reading."""
+        return stats(self.endpoint, deadline_ms, slow)
+
+    def close(self):
+        """Flush this P's cache into the arena, give the slot back, unmap.  Blocks stay."""
+        if self._control is not None:
+            self._control.stop()
+            self._control = None
+        self._close_local()
+
+    def _close_local(self):
+        ProcessCache.close(self)
+        if os.getpid() == self.pid:
+            self.arena.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class _Control(threading.Thread):
+    """Owns the Heap's DEALER socket.  Parks the P on STOP; heartbeats; unregisters at close."""
+
+    def __init__(self, heap, timeout_ms=5000):
+        super().__init__(name=f"shmalloc-control-{heap.slot}", daemon=True)
+        self.heap = heap
+        self.timeout_ms = timeout_ms
+        self.heartbeat_ms = 1000
+        self.error = None
+        self.ready = threading.Event()
+        self._stop_evt = threading.Event()
+        r, w = os.pipe()
+        self._wake_r, self._wake_w = r, w
+
+    def run(self):
+        heap = self.heap
+        sock = _context().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(heap.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            if not self._register(sock):
+                return
+            while not self._stop_evt.is_set():
+                events = dict(poller.poll(self.heartbeat_ms))
+                if sock in events:
+                    while True:
+                        try:
+                            frame = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_message(frame)
+                elif not events:
+                    sock.send(protocol.encode_request("heartbeat", next(_ids), slot=heap.slot))
+            try:
+                sock.send(protocol.encode_request("unregister", next(_ids), slot=heap.slot), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        finally:
+            sock.close(0)
+            os.close(self._wake_r)
+
+    def _register(self, sock):
+        """Register on THIS socket, so the daemon sends this P's STOP messages here."""
+        rid = next(_ids)
+        sock.send(protocol.encode_request("register", rid, pid=os.getpid()))
+        try:
+            while True:
+                if not sock.poll(self.timeout_ms):
+                    raise DaemonUnavailable(f"no daemon answered 'register' at {self.heap.endpoint} "
+                                            f"within {self.timeout_ms} ms")
+                reply = protocol.decode_reply(sock.recv())
+                if reply.get("id") == rid:
+                    break
+            if reply["slot"] != self.heap.slot:
+                raise ProtocolError(f"daemon registered slot {reply['slot']}, this P holds {self.heap.slot}")
+            self.heartbeat_ms = reply["heartbeat_ms"]
+            return True
+        except ShmallocError as e:
+            self.error = e
+            return False
+        finally:
+            self.ready.set()
+
+    def _on_message(self, frame):
+        try:
+            msg = protocol.decode_reply(frame)
+        except ShmallocError:
+            return
+        if msg.get("op") == "stop":
+            try:
+                self.heap.park_now()
+            except (ForkedHeap, ArenaClosed):
+                pass
+
+    def stop(self):
+        self._stop_evt.set()
+        try:
+            os.write(self._wake_w, b"x")
+        finally:
+            os.close(self._wake_w)
+        if threading.current_thread() is not self:
+            self.join(5)
+
+
+def connect(endpoint=None, timeout_ms=5000):
+    """Become a P of the daemon at `endpoint` (argument, $SHMALLOC_ENDPOINT, or the default)."""
+    return Heap(endpoint, timeout_ms)

@@ -1,0 +1,514 @@
+"""The shmalloc daemon: owns the arena, serves the control channel, stops the world for
+consistent snapshots, reclaims dead Ps.  See shm/__init__.py for the allocator's overview and
+docs/ARCHITECTURE.md for the processes.
+
+Life cycle:
+  start      resolve the endpoint; refuse if a daemon answers there; create the arena (or adopt
+             the one a killed daemon left: see `open_arena`); bind a ROUTER socket (ipc: socket
+             file mode 0600 unless --socket-mode); log "started".
+  serve      one thread: poll the socket; every request is one op of service/ops (the daemon
+             never dies of a request); every LIVENESS_S: reclaim Ps whose process died.
+  snapshot   park every live P (stop byte + a STOP message for idle ones), flush every cache
+             FIRST, then read the figures, then resume -- see `snapshot`.
+  stop       SIGTERM / SIGINT: park and flush one last time, unlink the segment, remove the
+             socket file, exit 0.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+
+import zmq
+
+from shm import Arena, layout as L
+from shm import stats as S
+from shm.arena import unlink_segment
+from shm.errors import LayoutMismatch, NoFreeSlot, NotParked, ShmallocError
+from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
+from . import protocol
+
+log = logging.getLogger("shmalloc.daemon")
+
+LIVENESS_S = 0.1          # how often dead Ps are looked for (reclaimed within a second)
+HEARTBEAT_MS = 1000       # how often workers send a heartbeat
+DAEMON_LOCK_BYTE = 1      # file byte of the segment held by the serving daemon for its life
+SLOW_SNAPSHOT_MS = 50     # snapshots slower than this are logged at WARNING
+
+
+# --- endpoints and names ---------------------------------------------------------------------
+def runtime_dir():
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+        return os.path.join(base, "shmalloc")
+    return f"/tmp/shmalloc-{os.getuid()}"
+
+
+def default_endpoint():
+    return os.environ.get("SHMALLOC_ENDPOINT") or f"ipc://{runtime_dir()}/control.sock"
+
+
+def ipc_path(endpoint):
+    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+
+
+def arena_name_for(endpoint):
+    """The arena's /dev/shm name, derived from the endpoint so that a restarted daemon (and
+    `shmalloc cleanup`) find the segment a killed one left."""
+    h = hashlib.sha1(endpoint.encode()).hexdigest()[:10]
+    return f"shmalloc-{os.getuid()}-{h}"
+
+
+def parse_size(text):
+    """'512M', '1G', '64MiB', '1048576' -> bytes."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
+
+
+def default_max_heap():
+    """Half of what /dev/shm can hold, between 64 MiB and 4 GiB."""
+    try:
+        st = os.statvfs("/dev/shm")
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = 1 << 30
+    return max(64 << 20, min(4 << 30, free // 2)) // L.PAGE_SIZE * L.PAGE_SIZE
+
+
+class StartupError(ShmallocError):
+    code = "STARTUP"
+
+
+# --- logging ---------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    def format(self, record):
+        d = {"ts": round(record.created, 6), "level": record.levelname.lower(), "event": record.getMessage()}
+        d.update(getattr(record, "fields", {}))
+        return json.dumps(d, sort_keys=True)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record):
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        return f"{ts} {record.levelname.lower():7s} {record.getMessage()}" + (f"  {fields}" if fields else "")
+
+
+def setup_logging(fmt="text", level=logging.INFO, stream=None):
+    h = logging.StreamHandler(stream or sys.stderr)
+    h.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    log.handlers[:] = [h]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def event(level, what, **fields):
+    log.log(level, what, extra={"fields": fields})
+
+
+# --- the daemon ------------------------------------------------------------------------------
+class Daemon:
+    def __init__(self, endpoint=None, max_heap=None, name=None, nslots=64, socket_mode=0o600,
+                 park_deadline_ms=2000, metrics_addr=None, metrics_interval=5.0):
+        self.endpoint = endpoint or default_endpoint()
+        self.max_heap = max_heap or default_max_heap()
+        self.name = name or arena_name_for(self.endpoint)
+        self.nslots = nslots
+        self.socket_mode = socket_mode
+        self.park_deadline_ms = park_deadline_ms
+        self.metrics_addr = metrics_addr
+        self.metrics_interval = metrics_interval
+        self.identities = {}       # slot -> zmq identity of its control socket
+        self.started = time.monotonic()
+        self.stopping = False
+        self.arena = None
+        self.sock = None
+        self.ctx = None
+        self.metrics = None
+        self.last_snapshot = None
+        self.prev_counters = None
+        self.adopted = False
+
+    # --- start -------------------------------------------------------------------------
+    def start(self):
+        self._refuse_if_served()
+        self.arena = self.open_arena()
+        try:
+            self.bind()
+        except BaseException:
+            self._release_arena(unlink=not self.adopted)
+            raise
+        if self.metrics_addr:
+            from .metrics import MetricsServer
+            self.metrics = MetricsServer(self, self.metrics_addr)
+            self.metrics.start()
+        event(logging.INFO, "started", pid=os.getpid(), endpoint=self.endpoint, arena=self.name,
+              max_heap=self.max_heap, adopted=self.adopted, metrics=self.metrics_addr or "-")
+
+    def _refuse_if_served(self):
+        """A daemon that answers on the endpoint keeps it; a stale socket file is removed."""
+        path = ipc_path(self.endpoint)
+        if path and not os.path.exists(path):
+            return
+        from client import DaemonUnavailable, ping
+        try:
+            info = ping(self.endpoint, timeout_ms=500)
+        except DaemonUnavailable:
+            if path:
+                event(logging.WARNING, "removed stale socket", path=path)
+                os.unlink(path)
+            return
+        raise StartupError(f"another shmalloc daemon (pid {info['pid']}) is serving {self.endpoint}; "
+                           "stop it first, or pass another --endpoint")
+
+    def open_arena(self):
+        """Create the arena, or adopt the one a killed daemon left under the same name (its
+        workers kept allocating; their blocks stay valid).  A segment held by a live daemon,
+        or of another layout, is refused with a message saying what to do."""
+        existing = os.path.exists(f"/dev/shm/{self.name}")
+        if existing:
+            try:
+                arena = Arena.attach(self.name)
+            except LayoutMismatch as e:
+                raise StartupError(f"/dev/shm/{self.name} exists but is not an arena of this version ({e}); "
+                                   f"remove it with: shmalloc cleanup --name {self.name}") from None
+            if not ofd_trylock(arena.fd, DAEMON_LOCK_BYTE):
+                arena.close()
+                raise StartupError(f"arena {self.name} is served by a live daemon (pid "
+                                   f"{arena.q[L.HDR['daemon_pid']]}) that does not answer on {self.endpoint}")
+            self.adopted = True
+            repaired = [k for k in range(arena.lay.nslots + 2) if arena.locks.repair(k)]
+            dead = arena.reclaim_dead()
+            event(logging.WARNING, "adopted arena left by a previous daemon", arena=self.name,
+                  previous_pid=arena.q[L.HDR["daemon_pid"]], repaired=repaired, reclaimed=dead,
+                  live_ps=len(arena.active_slots()))
+        else:
+            self._check_room()
+            arena = Arena.create(self.name, self.max_heap, self.nslots)
+            ofd_lock(arena.fd, DAEMON_LOCK_BYTE)
+        arena.q[L.HDR["daemon_pid"]] = os.getpid()
+        return arena
+
+    def _check_room(self):
+        st = os.statvfs("/dev/shm")
+        free = st.f_bavail * st.f_frsize
+        if self.max_heap > free:
+            raise StartupError(f"--max-heap {self.max_heap} bytes is more than /dev/shm has free ({free} bytes); "
+                               "lower --max-heap, or give /dev/shm more room (Docker: --shm-size)")
+
+    def bind(self):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME * 2)
+        path = ipc_path(self.endpoint)
+        if path:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            old = os.umask(0o777 & ~self.socket_mode)
+            try:
+                self.sock.bind(self.endpoint)
+            finally:
+                os.umask(old)
+            os.chmod(path, self.socket_mode)
+        else:
+            try:
+                self.sock.bind(self.endpoint)
+            except zmq.ZMQError as e:
+                raise StartupError(f"cannot bind {self.endpoint}: {e}") from None
+
+    # --- serve -------------------------------------------------------------------------
+    def serve(self):
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_scan = time.monotonic()
+        next_metrics = time.monotonic()
+        while not self.stopping:
+            if poller.poll(int(LIVENESS_S * 1000)):
+                self.handle_one()
+            now = time.monotonic()
+            if now >= next_scan:
+                self.reclaim_dead()
+                next_scan = now + LIVENESS_S
+            if self.metrics and now >= next_metrics:
+                self.snapshot(self.park_deadline_ms, False, source="metrics")
+                next_metrics = now + self.metrics_interval
+
+    def handle_one(self):
+        try:
+            parts = self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(parts) != 2:  # ROUTER: [identity, frame]; anything else is dropped
+            event(logging.WARNING, "dropped malformed message", frames=len(parts))
+            return
+        ident, frame = parts
+        reply = protocol.dispatch(self, frame, identity=ident)
+        if reply is not None:
+            try:
+                self.sock.send_multipart([ident, reply], zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                event(logging.WARNING, "reply not sent", error=str(e))
+
+    def request_shutdown(self):
+        self.stopping = True
+        return {}
+
+    def reclaim_dead(self):
+        arena = self.arena
+        for k in arena.active_slots():
+            if not arena.slot_alive(k):
+                pid = arena.slot_pid(k)
+                try:
+                    arena.reclaim(k, arena.daemon_actor)
+                except ShmallocError as e:
+                    event(logging.ERROR, "reclaim failed", slot=k, pid=pid, error=str(e))
+                    continue
+                self.identities.pop(k, None)
+                event(logging.INFO, "P reclaimed", slot=k, pid=pid)
+
+    # --- ops (service/ops/*) -----------------------------------------------------------
+    def register(self, pid, identity, slot=None):
+        arena = self.arena
+        mine = [k for k in arena.active_slots() if arena.slot_pid(k) == pid]
+        if slot is not None:
+            mine = [k for k in mine if k == slot]
+        if len(mine) != 1:
+            raise NoFreeSlot(f"pid {pid} holds no P slot (or several; name it): claim one in the arena first")
+        k = mine[0]
+        self.identities[k] = identity
+        event(logging.INFO, "P joined", slot=k, pid=pid)
+        return {"slot": k, "arena": self.name, "layout_version": L.VERSION, "heartbeat_ms": HEARTBEAT_MS}
+
+    def unregister(self, slot, identity):
+        if self.identities.get(slot) == identity:
+            del self.identities[slot]
+            event(logging.INFO, "P left", slot=slot)
+        return {}
+
+    def heartbeat(self, slot, identity):
+        if 0 <= slot < self.arena.lay.nslots and self.arena.slot_state(slot) == L.SLOT_ACTIVE:
+            if self.identities.get(slot) != identity:
+                self.identities[slot] = identity  # a worker that outlived a previous daemon
+                event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.slot_pid(slot))
+            self.arena.q[self.arena.slot_word(slot) + L.SLOT["heartbeat_ns"]] = time.time_ns()
+        return {"epoch": self.arena.q[L.HDR["epoch"]]}
+
+    def ping(self):
+        from . import __version__
+        return {"pid": os.getpid(), "uptime_s": time.monotonic() - self.started,
+                "epoch": self.arena.q[L.HDR["epoch"]], "num_p": len(self.arena.active_slots()),
+                "arena": self.name, "version": __version__}
+
+    def release(self):
+        with self.stopped_world(self.park_deadline_ms) as world:
+            if world["late"]:
+                raise NotParked(f"Ps {world['late']} did not park before the deadline; nothing released")
+            n = self.arena.release_free_pages(self.arena.daemon_actor)
+        event(logging.INFO, "released idle pages", bytes=n)
+        return {"released_bytes": n}
+
+    def check(self):
+        with self.stopped_world(self.park_deadline_ms) as world:
+            snap = self._figures(world, slow=False)
+            problems = S.check(self.arena) if not world["late"] else [
+                f"P {k} did not park before the deadline: arena not checked" for k in world["late"]]
+        snap.update(world["meta"])
+        if problems:
+            event(logging.ERROR, "check found problems", count=len(problems), first=problems[0])
+        return {"problems": problems, "snapshot": snap}
+
+    def snapshot(self, deadline_ms, slow, source="request"):
+        with self.stopped_world(deadline_ms) as world:
+            snap = self._figures(world, slow)
+        snap.update(world["meta"])
+        if self.prev_counters and snap["consistent"]:
+            back = S.monotonic(self.prev_counters, snap)
+            if back:
+                event(logging.ERROR, "counters went backwards", problems=back)
+        if snap["consistent"]:
+            self.prev_counters = snap
+            self.last_snapshot = snap
+        level = logging.WARNING if snap["pause_ns"] > SLOW_SNAPSHOT_MS * 1_000_000 or not snap["consistent"] \
+            else logging.DEBUG
+        event(level, "snapshot", epoch=snap["epoch"], pause_ms=round(snap["pause_ns"] / 1e6, 3),
+              num_p=snap["num_p"], consistent=snap["consistent"], unflushed=snap["unflushed"], source=source)
+        return {"snapshot": snap}
+
+    # --- stop the world ---------------------------------------------------------------
+    def stopped_world(self, deadline_ms):
+        return StoppedWorld(self, deadline_ms)
+
+    def _figures(self, world, slow):
+        """Flush every parked (and dead) P's cache FIRST, then read -- the seed's order."""
+        arena = self.arena
+        per_p = world["per_p"]
+        for k in world["parked"]:
+            before = self._mallocs_total()
+            spans = len(arena.cached_spans(k))
+            arena.release_all(k, arena.daemon_actor)
+            per_p[k].update(cached_spans=spans, listed_returned=before - self._mallocs_total())
+        arena.q[L.HDR["flush_count"]] += 1
+        snap = S.read_stats(arena)
+        if slow:
+            d = S.diff(snap, S.read_stats_slow(arena)) if not world["late"] else ["not compared: Ps did not park"]
+            snap["slow_equal"] = not d
+            snap["slow_diff"] = d
+        return snap
+
+    def _mallocs_total(self):
+        q, lay = self.arena.q, self.arena.lay
+        return sum(q[lay.central_word(c) + L.CENTRAL["mallocs"]] for c in range(1, L.NCLASS))
+
+    # --- stop --------------------------------------------------------------------------
+    def shutdown(self):
+        """Park and flush one last time, then remove everything this daemon made."""
+        if self.arena is not None and not self.arena.closed:
+            try:
+                snap = self.snapshot(self.park_deadline_ms, False, source="shutdown")["snapshot"]
+                event(logging.INFO, "final snapshot", epoch=snap["epoch"], heap_alloc=snap["heap_alloc"],
+                      heap_objects=snap["heap_objects"], num_p=snap["num_p"], consistent=snap["consistent"])
+            except Exception as e:  # the arena goes either way
+                event(logging.ERROR, "final snapshot failed", error=str(e))
+        if self.metrics:
+            self.metrics.stop()
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        path = ipc_path(self.endpoint)
+        if path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._release_arena(unlink=True)
+        event(logging.INFO, "stopped", arena=self.name)
+
+    def _release_arena(self, unlink):
+        if self.arena is None:
+            return
+        try:
+            ofd_unlock(self.arena.fd, DAEMON_LOCK_BYTE)
+        except OSError:
+            pass
+        self.arena.q[L.HDR["daemon_pid"]] = 0
+        self.arena.close()
+        if unlink:
+            unlink_segment(self.name)
+
+
+class StoppedWorld:
+    """Context manager: every live P parked (or listed late), every dead P reclaimed.
+    Resumes everyone on exit, whatever happened inside."""
+
+    def __init__(self, daemon, deadline_ms):
+        self.d = daemon
+        self.deadline_ms = deadline_ms
+
+    def __enter__(self):
+        d, arena = self.d, self.d.arena
+        q = arena.q
+        t0 = time.perf_counter_ns()
+        epoch = q[L.HDR["epoch"]] + 1
+        q[L.HDR["epoch"]] = epoch
+        d.reclaim_dead()
+        live = arena.active_slots()
+        self.live = live
+        for k in live:
+            sw = arena.slot_word(k)
+            q[sw + L.SLOT["stop_epoch"]] = epoch
+            q[sw + L.SLOT["stop"]] = 1
+        stop = protocol.encode_stop(epoch)
+        for k in live:
+            ident = d.identities.get(k)
+            if ident is not None:
+                try:
+                    d.sock.send_multipart([ident, stop], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        per_p = {k: {"slot": k, "pid": arena.slot_pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
+                     "listed_returned": 0} for k in live}
+        waiting = set(live)
+        deadline = t0 + self.deadline_ms * 1_000_000
+        pause = 10e-6
+        while waiting:
+            now = time.perf_counter_ns()
+            for k in list(waiting):
+                sw = arena.slot_word(k)
+                if q[sw + L.SLOT["parked"]] == epoch:
+                    per_p[k].update(state="parked", park_ns=now - t0)
+                    waiting.discard(k)
+                elif not arena.slot_alive(k):
+                    per_p[k].update(state="dead", park_ns=now - t0)
+                    waiting.discard(k)
+            if not waiting or now > deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 500e-6)
+        for k in list(per_p):
+            if per_p[k]["state"] == "dead":
+                try:
+                    arena.reclaim(k, arena.daemon_actor)
+                    d.identities.pop(k, None)
+                except ShmallocError:
+                    per_p[k]["state"] = "late"
+        late = sorted(k for k, v in per_p.items() if v["state"] == "late")
+        parked = sorted(k for k, v in per_p.items() if v["state"] == "parked")
+        self.world = {"epoch": epoch, "t0": t0, "parked": parked, "late": late, "per_p": per_p}
+        if late:
+            event(logging.WARNING, "Ps did not park before the deadline", epoch=epoch, late=late,
+                  deadline_ms=self.deadline_ms)
+        return self.world
+
+    def __exit__(self, *exc):
+        arena = self.d.arena
+        q = arena.q
+        for k in self.live:
+            q[arena.slot_word(k) + L.SLOT["stop"]] = 0
+        w = self.world
+        w["meta"] = {
+            "consistent": not w["late"],
+            "epoch": w["epoch"],
+            "pause_ns": time.perf_counter_ns() - w["t0"],
+            "num_p": len(arena.active_slots()),
+            "unflushed": w["late"],
+            "per_p": [w["per_p"][k] for k in sorted(w["per_p"])],
+            "taken_ns": time.time_ns(),
+        }
+        return False
+
+
+# --- entry point -------------------------------------------------------------------------
+def run(args):
+    """`shmalloc daemon`: foreground until SIGTERM / SIGINT / a shutdown request."""
+    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    d = Daemon(endpoint=args.endpoint, max_heap=parse_size(args.max_heap) if args.max_heap else None,
+               name=args.name, nslots=args.slots, socket_mode=int(args.socket_mode, 8),
+               park_deadline_ms=args.park_deadline_ms, metrics_addr=args.metrics_addr,
+               metrics_interval=args.metrics_interval)
+
+    def on_signal(signum, frame):
+        d.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        d.start()
+    except (StartupError, OSError, ValueError) as e:
+        event(logging.ERROR, "cannot start", error=str(e))
+        return 2
+    try:
+        d.serve()
+    finally:
+        d.shutdown()
+    return 0
