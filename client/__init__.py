@@ -185,7 +185,7 @@ class _Control(threading.Thread):
     def _register(self, sock):
         """Register on THIS socket, so the daemon sends this P's STOP messages here."""
         rid = next(_ids)
-        sock.send(protocol.encode_request("register", rid, pid=os.getpid()))
+        sock.send(protocol.encode_request("register", rid, pid=os.getpid(), slot=self.heap.slot))
         try:
             while True:
                 if not sock.poll(self.timeout_ms):

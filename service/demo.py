@@ -37,13 +37,18 @@ def verify(heap, h, size, who):
 
 
 def run_workload(heap, idx, n_ops, seed, inbox, outbox, progress=None, progress_at=None, sizes=None,
-                 free_ratio=0.45):
+                 free_ratio=0.45, until=None):
     """Random alloc/free on `heap` (a ProcessCache or a client Heap); a third of the blocks go
-    to `outbox`, blocks from `inbox` are verified and freed.  Returns the counts."""
+    to `outbox`, blocks from `inbox` are verified and freed.  `n_ops` operations, or with
+    `until` (an Event) at least n_ops and then until it is set.  Returns the counts."""
     rnd = random.Random(seed)
     mine = {}
     mallocs = frees = sent = received = oom = 0
-    for i in range(n_ops):
+    i = -1
+    while True:
+        i += 1
+        if i >= n_ops and (until is None or until.is_set()):
+            break
         while True:
             try:
                 h, size = inbox.get_nowait()
@@ -83,12 +88,12 @@ def run_workload(heap, idx, n_ops, seed, inbox, outbox, progress=None, progress_
             "pid": os.getpid()}
 
 
-def client_worker(endpoint, idx, n_ops, seed, inbox, outbox, results, progress=None, progress_at=None):
+def client_worker(endpoint, idx, n_ops, seed, inbox, outbox, results, progress=None, progress_at=None,
+                  until=None):
     """A worker process: connect to the daemon as a P and run the workload."""
     import client
     with client.connect(endpoint) as heap:
-        res = run_workload(heap, idx, n_ops, seed, inbox, outbox, progress, progress_at)
-        # What the next worker did not take before we finish, we free ourselves.
+        res = run_workload(heap, idx, n_ops, seed, inbox, outbox, progress, progress_at, until=until)
     results.put(res)
 
 

@@ -15,9 +15,15 @@ if ROOT not in sys.path:
 from shm import Arena  # noqa: E402
 
 
+# Every segment a test makes carries this session's prefix, so that two suites running at once
+# never blame (or delete) each other's segments.
+SESSION = uuid.uuid4().hex[:6]
+PREFIX = f"shmalloc-test-{SESSION}-"
+
+
 def shm_names():
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("shmalloc")}
+        return {n for n in os.listdir("/dev/shm") if n.startswith(PREFIX)}
     except FileNotFoundError:
         return set()
 
@@ -80,7 +86,7 @@ def no_leftovers(request):
 
 
 def unique_name(tag="t"):
-    return f"shmalloc-test-{tag}-{uuid.uuid4().hex[:10]}"
+    return f"{PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

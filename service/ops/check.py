@@ -1,0 +1,27 @@
+"""check: walk every span and check every invariant (`shmalloc check`).
+
+The daemon parks every P, flushes every cache, then runs the full checks: the structural
+invariants of the arena and the identities of DESIGN.md section 6 on a snapshot recomputed from
+the ground truth (span table, page map, allocation map).  An empty `problems` list means the
+arena is sound; `shmalloc check` exits 1 otherwise.
+
+Request::
+
+    {"v": 1, "id": 5, "op": "check"}
+
+Reply::
+
+    {"v": 1, "id": 5, "ok": true, "problems": [], "snapshot": {"sys": 1048576, "consistent": true}}
+"""
+
+from service.ops.schema import Reply
+
+REQUEST = {}
+REPLY = {
+    "problems": Reply(list, "One str per broken invariant or identity, naming it; empty when sound."),
+    "snapshot": Reply(dict, "The figures the checks ran on (keys as in `stats`)."),
+}
+
+
+def handle(daemon, req):
+    return daemon.check()

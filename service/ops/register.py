@@ -1,0 +1,36 @@
+"""register: a worker's control socket becomes the voice of its P slot.
+
+A worker first asks `ping` for the arena's name, attaches the arena and claims a free P slot
+there itself (taking the slot's liveness lock, which the kernel drops if the worker dies).  Then
+its control thread sends `register` on its DEALER socket: the daemon checks that `pid` holds the
+slot and binds the slot to the DEALER's routing identity (the daemon's socket loop passes it to
+dispatch) -- that is where this P's STOP messages go -- and says how often to send `heartbeat`.
+
+Request::
+
+    {"v": 1, "id": 1, "op": "register", "pid": 4242, "slot": 3}
+
+Reply::
+
+    {"v": 1, "id": 1, "ok": true, "slot": 3, "arena": "shmalloc-1000-4242", "layout_version": 1, "heartbeat_ms": 1000}
+
+Errors: NO_FREE_SLOT when `pid` holds no P slot (or, with slot -1, several).
+"""
+
+from service.ops.schema import Field, Reply
+from shm.layout import MAX_SLOTS
+
+REQUEST = {
+    "pid": Field(int, True, (1, 2 ** 31 - 1), "The worker's process id (a pid_t: 1 .. 2**31-1)."),
+    "slot": Field(int, False, (-1, MAX_SLOTS - 1), "The P slot the worker claimed; -1: the one slot `pid` holds.", -1),
+}
+REPLY = {
+    "slot": Reply(int, "The P slot now bound to this socket (0-based)."),
+    "arena": Reply(str, "Name of the arena's shared-memory segment."),
+    "layout_version": Reply(int, "The arena's layout version."),
+    "heartbeat_ms": Reply(int, "Send `heartbeat` at least this often (milliseconds)."),
+}
+
+
+def handle(daemon, req):
+    return daemon.register(req["pid"], req["_identity"], None if req["slot"] < 0 else req["slot"])

@@ -1,0 +1,57 @@
+"""stats: a memory-statistics snapshot that is exactly consistent.
+
+The daemon parks every live P (STOP with a new epoch), FIRST flushes every cache into the central
+lists and the global counters (golang/go#38712), then reads every figure from the quiet arena;
+with `slow` it also recomputes them by walking every span and compares.  A P that does not park
+within `deadline_ms` never makes the call hang: the reply is NOT_PARKED, or a snapshot with
+`consistent` false and the unparked slots in `unflushed` -- never a silently inconsistent one.
+
+Request::
+
+    {"v": 1, "id": 3, "op": "stats", "deadline_ms": 2000, "slow": false}
+
+Reply::
+
+    {"v": 1, "id": 3, "ok": true, "snapshot": {"sys": 1048576, "heap_alloc": 4096, "consistent": true, "epoch": 42, "per_p": [], "unflushed": []}}
+
+`snapshot` carries every key of the table "The snapshot map" below (the daemon's reply is refused
+as INTERNAL when one is missing).
+"""
+
+from service.ops.schema import Field, Reply
+from shm.errors import ProtocolError
+from shm.stats import FIELDS, META_FIELDS
+
+REQUEST = {
+    "deadline_ms": Field(int, False, (1, 60000), "How long to wait for every P to park (milliseconds).", 2000),
+    "slow": Field(bool, False, None, "Also recompute every figure by walking every span, and compare.", False),
+}
+REPLY = {
+    "snapshot": Reply(dict, "The snapshot map (below)."),
+}
+
+# The snapshot map: (key, unit, meaning).  The figures and the snapshot's own keys are declared
+# once, in shm/stats.py; these are the keys the daemon adds.
+EXTRA_KEYS = (
+    ("by_size", "list", 'One map {"size", "mallocs", "frees"} per small size class, in class order.'),
+    ("per_p", "list", "One map per live P: its slot and what the daemon knows of it."),
+    ("unflushed", "list", "Slots (int) of live Ps that did not park before the deadline; empty when consistent."),
+)
+SLOW_KEYS = (
+    ("slow_equal", "bool", "With `slow` only: the fast figures equal the span walk's, field for field."),
+    ("slow_diff", "list", "With `slow` only: one str per figure that differs; empty when slow_equal."),
+)
+SNAPSHOT_KEYS = tuple((name, unit, doc) for name, unit, _kind, doc in FIELDS + META_FIELDS) + EXTRA_KEYS
+DOC_TABLES = (("The snapshot map", SNAPSHOT_KEYS + SLOW_KEYS),)
+
+
+def handle(daemon, req):
+    return daemon.snapshot(req["deadline_ms"], req["slow"])
+
+
+def check_reply(req, reply):
+    """Refuse a snapshot without the keys the protocol promises (raised as INTERNAL)."""
+    want = SNAPSHOT_KEYS + (SLOW_KEYS if req["slow"] else ())
+    missing = [name for name, _unit, _doc in want if name not in reply["snapshot"]]
+    if missing:
+        raise ProtocolError(f"stats: snapshot lacks {', '.join(missing)}", code="INTERNAL")

@@ -1,0 +1,25 @@
+"""unregister: a worker gives its P slot back.
+
+Sent by a worker's control thread on close, after the worker flushed its cache.  Only the
+DEALER that registered the slot may give it back: the daemon compares the routing identity.
+
+Request::
+
+    {"v": 1, "id": 9, "op": "unregister", "slot": 3}
+
+Reply::
+
+    {"v": 1, "id": 9, "ok": true}
+"""
+
+from service.ops.schema import Field
+from shm.layout import MAX_SLOTS
+
+REQUEST = {
+    "slot": Field(int, True, (0, MAX_SLOTS - 1), "The P slot that `register` gave this worker."),
+}
+REPLY = {}
+
+
+def handle(daemon, req):
+    return daemon.unregister(req["slot"], req["_identity"])
