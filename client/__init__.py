@@ -15,7 +15,7 @@ Errors (one tree, shm/errors.py):
     ShmallocError
     ├── OutOfMemory, BadHandle (DoubleFree), LayoutMismatch, CorruptionError,
     │   ArenaClosed, ForkedHeap, NoFreeSlot
-    └── ProtocolError ── DaemonUnavailable, NotParked, RemoteError
+    └── ProtocolError ── DaemonUnavailable, NotParked, NotRegistered, RemoteError
 
 A Heap's fast path never waits on the daemon: allocation and free touch only shared memory.
 A control thread owns the Heap's ZeroMQ socket (sockets are not thread-safe): it parks the P
@@ -30,15 +30,15 @@ import threading
 import zmq
 
 from service import protocol
-from service.daemon import default_endpoint
+from service.daemon import default_endpoint, ipc_path
 from shm import Arena, Block, ProcessCache
 from shm.errors import (ArenaClosed, BadHandle, CorruptionError, DaemonUnavailable, DoubleFree, ForkedHeap,
-                        LayoutMismatch, NoFreeSlot, NotParked, OutOfMemory, ProtocolError, RemoteError,
+                        LayoutMismatch, NoFreeSlot, NotParked, NotRegistered, OutOfMemory, ProtocolError, RemoteError,
                         ShmallocError)
 
 __all__ = ["connect", "stats", "check", "ping", "Heap", "Block", "ShmallocError", "OutOfMemory", "BadHandle",
            "DoubleFree", "LayoutMismatch", "CorruptionError", "ArenaClosed", "ForkedHeap", "NoFreeSlot",
-           "ProtocolError", "DaemonUnavailable", "NotParked", "RemoteError"]
+           "ProtocolError", "DaemonUnavailable", "NotParked", "NotRegistered", "RemoteError"]
 
 _ids = itertools.count(1)
 
@@ -51,6 +51,9 @@ def _context():
 def request(endpoint, op, timeout_ms=5000, **args):
     """One request/reply on a fresh DEALER socket; DaemonUnavailable after `timeout_ms`."""
     endpoint = endpoint or default_endpoint()
+    path = ipc_path(endpoint)
+    if path and not os.path.exists(path):
+        raise DaemonUnavailable(f"no daemon at {endpoint}: {path} does not exist (is `shmalloc daemon` running?)")
     sock = _context().socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)

@@ -28,7 +28,7 @@ import zmq
 from shm import Arena, layout as L
 from shm import stats as S
 from shm.arena import unlink_segment
-from shm.errors import LayoutMismatch, NoFreeSlot, NotParked, ShmallocError
+from shm.errors import LayoutMismatch, NoFreeSlot, NotParked, NotRegistered, ShmallocError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from . import protocol
 
@@ -294,11 +294,12 @@ class Daemon:
         return {}
 
     def heartbeat(self, slot, identity):
-        if 0 <= slot < self.arena.lay.nslots and self.arena.slot_state(slot) == L.SLOT_ACTIVE:
-            if self.identities.get(slot) != identity:
-                self.identities[slot] = identity  # a worker that outlived a previous daemon
-                event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.slot_pid(slot))
-            self.arena.q[self.arena.slot_word(slot) + L.SLOT["heartbeat_ns"]] = time.time_ns()
+        if not (0 <= slot < self.arena.lay.nslots and self.arena.slot_state(slot) == L.SLOT_ACTIVE):
+            raise NotRegistered(f"P slot {slot} is not held by any worker")
+        if self.identities.get(slot) != identity:
+            self.identities[slot] = identity  # a worker that outlived a previous daemon
+            event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.slot_pid(slot))
+        self.arena.q[self.arena.slot_word(slot) + L.SLOT["heartbeat_ns"]] = time.time_ns()
         return {"epoch": self.arena.q[L.HDR["epoch"]]}
 
     def ping(self):

@@ -234,7 +234,7 @@ class ProcessCache:
         """Called by the control thread: park for the pending request, if any (waits for the
         calling thread of alloc/free to leave the allocator first)."""
         with self._lock:
-            if self._stop is not _CLOSED and self._stop_cell[0][0]:
+            if self._stop_cell[0] is not _CLOSED and self._stop_cell[0][0]:
                 self._sync()
 
     def flush(self):

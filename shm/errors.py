@@ -12,6 +12,7 @@
     └── ProtocolError              control channel (service/, client/) errors; `code` is the wire code
         ├── DaemonUnavailable      no daemon answered at the endpoint before the deadline
         ├── NotParked              a live P did not park before the snapshot deadline
+        ├── NotRegistered          the message names a P slot no live worker holds
         └── RemoteError            the daemon answered {"ok": false}; `code` and message from the wire
 
 Input errors (OutOfMemory, BadHandle, ...) leave the arena exactly as it was: every mutation made
@@ -88,6 +89,12 @@ class DaemonUnavailable(ProtocolError):
 
 class NotParked(ProtocolError):
     code = "NOT_PARKED"
+
+
+class NotRegistered(ProtocolError):
+    """The message names a P slot that no live worker holds."""
+
+    code = "NOT_REGISTERED"
 
 
 class RemoteError(ProtocolError):

@@ -53,3 +53,65 @@ def stuck_in_critical_section(arena_name, where, ready):
         CentralList.collect = collect
         p.alloc(64)
     time.sleep(60)  # not reached
+
+
+def observer(endpoint, n, results, slow=True):
+    """A process that holds no P: take `n` snapshots and judge each one."""
+    import client
+    from shm import stats as S
+    problems, pauses, nums, prev = [], [], set(), None
+    for i in range(n):
+        snap = client.stats(endpoint, slow=slow)
+        if not snap["consistent"]:
+            problems.append(f"snapshot {snap['epoch']}: not consistent, unflushed {snap['unflushed']}")
+        problems += [f"snapshot {snap['epoch']}: {p}" for p in S.identities(snap)]
+        if slow and not snap["slow_equal"]:
+            problems.append(f"snapshot {snap['epoch']}: fast != slow: {snap['slow_diff']}")
+        if prev is not None:
+            problems += [f"snapshot {snap['epoch']}: {p}" for p in S.monotonic(prev, snap)]
+            if snap["epoch"] <= prev["epoch"]:
+                problems.append(f"epoch went from {prev['epoch']} to {snap['epoch']}")
+        prev = snap
+        pauses.append(snap["pause_ns"])
+        nums.add(snap["num_p"])
+    results.put({"n": n, "problems": problems[:20], "pauses": pauses, "num_p": sorted(nums),
+                 "mallocs": prev["mallocs"]})
+
+
+def stuck_worker(endpoint, ready, release, results):
+    """Connect, allocate, then sit INSIDE the allocator (holding the P lock) until released:
+    a worker stuck in a long call, which cannot park."""
+    import client
+    heap = client.connect(endpoint)
+    b = heap.alloc(100)
+    with heap._lock:
+        ready.set()
+        release.wait(120)
+    heap.free(b)
+    results.put(heap.slot)
+    heap.close()
+
+
+def connected_worker(endpoint, cmds, results):
+    """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("stats",)
+    / ("close",).  Answers every command on `results`."""
+    import client
+    heap = client.connect(endpoint)
+    results.put(("slot", heap.slot))
+    while True:
+        cmd = cmds.get(timeout=120)
+        try:
+            if cmd[0] == "alloc":
+                b = heap.alloc(cmd[1])
+                from service.demo import pattern
+                b.buf[:] = pattern(b.handle, b.size)
+                results.put(("ok", b.handle))
+            elif cmd[0] == "free":
+                heap.free(cmd[1])
+                results.put(("ok", None))
+            elif cmd[0] == "close":
+                heap.close()
+                results.put(("ok", None))
+                return
+        except Exception as e:  # reported to the test
+            results.put(("error", f"{type(e).__name__}: {e}"))
