@@ -183,7 +183,6 @@ class _Control(threading.Thread):
                 pass
         finally:
             sock.close(0)
-            os.close(self._wake_r)
 
     def _register(self, sock):
         """Register on THIS socket, so the daemon sends this P's STOP messages here."""
@@ -220,12 +219,11 @@ class _Control(threading.Thread):
 
     def stop(self):
         self._stop_evt.set()
-        try:
-            os.write(self._wake_w, b"x")
-        finally:
-            os.close(self._wake_w)
+        os.write(self._wake_w, b"x")  # the thread closes nothing: both ends are ours to close
         if threading.current_thread() is not self:
             self.join(5)
+        os.close(self._wake_w)
+        os.close(self._wake_r)
 
 
 def connect(endpoint=None, timeout_ms=5000):

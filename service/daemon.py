@@ -150,7 +150,7 @@ class Daemon:
             self.metrics = MetricsServer(self, self.metrics_addr)
             self.metrics.start()
         event(logging.INFO, "started", pid=os.getpid(), endpoint=self.endpoint, arena=self.name,
-              max_heap=self.max_heap, adopted=self.adopted, metrics=self.metrics_addr or "-")
+              max_heap=self.max_heap, adopted=self.adopted, metrics=self.metrics.url if self.metrics else "-")
 
     def _refuse_if_served(self):
         """A daemon that answers on the endpoint keeps it; a stale socket file is removed."""
@@ -351,22 +351,17 @@ class Daemon:
         """Flush every parked (and dead) P's cache FIRST, then read -- the seed's order."""
         arena = self.arena
         per_p = world["per_p"]
-        for k in world["parked"]:
-            before = self._mallocs_total()
-            spans = len(arena.cached_spans(k))
-            arena.release_all(k, arena.daemon_actor)
-            per_p[k].update(cached_spans=spans, listed_returned=before - self._mallocs_total())
+        t = time.perf_counter_ns()
+        for k, (spans, listed) in arena.flush_slots(world["parked"], arena.daemon_actor).items():
+            per_p[k].update(cached_spans=spans, listed_returned=listed)
         arena.q[L.HDR["flush_count"]] += 1
+        world["flush_ns"] = time.perf_counter_ns() - t
         snap = S.read_stats(arena)
         if slow:
             d = S.diff(snap, S.read_stats_slow(arena)) if not world["late"] else ["not compared: Ps did not park"]
             snap["slow_equal"] = not d
             snap["slow_diff"] = d
         return snap
-
-    def _mallocs_total(self):
-        q, lay = self.arena.q, self.arena.lay
-        return sum(q[lay.central_word(c) + L.CENTRAL["mallocs"]] for c in range(1, L.NCLASS))
 
     # --- stop --------------------------------------------------------------------------
     def shutdown(self):
@@ -465,7 +460,8 @@ class StoppedWorld:
                     per_p[k]["state"] = "late"
         late = sorted(k for k, v in per_p.items() if v["state"] == "late")
         parked = sorted(k for k, v in per_p.items() if v["state"] == "parked")
-        self.world = {"epoch": epoch, "t0": t0, "parked": parked, "late": late, "per_p": per_p}
+        self.world = {"epoch": epoch, "t0": t0, "parked": parked, "late": late, "per_p": per_p,
+                      "park_ns": time.perf_counter_ns() - t0, "flush_ns": 0}
         if late:
             event(logging.WARNING, "Ps did not park before the deadline", epoch=epoch, late=late,
                   deadline_ms=self.deadline_ms)
@@ -481,6 +477,8 @@ class StoppedWorld:
             "consistent": not w["late"],
             "epoch": w["epoch"],
             "pause_ns": time.perf_counter_ns() - w["t0"],
+            "park_ns": w["park_ns"],
+            "flush_ns": w["flush_ns"],
             "num_p": len(arena.active_slots()),
             "unflushed": w["late"],
             "per_p": [w["per_p"][k] for k in sorted(w["per_p"])],

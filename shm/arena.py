@@ -240,21 +240,41 @@ class Arena:
                 if self.q[sw + L.SLOT_CACHED_AT + c]]
 
     def release_all(self, k, actor=None):
-        """Flush P k's cache to the central lists (Go: mcache.releaseAll), then tell P k (via
-        flush_gen and its stop byte) to drop its local lists.  Precondition: P k is parked,
-        dead, or is the caller itself (actor == k)."""
+        """Flush P k's cache to the central lists (Go: mcache.releaseAll).  Precondition: P k
+        is parked, dead, or is the caller itself (actor == k).  Returns (spans, listed objects
+        uncounted)."""
+        return self.flush_slots([k], actor)[k]
+
+    def flush_slots(self, slots, actor=None):
+        """Flush the caches of `slots` in ONE operation (Go: flushallmcaches): every central
+        lock involved is taken once, in order, then each span is uncached and the undo log
+        checkpointed -- the state between two spans is a consistent one, so a crash rolls back
+        at most the span in flight.  Each P is first told (flush_gen, and its stop byte if
+        it is not the caller) to drop its local lists when it next runs, before any of its
+        spans leaves its cache.  Returns {slot: (spans, listed objects uncounted)}."""
         actor = self.daemon_actor if actor is None else actor
-        for c, r in self.cached_spans(k):
-            def flush(op, c=c):
+        work = sorted((c, k, r) for k in slots for c, r in self.cached_spans(k))
+        for k in slots:
+            sw = self.slot_word(k)
+            self.q[sw + SL["flush_gen"]] += 1
+            if actor != k and self.q[sw + SL["stop"]] == 0:
+                self.q[sw + SL["stop"]] = 2  # "resync": the P drops its lists on its next call
+        out = {k: [0, 0] for k in slots}
+
+        def flush(op):
+            for c in sorted({c for c, _, _ in work}):
                 op.acquire(L.LOCK_CENTRAL(c))
-                r2 = self.q[self.slot_word(k) + L.SLOT_CACHED_AT + c] - 1
-                if r2 >= 0:
-                    self.central.uncache_span(op, c, r2, k)
+            if work:
+                op.acquire(L.LOCK_HEAP)  # an emptied span goes back to the heap
+            for c, k, r in work:
+                if self.q[self.slot_word(k) + L.SLOT_CACHED_AT + c] - 1 != r:
+                    continue  # a retry after a repair: already done
+                out[k][0] += 1
+                out[k][1] += self.central.uncache_span(op, c, r, k)
+                op.log.clear()  # checkpoint
+        if work:
             self.run(actor, flush)
-        sw = self.slot_word(k)
-        self.q[sw + SL["flush_gen"]] += 1
-        if actor != k and self.q[sw + SL["stop"]] == 0:
-            self.q[sw + SL["stop"]] = 2  # "resync": the P drops its lists on its next call
+        return {k: tuple(v) for k, v in out.items()}
 
     def reclaim(self, k, actor=None):
         """Reclaim the slot of dead P k: roll back its half-done operation, flush its cache,
@@ -378,10 +398,9 @@ class Arena:
     def flush_all(self, parked=(), actor=None):
         """Flush every cache that may be flushed: the `parked` Ps and every dead one."""
         for k in self.active_slots():
-            if k in parked:
-                self.release_all(k, actor)
-            elif not self.slot_alive(k):
+            if k not in parked and not self.slot_alive(k):
                 self.reclaim(k, actor)
+        self.flush_slots([k for k in self.active_slots() if k in parked], actor)
 
     def update_stats(self, parked=(), actor=None):
         """Go's updatememstats: flush every cache FIRST, then read the figures.  Reading before

@@ -136,7 +136,8 @@ class CentralList:
 
     def uncache_span(self, op, c, r, k):
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
-        uncounted, PENDING frees merged, and the span placed by its allocated count."""
+        uncounted, PENDING frees merged, and the span placed by its allocated count.  Returns
+        the number of listed objects uncounted."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.uncache_span")
         q, w = self.q, self.lay.span_word(r)
         if q[w + S["owner"]] != k + 1:
@@ -153,6 +154,7 @@ class CentralList:
         op.add(self.cw(c) + C["ncached"], -1)
         op.add(self.cw(c) + C["live"], n)
         self._place(op, c, r, n, q[w + S["nelems"]])
+        return old.count(LISTED)
 
     # --- frees that are not the fast path ------------------------------------------------
     def free_object(self, op, c, r, h, k):

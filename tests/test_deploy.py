@@ -51,34 +51,10 @@ MKDASHBOARD = DEPLOY / "grafana" / "mkdashboard.py"
 
 # The Prometheus names the daemon exports (the CLI contract). To be replaced
 # by the project's own declaration of its statistics.
-EXPORTED_METRICS = frozenset(
-    {
-        "shmalloc_sys_bytes",
-        "shmalloc_heap_sys_bytes",
-        "shmalloc_heap_idle_bytes",
-        "shmalloc_heap_inuse_bytes",
-        "shmalloc_heap_released_bytes",
-        "shmalloc_heap_alloc_bytes",
-        "shmalloc_total_alloc_bytes_total",
-        "shmalloc_heap_objects",
-        "shmalloc_mallocs_total",
-        "shmalloc_frees_total",
-        "shmalloc_mspan_sys_bytes",
-        "shmalloc_mspan_inuse_bytes",
-        "shmalloc_mcache_sys_bytes",
-        "shmalloc_mcache_inuse_bytes",
-        "shmalloc_gc_sys_bytes",
-        "shmalloc_other_sys_bytes",
-        "shmalloc_large_mallocs_total",
-        "shmalloc_large_frees_total",
-        "shmalloc_large_bytes",
-        "shmalloc_num_p",
-        "shmalloc_snapshot_pause_seconds",
-        "shmalloc_snapshot_age_seconds",
-        "shmalloc_class_mallocs_total",  # label size="64"
-        "shmalloc_class_frees_total",  # label size="64"
-    }
-)
+# The series /metrics serves, from the one declaration (shm.stats.FIELDS via service.metrics).
+from service.metrics import exported_names  # noqa: E402
+
+EXPORTED_METRICS = exported_names()
 
 DOCKER_DEFAULT_SHM = 64 * 2**20  # a container's /dev/shm without --shm-size
 

@@ -36,6 +36,9 @@ EXTRA_KEYS = (
     ("by_size", "list", 'One map {"size", "mallocs", "frees"} per small size class, in class order.'),
     ("per_p", "list", "One map per live P: its slot and what the daemon knows of it."),
     ("unflushed", "list", "Slots (int) of live Ps that did not park before the deadline; empty when consistent."),
+    ("taken_ns", "ns", "time.time_ns() when the world resumed."),
+    ("park_ns", "ns", "Part of the pause spent until every live P had parked (or the deadline)."),
+    ("flush_ns", "ns", "Part of the pause spent flushing every cache (before anything was read)."),
 )
 SLOW_KEYS = (
     ("slow_equal", "bool", "With `slow` only: the fast figures equal the span walk's, field for field."),
