@@ -9,7 +9,8 @@ Modes:
   python   workers busy in pure Python, outside the allocator: the control thread must win the
            GIL, bounded by the switch interval (also run at 0.5 ms: mode python@0.5ms)
 
-Prints median and p99 of the daemon's pause_ns, as reported in each snapshot.
+Prints median and p99 of the daemon's pause_ns, as reported in each snapshot, and the medians of
+its two parts: parking every P (park_ns) and flushing every cache (flush_ns).
 """
 
 import argparse
@@ -57,17 +58,19 @@ def run_case(endpoint, n, mode, snapshots, switch_interval=None):
         p.start()
     for r in readies:
         r.wait(60)
-    pauses, late = [], 0
+    pauses, parks, flushes, late = [], [], [], 0
     try:
         for _ in range(snapshots):
             snap = client.stats(endpoint, deadline_ms=5000)
             late += not snap["consistent"]
             pauses.append(snap["pause_ns"] / 1e6)
+            parks.append(snap["park_ns"] / 1e6)
+            flushes.append(snap["flush_ns"] / 1e6)
     finally:
         stop.set()
         for p in procs:
             p.join(60)
-    return pct(pauses, 0.5), pct(pauses, 0.99), max(pauses), late
+    return pct(pauses, 0.5), pct(pauses, 0.99), max(pauses), late, pct(parks, 0.5), pct(flushes, 0.5)
 
 
 def main(argv=None):
@@ -81,13 +84,15 @@ def main(argv=None):
     endpoint = f"ipc://{tmp}/control.sock"
     daemon = start_daemon(endpoint, "512M")
     try:
-        print(f"{'mode':16s} {'workers':>7s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'late':>5s}")
+        print(f"{'mode':16s} {'workers':>7s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'late':>5s}"
+              f" {'park med':>9s} {'flush med':>9s}")
         for mode in args.modes.split(","):
             base, _, si = mode.partition("@")
             interval = float(si.removesuffix("ms")) / 1000 if si else None
             for n in (int(x) for x in args.workers.split(",")):
-                med, p99, mx, late = run_case(endpoint, n, base, args.snapshots, interval)
-                print(f"{mode:16s} {n:7d} {med:10.3f} {p99:8.3f} {mx:8.3f} {late:5d}", flush=True)
+                med, p99, mx, late, park, flush = run_case(endpoint, n, base, args.snapshots, interval)
+                print(f"{mode:16s} {n:7d} {med:10.3f} {p99:8.3f} {mx:8.3f} {late:5d} {park:9.3f} {flush:9.3f}",
+                      flush=True)
     finally:
         daemon.terminate()
         daemon.wait(30)

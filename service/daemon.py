@@ -319,6 +319,7 @@ class Daemon:
     def check(self):
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
+            self.arena.free_empty_spans(self.arena.daemon_actor)
             problems = S.check(self.arena) if not world["late"] else [
                 f"P {k} did not park before the deadline: arena not checked" for k in world["late"]]
         snap.update(world["meta"])
@@ -330,6 +331,9 @@ class Daemon:
         with self.stopped_world(deadline_ms) as world:
             snap = self._figures(world, slow)
         snap.update(world["meta"])
+        # Spans the flush emptied waited on their partial lists, to keep the pause short; now
+        # that the world runs again they go back to the heap (the next snapshot shows it).
+        self.arena.free_empty_spans(self.arena.daemon_actor)
         if self.prev_counters and snap["consistent"]:
             back = S.monotonic(self.prev_counters, snap)
             if back:
@@ -352,7 +356,8 @@ class Daemon:
         arena = self.arena
         per_p = world["per_p"]
         t = time.perf_counter_ns()
-        for k, (spans, listed) in arena.flush_slots(world["parked"], arena.daemon_actor).items():
+        world["flushed"] = set(world["parked"])
+        for k, (spans, listed) in arena.flush_slots(world["parked"], arena.daemon_actor, keep_empty=True).items():
             per_p[k].update(cached_spans=spans, listed_returned=listed)
         arena.q[L.HDR["flush_count"]] += 1
         world["flush_ns"] = time.perf_counter_ns() - t
@@ -426,12 +431,7 @@ class StoppedWorld:
             q[sw + L.SLOT["stop"]] = 1
         stop = protocol.encode_stop(epoch)
         for k in live:
-            ident = d.identities.get(k)
-            if ident is not None:
-                try:
-                    d.sock.send_multipart([ident, stop], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+            self._send_stop(k, stop)
         per_p = {k: {"slot": k, "pid": arena.slot_pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
                      "listed_returned": 0} for k in live}
         waiting = set(live)
@@ -441,6 +441,10 @@ class StoppedWorld:
             now = time.perf_counter_ns()
             for k in list(waiting):
                 sw = arena.slot_word(k)
+                if q[sw + L.SLOT["stop"]] != 1:
+                    # The P cleared a RESYNC just as we asked it to park: ask again.
+                    q[sw + L.SLOT["stop"]] = 1
+                    self._send_stop(k, stop)
                 if q[sw + L.SLOT["parked"]] == epoch:
                     per_p[k].update(state="parked", park_ns=now - t0)
                     waiting.discard(k)
@@ -467,12 +471,24 @@ class StoppedWorld:
                   deadline_ms=self.deadline_ms)
         return self.world
 
+    def _send_stop(self, k, frame):
+        """The STOP message wakes a P's control thread (for a P not inside the allocator)."""
+        ident = self.d.identities.get(k)
+        if ident is not None:
+            try:
+                self.d.sock.send_multipart([ident, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
     def __exit__(self, *exc):
         arena = self.d.arena
         q = arena.q
-        for k in self.live:
-            q[arena.slot_word(k) + L.SLOT["stop"]] = 0
         w = self.world
+        flushed = w.get("flushed", ())
+        for k in self.live:
+            # A P whose cache was flushed resumes through its slow path (RESYNC), which drops
+            # its now stale local lists before any fast-path call can pop from them.
+            q[arena.slot_word(k) + L.SLOT["stop"]] = 2 if k in flushed else 0
         w["meta"] = {
             "consistent": not w["late"],
             "epoch": w["epoch"],

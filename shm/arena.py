@@ -245,7 +245,7 @@ class Arena:
         uncounted)."""
         return self.flush_slots([k], actor)[k]
 
-    def flush_slots(self, slots, actor=None):
+    def flush_slots(self, slots, actor=None, keep_empty=False):
         """Flush the caches of `slots` in ONE operation (Go: flushallmcaches): every central
         lock involved is taken once, in order, then each span is uncached and the undo log
         checkpointed -- the state between two spans is a consistent one, so a crash rolls back
@@ -270,11 +270,27 @@ class Arena:
                 if self.q[self.slot_word(k) + L.SLOT_CACHED_AT + c] - 1 != r:
                     continue  # a retry after a repair: already done
                 out[k][0] += 1
-                out[k][1] += self.central.uncache_span(op, c, r, k)
+                out[k][1] += self.central.uncache_span(op, c, r, k, keep_empty)
                 op.log.clear()  # checkpoint
         if work:
             self.run(actor, flush)
         return {k: tuple(v) for k, v in out.items()}
+
+    def free_empty_spans(self, actor=None):
+        """Give the heap back every empty span waiting on a partial list.  Returns how many."""
+        q, lay = self.q, self.lay
+        classes = [c for c in range(1, L.NCLASS) if q[lay.central_word(c) + C["partial"]]]
+
+        def free(op):
+            for c in classes:
+                op.acquire(L.LOCK_CENTRAL(c))
+            op.acquire(L.LOCK_HEAP)
+            n = 0
+            for c in classes:
+                n += self.central.free_empty(op, c)
+                op.log.clear()  # checkpoint: each class leaves a consistent state
+            return n
+        return self.run(self.daemon_actor if actor is None else actor, free) if classes else 0
 
     def reclaim(self, k, actor=None):
         """Reclaim the slot of dead P k: roll back its half-done operation, flush its cache,
@@ -395,16 +411,16 @@ class Arena:
         return self.run(self.daemon_actor if actor is None else actor, rel)
 
     # --- statistics (stats.py) ------------------------------------------------------------
-    def flush_all(self, parked=(), actor=None):
+    def flush_all(self, parked=(), actor=None, keep_empty=False):
         """Flush every cache that may be flushed: the `parked` Ps and every dead one."""
         for k in self.active_slots():
             if k not in parked and not self.slot_alive(k):
                 self.reclaim(k, actor)
-        self.flush_slots([k for k in self.active_slots() if k in parked], actor)
+        return self.flush_slots([k for k in self.active_slots() if k in parked], actor, keep_empty)
 
     def update_stats(self, parked=(), actor=None):
         """Go's updatememstats: flush every cache FIRST, then read the figures.  Reading before
-        flushing is the bug of golang/go#38712 (tests/test_seed.py builds it on purpose)."""
+        flushing is the bug of golang/go#38712 (tests/test_arena.py builds it on purpose)."""
         self.flush_all(parked, actor)
         return _stats.read_stats(self)
 

@@ -251,7 +251,7 @@ class ProcessCache:
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
             if time.monotonic() > deadline and not self._daemon_alive():
-                q[sw + SL["stop"]] = 0  # the daemon died mid-pause: go on without it
+                q[sw + SL["stop"]] = _STOP_RESYNC  # the daemon died mid-pause: go on without it
                 break
 
     def _daemon_alive(self):

@@ -81,9 +81,10 @@ class CentralList:
         off, stride, n, base, size = self.starts(r)
         return off, stride, bytes(self.mv[off:off + n * stride:stride]), base, size
 
-    def _place(self, op, c, r, alloc_count, nelems):
-        """Put uncached span r where it belongs: full list, partial list, or back to the heap."""
-        if alloc_count == 0:
+    def _place(self, op, c, r, alloc_count, nelems, keep_empty=False):
+        """Put uncached span r where it belongs: full list, partial list, or back to the heap
+        (an empty span; with keep_empty it waits on the partial list for free_empty)."""
+        if alloc_count == 0 and not keep_empty:
             op.add(self.cw(c) + C["nspans"], -1)
             op.acquire(L.LOCK_HEAP)
             self.heap.free_span(op, r)
@@ -134,7 +135,7 @@ class CentralList:
         n = len(new)
         return list(compress(range(base + (n - 1) * size, base - 1, -size), new[::-1].translate(IS_LISTED)))
 
-    def uncache_span(self, op, c, r, k):
+    def uncache_span(self, op, c, r, k, keep_empty=False):
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
         uncounted, PENDING frees merged, and the span placed by its allocated count.  Returns
         the number of listed objects uncounted."""
@@ -153,8 +154,24 @@ class CentralList:
         op.w(self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, 0)
         op.add(self.cw(c) + C["ncached"], -1)
         op.add(self.cw(c) + C["live"], n)
-        self._place(op, c, r, n, q[w + S["nelems"]])
+        self._place(op, c, r, n, q[w + S["nelems"]], keep_empty)
         return old.count(LISTED)
+
+    def free_empty(self, op, c):
+        """Return every empty span of the partial list to the heap (they wait there when a
+        stop-the-world flush kept them, to keep the pause short).  Returns how many."""
+        op.need(L.LOCK_CENTRAL(c), "CentralList.free_empty")
+        q, n = self.q, 0
+        r = q[self.head_w(c, L.LIST_PARTIAL)] - 1
+        while r >= 0:
+            w = self.lay.span_word(r)
+            nxt = q[w + S["next"]] - 1
+            if q[w + S["alloc_count"]] == 0:
+                self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r)
+                self._place(op, c, r, 0, q[w + S["nelems"]])
+                n += 1
+            r = nxt
+        return n
 
     # --- frees that are not the fast path ------------------------------------------------
     def free_object(self, op, c, r, h, k):
