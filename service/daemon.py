@@ -36,8 +36,10 @@ log = logging.getLogger("shmalloc.daemon")
 
 LIVENESS_S = 0.1          # how often dead Ps are looked for (reclaimed within a second)
 HEARTBEAT_MS = 1000       # how often workers send a heartbeat
-DAEMON_LOCK_BYTE = 1      # file byte of the segment held by the serving daemon for its life
+DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
 SLOW_SNAPSHOT_MS = 50     # snapshots slower than this are logged at WARNING
+STOP_GRACE_NS = 300_000   # Ps get this long to park through their stop byte before their
+                          # control threads are sent a STOP message
 
 
 # --- endpoints and names ---------------------------------------------------------------------
@@ -421,6 +423,18 @@ class StoppedWorld:
         q = arena.q
         t0 = time.perf_counter_ns()
         epoch = q[L.HDR["epoch"]] + 1
+        ofd_lock(arena.fd, L.resume_lock_byte(epoch))  # parked Ps sleep on it until __exit__
+        self.live = []
+        self.world = {"epoch": epoch, "t0": t0, "parked": [], "late": [], "per_p": {}, "park_ns": 0, "flush_ns": 0}
+        try:
+            return self._stop_everyone(epoch, t0)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _stop_everyone(self, epoch, t0):
+        d, arena = self.d, self.d.arena
+        q = arena.q
         q[L.HDR["epoch"]] = epoch
         d.reclaim_dead()
         live = arena.active_slots()
@@ -429,32 +443,41 @@ class StoppedWorld:
             sw = arena.slot_word(k)
             q[sw + L.SLOT["stop_epoch"]] = epoch
             q[sw + L.SLOT["stop"]] = 1
+        # A P inside the allocator parks itself at its next call; only the others need their
+        # control thread woken.  So the STOP messages go out after a short grace, to the Ps
+        # that have not parked by then: every message wakes a thread, which on a busy machine
+        # costs a context switch in the middle of the pause.
         stop = protocol.encode_stop(epoch)
-        for k in live:
-            self._send_stop(k, stop)
+        grace_end = t0 + STOP_GRACE_NS
+        messaged = False
         per_p = {k: {"slot": k, "pid": arena.slot_pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
                      "listed_returned": 0} for k in live}
         waiting = set(live)
         deadline = t0 + self.deadline_ms * 1_000_000
-        pause = 10e-6
+        pause, rounds = 10e-6, 0
         while waiting:
             now = time.perf_counter_ns()
+            rounds += 1
             for k in list(waiting):
                 sw = arena.slot_word(k)
-                if q[sw + L.SLOT["stop"]] != 1:
-                    # The P cleared a RESYNC just as we asked it to park: ask again.
-                    q[sw + L.SLOT["stop"]] = 1
-                    self._send_stop(k, stop)
                 if q[sw + L.SLOT["parked"]] == epoch:
                     per_p[k].update(state="parked", park_ns=now - t0)
                     waiting.discard(k)
-                elif not arena.slot_alive(k):
+                elif q[sw + L.SLOT["stop"]] != 1:
+                    # The P cleared a RESYNC just as we asked it to park: ask again.
+                    q[sw + L.SLOT["stop"]] = 1
+                    self._send_stop(k, stop)
+                elif rounds % 8 == 0 and not arena.slot_alive(k):
                     per_p[k].update(state="dead", park_ns=now - t0)
                     waiting.discard(k)
             if not waiting or now > deadline:
                 break
+            if not messaged and now >= grace_end:
+                messaged = True
+                for k in waiting:
+                    self._send_stop(k, stop)
             time.sleep(pause)
-            pause = min(pause * 2, 500e-6)
+            pause = min(pause * 2, 200e-6)
         for k in list(per_p):
             if per_p[k]["state"] == "dead":
                 try:
@@ -464,8 +487,7 @@ class StoppedWorld:
                     per_p[k]["state"] = "late"
         late = sorted(k for k, v in per_p.items() if v["state"] == "late")
         parked = sorted(k for k, v in per_p.items() if v["state"] == "parked")
-        self.world = {"epoch": epoch, "t0": t0, "parked": parked, "late": late, "per_p": per_p,
-                      "park_ns": time.perf_counter_ns() - t0, "flush_ns": 0}
+        self.world.update(parked=parked, late=late, per_p=per_p, park_ns=time.perf_counter_ns() - t0)
         if late:
             event(logging.WARNING, "Ps did not park before the deadline", epoch=epoch, late=late,
                   deadline_ms=self.deadline_ms)
@@ -489,13 +511,18 @@ class StoppedWorld:
             # A P whose cache was flushed resumes through its slow path (RESYNC), which drops
             # its now stale local lists before any fast-path call can pop from them.
             q[arena.slot_word(k) + L.SLOT["stop"]] = 2 if k in flushed else 0
+        # The world runs again from here: a P that was not asleep goes on at once.  The pause
+        # ends here, before the unlock below wakes the sleeping Ps (on a busy machine the
+        # kernel may run them before it returns to us; that is their time, not the pause's).
+        pause_ns = time.perf_counter_ns() - w["t0"]
+        ofd_unlock(arena.fd, L.resume_lock_byte(w["epoch"]))
         w["meta"] = {
             "consistent": not w["late"],
             "epoch": w["epoch"],
-            "pause_ns": time.perf_counter_ns() - w["t0"],
+            "pause_ns": pause_ns,
             "park_ns": w["park_ns"],
             "flush_ns": w["flush_ns"],
-            "num_p": len(arena.active_slots()),
+            "num_p": len(self.live) - sum(1 for v in w["per_p"].values() if v["state"] == "dead"),
             "unflushed": w["late"],
             "per_p": [w["per_p"][k] for k in sorted(w["per_p"])],
             "taken_ns": time.time_ns(),

@@ -8,6 +8,7 @@ stats.py.
 """
 
 import os
+import threading
 import time
 from multiprocessing import shared_memory
 
@@ -25,16 +26,6 @@ SL = L.SLOT
 PAGE = L.PAGE_SIZE
 
 
-def _untrack(name):
-    """Python < 3.13 registers every attached segment with the resource tracker, which unlinks
-    it when this process exits (cpython#82300).  The arena's life is the daemon's to decide."""
-    try:
-        from multiprocessing import resource_tracker
-        resource_tracker.unregister("/" + name.lstrip("/"), "shared_memory")
-    except Exception:  # pragma: no cover - tracker absent or already gone
-        pass
-
-
 def unlink_segment(name):
     """Remove /dev/shm/<name> without the resource tracker (which never tracked it).
     Returns False when it did not exist."""
@@ -46,13 +37,26 @@ def unlink_segment(name):
         return False
 
 
+_track_lock = threading.Lock()
+
+
 def _open_segment(name, create, size=0):
+    """SharedMemory without the resource tracker.  Python < 3.13 registers every segment it
+    opens -- attached ones too -- with the tracker, which unlinks them when the process exits
+    (cpython#82300); the arena's life is the daemon's to decide.  3.13 has track=False; before
+    it, registration is switched off around the constructor."""
     try:
-        shm = shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
-    except TypeError:  # Python < 3.13: no track=
-        shm = shared_memory.SharedMemory(name=name, create=create, size=size)
-        _untrack(shm._name)
-    return shm
+        return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
+    except TypeError:
+        pass
+    from multiprocessing import resource_tracker
+    with _track_lock:
+        register = resource_tracker.register
+        resource_tracker.register = lambda *a, **k: None
+        try:
+            return shared_memory.SharedMemory(name=name, create=create, size=size)
+        finally:
+            resource_tracker.register = register
 
 
 class Arena:

@@ -32,6 +32,7 @@ import weakref
 from . import layout as L
 from .central import tag
 from .errors import ArenaClosed, BadHandle, ForkedHeap, OutOfMemory
+from .locks import ofd_wait_unlocked
 from .sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, SIZE_TO_CLASS
 
 SL = L.SLOT
@@ -88,7 +89,6 @@ class ProcessCache:
         stop_off = (self._sw + SL["stop"]) * 8
         self._shm_stop = arena.view(stop_off, stop_off + 1)
         self._flush_gen = arena.q[self._sw + SL["flush_gen"]]
-        self.park_timeout = 10.0   # seconds a parked P waits for the daemon before resuming alone
         self.parks = 0
         _CACHES.add(self)
         self._bind_fast_path()
@@ -239,20 +239,22 @@ class ProcessCache:
             q[sw + SL["stop"]] = 0
 
     def _park(self, epoch):
-        """Say we are parked for `epoch`, then wait until the daemon lifts the stop.  Nothing
-        is half done: the caller holds the P lock, the fast path is not running, and every
-        shared byte is already written."""
+        """Say we are parked for `epoch`, then sleep until the daemon lifts the stop: it holds
+        the resume lock while the world is stopped, and we wait for that lock in the kernel.
+        Nothing is half done: the caller holds the P lock, the fast path is not running, and
+        every shared byte is already written."""
         q, sw = self.arena.q, self._sw
         q[sw + SL["parked"]] = epoch
         self.parks += 1
-        deadline = time.monotonic() + self.park_timeout
-        pause = 20e-6
         while q[sw + SL["stop"]] == _STOP_PARK and q[sw + SL["stop_epoch"]] == epoch:
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-            if time.monotonic() > deadline and not self._daemon_alive():
-                q[sw + SL["stop"]] = _STOP_RESYNC  # the daemon died mid-pause: go on without it
-                break
+            ofd_wait_unlocked(self.arena.fd, L.resume_lock_byte(epoch))
+            if q[sw + SL["stop"]] == _STOP_PARK and q[sw + SL["stop_epoch"]] == epoch:
+                # The lock is free but the stop stands: the daemon is gone (the kernel dropped
+                # its lock), or it is between two steps of taking it.
+                if not self._daemon_alive():
+                    q[sw + SL["stop"]] = _STOP_RESYNC  # go on without it
+                    break
+                time.sleep(200e-6)
 
     def _daemon_alive(self):
         pid = self.arena.q[L.HDR["daemon_pid"]]

@@ -72,6 +72,19 @@ HDR = _words(
 )
 HEADER_WORDS = 64
 
+# File bytes locked for a whole life rather than around a mutation (see service/daemon.py):
+DAEMON_LOCK_BYTE = 1   # held (write) by the daemon serving the arena, for its life
+RESUME_LOCK_BYTES = 16  # resume_lock_byte(epoch) is held (write) by the daemon while the world
+                        # is stopped for `epoch`; parked Ps wait for it with a read lock, so they
+                        # sleep in the kernel, not in a poll loop, and wake when the world resumes
+                        # -- or when the daemon dies.  Eight bytes in turn: a P still waking from
+                        # one pause never blocks the next (Linux does not queue lock waiters
+                        # fairly, so a re-taken byte could keep it asleep through the next pause).
+
+
+def resume_lock_byte(epoch):
+    return RESUME_LOCK_BYTES + epoch % 8
+
 # --- locks ----------------------------------------------------------------------------------
 # Lock ids, in lock order (a process takes them in ascending id order, never the reverse):
 # central[c] for c in 1..66 is id c-1, then the heap, then the slot registry.

@@ -58,6 +58,12 @@ def ofd_unlock(fd, off):
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, off))
 
 
+def ofd_wait_unlocked(fd, off):
+    """Block (in the kernel, no CPU) until nobody holds a write lock on byte `off`."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_RDLCK, off))
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, off))
+
+
 def ofd_held_elsewhere(fd, off):
     """True when another open file description holds a lock on byte `off`."""
     res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, off))
