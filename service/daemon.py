@@ -35,11 +35,13 @@ from . import protocol
 log = logging.getLogger("shmalloc.daemon")
 
 LIVENESS_S = 0.1          # how often dead Ps are looked for (reclaimed within a second)
+EMPTY_SPANS_S = 1.0       # how often empty spans waiting on central lists go back to the heap
 HEARTBEAT_MS = 1000       # how often workers send a heartbeat
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
 SLOW_SNAPSHOT_MS = 50     # snapshots slower than this are logged at WARNING
-STOP_GRACE_NS = 300_000   # Ps get this long to park through their stop byte before their
-                          # control threads are sent a STOP message
+STOP_GRACE_NS = 3_000_000  # a P busy in the allocator gets this long to park through its stop
+                           # byte before its control thread is sent a STOP message
+BUSY_NS = 50_000_000       # "busy in the allocator": a slow-path call this recently
 
 
 # --- endpoints and names ---------------------------------------------------------------------
@@ -230,8 +232,7 @@ class Daemon:
     def serve(self):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        next_scan = time.monotonic()
-        next_metrics = time.monotonic()
+        next_scan = next_empty = next_metrics = time.monotonic()
         while not self.stopping:
             if poller.poll(int(LIVENESS_S * 1000)):
                 self.handle_one()
@@ -239,6 +240,12 @@ class Daemon:
             if now >= next_scan:
                 self.reclaim_dead()
                 next_scan = now + LIVENESS_S
+            if now >= next_empty:
+                # Spans a snapshot's flush emptied wait on their partial lists (to keep the
+                # pause short, and because the Ps usually take them again at once); those
+                # still empty go back to the heap here, outside any pause.
+                self.arena.free_empty_spans(self.arena.daemon_actor)
+                next_empty = now + EMPTY_SPANS_S
             if self.metrics and now >= next_metrics:
                 self.snapshot(self.park_deadline_ms, False, source="metrics")
                 next_metrics = now + self.metrics_interval
@@ -333,9 +340,6 @@ class Daemon:
         with self.stopped_world(deadline_ms) as world:
             snap = self._figures(world, slow)
         snap.update(world["meta"])
-        # Spans the flush emptied waited on their partial lists, to keep the pause short; now
-        # that the world runs again they go back to the heap (the next snapshot shows it).
-        self.arena.free_empty_spans(self.arena.daemon_actor)
         if self.prev_counters and snap["consistent"]:
             back = S.monotonic(self.prev_counters, snap)
             if back:
@@ -443,13 +447,18 @@ class StoppedWorld:
             sw = arena.slot_word(k)
             q[sw + L.SLOT["stop_epoch"]] = epoch
             q[sw + L.SLOT["stop"]] = 1
-        # A P inside the allocator parks itself at its next call; only the others need their
-        # control thread woken.  So the STOP messages go out after a short grace, to the Ps
-        # that have not parked by then: every message wakes a thread, which on a busy machine
-        # costs a context switch in the middle of the pause.
+        # A P busy in the allocator parks itself at its next call; only the others need their
+        # control thread woken by a STOP message.  Messages to busy Ps are held back for a
+        # grace: every message wakes a thread, which on a loaded machine costs a context switch
+        # in the middle of the pause, and a woken control thread only queues for the GIL.
         stop = protocol.encode_stop(epoch)
+        now_mono = time.monotonic_ns()
+        busy = {k for k in live if now_mono - q[arena.slot_word(k) + L.SLOT["active_ns"]] < BUSY_NS}
+        for k in live:
+            if k not in busy:
+                self._send_stop(k, stop)
         grace_end = t0 + STOP_GRACE_NS
-        messaged = False
+        messaged = not busy
         per_p = {k: {"slot": k, "pid": arena.slot_pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
                      "listed_returned": 0} for k in live}
         waiting = set(live)

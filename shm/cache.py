@@ -152,6 +152,7 @@ class ProcessCache:
             self._wait_not_busy()
         if self.closed_or_forked() or self._shm_stop[0]:
             self._sync()
+        self.arena.q[self._sw + SL["active_ns"]] = time.monotonic_ns()
 
     def _wait_not_busy(self):
         """Caller holds the P lock: wait for the owner thread to leave the fast path."""

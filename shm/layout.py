@@ -144,6 +144,8 @@ SLOT = _words(
     "log_used",      # undo log: bytes of entries committed to the log (see locks.py)
     "log_n",         # undo log: number of entries
     "ops",           # slow-path operations done; cumulative (statistics only)
+    "active_ns",     # time.monotonic_ns() of the P's last slow-path call: a P busy in the
+                     # allocator parks through its stop byte, so the daemon need not wake it
 )
 SLOT_CACHED_AT = 16      # word index of cached[c], c in 0..66: record index+1 of the span of class c
                          # this P caches; written under central lock c
