@@ -196,6 +196,9 @@ class Daemon:
         else:
             self._check_room()
             arena = Arena.create(self.name, self.max_heap, self.nslots)
+            # The segment is as open as the socket: a group let into the socket (--socket-mode
+            # 0660) must be able to map the arena too.
+            os.fchmod(arena.fd, 0o600 | (self.socket_mode & 0o060))
             ofd_lock(arena.fd, DAEMON_LOCK_BYTE)
         arena.q[L.HDR["daemon_pid"]] = os.getpid()
         return arena
@@ -215,7 +218,7 @@ class Daemon:
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME * 2)
         path = ipc_path(self.endpoint)
         if path:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o700 | (self.socket_mode & 0o050), exist_ok=True)
             old = os.umask(0o777 & ~self.socket_mode)
             try:
                 self.sock.bind(self.endpoint)
