@@ -417,3 +417,50 @@ def test_undo_log_rolls_back_a_failed_operation(arena):
         p.free(b)
     assert_healthy(arena, p)
     p.close()
+
+
+def test_threads_sharing_one_cache_switch_it_to_shared_mode(arena):
+    """The fast path belongs to the thread that made the cache; other threads may use it too,
+    through the locked path, and nothing is lost or handed out twice."""
+    import random
+    import threading
+    p = ProcessCache(arena)
+    owner_blocks = [p.alloc(64) for _ in range(50)]  # the owner's fast path, before any sharing
+    assert not p.shared
+    errors, handed = [], []
+    lock = threading.Lock()
+
+    def work(seed):
+        rnd = random.Random(seed)
+        mine = []
+        try:
+            for _ in range(3000):
+                if mine and rnd.random() < 0.5:
+                    b = mine.pop(rnd.randrange(len(mine)))
+                    assert bytes(b.buf) == pattern(b.handle, b.size), "a block was overwritten"
+                    p.free(b)
+                else:
+                    b = p.alloc(rnd.choice([8, 64, 200, 3000, 40_000]))
+                    b.buf[:] = pattern(b.handle, b.size)
+                    mine.append(b)
+                    with lock:
+                        handed.append(b.handle)
+            for b in mine:
+                assert bytes(b.buf) == pattern(b.handle, b.size)
+                p.free(b)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    work(99)  # the owner works at the same time
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert p.shared
+    for b in owner_blocks:
+        p.free(b)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0 and snap["mallocs"] == len(handed) + len(owner_blocks)
+    p.close()
