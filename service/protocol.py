@@ -207,11 +207,15 @@ def _unpack(frame, limit, limits):
                     "BAD_FRAME") from None
 
 
-def _check_fields(where, values, schema, code):
-    """values checked against a request schema {name: Field}; returns them, defaults filled in."""
+def _reject_unknown(where, values, schema, code):
     unknown = [k for k in values if k not in schema]
     if unknown:
         raise _fail(f"{where}: unknown field(s) {', '.join(sorted(map(_short, unknown)))}", code)
+
+
+def _check_fields(where, values, schema, code):
+    """values checked against a request schema {name: Field}; returns them, defaults filled in."""
+    _reject_unknown(where, values, schema, code)
     out = {}
     for name, f in schema.items():
         if name not in values:
@@ -232,9 +236,7 @@ def _check_fields(where, values, schema, code):
 
 def _check_reply_fields(where, values, schema, code):
     """values checked against a reply schema {name: Reply}; an int for a float field becomes a float."""
-    unknown = [k for k in values if k not in schema]
-    if unknown:
-        raise _fail(f"{where}: unknown field(s) {', '.join(sorted(map(_short, unknown)))}", code)
+    _reject_unknown(where, values, schema, code)
     out = {}
     for name, r in schema.items():
         if name not in values:

@@ -119,16 +119,23 @@ class CentralList:
         op.add(self.cw(c) + C["ncached"], 1)
         return r, self.collect(op, c, r, k)
 
+    def _retag(self, op, c, r, k, table, what):
+        """Translate the object-start bytes of span r, which P k must cache, with `table`.
+        Caller holds central lock c.  Returns (old bytes, new bytes, base handle, size)."""
+        op.need(L.LOCK_CENTRAL(c), f"CentralList.{what}")
+        owner = self.q[self.lay.span_word(r) + S["owner"]]
+        if owner != k + 1:
+            raise CorruptionError(f"{what} of span {r} by P {k}, but it is cached by {owner - 1}")
+        off, stride, old, base, size = self._span_bytes(r)
+        new = old.translate(table)
+        op.wbytes(off, stride, new)
+        return old, new, base, size
+
     def collect(self, op, c, r, k):
         """Re-list every free or PENDING object of span r (cached by P k) into P k's cache.
         Counts the newly listed objects as mallocs, optimistically (Go's cacheSpan)."""
-        op.need(L.LOCK_CENTRAL(c), "CentralList.collect")
-        q, w = self.q, self.lay.span_word(r)
-        if q[w + S["owner"]] != k + 1:
-            raise CorruptionError(f"collect of span {r} by P {k}, but it is cached by {q[w + S['owner']] - 1}")
-        off, stride, old, base, size = self._span_bytes(r)
-        new = old.translate(CACHE_T[k])
-        op.wbytes(off, stride, new)
+        old, new, base, size = self._retag(op, c, r, k, CACHE_T[k], "collect")
+        w = self.lay.span_word(r)
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
         # Highest address first, so list.pop() hands out ascending addresses.
@@ -139,13 +146,8 @@ class CentralList:
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
         uncounted, PENDING frees merged, and the span placed by its allocated count.  Returns
         the number of listed objects uncounted."""
-        op.need(L.LOCK_CENTRAL(c), "CentralList.uncache_span")
+        old, new, _, _ = self._retag(op, c, r, k, UNCACHE_T[k], "uncache_span")
         q, w = self.q, self.lay.span_word(r)
-        if q[w + S["owner"]] != k + 1:
-            raise CorruptionError(f"uncache of span {r} by P {k}, but it is cached by {q[w + S['owner']] - 1}")
-        off, stride, old, base, size = self._span_bytes(r)
-        new = old.translate(UNCACHE_T[k])
-        op.wbytes(off, stride, new)
         op.add(self.cw(c) + C["mallocs"], -old.count(LISTED))
         n = new.count(ALLOC)
         op.w(w + S["owner"], 0)
