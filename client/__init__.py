@@ -113,9 +113,6 @@ class Heap(ProcessCache):
             self._close_local()
             raise
 
-    def view(self, handle, size=None):
-        return super().view(handle, size)
-
     def stats(self, deadline_ms=2000, slow=False):
         """A consistent snapshot: the daemon parks every P -- this one included, through its
         control thread -- and flushes every cache before reading."""

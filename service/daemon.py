@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import stat
 import sys
 import time
 
@@ -146,13 +145,13 @@ class Daemon:
         self.arena = self.open_arena()
         try:
             self.bind()
+            if self.metrics_addr:
+                from .metrics import MetricsServer
+                self.metrics = MetricsServer(self, self.metrics_addr).start()
         except BaseException:
+            self._close_socket()
             self._release_arena(unlink=not self.adopted)
             raise
-        if self.metrics_addr:
-            from .metrics import MetricsServer
-            self.metrics = MetricsServer(self, self.metrics_addr)
-            self.metrics.start()
         event(logging.INFO, "started", pid=os.getpid(), endpoint=self.endpoint, arena=self.name,
               max_heap=self.max_heap, adopted=self.adopted, metrics=self.metrics.url if self.metrics else "-")
 
@@ -389,20 +388,23 @@ class Daemon:
                 event(logging.ERROR, "final snapshot failed", error=str(e))
         if self.metrics:
             self.metrics.stop()
+        self._close_socket()
+        self._release_arena(unlink=True)
+        event(logging.INFO, "stopped", arena=self.name)
+
+    def _close_socket(self):
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-        path = ipc_path(self.endpoint)
-        if path:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._release_arena(unlink=True)
-        event(logging.INFO, "stopped", arena=self.name)
+            path = ipc_path(self.endpoint)
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def _release_arena(self, unlink):
         if self.arena is None:
@@ -426,7 +428,7 @@ class StoppedWorld:
         self.deadline_ms = deadline_ms
 
     def __enter__(self):
-        d, arena = self.d, self.d.arena
+        arena = self.d.arena
         q = arena.q
         t0 = time.perf_counter_ns()
         epoch = q[L.HDR["epoch"]] + 1

@@ -91,14 +91,13 @@ class MetricsServer:
     """/metrics over HTTP in a thread of the daemon; never touches the arena itself."""
 
     def __init__(self, daemon, addr):
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
-            from .daemon import StartupError
-            raise StartupError("--metrics-addr needs prometheus_client: pip install 'shmalloc[metrics]'") from None
+        import importlib.util
+
+        from .daemon import StartupError
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise StartupError("--metrics-addr needs prometheus_client: pip install 'shmalloc[metrics]'")
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit():
-            from .daemon import StartupError
             raise StartupError(f"--metrics-addr takes HOST:PORT, got {addr!r}")
         self.host, self.port = host.strip("[]"), int(port)
         self.daemon = daemon

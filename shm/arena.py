@@ -15,9 +15,10 @@ from multiprocessing import shared_memory
 from . import layout as L
 from . import stats as _stats
 from .central import CentralList
-from .errors import ArenaClosed, BadHandle, CorruptionError, DoubleFree, LayoutMismatch, NoFreeSlot
+from .errors import ArenaClosed, BadHandle, CorruptionError, DoubleFree, NoFreeSlot
 from .heap import PageHeap
 from .locks import Locks, Op, Retry, ofd_held_elsewhere, ofd_trylock, ofd_unlock
+from .sizeclasses import CLASS_TO_SIZE
 
 S = L.SPAN
 H = L.HEAP
@@ -401,7 +402,6 @@ class Arena:
         c = self.q[w + S["sizeclass"]]
         if c == 0:
             return self.q[w + S["npages"]] * PAGE
-        from .sizeclasses import CLASS_TO_SIZE
         size = CLASS_TO_SIZE[c]
         if (h - (self.lay.heap_off + self.q[w + S["start"]] * PAGE)) % size:
             raise BadHandle(f"handle {h} is not at the start of a block")

@@ -2,8 +2,11 @@
 the test on anything left over."""
 
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -12,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import client  # noqa: E402
 from shm import Arena  # noqa: E402
 
 
@@ -108,7 +112,71 @@ def arena(make_arena):
     return make_arena()
 
 
-from service.demo import pattern  # noqa: E402,F401 - the one pattern, shared with the demo
+from service.demo import pattern  # noqa: E402 - the one pattern, shared with the demo
+
+__all__ = ["pattern"]
+
+# --- the real daemon ---------------------------------------------------------------------------
+DEADLINE = 120  # seconds: only turns a hang into a failure
+EXE = [shutil.which("shmalloc")] if shutil.which("shmalloc") else [sys.executable, "-m", "service"]
+
+
+class Daemon:
+    def __init__(self, proc, endpoint, name, logpath):
+        self.proc, self.endpoint, self.name, self.logpath = proc, endpoint, name, logpath
+
+    def log(self):
+        with open(self.logpath) as f:
+            return f.read()
+
+    def sock_path(self):
+        return self.endpoint[len("ipc://"):]
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        return self.proc.wait(DEADLINE)
+
+
+def wait_ping(endpoint, proc):
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return client.ping(endpoint, 200)
+        except client.DaemonUnavailable:
+            if proc.poll() is not None:
+                return None
+            assert time.monotonic() < deadline, "daemon did not answer within 30 s"
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """Start `shmalloc daemon` as the README does; at teardown SIGTERM it and require a clean
+    exit: code 0, no socket file, no segment."""
+    made = []
+
+    def start(endpoint=None, name=None, extra=(), expect_up=True):
+        endpoint = endpoint or f"ipc://{tmp_path}/control.sock"
+        name = name or unique_name("d")
+        logpath = tmp_path / f"daemon-{len(made)}.log"
+        with open(logpath, "w") as log:
+            proc = subprocess.Popen([*EXE, "daemon", "--endpoint", endpoint, "--max-heap", "128M", "--name", name,
+                                     *extra], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        d = Daemon(proc, endpoint, name, logpath)
+        made.append(d)
+        up = wait_ping(endpoint, proc)
+        if expect_up:
+            assert up is not None, f"daemon exited {proc.returncode}: {d.log()}"
+        return d
+
+    yield start
+    for d in made:
+        if d.proc.poll() is None:
+            code = d.stop()
+            assert code == 0, f"daemon exit code {code} after SIGTERM: {d.log()}"
+            assert not os.path.exists(d.sock_path()), "socket file left after SIGTERM"
+            assert not os.path.exists(f"/dev/shm/{d.name}"), "arena left in /dev/shm after SIGTERM"
+
+
 
 
 def metadata_bytes(arena):

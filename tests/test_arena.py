@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, metadata_bytes, pattern, unique_name
+from conftest import ROOT, metadata_bytes, pattern
 from shm import (ArenaClosed, BadHandle, CorruptionError, DoubleFree, ForkedHeap, LayoutMismatch, OutOfMemory,
                  ProcessCache, identities, layout, read_stats, read_stats_slow)
 from shm import stats as S
@@ -165,7 +165,6 @@ def test_out_of_memory_is_clean_and_recoverable(make_arena):
         with pytest.raises(OutOfMemory):
             p.alloc(size)
         assert metadata_bytes(arena) == before, f"a failed allocation of {size} changed the arena"
-    smalls = []
     for b in got:
         p.free(b)
     snap = assert_healthy(arena, p)

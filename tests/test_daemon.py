@@ -5,10 +5,8 @@ SIGTERM, a second daemon, a killed daemon's arena adopted."""
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import msgpack
@@ -19,70 +17,12 @@ from hypothesis import strategies as st
 
 import client
 import mpworkers
-from conftest import ROOT, unique_name
+from conftest import DEADLINE, EXE, ROOT
 from service import protocol
 from service.demo import client_worker, drain, pattern
 from shm import stats as S
 
-DEADLINE = 120
 SPAWN = mp.get_context("spawn")
-EXE = [shutil.which("shmalloc")] if shutil.which("shmalloc") else [sys.executable, "-m", "service"]
-
-
-class Daemon:
-    def __init__(self, proc, endpoint, name, logpath):
-        self.proc, self.endpoint, self.name, self.logpath = proc, endpoint, name, logpath
-
-    def log(self):
-        with open(self.logpath) as f:
-            return f.read()
-
-    def sock_path(self):
-        return self.endpoint[len("ipc://"):]
-
-    def stop(self, sig=signal.SIGTERM):
-        self.proc.send_signal(sig)
-        return self.proc.wait(DEADLINE)
-
-
-def wait_ping(endpoint, proc):
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return client.ping(endpoint, 200)
-        except client.DaemonUnavailable:
-            if proc.poll() is not None:
-                return None
-            assert time.monotonic() < deadline, "daemon did not answer within 30 s"
-
-
-@pytest.fixture
-def start_daemon(tmp_path):
-    """Start `shmalloc daemon` as the README does; at teardown SIGTERM it and require a clean
-    exit: code 0, no socket file, no segment."""
-    made = []
-
-    def start(endpoint=None, name=None, extra=(), expect_up=True):
-        endpoint = endpoint or f"ipc://{tmp_path}/control.sock"
-        name = name or unique_name("d")
-        logpath = tmp_path / f"daemon-{len(made)}.log"
-        with open(logpath, "w") as log:
-            proc = subprocess.Popen([*EXE, "daemon", "--endpoint", endpoint, "--max-heap", "128M", "--name", name,
-                                     *extra], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        d = Daemon(proc, endpoint, name, logpath)
-        made.append(d)
-        up = wait_ping(endpoint, proc)
-        if expect_up:
-            assert up is not None, f"daemon exited {proc.returncode}: {d.log()}"
-        return d
-
-    yield start
-    for d in made:
-        if d.proc.poll() is None:
-            code = d.stop()
-            assert code == 0, f"daemon exit code {code} after SIGTERM: {d.log()}"
-            assert not os.path.exists(d.sock_path()), "socket file left after SIGTERM"
-            assert not os.path.exists(f"/dev/shm/{d.name}"), "arena left in /dev/shm after SIGTERM"
 
 
 def start_workers(d, n, min_ops=200, progress=True):
@@ -439,3 +379,81 @@ def test_client_bad_handles_and_fork(start_daemon):
         heap.free(b)
         with pytest.raises(client.DoubleFree):
             heap.free(b)
+
+
+def test_cli_check_exits_1_and_names_a_broken_structure(start_daemon):
+    d = start_daemon()
+    from shm import Arena
+    from shm import layout as L
+    with client.connect(d.endpoint) as heap:
+        b = heap.alloc(64)
+        r = run_cli("check", "--endpoint", d.endpoint)
+        assert r.returncode == 0, r.stdout + r.stderr
+        spy = Arena.attach(d.name)  # corrupt one byte, as a wild write would
+        off = spy.lay.amap_off + (b.handle - spy.lay.heap_off) // 8 + 1
+        spy.mv[off] = L.ALLOC
+        try:
+            r = run_cli("check", "--endpoint", d.endpoint)
+            assert r.returncode == 1 and "allocation map" in r.stdout, r.stdout + r.stderr
+        finally:
+            spy.mv[off] = 0
+            spy.close()
+        assert run_cli("check", "--endpoint", d.endpoint).returncode == 0
+        heap.free(b)
+
+
+def test_shutdown_request_stops_cleanly(start_daemon):
+    d = start_daemon()
+    client.request(d.endpoint, "shutdown")
+    assert d.proc.wait(DEADLINE) == 0
+    assert not os.path.exists(d.sock_path()) and not os.path.exists(f"/dev/shm/{d.name}")
+
+
+def test_tcp_endpoint_on_loopback(start_daemon):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = start_daemon(endpoint=f"tcp://127.0.0.1:{port}")
+    with client.connect(d.endpoint) as heap:
+        b = heap.alloc(5000)
+        snap = heap.stats(slow=True)
+        assert snap["consistent"] and snap["slow_equal"] and snap["heap_objects"] == 1
+        heap.free(b)
+
+
+def test_release_and_cleanup_commands(start_daemon):
+    d = start_daemon()
+    with client.connect(d.endpoint) as heap:
+        heap.free(heap.alloc(4 << 20))
+    r = run_cli("release", "--endpoint", d.endpoint)
+    assert r.returncode == 0 and json.loads(r.stdout)["released_bytes"] > 0, r.stdout + r.stderr
+    snap = client.stats(d.endpoint)
+    assert snap["heap_released"] > 0 and S.identities(snap) == []
+    r = run_cli("cleanup", "--endpoint", d.endpoint, "--name", d.name)
+    assert r.returncode == 1 and "is serving" in r.stderr  # a live daemon keeps its arena
+    d.stop(signal.SIGKILL)
+    assert os.path.exists(f"/dev/shm/{d.name}")
+    r = run_cli("cleanup", "--endpoint", d.endpoint, "--name", d.name)
+    assert r.returncode == 0 and d.name in r.stdout
+    assert not os.path.exists(f"/dev/shm/{d.name}") and not os.path.exists(d.sock_path())
+
+
+def test_bad_metrics_addr_refuses_and_leaves_nothing(start_daemon):
+    d = start_daemon(extra=("--metrics-addr", "no-port-here"), expect_up=False)
+    assert d.proc.wait(DEADLINE) == 2
+    assert "HOST:PORT" in d.log()
+    assert not os.path.exists(d.sock_path()) and not os.path.exists(f"/dev/shm/{d.name}")
+
+
+def test_the_readme_demo_runs(tmp_path):
+    """The README's first command ends in `shmalloc demo`: it must run, say so, and leave
+    nothing behind."""
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("shmalloc-")}
+    r = subprocess.run([*EXE, "demo", "--workers", "3", "--ops", "600"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("shmalloc-")} <= before, "the demo left its arena"
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "every one consistent" in r.stdout and "identities: all hold" in r.stdout
+    assert "slow span walk: equal" in r.stdout and "check: OK" in r.stdout
+    assert "daemon stopped (exit 0)" in r.stdout

@@ -7,7 +7,6 @@ import pty
 import re
 import select
 import signal
-import subprocess
 import time
 import urllib.request
 
@@ -16,7 +15,7 @@ import pytest
 import client
 from service.metrics import exported_names, figure_series
 from shm.stats import FIELDS
-from test_daemon import DEADLINE, EXE, start_daemon  # noqa: F401 - the fixture
+from conftest import DEADLINE, EXE
 
 prom_parser = pytest.importorskip("prometheus_client.parser", reason="the metrics extra is not installed")
 
