@@ -477,6 +477,9 @@ class StoppedWorld:
                 if q[sw + L.SLOT["parked"]] == epoch:
                     per_p[k].update(state="parked", park_ns=now - t0)
                     waiting.discard(k)
+                elif q[sw + L.SLOT["state"]] != L.SLOT_ACTIVE or q[sw + L.SLOT["pid"]] != per_p[k]["pid"]:
+                    per_p[k].update(state="left", park_ns=now - t0)  # closed its Heap meanwhile
+                    waiting.discard(k)
                 elif q[sw + L.SLOT["stop"]] != 1:
                     # The P cleared a RESYNC just as we asked it to park: ask again.
                     q[sw + L.SLOT["stop"]] = 1
@@ -536,7 +539,7 @@ class StoppedWorld:
             "pause_ns": pause_ns,
             "park_ns": w["park_ns"],
             "flush_ns": w["flush_ns"],
-            "num_p": len(self.live) - sum(1 for v in w["per_p"].values() if v["state"] == "dead"),
+            "num_p": sum(1 for v in w["per_p"].values() if v["state"] in ("parked", "late")),
             "unflushed": w["late"],
             "per_p": [w["per_p"][k] for k in sorted(w["per_p"])],
             "taken_ns": time.time_ns(),

@@ -36,7 +36,6 @@ from .locks import ofd_wait_unlocked
 from .sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, SIZE_TO_CLASS
 
 SL = L.SLOT
-_new = tuple.__new__
 _STOP_PARK, _STOP_RESYNC = 1, 2
 _CLOSED = bytearray(b"\x03")  # stop byte of a closed or forked cache: every call takes the slow path
 _SHARED = bytearray(b"\x04")  # stop byte of a cache in shared mode: every call takes the locked path
@@ -287,6 +286,8 @@ class ProcessCache:
         with self._lock:
             self._check_usable()
             self._wait_not_busy()
+            if self._shm_stop[0]:
+                self._sync()
             self.arena.release_all(self.slot, actor=self.slot)
             self._drop_lists()
 
@@ -308,6 +309,8 @@ class ProcessCache:
                 return
             self._set_stop(_CLOSED)
             self._wait_not_busy()
+            if self._shm_stop[0]:
+                self._sync()  # a snapshot is waiting for this P: park for it first
             self._closed = True
             self.arena.release_all(self.slot, actor=self.slot)
             self._drop_lists()
