@@ -33,6 +33,7 @@ def build_parser():
     d.add_argument("--park-deadline-ms", type=int, default=2000, help="how long a snapshot waits for every P to park")
     d.add_argument("--metrics-addr", default=None, help="serve Prometheus /metrics on HOST:PORT (needs prometheus_client)")
     d.add_argument("--metrics-interval", type=float, default=5.0, help="seconds between the snapshots /metrics serves")
+    d.add_argument("--slow-snapshot-ms", type=float, default=50, help="log snapshots whose pause is longer than this")
     d.add_argument("--log-format", choices=("text", "json"), default="text")
     d.add_argument("-v", "--verbose", action="store_true", help="log every snapshot")
 

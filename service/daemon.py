@@ -37,7 +37,6 @@ LIVENESS_S = 0.1          # how often dead Ps are looked for (reclaimed within a
 EMPTY_SPANS_S = 1.0       # how often empty spans waiting on central lists go back to the heap
 HEARTBEAT_MS = 1000       # how often workers send a heartbeat
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
-SLOW_SNAPSHOT_MS = 50     # snapshots slower than this are logged at WARNING
 STOP_GRACE_NS = 3_000_000  # a P busy in the allocator gets this long to park through its stop
                            # byte before its control thread is sent a STOP message
 BUSY_NS = 50_000_000       # "busy in the allocator": a slow-path call this recently
@@ -119,13 +118,14 @@ def event(level, what, **fields):
 # --- the daemon ------------------------------------------------------------------------------
 class Daemon:
     def __init__(self, endpoint=None, max_heap=None, name=None, nslots=64, socket_mode=0o600,
-                 park_deadline_ms=2000, metrics_addr=None, metrics_interval=5.0):
+                 park_deadline_ms=2000, metrics_addr=None, metrics_interval=5.0, slow_snapshot_ms=50):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
         self.name = name or arena_name_for(self.endpoint)
         self.nslots = nslots
         self.socket_mode = socket_mode
         self.park_deadline_ms = park_deadline_ms
+        self.slow_snapshot_ms = slow_snapshot_ms  # longer pauses are logged at WARNING
         self.metrics_addr = metrics_addr
         self.metrics_interval = metrics_interval
         self.identities = {}       # slot -> zmq identity of its control socket
@@ -349,7 +349,7 @@ class Daemon:
         if snap["consistent"]:
             self.prev_counters = snap
             self.last_snapshot = snap
-        level = logging.WARNING if snap["pause_ns"] > SLOW_SNAPSHOT_MS * 1_000_000 or not snap["consistent"] \
+        level = logging.WARNING if snap["pause_ns"] > self.slow_snapshot_ms * 1_000_000 or not snap["consistent"] \
             else logging.DEBUG
         event(level, "snapshot", epoch=snap["epoch"], pause_ms=round(snap["pause_ns"] / 1e6, 3),
               num_p=snap["num_p"], consistent=snap["consistent"], unflushed=snap["unflushed"], source=source)
@@ -554,7 +554,7 @@ def run(args):
     d = Daemon(endpoint=args.endpoint, max_heap=parse_size(args.max_heap) if args.max_heap else None,
                name=args.name, nslots=args.slots, socket_mode=int(args.socket_mode, 8),
                park_deadline_ms=args.park_deadline_ms, metrics_addr=args.metrics_addr,
-               metrics_interval=args.metrics_interval)
+               metrics_interval=args.metrics_interval, slow_snapshot_ms=args.slow_snapshot_ms)
 
     def on_signal(signum, frame):
         d.stopping = True

@@ -247,7 +247,8 @@ def test_hypothesis_garbage_never_kills_the_daemon(start_daemon):
     assert snap["consistent"] and snap["slow_equal"] and snap["mallocs"] == 0
 
 
-def test_sigterm_with_a_worker_connected_cleans_up(start_daemon):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_with_a_worker_connected_cleans_up(start_daemon, sig):
     d = start_daemon()
     cmds, res = SPAWN.Queue(), SPAWN.Queue()
     w = SPAWN.Process(target=mpworkers.connected_worker, args=(d.endpoint, cmds, res))
@@ -255,7 +256,7 @@ def test_sigterm_with_a_worker_connected_cleans_up(start_daemon):
     assert res.get(timeout=DEADLINE)[0] == "slot"
     cmds.put(("alloc", 1000))
     assert res.get(timeout=DEADLINE)[0] == "ok"
-    assert d.stop() == 0
+    assert d.stop(sig) == 0
     assert not os.path.exists(d.sock_path()) and not os.path.exists(f"/dev/shm/{d.name}")
     log = d.log()
     assert "final snapshot" in log and "stopped" in log

@@ -134,7 +134,7 @@ def test_json_logs_name_lifecycle_events(start_daemon):
 
 
 def test_slow_snapshots_are_logged(start_daemon, tmp_path):
-    d = start_daemon(extra=("--park-deadline-ms", "200"))
+    d = start_daemon(extra=("--park-deadline-ms", "200", "--slow-snapshot-ms", "1000"))
     import multiprocessing as mp
     import mpworkers
     ctx = mp.get_context("spawn")
@@ -151,3 +151,12 @@ def test_slow_snapshots_are_logged(start_daemon, tmp_path):
     w.join(DEADLINE)
     log = d.log()
     assert "warning snapshot" in log and "consistent=False" in log and "did not park" in log
+
+
+def test_slow_snapshot_threshold(start_daemon):
+    quiet = start_daemon(extra=("--slow-snapshot-ms", "60000"))
+    loud = start_daemon(endpoint=quiet.endpoint.replace("control.sock", "loud.sock"), extra=("--slow-snapshot-ms", "0"))
+    for d in (quiet, loud):
+        assert client.stats(d.endpoint)["consistent"]
+    assert "warning snapshot" not in quiet.log()
+    assert re.search(r"warning snapshot .*consistent=True", loud.log()), loud.log()
