@@ -240,17 +240,24 @@ class Daemon:
                 self.handle_one()
             now = time.monotonic()
             if now >= next_scan:
-                self.reclaim_dead()
                 next_scan = now + LIVENESS_S
+                self._tick("reclaim dead Ps", self.reclaim_dead)
             if now >= next_empty:
                 # Spans a snapshot's flush emptied wait on their partial lists (to keep the
                 # pause short, and because the Ps usually take them again at once); those
                 # still empty go back to the heap here, outside any pause.
-                self.arena.free_empty_spans(self.arena.daemon_actor)
                 next_empty = now + EMPTY_SPANS_S
+                self._tick("free empty spans", self.arena.free_empty_spans, self.arena.daemon_actor)
             if self.metrics and now >= next_metrics:
-                self.snapshot(self.park_deadline_ms, False, source="metrics")
                 next_metrics = now + self.metrics_interval
+                self._tick("metrics snapshot", self.snapshot, self.park_deadline_ms, False, "metrics")
+
+    def _tick(self, what, fn, *args):
+        """A periodic task: its failure is logged, never fatal (the operation was rolled back)."""
+        try:
+            fn(*args)
+        except ShmallocError as e:
+            event(logging.ERROR, f"{what} failed", error=f"{type(e).__name__}: {e}")
 
     def handle_one(self):
         try:

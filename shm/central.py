@@ -171,6 +171,7 @@ class CentralList:
             if q[w + S["alloc_count"]] == 0:
                 self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r)
                 self._place(op, c, r, 0, q[w + S["nelems"]])
+                op.log.clear()  # checkpoint: each span freed is a consistent state
                 n += 1
             r = nxt
         return n

@@ -8,7 +8,8 @@ re-commit after MADV_REMOVE), so no code path ever writes to a page tmpfs has no
 
 Free spans live in size buckets (bucket n holds free spans of n pages, n < 128; bucket 128 holds
 the rest), doubly linked through their records.  The page map holds record index+1 for every page
-of an in-use span, and for the first and last page of a free span (enough to coalesce).
+of a small-object span, and for the first and last page of a large object's span and of a free
+span (enough to find a large object from its handle, and to coalesce).
 
 Every method runs inside an Op that holds the heap lock (checked), and writes through it.
 """
@@ -240,7 +241,10 @@ class PageHeap:
         op.w(fw + S["alloc_count"], 0)
         op.w(fw + S["npending"], 0)
         op.w(fw + S["owner"], 0)
-        self.set_pagemap(op, fstart, npages, f + 1)
+        # Every page of a small-object span maps to it (a free finds its span from any object);
+        # a large object is found from its first page, so only its ends are mapped -- an undo
+        # log of every page of a 1 GiB span would not fit.
+        self.set_pagemap(op, fstart, npages, f + 1, ends_only=sizeclass == 0)
         op.add(hw + H["inuse_pages"], npages)
         return f
 

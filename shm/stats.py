@@ -279,7 +279,9 @@ def _check_heap(arena, records):
         r1 = rec["r"] + 1
         if rec["state"] == L.SPAN_INUSE:
             inuse_pages += rec["npages"]
-            for p in range(rec["start"], rec["start"] + rec["npages"]):
+            end = rec["start"] + rec["npages"]
+            pages = range(rec["start"], end) if rec["sizeclass"] else (rec["start"], end - 1)
+            for p in pages:
                 if q[pm + p] != r1:
                     bad.append(f"page map: page {p} of span {rec['r']} maps to {q[pm + p] - 1}")
                     break

@@ -463,3 +463,24 @@ def test_threads_sharing_one_cache_switch_it_to_shared_mode(arena):
     snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0 and snap["mallocs"] == len(handed) + len(owner_blocks)
     p.close()
+
+
+def test_huge_block_fits_the_undo_log(make_arena):
+    """One operation's undo log is bounded (layout.LOG_BYTES): a block of most of the heap must
+    still be allocated, found, freed and checked; so must 300 spans' worth of small objects."""
+    arena = make_arena(heap_max=96 << 20)
+    p = ProcessCache(arena)
+    big = p.alloc(64 << 20)
+    big.buf[-8:] = b"lastpage"
+    with pytest.raises(BadHandle):
+        p.free(big.handle + (32 << 20))  # an interior page of a large block
+    small = [p.alloc(8) for _ in range(300 * 1024)]  # 300 spans of the 8-byte class
+    for b in small:
+        p.free(b)
+    arena.flush_all(parked=[p.slot], keep_empty=True)
+    assert arena.free_empty_spans() == 1  # the one span still cached at the flush
+    assert bytes(p.view(big.handle)[-8:]) == b"lastpage"
+    p.free(big)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0
+    p.close()
