@@ -27,7 +27,7 @@ import zmq
 from shm import Arena, layout as L
 from shm import stats as S
 from shm.arena import unlink_segment
-from shm.errors import LayoutMismatch, NoFreeSlot, NotParked, NotRegistered, ShmallocError
+from shm.errors import LayoutMismatch, NoFreeSlot, NotParked, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from . import protocol
 
@@ -66,12 +66,16 @@ def arena_name_for(endpoint):
 
 
 def parse_size(text):
-    """'512M', '1G', '64MiB', '1048576' -> bytes."""
+    """'512M', '1G', '64MiB', '1048576' -> bytes, rounded down to whole pages."""
     t = str(text).strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(t)
+    try:
+        n = int(float(t[:-1]) * mult[t[-1]]) if t and t[-1] in mult else int(t)
+    except ValueError:
+        raise StartupError(f"not a size: {text!r} (say 512M, 2G, or a number of bytes)") from None
+    if n < L.PAGE_SIZE:
+        raise StartupError(f"--max-heap {text!r} is less than one {L.PAGE_SIZE}-byte page")
+    return n // L.PAGE_SIZE * L.PAGE_SIZE
 
 
 def default_max_heap():
@@ -84,16 +88,12 @@ def default_max_heap():
     return max(64 << 20, min(4 << 30, free // 2)) // L.PAGE_SIZE * L.PAGE_SIZE
 
 
-class StartupError(ShmallocError):
-    code = "STARTUP"
-
-
 # --- logging ---------------------------------------------------------------------------------
 class JsonFormatter(logging.Formatter):
     def format(self, record):
         d = {"ts": round(record.created, 6), "level": record.levelname.lower(), "event": record.getMessage()}
         d.update(getattr(record, "fields", {}))
-        return json.dumps(d, sort_keys=True)
+        return json.dumps(d, sort_keys=True, default=str)
 
 
 class TextFormatter(logging.Formatter):
@@ -558,10 +558,14 @@ class StoppedWorld:
 def run(args):
     """`shmalloc daemon`: foreground until SIGTERM / SIGINT / a shutdown request."""
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    d = Daemon(endpoint=args.endpoint, max_heap=parse_size(args.max_heap) if args.max_heap else None,
-               name=args.name, nslots=args.slots, socket_mode=int(args.socket_mode, 8),
-               park_deadline_ms=args.park_deadline_ms, metrics_addr=args.metrics_addr,
-               metrics_interval=args.metrics_interval, slow_snapshot_ms=args.slow_snapshot_ms)
+    try:
+        d = Daemon(endpoint=args.endpoint, max_heap=parse_size(args.max_heap) if args.max_heap else None,
+                   name=args.name, nslots=args.slots, socket_mode=int(args.socket_mode, 8),
+                   park_deadline_ms=args.park_deadline_ms, metrics_addr=args.metrics_addr,
+                   metrics_interval=args.metrics_interval, slow_snapshot_ms=args.slow_snapshot_ms)
+    except (StartupError, ValueError) as e:
+        event(logging.ERROR, "cannot start", error=str(e))
+        return 2
 
     def on_signal(signum, frame):
         d.stopping = True

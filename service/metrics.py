@@ -93,7 +93,7 @@ class MetricsServer:
     def __init__(self, daemon, addr):
         import importlib.util
 
-        from .daemon import StartupError
+        from shm.errors import StartupError
         if importlib.util.find_spec("prometheus_client") is None:
             raise StartupError("--metrics-addr needs prometheus_client: pip install 'shmalloc[metrics]'")
         host, _, port = addr.rpartition(":")

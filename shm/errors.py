@@ -9,6 +9,7 @@
     ├── ArenaClosed                the arena or heap was closed in this process
     ├── ForkedHeap                 a Heap used in a child after fork(); connect() again there
     ├── NoFreeSlot                 every P slot is taken
+    ├── StartupError               the daemon cannot start (endpoint taken, /dev/shm too small...)
     └── ProtocolError              control channel (service/, client/) errors; `code` is the wire code
         ├── DaemonUnavailable      no daemon answered at the endpoint before the deadline
         ├── NotParked              a live P did not park before the snapshot deadline
@@ -70,6 +71,13 @@ class ForkedHeap(ShmallocError):
 
 class NoFreeSlot(ShmallocError):
     code = "NO_FREE_SLOT"
+
+
+class StartupError(ShmallocError):
+    """The daemon cannot start: the endpoint is served, the arena is held or of another
+    version, /dev/shm is too small, an option is malformed.  Nothing was left behind."""
+
+    code = "STARTUP"
 
 
 class ProtocolError(ShmallocError):
