@@ -26,6 +26,7 @@ raises ForkedHeap: call client.connect() in the child.
 import itertools
 import os
 import threading
+import warnings
 
 import zmq
 
@@ -100,7 +101,7 @@ class Heap(ProcessCache):
             raise
         self._control = None
         try:
-            self._control = _Control(self)
+            self._control = _Control(self, timeout_ms)
             self._control.start()
             if not self._control.ready.wait(timeout_ms / 1000 + 1):
                 raise DaemonUnavailable(f"no daemon answered 'register' at {self.endpoint} within {timeout_ms} ms")
@@ -136,6 +137,16 @@ class Heap(ProcessCache):
     def __exit__(self, *exc):
         self.close()
         return False
+
+    def __repr__(self):
+        state = "closed" if self._closed else f"slot {self.slot}"
+        return f"<client.Heap {self.endpoint} {state}>"
+
+    def __del__(self):
+        # Leak-loud, like an unclosed file: the slot stays taken until this process exits.
+        if not self._closed and getattr(self, "pid", None) == os.getpid():
+            warnings.warn(f"unclosed {self!r}: call close() or use `with client.connect()`", ResourceWarning,
+                          stacklevel=2)
 
 
 class _Control(threading.Thread):

@@ -14,6 +14,7 @@ Life cycle:
              socket file, exit 0.
 """
 
+import collections
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import zmq
 from shm import Arena, layout as L
 from shm import stats as S
 from shm.arena import unlink_segment
-from shm.errors import LayoutMismatch, NoFreeSlot, NotParked, NotRegistered, ShmallocError, StartupError
+from shm.errors import LayoutMismatch, NotParked, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from . import protocol
 
@@ -129,6 +130,7 @@ class Daemon:
         self.metrics_addr = metrics_addr
         self.metrics_interval = metrics_interval
         self.identities = {}       # slot -> zmq identity of its control socket
+        self.deferred = collections.deque()  # heavy requests that arrived while the world was stopped
         self.started = time.monotonic()
         self.stopping = False
         self.arena = None
@@ -236,7 +238,7 @@ class Daemon:
         poller.register(self.sock, zmq.POLLIN)
         next_scan = next_empty = next_metrics = time.monotonic()
         while not self.stopping:
-            if poller.poll(int(LIVENESS_S * 1000)):
+            if self.deferred or poller.poll(int(LIVENESS_S * 1000)):
                 self.handle_one()
             now = time.monotonic()
             if now >= next_scan:
@@ -259,21 +261,53 @@ class Daemon:
         except ShmallocError as e:
             event(logging.ERROR, f"{what} failed", error=f"{type(e).__name__}: {e}")
 
+    # Ops that never touch the heap's structures, served even while the world is stopped: a
+    # worker registering or re-binding its socket mid-pause must hear the STOP (and a new
+    # worker must not wait a whole deadline for its registration).  Others wait for the resume.
+    LIGHT_OPS = frozenset({"register", "unregister", "heartbeat", "ping"})
+
     def handle_one(self):
-        try:
-            parts = self.sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        if len(parts) != 2:  # ROUTER: [identity, frame]; anything else is dropped
-            event(logging.WARNING, "dropped malformed message", frames=len(parts))
-            return
-        ident, frame = parts
-        reply = protocol.dispatch(self, frame, identity=ident)
+        if self.deferred:
+            ident, frame = self.deferred.popleft()
+        else:
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(parts) != 2:  # ROUTER: [identity, frame]; anything else is dropped
+                event(logging.WARNING, "dropped malformed message", frames=len(parts))
+                return
+            ident, frame = parts
+        self._reply(ident, protocol.dispatch(self, frame, identity=ident))
+
+    def _reply(self, ident, reply):
         if reply is not None:
             try:
                 self.sock.send_multipart([ident, reply], zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 event(logging.WARNING, "reply not sent", error=str(e))
+
+    def serve_light(self):
+        """While the world is stopped: answer the light ops now, keep the others for after.
+        Returns the slots whose socket was (re)bound, so that they can be sent the STOP."""
+        bound = []
+        while True:
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return bound
+            if len(parts) != 2:
+                continue
+            ident, frame = parts
+            try:
+                op = protocol.decode_request(frame)["op"]
+            except ShmallocError:
+                op = None  # garbage: answered now, by dispatch's error reply
+            if op is not None and op not in self.LIGHT_OPS:
+                self.deferred.append((ident, frame))
+                continue
+            self._reply(ident, protocol.dispatch(self, frame, identity=ident))
+            bound += [k for k, i in self.identities.items() if i == ident]
 
     def request_shutdown(self):
         self.stopping = True
@@ -299,7 +333,7 @@ class Daemon:
         if slot is not None:
             mine = [k for k in mine if k == slot]
         if len(mine) != 1:
-            raise NoFreeSlot(f"pid {pid} holds no P slot (or several; name it): claim one in the arena first")
+            raise NotRegistered(f"pid {pid} holds no P slot (or several; name it): claim one in the arena first")
         k = mine[0]
         self.identities[k] = identity
         event(logging.INFO, "P joined", slot=k, pid=pid)
@@ -453,7 +487,14 @@ class StoppedWorld:
         q = arena.q
         q[L.HDR["epoch"]] = epoch
         d.reclaim_dead()
-        live = arena.active_slots()
+        q[L.HDR["stopped_epoch"]] = epoch
+
+        def registered(op):
+            # Under the registry lock: a P claimed after this read sees stopped_epoch and
+            # starts stopped (Arena.claim_slot); one claimed before is in the list.
+            op.acquire(L.LOCK_REGISTRY)
+            return arena.active_slots()
+        live = arena.run(arena.daemon_actor, registered)
         self.live = live
         for k in live:
             sw = arena.slot_word(k)
@@ -496,6 +537,9 @@ class StoppedWorld:
                     waiting.discard(k)
             if not waiting or now > deadline:
                 break
+            for k in d.serve_light():
+                if k in waiting:
+                    self._send_stop(k, stop)  # registered or re-bound during the pause
             if not messaged and now >= grace_end:
                 messaged = True
                 for k in waiting:
@@ -531,10 +575,14 @@ class StoppedWorld:
         q = arena.q
         w = self.world
         flushed = w.get("flushed", ())
-        for k in self.live:
-            # A P whose cache was flushed resumes through its slow path (RESYNC), which drops
-            # its now stale local lists before any fast-path call can pop from them.
-            q[arena.slot_word(k) + L.SLOT["stop"]] = 2 if k in flushed else 0
+        q[L.HDR["stopped_epoch"]] = 0
+        for k in range(arena.lay.nslots):
+            sw = arena.slot_word(k)
+            if k in self.live or (q[sw + L.SLOT["stop_epoch"]] == w["epoch"] and q[sw + L.SLOT["stop"]] == 1):
+                # A P whose cache was flushed resumes through its slow path (RESYNC), which
+                # drops its now stale local lists before any fast-path call can pop from them.
+                # A P claimed during the pause started stopped; it resumes too.
+                q[sw + L.SLOT["stop"]] = 2 if k in flushed else 0
         # The world runs again from here: a P that was not asleep goes on at once.  The pause
         # ends here, before the unlock below wakes the sleeping Ps (on a busy machine the
         # kernel may run them before it returns to us; that is their time, not the pause's).

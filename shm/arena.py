@@ -191,8 +191,12 @@ class Arena:
                 op.add(sw + SL["gen"], 1)
                 op.w(sw + SL["claimed_ns"], time.time_ns())
                 op.w(sw + SL["heartbeat_ns"], time.time_ns())
-                for name in ("stop", "stop_epoch", "parked"):
-                    op.w(sw + SL[name], 0)
+                op.w(sw + SL["parked"], 0)
+                # Claimed while the world is stopped: start stopped, so the new P's first call
+                # waits for the resume (the daemon lifts every stop of its epoch).
+                stopped = q[L.HDR["stopped_epoch"]]
+                op.w(sw + SL["stop_epoch"], stopped)
+                op.w(sw + SL["stop"], 1 if stopped else 0)
                 return k
             raise NoFreeSlot(f"all {self.lay.nslots} P slots of arena {self.name} are taken")
 

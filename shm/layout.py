@@ -69,6 +69,8 @@ HDR = _words(
     "epoch",             # last snapshot epoch; written by the daemon only
     "created_ns",        # time.time_ns() at creation
     "flush_count",       # cache flushes done by the daemon; daemon only
+    "stopped_epoch",     # epoch of the stop-the-world in progress, 0 = none; daemon only.  A P
+                         # claimed meanwhile starts stopped (written and read under the registry lock)
 )
 HEADER_WORDS = 64
 

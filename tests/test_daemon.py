@@ -458,3 +458,48 @@ def test_the_readme_demo_runs(tmp_path):
     assert "every one consistent" in r.stdout and "identities: all hold" in r.stdout
     assert "slow span walk: equal" in r.stdout and "check: OK" in r.stdout
     assert "daemon stopped (exit 0)" in r.stdout
+
+
+def test_a_worker_connecting_during_a_pause_registers_and_waits_for_the_resume(start_daemon):
+    """A P that claims its slot while the world is stopped starts stopped; its registration is
+    served during the pause; its first allocation waits for the resume; nothing is late but the
+    P that really is stuck."""
+    import threading
+    from shm import Arena
+    from shm import layout as L
+    d = start_daemon(extra=("--park-deadline-ms", "5000"))
+    ready, release, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    stuck = SPAWN.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
+    stuck.start()
+    spy = Arena.attach(d.name)
+    try:
+        assert ready.wait(DEADLINE)
+        got = {}
+        t = threading.Thread(target=lambda: got.update(snap=client.stats(d.endpoint, deadline_ms=5000)))
+        t.start()
+        end = time.monotonic() + DEADLINE
+        while not spy.q[L.HDR["stopped_epoch"]]:
+            assert time.monotonic() < end and t.is_alive(), "the pause never began"
+            time.sleep(0.001)
+        cmds, res = SPAWN.Queue(), SPAWN.Queue()
+        w = SPAWN.Process(target=mpworkers.connected_worker, args=(d.endpoint, cmds, res))
+        w.start()
+        kind, new_slot = res.get(timeout=DEADLINE)  # registered, whether or not the pause is over
+        assert kind == "slot"
+        cmds.put(("alloc", 100))
+        assert res.get(timeout=DEADLINE)[0] == "ok"
+        t.join(DEADLINE)
+        snap = got["snap"]
+        assert snap["consistent"] is False and new_slot not in snap["unflushed"]
+        assert len(snap["unflushed"]) == 1
+    finally:
+        release.set()
+        spy.close()
+    stuck_slot = out.get(timeout=DEADLINE)
+    stuck.join(DEADLINE)
+    assert snap["unflushed"] == [stuck_slot]
+    snap = client.stats(d.endpoint, slow=True)
+    assert snap["consistent"] and snap["slow_equal"] and snap["num_p"] == 1 and snap["heap_objects"] == 1
+    cmds.put(("close",))
+    assert res.get(timeout=DEADLINE) == ("ok", None)
+    w.join(DEADLINE)

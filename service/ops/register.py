@@ -14,7 +14,7 @@ Reply::
 
     {"v": 1, "id": 1, "ok": true, "slot": 3, "arena": "shmalloc-1000-4242", "layout_version": 1, "heartbeat_ms": 1000}
 
-Errors: NO_FREE_SLOT when `pid` holds no P slot (or, with slot -1, several).
+Errors: NOT_REGISTERED when `pid` holds no P slot (or, with slot -1, several).
 """
 
 from service.ops.schema import Field, Reply
