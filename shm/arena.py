@@ -244,9 +244,9 @@ class Arena:
         return [k for k in range(self.lay.nslots) if self.slot_state(k) == L.SLOT_ACTIVE]
 
     def cached_spans(self, k):
-        sw = self.slot_word(k)
-        return [(c, self.q[sw + L.SLOT_CACHED_AT + c] - 1) for c in range(1, L.NCLASS)
-                if self.q[sw + L.SLOT_CACHED_AT + c]]
+        """[(class, span record)] of the spans P k caches."""
+        at = self.slot_word(k) + L.SLOT_CACHED_AT
+        return [(c, v - 1) for c, v in enumerate(self.q[at:at + L.NCLASS].tolist()) if v and c]
 
     def release_all(self, k, actor=None):
         """Flush P k's cache to the central lists (Go: mcache.releaseAll).  Precondition: P k

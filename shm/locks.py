@@ -240,7 +240,13 @@ class Op:
         q = self.q
         old = q[idx]
         if old != value:
-            self.log.add_word(idx, old)
+            log = self.log  # UndoLog.add_word, inlined: the hottest write of every slow path
+            u = q[log.used_w]
+            if u + 24 > L.LOG_BYTES:
+                raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
+            e = (log.base + u) >> 3
+            q[e], q[e + 1], q[e + 2] = _W_ENTRY, idx, old
+            q[log.used_w] = u + 24
             q[idx] = value
 
     def add(self, idx, delta):
