@@ -15,7 +15,8 @@ Errors (one tree, shm/errors.py):
     ShmallocError
     ├── OutOfMemory, BadHandle (DoubleFree), LayoutMismatch, CorruptionError,
     │   ArenaClosed, ForkedHeap, NoFreeSlot
-    └── ProtocolError ── DaemonUnavailable, NotParked, NotRegistered, RemoteError
+    ├── StartupError
+    └── ProtocolError ── DaemonUnavailable, NotRegistered, RemoteError
 
 A Heap's fast path never waits on the daemon: allocation and free touch only shared memory.
 A control thread owns the Heap's ZeroMQ socket (sockets are not thread-safe): it parks the P
@@ -34,12 +35,12 @@ from service import protocol
 from service.daemon import default_endpoint, ipc_path
 from shm import Arena, Block, ProcessCache
 from shm.errors import (ArenaClosed, BadHandle, CorruptionError, DaemonUnavailable, DoubleFree, ForkedHeap,
-                        LayoutMismatch, NoFreeSlot, NotParked, NotRegistered, OutOfMemory, ProtocolError, RemoteError,
+                        LayoutMismatch, NoFreeSlot, NotRegistered, OutOfMemory, ProtocolError, RemoteError,
                         ShmallocError)
 
 __all__ = ["connect", "stats", "check", "ping", "Heap", "Block", "ShmallocError", "OutOfMemory", "BadHandle",
            "DoubleFree", "LayoutMismatch", "CorruptionError", "ArenaClosed", "ForkedHeap", "NoFreeSlot",
-           "ProtocolError", "DaemonUnavailable", "NotParked", "NotRegistered", "RemoteError"]
+           "ProtocolError", "DaemonUnavailable", "NotRegistered", "RemoteError"]
 
 _ids = itertools.count(1)
 

@@ -28,7 +28,7 @@ import zmq
 from shm import Arena, layout as L
 from shm import stats as S
 from shm.arena import unlink_segment
-from shm.errors import LayoutMismatch, NotParked, NotRegistered, ShmallocError, StartupError
+from shm.errors import LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from . import protocol
 
@@ -361,10 +361,8 @@ class Daemon:
                 "arena": self.name, "version": __version__}
 
     def release(self):
-        with self.stopped_world(self.park_deadline_ms) as world:
-            if world["late"]:
-                raise NotParked(f"Ps {world['late']} did not park before the deadline; nothing released")
-            n = self.arena.release_free_pages(self.arena.daemon_actor)
+        # Free spans belong to no P: the heap lock is all it takes, the world runs on.
+        n = self.arena.release_free_pages(self.arena.daemon_actor)
         event(logging.INFO, "released idle pages", bytes=n)
         return {"released_bytes": n}
 
@@ -401,18 +399,11 @@ class Daemon:
         return StoppedWorld(self, deadline_ms)
 
     def _figures(self, world, slow):
-        """Flush every parked (and dead) P's cache FIRST, then read -- the seed's order."""
-        arena = self.arena
-        per_p = world["per_p"]
-        t = time.perf_counter_ns()
-        world["flushed"] = set(world["parked"])
-        for k, (spans, listed) in arena.flush_slots(world["parked"], arena.daemon_actor, keep_empty=True).items():
-            per_p[k].update(cached_spans=spans, listed_returned=listed)
-        arena.q[L.HDR["flush_count"]] += 1
-        world["flush_ns"] = time.perf_counter_ns() - t
-        snap = S.read_stats(arena)
+        """Every parked P's cache was flushed as it parked (StoppedWorld), every dead one
+        reclaimed: only now read -- the seed's order."""
+        snap = S.read_stats(self.arena)
         if slow:
-            d = S.diff(snap, S.read_stats_slow(arena)) if not world["late"] else ["not compared: Ps did not park"]
+            d = S.diff(snap, S.read_stats_slow(self.arena)) if not world["late"] else ["not compared: Ps did not park"]
             snap["slow_equal"] = not d
             snap["slow_diff"] = d
         return snap
@@ -472,10 +463,12 @@ class StoppedWorld:
         arena = self.d.arena
         q = arena.q
         t0 = time.perf_counter_ns()
+        self.t0_mono = time.monotonic_ns()
         epoch = q[L.HDR["epoch"]] + 1
         ofd_lock(arena.fd, L.resume_lock_byte(epoch))  # parked Ps sleep on it until __exit__
         self.live = []
-        self.world = {"epoch": epoch, "t0": t0, "parked": [], "late": [], "per_p": {}, "park_ns": 0, "flush_ns": 0}
+        self.world = {"epoch": epoch, "t0": t0, "parked": [], "late": [], "per_p": {}, "park_ns": 0, "flush_ns": 0,
+                      "flushed": set()}
         try:
             return self._stop_everyone(epoch, t0)
         except BaseException:
@@ -486,15 +479,15 @@ class StoppedWorld:
         d, arena = self.d, self.d.arena
         q = arena.q
         q[L.HDR["epoch"]] = epoch
-        d.reclaim_dead()
         q[L.HDR["stopped_epoch"]] = epoch
-
-        def registered(op):
-            # Under the registry lock: a P claimed after this read sees stopped_epoch and
-            # starts stopped (Arena.claim_slot); one claimed before is in the list.
-            op.acquire(L.LOCK_REGISTRY)
-            return arena.active_slots()
-        live = arena.run(arena.daemon_actor, registered)
+        # Read the slot table under the registry lock: a P claimed after this read sees
+        # stopped_epoch and starts stopped (Arena.claim_slot); one claimed before is listed.
+        # Only read: a raw lock, no operation (a half-done claim reads as a dead P).
+        arena.locks.raw_acquire(L.LOCK_REGISTRY)
+        try:
+            live = arena.active_slots()
+        finally:
+            arena.locks.raw_release(L.LOCK_REGISTRY)
         self.live = live
         for k in live:
             sw = arena.slot_word(k)
@@ -511,6 +504,7 @@ class StoppedWorld:
             if k not in busy:
                 self._send_stop(k, stop)
         grace_end = t0 + STOP_GRACE_NS
+        t0_mono = self.t0_mono
         messaged = not busy
         per_p = {k: {"slot": k, "pid": arena.slot_pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
                      "listed_returned": 0} for k in live}
@@ -523,8 +517,11 @@ class StoppedWorld:
             for k in list(waiting):
                 sw = arena.slot_word(k)
                 if q[sw + L.SLOT["parked"]] == epoch:
-                    per_p[k].update(state="parked", park_ns=now - t0)
+                    # The P's own clock says when it parked; the daemon may look later.
+                    at = q[sw + L.SLOT["parked_ns"]] - t0_mono
+                    per_p[k].update(state="parked", park_ns=at if 0 <= at <= now - t0 else now - t0)
                     waiting.discard(k)
+                    self._flush(k, per_p[k])  # first, while the others are still on their way
                 elif q[sw + L.SLOT["state"]] != L.SLOT_ACTIVE or q[sw + L.SLOT["pid"]] != per_p[k]["pid"]:
                     per_p[k].update(state="left", park_ns=now - t0)  # closed its Heap meanwhile
                     waiting.discard(k)
@@ -532,7 +529,7 @@ class StoppedWorld:
                     # The P cleared a RESYNC just as we asked it to park: ask again.
                     q[sw + L.SLOT["stop"]] = 1
                     self._send_stop(k, stop)
-                elif rounds % 8 == 0 and not arena.slot_alive(k):
+                elif rounds % 8 == 1 and not arena.slot_alive(k):
                     per_p[k].update(state="dead", park_ns=now - t0)
                     waiting.discard(k)
             if not waiting or now > deadline:
@@ -560,6 +557,18 @@ class StoppedWorld:
             event(logging.WARNING, "Ps did not park before the deadline", epoch=epoch, late=late,
                   deadline_ms=self.deadline_ms)
         return self.world
+
+    def _flush(self, k, entry):
+        """Flush parked P k's cache now (Go: flushmcache).  Its spans go back to the central
+        lists while other Ps may still run: every change they make is an operation under the
+        same locks, and nothing is read before every P is parked and flushed."""
+        arena, w = self.d.arena, self.world
+        t = time.perf_counter_ns()
+        spans, listed = arena.flush_slots([k], arena.daemon_actor, keep_empty=True)[k]
+        entry.update(cached_spans=spans, listed_returned=listed)
+        w["flushed"].add(k)
+        arena.q[L.HDR["flush_count"]] += 1
+        w["flush_ns"] += time.perf_counter_ns() - t
 
     def _send_stop(self, k, frame):
         """The STOP message wakes a P's control thread (for a P not inside the allocator)."""

@@ -245,6 +245,7 @@ class ProcessCache:
         Nothing is half done: the caller holds the P lock, the fast path is not running, and
         every shared byte is already written."""
         q, sw = self.arena.q, self._sw
+        q[sw + SL["parked_ns"]] = time.monotonic_ns()
         q[sw + SL["parked"]] = epoch
         self.parks += 1
         while q[sw + SL["stop"]] == _STOP_PARK and q[sw + SL["stop_epoch"]] == epoch:

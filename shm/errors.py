@@ -12,7 +12,6 @@
     ├── StartupError               the daemon cannot start (endpoint taken, /dev/shm too small...)
     └── ProtocolError              control channel (service/, client/) errors; `code` is the wire code
         ├── DaemonUnavailable      no daemon answered at the endpoint before the deadline
-        ├── NotParked              a live P did not park before the snapshot deadline
         ├── NotRegistered          the message names a P slot no live worker holds
         └── RemoteError            the daemon answered {"ok": false}; `code` and message from the wire
 
@@ -93,10 +92,6 @@ class ProtocolError(ShmallocError):
 
 class DaemonUnavailable(ProtocolError):
     code = "UNAVAILABLE"
-
-
-class NotParked(ProtocolError):
-    code = "NOT_PARKED"
 
 
 class NotRegistered(ProtocolError):

@@ -148,6 +148,7 @@ SLOT = _words(
     "ops",           # slow-path operations done; cumulative (statistics only)
     "active_ns",     # time.monotonic_ns() of the P's last slow-path call: a P busy in the
                      # allocator parks through its stop byte, so the daemon need not wake it
+    "parked_ns",     # time.monotonic_ns() when the P parked (written just before `parked`)
 )
 SLOT_CACHED_AT = 16      # word index of cached[c], c in 0..66: record index+1 of the span of class c
                          # this P caches; written under central lock c

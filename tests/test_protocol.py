@@ -293,7 +293,7 @@ RAISES = [
     (E.BadHandle("0x40 is not an object"), "BAD_HANDLE", "0x40 is not an object"),
     (E.DoubleFree("0x40 is already free"), "DOUBLE_FREE", "0x40 is already free"),
     (E.CorruptionError("span 3 count"), "CORRUPTION", "span 3 count"),
-    (E.NotParked("slot 2 did not park"), "NOT_PARKED", "slot 2 did not park"),
+    (E.NotRegistered("slot 2 is not held"), "NOT_REGISTERED", "slot 2 is not held"),
     (E.ProtocolError("slot 2 is not yours", code="BAD_ARGS"), "BAD_ARGS", "slot 2 is not yours"),
     (CustomError("custom"), "CUSTOM", "custom"),
     (RuntimeError("boom"), "INTERNAL", "RuntimeError: boom"),

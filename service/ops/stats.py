@@ -1,10 +1,11 @@
 """stats: a memory-statistics snapshot that is exactly consistent.
 
-The daemon parks every live P (STOP with a new epoch), FIRST flushes every cache into the central
-lists and the global counters (golang/go#38712), then reads every figure from the quiet arena;
-with `slow` it also recomputes them by walking every span and compares.  A P that does not park
-within `deadline_ms` never makes the call hang: the reply is NOT_PARKED, or a snapshot with
-`consistent` false and the unparked slots in `unflushed` -- never a silently inconsistent one.
+The daemon parks every live P (its stop byte, and a STOP message for a P not busy in the
+allocator), FIRST flushes every cache into the central lists (golang/go#38712) -- each P's as
+soon as it parks -- then reads every figure from the quiet arena; with `slow` it also recomputes
+them by walking every span and compares.  A P that does not park within `deadline_ms` never
+makes the call hang: the snapshot comes back with `consistent` false and the unparked slots in
+`unflushed` -- never a silently inconsistent one.
 
 Request::
 
@@ -37,8 +38,8 @@ EXTRA_KEYS = (
     ("per_p", "list", "One map per live P: its slot and what the daemon knows of it."),
     ("unflushed", "list", "Slots (int) of live Ps that did not park before the deadline; empty when consistent."),
     ("taken_ns", "ns", "time.time_ns() when the world resumed."),
-    ("park_ns", "ns", "Part of the pause spent until every live P had parked (or the deadline)."),
-    ("flush_ns", "ns", "Part of the pause spent flushing every cache (before anything was read)."),
+    ("park_ns", "ns", "Part of the pause until every live P had parked (or the deadline); each P's cache is flushed as it parks, so this includes the flushes of the earlier ones."),
+    ("flush_ns", "ns", "Time spent flushing caches, all of it before anything was read (it overlaps the wait for the later Ps)."),
 )
 SLOW_KEYS = (
     ("slow_equal", "bool", "With `slow` only: the fast figures equal the span walk's, field for field."),
