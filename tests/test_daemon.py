@@ -503,3 +503,47 @@ def test_a_worker_connecting_during_a_pause_registers_and_waits_for_the_resume(s
     cmds.put(("close",))
     assert res.get(timeout=DEADLINE) == ("ok", None)
     w.join(DEADLINE)
+
+
+def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
+    """The daemon dies while the world is stopped: the kernel drops its resume lock, the parked
+    P wakes, sees the daemon gone, and goes on allocating without it."""
+    from shm import Arena
+    from shm import layout as L
+    d = start_daemon(extra=("--park-deadline-ms", "30000"))
+    ready, release, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    stuck = SPAWN.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
+    stuck.start()
+    cmds, res = SPAWN.Queue(), SPAWN.Queue()
+    w = SPAWN.Process(target=mpworkers.connected_worker, args=(d.endpoint, cmds, res))
+    w.start()
+    spy = Arena.attach(d.name)
+    try:
+        kind, slot = res.get(timeout=DEADLINE)
+        cmds.put(("alloc", 64))
+        assert res.get(timeout=DEADLINE)[0] == "ok"
+        assert ready.wait(DEADLINE)
+        asker = subprocess.Popen([*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "30000"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + DEADLINE
+        while spy.q[spy.lay.slot_word(slot) + L.SLOT["parked"]] != spy.q[L.HDR["stopped_epoch"]] \
+                or not spy.q[L.HDR["stopped_epoch"]]:
+            assert time.monotonic() < end, "the idle worker never parked"
+            time.sleep(0.005)
+        d.stop(signal.SIGKILL)  # mid-pause: the idle worker is asleep on the resume lock
+        asker.kill()  # its question will never be answered
+        asker.wait(DEADLINE)
+        cmds.put(("alloc", 64))  # goes through: the P woke and resumed without the daemon
+        assert res.get(timeout=DEADLINE)[0] == "ok"
+        cmds.put(("close",))
+        assert res.get(timeout=DEADLINE) == ("ok", None)
+        w.join(DEADLINE)
+        assert w.exitcode == 0
+    finally:
+        release.set()
+        spy.close()
+    out.get(timeout=DEADLINE)
+    stuck.join(DEADLINE)
+    from shm.arena import unlink_segment
+    unlink_segment(d.name)  # what `shmalloc cleanup` does after a killed daemon
+    os.unlink(d.sock_path())
