@@ -185,7 +185,7 @@ class _Control(threading.Thread):
                             break
                         self._on_message(frame)
                 elif not events:
-                    sock.send(protocol.encode_request("heartbeat", next(_ids), slot=heap.slot))
+                    sock.send(protocol.encode_request("heartbeat", next(_ids), slot=heap.slot, pid=os.getpid()))
             try:
                 sock.send(protocol.encode_request("unregister", next(_ids), slot=heap.slot), zmq.NOBLOCK)
             except zmq.ZMQError:

@@ -345,9 +345,11 @@ class Daemon:
             event(logging.INFO, "P left", slot=slot)
         return {}
 
-    def heartbeat(self, slot, identity):
+    def heartbeat(self, slot, identity, pid=0):
         if not (0 <= slot < self.arena.lay.nslots and self.arena.slot_state(slot) == L.SLOT_ACTIVE):
             raise NotRegistered(f"P slot {slot} is not held by any worker")
+        if pid and self.arena.slot_pid(slot) != pid:
+            raise NotRegistered(f"P slot {slot} is held by pid {self.arena.slot_pid(slot)}, not {pid}")
         if self.identities.get(slot) != identity:
             self.identities[slot] = identity  # a worker that outlived a previous daemon
             event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.slot_pid(slot))

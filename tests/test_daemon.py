@@ -547,3 +547,16 @@ def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
     from shm.arena import unlink_segment
     unlink_segment(d.name)  # what `shmalloc cleanup` does after a killed daemon
     os.unlink(d.sock_path())
+
+
+def test_heartbeat_for_a_slot_held_by_another_pid_is_refused(start_daemon):
+    d = start_daemon()
+    with client.connect(d.endpoint) as heap:
+        with pytest.raises(client.RemoteError) as e:
+            client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid() + 1)
+        assert e.value.code == "NOT_REGISTERED"
+        assert client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid())["epoch"] >= 0
+        # the probe above re-bound the slot to a throwaway socket; the real control thread
+        # takes it back with its next heartbeat -- until then its P parks by its stop byte
+        b = heap.alloc(10)
+        heap.free(b)

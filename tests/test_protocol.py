@@ -71,8 +71,8 @@ class FakeDaemon:
     def unregister(self, slot, identity):
         return self._call("unregister", slot, identity)
 
-    def heartbeat(self, slot, identity):
-        return self._call("heartbeat", slot, identity)
+    def heartbeat(self, slot, identity, pid=0):
+        return self._call("heartbeat", slot, identity, *((pid,) if pid else ()))
 
     def ping(self):
         return self._call("ping")
@@ -109,6 +109,7 @@ ROUND_TRIPS = [
     ("unregister", {"slot": MAX_SLOTS - 1}, b"x", {"unregister": {}}, ("unregister", (MAX_SLOTS - 1, b"x")), {}),
     ("heartbeat", {"slot": 0}, b"peer-2", {}, ("heartbeat", (0, b"peer-2")), {"epoch": 7}),
     ("heartbeat", {"slot": 1}, b"p", {"heartbeat": 9}, ("heartbeat", (1, b"p")), {"epoch": 9}),
+    ("heartbeat", {"slot": 2, "pid": 77}, b"p", {}, ("heartbeat", (2, b"p", 77)), {"epoch": 7}),
     ("ping", {}, b"", {}, ("ping", ()), PING),
     ("ping", {}, b"", {"ping": dict(PING, uptime_s=2)}, ("ping", ()), dict(PING, uptime_s=2.0)),
     ("stats", {}, b"", {}, ("snapshot", (2000, False)), {"snapshot": SNAPSHOT}),

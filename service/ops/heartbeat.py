@@ -1,12 +1,13 @@
 """heartbeat: a worker says it is alive.
 
-Sent by a worker's control thread at least every `heartbeat_ms` (from `register`).  A P whose
-heartbeats stop, whose pid is gone or whose slot lock is free is reclaimed by the daemon.  Only
-the DEALER that registered the slot is accepted.
+Sent by a worker's control thread at least every `heartbeat_ms` (from `register`).  The daemon
+reclaims a P whose process died (its slot lock freed by the kernel, or its pid gone); the
+heartbeat is how a worker that outlived a daemon re-binds its socket to its slot with the
+daemon that adopted the arena: the slot must be held by `pid`.
 
 Request::
 
-    {"v": 1, "id": 12, "op": "heartbeat", "slot": 3}
+    {"v": 1, "id": 12, "op": "heartbeat", "slot": 3, "pid": 4242}
 
 Reply::
 
@@ -18,6 +19,7 @@ from shm.layout import MAX_SLOTS
 
 REQUEST = {
     "slot": Field(int, True, (0, MAX_SLOTS - 1), "The P slot that `register` gave this worker."),
+    "pid": Field(int, False, (0, 2 ** 31 - 1), "The worker's pid; 0: not checked.", 0),
 }
 REPLY = {
     "epoch": Reply(int, "The daemon's current snapshot epoch."),
@@ -25,4 +27,4 @@ REPLY = {
 
 
 def handle(daemon, req):
-    return daemon.heartbeat(req["slot"], req["_identity"])
+    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"])
