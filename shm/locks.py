@@ -139,15 +139,6 @@ class UndoLog:
     def used(self):
         return self.q[self.used_w]
 
-    def add_word(self, idx, old):
-        u = self.q[self.used_w]
-        if u + 24 > L.LOG_BYTES:
-            raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
-        w = (self.base + u) // 8
-        q = self.q
-        q[w], q[w + 1], q[w + 2] = _W_ENTRY, idx, old
-        q[self.used_w] = u + 24
-
     def add_bytes(self, off, stride, old):
         n = len(old)
         u = self.q[self.used_w]
@@ -226,9 +217,6 @@ class Op:
         self.q[w] = self.actor + 1
         self.q[w + 1] = self.pid
         self.held.append(lid)
-
-    def holds(self, lid):
-        return lid in self.held
 
     def need(self, lid, what):
         """Precondition check: the caller must hold lock `lid` to touch `what`."""
