@@ -9,8 +9,9 @@ Modes:
   python   workers busy in pure Python, outside the allocator: the control thread must win the
            GIL, bounded by the switch interval (also run at 0.5 ms: mode python@0.5ms)
 
-Prints median and p99 of the daemon's pause_ns, as reported in each snapshot, and the medians of
-its two parts: parking every P (park_ns) and flushing every cache (flush_ns).
+Prints median and p99 of the daemon's pause_ns, as reported in each snapshot, the medians of
+its two parts -- parking every P (park_ns) and flushing the caches (flush_ns) -- and when the
+last P parked by the Ps' own clocks (the daemon may notice later).
 """
 
 import argparse
@@ -58,7 +59,7 @@ def run_case(endpoint, n, mode, snapshots, switch_interval=None):
         p.start()
     for r in readies:
         r.wait(60)
-    pauses, parks, flushes, late = [], [], [], 0
+    pauses, parks, flushes, last, late = [], [], [], [], 0
     try:
         for _ in range(snapshots):
             snap = client.stats(endpoint, deadline_ms=5000)
@@ -66,11 +67,14 @@ def run_case(endpoint, n, mode, snapshots, switch_interval=None):
             pauses.append(snap["pause_ns"] / 1e6)
             parks.append(snap["park_ns"] / 1e6)
             flushes.append(snap["flush_ns"] / 1e6)
+            # When the last P parked, by the Ps' own clocks (the daemon may look later).
+            last.append(max((p["park_ns"] for p in snap["per_p"]), default=0) / 1e6)
     finally:
         stop.set()
         for p in procs:
             p.join(60)
-    return pct(pauses, 0.5), pct(pauses, 0.99), max(pauses), late, pct(parks, 0.5), pct(flushes, 0.5)
+    return (pct(pauses, 0.5), pct(pauses, 0.99), max(pauses), late, pct(parks, 0.5), pct(flushes, 0.5),
+            pct(last, 0.5), pct(last, 0.99))
 
 
 def main(argv=None):
@@ -85,14 +89,14 @@ def main(argv=None):
     daemon = start_daemon(endpoint, "512M")
     try:
         print(f"{'mode':16s} {'workers':>7s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'late':>5s}"
-              f" {'park med':>9s} {'flush med':>9s}")
+              f" {'park med':>9s} {'flush med':>9s} {'last P parked med/p99':>22s}")
         for mode in args.modes.split(","):
             base, _, si = mode.partition("@")
             interval = float(si.removesuffix("ms")) / 1000 if si else None
             for n in (int(x) for x in args.workers.split(",")):
-                med, p99, mx, late, park, flush = run_case(endpoint, n, base, args.snapshots, interval)
-                print(f"{mode:16s} {n:7d} {med:10.3f} {p99:8.3f} {mx:8.3f} {late:5d} {park:9.3f} {flush:9.3f}",
-                      flush=True)
+                med, p99, mx, late, park, flush, lp50, lp99 = run_case(endpoint, n, base, args.snapshots, interval)
+                print(f"{mode:16s} {n:7d} {med:10.3f} {p99:8.3f} {mx:8.3f} {late:5d} {park:9.3f} {flush:9.3f}"
+                      f" {lp50:11.3f}/{lp99:.3f}", flush=True)
     finally:
         daemon.terminate()
         daemon.wait(30)

@@ -19,7 +19,7 @@ it reads the stop byte and cleared on the way out; the control thread (client/) 
 taking the lock and waiting for `busy` to clear, so no alloc or free is ever half done when the
 P says it is parked.  The first call from any other thread switches the cache to shared mode
 for good: every call then takes the locked path (thread-safe; a 64 B pair then costs about
-2.6 us instead of 0.8 us).  Closing the cache, fork() and shared mode all work the same way: the
+3-3.7 us instead of 0.8-0.9 us, bench/bench_fastpath.py).  Closing the cache, fork() and shared mode all work the same way: the
 stop byte the fast path reads is swapped for a local non-zero byte, which sends every call to
 the slow path.
 """
