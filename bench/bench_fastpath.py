@@ -23,18 +23,9 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_alloc import pairs, timed  # noqa: E402 - one timing loop for every bench
 from shm.cache import Block  # noqa: E402
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS  # noqa: E402
-
-
-def median_ns(fn, n, reps):
-    fn(max(1, n // 10))
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter_ns()
-        fn(n)
-        out.append((time.perf_counter_ns() - t) / n)
-    return sorted(out)[len(out) // 2]
 
 
 TEMPLATE = """
@@ -144,15 +135,15 @@ def main(argv=None):
                 p._lists[c].clear()
                 with p._lock:
                     p._refill(c)
-        t = median_ns(refills, 2000, a.reps)
+        t = timed(refills, 2000, a.reps)[0]
         print(f"\n{'refill: collect one 64 B span (128 objects)':45s} {t:7.0f}   = {t / 128:.0f} ns a pair")
         starts.release()
         p._drop_lists()
-        owner = median_ns(lambda n: [p.free(p.alloc(64)) for _ in range(n)], a.n // 3, a.reps)
+        owner = timed(pairs(p.alloc, p.free), a.n // 3, a.reps)[0]
         th = threading.Thread(target=lambda: p.free(p.alloc(8)))
         th.start()
         th.join()
-        shared = median_ns(lambda n: [p.free(p.alloc(64)) for _ in range(n)], a.n // 3, a.reps)
+        shared = timed(pairs(p.alloc, p.free), a.n // 3, a.reps)[0]
         print(f"{'real pair, owner thread':45s} {owner:7.0f}")
         print(f"{'real pair, shared mode (after a 2nd thread)':45s} {shared:7.0f}")
         p.close()
