@@ -8,8 +8,9 @@ Life cycle:
              file mode 0600 unless --socket-mode); log "started".
   serve      one thread: poll the socket; every request is one op of service/ops (the daemon
              never dies of a request); every LIVENESS_S: reclaim Ps whose process died.
-  snapshot   park every live P (stop byte + a STOP message for idle ones), flush every cache
-             FIRST, then read the figures, then resume -- see `snapshot`.
+  snapshot   stop every live P (shm/world.py: from the daemon's side for a P outside the
+             allocator, a STOP message to the control thread where membarrier is missing), flush
+             every cache FIRST, then read the figures, then resume -- see `snapshot`.
   stop       SIGTERM / SIGINT: park and flush one last time, unlink the segment, remove the
              socket file, exit 0.
 """
@@ -26,7 +27,8 @@ import time
 import zmq
 
 from shm import Arena, layout as L
-from shm import stats as S
+from shm import stats
+from shm.world import StopTheWorld
 from shm.arena import unlink_segment
 from shm.errors import LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
@@ -38,9 +40,6 @@ LIVENESS_S = 0.1          # how often dead Ps are looked for (reclaimed within a
 EMPTY_SPANS_S = 1.0       # how often empty spans waiting on central lists go back to the heap
 HEARTBEAT_MS = 1000       # how often workers send a heartbeat
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
-STOP_GRACE_NS = 3_000_000  # a P busy in the allocator gets this long to park through its stop
-                           # byte before its control thread is sent a STOP message
-BUSY_NS = 50_000_000       # "busy in the allocator": a slow-path call this recently
 
 
 # --- endpoints and names ---------------------------------------------------------------------
@@ -129,7 +128,7 @@ class Daemon:
         self.slow_snapshot_ms = slow_snapshot_ms  # longer pauses are logged at WARNING
         self.metrics_addr = metrics_addr
         self.metrics_interval = metrics_interval
-        self.identities = {}       # slot -> zmq identity of its control socket
+        self.routes = {}           # slot -> zmq routing id of its P's control socket
         self.deferred = collections.deque()  # heavy requests that arrived while the world was stopped
         self.started = time.monotonic()
         self.stopping = False
@@ -145,6 +144,7 @@ class Daemon:
     def start(self):
         self._refuse_if_served()
         self.arena = self.open_arena()
+        self.stw = StopTheWorld(self.arena)
         try:
             self.bind()
             if self.metrics_addr:
@@ -155,7 +155,11 @@ class Daemon:
             self._release_arena(unlink=not self.adopted)
             raise
         event(logging.INFO, "started", pid=os.getpid(), endpoint=self.endpoint, arena=self.name,
-              max_heap=self.max_heap, adopted=self.adopted, metrics=self.metrics.url if self.metrics else "-")
+              max_heap=self.max_heap, adopted=self.adopted, metrics=self.metrics.url if self.metrics else "-",
+              stop_protocol=self.stw.protocol)
+        if not self.stw.asymmetric:
+            event(logging.WARNING, "membarrier(2) unavailable: stopping the world the cooperative way "
+                  "(each P's control thread parks it; pauses wait for the workers' GIL)")
 
     def _refuse_if_served(self):
         """A daemon that answers on the endpoint keeps it; a stale socket file is removed."""
@@ -191,9 +195,16 @@ class Daemon:
             self.adopted = True
             repaired = [k for k in range(arena.lay.nslots + 2) if arena.locks.repair(k)]
             dead = arena.reclaim_dead()
+            # A P parked for the previous daemon's stop waits for a resume nobody will send:
+            # resume it (RESYNC: that daemon may have flushed its cache already).
+            stale = [k for k in arena.registry.active_slots()
+                     if arena.q[arena.lay.slot_word(k) + L.SLOT["stop"]] == L.STOP_PARK]
+            for k in stale:
+                arena.q[arena.lay.slot_word(k) + L.SLOT["stop"]] = L.STOP_RESYNC
+            arena.q[L.HDR["stopped_epoch"]] = 0
             event(logging.WARNING, "adopted arena left by a previous daemon", arena=self.name,
                   previous_pid=arena.q[L.HDR["daemon_pid"]], repaired=repaired, reclaimed=dead,
-                  live_ps=len(arena.active_slots()))
+                  resumed=stale, live_ps=len(arena.registry.active_slots()))
         else:
             self._check_room()
             arena = Arena.create(self.name, self.max_heap, self.nslots)
@@ -307,7 +318,7 @@ class Daemon:
                 self.deferred.append((ident, frame))
                 continue
             self._reply(ident, protocol.dispatch(self, frame, identity=ident))
-            bound += [k for k, i in self.identities.items() if i == ident]
+            bound += [k for k, i in self.routes.items() if i == ident]
 
     def request_shutdown(self):
         self.stopping = True
@@ -315,56 +326,56 @@ class Daemon:
 
     def reclaim_dead(self):
         arena = self.arena
-        for k in arena.active_slots():
-            if not arena.slot_alive(k):
-                pid = arena.slot_pid(k)
+        for k in arena.registry.active_slots():
+            if not arena.registry.alive(k):
+                pid = arena.registry.pid(k)
                 try:
                     arena.reclaim(k, arena.daemon_actor)
                 except ShmallocError as e:
                     event(logging.ERROR, "reclaim failed", slot=k, pid=pid, error=str(e))
                     continue
-                self.identities.pop(k, None)
+                self.routes.pop(k, None)
                 event(logging.INFO, "P reclaimed", slot=k, pid=pid)
 
     # --- ops (service/ops/*) -----------------------------------------------------------
     def register(self, pid, identity, slot=None):
         arena = self.arena
-        mine = [k for k in arena.active_slots() if arena.slot_pid(k) == pid]
+        mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == pid]
         if slot is not None:
             mine = [k for k in mine if k == slot]
         if len(mine) != 1:
             raise NotRegistered(f"pid {pid} holds no P slot (or several; name it): claim one in the arena first")
         k = mine[0]
-        self.identities[k] = identity
+        self.routes[k] = identity
         event(logging.INFO, "P joined", slot=k, pid=pid)
         return {"slot": k, "arena": self.name, "layout_version": L.VERSION, "heartbeat_ms": HEARTBEAT_MS}
 
     def unregister(self, slot, identity):
-        if self.identities.get(slot) == identity:
-            del self.identities[slot]
+        if self.routes.get(slot) == identity:
+            del self.routes[slot]
             event(logging.INFO, "P left", slot=slot)
         return {}
 
     def heartbeat(self, slot, identity, pid=0):
-        if not (0 <= slot < self.arena.lay.nslots and self.arena.slot_state(slot) == L.SLOT_ACTIVE):
+        if not (0 <= slot < self.arena.lay.nslots and self.arena.registry.state(slot) == L.SLOT_ACTIVE):
             raise NotRegistered(f"P slot {slot} is not held by any worker")
-        if pid and self.arena.slot_pid(slot) != pid:
-            raise NotRegistered(f"P slot {slot} is held by pid {self.arena.slot_pid(slot)}, not {pid}")
-        if self.identities.get(slot) != identity:
-            self.identities[slot] = identity  # a worker that outlived a previous daemon
-            event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.slot_pid(slot))
-        self.arena.q[self.arena.slot_word(slot) + L.SLOT["heartbeat_ns"]] = time.time_ns()
+        if pid and self.arena.registry.pid(slot) != pid:
+            raise NotRegistered(f"P slot {slot} is held by pid {self.arena.registry.pid(slot)}, not {pid}")
+        if self.routes.get(slot) != identity:
+            self.routes[slot] = identity  # a worker that outlived a previous daemon
+            event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.registry.pid(slot))
+        self.arena.q[self.arena.lay.slot_word(slot) + L.SLOT["heartbeat_ns"]] = time.time_ns()
         return {"epoch": self.arena.q[L.HDR["epoch"]]}
 
     def ping(self):
         from . import __version__
         return {"pid": os.getpid(), "uptime_s": time.monotonic() - self.started,
-                "epoch": self.arena.q[L.HDR["epoch"]], "num_p": len(self.arena.active_slots()),
+                "epoch": self.arena.q[L.HDR["epoch"]], "num_p": len(self.arena.registry.active_slots()),
                 "arena": self.name, "version": __version__}
 
     def release(self):
         # Free spans belong to no P: the heap lock is all it takes, the world runs on.
-        n = self.arena.release_free_pages(self.arena.daemon_actor)
+        n = self.arena.scavenge(self.arena.daemon_actor)
         event(logging.INFO, "released idle pages", bytes=n)
         return {"released_bytes": n}
 
@@ -372,7 +383,7 @@ class Daemon:
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
             self.arena.free_empty_spans(self.arena.daemon_actor)
-            problems = S.check(self.arena) if not world["late"] else [
+            problems = stats.check(self.arena) if not world["late"] else [
                 f"P {k} did not park before the deadline: arena not checked" for k in world["late"]]
         snap.update(world["meta"])
         if problems:
@@ -384,7 +395,7 @@ class Daemon:
             snap = self._figures(world, slow)
         snap.update(world["meta"])
         if self.prev_counters and snap["consistent"]:
-            back = S.monotonic(self.prev_counters, snap)
+            back = stats.monotonic(self.prev_counters, snap)
             if back:
                 event(logging.ERROR, "counters went backwards", problems=back)
         if snap["consistent"]:
@@ -403,9 +414,9 @@ class Daemon:
     def _figures(self, world, slow):
         """Every parked P's cache was flushed as it parked (StoppedWorld), every dead one
         reclaimed: only now read -- the seed's order."""
-        snap = S.read_stats(self.arena)
+        snap = stats.read_stats(self.arena)
         if slow:
-            d = S.diff(snap, S.read_stats_slow(self.arena)) if not world["late"] else ["not compared: Ps did not park"]
+            d = stats.diff(snap, stats.read_stats_slow(self.arena)) if not world["late"] else ["not compared: Ps did not park"]
             snap["slow_equal"] = not d
             snap["slow_diff"] = d
         return snap
@@ -454,106 +465,81 @@ class Daemon:
 
 
 class StoppedWorld:
-    """Context manager: every live P parked (or listed late), every dead P reclaimed.
-    Resumes everyone on exit, whatever happened inside."""
+    """Context manager: every live P stopped (or listed late), every dead P reclaimed, each
+    stopped P's cache flushed as soon as it is stopped.  Resumes everyone on exit, whatever
+    happened inside.  The handshake itself is shm.world.StopTheWorld; this class holds the
+    deadline, the STOP messages of the cooperative protocol, and the bookkeeping."""
 
     def __init__(self, daemon, deadline_ms):
         self.d = daemon
         self.deadline_ms = deadline_ms
 
     def __enter__(self):
-        arena = self.d.arena
-        q = arena.q
+        arena, stw = self.d.arena, self.d.stw
         t0 = time.perf_counter_ns()
         self.t0_mono = time.monotonic_ns()
-        epoch = q[L.HDR["epoch"]] + 1
-        ofd_lock(arena.fd, L.resume_lock_byte(epoch))  # parked Ps sleep on it until __exit__
-        self.live = []
-        self.world = {"epoch": epoch, "t0": t0, "parked": [], "late": [], "per_p": {}, "park_ns": 0, "flush_ns": 0,
-                      "flushed": set()}
+        epoch = arena.q[L.HDR["epoch"]] + 1
+        self.world = {"epoch": epoch, "t0": t0, "parked": [], "late": [], "per_p": {}, "park_ns": 0,
+                      "flush_ns": 0, "flushed": set()}
         try:
-            return self._stop_everyone(epoch, t0)
+            live = stw.begin(epoch)
+            return self._stop_everyone(epoch, t0, live)
         except BaseException:
             self.__exit__(None, None, None)
             raise
 
-    def _stop_everyone(self, epoch, t0):
-        d, arena = self.d, self.d.arena
+    def _stop_everyone(self, epoch, t0, live):
+        d, arena, stw = self.d, self.d.arena, self.d.stw
         q = arena.q
-        q[L.HDR["epoch"]] = epoch
-        q[L.HDR["stopped_epoch"]] = epoch
-        # Read the slot table under the registry lock: a P claimed after this read sees
-        # stopped_epoch and starts stopped (Arena.claim_slot); one claimed before is listed.
-        # Only read: a raw lock, no operation (a half-done claim reads as a dead P).
-        arena.locks.raw_acquire(L.LOCK_REGISTRY)
-        try:
-            live = arena.active_slots()
-        finally:
-            arena.locks.raw_release(L.LOCK_REGISTRY)
-        self.live = live
-        for k in live:
-            sw = arena.slot_word(k)
-            q[sw + L.SLOT["stop_epoch"]] = epoch
-            q[sw + L.SLOT["stop"]] = 1
-        # A P busy in the allocator parks itself at its next call; only the others need their
-        # control thread woken by a STOP message.  Messages to busy Ps are held back for a
-        # grace: every message wakes a thread, which on a loaded machine costs a context switch
-        # in the middle of the pause, and a woken control thread only queues for the GIL.
-        stop = protocol.encode_stop(epoch)
-        now_mono = time.monotonic_ns()
-        busy = {k for k in live if now_mono - q[arena.slot_word(k) + L.SLOT["active_ns"]] < BUSY_NS}
-        for k in live:
-            if k not in busy:
-                self._send_stop(k, stop)
-        grace_end = t0 + STOP_GRACE_NS
-        t0_mono = self.t0_mono
-        messaged = not busy
-        per_p = {k: {"slot": k, "pid": arena.slot_pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
+        per_p = {k: {"slot": k, "pid": arena.registry.pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
                      "listed_returned": 0} for k in live}
+        # A P of the cooperative protocol parks through its stop byte at its next call, or through
+        # its control thread, which the STOP message wakes; a membarrier P needs neither.
+        stop = protocol.encode_stop(epoch)
+        for k in live:
+            if not stw.fast(k):
+                self._send_stop(k, stop)
         waiting = set(live)
         deadline = t0 + self.deadline_ms * 1_000_000
         pause, rounds = 10e-6, 0
         while waiting:
             now = time.perf_counter_ns()
             rounds += 1
+            found = []
             for k in list(waiting):
-                sw = arena.slot_word(k)
-                if q[sw + L.SLOT["parked"]] == epoch:
-                    # The P's own clock says when it parked; the daemon may look later.
-                    at = q[sw + L.SLOT["parked_ns"]] - t0_mono
-                    per_p[k].update(state="parked", park_ns=at if 0 <= at <= now - t0 else now - t0)
-                    waiting.discard(k)
-                    self._flush(k, per_p[k])  # first, while the others are still on their way
-                elif q[sw + L.SLOT["state"]] != L.SLOT_ACTIVE or q[sw + L.SLOT["pid"]] != per_p[k]["pid"]:
+                state = stw.poll(k, per_p[k]["pid"])
+                if state in ("stopped", "parked"):
+                    found.append((k, state))
+                elif state == "left":
                     per_p[k].update(state="left", park_ns=now - t0)  # closed its Heap meanwhile
                     waiting.discard(k)
-                elif q[sw + L.SLOT["stop"]] != 1:
-                    # The P cleared a RESYNC just as we asked it to park: ask again.
-                    q[sw + L.SLOT["stop"]] = 1
-                    self._send_stop(k, stop)
-                elif rounds % 8 == 1 and not arena.slot_alive(k):
+                elif rounds % 8 == 1 and not arena.registry.alive(k):
                     per_p[k].update(state="dead", park_ns=now - t0)
                     waiting.discard(k)
+            confirmed = set(stw.confirm([k for k, _ in found]))
+            for k, state in found:
+                if k not in confirmed:
+                    continue
+                at = q[arena.lay.slot_word(k) + L.SLOT["parked_ns"]] - self.t0_mono if state == "parked" else -1
+                per_p[k].update(state=state, park_ns=at if 0 <= at <= now - t0 else now - t0)
+                waiting.discard(k)
+                self._flush(k, per_p[k])  # first, while the others are still on their way
             if not waiting or now > deadline:
                 break
             for k in d.serve_light():
-                if k in waiting:
+                if k in waiting and not stw.fast(k):
                     self._send_stop(k, stop)  # registered or re-bound during the pause
-            if not messaged and now >= grace_end:
-                messaged = True
-                for k in waiting:
-                    self._send_stop(k, stop)
             time.sleep(pause)
             pause = min(pause * 2, 200e-6)
         for k in list(per_p):
             if per_p[k]["state"] == "dead":
                 try:
                     arena.reclaim(k, arena.daemon_actor)
-                    d.identities.pop(k, None)
+                    d.routes.pop(k, None)
                 except ShmallocError:
                     per_p[k]["state"] = "late"
         late = sorted(k for k, v in per_p.items() if v["state"] == "late")
-        parked = sorted(k for k, v in per_p.items() if v["state"] == "parked")
+        parked = sorted(k for k, v in per_p.items() if v["state"] in ("parked", "stopped"))
         self.world.update(parked=parked, late=late, per_p=per_p, park_ns=time.perf_counter_ns() - t0)
         if late:
             event(logging.WARNING, "Ps did not park before the deadline", epoch=epoch, late=late,
@@ -561,9 +547,9 @@ class StoppedWorld:
         return self.world
 
     def _flush(self, k, entry):
-        """Flush parked P k's cache now (Go: flushmcache).  Its spans go back to the central
+        """Flush stopped P k's cache now (Go: flushmcache).  Its spans go back to the central
         lists while other Ps may still run: every change they make is an operation under the
-        same locks, and nothing is read before every P is parked and flushed."""
+        same locks, and nothing is read before every P is stopped and flushed."""
         arena, w = self.d.arena, self.world
         t = time.perf_counter_ns()
         spans, listed = arena.flush_slots([k], arena.daemon_actor, keep_empty=True)[k]
@@ -573,8 +559,8 @@ class StoppedWorld:
         w["flush_ns"] += time.perf_counter_ns() - t
 
     def _send_stop(self, k, frame):
-        """The STOP message wakes a P's control thread (for a P not inside the allocator)."""
-        ident = self.d.identities.get(k)
+        """The STOP message wakes a cooperative P's control thread."""
+        ident = self.d.routes.get(k)
         if ident is not None:
             try:
                 self.d.sock.send_multipart([ident, frame], zmq.NOBLOCK)
@@ -582,33 +568,23 @@ class StoppedWorld:
                 pass
 
     def __exit__(self, *exc):
-        arena = self.d.arena
-        q = arena.q
         w = self.world
-        flushed = w.get("flushed", ())
-        q[L.HDR["stopped_epoch"]] = 0
-        for k in range(arena.lay.nslots):
-            sw = arena.slot_word(k)
-            if k in self.live or (q[sw + L.SLOT["stop_epoch"]] == w["epoch"] and q[sw + L.SLOT["stop"]] == 1):
-                # A P whose cache was flushed resumes through its slow path (RESYNC), which
-                # drops its now stale local lists before any fast-path call can pop from them.
-                # A P claimed during the pause started stopped; it resumes too.
-                q[sw + L.SLOT["stop"]] = 2 if k in flushed else 0
+        self.d.stw.end(w.get("flushed", ()))
         # The world runs again from here: a P that was not asleep goes on at once.  The pause
-        # ends here, before the unlock below wakes the sleeping Ps (on a busy machine the
-        # kernel may run them before it returns to us; that is their time, not the pause's).
+        # ends before the parked Ps wake (on a busy machine the kernel may run them before it
+        # returns to us; that is their time, not the pause's).
         pause_ns = time.perf_counter_ns() - w["t0"]
-        ofd_unlock(arena.fd, L.resume_lock_byte(w["epoch"]))
         w["meta"] = {
             "consistent": not w["late"],
             "epoch": w["epoch"],
             "pause_ns": pause_ns,
             "park_ns": w["park_ns"],
             "flush_ns": w["flush_ns"],
-            "num_p": sum(1 for v in w["per_p"].values() if v["state"] in ("parked", "late")),
+            "num_p": sum(1 for v in w["per_p"].values() if v["state"] in ("parked", "stopped", "late")),
             "unflushed": w["late"],
             "per_p": [w["per_p"][k] for k in sorted(w["per_p"])],
             "taken_ns": time.time_ns(),
+            "stop_protocol": self.d.stw.protocol,
         }
         return False
 

@@ -3,10 +3,12 @@
 `Arena.create` (the daemon, or a test) reserves the segment and writes the header;
 `Arena.attach` (a worker) maps it and refuses anything whose magic, version or sizes disagree.
 The arena ties the pieces together: locks (locks.py), page heap (heap.py), central lists
-(central.py); P slots are claimed here and used by ProcessCache (cache.py); statistics are in
-stats.py.
+(central.py), large objects (large.py), the P-slot registry (registry.py); each P's cache
+(cache.py) is flushed here, by the P itself or, while it is stopped or dead, by the daemon
+(world.py); statistics are in stats.py.
 """
 
+import logging
 import os
 import threading
 import time
@@ -15,10 +17,14 @@ from multiprocessing import shared_memory
 from . import layout as L
 from . import stats as _stats
 from .central import CentralList
-from .errors import ArenaClosed, BadHandle, CorruptionError, DoubleFree, NoFreeSlot
+from .errors import ArenaClosed, BadHandle, CorruptionError
 from .heap import PageHeap
-from .locks import Locks, Op, Retry, ofd_held_elsewhere, ofd_trylock, ofd_unlock
+from .large import LargeObjects
+from .locks import Locks, Op, Retry
+from .registry import Registry
 from .sizeclasses import CLASS_TO_SIZE
+
+_log = logging.getLogger("shmalloc.arena")
 
 S = L.SPAN
 H = L.HEAP
@@ -78,6 +84,8 @@ class Arena:
         self.locks = Locks(self)
         self.heap = PageHeap(self)
         self.central = CentralList(self)
+        self.large = LargeObjects(self)
+        self.registry = Registry(self)
         self.daemon_actor = lay.nslots  # slot index whose undo log the daemon (or a tool) uses
         # Registry operations (claim/free a slot) log here: the claimer has no slot yet, and the
         # registry lock -- the only lock they take -- serialises every user of this log.
@@ -113,7 +121,14 @@ class Arena:
         return cls(shm, lay, owner=False)
 
     def view(self, start, stop):
+        """Bytes [start, stop) of the segment, released when the arena closes."""
         v = self.mv[start:stop]
+        self._views.append(v)
+        return v
+
+    def words(self, first, n):
+        """Words [first, first + n) of the segment (a 'Q' view), released when the arena closes."""
+        v = self.q[first:first + n]
         self._views.append(v)
         return v
 
@@ -162,128 +177,129 @@ class Arena:
             op.commit()
             return res
 
-    # --- P slots ------------------------------------------------------------------------
-    def slot_word(self, k):
-        return self.lay.slot_word(k)
-
-    def slot_byte(self, k):
-        """File byte locked by the live owner of slot k for its whole life."""
-        return self.lay.slots_off + k
-
-    def claim_slot(self):
-        """Become a P: take a free slot, lock its liveness byte.  Returns the slot index."""
-        pid = os.getpid()
-
-        def claim(op):
-            op.acquire(L.LOCK_REGISTRY)
-            q = self.q
-            for k in range(self.lay.nslots):
-                sw = self.slot_word(k)
-                if q[sw + SL["state"]] != L.SLOT_FREE:
-                    continue
-                if not ofd_trylock(self.fd, self.slot_byte(k)):
-                    continue  # freed but its old owner's lock is still draining
-                if any(q[sw + L.SLOT_CACHED_AT + c] for c in range(L.NCLASS)) or q[sw + SL["log_used"]]:
-                    ofd_unlock(self.fd, self.slot_byte(k))
-                    raise CorruptionError(f"slot {k} is FREE but still caches spans or holds an undo log")
-                op.w(sw + SL["state"], L.SLOT_ACTIVE)
-                op.w(sw + SL["pid"], pid)
-                op.add(sw + SL["gen"], 1)
-                op.w(sw + SL["claimed_ns"], time.time_ns())
-                op.w(sw + SL["heartbeat_ns"], time.time_ns())
-                op.w(sw + SL["parked"], 0)
-                # Claimed while the world is stopped: start stopped, so the new P's first call
-                # waits for the resume (the daemon lifts every stop of its epoch).
-                stopped = q[L.HDR["stopped_epoch"]]
-                op.w(sw + SL["stop_epoch"], stopped)
-                op.w(sw + SL["stop"], 1 if stopped else 0)
-                return k
-            raise NoFreeSlot(f"all {self.lay.nslots} P slots of arena {self.name} are taken")
-
-        return self.run(self.registry_actor, claim)
-
-    def release_slot(self, k):
-        """Give slot k back: its cache must already be empty."""
-        def free(op):
-            op.acquire(L.LOCK_REGISTRY)
-            sw = self.slot_word(k)
-            for c in range(L.NCLASS):
-                if self.q[sw + L.SLOT_CACHED_AT + c]:
-                    raise CorruptionError(f"release of slot {k} that still caches a span of class {c}")
-            op.w(sw + SL["state"], L.SLOT_FREE)
-            op.w(sw + SL["pid"], 0)
-        self.run(self.registry_actor, free)
-        try:
-            ofd_unlock(self.fd, self.slot_byte(k))
-        except OSError:
-            pass
-
-    def slot_state(self, k):
-        return self.q[self.slot_word(k) + SL["state"]]
-
-    def slot_pid(self, k):
-        return self.q[self.slot_word(k) + SL["pid"]]
-
-    def slot_alive(self, k):
-        """An ACTIVE slot is alive while its owner holds the liveness lock and its pid exists
-        (a forked child can keep the lock's file description open after its parent died)."""
-        if self.slot_state(k) != L.SLOT_ACTIVE:
-            return False
-        if not ofd_held_elsewhere(self.fd, self.slot_byte(k)):
-            return False
-        pid = self.slot_pid(k)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-
-    def active_slots(self):
-        return [k for k in range(self.lay.nslots) if self.slot_state(k) == L.SLOT_ACTIVE]
-
+    # --- P caches (registry.py holds the slot table) ------------------------------------------
     def cached_spans(self, k):
-        """[(class, span record)] of the spans P k caches."""
-        at = self.slot_word(k) + L.SLOT_CACHED_AT
+        """[(class, span record)] of the small spans P k caches."""
+        at = self.lay.slot_word(k) + L.SLOT_CACHED_AT
         return [(c, v - 1) for c, v in enumerate(self.q[at:at + L.NCLASS].tolist()) if v and c]
 
-    def release_all(self, k, actor=None):
-        """Flush P k's cache to the central lists (Go: mcache.releaseAll).  Precondition: P k
-        is parked, dead, or is the caller itself (actor == k).  Returns (spans, listed objects
-        uncounted)."""
+    def buffered_frees(self, k):
+        """The handles in P k's remote-free buffer, not yet applied (0 = applied already)."""
+        sw = self.lay.slot_word(k)
+        n = self.q[sw + SL["rfree_n"]]
+        return self.q[sw + L.SLOT_RFREE_AT:sw + L.SLOT_RFREE_AT + n].tolist()
+
+    def flush_cache(self, k, actor=None):
+        """Flush P k's cache (Go: mcache.releaseAll).  Precondition: P k is stopped, dead, or is
+        the caller itself (actor == k).  Returns (spans, listed objects uncounted)."""
         return self.flush_slots([k], actor)[k]
 
     def flush_slots(self, slots, actor=None, keep_empty=False):
-        """Flush the caches of `slots` in ONE operation (Go: flushallmcaches): every central
-        lock involved is taken once, in order, then each span is uncached and the undo log
-        checkpointed -- the state between two spans is a consistent one, so a crash rolls back
-        at most the span in flight.  Each P is first told (flush_gen, and its stop byte if
-        it is not the caller) to drop its local lists when it next runs, before any of its
-        spans leaves its cache.  Returns {slot: (spans, listed objects uncounted)}."""
+        """Flush the caches of `slots` in ONE operation (Go: flushallmcaches): every P's buffered
+        remote frees are applied, then every small span it caches is uncached and every large
+        span it owns settled (large.py).  Each central lock involved is taken once, in order, then
+        the heap lock; the undo log is checkpointed after each span -- the state between two
+        spans is a consistent one, so a crash rolls back at most the span in flight.  Each P is
+        first told (flush_gen, and its stop byte if it is running) to drop its local lists at its
+        next call, before any of its spans leaves its cache.  Returns {slot: (spans, listed objects
+        uncounted)}."""
         actor = self.daemon_actor if actor is None else actor
         work = sorted((c, k, r) for k in slots for c, r in self.cached_spans(k))
+        frees = {k: self.buffered_frees(k) for k in slots}
+        q = self.q
         for k in slots:
-            sw = self.slot_word(k)
-            self.q[sw + SL["flush_gen"]] += 1
-            if actor != k and self.q[sw + SL["stop"]] == 0:
-                self.q[sw + SL["stop"]] = 2  # "resync": the P drops its lists on its next call
+            sw = self.lay.slot_word(k)
+            q[sw + SL["flush_gen"]] += 1
+            if actor != k and q[sw + SL["stop"]] == L.STOP_RUN:
+                q[sw + SL["stop"]] = L.STOP_RESYNC
+        classes = {c for c, _, _ in work} | {self._class_hint(h) for hs in frees.values() for h in hs if h}
         out = {k: [0, 0] for k in slots}
 
         def flush(op):
-            for c in sorted({c for c, _, _ in work}):
+            for c in sorted(classes - {0, -1}):
                 op.acquire(L.LOCK_CENTRAL(c))
-            if work:
-                op.acquire(L.LOCK_HEAP)  # an emptied span goes back to the heap
+            op.acquire(L.LOCK_HEAP)  # large spans, and emptied small spans go back to the heap
+            for k in slots:
+                self._apply_buffer(op, k)
             for c, k, r in work:
-                if self.q[self.slot_word(k) + L.SLOT_CACHED_AT + c] - 1 != r:
+                if q[self.lay.slot_word(k) + L.SLOT_CACHED_AT + c] - 1 != r:
                     continue  # a retry after a repair: already done
                 out[k][0] += 1
                 out[k][1] += self.central.uncache_span(op, c, r, k, keep_empty)
                 op.log.clear()  # checkpoint
-        if work:
-            self.run(actor, flush)
+            for k in slots:
+                out[k][0] += self.large.flush(op, k)
+
+        self.run(actor, flush)
         return {k: tuple(v) for k, v in out.items()}
+
+    def _class_hint(self, h):
+        """The size class of the span holding handle h now (0: large, -1: none), read without a
+        lock; apply_buffer re-checks it under the lock."""
+        d = h - self.lay.heap_off
+        r = self.heap.span_of_page(d >> L.PAGE_SHIFT) if 0 <= d < self.lay.heap_max else -1
+        return -1 if r < 0 else self.q[self.lay.span_word(r) + S["sizeclass"]]
+
+    def apply_buffered_frees(self, k, actor=None):
+        """P k applies its own remote-free buffer (it is full, or the P is closing)."""
+        frees = self.buffered_frees(k)
+        if not frees:
+            return 0
+        classes = {self._class_hint(h) for h in frees if h}
+
+        def apply(op):
+            for c in sorted(classes - {0, -1}):
+                op.acquire(L.LOCK_CENTRAL(c))
+            op.acquire(L.LOCK_HEAP)
+            return self._apply_buffer(op, k)
+
+        return self.run(k if actor is None else actor, apply)
+
+    def _apply_buffer(self, op, k):
+        """Apply P k's buffered remote frees, grouped by span (one retag per span), checkpointing
+        after each span: an applied entry is zeroed in the same step, so a retry never applies it
+        twice.  Frees found bad now are counted (heap bad_frees) and logged, never applied.
+        Caller holds the heap lock and the central locks of the classes involved."""
+        q, lay = self.q, self.lay
+        sw = lay.slot_word(k)
+        at = sw + L.SLOT_RFREE_AT
+        n = q[sw + SL["rfree_n"]]
+        if not n:
+            return 0
+        groups, bad = {}, []
+        for i, h in enumerate(q[at:at + n].tolist()):
+            if not h:
+                continue
+            d = h - lay.heap_off
+            r = self.heap.span_of_page(d >> L.PAGE_SHIFT) if 0 <= d < lay.heap_max and not d & 7 else -1
+            if r < 0:
+                bad.append((i, h))
+            else:
+                groups.setdefault(r, []).append((i, h))
+        nbad = 0
+        for r, items in groups.items():
+            c = q[lay.span_word(r) + S["sizeclass"]]
+            handles = [h for _, h in items]
+            if c == 0:
+                for h in handles:
+                    try:
+                        self.large.free(op, r, h, k, buffered=True)
+                    except BadHandle:
+                        nbad += 1
+            elif L.LOCK_CENTRAL(c) in op.held:
+                nbad += self.central.apply_frees(op, c, r, handles, k)
+            else:
+                nbad += len(handles)  # its span changed class since the P buffered it: stale
+            for i, _ in items:
+                op.w(at + i, 0)
+            op.log.clear()  # checkpoint
+        nbad += len(bad)
+        if nbad:
+            op.add(lay.heap_word() + H["bad_frees"], nbad)
+            _log.warning("P %d: %d buffered free(s) found bad when applied (a double free across "
+                         "processes, or a stale handle); skipped, counted in bad_frees", k, nbad)
+        op.w(sw + SL["rfree_n"], 0)
+        return nbad
 
     def free_empty_spans(self, actor=None):
         """Give the heap back every empty span waiting on a partial list.  Returns how many."""
@@ -302,59 +318,19 @@ class Arena:
         return self.run(self.daemon_actor if actor is None else actor, free) if classes else 0
 
     def reclaim(self, k, actor=None):
-        """Reclaim the slot of dead P k: roll back its half-done operation, flush its cache,
-        free the slot.  Blocks it allocated stay allocated."""
-        if self.slot_alive(k):
-            raise CorruptionError(f"reclaim of live P {k} (pid {self.slot_pid(k)})")
+        """Reclaim the slot of dead P k: roll back its half-done operation, flush its cache (its
+        buffered frees applied), give its slot back.  Blocks it allocated stay allocated."""
+        if self.registry.alive(k):
+            raise CorruptionError(f"reclaim of live P {k} (pid {self.registry.pid(k)})")
         self.locks.repair(k)
-        self.release_all(k, actor)
-        sw = self.slot_word(k)
-
-        def free(op):
-            op.acquire(L.LOCK_REGISTRY)
-            op.w(sw + SL["state"], L.SLOT_FREE)
-            op.w(sw + SL["pid"], 0)
-            op.w(sw + SL["stop"], 0)
-        self.run(self.registry_actor, free)
+        self.flush_cache(k, actor)
+        self.registry.give_back(k)
 
     def reclaim_dead(self, actor=None):
-        dead = [k for k in self.active_slots() if not self.slot_alive(k)]
+        dead = [k for k in self.registry.active_slots() if not self.registry.alive(k)]
         for k in dead:
             self.reclaim(k, actor)
         return dead
-
-    # --- large objects (> 32 KiB): a span each, straight from the page heap -------------------
-    def alloc_large(self, op, size):
-        npages = (size + PAGE - 1) // PAGE
-        op.acquire(L.LOCK_HEAP)
-        r = self.heap.alloc_span(op, npages, 0, 1)
-        start = self.q[self.lay.span_word(r) + S["start"]]
-        h = self.lay.heap_off + start * PAGE
-        op.wbyte(self.lay.amap_off + start * PAGE // 8, L.ALLOC)
-        hw = self.lay.heap_word()
-        op.add(hw + H["large_mallocs"], 1)
-        op.add(hw + H["large_live"], 1)
-        op.add(hw + H["large_live_pages"], npages)
-        op.add(hw + H["large_total_bytes"], npages * PAGE)
-        return h, npages * PAGE
-
-    def free_large(self, op, r, h):
-        op.need(L.LOCK_HEAP, "Arena.free_large")
-        w = self.lay.span_word(r)
-        q = self.q
-        base = self.lay.heap_off + q[w + S["start"]] * PAGE
-        if h != base:
-            raise BadHandle(f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes "
-                            f"but not at its start ({base})")
-        boff = self.lay.amap_off + (h - self.lay.heap_off) // 8
-        if self.mv[boff] != L.ALLOC:
-            raise DoubleFree(f"double free: large block {h} is already free")
-        npages = q[w + S["npages"]]
-        op.wbyte(boff, L.FREE)
-        hw = self.lay.heap_word()
-        op.add(hw + H["large_live"], -1)
-        op.add(hw + H["large_live_pages"], -npages)
-        self.heap.free_span(op, r)
 
     # --- any process's free of any handle (the slow path) ---------------------------------------
     def check_handle(self, h):
@@ -389,7 +365,7 @@ class Arena:
             if r2 != r or self.q[self.lay.span_word(r) + S["sizeclass"]] != c:
                 raise Retry()  # the span changed before we got its lock
             if c == 0:
-                self.free_large(op, r, h)
+                self.large.free(op, r, h, actor)
             else:
                 self.central.free_object(op, c, r, h, actor)
 
@@ -412,24 +388,26 @@ class Arena:
         return size
 
     # --- heap maintenance ---------------------------------------------------------------
-    def release_free_pages(self, actor=None):
+    def scavenge(self, actor=None):
+        """Give every idle page back to the OS (MADV_REMOVE).  Returns the bytes returned."""
         def rel(op):
             op.acquire(L.LOCK_HEAP)
-            return self.heap.release_free(op)
+            return self.heap.scavenge(op)
         return self.run(self.daemon_actor if actor is None else actor, rel)
 
     # --- statistics (stats.py) ------------------------------------------------------------
-    def flush_all(self, parked=(), actor=None, keep_empty=False):
-        """Flush every cache that may be flushed: the `parked` Ps and every dead one."""
-        for k in self.active_slots():
-            if k not in parked and not self.slot_alive(k):
+    def flush_all(self, stopped=(), actor=None, keep_empty=False, parked=None):
+        """Flush every cache that may be flushed: the `stopped` Ps' and every dead P's."""
+        stopped = stopped if parked is None else parked
+        for k in self.registry.active_slots():
+            if k not in stopped and not self.registry.alive(k):
                 self.reclaim(k, actor)
-        return self.flush_slots([k for k in self.active_slots() if k in parked], actor, keep_empty)
+        return self.flush_slots([k for k in self.registry.active_slots() if k in stopped], actor, keep_empty)
 
-    def update_stats(self, parked=(), actor=None):
+    def update_stats(self, stopped=(), actor=None, parked=None):
         """Go's updatememstats: flush every cache FIRST, then read the figures.  Reading before
-        flushing is the bug of golang/go#38712 (tests/test_arena.py builds it on purpose)."""
-        self.flush_all(parked, actor)
+        flushing is the bug of golang/go#38712 (the tests build it on purpose)."""
+        self.flush_all(stopped if parked is None else parked, actor)
         return _stats.read_stats(self)
 
     def read_stats(self):
@@ -444,3 +422,32 @@ class Arena:
         if problems:
             raise CorruptionError("arena check failed: " + "; ".join(problems[:20])
                                   + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))
+
+    # --- TEMPORARY old names, removed once the tests are renamed -------------------------------
+    release_all = flush_cache
+
+    def alloc_large(self, op, size):
+        npages = (size + PAGE - 1) // PAGE
+        return self.large.alloc(op, npages, -1), npages * PAGE
+    release_free_pages = scavenge
+
+    def claim_slot(self):
+        return self.registry.claim()
+
+    def release_slot(self, k):
+        return self.registry.give_back(k)
+
+    def slot_alive(self, k):
+        return self.registry.alive(k)
+
+    def active_slots(self):
+        return self.registry.active_slots()
+
+    def slot_state(self, k):
+        return self.registry.state(k)
+
+    def slot_pid(self, k):
+        return self.registry.pid(k)
+
+    def slot_word(self, k):
+        return self.lay.slot_word(k)

@@ -1,27 +1,36 @@
 """ProcessCache: a P's local cache, the allocation fast path (Go's mcache).
 See shm/__init__.py for an overview.
 
-One per worker process (a P).  For every size class it caches at most one span and keeps a
-plain Python list of that span's free objects (their allocation-map bytes are LISTED, already
-counted as mallocs).  The fast path takes no lock of any kind:
+One per worker process (a P).  For every size class it caches at most one span and keeps a plain
+Python list of that span's free objects (their allocation-map bytes are LISTED, already counted as
+mallocs).  The fast path takes no lock of any kind:
 
     alloc(size)   class = SIZE_TO_CLASS[(size+7)>>3]; handle = list.pop(); map byte := TAG(k)
-    free(h)       if map byte == TAG(k): map byte := FREE        (our own cached span)
+    free(h)       map byte == TAG(k) (our own span): relists[c] += 1; map byte := LISTED;
+                  list.append(h)  -- the object is ours again at once (mimalloc's local free
+                  list), counted as a malloc to come, as collect counts what it lists
+    free(h)       map byte == ALLOC or TAG(j) (someone else's object): the handle goes into this
+                  P's remote-free buffer (slot words rfree[]) and its map byte becomes RFREED (so
+                  a second free fails at once), applied to the central lists in
+                  batches of RFREE_CAP under one acquisition of each lock involved (tcmalloc's
+                  transfer cache); a buffered free is a cache like the others, flushed first by
+                  every snapshot
+    large         over 32 KiB: a span owned by this P (large.py); freeing it keeps it in a per-P
+                  cache by page count (Go's per-P page cache), so a pair of any size takes no lock
 
-Both first test the stop byte of the P's slot, which the daemon sets to park the world (Go's
-preemption request).  Everything else -- an empty list (refill), a large object, a free of
-someone else's object, a bad handle, a set stop byte -- is the slow path: under the P's
-`threading.Lock`, then an Op under central/heap locks.
+Every call says it is inside with the slot's `inside` byte, set before it reads the stop byte and
+cleared on the way out (shm/world.py: the daemon stops a P that is not inside without its help).
+Everything else -- an empty list (refill), a large size not cached, a full remote-free buffer, a
+bad handle, a set stop byte -- is the slow path: under the P's `threading.Lock`, then an Op under
+central/heap locks.
 
-Who may run the fast path.  Like a Go P, which one M runs at a time, the fast path belongs to
-the thread that made the cache (the owner).  It says it is inside with a `busy` flag, set before
-it reads the stop byte and cleared on the way out; the control thread (client/) parks the P by
-taking the lock and waiting for `busy` to clear, so no alloc or free is ever half done when the
-P says it is parked.  The first call from any other thread switches the cache to shared mode
-for good: every call then takes the locked path (thread-safe; a 64 B pair then costs about
-3-3.7 us instead of 0.8-0.9 us, bench/bench_fastpath.py).  Closing the cache, fork() and shared mode all work the same way: the
-stop byte the fast path reads is swapped for a local non-zero byte, which sends every call to
-the slow path.
+Who may run the fast path.  Like a Go P, which one M runs at a time, the fast path belongs to the
+thread that made the cache (the owner).  The first call from any other thread switches the cache
+to shared mode for good: every call then takes the locked path (thread-safe; a 64 B pair then
+costs a few microseconds, bench/bench_fastpath.py).  Closing the cache, fork() and shared mode all
+work the same way: the stop byte the fast path reads is swapped for a local non-zero byte, which
+sends every call to the slow path, and its `inside` byte for a local one, so that only the slow
+path (under the lock) writes the slot's.
 """
 
 import _thread
@@ -31,15 +40,18 @@ import time
 import weakref
 
 from . import layout as L
+from . import world
 from .central import tag
 from .errors import ArenaClosed, BadHandle, ForkedHeap, OutOfMemory
-from .locks import ofd_wait_unlocked
 from .sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, SIZE_TO_CLASS
 
 SL = L.SLOT
-_STOP_PARK, _STOP_RESYNC = 1, 2
+S = L.SPAN
+_LARGE = 255                  # pclass value of a large span's first page
 _CLOSED = bytearray(b"\x03")  # stop byte of a closed or forked cache: every call takes the slow path
 _SHARED = bytearray(b"\x04")  # stop byte of a cache in shared mode: every call takes the locked path
+LARGE_CACHE_MAX = 256 << 20   # bytes of freed large spans a P keeps for reuse, at most (and at most
+                              # a quarter of the heap); a free past it goes back to the page heap
 
 
 class Block(tuple):
@@ -66,29 +78,52 @@ class Block(tuple):
     __index__ = __int__
 
 
+_registered_pid = 0
+_registered = False
+
+
+def _register_barrier():
+    """membarrier registration, once per process (shm/world.py)."""
+    global _registered_pid, _registered
+    if _registered_pid != os.getpid():
+        _registered = world.register_process()
+        _registered_pid = os.getpid()
+    return _registered
+
+
 class ProcessCache:
     """A P: one slot of the arena, its local cache, and the fast path."""
 
     def __init__(self, arena, slot=None):
         self.arena = arena
-        self.slot = arena.claim_slot() if slot is None else slot
+        self.barrier = _register_barrier()
+        self.slot = arena.registry.claim(self.barrier) if slot is None else slot
         lay = arena.lay
         k = self.slot
         self.pid = os.getpid()
         self.owner = _thread.get_ident()
         self.shared = False
         self._tag = tag(k)
-        self._lists = [[] for _ in range(L.NCLASS)]
+        self._lists = [[] for _ in range(L.NCLASS)]   # LISTED handles, by class
+        self._pclass = bytearray(lay.heap_pages)      # page -> class of a span we cache (_LARGE)
+        self._lcache = {}                             # pages -> LISTED large handles we keep
+        self._lnp = {}                                # handle -> pages, of the large spans we own
+        self._lcached = [0]                           # pages of large spans in _lcache
+        self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lock = threading.Lock()
-        self._busy = [0]
         self._amap = arena.view(lay.amap_off, lay.amap_off + lay.amap_bytes)
         self._hb = lay.heap_off
         # One test instead of three for "0 <= h - heap_off < handle_range and 8-aligned".
         self._mask = ~(lay.handle_range - 1) | 7
-        self._sw = lay.slot_word(k)
-        stop_off = (self._sw + SL["stop"]) * 8
-        self._shm_stop = arena.view(stop_off, stop_off + 1)
-        self._flush_gen = arena.q[self._sw + SL["flush_gen"]]
+        self._sw = sw = lay.slot_word(k)
+        self._shm_stop = arena.view((sw + SL["stop"]) * 8, (sw + SL["stop"]) * 8 + 1)
+        self._inside = arena.view((sw + SL["inside"]) * 8, (sw + SL["inside"]) * 8 + 1)
+        self._relists = arena.words(sw + L.SLOT_RELISTS_AT, L.NCLASS)
+        self._rbuf = arena.words(sw + L.SLOT_RFREE_AT, L.RFREE_CAP)
+        self._rfree_n = arena.words(sw + SL["rfree_n"], 1)
+        self._lgrel = arena.words(sw + SL["lg_relists"], 2)  # lg_relists, lg_relist_pages
+        self._flush_gen = arena.q[sw + SL["flush_gen"]]
+        self._dead = False  # closed, or inherited through fork(): view() refuses
         self.parks = 0
         _CACHES.add(self)
         self._bind_fast_path()
@@ -96,26 +131,48 @@ class ProcessCache:
     # --- the fast path ------------------------------------------------------------------
     def _bind_fast_path(self):
         """Make `self.alloc` and `self.free`: closures over everything they touch (a cell read
-        is several times cheaper than an attribute lookup; the pair's budget is 1 us)."""
+        is several times cheaper than an attribute lookup)."""
         lists, amap, hb, mask, tag_k = self._lists, self._amap, self._hb, self._mask, self._tag
-        busy, owner, get_ident = self._busy, self.owner, _thread.get_ident
-        stop = self._shm_stop  # a cell: _set_stop() swaps it (closed, forked, shared)
+        pclass, relists, lcache, lnp, lcached, lcap = (self._pclass, self._relists, self._lcache, self._lnp,
+                                                      self._lcached, self._lcap)
+        rbuf, rfree_n, lgrel = self._rbuf, self._rfree_n, self._lgrel
+        owner, get_ident = self.owner, _thread.get_ident
+        stop, inside = self._shm_stop, self._inside  # cells: _set_stop() swaps them
         slow_alloc, slow_free = self._slow_alloc, self._slow_free
         s2c, c2s, B, MAXS = SIZE_TO_CLASS, CLASS_TO_SIZE, Block, MAX_SMALL_SIZE
+        LISTED, ALLOC, RFREED, TAG0, RCAP = L.LISTED, L.ALLOC, L.RFREED, L.TAG0, L.RFREE_CAP
+        LARGE, PSHIFT, PMASK = _LARGE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
-            if 0 < size <= MAXS and get_ident() == owner:
-                c = s2c[(size + 7) >> 3]
-                lst = lists[c]
-                busy[0] = 1
-                try:
-                    if lst and not stop[0]:
-                        h = lst.pop()
-                        amap[(h - hb) >> 3] = tag_k
-                        return B((h, size, c2s[c], self))
-                finally:
-                    busy[0] = 0
+            if 0 < size <= MAXS:
+                if get_ident() == owner:
+                    c = s2c[(size + 7) >> 3]
+                    lst = lists[c]
+                    if lst:
+                        ins = inside
+                        ins[0] = 1
+                        try:
+                            if not stop[0]:
+                                h = lst.pop()
+                                amap[(h - hb) >> 3] = tag_k
+                                return B((h, size, c2s[c], self))
+                        finally:
+                            ins[0] = 0
+            elif size.__class__ is int and size > 0 and get_ident() == owner:
+                npg = (size + PMASK) >> PSHIFT
+                lst = lcache.get(npg)
+                if lst:
+                    ins = inside
+                    ins[0] = 1
+                    try:
+                        if not stop[0]:
+                            h = lst.pop()
+                            amap[(h - hb) >> 3] = tag_k
+                            lcached[0] -= npg
+                            return B((h, size, npg << PSHIFT, self))
+                    finally:
+                        ins[0] = 0
             return slow_alloc(size)
 
         def free(block):
@@ -124,84 +181,227 @@ class ProcessCache:
             cls = block.__class__
             h = block[0] if cls is B else block if cls is int else _handle(block)
             if get_ident() == owner:
-                busy[0] = 1
-                try:
-                    if not stop[0]:
-                        d = h - hb
-                        if not d & mask and amap[d >> 3] == tag_k:
-                            amap[d >> 3] = 0
-                            return
-                finally:
-                    busy[0] = 0
+                d = h - hb
+                if not d & mask:
+                    b = amap[d >> 3]
+                    if b == tag_k:
+                        c = pclass[d >> PSHIFT]
+                        if c != LARGE:
+                            ins = inside
+                            ins[0] = 1
+                            try:
+                                if not stop[0]:
+                                    relists[c] += 1  # first: a crash here over-counts, never under
+                                    amap[d >> 3] = LISTED
+                                    lists[c].append(h)
+                                    return
+                            finally:
+                                ins[0] = 0
+                        else:
+                            npg = lnp.get(h, 0)
+                            if npg and lcached[0] + npg <= lcap:
+                                ins = inside
+                                ins[0] = 1
+                                try:
+                                    if not stop[0]:
+                                        lgrel[0] += 1
+                                        lgrel[1] += npg
+                                        amap[d >> 3] = LISTED
+                                        lst = lcache.get(npg)
+                                        if lst is None:
+                                            lcache[npg] = [h]
+                                        else:
+                                            lst.append(h)
+                                        lcached[0] += npg
+                                        return
+                                finally:
+                                    ins[0] = 0
+                    elif b == ALLOC or b >= TAG0:
+                        ins = inside
+                        ins[0] = 1
+                        try:
+                            n = rfree_n[0]
+                            if n < RCAP and not stop[0]:
+                                rbuf[n] = h
+                                rfree_n[0] = n + 1
+                                amap[d >> 3] = RFREED  # a second free now fails at once
+                                return
+                        finally:
+                            ins[0] = 0
             slow_free(h)
 
-        def set_stop(view):
-            nonlocal stop
-            stop = view
+        def set_stop(stop_view, inside_view):
+            nonlocal stop, inside
+            stop, inside = stop_view, inside_view
 
         self.alloc, self.free, self._set_stop = alloc, free, set_stop
 
-    # --- the slow paths (under the P lock) ----------------------------------------------
-    def _enter_slow(self):
-        """Caller holds the P lock.  Switch to shared mode on a foreign thread's first call;
-        park or resync if the stop byte asks."""
+    # --- entering a call the slow way (under the P lock) ----------------------------------
+    def _enter(self):
+        """Caller holds the P lock.  Returns with the slot's `inside` set and its stop byte RUN:
+        parks first if the daemon asks, drops the local lists if the daemon flushed them.  The
+        caller clears `inside` when its call ends (_leave)."""
         if not self.shared and _thread.get_ident() != self.owner:
             self._check_usable()
             self.shared = True
-            self._set_stop(_SHARED)
-            self._wait_not_busy()
-        if self.closed_or_forked() or self._shm_stop[0]:
-            self._sync()
-        self.arena.q[self._sw + SL["active_ns"]] = time.monotonic_ns()
+            self._set_stop(_SHARED, bytearray(1))
+            self._wait_not_inside()
+        self._check_usable()
+        inside, stop = self._inside, self._shm_stop
+        q, sw = self.arena.q, self._sw
+        while True:
+            inside[0] = 1
+            s = stop[0]
+            if s == L.STOP_RUN:
+                return
+            if s == L.STOP_RESYNC:
+                self._resync()
+                q[sw + SL["stop"]] = L.STOP_RUN  # inside a call: see shm/world.py
+                continue
+            inside[0] = 0
+            self.parks += 1
+            world.park(self.arena, self.slot, q[sw + SL["stop_epoch"]])
 
-    def _wait_not_busy(self):
+    def _leave(self):
+        self._inside[0] = 0
+
+    def _wait_not_inside(self):
         """Caller holds the P lock: wait for the owner thread to leave the fast path."""
-        busy = self._busy
-        while busy[0]:
+        inside = self._inside
+        while inside[0]:
             time.sleep(0)
+
+    def _resync(self):
+        """Our cache was flushed by someone else (the daemon, while we were stopped): every local
+        list, the large cache and the remote-free set are stale."""
+        if self.arena.q[self._sw + SL["flush_gen"]] != self._flush_gen:
+            self._drop_local()
+
+    def _drop_local(self):
+        for lst in self._lists:
+            lst.clear()
+        self._lcache.clear()
+        self._lnp.clear()
+        self._lcached[0] = 0
+        self._flush_gen = self.arena.q[self._sw + SL["flush_gen"]]
 
     def closed_or_forked(self):
         return self._closed or os.getpid() != self.pid
 
+    # --- the slow paths -----------------------------------------------------------------
     def _slow_alloc(self, size):
         if size.__class__ is not int:
             size = size.__index__()
         if size < 0:
             raise ValueError(f"alloc size must be >= 0, got {size}")
         with self._lock:
-            self._enter_slow()
-            if size > MAX_SMALL_SIZE:
-                if size > self.arena.lay.heap_max:
-                    raise OutOfMemory(f"alloc of {size} bytes exceeds the whole heap ({self.arena.lay.heap_max} bytes)")
-                h, cap = self.arena.run(self.slot, lambda op: self.arena.alloc_large(op, size))
-                return Block((h, size, cap, self))
-            c = SIZE_TO_CLASS[(size + 7) >> 3] if size else 1  # malloc(0): a distinct, freeable block
-            lst = self._lists[c]
-            h = lst.pop() if lst else self._refill(c)
-            self._amap[(h - self._hb) >> 3] = self._tag
-            return Block((h, size, CLASS_TO_SIZE[c], self))
+            self._enter()
+            try:
+                if size > MAX_SMALL_SIZE:
+                    return self._alloc_large(size)
+                c = SIZE_TO_CLASS[(size + 7) >> 3] if size else 1  # malloc(0): a distinct, freeable block
+                lst = self._lists[c]
+                h = lst.pop() if lst else self._refill(c)
+                self._amap[(h - self._hb) >> 3] = self._tag
+                return Block((h, size, CLASS_TO_SIZE[c], self))
+            finally:
+                self._leave()
+
+    def _alloc_large(self, size):
+        arena, k = self.arena, self.slot
+        if size > arena.lay.heap_max:
+            raise OutOfMemory(f"alloc of {size} bytes exceeds the whole heap ({arena.lay.heap_max} bytes)")
+        npg = (size + L.PAGE_SIZE - 1) >> L.PAGE_SHIFT
+        lst = self._lcache.get(npg)
+        if lst:
+            h = lst.pop()
+            self._lcached[0] -= npg
+        else:
+            def alloc(op):
+                op.acquire(L.LOCK_HEAP)
+                return arena.large.collect_pending(op, k), arena.large.alloc(op, npg, k)
+            gone, h = arena.run(k, alloc)
+            for g in gone:
+                self._lnp.pop(g, None)
+            self._lnp[h] = npg
+            self._pclass[(h - self._hb) >> L.PAGE_SHIFT] = _LARGE
+        self._amap[(h - self._hb) >> 3] = self._tag
+        return Block((h, size, npg << L.PAGE_SHIFT, self))
 
     def _slow_free(self, h):
         with self._lock:
-            self._enter_slow()
-            d = h - self._hb if h.__class__ is int else -1
-            if d >= 0 and not d & self._mask and self._amap[d >> 3] == self._tag:
-                self._amap[d >> 3] = 0
-            else:
-                self.arena.free(h, self.slot)
+            self._enter()
+            try:
+                self._free_locked(h)
+            finally:
+                self._leave()
+
+    def _free_locked(self, h):
+        """free() with the P lock held and inside a call."""
+        if h.__class__ is not int:
+            h = _handle(h)
+        d = h - self._hb
+        if d & self._mask:
+            return self.arena.free(h, self.slot)  # raises: out of range or misaligned
+        i = d >> 3
+        b = self._amap[i]
+        if b == self._tag:
+            c = self._pclass[d >> L.PAGE_SHIFT]
+            if c != _LARGE:
+                self._relists[c] += 1
+                self._amap[i] = L.LISTED
+                self._lists[c].append(h)
+                return
+            npg = self._lnp.get(h, 0)
+            if npg and self._lcached[0] + npg <= self._lcap:
+                self._lgrel[0] += 1
+                self._lgrel[1] += npg
+                self._amap[i] = L.LISTED
+                self._lcache.setdefault(npg, []).append(h)
+                self._lcached[0] += npg
+                return
+            self._lnp.pop(h, None)
+            return self.arena.free(h, self.slot)  # over the cache's bound: to the page heap
+        if b == L.ALLOC or b >= L.TAG0:
+            if self._rfree_n[0] >= L.RFREE_CAP:
+                self.arena.apply_buffered_frees(self.slot)
+            n = self._rfree_n[0]
+            self._rbuf[n] = h
+            self._rfree_n[0] = n + 1
+            self._amap[i] = L.RFREED
+            return
+        self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
 
     def view(self, handle, size=None):
-        """Zero-copy memoryview of the live block at `handle` (allocated by any process):
-        its whole capacity, or its first `size` bytes."""
-        if self.closed_or_forked():
+        """Zero-copy memoryview of the live block at `handle` (allocated by any process): its
+        whole capacity, or its first `size` bytes."""
+        if self._dead:
             self._check_usable()
-        cap = self.arena.block_capacity(handle)
+        h = handle if handle.__class__ is int else _handle(handle)
+        arena = self.arena
+        d = h - self._hb
+        b = self._amap[d >> 3] if not d & self._mask else 0
+        if b != L.ALLOC and b < L.TAG0:
+            cap = arena.block_capacity(h)  # raises with the reason
+        else:
+            q, lay = arena.q, arena.lay
+            r = q[lay.pagemap_word() + (d >> L.PAGE_SHIFT)] - 1
+            w = lay.span_word(r)
+            c = q[w + S["sizeclass"]]
+            off = d - (q[w + S["start"]] << L.PAGE_SHIFT)
+            if c:
+                cap = CLASS_TO_SIZE[c]
+                if r < 0 or off % cap:
+                    cap = arena.block_capacity(h)  # raises with the reason
+            else:
+                cap = q[w + S["npages"]] << L.PAGE_SHIFT
+                if r < 0 or off:
+                    cap = arena.block_capacity(h)
         if size is None:
             size = cap
         elif not 0 <= size <= cap:
             raise BadHandle(f"view of {size} bytes of a block of {cap}")
-        h = int(handle)
-        return self.arena.mv[h:h + size]
+        return arena.mv[h:h + size]
 
     def _refill(self, c):
         """The list of class c is empty (Go: mcache.refill).  Collect what was freed in our
@@ -217,81 +417,38 @@ class ProcessCache:
             if r >= 0:
                 got = central.collect(op, c, r, k)
                 if got:
-                    return got
+                    return r, got
                 central.uncache_span(op, c, r, k)
-            return central.cache_span(op, c, k)[1]
+            return central.cache_span(op, c, k)
 
-        lst = arena.run(k, refill)
+        r, lst = arena.run(k, refill)
+        w = arena.lay.span_word(r)
+        start, npages = arena.q[w + S["start"]], arena.q[w + S["npages"]]
+        self._pclass[start:start + npages] = bytes((c,)) * npages
         self._lists[c][:] = lst
         return self._lists[c].pop()
 
-    def _sync(self):
-        """The stop byte is set: park if the daemon asks, drop the local lists if our cache was
-        flushed.  Caller holds the P lock and the owner is not in the fast path."""
-        self._check_usable()
-        q, sw = self.arena.q, self._sw
-        if q[sw + SL["stop"]] == _STOP_PARK:
-            self._wait_not_busy()
-            self._park(q[sw + SL["stop_epoch"]])
-        if q[sw + SL["flush_gen"]] != self._flush_gen:
-            self._wait_not_busy()
-            self._drop_lists()
-        if q[sw + SL["stop"]] == _STOP_RESYNC:
-            q[sw + SL["stop"]] = 0
-
-    def _park(self, epoch):
-        """Say we are parked for `epoch`, then sleep until the daemon lifts the stop: it holds
-        the resume lock while the world is stopped, and we wait for that lock in the kernel.
-        Nothing is half done: the caller holds the P lock, the fast path is not running, and
-        every shared byte is already written."""
-        q, sw = self.arena.q, self._sw
-        q[sw + SL["parked_ns"]] = time.monotonic_ns()
-        q[sw + SL["parked"]] = epoch
-        self.parks += 1
-        while q[sw + SL["stop"]] == _STOP_PARK and q[sw + SL["stop_epoch"]] == epoch:
-            ofd_wait_unlocked(self.arena.fd, L.resume_lock_byte(epoch))
-            if q[sw + SL["stop"]] == _STOP_PARK and q[sw + SL["stop_epoch"]] == epoch:
-                # The lock is free but the stop stands: the daemon is gone (the kernel dropped
-                # its lock), or it is between two steps of taking it.
-                if not self._daemon_alive():
-                    q[sw + SL["stop"]] = _STOP_RESYNC  # go on without it
-                    break
-                time.sleep(200e-6)
-
-    def _daemon_alive(self):
-        pid = self.arena.q[L.HDR["daemon_pid"]]
-        if not pid:
-            return False
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
-    def _drop_lists(self):
-        for lst in self._lists:
-            lst.clear()
-        self._flush_gen = self.arena.q[self._sw + SL["flush_gen"]]
-
     def park_now(self):
-        """Called by the control thread: park for the pending request, if any.  Waits for the
-        owner to leave the fast path first; the lock keeps every slow path out."""
+        """Called by the control thread (the cooperative protocol, shm/world.py): park for the
+        pending request, if any.  Waits for the owner to leave the fast path first; the lock
+        keeps every slow path out."""
         with self._lock:
             if not self.closed_or_forked() and self._shm_stop[0]:
-                self._sync()
+                self._wait_not_inside()
+                self._enter()
+                self._leave()
 
     def flush(self):
-        """Give every cached span back to the central lists (Go: mcache.releaseAll) -- by the
-        P itself."""
+        """Give every cached span back to the central lists and apply the remote-free buffer
+        (Go: mcache.releaseAll) -- by the P itself."""
         with self._lock:
-            self._check_usable()
-            self._wait_not_busy()
-            if self._shm_stop[0]:
-                self._sync()
-            self.arena.release_all(self.slot, actor=self.slot)
-            self._drop_lists()
+            self._wait_not_inside()
+            self._enter()
+            try:
+                self.arena.flush_cache(self.slot, actor=self.slot)
+                self._drop_local()
+            finally:
+                self._leave()
 
     def _check_usable(self):
         if os.getpid() != self.pid:
@@ -306,21 +463,24 @@ class ProcessCache:
         """Flush the cache and give the slot back.  The arena stays attached (Arena.close)."""
         with self._lock:
             if self._closed or os.getpid() != self.pid:
-                self._closed = True
-                self._set_stop(_CLOSED)
+                self._closed = self._dead = True
+                self._set_stop(_CLOSED, bytearray(1))
                 return
-            self._set_stop(_CLOSED)
-            self._wait_not_busy()
-            if self._shm_stop[0]:
-                self._sync()  # a snapshot is waiting for this P: park for it first
-            self._closed = True
-            self.arena.release_all(self.slot, actor=self.slot)
-            self._drop_lists()
-            self.arena.release_slot(self.slot)
+            self._set_stop(_CLOSED, bytearray(1))
+            self._wait_not_inside()
+            self._enter()  # a snapshot waiting for this P: park for it first
+            try:
+                self._closed = self._dead = True
+                self.arena.flush_cache(self.slot, actor=self.slot)
+                self._drop_local()
+            finally:
+                self._leave()
+            self.arena.registry.give_back(self.slot)
 
     def _after_fork_in_child(self):
         # Every call of the child now takes the slow path, which raises ForkedHeap.
-        self._set_stop(_CLOSED)
+        self._dead = True
+        self._set_stop(_CLOSED, bytearray(1))
 
 
 _CACHES = weakref.WeakSet()

@@ -25,7 +25,7 @@ from .sizeclasses import CLASS_TO_ALLOCNPAGES, CLASS_TO_NOBJS, CLASS_TO_SIZE
 S = L.SPAN
 C = L.CENTRAL
 H = L.HEAP
-FREE, ALLOC, PENDING, LISTED = L.FREE, L.ALLOC, L.PENDING, L.LISTED
+FREE, ALLOC, PENDING, LISTED, RFREED = L.FREE, L.ALLOC, L.PENDING, L.LISTED, L.RFREED
 
 
 def tag(k):
@@ -148,8 +148,12 @@ class CentralList:
         the number of listed objects uncounted."""
         old, new, _, _ = self._retag(op, c, r, k, UNCACHE_T[k], "uncache_span")
         q, w = self.q, self.lay.span_word(r)
-        op.add(self.cw(c) + C["mallocs"], -old.count(LISTED))
-        n = new.count(ALLOC)
+        # The P's local frees re-listed objects, each counted as a malloc to come (slot relists);
+        # those still listed now never happened.
+        rel_w = self.lay.slot_word(k) + L.SLOT_RELISTS_AT + c
+        op.add(self.cw(c) + C["mallocs"], q[rel_w] - old.count(LISTED))
+        op.w(rel_w, 0)
+        n = new.count(ALLOC) + new.count(RFREED)  # a buffered free is live until applied
         op.w(w + S["owner"], 0)
         op.w(w + S["alloc_count"], n)
         op.w(w + S["npending"], 0)
@@ -177,6 +181,50 @@ class CentralList:
         return n
 
     # --- frees that are not the fast path ------------------------------------------------
+    def apply_frees(self, op, c, r, handles, k):
+        """Apply buffered frees (handles of span r, class c) made by P k of objects it did not
+        cache when it freed them (Go has no such thing; tcmalloc's transfer cache and mimalloc's
+        delayed frees do).  Each was a live object when P k buffered it; one that no longer is --
+        a double free split across processes -- is skipped, never applied twice.  Returns the
+        number skipped.  One retag of the span's bytes for the whole group."""
+        op.need(L.LOCK_CENTRAL(c), "CentralList.apply_frees")
+        q, w = self.q, self.lay.span_word(r)
+        off, stride, n, base, size = self.starts(r)
+        old = bytes(self.mv[off:off + n * stride:stride])
+        new = bytearray(old)
+        owner = q[w + S["owner"]]
+        freed = pending = bad = 0
+        for h in handles:
+            i, rem = divmod(h - base, size)
+            b = new[i] if not rem and 0 <= i < n else -1
+            # RFREED: our hint held, nobody could hand the object out.  ALLOC or TAG: the hint
+            # was overwritten by a retag, which only ever writes allocated states over allocated
+            # ones -- the object stayed allocated.  Anything else: it was freed since.
+            live = b == RFREED or b == ALLOC or (b >= L.TAG0 and owner == b - L.TAG0 + 1)
+            if not live or (b == ALLOC and owner):
+                bad += 1
+            elif not owner:
+                new[i] = FREE
+                freed += 1
+            elif owner == k + 1:
+                new[i] = FREE  # cached by P k since: collected at its next refill
+            else:
+                new[i] = PENDING
+                pending += 1
+        # Byte by byte, only the objects freed: the owner's fast path writes the others meanwhile.
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                op.wbyte(off + i * stride, b)
+        if pending:
+            op.add(w + S["npending"], pending)
+        if freed:
+            cnt = q[w + S["alloc_count"]]
+            op.w(w + S["alloc_count"], cnt - freed)
+            op.add(self.cw(c) + C["live"], -freed)
+            self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
+            self._place(op, c, r, cnt - freed, q[w + S["nelems"]])
+        return bad
+
     def free_object(self, op, c, r, h, k):
         """Free object `h` of span r (class c) on behalf of P k (-1: no P).  Validates first,
         changes nothing on a bad handle."""
@@ -190,8 +238,9 @@ class CentralList:
                             f"handle {h} is in the tail of a span, past its last object")
         boff = off + i * stride
         b = self.mv[boff]
-        if b in (FREE, LISTED, PENDING):
-            raise DoubleFree(f"double free: block {h} ({size} bytes) is already free")
+        if b in (FREE, LISTED, PENDING, RFREED):
+            raise DoubleFree(f"double free: block {h} ({size} bytes) is already free" +
+                             (" (freed by another process, its free not yet applied)" if b == RFREED else ""))
         owner = q[w + S["owner"]]
         if b == ALLOC:
             if owner:

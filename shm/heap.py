@@ -3,8 +3,10 @@
 The heap is `heap_max` bytes at `heap_off` in the segment, reserved sparse.  Pages [0, committed)
 are committed with os.posix_fallocate, which fails with ENOSPC on a full tmpfs -- a clean
 OutOfMemory -- where touching an uncommitted page of a full tmpfs would kill the process with
-SIGBUS.  Every span allocation fallocates its range again (a no-op on committed pages, a
-re-commit after MADV_REMOVE), so no code path ever writes to a page tmpfs has not promised.
+SIGBUS.  A span allocation commits its range again only when its pages were released (MADV_REMOVE):
+committed_pages is a high-water mark, and pages below it are committed unless their free span says
+`released`, so no code path writes to a page tmpfs has not promised, and none pays for fallocate
+twice.
 
 Free spans live in size buckets (bucket n holds free spans of n pages, n < 128; bucket 128 holds
 the rest), doubly linked through their records.  The page map holds record index+1 for every page
@@ -220,7 +222,10 @@ class PageHeap:
         q, hw = self.q, self.hw
         fw = self.sw(f)
         fstart, fn, frel = q[fw + S["start"]], q[fw + S["npages"]], q[fw + S["released"]]
-        self._commit(op, fstart, npages)
+        if frel:
+            # Pages of a free span that was never released are committed already (they lie below
+            # committed_pages): only released ones are committed again.
+            self._commit(op, fstart, npages)
         self.list_remove(op, self.bucket_w(fn), f)
         if fn > npages:
             rest = self.new_record(op)
@@ -262,10 +267,10 @@ class PageHeap:
         # Interior page-map entries may keep pointing at r: lookups check state and range.
         self._insert_free(op, r)
 
-    def release_free(self, op, min_pages=1):
+    def scavenge(self, op, min_pages=1):
         """Give every committed, unreleased free span back to the OS (MADV_REMOVE punches the
-        pages out of tmpfs).  Returns the bytes released.  Go: scavenger / debug.FreeOSMemory."""
-        op.need(L.LOCK_HEAP, "PageHeap.release_free")
+        pages out of tmpfs).  Returns the bytes returned.  Go: scavenger / debug.FreeOSMemory."""
+        op.need(L.LOCK_HEAP, "PageHeap.scavenge")
         q, total = self.q, 0
         mm = self.arena.mmap
         for b in range(1, L.NBUCKETS):
@@ -281,3 +286,5 @@ class PageHeap:
                     total += n * PAGE
                 r = q[w + S["next"]] - 1
         return total
+
+    release_free = scavenge  # TEMPORARY old name, removed once the tests are renamed

@@ -29,13 +29,17 @@ Allocation-map byte values (one byte per 8-byte granule; only object starts are 
     2            PENDING     freed by a P that does not cache the span; merged by the owner
     3            LISTED      free, sitting in the owning P's local free list (counted optimistically
                              as a malloc, as Go's cacheSpan does; uncounted again at uncache)
+    4            RFREED      freed by a P that does not cache the span, its free still in that P's
+                             remote-free buffer: still live in the counters, never handed out;
+                             written without a lock (a hint that lets a second free fail at once),
+                             so a retag may overwrite it -- the buffered free stays authoritative
     16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
 """
 
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 1
+VERSION = 2
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -44,7 +48,7 @@ PAGE_SHIFT = sc.PAGE_SHIFT
 NCLASS = sc.NUM_SIZE_CLASSES
 
 # Allocation-map byte values.
-FREE, ALLOC, PENDING, LISTED, TAG0 = 0, 1, 2, 3, 16
+FREE, ALLOC, PENDING, LISTED, RFREED, TAG0 = 0, 1, 2, 3, 4, 16
 MAX_SLOTS = 255 - TAG0  # tags must fit in a byte
 
 # Region preamble: magic, version, bytes; data starts 8 words in.
@@ -109,6 +113,8 @@ CENTRAL = _words(
     "live",      # objects allocated in spans of this class NOT cached by any P
     "nspans",    # in-use spans of this class (cached or not)
     "ncached",   # spans of this class cached by some P
+    "bad_frees",  # buffered cross-process frees found bad only when applied (a double free
+                  #   split across processes); counted, logged, never applied; cumulative
 )
 CENTRAL_WORDS = 8
 
@@ -127,6 +133,7 @@ HEAP = _words(
     "large_total_bytes",  # bytes of large spans ever allocated; cumulative
     "grows",             # heap growths; cumulative
     "releases",          # MADV_REMOVE calls; cumulative
+    "bad_frees",         # buffered frees of large objects found bad when applied; cumulative
 )
 HEAP_BUCKETS_AT = 16     # word index of bucket heads: bucket n (1..127) = free spans of n pages,
 NBUCKETS = 129           # bucket 128 = free spans of 128 pages or more; each a record index+1
@@ -137,7 +144,9 @@ SLOT = _words(
     "state",         # SLOT_FREE / SLOT_ACTIVE / SLOT_DEAD; under the registry lock
     "pid",           # worker pid; under the registry lock
     "gen",           # incremented at every claim; under the registry lock
-    "stop",          # 1 = the daemon asks this P to park (the fast path reads its low byte)
+    "stop",          # STOP_RUN / STOP_PARK / STOP_RESYNC (below); the fast path reads its low byte.
+                     #   The daemon writes PARK (and RUN or RESYNC at resume); the P writes RUN
+                     #   over RESYNC only, inside a call (shm/world.py says why that is safe)
     "stop_epoch",    # epoch of that request; written by the daemon before `stop`
     "parked",        # epoch the P parked for; written by the P (or the daemon if it is dead)
     "flush_gen",     # bumped by the daemon each time it flushes this P's cache while parked
@@ -148,12 +157,35 @@ SLOT = _words(
     "active_ns",     # time.monotonic_ns() of the P's last slow-path call: a P busy in the
                      # allocator parks through its stop byte, so the daemon need not wake it
     "parked_ns",     # time.monotonic_ns() when the P parked (written just before `parked`)
+    "inside",        # low byte 1 while the P is inside an allocator call (fast or slow path);
+                     #   written by the P only, BEFORE it reads `stop` (see shm/world.py)
+    "barrier",       # 1 = the P registered for membarrier(GLOBAL_EXPEDITED), so the daemon may
+                     #   judge it stopped from `inside` alone; written by the P at claim
+    "rfree_n",       # remote-free buffer: entries [0, rfree_n) of rfree[] are frees this P made of
+                     #   objects it does not cache, not yet applied; written by the P, or by its
+                     #   flusher while the P is stopped or dead (then under the locks it applies)
+    "lg_relists",    # large spans this P re-listed into its large cache by local frees, counted
+                     #   as mallocs optimistically; folded into the heap figures at flush; P only
+    "lg_relist_pages",  # pages of those spans; P only
+    "lg_head",       # record index+1 of the first large span this P owns (allocated TAG(k),
+                     #   LISTED in its large cache, or PENDING); linked through the records'
+                     #   next/prev; under the heap lock
+    "lg_pending",    # large spans of this P another P freed (PENDING); under the heap lock
 )
-SLOT_CACHED_AT = 16      # word index of cached[c], c in 0..66: record index+1 of the span of class c
+SLOT_CACHED_AT = 32      # word index of cached[c], c in 0..66: record index+1 of the span of class c
                          # this P caches; written under central lock c
-SLOT_HEAD_WORDS = 128
+SLOT_RELISTS_AT = 104    # word index of relists[c], c in 0..66: objects of class c this P re-listed
+                         # by local frees (LISTED again, counted as mallocs optimistically, as at
+                         # collect); written by the P only; folded into central[c].mallocs when the
+                         # span of class c is uncached
+SLOT_RFREE_AT = 256      # word index of rfree[i], i < RFREE_CAP: handles this P freed remotely
+RFREE_CAP = 256
+SLOT_HEAD_WORDS = 512
 LOG_BYTES = 64 * 1024    # undo log bytes per actor
 SLOT_FREE, SLOT_ACTIVE = 0, 1
+STOP_RUN = 0      # run: the fast path may go on
+STOP_PARK = 1     # the world is stopping for epoch stop_epoch: park at the next call
+STOP_RESYNC = 2   # the daemon flushed this P's cache: drop the local lists at the next call
 
 # --- span records --------------------------------------------------------------------------
 SPAN = _words(
@@ -161,7 +193,8 @@ SPAN = _words(
     "npages",      # pages
     "state",       # SPAN_UNUSED / SPAN_FREE / SPAN_INUSE; under the heap lock
     "sizeclass",   # 0 = large object; else a size class; set under the heap lock
-    "owner",       # slot+1 of the P caching this span, 0 = none; under central lock
+    "owner",       # slot+1 of the P caching this span, 0 = none; under central lock (heap lock
+                   #   for a large span: the P that allocated it owns it until it is flushed)
     "list",        # LIST_* ; which list links this record (central lock, or heap lock for free)
     "next",        # record index+1 in that list
     "prev",        # record index+1 in that list
@@ -172,7 +205,8 @@ SPAN = _words(
 )
 SPAN_WORDS = 16
 SPAN_UNUSED, SPAN_FREE, SPAN_INUSE = 0, 1, 2
-LIST_NONE, LIST_PARTIAL, LIST_FULL, LIST_HEAPFREE, LIST_UNUSED = 0, 1, 2, 3, 4
+LIST_NONE, LIST_PARTIAL, LIST_FULL, LIST_HEAPFREE, LIST_UNUSED, LIST_LARGE = 0, 1, 2, 3, 4, 5
+# LIST_LARGE: a large span owned by a P, on that P's lg_head list (heap lock)
 
 REGION_MAGIC = {
     "locks": 0x4B434F4C,     # "LOCK"

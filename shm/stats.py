@@ -49,6 +49,8 @@ FIELDS = (
     ("large_mallocs", "objects", "counter", "Large objects (over 32 KiB) ever allocated."),
     ("large_frees", "objects", "counter", "Large objects ever freed."),
     ("large_bytes", "bytes", "gauge", "Bytes of live large spans."),
+    ("bad_frees", "objects", "counter", "Cross-process frees found bad only when their batch was applied (a double "
+     "free split across processes, or a stale handle): counted and logged, never applied."),
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)
 # Snapshot keys that are not figures of the arena but of the snapshot itself.
@@ -94,6 +96,7 @@ def _assemble(arena, committed, inuse_pages, released_pages, records_high, recor
     d["frees"] = d["mallocs"] - d["heap_objects"]
     d["total_alloc"] = sum(mallocs_c[c] * CLASS_TO_SIZE[c] for c in range(1, L.NCLASS)) + large_total_bytes
     d["by_size"] = by_size
+    d["bad_frees"] = arena.q[arena.lay.heap_word() + H["bad_frees"]]
     return d
 
 
@@ -109,7 +112,7 @@ def read_stats(arena):
         mallocs_c[c] = q[cw + C["mallocs"]]
         live_c[c] = q[cw + C["live"]]
     return _assemble(arena, hg("committed_pages"), hg("inuse_pages"), hg("released_pages"), hg("records_high"),
-                     hg("nrecords_used"), len(arena.active_slots()), mallocs_c, live_c, hg("large_mallocs"),
+                     hg("nrecords_used"), len(arena.registry.active_slots()), mallocs_c, live_c, hg("large_mallocs"),
                      hg("large_live"), hg("large_live_pages"), hg("large_total_bytes"))
 
 
@@ -150,8 +153,19 @@ def read_stats_slow(arena, records=None):
     hw = lay.heap_word()
     records = span_records(arena) if records is None else records
     mallocs_c = [q[lay.central_word(c) + C["mallocs"]] if c else 0 for c in range(L.NCLASS)]
+    large_mallocs, large_total = q[hw + H["large_mallocs"]], q[hw + H["large_total_bytes"]]
+    # Objects the Ps re-listed by local frees were counted as mallocs to come (slot relists), as
+    # were the large spans they keep; those still listed below never happened.
+    for k in range(lay.nslots):
+        sw = lay.slot_word(k)
+        rel = q[sw + L.SLOT_RELISTS_AT:sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist()
+        for c in range(1, L.NCLASS):
+            mallocs_c[c] += rel[c]
+        large_mallocs += q[sw + L.SLOT["lg_relists"]]
+        large_total += q[sw + L.SLOT["lg_relist_pages"]] * PAGE
     live_c = [0] * L.NCLASS
     inuse_pages = released_pages = large_live = large_live_pages = 0
+    amap = arena.mv
     for rec in records:
         if rec["state"] == L.SPAN_FREE:
             if rec["released"]:
@@ -160,8 +174,13 @@ def read_stats_slow(arena, records=None):
         inuse_pages += rec["npages"]
         c = rec["sizeclass"]
         if c == 0:
-            large_live += 1
-            large_live_pages += rec["npages"]
+            b = amap[lay.amap_off + rec["start"] * PAGE // 8]
+            if b == L.ALLOC or b >= L.TAG0:
+                large_live += 1
+                large_live_pages += rec["npages"]
+            elif b == L.LISTED:
+                large_mallocs -= 1
+                large_total -= rec["npages"] * PAGE
             continue
         b = object_bytes(arena, rec)
         live_c[c] += _allocated(b)
@@ -169,8 +188,8 @@ def read_stats_slow(arena, records=None):
             mallocs_c[c] -= b.count(L.LISTED)
     committed = q[hw + H["committed_pages"]]
     return _assemble(arena, committed, inuse_pages, released_pages, q[hw + H["records_high"]], len(records),
-                     len(arena.active_slots()), mallocs_c, live_c, q[hw + H["large_mallocs"]], large_live,
-                     large_live_pages, q[hw + H["large_total_bytes"]])
+                     len(arena.registry.active_slots()), mallocs_c, live_c, large_mallocs, large_live,
+                     large_live_pages, large_total)
 
 
 def identities(s):
@@ -343,6 +362,7 @@ def _check_central(arena, records):
                     bad.append(f"class {c} {name} list: span {r} prev link broken")
                 prev, r = r, q[w + S["next"]] - 1
         live = nspans = ncached = 0
+        buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
         for rec in records:
             if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != c:
                 continue
@@ -350,21 +370,30 @@ def _check_central(arena, records):
             r = rec["r"]
             b = object_bytes(arena, rec)
             alloc = _allocated(b)
+            rfreed = b.count(L.RFREED)
+            if rfreed:
+                base = arena.lay.heap_off + rec["start"] * PAGE
+                size = CLASS_TO_SIZE[c]
+                lost = [base + i * size for i, x in enumerate(b) if x == L.RFREED and base + i * size not in buffered]
+                if lost:
+                    bad.append(f"span {r}: objects {lost[:4]} are RFREED but in no P's remote-free buffer")
             if rec["owner"]:
                 ncached += 1
                 k = rec["owner"] - 1
                 if owner_of.get(r) != (k, c):
                     bad.append(f"span {r} says it is cached by P {k} but slot {k} does not cache it")
-                allowed = {L.FREE, L.PENDING, L.LISTED, L.TAG0 + k}
+                allowed = {L.FREE, L.PENDING, L.LISTED, L.RFREED, L.TAG0 + k}
                 if b.count(L.PENDING) != rec["npending"]:
                     bad.append(f"span {r}: npending {rec['npending']} != PENDING bytes {b.count(L.PENDING)}")
                 if r in on_list:
                     bad.append(f"span {r} is cached by P {k} and on a central list")
             else:
-                allowed = {L.FREE, L.ALLOC}
+                allowed = {L.FREE, L.ALLOC, L.RFREED}
                 live += rec["alloc_count"]
-                if alloc != rec["alloc_count"]:
-                    bad.append(f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects {alloc}")
+                if alloc + rfreed != rec["alloc_count"]:  # a buffered free is live until applied
+                    bad.append(f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects "
+                               f"{alloc} + RFREED {rfreed}")
+                alloc += rfreed
                 # An empty span may wait on the partial list (Arena.free_empty_spans).
                 want = L.LIST_FULL if alloc == rec["nelems"] else L.LIST_PARTIAL
                 if on_list.get(r) != want or rec["list"] != want:
@@ -389,6 +418,7 @@ def _check_amap(arena, records):
     """Only object starts of in-use spans have non-zero allocation-map bytes."""
     q, lay, mv, bad = arena.q, arena.lay, arena.mv, []
     committed = q[lay.heap_word() + H["committed_pages"]]
+    buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
     # The allocation map: only object starts of in-use spans are non-zero.
     amap = mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
     nonzero = len(amap) - bytes(amap).count(0)
@@ -398,8 +428,15 @@ def _check_amap(arena, records):
             continue
         if rec["sizeclass"] == 0:
             b0 = amap[rec["start"] * PAGE // 8]
-            if b0 != L.ALLOC:
-                bad.append(f"large span {rec['r']}: start byte {b0}, want ALLOC")
+            k = rec["owner"] - 1
+            if b0 == L.RFREED and arena.lay.heap_off + rec["start"] * PAGE not in buffered:
+                bad.append(f"large span {rec['r']} is RFREED but in no P's remote-free buffer")
+            if k < 0 and (b0 not in (L.ALLOC, L.RFREED) or rec["list"] != L.LIST_NONE):
+                bad.append(f"large span {rec['r']}: start byte {b0}, list {rec['list']}; an unowned one is ALLOC")
+            elif k >= 0 and (b0 not in (L.TAG0 + k, L.LISTED, L.PENDING, L.RFREED) or rec["list"] != L.LIST_LARGE
+                             or rec["r"] not in arena.large.owned(k)):
+                bad.append(f"large span {rec['r']} owned by P {k}: start byte {b0}, list {rec['list']}, "
+                           "want TAG(k), LISTED or PENDING on P k's list")
             starts_nonzero += b0 != 0
         else:
             b = object_bytes(arena, rec)
@@ -411,12 +448,21 @@ def _check_amap(arena, records):
     return bad
 
 
+def quiet_slot(arena, k):
+    """P k holds nothing a flush would change: no cached span, no owned large span, no buffered
+    free, no re-listed object counted ahead."""
+    q, sw = arena.q, arena.lay.slot_word(k)
+    return not (arena.cached_spans(k) or q[sw + L.SLOT["lg_head"]] or q[sw + L.SLOT["rfree_n"]]
+                or any(q[sw + L.SLOT_RELISTS_AT:sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist())
+                or q[sw + L.SLOT["lg_relists"]])
+
+
 def _check_figures(arena, records):
     """The identities hold on the slow walk, and the fast figures equal it when no P caches a span."""
     # Figures: the fast read must equal the slow walk whenever no P caches a span.
     slow = read_stats_slow(arena, records)
     bad = identities(slow)
-    if not any(arena.cached_spans(k) for k in range(arena.lay.nslots)):
+    if all(quiet_slot(arena, k) for k in range(arena.lay.nslots)):
         bad += ["fast != slow: " + d for d in diff(read_stats(arena), slow)]
     return bad
 

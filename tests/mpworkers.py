@@ -85,8 +85,10 @@ def stuck_worker(endpoint, ready, release, results):
     heap = client.connect(endpoint)
     b = heap.alloc(100)
     with heap._lock:
+        heap._enter()  # inside an allocator call, as a long slow path is
         ready.set()
         release.wait(120)
+        heap._leave()
     heap.free(b)
     results.put(heap.slot)
     heap.close()

@@ -139,7 +139,8 @@ def test_double_free_across_two_processes_caches(arena):
         with pytest.raises(DoubleFree):
             p.free(b.handle)
     assert metadata_bytes(arena) == before
-    p2.free(neighbour)  # the span is empty now and back in the heap
+    p2.free(neighbour)
+    p2.flush()  # p2's buffered frees applied: the span is empty now and back in the heap
     with pytest.raises(BadHandle, match="not a live block"):
         p1.free(neighbour.handle)
     assert_healthy(arena, p1, p2)
@@ -297,6 +298,7 @@ def test_release_and_reuse_of_idle_pages(arena):
     big = [p.alloc(1 << 20) for _ in range(4)]
     for b in big:
         p.free(b)
+    p.flush()  # the P's large cache keeps freed spans for reuse until it is flushed
     released = arena.release_free_pages()
     snap = settle(arena, p)
     assert released > 0 and snap["heap_released"] == released

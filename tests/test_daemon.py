@@ -526,14 +526,19 @@ def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
         asker = subprocess.Popen([*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "30000"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.monotonic() + DEADLINE
-        while spy.q[spy.lay.slot_word(slot) + L.SLOT["parked"]] != spy.q[L.HDR["stopped_epoch"]] \
-                or not spy.q[L.HDR["stopped_epoch"]]:
-            assert time.monotonic() < end, "the idle worker never parked"
+        sw = spy.lay.slot_word(slot)
+        while spy.q[sw + L.SLOT["stop"]] != L.STOP_PARK or not spy.q[L.HDR["stopped_epoch"]]:
+            assert time.monotonic() < end, "the idle worker was never stopped"
             time.sleep(0.005)
-        d.stop(signal.SIGKILL)  # mid-pause: the idle worker is asleep on the resume lock
+        cmds.put(("alloc", 64))  # the world is stopped: this call parks on the resume lock
+        while spy.q[sw + L.SLOT["parked"]] != spy.q[L.HDR["stopped_epoch"]]:
+            assert time.monotonic() < end, "the idle worker's call never parked"
+            time.sleep(0.005)
+        d.stop(signal.SIGKILL)  # mid-pause: the worker is asleep on the resume lock
         asker.kill()  # its question will never be answered
         asker.wait(DEADLINE)
-        cmds.put(("alloc", 64))  # goes through: the P woke and resumed without the daemon
+        assert res.get(timeout=DEADLINE)[0] == "ok"  # the parked call woke and went on without the daemon
+        cmds.put(("alloc", 64))
         assert res.get(timeout=DEADLINE)[0] == "ok"
         cmds.put(("close",))
         assert res.get(timeout=DEADLINE) == ("ok", None)

@@ -29,7 +29,7 @@ def make_snap(used=None, large=(3, 1, 2), taken_ns=T0, **meta):
     by = [{"size": s, "mallocs": used.get(s, (0, 0))[0], "frees": used.get(s, (0, 0))[1]}
           for s in CLASS_TO_SIZE[1:]]
     lm, lf, lpages = large
-    s = {"by_size": by, "large_mallocs": lm, "large_frees": lf, "large_bytes": lpages * PAGE}
+    s = {"by_size": by, "large_mallocs": lm, "large_frees": lf, "large_bytes": lpages * PAGE, "bad_frees": 0}
     small_live = sum((e["mallocs"] - e["frees"]) * e["size"] for e in by)
     s["heap_alloc"] = small_live + s["large_bytes"]
     s["heap_inuse"] = 3 * 1024 * 1024  # 3.0 MiB

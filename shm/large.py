@@ -1,0 +1,172 @@
+"""Large objects (over 32 KiB): a span each, owned by the P that allocated it.
+See shm/__init__.py for an overview.
+
+Go gives each P a cache of free pages (pageCache) so that most large allocations take no lock.
+Here a large span stays *owned* by the P that allocated it -- its object byte is TAG(k), its
+record's owner k+1, and it sits on P k's list (slot word lg_head, linked through the records'
+next/prev, tag LIST_LARGE, under the heap lock) -- until a flush:
+
+    TAG(k)    allocated, owned by P k: P k frees it with one byte store (the fast path)
+    LISTED    freed by P k and kept in P k's large cache for the next allocation of the same
+              page count, counted as a malloc optimistically (slot words lg_relists and
+              lg_relist_pages, folded into the heap figures at flush) -- Go's nmalloc trick
+    PENDING   freed by another P (its buffered free, applied under the heap lock); P k gives it
+              back to the heap at its next large slow path, or its flusher does (lg_pending)
+    ALLOC     allocated, owned by nobody (its P was flushed); freed under the heap lock
+
+Heap counters (layout.HEAP large_*) count an owned span as live until it is flushed or freed
+under the heap lock: the optimistic mallocs and the spans still LISTED are settled at flush.
+Every method runs inside an Op that holds the heap lock (checked).
+"""
+
+from . import layout as L
+from .errors import BadHandle, CorruptionError, DoubleFree
+
+S = L.SPAN
+H = L.HEAP
+SL = L.SLOT
+PAGE = L.PAGE_SIZE
+
+
+class LargeObjects:
+    def __init__(self, arena):
+        self.arena = arena
+        self.q = arena.q
+        self.mv = arena.mv
+        self.lay = arena.lay
+        self.heap = arena.heap
+        self.hw = arena.lay.heap_word()
+
+    def byte_off(self, h):
+        return self.lay.amap_off + ((h - self.lay.heap_off) >> 3)
+
+    def head_w(self, k):
+        return self.lay.slot_word(k) + SL["lg_head"]
+
+    def owned(self, k):
+        """Records of the large spans P k owns (a read; caller holds the heap lock or k is quiet)."""
+        q, out = self.q, []
+        r = q[self.head_w(k)] - 1
+        while r >= 0:
+            out.append(r)
+            r = q[self.lay.span_word(r) + S["next"]] - 1
+        return out
+
+    def alloc(self, op, npages, k):
+        """A new large span of `npages` pages owned by P k (k = -1: owned by nobody).  Returns
+        the handle.  Counts it as a malloc (heap lock)."""
+        op.acquire(L.LOCK_HEAP)
+        r = self.heap.alloc_span(op, npages, 0, 1)
+        w = self.lay.span_word(r)
+        h = self.lay.heap_off + self.q[w + S["start"]] * PAGE
+        if k >= 0:
+            op.wbyte(self.byte_off(h), L.TAG0 + k)
+            op.w(w + S["owner"], k + 1)
+            self.heap.list_push(op, self.head_w(k), r, L.LIST_LARGE)
+        else:
+            op.wbyte(self.byte_off(h), L.ALLOC)
+        op.add(self.hw + H["large_mallocs"], 1)
+        op.add(self.hw + H["large_live"], 1)
+        op.add(self.hw + H["large_live_pages"], npages)
+        op.add(self.hw + H["large_total_bytes"], npages * PAGE)
+        return h
+
+    def _give_back(self, op, r, h, was_live, optimistic=False):
+        """Return span r (object h, owned or not) to the page heap.  `was_live`: the heap counters
+        still count it live; `optimistic`: it was also counted as a malloc that never happened."""
+        q, w = self.q, self.lay.span_word(r)
+        npages = q[w + S["npages"]]
+        owner = q[w + S["owner"]]
+        if owner:
+            self.heap.list_remove(op, self.head_w(owner - 1), r)
+            op.w(w + S["owner"], 0)
+        op.wbyte(self.byte_off(h), L.FREE)
+        if was_live:
+            op.add(self.hw + H["large_live"], -1)
+            op.add(self.hw + H["large_live_pages"], -npages)
+        if optimistic:
+            op.add(self.hw + H["large_mallocs"], -1)
+            op.add(self.hw + H["large_total_bytes"], -npages * PAGE)
+        self.heap.free_span(op, r)
+
+    def base(self, r):
+        return self.lay.heap_off + self.q[self.lay.span_word(r) + S["start"]] * PAGE
+
+    def free(self, op, r, h, k, buffered=False):
+        """Free large object h (span r) now, on behalf of P k (-1: no P): validates first and
+        changes nothing on a bad handle.  `buffered`: the free comes from P k's remote-free
+        buffer, which marked the object RFREED.  Returns False when the object is owned by another
+        P and was only marked PENDING for it."""
+        op.need(L.LOCK_HEAP, "LargeObjects.free")
+        q, w = self.q, self.lay.span_word(r)
+        base = self.base(r)
+        if h != base:
+            raise BadHandle(f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes "
+                            f"but not at its start ({base})")
+        b = self.mv[self.byte_off(h)]
+        owner = q[w + S["owner"]]
+        if b == L.RFREED and buffered:
+            b = L.TAG0 + owner - 1 if owner else L.ALLOC  # our hint held (central.apply_frees)
+        if b == L.ALLOC and not owner:
+            self._give_back(op, r, h, was_live=True)
+            return True
+        if b >= L.TAG0 and owner == b - L.TAG0 + 1:
+            j = b - L.TAG0
+            if j == k:
+                self._give_back(op, r, h, was_live=True)
+                return True
+            op.wbyte(self.byte_off(h), L.PENDING)
+            op.add(self.lay.slot_word(j) + SL["lg_pending"], 1)
+            return False
+        if b in (L.FREE, L.LISTED, L.PENDING, L.RFREED):
+            raise DoubleFree(f"double free: large block {h} is already free")
+        raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
+
+    def collect_pending(self, op, k):
+        """P k gives back to the heap the spans other Ps freed (PENDING).  Returns their handles."""
+        op.need(L.LOCK_HEAP, "LargeObjects.collect_pending")
+        q, out = self.q, []
+        if not q[self.lay.slot_word(k) + SL["lg_pending"]]:
+            return out
+        for r in self.owned(k):
+            h = self.base(r)
+            if self.mv[self.byte_off(h)] == L.PENDING:
+                self._give_back(op, r, h, was_live=True)
+                out.append(h)
+        op.w(self.lay.slot_word(k) + SL["lg_pending"], 0)
+        return out
+
+    def flush(self, op, k):
+        """Flush P k's large cache (Go: the pageCache flush): fold its optimistic mallocs into the
+        heap figures, give back every span it keeps LISTED or another P freed, and disown the
+        ones still allocated.  Checkpoints after each span.  Returns the spans handled."""
+        op.need(L.LOCK_HEAP, "LargeObjects.flush")
+        q, sw = self.q, self.lay.slot_word(k)
+        rel, rel_pages = q[sw + SL["lg_relists"]], q[sw + SL["lg_relist_pages"]]
+        if rel or rel_pages:
+            op.add(self.hw + H["large_mallocs"], rel)
+            op.add(self.hw + H["large_total_bytes"], rel_pages * PAGE)
+            op.w(sw + SL["lg_relists"], 0)
+            op.w(sw + SL["lg_relist_pages"], 0)
+            op.log.clear()  # checkpoint
+        n = 0
+        for r in self.owned(k):
+            h = self.base(r)
+            b = self.mv[self.byte_off(h)]
+            if b == L.TAG0 + k or b == L.RFREED:
+                # Still allocated (RFREED: freed by another P whose buffer is not applied yet;
+                # it stays RFREED, and the buffer frees it unowned).
+                self.heap.list_remove(op, self.head_w(k), r)
+                op.w(self.lay.span_word(r) + S["owner"], 0)
+                if b != L.RFREED:
+                    op.wbyte(self.byte_off(h), L.ALLOC)
+            elif b == L.LISTED:
+                self._give_back(op, r, h, was_live=True, optimistic=True)
+            elif b == L.PENDING:
+                self._give_back(op, r, h, was_live=True)
+            else:
+                raise CorruptionError(f"large span {r} on P {k}'s list has object byte {b}")
+            op.log.clear()  # checkpoint
+            n += 1
+        op.w(sw + SL["lg_pending"], 0)
+        return n

@@ -1,0 +1,124 @@
+"""The P-slot registry: which worker holds which slot.  See shm/__init__.py for an overview.
+
+A worker becomes a P by claiming a FREE slot under the registry lock and taking the slot's
+liveness byte (an OFD lock on byte slots_off + k of the segment's file) for its whole life.  The
+kernel drops that lock when the process dies, which is how a dead P is told from a live one; the
+pid is checked too, since a forked child can keep the lock's file description open after its
+parent died.  A P gives its slot back when it closes; the daemon gives back the slot of a dead P
+after flushing its cache (Arena.reclaim).
+
+Slot words (layout.SLOT) written here, all under the registry lock: state, pid, gen, claimed_ns,
+and, at claim, every per-P word reset to its idle value.
+"""
+
+import os
+import time
+
+from . import layout as L
+from .errors import CorruptionError, NoFreeSlot
+from .locks import ofd_held_elsewhere, ofd_trylock, ofd_unlock
+
+SL = L.SLOT
+# Slot words a FREE slot must hold at zero: anything else is a cache or buffer nobody flushed.
+_MUST_BE_ZERO = ("log_used", "rfree_n", "lg_head", "lg_relists", "lg_relist_pages", "lg_pending")
+
+
+class Registry:
+    """The slot table of one attached arena."""
+
+    def __init__(self, arena):
+        self.arena = arena
+        self.q = arena.q
+        self.lay = arena.lay
+
+    def liveness_byte(self, k):
+        """File byte locked by the live owner of slot k for its whole life."""
+        return self.lay.slots_off + k
+
+    def state(self, k):
+        return self.q[self.lay.slot_word(k) + SL["state"]]
+
+    def pid(self, k):
+        return self.q[self.lay.slot_word(k) + SL["pid"]]
+
+    def active_slots(self):
+        return [k for k in range(self.lay.nslots) if self.state(k) == L.SLOT_ACTIVE]
+
+    def alive(self, k):
+        """An ACTIVE slot is alive while its owner holds the liveness lock and its pid exists."""
+        if self.state(k) != L.SLOT_ACTIVE:
+            return False
+        if not ofd_held_elsewhere(self.arena.fd, self.liveness_byte(k)):
+            return False
+        try:
+            os.kill(self.pid(k), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def is_idle(self, k):
+        """Slot k caches no span and holds no buffered work (a FREE slot must be idle)."""
+        q, sw = self.q, self.lay.slot_word(k)
+        if any(q[sw + L.SLOT_CACHED_AT:sw + L.SLOT_CACHED_AT + L.NCLASS].tolist()):
+            return False
+        if any(q[sw + L.SLOT_RELISTS_AT:sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist()):
+            return False
+        return not any(q[sw + SL[n]] for n in _MUST_BE_ZERO)
+
+    def claim(self, barrier=False):
+        """Become a P: take a free slot, lock its liveness byte.  `barrier`: this process
+        registered for membarrier (shm/world.py).  Returns the slot index."""
+        arena, pid = self.arena, os.getpid()
+
+        def claim(op):
+            op.acquire(L.LOCK_REGISTRY)
+            q = self.q
+            for k in range(self.lay.nslots):
+                sw = self.lay.slot_word(k)
+                if q[sw + SL["state"]] != L.SLOT_FREE:
+                    continue
+                if not ofd_trylock(arena.fd, self.liveness_byte(k)):
+                    continue  # given back, but its old owner's lock is still draining
+                if not self.is_idle(k):
+                    ofd_unlock(arena.fd, self.liveness_byte(k))
+                    raise CorruptionError(f"slot {k} is FREE but still caches spans or holds buffered work")
+                now = time.time_ns()
+                op.w(sw + SL["state"], L.SLOT_ACTIVE)
+                op.w(sw + SL["pid"], pid)
+                op.add(sw + SL["gen"], 1)
+                op.w(sw + SL["claimed_ns"], now)
+                op.w(sw + SL["heartbeat_ns"], now)
+                op.w(sw + SL["parked"], 0)
+                op.w(sw + SL["inside"], 0)
+                op.w(sw + SL["barrier"], 1 if barrier else 0)
+                # Claimed while the world is stopped: start stopped, so the new P's first call
+                # waits for the resume (the daemon lifts every stop of its epoch).
+                stopped = q[L.HDR["stopped_epoch"]]
+                op.w(sw + SL["stop_epoch"], stopped)
+                op.w(sw + SL["stop"], L.STOP_PARK if stopped else L.STOP_RUN)
+                return k
+            raise NoFreeSlot(f"all {self.lay.nslots} P slots of arena {arena.name} are taken")
+
+        return arena.run(arena.registry_actor, claim)
+
+    def give_back(self, k):
+        """Give slot k back (its owner closing, or the daemon after reclaiming a dead P): its cache
+        must already be flushed."""
+        if not self.is_idle(k):
+            raise CorruptionError(f"give-back of slot {k}, which still caches spans or holds buffered work")
+
+        def give_back(op):
+            op.acquire(L.LOCK_REGISTRY)
+            sw = self.lay.slot_word(k)
+            op.w(sw + SL["state"], L.SLOT_FREE)
+            op.w(sw + SL["pid"], 0)
+            op.w(sw + SL["stop"], L.STOP_RUN)
+            op.w(sw + SL["barrier"], 0)
+
+        self.arena.run(self.arena.registry_actor, give_back)
+        try:  # a no-op for the daemon, which never held a dead P's liveness lock
+            ofd_unlock(self.arena.fd, self.liveness_byte(k))
+        except OSError:
+            pass
