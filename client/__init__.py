@@ -31,8 +31,8 @@ import warnings
 
 import zmq
 
-from service import protocol
-from service.daemon import default_endpoint, ipc_path
+from . import protocol
+from .endpoint import default_endpoint, ipc_path
 from shm import Arena, Block, ProcessCache
 from shm.errors import (ArenaClosed, BadHandle, CorruptionError, DaemonUnavailable, DoubleFree, ForkedHeap,
                         LayoutMismatch, NoFreeSlot, NotRegistered, OutOfMemory, ProtocolError, RemoteError,

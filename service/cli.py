@@ -113,8 +113,8 @@ def cmd_cleanup(args):
     import os
 
     import client
+    from client.endpoint import arena_name_for, default_endpoint, ipc_path
     from shm.arena import unlink_segment
-    from .daemon import arena_name_for, default_endpoint, ipc_path
     endpoint = args.endpoint or default_endpoint()
     try:
         info = client.ping(endpoint, 500)

@@ -6,8 +6,8 @@ Life cycle:
   start      resolve the endpoint; refuse if a daemon answers there; create the arena (or adopt
              the one a killed daemon left: see `open_arena`); bind a ROUTER socket (ipc: socket
              file mode 0600 unless --socket-mode); log "started".
-  serve      one thread: poll the socket; every request is one op of service/ops (the daemon
-             never dies of a request); every LIVENESS_S: reclaim Ps whose process died.
+  serve      one thread: poll the socket; every request is one op of client/ops, handled in
+             service/handlers.py (the daemon never dies of a request); every LIVENESS_S: reclaim Ps whose process died.
   snapshot   park every live P (stop byte + a STOP message for idle ones), flush every cache
              FIRST, then read the figures, then resume -- see `snapshot`.
   stop       SIGTERM / SIGINT: park and flush one last time, unlink the segment, remove the
@@ -15,7 +15,6 @@ Life cycle:
 """
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -25,12 +24,14 @@ import time
 
 import zmq
 
+from client import protocol
+from client.endpoint import arena_name_for, default_endpoint, ipc_path
 from shm import Arena, layout as L
 from shm import stats as S
 from shm.arena import unlink_segment
 from shm.errors import LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
-from . import protocol
+from .handlers import dispatch
 
 log = logging.getLogger("shmalloc.daemon")
 
@@ -43,29 +44,7 @@ STOP_GRACE_NS = 3_000_000  # a P busy in the allocator gets this long to park th
 BUSY_NS = 50_000_000       # "busy in the allocator": a slow-path call this recently
 
 
-# --- endpoints and names ---------------------------------------------------------------------
-def runtime_dir():
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return os.path.join(base, "shmalloc")
-    return f"/tmp/shmalloc-{os.getuid()}"
-
-
-def default_endpoint():
-    return os.environ.get("SHMALLOC_ENDPOINT") or f"ipc://{runtime_dir()}/control.sock"
-
-
-def ipc_path(endpoint):
-    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
-
-
-def arena_name_for(endpoint):
-    """The arena's /dev/shm name, derived from the endpoint so that a restarted daemon (and
-    `shmalloc cleanup`) find the segment a killed one left."""
-    h = hashlib.sha1(endpoint.encode()).hexdigest()[:10]
-    return f"shmalloc-{os.getuid()}-{h}"
-
-
+# --- sizes -----------------------------------------------------------------------------------
 def parse_size(text):
     """'512M', '1G', '64MiB', '1048576' -> bytes, rounded down to whole pages."""
     t = str(text).strip().upper().removesuffix("B").removesuffix("I")
@@ -278,7 +257,7 @@ class Daemon:
                 event(logging.WARNING, "dropped malformed message", frames=len(parts))
                 return
             ident, frame = parts
-        self._reply(ident, protocol.dispatch(self, frame, identity=ident))
+        self._reply(ident, dispatch(self, frame, identity=ident))
 
     def _reply(self, ident, reply):
         if reply is not None:
@@ -306,7 +285,7 @@ class Daemon:
             if op is not None and op not in self.LIGHT_OPS:
                 self.deferred.append((ident, frame))
                 continue
-            self._reply(ident, protocol.dispatch(self, frame, identity=ident))
+            self._reply(ident, dispatch(self, frame, identity=ident))
             bound += [k for k, i in self.identities.items() if i == ident]
 
     def request_shutdown(self):
@@ -326,7 +305,7 @@ class Daemon:
                 self.identities.pop(k, None)
                 event(logging.INFO, "P reclaimed", slot=k, pid=pid)
 
-    # --- ops (service/ops/*) -----------------------------------------------------------
+    # --- ops (service/handlers.py) -----------------------------------------------------
     def register(self, pid, identity, slot=None):
         arena = self.arena
         mine = [k for k in arena.active_slots() if arena.slot_pid(k) == pid]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import client
 import mpworkers
 from conftest import DEADLINE, EXE, ROOT
-from service import protocol
+from client import protocol
 from service.demo import client_worker, drain, pattern
 from shm import stats as S
 

@@ -1,7 +1,9 @@
-"""The control-channel protocol (service/protocol.py, service/ops/), without sockets: round trips
+"""The control-channel protocol (client/protocol.py, client/ops/, service/handlers.py and
+tools/mkprotocol.py), without sockets: round trips
 of every op against a fake daemon, every refusal code, the exception mapping, the stop message,
 the registry and the generated docs/PROTOCOL.md.  See shm/__init__.py for an overview."""
 
+import importlib.util
 import json
 import pkgutil
 import re
@@ -15,15 +17,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import service.ops
-from service import protocol as P
-from service.ops import stats as stats_op
-from service.ops.schema import Field, Reply
+import client.ops
+from client import protocol as P
+from client.ops import stats as stats_op
+from client.ops.schema import Field, Reply
+from service.handlers import CHECK_REPLY, HANDLERS, dispatch
 from shm import errors as E
 from shm.layout import MAX_SLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTED_CODES = {cls.code for cls, _ in P._error_tree()} | set(P.CODES)
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("mkprotocol", ROOT / "tools" / "mkprotocol.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+MK = _load_generator()
+DOCUMENTED_CODES = {cls.code for cls, _ in MK._error_tree()} | set(P.CODES)
 
 
 def pack(obj):
@@ -133,7 +146,7 @@ def test_every_op_has_a_round_trip():
 @pytest.mark.parametrize("req_id", [17, "req-a", "x" * 64, -2 ** 63, 2 ** 64 - 1])
 def test_round_trip(op, args, identity, returns, call, reply, req_id):
     daemon = FakeDaemon(**returns)
-    out = P.dispatch(daemon, P.encode_request(op, req_id, **args), identity=identity)
+    out = dispatch(daemon, P.encode_request(op, req_id, **args), identity=identity)
     assert daemon.calls == [call]
     assert unpack(out) == {"v": 1, "id": req_id, "ok": True, **reply}
     msg = P.decode_reply(out, op=op)
@@ -148,11 +161,11 @@ def test_decode_request_fills_defaults():
 
 def test_identity_comes_from_the_socket_not_the_wire():
     daemon = FakeDaemon()
-    P.dispatch(daemon, P.encode_request("register", 1, pid=7), identity=bytearray(b"\x00k\x8b"))
+    dispatch(daemon, P.encode_request("register", 1, pid=7), identity=bytearray(b"\x00k\x8b"))
     assert daemon.calls == [("register", (7, b"\x00k\x8b"))]
     assert type(daemon.calls[0][1][1]) is bytes
     daemon = FakeDaemon()
-    out = P.dispatch(daemon, pack({"v": 1, "id": 2, "op": "register", "pid": 7, "_identity": b"evil"}),
+    out = dispatch(daemon, pack({"v": 1, "id": 2, "op": "register", "pid": 7, "_identity": b"evil"}),
                      identity=b"real")
     assert error_of(out)[:2] == ("BAD_ARGS", 2)
     assert daemon.calls == []
@@ -243,7 +256,7 @@ REFUSALS = [
 @pytest.mark.parametrize("why, frame, code, req_id", REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_refusal(why, frame, code, req_id):
     daemon = FakeDaemon()
-    out = P.dispatch(daemon, frame)
+    out = dispatch(daemon, frame)
     assert error_of(out)[:2] == (code, req_id)
     assert daemon.calls == []
     with pytest.raises(E.ProtocolError) as info:
@@ -256,13 +269,13 @@ def test_oversize_frame_is_not_unpacked(monkeypatch):
         raise AssertionError("an oversize frame was unpacked")
 
     monkeypatch.setattr(msgpack, "unpackb", unpackb)
-    assert error_of(P.dispatch(FakeDaemon(), ping(pad=["x" * 4000] * 17)))[0] == "TOO_LARGE"
-    assert error_of(P.dispatch(FakeDaemon(), ping()))[0] == "BAD_FRAME"  # the patch is in force
+    assert error_of(dispatch(FakeDaemon(), ping(pad=["x" * 4000] * 17)))[0] == "TOO_LARGE"
+    assert error_of(dispatch(FakeDaemon(), ping()))[0] == "BAD_FRAME"  # the patch is in force
 
 
 @pytest.mark.parametrize("frame", ["ping", None, 42, [1]])
 def test_a_frame_that_is_not_bytes(frame):
-    assert error_of(P.dispatch(FakeDaemon(), frame))[:2] == ("BAD_FRAME", None)
+    assert error_of(dispatch(FakeDaemon(), frame))[:2] == ("BAD_FRAME", None)
 
 
 def test_messages_name_the_problem():
@@ -270,7 +283,7 @@ def test_messages_name_the_problem():
              (req("register"), ["pid", "missing"]), (req("stats", deadline_ms=0), ["deadline_ms", "1..60000"]),
              (ping(op="frobnicate"), ["frobnicate", "register"]), (ping(v=2), ["2"])]
     for frame, words in cases:
-        message = error_of(P.dispatch(FakeDaemon(), frame))[2]
+        message = error_of(dispatch(FakeDaemon(), frame))[2]
         assert all(w in message for w in words), (message, words)
 
 
@@ -309,7 +322,7 @@ RAISES = [
 @pytest.mark.parametrize("exc, code, words", RAISES, ids=[type(r[0]).__name__ for r in RAISES])
 def test_daemon_exception_becomes_error_reply(exc, code, words):
     daemon = FakeDaemon(ping=exc)
-    out = P.dispatch(daemon, P.encode_request("ping", "r1"))
+    out = dispatch(daemon, P.encode_request("ping", "r1"))
     assert daemon.calls == [("ping", ())]
     got_code, got_id, message = error_of(out)
     assert (got_code, got_id) == (code, "r1") and words in message
@@ -323,7 +336,7 @@ def test_daemon_exception_becomes_error_reply(exc, code, words):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(3)])
 def test_interrupts_propagate(exc):
     with pytest.raises(type(exc)):
-        P.dispatch(FakeDaemon(ping=exc), P.encode_request("ping", 1))
+        dispatch(FakeDaemon(ping=exc), P.encode_request("ping", 1))
 
 
 def test_error_message_is_bounded():
@@ -360,7 +373,7 @@ BAD_HANDLER_REPLIES = [
 @pytest.mark.parametrize("why, op, returns, args", BAD_HANDLER_REPLIES, ids=[r[0] for r in BAD_HANDLER_REPLIES])
 def test_bad_handler_reply_is_internal(why, op, returns, args):
     daemon = FakeDaemon(**returns)
-    out = P.dispatch(daemon, P.encode_request(op, 5, **args))
+    out = dispatch(daemon, P.encode_request(op, 5, **args))
     assert len(daemon.calls) == 1
     assert error_of(out)[:2] == ("INTERNAL", 5)
 
@@ -476,7 +489,7 @@ def assert_answers(frame):
     """dispatch answers `frame` with one valid reply, ok exactly when decode_request accepts it,
     calling the daemon exactly then."""
     daemon = FakeDaemon(snapshot=SLOW_SNAPSHOT)
-    out = P.dispatch(daemon, frame)
+    out = dispatch(daemon, frame)
     assert type(out) is bytes
     try:
         req = P.decode_request(frame)
@@ -548,8 +561,9 @@ def test_decode_reply_raises_only_protocol_errors(frame):
 # ----------------------------------------------------------------------------- registry and docs
 
 def test_every_ops_module_is_registered():
-    names = {m.name for m in pkgutil.iter_modules(service.ops.__path__)} - {"schema"}
-    assert names == set(P.OPS) == {m.__name__.rpartition(".")[2] for m in service.ops.MODULES}
+    names = {m.name for m in pkgutil.iter_modules(client.ops.__path__)} - {"schema"}
+    assert names == set(P.OPS) == {m.__name__.rpartition(".")[2] for m in client.ops.MODULES}
+    assert list(HANDLERS) == list(P.OPS) and set(CHECK_REPLY) <= set(P.OPS)
 
 
 def _examples(doc, label):
@@ -572,7 +586,7 @@ def test_op_docstring_is_its_spec(name):
 
 def test_op_module_checks():
     def module(name, doc=None, request=None, reply=None):
-        m = types.ModuleType(f"service.ops.{name}", doc if doc is not None else f"{name}: test op.")
+        m = types.ModuleType(f"client.ops.{name}", doc if doc is not None else f"{name}: test op.")
         m.REQUEST, m.REPLY, m.handle = request or {}, reply or {}, lambda daemon, req: None
         return m
 
@@ -589,13 +603,14 @@ def test_op_module_checks():
 
 
 def test_error_tree_codes_are_unique():
-    codes = [cls.code for cls, _ in P._error_tree()]
+    codes = [cls.code for cls, _ in MK._error_tree()]
     assert len(codes) == len(set(codes)) >= 13
     assert not (set(codes) - {"BAD_REQUEST"}) & set(P.CODES)
 
 
 def test_every_code_in_the_source_is_documented():
-    sources = [ROOT / "service" / "protocol.py"] + sorted((ROOT / "service" / "ops").glob("*.py"))
+    sources = [ROOT / "client" / "protocol.py", ROOT / "service" / "handlers.py"] + sorted(
+        (ROOT / "client" / "ops").glob("*.py"))
     used = set()
     for path in sources:
         text = path.read_text()
@@ -605,7 +620,7 @@ def test_every_code_in_the_source_is_documented():
 
 
 def test_markdown_documents_every_code_and_op():
-    text = P.markdown()
+    text = MK.markdown()
     for code in DOCUMENTED_CODES:
         assert f"| `{code}` |" in text, code
     for name, spec in P.OPS.items():
@@ -617,11 +632,11 @@ def test_markdown_documents_every_code_and_op():
 
 def test_checked_in_protocol_doc_is_generated():
     path = ROOT / "docs" / "PROTOCOL.md"
-    assert path.read_text() == P.markdown(), \
-        "docs/PROTOCOL.md is stale: python -m service.protocol --markdown > docs/PROTOCOL.md"
+    assert path.read_text() == MK.markdown(), \
+        "docs/PROTOCOL.md is stale: python tools/mkprotocol.py"
 
 
 def test_markdown_command():
-    out = subprocess.run([sys.executable, "-m", "service.protocol", "--markdown"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "tools/mkprotocol.py", "--stdout"], cwd=ROOT,
                          capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout == P.markdown()
+    assert out.stdout == MK.markdown()

@@ -14,14 +14,10 @@ Reply::
     {"v": 1, "id": 5, "ok": true, "problems": [], "snapshot": {"sys": 1048576, "consistent": true}}
 """
 
-from service.ops.schema import Reply
+from client.ops.schema import Reply
 
 REQUEST = {}
 REPLY = {
     "problems": Reply(list, "One str per broken invariant or identity, naming it; empty when sound."),
     "snapshot": Reply(dict, "The figures the checks ran on (keys as in `stats`)."),
 }
-
-
-def handle(daemon, req):
-    return daemon.check()

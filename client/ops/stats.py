@@ -19,8 +19,7 @@ Reply::
 as INTERNAL when one is missing).
 """
 
-from service.ops.schema import Field, Reply
-from shm.errors import ProtocolError
+from client.ops.schema import Field, Reply
 from shm.stats import FIELDS, META_FIELDS
 
 REQUEST = {
@@ -47,15 +46,3 @@ SLOW_KEYS = (
 )
 SNAPSHOT_KEYS = tuple((name, unit, doc) for name, unit, _kind, doc in FIELDS + META_FIELDS) + EXTRA_KEYS
 DOC_TABLES = (("The snapshot map", SNAPSHOT_KEYS + SLOW_KEYS),)
-
-
-def handle(daemon, req):
-    return daemon.snapshot(req["deadline_ms"], req["slow"])
-
-
-def check_reply(req, reply):
-    """Refuse a snapshot without the keys the protocol promises (raised as INTERNAL)."""
-    want = SNAPSHOT_KEYS + (SLOW_KEYS if req["slow"] else ())
-    missing = [name for name, _unit, _doc in want if name not in reply["snapshot"]]
-    if missing:
-        raise ProtocolError(f"stats: snapshot lacks {', '.join(missing)}", code="INTERNAL")

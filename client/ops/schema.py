@@ -1,8 +1,8 @@
 """The two declarations every op module makes: request fields and reply fields.
-See shm/__init__.py for an overview and service/protocol.py for the envelope.
+See shm/__init__.py for an overview and client/protocol.py for the envelope.
 
-This module imports nothing from service/, so that an op module can be imported first, alone,
-without a circular import through service.protocol.
+This module imports nothing from client/, so that an op module can be imported first, alone,
+without a circular import through client.protocol.
 """
 
 from typing import Any, NamedTuple

@@ -14,7 +14,7 @@ Reply::
     {"v": 1, "id": 12, "ok": true, "epoch": 41}
 """
 
-from service.ops.schema import Field, Reply
+from client.ops.schema import Field, Reply
 from shm.layout import MAX_SLOTS
 
 REQUEST = {
@@ -24,7 +24,3 @@ REQUEST = {
 REPLY = {
     "epoch": Reply(int, "The daemon's current snapshot epoch."),
 }
-
-
-def handle(daemon, req):
-    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"])

@@ -13,7 +13,3 @@ Reply::
 
 REQUEST = {}
 REPLY = {}
-
-
-def handle(daemon, req):
-    return daemon.request_shutdown()

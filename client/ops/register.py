@@ -17,7 +17,7 @@ Reply::
 Errors: NOT_REGISTERED when `pid` holds no P slot (or, with slot -1, several).
 """
 
-from service.ops.schema import Field, Reply
+from client.ops.schema import Field, Reply
 from shm.layout import MAX_SLOTS
 
 REQUEST = {
@@ -30,7 +30,3 @@ REPLY = {
     "layout_version": Reply(int, "The arena's layout version."),
     "heartbeat_ms": Reply(int, "Send `heartbeat` at least this often (milliseconds)."),
 }
-
-
-def handle(daemon, req):
-    return daemon.register(req["pid"], req["_identity"], None if req["slot"] < 0 else req["slot"])
