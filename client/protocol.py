@@ -75,7 +75,7 @@ STOP = {
 }
 STOP_DOC = """\
 The daemon sends it, unsolicited and without an id, to the DEALER of every live P when a snapshot
-begins (DESIGN.md section 6).  The worker's control thread takes the P's in-process lock, writes
+begins (the snapshot protocol in shm/__init__.py).  The worker's control thread takes the P's in-process lock, writes
 back its private fast-path state and acknowledges in shared memory (its P slot), not on the
 socket; it resumes when the daemon clears the stop request in its P slot (no message on the
 socket either).  decode_reply() returns it as {"v": 1, "op": "stop", "epoch": ...}, so a worker's

@@ -1,6 +1,6 @@
 """Rendering of statistics snapshots for people (a table, a live view) and for scripts (JSON).
 
-Pure functions over a snapshot dict (DESIGN.md section 6): no sockets, no daemon.  Every figure's
+Pure functions over a snapshot dict (the `stats` reply, docs/PROTOCOL.md): no sockets, no daemon.  Every figure's
 name, unit and help text come from the one declaration, shm.stats.FIELDS and META_FIELDS.
 
     human_bytes(n)              "0 B", "512 B", "1.5 MiB"

@@ -496,7 +496,7 @@ def load_demo_worker():
 
 
 class FakeHeap:
-    """The public contract of DESIGN.md section 9, in a bytearray."""
+    """The public API of client.Heap that demo_worker.py uses, in a bytearray."""
 
     def __init__(self, corrupt: bool = False):
         self.mem = bytearray(1 << 20)

@@ -1,8 +1,8 @@
 """check: walk every span and check every invariant (`shmalloc check`).
 
 The daemon parks every P, flushes every cache, then runs the full checks: the structural
-invariants of the arena and the identities of DESIGN.md section 6 on a snapshot recomputed from
-the ground truth (span table, page map, allocation map).  An empty `problems` list means the
+invariants of the arena and the identities every consistent snapshot satisfies (those of
+`stats`) on a snapshot recomputed from the ground truth (span table, page map, allocation map).  An empty `problems` list means the
 arena is sound; `shmalloc check` exits 1 otherwise.
 
 Request::
