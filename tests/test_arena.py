@@ -8,24 +8,11 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, metadata_bytes, pattern
+from support import assert_healthy, metadata_bytes, pattern, settle
 from shm import (ArenaClosed, BadHandle, CorruptionError, DoubleFree, ForkedHeap, LayoutMismatch, OutOfMemory,
                  ProcessCache, identities, layout, read_stats, read_stats_slow)
 from shm import stats as S
 from shm.sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, NUM_SIZE_CLASSES
-
-
-def settle(arena, *caches):
-    """Flush the given caches (we are their only thread) and read the figures."""
-    return arena.update_stats(parked=[c.slot for c in caches])
-
-
-def assert_healthy(arena, *caches):
-    snap = settle(arena, *caches)
-    assert identities(snap) == []
-    assert S.check(arena) == []
-    assert S.diff(snap, read_stats_slow(arena)) == []
-    return snap
 
 
 def test_every_size_class_and_large(arena):
@@ -191,8 +178,6 @@ def test_fallocate_enospc_is_out_of_memory(arena, monkeypatch):
 
 
 FULL_SHM = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {root!r})
     from shm import Arena, ProcessCache, OutOfMemory
     a = Arena.create("shmalloc-full", 64 << 20, 4)   # reserved sparse: 64 MiB > the 4 MiB tmpfs
     p = ProcessCache(a)
@@ -220,7 +205,7 @@ def test_real_full_dev_shm_is_out_of_memory_not_sigbus(tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
     script = tmp_path / "full.py"
-    script.write_text(FULL_SHM.format(root=ROOT))
+    script.write_text(FULL_SHM)
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                         f"mount -t tmpfs -o size=4m tmpfs /dev/shm && {sys.executable} {script}"],
                        capture_output=True, text=True, timeout=120)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import client
 import mpworkers
-from conftest import DEADLINE, EXE, ROOT
+from support import DEADLINE, EXE, ROOT
 from client import protocol
 from service.demo import client_worker, drain, pattern
 from shm import stats as S

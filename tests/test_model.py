@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from conftest import metadata_bytes, pattern, unique_name
+from support import metadata_bytes, pattern, unique_name
 from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout
 from shm import stats as S
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS

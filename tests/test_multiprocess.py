@@ -10,7 +10,7 @@ import signal
 import pytest
 
 import mpworkers
-from conftest import pattern
+from support import pattern
 from shm import ProcessCache, identities
 from shm import stats as S
 

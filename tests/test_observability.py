@@ -15,7 +15,7 @@ import pytest
 import client
 from service.metrics import exported_names, figure_series
 from shm.stats import FIELDS
-from conftest import DEADLINE, EXE
+from support import DEADLINE, EXE
 
 prom_parser = pytest.importorskip("prometheus_client.parser", reason="the metrics extra is not installed")
 

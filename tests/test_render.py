@@ -3,19 +3,14 @@ snapshots (no daemon)."""
 import copy
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from service import render as R  # noqa: E402
-from service.render import Watch, human_bytes, human_count, stats_json, stats_table  # noqa: E402
-from shm.sizeclasses import CLASS_TO_SIZE  # noqa: E402
-from shm.stats import FIELDS, identities  # noqa: E402
+from service import render as R
+from service.render import Watch, human_bytes, human_count, stats_json, stats_table
+from shm.sizeclasses import CLASS_TO_SIZE
+from shm.stats import FIELDS, identities
 
 T0 = 1_700_000_000_000_000_000  # taken_ns of the base snapshot
 PAGE = 8192

@@ -1,18 +1,13 @@
 """Tests for the generated size-class tables (shm/sizeclasses.py)."""
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-try:
-    sc = importlib.import_module("shm.sizeclasses")
-except ImportError:  # shm/__init__.py may not exist yet
-    sys.path.insert(0, str(ROOT))
-    sc = importlib.import_module("shm.sizeclasses")
+sc = importlib.import_module("shm.sizeclasses")
 
 
 def _load_generator():
