@@ -5,7 +5,7 @@
     python deploy/grafana/mkdashboard.py --check    # exit 1 if it is stale
 
 The dashboard is code so that its queries can be reviewed and tested:
-tests/test_deploy.py checks that the committed JSON is what this script
+tests/test_deploy_monitoring.py checks that the committed JSON is what this script
 prints, that it only names metrics the daemon exports, and that counters are
 only read through rate()/increase().
 
