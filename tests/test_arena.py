@@ -1,8 +1,11 @@
 """The arena (shm/arena.py) in one process: its layout check on attach, its structure check,
-its P slots."""
+its P slots, and its snapshot order (flush first, then read: the seed bug)."""
 
 import pytest
-from shm import (CorruptionError, LayoutMismatch, ProcessCache, layout)
+
+from shm import CorruptionError, LayoutMismatch, ProcessCache, identities, layout, read_stats, read_stats_slow
+from shm import stats as S
+from support import assert_healthy
 
 
 def test_layout_mismatch_refused(arena):
@@ -46,3 +49,45 @@ def test_slots_are_reused_and_exhausted_cleanly(make_arena):
     b.close()
     c.close()
     assert arena.active_slots() == []
+
+
+def test_seed_bug_reading_before_flushing_is_wrong(arena):
+    """golang/go#38712: figures read before the caches are flushed disagree with the arena.
+    Built on purpose: a P caches spans whose objects are all freed, so flushing returns them
+    to the heap and changes heap_inuse, heap_idle, mspan_inuse, mallocs and frees."""
+    p, other = ProcessCache(arena), ProcessCache(arena)
+    keep = [p.alloc(4096) for _ in range(3)]
+    gone = [p.alloc(64) for _ in range(100)] + [p.alloc(1000) for _ in range(5)]
+    for b in gone:
+        p.free(b)
+    other_blocks = [other.alloc(64) for _ in range(10)]
+
+    # The old order: read first, flush after -- as updatememstats did before 0ddde4ada2b1.
+    stale = read_stats(arena)
+    arena.flush_all(parked=[p.slot, other.slot])
+    truth = read_stats_slow(arena)
+    wrong = S.diff(stale, truth)
+    assert wrong, "reading before the flush should have disagreed with the arena"
+    assert stale["heap_inuse"] != truth["heap_inuse"]
+    assert stale["frees"] != truth["frees"]
+    # Mixing figures read before the flush with figures read after breaks the identities,
+    # exactly as Sys != HeapSys + ... did in the Go bug.
+    mixed = dict(read_stats(arena), heap_inuse=stale["heap_inuse"], heap_idle=stale["heap_idle"],
+                 heap_alloc=stale["heap_alloc"])
+    assert identities(mixed), "the mixed snapshot should break an identity"
+
+    # The fixed order: flush first, then read.
+    more = [p.alloc(64) for _ in range(7)]
+    for b in more:
+        p.free(b)
+    right = arena.update_stats(parked=[p.slot, other.slot])
+    assert identities(right) == []
+    assert S.diff(right, read_stats_slow(arena)) == []
+    assert right["heap_objects"] == len(keep) + len(other_blocks)
+    for b in keep:
+        p.free(b)
+    for b in other_blocks:
+        other.free(b)
+    assert_healthy(arena, p, other)
+    p.close()
+    other.close()

@@ -19,7 +19,7 @@ import client
 import mpworkers
 from support import DEADLINE, EXE, ROOT
 from client import protocol
-from service.demo import client_worker, drain, pattern
+from service.demo import client_worker, drain
 from shm import stats as S
 
 SPAWN = mp.get_context("spawn")
@@ -346,40 +346,6 @@ def test_cli_stats_table_and_json(start_daemon):
 def test_cli_without_a_daemon_says_so(tmp_path):
     r = run_cli("stats", "--endpoint", f"ipc://{tmp_path}/nobody.sock")
     assert r.returncode == 2 and "no daemon at" in r.stderr and "nobody.sock" in r.stderr
-
-
-def test_client_bad_handles_and_fork(start_daemon):
-    d = start_daemon()
-    with client.connect(d.endpoint) as heap:
-        b = heap.alloc(100)
-        b.buf[:] = pattern(b.handle, 100)
-        with pytest.raises(client.BadHandle):
-            heap.free(b.handle + 8)
-        with pytest.raises(client.BadHandle):
-            heap.view(12345)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                try:
-                    heap.alloc(10)
-                    msg = b"no error"
-                except client.ForkedHeap:
-                    with client.connect(d.endpoint) as own:  # the child's own P works
-                        own.free(own.alloc(10))
-                        ok = bytes(own.view(b.handle, 100)) == pattern(b.handle, 100)
-                    msg = b"ForkedHeap" + (b" own-ok" if ok else b" own-bad")
-                os.write(w, msg)
-            finally:
-                os._exit(0)
-        os.close(w)
-        out = os.read(r, 100)
-        os.close(r)
-        os.waitpid(pid, 0)
-        assert out == b"ForkedHeap own-ok"
-        heap.free(b)
-        with pytest.raises(client.DoubleFree):
-            heap.free(b)
 
 
 def test_cli_check_exits_1_and_names_a_broken_structure(start_daemon):
