@@ -68,6 +68,7 @@ def observe(endpoint, n, slow=True):
     return out
 
 
+@pytest.mark.slow
 def test_200_snapshots_while_four_workers_run(start_daemon):
     d = start_daemon()
     procs, boxes, results, until = start_workers(d, 4)
@@ -84,6 +85,7 @@ def test_200_snapshots_while_four_workers_run(start_daemon):
     assert r.returncode == 0 and "check: OK" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_a_worker_mid_workload(start_daemon):
     d = start_daemon()
     procs, boxes, results, until = start_workers(d, 4)
@@ -183,6 +185,7 @@ def _figures(snap):
     return {k: snap[k] for k in S.FIELD_NAMES} | {"by_size": snap["by_size"]}
 
 
+@pytest.mark.slow
 def test_garbage_on_the_control_socket(start_daemon):
     d = start_daemon()
     with client.connect(d.endpoint) as heap:
@@ -224,6 +227,7 @@ def garbage_frames(draw):
     return msgpack.packb(env)
 
 
+@pytest.mark.slow
 def test_hypothesis_garbage_never_kills_the_daemon(start_daemon):
     d = start_daemon()
     sock = _raw_socket(d.endpoint)
@@ -283,6 +287,7 @@ def test_max_heap_larger_than_dev_shm_is_refused(start_daemon):
     assert "/dev/shm" in d.log() and not os.path.exists(f"/dev/shm/{d.name}")
 
 
+@pytest.mark.slow
 def test_killed_daemon_arena_is_adopted_and_workers_reregister(start_daemon):
     d = start_daemon()
     cmds, res = SPAWN.Queue(), SPAWN.Queue()
@@ -413,6 +418,7 @@ def test_bad_metrics_addr_refuses_and_leaves_nothing(start_daemon):
     assert not os.path.exists(d.sock_path()) and not os.path.exists(f"/dev/shm/{d.name}")
 
 
+@pytest.mark.slow
 def test_the_readme_demo_runs(tmp_path):
     """The README's first command ends in `shmalloc demo`: it must run, say so, and leave
     nothing behind."""
@@ -426,6 +432,7 @@ def test_the_readme_demo_runs(tmp_path):
     assert "daemon stopped (exit 0)" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_worker_connecting_during_a_pause_registers_and_waits_for_the_resume(start_daemon):
     """A P that claims its slot while the world is stopped starts stopped; its registration is
     served during the pause; its first allocation waits for the resume; nothing is late but the

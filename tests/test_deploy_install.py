@@ -36,6 +36,7 @@ def venv(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @installs
 def test_install_script_into_fresh_venv(venv):
     for exe in ("shmalloc", "shmalloc-demo-worker"):
@@ -51,6 +52,7 @@ def test_install_script_into_fresh_venv(venv):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 @installs
 def test_installed_daemon_and_demo_worker(venv, tmp_path):
     """The installed daemon serves the installed demo worker, and SIGTERM leaves nothing behind."""

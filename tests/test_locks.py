@@ -26,6 +26,7 @@ def test_undo_log_rolls_back_a_failed_operation(arena):
     p.close()
 
 
+@pytest.mark.slow
 def test_huge_block_fits_the_undo_log(make_arena):
     """One operation's undo log is bounded (layout.LOG_BYTES): a block of most of the heap must
     still be allocated, found, freed and checked; so must 300 spans' worth of small objects."""

@@ -87,6 +87,7 @@ def test_four_processes_random_sizes_cross_frees(make_arena, ctx):
     main.close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_survivors_finish_and_cache_is_reclaimed(make_arena):
     arena = make_arena(heap_max=256 << 20, nslots=8)
     main = ProcessCache(arena)

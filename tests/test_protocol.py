@@ -510,6 +510,7 @@ def test_dispatch_answers_any_bytes(frame):
     assert_answers(frame)
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plausible_requests | near_requests | wire_values)
 def test_dispatch_answers_any_msgpack_structure(obj):
