@@ -31,16 +31,47 @@ import warnings
 
 import zmq
 
+from shm import Arena, Block, ProcessCache
+from shm.errors import (
+    ArenaClosed,
+    BadHandle,
+    CorruptionError,
+    DaemonUnavailable,
+    DoubleFree,
+    ForkedHeap,
+    LayoutMismatch,
+    NoFreeSlot,
+    NotRegistered,
+    OutOfMemory,
+    ProtocolError,
+    RemoteError,
+    ShmallocError,
+)
+
 from . import protocol
 from .endpoint import default_endpoint, ipc_path
-from shm import Arena, Block, ProcessCache
-from shm.errors import (ArenaClosed, BadHandle, CorruptionError, DaemonUnavailable, DoubleFree, ForkedHeap,
-                        LayoutMismatch, NoFreeSlot, NotRegistered, OutOfMemory, ProtocolError, RemoteError,
-                        ShmallocError)
 
-__all__ = ["connect", "stats", "check", "ping", "Heap", "Block", "ShmallocError", "OutOfMemory", "BadHandle",
-           "DoubleFree", "LayoutMismatch", "CorruptionError", "ArenaClosed", "ForkedHeap", "NoFreeSlot",
-           "ProtocolError", "DaemonUnavailable", "NotRegistered", "RemoteError"]
+__all__ = [
+    "connect",
+    "stats",
+    "check",
+    "ping",
+    "Heap",
+    "Block",
+    "ShmallocError",
+    "OutOfMemory",
+    "BadHandle",
+    "DoubleFree",
+    "LayoutMismatch",
+    "CorruptionError",
+    "ArenaClosed",
+    "ForkedHeap",
+    "NoFreeSlot",
+    "ProtocolError",
+    "DaemonUnavailable",
+    "NotRegistered",
+    "RemoteError",
+]
 
 _ids = itertools.count(1)
 
@@ -55,7 +86,9 @@ def request(endpoint, op, timeout_ms=5000, **args):
     endpoint = endpoint or default_endpoint()
     path = ipc_path(endpoint)
     if path and not os.path.exists(path):
-        raise DaemonUnavailable(f"no daemon at {endpoint}: {path} does not exist (is `shmalloc daemon` running?)")
+        raise DaemonUnavailable(
+            f"no daemon at {endpoint}: {path} does not exist (is `shmalloc daemon` running?)"
+        )
     sock = _context().socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
@@ -64,8 +97,10 @@ def request(endpoint, op, timeout_ms=5000, **args):
         sock.send(protocol.encode_request(op, rid, **args))
         while True:
             if not sock.poll(timeout_ms):
-                raise DaemonUnavailable(f"no daemon answered {op!r} at {endpoint} within {timeout_ms} ms "
-                                        "(is `shmalloc daemon` running there?)")
+                raise DaemonUnavailable(
+                    f"no daemon answered {op!r} at {endpoint} within {timeout_ms} ms "
+                    "(is `shmalloc daemon` running there?)"
+                )
             reply = protocol.decode_reply(sock.recv(), op=op)
             if reply.get("id") == rid:
                 return reply
@@ -79,8 +114,9 @@ def ping(endpoint=None, timeout_ms=2000):
 
 def stats(endpoint=None, deadline_ms=2000, slow=False, timeout_ms=None):
     """A consistent snapshot from an observer that holds no P."""
-    return request(endpoint, "stats", timeout_ms or deadline_ms + 5000, deadline_ms=deadline_ms,
-                   slow=slow)["snapshot"]
+    return request(endpoint, "stats", timeout_ms or deadline_ms + 5000, deadline_ms=deadline_ms, slow=slow)[
+        "snapshot"
+    ]
 
 
 def check(endpoint=None, timeout_ms=30000):
@@ -105,7 +141,9 @@ class Heap(ProcessCache):
             self._control = _Control(self, timeout_ms)
             self._control.start()
             if not self._control.ready.wait(timeout_ms / 1000 + 1):
-                raise DaemonUnavailable(f"no daemon answered 'register' at {self.endpoint} within {timeout_ms} ms")
+                raise DaemonUnavailable(
+                    f"no daemon answered 'register' at {self.endpoint} within {timeout_ms} ms"
+                )
             if self._control.error is not None:
                 raise self._control.error
         except BaseException:
@@ -146,8 +184,11 @@ class Heap(ProcessCache):
     def __del__(self):
         # Leak-loud, like an unclosed file: the slot stays taken until this process exits.
         if not self._closed and getattr(self, "pid", None) == os.getpid():
-            warnings.warn(f"unclosed {self!r}: call close() or use `with client.connect()`", ResourceWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"unclosed {self!r}: call close() or use `with client.connect()`",
+                ResourceWarning,
+                stacklevel=2,
+            )
 
 
 class _Control(threading.Thread):
@@ -185,7 +226,9 @@ class _Control(threading.Thread):
                             break
                         self._on_message(frame)
                 elif not events:
-                    sock.send(protocol.encode_request("heartbeat", next(_ids), slot=heap.slot, pid=os.getpid()))
+                    sock.send(
+                        protocol.encode_request("heartbeat", next(_ids), slot=heap.slot, pid=os.getpid())
+                    )
             try:
                 sock.send(protocol.encode_request("unregister", next(_ids), slot=heap.slot), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -200,8 +243,9 @@ class _Control(threading.Thread):
         try:
             while True:
                 if not sock.poll(self.timeout_ms):
-                    raise DaemonUnavailable(f"no daemon answered 'register' at {self.heap.endpoint} "
-                                            f"within {self.timeout_ms} ms")
+                    raise DaemonUnavailable(
+                        f"no daemon answered 'register' at {self.heap.endpoint} within {self.timeout_ms} ms"
+                    )
                 reply = protocol.decode_reply(sock.recv())
                 if reply.get("id") == rid:
                     break

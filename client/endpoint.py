@@ -25,7 +25,7 @@ def default_endpoint():
 
 
 def ipc_path(endpoint):
-    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+    return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
 
 
 def arena_name_for(endpoint):

@@ -32,46 +32,71 @@ from client import ops
 from client.ops.schema import INT64_MIN, TYPE_NAMES, UINT64_MAX, Field, Reply
 from shm.errors import ProtocolError, RemoteError, ShmallocError
 
-__all__ = ["VERSION", "MAX_FRAME", "OPS", "OpSpec", "Field", "Reply", "decode_request",
-           "encode_reply", "encode_error", "error_code", "error_message", "encode_stop",
-           "encode_request", "decode_reply", "CODES", "STOP"]
+__all__ = [
+    "VERSION",
+    "MAX_FRAME",
+    "OPS",
+    "OpSpec",
+    "Field",
+    "Reply",
+    "decode_request",
+    "encode_reply",
+    "encode_error",
+    "error_code",
+    "error_message",
+    "encode_stop",
+    "encode_request",
+    "decode_reply",
+    "CODES",
+    "STOP",
+]
 
 VERSION = 1
-MAX_FRAME = 64 * 1024          # bytes: a larger request frame is refused (TOO_LARGE) unread
-MAX_REPLY = 16 * 1024 * 1024   # bytes: the largest reply a client unpacks
-MAX_ID_LEN = 64                # characters of a str id
-MAX_MESSAGE = 1024             # characters of an error message
-MAX_DEPTH = 32                 # nesting of containers in a reply
-ENVELOPE = ("v", "id", "op")                      # request keys that are not the op's fields
+MAX_FRAME = 64 * 1024  # bytes: a larger request frame is refused (TOO_LARGE) unread
+MAX_REPLY = 16 * 1024 * 1024  # bytes: the largest reply a client unpacks
+MAX_ID_LEN = 64  # characters of a str id
+MAX_MESSAGE = 1024  # characters of an error message
+MAX_DEPTH = 32  # nesting of containers in a reply
+ENVELOPE = ("v", "id", "op")  # request keys that are not the op's fields
 REPLY_ENVELOPE = ("v", "id", "ok", "error", "message")
 
 # Bounds passed to msgpack, so that a small frame cannot declare a huge container.
-_REQUEST_LIMITS = dict(max_str_len=4096, max_bin_len=4096, max_ext_len=4096, max_array_len=1024,
-                       max_map_len=64)
-_REPLY_LIMITS = dict(max_str_len=MAX_REPLY, max_bin_len=MAX_REPLY, max_ext_len=MAX_REPLY,
-                     max_array_len=1 << 20, max_map_len=1 << 16)
+_REQUEST_LIMITS = dict(
+    max_str_len=4096, max_bin_len=4096, max_ext_len=4096, max_array_len=1024, max_map_len=64
+)
+_REPLY_LIMITS = dict(
+    max_str_len=MAX_REPLY,
+    max_bin_len=MAX_REPLY,
+    max_ext_len=MAX_REPLY,
+    max_array_len=1 << 20,
+    max_map_len=1 << 16,
+)
 
 # Wire codes of the protocol layer itself, each raised as ProtocolError(message, code=...).  The
 # codes of the error tree (shm/errors.py) are documented from their exception docstrings.
 CODES = {
     "BAD_FRAME": "The frame is not exactly one msgpack object: empty, truncated, not msgpack, "
-                 "trailing bytes, invalid UTF-8, a map key that is not a str, or a string, array "
-                 "or map over the limits.",
+    "trailing bytes, invalid UTF-8, a map key that is not a str, or a string, array "
+    "or map over the limits.",
     "TOO_LARGE": f"The request frame is over {MAX_FRAME} bytes; refused without unpacking it.",
     "BAD_REQUEST": "The request is not a map, or its id or op is missing or of the wrong type.",
     "BAD_VERSION": f'The envelope\'s "v" is missing or is not the int {VERSION}.',
     "UNKNOWN_OP": 'The "op" names no op of this document (the daemon-to-worker "stop" included).',
     "BAD_ARGS": "The op's fields: a required one missing, an unknown one, a wrong type (a bool is "
-                "not an int, an int is not a float), or a value out of bounds.",
+    "not an int, an int is not a float), or a value out of bounds.",
     "BAD_REPLY": "Client side only: the daemon's reply or stop message breaks this document.",
     "INTERNAL": "The daemon failed on an unexpected exception (the message starts with its type "
-                "name), or its handler returned a reply that breaks the op's reply fields.",
+    "name), or its handler returned a reply that breaks the op's reply fields.",
 }
 
 # The one unsolicited message: daemon -> worker, on the worker's DEALER.
 STOP = {
-    "epoch": Field(int, True, (1, 2 ** 63 - 1), "The snapshot's epoch; the worker writes its PARKED "
-                   "acknowledgement for this epoch into its P slot."),
+    "epoch": Field(
+        int,
+        True,
+        (1, 2**63 - 1),
+        "The snapshot's epoch; the worker writes its PARKED acknowledgement for this epoch into its P slot.",
+    ),
 }
 STOP_DOC = """\
 The daemon sends it, unsolicited and without an id, to the DEALER of every live P when a snapshot
@@ -112,15 +137,16 @@ one DEALER owned by its control thread; observers use a DEALER or REQ of their o
 
 # ----------------------------------------------------------------------------- the registry
 
+
 class OpSpec(NamedTuple):
     """One op, as declared by its module in client/ops/.  Its handler is the daemon's
     (service/handlers.py)."""
 
-    name: str                       # the wire name: the module's name
-    request: dict                   # field -> Field(type, required, bounds, doc, default)
-    reply: dict                     # field -> Reply(type, doc)
-    doc: str                        # the module's docstring: the op's spec
-    doc_tables: tuple = ()          # ((title, ((key, unit, meaning), ...)), ...) for the docs
+    name: str  # the wire name: the module's name
+    request: dict  # field -> Field(type, required, bounds, doc, default)
+    reply: dict  # field -> Reply(type, doc)
+    doc: str  # the module's docstring: the op's spec
+    doc_tables: tuple = ()  # ((title, ((key, unit, meaning), ...)), ...) for the docs
 
     @classmethod
     def from_module(cls, module):
@@ -136,7 +162,9 @@ class OpSpec(NamedTuple):
         for field, r in module.REPLY.items():
             if field in REPLY_ENVELOPE + ("op",) or r.type not in (int, bool, float, str, dict, list):
                 raise TypeError(f"op {name}: bad reply field {field!r}")
-        return cls(name, dict(module.REQUEST), dict(module.REPLY), doc, tuple(getattr(module, "DOC_TABLES", ())))
+        return cls(
+            name, dict(module.REQUEST), dict(module.REPLY), doc, tuple(getattr(module, "DOC_TABLES", ()))
+        )
 
     def reply_fields(self, result):
         """The handler's result as the reply's fields, checked against REPLY (INTERNAL if not).
@@ -147,12 +175,16 @@ class OpSpec(NamedTuple):
         elif not self.reply and not isinstance(result, dict):
             result = {}
         if not isinstance(result, dict):
-            raise _fail(f"op {self.name}: the handler returned {_type_name(result)}, not the map "
-                        f"{{{', '.join(self.reply)}}}", "INTERNAL")
+            raise _fail(
+                f"op {self.name}: the handler returned {_type_name(result)}, not the map "
+                f"{{{', '.join(self.reply)}}}",
+                "INTERNAL",
+            )
         return _check_reply_fields(f"op {self.name} reply", result, self.reply, "INTERNAL")
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _fail(message, code, req_id=None):
     exc = ProtocolError(message, code=code)
@@ -173,8 +205,7 @@ def _short(x, limit=40):
 
 
 def _valid_id(x):
-    return ((type(x) is int and INT64_MIN <= x <= UINT64_MAX)
-            or (type(x) is str and len(x) <= MAX_ID_LEN))
+    return (type(x) is int and INT64_MIN <= x <= UINT64_MAX) or (type(x) is str and len(x) <= MAX_ID_LEN)
 
 
 def _unpack(frame, limit, limits):
@@ -189,8 +220,9 @@ def _unpack(frame, limit, limits):
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=True, **limits)
     except Exception as exc:  # ExtraData, FormatError, StackError, ValueError, UnicodeDecodeError, ...
-        raise _fail(f"not one msgpack object: {type(exc).__name__}: {_clean(str(exc), 200)}",
-                    "BAD_FRAME") from None
+        raise _fail(
+            f"not one msgpack object: {type(exc).__name__}: {_clean(str(exc), 200)}", "BAD_FRAME"
+        ) from None
 
 
 def _reject_unknown(where, values, schema, code):
@@ -230,9 +262,14 @@ def _check_reply_fields(where, values, schema, code):
         value = values[name]
         if r.type is float and type(value) is int:
             value = float(value)
-        good = {int: type(value) is int, bool: type(value) is bool, float: isinstance(value, float),
-                str: isinstance(value, str), dict: isinstance(value, dict),
-                list: isinstance(value, (list, tuple))}[r.type]
+        good = {
+            int: type(value) is int,
+            bool: type(value) is bool,
+            float: isinstance(value, float),
+            str: isinstance(value, str),
+            dict: isinstance(value, dict),
+            list: isinstance(value, (list, tuple)),
+        }[r.type]
         if not good:
             raise _fail(f"{where}: {name} must be {TYPE_NAMES[r.type]}, got {_type_name(value)}", code)
         out[name] = value
@@ -264,7 +301,7 @@ def _check_wire(value, where, depth=0):
 
 def _clean(text, limit):
     """At most `limit` characters that are sure to encode as UTF-8 (no lone surrogates)."""
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -273,6 +310,7 @@ OPS = {spec.name: spec for spec in map(OpSpec.from_module, ops.MODULES)}
 
 
 # ----------------------------------------------------------------------------- daemon side
+
 
 def decode_request(frame):
     """The request in `frame`, validated: {"v", "id", "op", **the op's fields, defaults filled in}.
@@ -297,8 +335,11 @@ def _check_request(msg):
     if "id" not in msg:
         raise _fail('missing "id"', "BAD_REQUEST")
     if not _valid_id(msg["id"]):
-        raise _fail(f'"id" must be a 64-bit int or a str of at most {MAX_ID_LEN} characters, got '
-                    f'{_type_name(msg["id"])} {_short(msg["id"], 20)}', "BAD_REQUEST")
+        raise _fail(
+            f'"id" must be a 64-bit int or a str of at most {MAX_ID_LEN} characters, got '
+            f"{_type_name(msg['id'])} {_short(msg['id'], 20)}",
+            "BAD_REQUEST",
+        )
     if "op" not in msg:
         raise _fail('missing "op"', "BAD_REQUEST")
     op = msg["op"]
@@ -308,7 +349,12 @@ def _check_request(msg):
     if spec is None:
         raise _fail(f"unknown op {_short(op)}; ops: {', '.join(OPS)}", "UNKNOWN_OP")
     args = {k: v for k, v in msg.items() if k not in ENVELOPE}
-    return {"v": VERSION, "id": msg["id"], "op": op, **_check_fields(f"op {op}", args, spec.request, "BAD_ARGS")}
+    return {
+        "v": VERSION,
+        "id": msg["id"],
+        "op": op,
+        **_check_fields(f"op {op}", args, spec.request, "BAD_ARGS"),
+    }
 
 
 def encode_reply(req_id, /, **fields):
@@ -325,8 +371,16 @@ def encode_reply(req_id, /, **fields):
 def encode_error(req_id, exc):
     """{"v": 1, "id": req_id, "ok": False, "error": error_code(exc), "message": error_message(exc)};
     the id becomes None when it is not a valid id.  Never raises."""
-    return msgpack.packb({"v": VERSION, "id": req_id if _valid_id(req_id) else None, "ok": False,
-                          "error": error_code(exc), "message": error_message(exc)}, use_bin_type=True)
+    return msgpack.packb(
+        {
+            "v": VERSION,
+            "id": req_id if _valid_id(req_id) else None,
+            "ok": False,
+            "error": error_code(exc),
+            "message": error_message(exc),
+        },
+        use_bin_type=True,
+    )
 
 
 def error_code(exc):
@@ -358,6 +412,7 @@ def encode_stop(epoch):
 
 # ----------------------------------------------------------------------------- client side
 
+
 def encode_request(op, req_id, /, **args):
     """A request frame for `op`, validated as the daemon will (ProtocolError UNKNOWN_OP,
     BAD_REQUEST or BAD_ARGS before anything is sent)."""
@@ -388,8 +443,9 @@ def decode_reply(frame, op=None):
         return {"v": VERSION, "op": "stop", **_check_fields("stop", rest, STOP, "BAD_REPLY")}
     req_id = msg.get("id", ...)
     if not (req_id is None or _valid_id(req_id)) or type(msg.get("ok")) is not bool:
-        raise _fail(f"reply without a valid id and ok: id {_short(req_id)}, ok {_short(msg.get('ok'))}",
-                    "BAD_REPLY")
+        raise _fail(
+            f"reply without a valid id and ok: id {_short(req_id)}, ok {_short(msg.get('ok'))}", "BAD_REPLY"
+        )
     if not msg["ok"]:
         code, message = msg.get("error"), msg.get("message")
         if type(code) is not str or type(message) is not str or len(msg) != len(REPLY_ENVELOPE):
@@ -403,5 +459,9 @@ def decode_reply(frame, op=None):
     if spec is None:
         raise _fail(f"unknown op {_short(op)}; ops: {', '.join(OPS)}", "UNKNOWN_OP", req_id)
     fields = {k: v for k, v in msg.items() if k not in ("v", "id", "ok")}
-    return {"v": VERSION, "id": req_id, "ok": True,
-            **_check_reply_fields(f"op {op} reply", fields, spec.reply, "BAD_REPLY")}
+    return {
+        "v": VERSION,
+        "id": req_id,
+        "ok": True,
+        **_check_reply_fields(f"op {op} reply", fields, spec.reply, "BAD_REPLY"),
+    }

@@ -26,11 +26,13 @@ import zmq
 
 from client import protocol
 from client.endpoint import arena_name_for, default_endpoint, ipc_path
-from shm import Arena, layout as L
+from shm import Arena
+from shm import layout as L
 from shm import stats as S
 from shm.arena import unlink_segment
 from shm.errors import LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
+
 from .handlers import dispatch
 
 log = logging.getLogger("shmalloc.daemon")

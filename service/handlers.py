@@ -59,8 +59,16 @@ def shutdown(daemon, req):
     return daemon.request_shutdown()
 
 
-HANDLERS = {"register": register, "unregister": unregister, "heartbeat": heartbeat, "ping": ping,
-            "stats": stats, "check": check, "release": release, "shutdown": shutdown}
+HANDLERS = {
+    "register": register,
+    "unregister": unregister,
+    "heartbeat": heartbeat,
+    "ping": ping,
+    "stats": stats,
+    "check": check,
+    "release": release,
+    "shutdown": shutdown,
+}
 
 
 def check_stats_reply(req, reply):

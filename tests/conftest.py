@@ -6,9 +6,9 @@ import signal
 import subprocess
 
 import pytest
+from support import EXE, ROOT, Daemon, child_pids, shm_names, unique_name, wait_ping
 
 from shm import Arena
-from support import EXE, ROOT, Daemon, child_pids, shm_names, unique_name, wait_ping
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +69,12 @@ def start_daemon(tmp_path):
         name = name or unique_name("d")
         logpath = tmp_path / f"daemon-{len(made)}.log"
         with open(logpath, "w") as log:
-            proc = subprocess.Popen([*EXE, "daemon", "--endpoint", endpoint, "--max-heap", "128M", "--name", name,
-                                     *extra], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(
+                [*EXE, "daemon", "--endpoint", endpoint, "--max-heap", "128M", "--name", name, *extra],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         d = Daemon(proc, endpoint, name, logpath)
         made.append(d)
         up = wait_ping(endpoint, proc)

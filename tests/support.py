@@ -15,8 +15,21 @@ from service.demo import pattern  # the one pattern, shared with the demo
 from shm import identities, read_stats_slow
 from shm import stats as S
 
-__all__ = ["ROOT", "PREFIX", "shm_names", "child_pids", "unique_name", "pattern", "DEADLINE", "EXE", "Daemon",
-           "wait_ping", "metadata_bytes", "settle", "assert_healthy"]
+__all__ = [
+    "ROOT",
+    "PREFIX",
+    "shm_names",
+    "child_pids",
+    "unique_name",
+    "pattern",
+    "DEADLINE",
+    "EXE",
+    "Daemon",
+    "wait_ping",
+    "metadata_bytes",
+    "settle",
+    "assert_healthy",
+]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +50,7 @@ def _helpers():
     """multiprocessing's own long-lived helper processes (resource tracker, forkserver)."""
     pids = set()
     from multiprocessing import forkserver, resource_tracker
+
     for obj in (resource_tracker._resource_tracker, forkserver._forkserver):
         pid = getattr(obj, "_pid", None) or getattr(obj, "_forkserver_pid", None)
         if pid:
@@ -56,7 +70,7 @@ def child_pids():
                 st = f.read()
         except OSError:
             continue
-        rest = st[st.rindex(")") + 2:].split()
+        rest = st[st.rindex(")") + 2 :].split()
         if int(rest[1]) == me and rest[0] != "Z":
             out.add(int(d))
     return out - _helpers()
@@ -80,7 +94,7 @@ class Daemon:
             return f.read()
 
     def sock_path(self):
-        return self.endpoint[len("ipc://"):]
+        return self.endpoint[len("ipc://") :]
 
     def stop(self, sig=signal.SIGTERM):
         self.proc.send_signal(sig)
@@ -102,16 +116,19 @@ def metadata_bytes(arena):
     """Everything of the arena but the heap pages and the dead bytes of the undo logs (an
     empty log keeps its last entries' bytes): a heap 'unchanged' check compares these."""
     from shm import layout as L
+
     lay, mv = arena.lay, arena.mv
-    parts = [bytes(mv[:lay.slots_off])]
-    control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns", "active_ns")]  # P control, not heap state
+    parts = [bytes(mv[: lay.slots_off])]
+    control = [
+        L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns", "active_ns")
+    ]  # P control, not heap state
     for k in range(lay.nslots + 2):
         w = lay.slot_word(k)
-        words = list(arena.q[w:w + L.SLOT_HEAD_WORDS])
+        words = list(arena.q[w : w + L.SLOT_HEAD_WORDS])
         for i in control:
             words[i] = 0
         parts.append(repr(words).encode())
-    parts.append(bytes(mv[lay.spans_off:lay.heap_off]))
+    parts.append(bytes(mv[lay.spans_off : lay.heap_off]))
     return b"".join(parts)
 
 

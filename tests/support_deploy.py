@@ -2,14 +2,15 @@
 the files are, and readers for systemd units, command lines and compose.yaml."""
 
 from __future__ import annotations
+
 import json
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
-import pytest
 
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,14 +2,15 @@
 its P slots, and its snapshot order (flush first, then read: the seed bug)."""
 
 import pytest
+from support import assert_healthy
 
 from shm import CorruptionError, LayoutMismatch, ProcessCache, identities, layout, read_stats, read_stats_slow
 from shm import stats as S
-from support import assert_healthy
 
 
 def test_layout_mismatch_refused(arena):
     from shm import Arena
+
     arena.q[layout.HDR["version"]] = 99
     with pytest.raises(LayoutMismatch, match="version"):
         Arena.attach(arena.name)
@@ -39,6 +40,7 @@ def test_check_names_corruption(arena):
 
 def test_slots_are_reused_and_exhausted_cleanly(make_arena):
     from shm import NoFreeSlot
+
     arena = make_arena(nslots=2)
     a, b = ProcessCache(arena), ProcessCache(arena)
     with pytest.raises(NoFreeSlot):
@@ -72,8 +74,12 @@ def test_seed_bug_reading_before_flushing_is_wrong(arena):
     assert stale["frees"] != truth["frees"]
     # Mixing figures read before the flush with figures read after breaks the identities,
     # exactly as Sys != HeapSys + ... did in the Go bug.
-    mixed = dict(read_stats(arena), heap_inuse=stale["heap_inuse"], heap_idle=stale["heap_idle"],
-                 heap_alloc=stale["heap_alloc"])
+    mixed = dict(
+        read_stats(arena),
+        heap_inuse=stale["heap_inuse"],
+        heap_idle=stale["heap_idle"],
+        heap_alloc=stale["heap_alloc"],
+    )
     assert identities(mixed), "the mixed snapshot should break an identity"
 
     # The fixed order: flush first, then read.

@@ -2,9 +2,11 @@
 another P, bad handles, double frees across caches, a closed cache, fork, threads sharing one."""
 
 import os
+
 import pytest
 from support import assert_healthy, metadata_bytes, pattern, settle
-from shm import (ArenaClosed, BadHandle, DoubleFree, ForkedHeap, ProcessCache, layout, read_stats_slow)
+
+from shm import ArenaClosed, BadHandle, DoubleFree, ForkedHeap, ProcessCache, layout, read_stats_slow
 from shm import stats as S
 from shm.sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, NUM_SIZE_CLASSES
 
@@ -175,6 +177,7 @@ def test_threads_sharing_one_cache_switch_it_to_shared_mode(arena):
     through the locked path, and nothing is lost or handed out twice."""
     import random
     import threading
+
     p = ProcessCache(arena)
     owner_blocks = [p.alloc(64) for _ in range(50)]  # the owner's fast path, before any sharing
     assert not p.shared

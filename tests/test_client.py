@@ -4,9 +4,9 @@ child's copy of a Heap."""
 import os
 
 import pytest
+from support import pattern
 
 import client
-from support import pattern
 
 
 def test_client_bad_handles_and_fork(start_daemon):

@@ -4,15 +4,16 @@ argument checks, compose.yaml's structure through `docker compose config` when a
 else skipped."""
 
 from __future__ import annotations
+
 import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+
 import pytest
 import support_deploy
-from support_deploy import DOCKERFILE, INSTALL_SH, parse_size, option, ipc_path, compose_config, command_list
-
+from support_deploy import DOCKERFILE, INSTALL_SH, command_list, compose_config, ipc_path, option, parse_size
 
 DOCKER_DEFAULT_SHM = 64 * 2**20  # a container's /dev/shm without --shm-size
 
@@ -60,7 +61,10 @@ def test_install_script_syntax_and_usage(tmp_path):
         assert r.returncode == 0, r.stdout
     # Not a source tree: refused before pip is called (PYTHON would fail).
     r = subprocess.run(
-        ["sh", str(INSTALL_SH), str(tmp_path), "/nonexistent/python"], capture_output=True, text=True, timeout=30
+        ["sh", str(INSTALL_SH), str(tmp_path), "/nonexistent/python"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 2 and "pyproject.toml" in r.stderr, r.stderr
     r = subprocess.run(["sh", str(INSTALL_SH)], capture_output=True, text=True, timeout=30)

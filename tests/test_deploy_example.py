@@ -1,10 +1,12 @@
 """deploy/examples/demo_worker.py against a fake heap (no daemon needed)."""
 
 from __future__ import annotations
+
 import importlib.util
 import json
 import subprocess
 import sys
+
 import pytest
 from support_deploy import DEMO_WORKER
 
@@ -77,7 +79,9 @@ def test_demo_worker_detects_bad_readback_and_still_frees():
     assert heap.live == {}
 
 
-@pytest.mark.parametrize("args", [["--sizes", "0"], ["--sizes", "a,b"], ["--rounds", "-1"], ["--interval", "-1"]])
+@pytest.mark.parametrize(
+    "args", [["--sizes", "0"], ["--sizes", "a,b"], ["--rounds", "-1"], ["--interval", "-1"]]
+)
 def test_demo_worker_rejects_bad_arguments(args):
     demo = load_demo_worker()
     with pytest.raises(SystemExit) as e:
@@ -86,5 +90,7 @@ def test_demo_worker_rejects_bad_arguments(args):
 
 
 def test_demo_worker_help_needs_no_package():
-    r = subprocess.run([sys.executable, str(DEMO_WORKER), "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(DEMO_WORKER), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "--rounds" in r.stdout

@@ -3,15 +3,16 @@ fresh venv -- the Dockerfile's own steps -- then the installed daemon and demo w
 end.  It is what caught a package missing from the wheel."""
 
 from __future__ import annotations
+
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import pytest
-from support_deploy import ROOT, INSTALL_SH
 
+import pytest
+from support_deploy import INSTALL_SH, ROOT
 
 installs = pytest.mark.skipif(
     os.environ.get("SHMALLOC_SKIP_INSTALL_TESTS") == "1",
@@ -61,7 +62,16 @@ def test_installed_daemon_and_demo_worker(venv, tmp_path):
     endpoint = f"ipc://{sock}"
     env = {**os.environ, "SHMALLOC_ENDPOINT": endpoint}
     daemon = subprocess.Popen(
-        [str(venv / "bin" / "shmalloc"), "daemon", "--endpoint", endpoint, "--name", name, "--max-heap", "64M"],
+        [
+            str(venv / "bin" / "shmalloc"),
+            "daemon",
+            "--endpoint",
+            endpoint,
+            "--name",
+            name,
+            "--max-heap",
+            "64M",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

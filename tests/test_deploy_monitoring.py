@@ -3,15 +3,17 @@ targets the ports the deployments use; the dashboard is what deploy/grafana/mkda
 generates, names only exported metrics, and reads counters only via rate()."""
 
 from __future__ import annotations
+
 import json
 import re
 import shutil
 import subprocess
 import sys
-import pytest
-from service.metrics import exported_names
-from support_deploy import PROMETHEUS, DASHBOARD, MKDASHBOARD, option, daemon_argv, compose_metrics_port
 
+import pytest
+from support_deploy import DASHBOARD, MKDASHBOARD, PROMETHEUS, compose_metrics_port, daemon_argv, option
+
+from service.metrics import exported_names
 
 EXPORTED_METRICS = exported_names()
 
@@ -122,7 +124,7 @@ def test_dashboard_is_valid_grafana():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for p in d["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
         assert p["type"] in ("timeseries", "stat", "gauge", "bargauge", "table", "row"), p["type"]
         for t in p.get("targets", []):
             assert t["expr"] and t["refId"]
@@ -130,11 +132,15 @@ def test_dashboard_is_valid_grafana():
             for ref in re.findall(r"\$\{?(\w+)", uid + t["expr"]):
                 assert ref.startswith("__") or ref in variables, f"{p['title']}: ${ref} undefined"
     stacked = [
-        p for p in d["panels"] if p["fieldConfig"]["defaults"].get("custom", {}).get("stacking", {}).get("mode") == "normal"
+        p
+        for p in d["panels"]
+        if p["fieldConfig"]["defaults"].get("custom", {}).get("stacking", {}).get("mode") == "normal"
     ]
     assert stacked and any("shmalloc_other_sys_bytes" in t["expr"] for p in stacked for t in p["targets"])
 
 
 def test_dashboard_is_generated():
-    r = subprocess.run([sys.executable, str(MKDASHBOARD), "--check"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(MKDASHBOARD), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr

@@ -4,14 +4,31 @@ nothing that hides /dev/shm); the ExecStopPost cleanup is run in a sandbox; `sys
 verify` and `systemd-analyze security --offline` when systemd-analyze is installed."""
 
 from __future__ import annotations
+
 import os
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
+
 import pytest
-from support_deploy import SYSTEMD, DAEMON_UNIT, WORKER_UNIT, INSTALL_SH, parse_size, option, ipc_path, parse_unit, values, value, words, is_true, unit_env, daemon_argv
+from support_deploy import (
+    DAEMON_UNIT,
+    INSTALL_SH,
+    SYSTEMD,
+    WORKER_UNIT,
+    daemon_argv,
+    ipc_path,
+    is_true,
+    option,
+    parse_size,
+    parse_unit,
+    unit_env,
+    value,
+    values,
+    words,
+)
 
 
 def test_daemon_unit_settings():
@@ -44,13 +61,19 @@ def test_units_keep_dev_shm_shared():
     for path in (DAEMON_UNIT, WORKER_UNIT):
         unit = parse_unit(path)
         assert not is_true(value(unit, "Service", "PrivateIPC")), path.name
-        for key in ("TemporaryFileSystem", "InaccessiblePaths", "BindPaths", "BindReadOnlyPaths", "ReadOnlyPaths"):
+        for key in (
+            "TemporaryFileSystem",
+            "InaccessiblePaths",
+            "BindPaths",
+            "BindReadOnlyPaths",
+            "ReadOnlyPaths",
+        ):
             for w in words(unit, "Service", key):
                 parts = w.lstrip("-+").split(":")  # Bind*: SRC[:DST[:OPTS]]; others: PATH[:OPTS]
                 target = parts[1] if key.startswith("Bind") and len(parts) > 1 else parts[0]
-                assert target.rstrip("/") not in ("/dev", "/dev/shm") and not target.startswith("/dev/shm/"), (
-                    f"{path.name}: {key}={w} changes /dev/shm"
-                )
+                assert target.rstrip("/") not in ("/dev", "/dev/shm") and not target.startswith(
+                    "/dev/shm/"
+                ), f"{path.name}: {key}={w} changes /dev/shm"
         if value(unit, "Service", "ProtectSystem") == "strict":
             assert "/dev/shm" in words(unit, "Service", "ReadWritePaths"), path.name
     daemon = parse_unit(DAEMON_UNIT)

@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+
 import pytest
 from support import assert_healthy, metadata_bytes, pattern, settle
-from shm import (OutOfMemory,
-                 ProcessCache)
+
+from shm import OutOfMemory, ProcessCache
 
 
 def test_out_of_memory_is_clean_and_recoverable(make_arena):
@@ -84,9 +85,20 @@ def test_real_full_dev_shm_is_out_of_memory_not_sigbus(tmp_path):
         pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
     script = tmp_path / "full.py"
     script.write_text(FULL_SHM)
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                        f"mount -t tmpfs -o size=4m tmpfs /dev/shm && {sys.executable} {script}"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=4m tmpfs /dev/shm && {sys.executable} {script}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, f"exit {r.returncode} (SIGBUS is -7): {r.stdout} {r.stderr}"
     assert "OOM" in r.stdout and "/dev/shm is full" in r.stdout and "CHECK OK" in r.stdout
 

@@ -24,10 +24,13 @@ def imported(path, root):
 
 
 def upward_imports(layer, root=ROOT):
-    above = LAYERS[LAYERS.index(layer) + 1:]
-    return [f"{path.relative_to(root)}:{line} imports {top}"
-            for path in sorted((root / layer).rglob("*.py")) for line, top in imported(path, root)
-            if top in above]
+    above = LAYERS[LAYERS.index(layer) + 1 :]
+    return [
+        f"{path.relative_to(root)}:{line} imports {top}"
+        for path in sorted((root / layer).rglob("*.py"))
+        for line, top in imported(path, root)
+        if top in above
+    ]
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -44,7 +47,9 @@ def test_the_check_sees_an_upward_import(tmp_path):
     (tmp_path / "shm" / "sub" / "worse.py").write_text("from service.daemon import Daemon\n")
     (tmp_path / "client").mkdir()
     (tmp_path / "client" / "c.py").write_text("import shm\nfrom service import handlers\n")
-    assert upward_imports("shm", tmp_path) == ["shm/bad.py:5 imports client",
-                                               "shm/sub/worse.py:1 imports service"]
+    assert upward_imports("shm", tmp_path) == [
+        "shm/bad.py:5 imports client",
+        "shm/sub/worse.py:1 imports service",
+    ]
     assert upward_imports("client", tmp_path) == ["client/c.py:2 imports service"]
     assert upward_imports("service", tmp_path) == []

@@ -3,7 +3,8 @@ operations still fitting their bounded log."""
 
 import pytest
 from support import assert_healthy, metadata_bytes
-from shm import (BadHandle, ProcessCache)
+
+from shm import BadHandle, ProcessCache
 
 
 def test_undo_log_rolls_back_a_failed_operation(arena):

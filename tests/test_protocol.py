@@ -52,8 +52,13 @@ def _value(unit):
 
 
 SNAPSHOT = {name: _value(unit) for name, unit, _doc in stats_op.SNAPSHOT_KEYS}
-SNAPSHOT.update(sys=1 << 20, by_size=[{"size": 8, "mallocs": 3, "frees": 1}], per_p=[{"slot": 0, "pid": 99}],
-                unflushed=[], epoch=7)
+SNAPSHOT.update(
+    sys=1 << 20,
+    by_size=[{"size": 8, "mallocs": 3, "frees": 1}],
+    per_p=[{"slot": 0, "pid": 99}],
+    unflushed=[],
+    epoch=7,
+)
 SLOW_SNAPSHOT = dict(SNAPSHOT, slow_equal=True, slow_diff=[])
 REGISTER = {"slot": 3, "arena": "shmalloc-test", "layout_version": 1, "heartbeat_ms": 1000}
 PING = {"pid": 1234, "uptime_s": 1.5, "epoch": 7, "num_p": 2, "arena": "shmalloc-test", "version": "0.1.0"}
@@ -66,9 +71,16 @@ class FakeDaemon:
 
     def __init__(self, **returns):
         self.calls = []
-        self.returns = dict(register=REGISTER, unregister=None, heartbeat={"epoch": 7}, ping=PING,
-                            snapshot=SNAPSHOT, check=CHECK, release={"released_bytes": 8192},
-                            request_shutdown=None)
+        self.returns = dict(
+            register=REGISTER,
+            unregister=None,
+            heartbeat={"epoch": 7},
+            ping=PING,
+            snapshot=SNAPSHOT,
+            check=CHECK,
+            release={"released_bytes": 8192},
+            request_shutdown=None,
+        )
         self.returns.update(returns)
 
     def _call(self, name, *args):
@@ -116,20 +128,39 @@ def error_of(frame):
 # (op, args, identity, daemon returns, the daemon call expected, the reply's fields expected)
 ROUND_TRIPS = [
     ("register", {"pid": 4242}, b"peer-1", {}, ("register", (4242, b"peer-1")), REGISTER),
-    ("register", {"pid": 2 ** 31 - 1}, b"", {}, ("register", (2 ** 31 - 1, b"")), REGISTER),
+    ("register", {"pid": 2**31 - 1}, b"", {}, ("register", (2**31 - 1, b"")), REGISTER),
     ("register", {"pid": 7, "slot": 3}, b"p", {}, ("register", (7, b"p", 3)), REGISTER),
     ("unregister", {"slot": 3}, b"peer-1", {}, ("unregister", (3, b"peer-1")), {}),
-    ("unregister", {"slot": MAX_SLOTS - 1}, b"x", {"unregister": {}}, ("unregister", (MAX_SLOTS - 1, b"x")), {}),
+    (
+        "unregister",
+        {"slot": MAX_SLOTS - 1},
+        b"x",
+        {"unregister": {}},
+        ("unregister", (MAX_SLOTS - 1, b"x")),
+        {},
+    ),
     ("heartbeat", {"slot": 0}, b"peer-2", {}, ("heartbeat", (0, b"peer-2")), {"epoch": 7}),
     ("heartbeat", {"slot": 1}, b"p", {"heartbeat": 9}, ("heartbeat", (1, b"p")), {"epoch": 9}),
     ("heartbeat", {"slot": 2, "pid": 77}, b"p", {}, ("heartbeat", (2, b"p", 77)), {"epoch": 7}),
     ("ping", {}, b"", {}, ("ping", ()), PING),
     ("ping", {}, b"", {"ping": dict(PING, uptime_s=2)}, ("ping", ()), dict(PING, uptime_s=2.0)),
     ("stats", {}, b"", {}, ("snapshot", (2000, False)), {"snapshot": SNAPSHOT}),
-    ("stats", {"deadline_ms": 1, "slow": True}, b"", {"snapshot": SLOW_SNAPSHOT}, ("snapshot", (1, True)),
-     {"snapshot": SLOW_SNAPSHOT}),
-    ("stats", {"deadline_ms": 60000}, b"", {"snapshot": {"snapshot": SNAPSHOT}}, ("snapshot", (60000, False)),
-     {"snapshot": SNAPSHOT}),
+    (
+        "stats",
+        {"deadline_ms": 1, "slow": True},
+        b"",
+        {"snapshot": SLOW_SNAPSHOT},
+        ("snapshot", (1, True)),
+        {"snapshot": SLOW_SNAPSHOT},
+    ),
+    (
+        "stats",
+        {"deadline_ms": 60000},
+        b"",
+        {"snapshot": {"snapshot": SNAPSHOT}},
+        ("snapshot", (60000, False)),
+        {"snapshot": SNAPSHOT},
+    ),
     ("check", {}, b"", {}, ("check", ()), CHECK),
     ("release", {}, b"", {}, ("release", ()), {"released_bytes": 8192}),
     ("release", {}, b"", {"release": 0}, ("release", ()), {"released_bytes": 0}),
@@ -143,7 +174,7 @@ def test_every_op_has_a_round_trip():
 
 
 @pytest.mark.parametrize("op, args, identity, returns, call, reply", ROUND_TRIPS)
-@pytest.mark.parametrize("req_id", [17, "req-a", "x" * 64, -2 ** 63, 2 ** 64 - 1])
+@pytest.mark.parametrize("req_id", [17, "req-a", "x" * 64, -(2**63), 2**64 - 1])
 def test_round_trip(op, args, identity, returns, call, reply, req_id):
     daemon = FakeDaemon(**returns)
     out = dispatch(daemon, P.encode_request(op, req_id, **args), identity=identity)
@@ -165,13 +196,15 @@ def test_identity_comes_from_the_socket_not_the_wire():
     assert daemon.calls == [("register", (7, b"\x00k\x8b"))]
     assert type(daemon.calls[0][1][1]) is bytes
     daemon = FakeDaemon()
-    out = dispatch(daemon, pack({"v": 1, "id": 2, "op": "register", "pid": 7, "_identity": b"evil"}),
-                     identity=b"real")
+    out = dispatch(
+        daemon, pack({"v": 1, "id": 2, "op": "register", "pid": 7, "_identity": b"evil"}), identity=b"real"
+    )
     assert error_of(out)[:2] == ("BAD_ARGS", 2)
     assert daemon.calls == []
 
 
 # ----------------------------------------------------------------------------- refusals
+
 
 def ping(**over):
     return pack({"v": 1, "id": 1, "op": "ping", **over})
@@ -221,11 +254,11 @@ REFUSALS = [
     ("int for bool", req("stats", slow=1), "BAD_ARGS", 1),
     ("pid 0", req("register", pid=0), "BAD_ARGS", 1),
     ("pid -1", req("register", pid=-1), "BAD_ARGS", 1),
-    ("pid 2**31", req("register", pid=2 ** 31), "BAD_ARGS", 1),
+    ("pid 2**31", req("register", pid=2**31), "BAD_ARGS", 1),
     ("slot -1", req("unregister", slot=-1), "BAD_ARGS", 1),
     ("register slot -2", req("register", pid=7, slot=-2), "BAD_ARGS", 1),
     ("slot MAX_SLOTS", req("heartbeat", slot=MAX_SLOTS), "BAD_ARGS", 1),
-    ("slot 2**64-1", req("heartbeat", slot=2 ** 64 - 1), "BAD_ARGS", 1),
+    ("slot 2**64-1", req("heartbeat", slot=2**64 - 1), "BAD_ARGS", 1),
     ("deadline 0", req("stats", deadline_ms=0), "BAD_ARGS", 1),
     ("deadline 60001", req("stats", deadline_ms=60001), "BAD_ARGS", 1),
     ("frame of MAX_FRAME bytes is unpacked", _frame_of_size(P.MAX_FRAME), "BAD_ARGS", 1),
@@ -279,15 +312,21 @@ def test_a_frame_that_is_not_bytes(frame):
 
 
 def test_messages_name_the_problem():
-    cases = [(req("register", pid=True), ["pid", "int", "bool"]), (ping(extra=1), ["extra"]),
-             (req("register"), ["pid", "missing"]), (req("stats", deadline_ms=0), ["deadline_ms", "1..60000"]),
-             (ping(op="frobnicate"), ["frobnicate", "register"]), (ping(v=2), ["2"])]
+    cases = [
+        (req("register", pid=True), ["pid", "int", "bool"]),
+        (ping(extra=1), ["extra"]),
+        (req("register"), ["pid", "missing"]),
+        (req("stats", deadline_ms=0), ["deadline_ms", "1..60000"]),
+        (ping(op="frobnicate"), ["frobnicate", "register"]),
+        (ping(v=2), ["2"]),
+    ]
     for frame, words in cases:
         message = error_of(dispatch(FakeDaemon(), frame))[2]
         assert all(w in message for w in words), (message, words)
 
 
 # ----------------------------------------------------------------------------- exceptions
+
 
 class CustomError(E.ShmallocError):
     """Defined outside shm/errors.py: must not appear in docs/PROTOCOL.md."""
@@ -345,7 +384,7 @@ def test_error_message_is_bounded():
 
 
 def test_encode_error_drops_an_invalid_id():
-    for bad in ("x" * 65, 1.5, True, object(), 2 ** 64):
+    for bad in ("x" * 65, 1.5, True, object(), 2**64):
         assert error_of(P.encode_error(bad, RuntimeError()))[1] is None
     assert error_of(P.encode_error("ok-id", RuntimeError()))[1] == "ok-id"
 
@@ -361,16 +400,23 @@ BAD_HANDLER_REPLIES = [
     ("None for a map", "register", {"register": None}, {"pid": 5}),
     ("bare value for two fields", "check", {"check": []}, {}),
     ("field for an empty reply", "shutdown", {"request_shutdown": {"bye": 1}}, {}),
-    ("snapshot lacks a key", "stats", {"snapshot": {k: v for k, v in SNAPSHOT.items() if k != "heap_alloc"}}, {}),
+    (
+        "snapshot lacks a key",
+        "stats",
+        {"snapshot": {k: v for k, v in SNAPSHOT.items() if k != "heap_alloc"}},
+        {},
+    ),
     ("slow snapshot lacks slow_diff", "stats", {"snapshot": dict(SNAPSHOT, slow_equal=True)}, {"slow": True}),
     ("int map key", "stats", {"snapshot": dict(SNAPSHOT, per_p=[{0: "p"}])}, {}),
-    ("int over 64 bits", "release", {"release": 2 ** 64}, {}),
+    ("int over 64 bits", "release", {"release": 2**64}, {}),
     ("a set", "check", {"check": dict(CHECK, problems=[{"x"}])}, {}),
     ("an object", "stats", {"snapshot": dict(SNAPSHOT, sys=object())}, {}),
 ]
 
 
-@pytest.mark.parametrize("why, op, returns, args", BAD_HANDLER_REPLIES, ids=[r[0] for r in BAD_HANDLER_REPLIES])
+@pytest.mark.parametrize(
+    "why, op, returns, args", BAD_HANDLER_REPLIES, ids=[r[0] for r in BAD_HANDLER_REPLIES]
+)
 def test_bad_handler_reply_is_internal(why, op, returns, args):
     daemon = FakeDaemon(**returns)
     out = dispatch(daemon, P.encode_request(op, 5, **args))
@@ -380,15 +426,20 @@ def test_bad_handler_reply_is_internal(why, op, returns, args):
 
 # ----------------------------------------------------------------------------- client side
 
+
 def test_encode_request_validates_like_the_daemon():
-    for op, args, code in [("frobnicate", {}, "UNKNOWN_OP"), ("stop", {"epoch": 1}, "UNKNOWN_OP"),
-                           ("register", {}, "BAD_ARGS"), ("register", {"pid": True}, "BAD_ARGS"),
-                           ("register", {"pid": 1, "_identity": b"x"}, "BAD_ARGS"),
-                           ("stats", {"deadline_ms": 0}, "BAD_ARGS")]:
+    for op, args, code in [
+        ("frobnicate", {}, "UNKNOWN_OP"),
+        ("stop", {"epoch": 1}, "UNKNOWN_OP"),
+        ("register", {}, "BAD_ARGS"),
+        ("register", {"pid": True}, "BAD_ARGS"),
+        ("register", {"pid": 1, "_identity": b"x"}, "BAD_ARGS"),
+        ("stats", {"deadline_ms": 0}, "BAD_ARGS"),
+    ]:
         with pytest.raises(E.ProtocolError) as info:
             P.encode_request(op, 1, **args)
         assert info.value.code == code, (op, args)
-    for bad_id in (None, 1.0, True, "x" * 65, 2 ** 64):
+    for bad_id in (None, 1.0, True, "x" * 65, 2**64):
         with pytest.raises(E.ProtocolError) as info:
             P.encode_request("ping", bad_id)
         assert info.value.code == "BAD_REQUEST"
@@ -400,7 +451,7 @@ def test_stop_message():
     assert unpack(frame) == {"v": 1, "op": "stop", "epoch": 42}
     assert P.decode_reply(frame) == {"v": 1, "op": "stop", "epoch": 42}
     assert P.decode_reply(frame, op="ping") == {"v": 1, "op": "stop", "epoch": 42}
-    for bad in (0, -1, True, 1.0, "1", 2 ** 63):
+    for bad in (0, -1, True, 1.0, "1", 2**63):
         with pytest.raises(E.ProtocolError):
             P.encode_stop(bad)
 
@@ -416,8 +467,11 @@ BAD_REPLIES = [
     ("id as float", pack({"v": 1, "id": 1.0, "ok": True}), "BAD_REPLY"),
     ("error without message", pack({"v": 1, "id": 1, "ok": False, "error": "X"}), "BAD_REPLY"),
     ("error code not str", pack({"v": 1, "id": 1, "ok": False, "error": 3, "message": "m"}), "BAD_REPLY"),
-    ("error with extra field", pack({"v": 1, "id": 1, "ok": False, "error": "X", "message": "m", "x": 1}),
-     "BAD_REPLY"),
+    (
+        "error with extra field",
+        pack({"v": 1, "id": 1, "ok": False, "error": "X", "message": "m", "x": 1}),
+        "BAD_REPLY",
+    ),
     ("stop without epoch", pack({"v": 1, "op": "stop"}), "BAD_REPLY"),
     ("stop epoch str", pack({"v": 1, "op": "stop", "epoch": "1"}), "BAD_REPLY"),
     ("stop with id", pack({"v": 1, "op": "stop", "epoch": 1, "id": 1}), "BAD_REPLY"),
@@ -455,23 +509,40 @@ def test_encode_reply_refuses_envelope_fields():
 
 # ----------------------------------------------------------------------------- properties
 
-wire_scalars = (st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats()
-                | st.text(max_size=12) | st.binary(max_size=12))
-wire_values = st.recursive(wire_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
-field_names = st.sampled_from(["pid", "slot", "deadline_ms", "slow", "_identity", "extra"]) | st.text(max_size=6)
-field_values = (st.integers(-3, 70000) | st.integers(2 ** 31 - 2, 2 ** 31 + 1) | st.booleans() | wire_values)
+wire_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+)
+wire_values = st.recursive(
+    wire_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+field_names = st.sampled_from(["pid", "slot", "deadline_ms", "slow", "_identity", "extra"]) | st.text(
+    max_size=6
+)
+field_values = st.integers(-3, 70000) | st.integers(2**31 - 2, 2**31 + 1) | st.booleans() | wire_values
 near_requests = st.builds(
     lambda envelope, fields: {**fields, **envelope},
-    st.fixed_dictionaries({}, optional={
-        "v": st.just(1) | wire_values,
-        "id": st.integers(-2 ** 63, 2 ** 64 - 1) | st.text(max_size=70) | wire_values,
-        "op": st.sampled_from(sorted(P.OPS) + ["stop", "nope"]) | wire_values}),
-    st.dictionaries(field_names, field_values, max_size=4))
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "v": st.just(1) | wire_values,
+            "id": st.integers(-(2**63), 2**64 - 1) | st.text(max_size=70) | wire_values,
+            "op": st.sampled_from(sorted(P.OPS) + ["stop", "nope"]) | wire_values,
+        },
+    ),
+    st.dictionaries(field_names, field_values, max_size=4),
+)
 
 
 def _plausible(op):
     """Requests for `op` that are often valid: each field present or not, in or just out of bounds."""
+
     def values(f):
         if f.type is bool:
             return st.booleans() | st.integers(0, 1)
@@ -479,7 +550,8 @@ def _plausible(op):
 
     return st.fixed_dictionaries(
         {"v": st.just(1), "id": st.integers(-5, 5) | st.text(max_size=64), "op": st.just(op)},
-        optional={name: values(f) for name, f in P.OPS[op].request.items()})
+        optional={name: values(f) for name, f in P.OPS[op].request.items()},
+    )
 
 
 plausible_requests = st.sampled_from(sorted(P.OPS)).flatmap(_plausible)
@@ -561,6 +633,7 @@ def test_decode_reply_raises_only_protocol_errors(frame):
 
 # ----------------------------------------------------------------------------- registry and docs
 
+
 def test_every_ops_module_is_registered():
     names = {m.name for m in pkgutil.iter_modules(client.ops.__path__)} - {"schema"}
     assert names == set(P.OPS) == {m.__name__.rpartition(".")[2] for m in client.ops.MODULES}
@@ -592,11 +665,14 @@ def test_op_module_checks():
         return m
 
     assert P.OpSpec.from_module(module("fine")).name == "fine"
-    for bad in (module("nodoc", doc=""), module("wrongdoc", doc="other: x"),
-                module("ident", request={"_identity": Field(bytes, True, None, "")}),
-                module("envelope", request={"id": Field(int, True, None, "")}),
-                module("replyok", reply={"ok": Reply(bool, "")}),
-                module("replyop", reply={"op": Reply(str, "")})):
+    for bad in (
+        module("nodoc", doc=""),
+        module("wrongdoc", doc="other: x"),
+        module("ident", request={"_identity": Field(bytes, True, None, "")}),
+        module("envelope", request={"id": Field(int, True, None, "")}),
+        module("replyok", reply={"ok": Reply(bool, "")}),
+        module("replyop", reply={"op": Reply(str, "")}),
+    ):
         with pytest.raises(TypeError):
             P.OpSpec.from_module(bad)
     with pytest.raises(E.ProtocolError):  # a default outside its own bounds
@@ -611,7 +687,8 @@ def test_error_tree_codes_are_unique():
 
 def test_every_code_in_the_source_is_documented():
     sources = [ROOT / "client" / "protocol.py", ROOT / "service" / "handlers.py"] + sorted(
-        (ROOT / "client" / "ops").glob("*.py"))
+        (ROOT / "client" / "ops").glob("*.py")
+    )
     used = set()
     for path in sources:
         text = path.read_text()
@@ -633,11 +710,16 @@ def test_markdown_documents_every_code_and_op():
 
 def test_checked_in_protocol_doc_is_generated():
     path = ROOT / "docs" / "PROTOCOL.md"
-    assert path.read_text() == MK.markdown(), \
-        "docs/PROTOCOL.md is stale: python tools/mkprotocol.py"
+    assert path.read_text() == MK.markdown(), "docs/PROTOCOL.md is stale: python tools/mkprotocol.py"
 
 
 def test_markdown_command():
-    out = subprocess.run([sys.executable, "tools/mkprotocol.py", "--stdout"], cwd=ROOT,
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "tools/mkprotocol.py", "--stdout"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert out.stdout == MK.markdown()

@@ -2,7 +2,8 @@
 hold, whatever the caches hold."""
 
 from support import settle
-from shm import (ProcessCache, identities)
+
+from shm import ProcessCache, identities
 from shm import stats as S
 
 
@@ -10,9 +11,10 @@ def test_counters_never_decrease_even_with_cached_frees(arena):
     p, q = ProcessCache(arena), ProcessCache(arena)
     prev = settle(arena, p, q)
     import random
+
     rnd = random.Random(7)
     live = []
-    for step in range(30):
+    for _ in range(30):
         for _ in range(rnd.randint(0, 200)):
             live.append((p if rnd.random() < 0.5 else q).alloc(rnd.choice([8, 64, 500, 3000, 40_000])))
         rnd.shuffle(live)

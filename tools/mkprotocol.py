@@ -62,20 +62,39 @@ def _bounds(f):
 def _request_table(schema):
     if not schema:
         return "No fields."
-    return _table(("field", "type", "required", "bounds", "default", "meaning"),
-                  [(f"`{n}`", TYPE_NAMES[f.type], "yes" if f.required else "no", _bounds(f),
-                    "" if f.required else f"`{json.dumps(f.default)}`", f.doc) for n, f in schema.items()])
+    return _table(
+        ("field", "type", "required", "bounds", "default", "meaning"),
+        [
+            (
+                f"`{n}`",
+                TYPE_NAMES[f.type],
+                "yes" if f.required else "no",
+                _bounds(f),
+                "" if f.required else f"`{json.dumps(f.default)}`",
+                f.doc,
+            )
+            for n, f in schema.items()
+        ],
+    )
 
 
 def markdown():
     """docs/PROTOCOL.md: the envelope, the error codes, the stop message and every op."""
     tree = _error_tree()
-    rows = [(f"`{cls.code}`", cls.__name__ + (f" ({parent.__name__})" if parent else ""),
-             " ".join(filter(None, (_meaning(cls), CODES.get(cls.code, "") if cls is ProtocolError else ""))))
-            for cls, parent in tree]
+    rows = [
+        (
+            f"`{cls.code}`",
+            cls.__name__ + (f" ({parent.__name__})" if parent else ""),
+            " ".join(filter(None, (_meaning(cls), CODES.get(cls.code, "") if cls is ProtocolError else ""))),
+        )
+        for cls, parent in tree
+    ]
     tree_codes = {cls.code for cls, _ in tree}
-    rows += [(f"`{code}`", 'ProtocolError(code="%s")' % code, meaning)
-             for code, meaning in CODES.items() if code not in tree_codes]
+    rows += [
+        (f"`{code}`", 'ProtocolError(code="%s")' % code, meaning)
+        for code, meaning in CODES.items()
+        if code not in tree_codes
+    ]
     out = [
         "# The shmalloc control protocol",
         "",
@@ -107,15 +126,32 @@ def markdown():
         ", ".join(f"`{name}`" for name in OPS),
     ]
     for spec in OPS.values():
-        out += ["", f"### `{spec.name}`", "", spec.doc, "",
-                "Request fields:", "", _request_table(spec.request), "",
-                "Reply fields:", "",
-                _table(("field", "type", "meaning"),
-                       [(f"`{n}`", TYPE_NAMES[r.type], r.doc) for n, r in spec.reply.items()])
-                if spec.reply else "No fields."]
+        out += [
+            "",
+            f"### `{spec.name}`",
+            "",
+            spec.doc,
+            "",
+            "Request fields:",
+            "",
+            _request_table(spec.request),
+            "",
+            "Reply fields:",
+            "",
+            _table(
+                ("field", "type", "meaning"),
+                [(f"`{n}`", TYPE_NAMES[r.type], r.doc) for n, r in spec.reply.items()],
+            )
+            if spec.reply
+            else "No fields.",
+        ]
         for title, rows in spec.doc_tables:
-            out += ["", f"#### {title}", "", _table(("key", "unit", "meaning"),
-                                                    [(f"`{k}`", unit, doc) for k, unit, doc in rows])]
+            out += [
+                "",
+                f"#### {title}",
+                "",
+                _table(("key", "unit", "meaning"), [(f"`{k}`", unit, doc) for k, unit, doc in rows]),
+            ]
     return "\n".join(out) + "\n"
 
 

@@ -19,7 +19,7 @@ from shm.layout import MAX_SLOTS
 
 REQUEST = {
     "slot": Field(int, True, (0, MAX_SLOTS - 1), "The P slot that `register` gave this worker."),
-    "pid": Field(int, False, (0, 2 ** 31 - 1), "The worker's pid; 0: not checked.", 0),
+    "pid": Field(int, False, (0, 2**31 - 1), "The worker's pid; 0: not checked.", 0),
 }
 REPLY = {
     "epoch": Reply(int, "The daemon's current snapshot epoch."),

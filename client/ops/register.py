@@ -21,8 +21,10 @@ from client.ops.schema import Field, Reply
 from shm.layout import MAX_SLOTS
 
 REQUEST = {
-    "pid": Field(int, True, (1, 2 ** 31 - 1), "The worker's process id (a pid_t: 1 .. 2**31-1)."),
-    "slot": Field(int, False, (-1, MAX_SLOTS - 1), "The P slot the worker claimed; -1: the one slot `pid` holds.", -1),
+    "pid": Field(int, True, (1, 2**31 - 1), "The worker's process id (a pid_t: 1 .. 2**31-1)."),
+    "slot": Field(
+        int, False, (-1, MAX_SLOTS - 1), "The P slot the worker claimed; -1: the one slot `pid` holds.", -1
+    ),
 }
 REPLY = {
     "slot": Reply(int, "The P slot now bound to this socket (0-based)."),

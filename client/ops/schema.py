@@ -8,11 +8,19 @@ without a circular import through client.protocol.
 from typing import Any, NamedTuple
 
 # Python type -> the name the docs and error messages use for it.
-TYPE_NAMES = {int: "int", bool: "bool", float: "float", str: "str", bytes: "bin", dict: "map", list: "list",
-              type(None): "nil"}
+TYPE_NAMES = {
+    int: "int",
+    bool: "bool",
+    float: "float",
+    str: "str",
+    bytes: "bin",
+    dict: "map",
+    list: "list",
+    type(None): "nil",
+}
 
-INT64_MIN = -(2 ** 63)
-UINT64_MAX = 2 ** 64 - 1
+INT64_MIN = -(2**63)
+UINT64_MAX = 2**64 - 1
 
 
 class Field(NamedTuple):

@@ -23,8 +23,12 @@ from client.ops.schema import Field, Reply
 from shm.stats import FIELDS, META_FIELDS
 
 REQUEST = {
-    "deadline_ms": Field(int, False, (1, 60000), "How long to wait for every P to park (milliseconds).", 2000),
-    "slow": Field(bool, False, None, "Also recompute every figure by walking every span, and compare.", False),
+    "deadline_ms": Field(
+        int, False, (1, 60000), "How long to wait for every P to park (milliseconds).", 2000
+    ),
+    "slow": Field(
+        bool, False, None, "Also recompute every figure by walking every span, and compare.", False
+    ),
 }
 REPLY = {
     "snapshot": Reply(dict, "The snapshot map (below)."),
@@ -35,10 +39,22 @@ REPLY = {
 EXTRA_KEYS = (
     ("by_size", "list", 'One map {"size", "mallocs", "frees"} per small size class, in class order.'),
     ("per_p", "list", "One map per live P: its slot and what the daemon knows of it."),
-    ("unflushed", "list", "Slots (int) of live Ps that did not park before the deadline; empty when consistent."),
+    (
+        "unflushed",
+        "list",
+        "Slots (int) of live Ps that did not park before the deadline; empty when consistent.",
+    ),
     ("taken_ns", "ns", "time.time_ns() when the world resumed."),
-    ("park_ns", "ns", "Part of the pause until every live P had parked (or the deadline); each P's cache is flushed as it parks, so this includes the flushes of the earlier ones."),
-    ("flush_ns", "ns", "Time spent flushing caches, all of it before anything was read (it overlaps the wait for the later Ps)."),
+    (
+        "park_ns",
+        "ns",
+        "Part of the pause until every live P had parked (or the deadline); each P's cache is flushed as it parks, so this includes the flushes of the earlier ones.",
+    ),
+    (
+        "flush_ns",
+        "ns",
+        "Time spent flushing caches, all of it before anything was read (it overlaps the wait for the later Ps).",
+    ),
 )
 SLOW_KEYS = (
     ("slow_equal", "bool", "With `slow` only: the fast figures equal the span walk's, field for field."),

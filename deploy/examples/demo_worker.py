@@ -42,9 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="number of rounds; 0 = run until SIGTERM/SIGINT (default: 1)",
     )
-    p.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between rounds (default: 1)"
-    )
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between rounds (default: 1)")
     p.add_argument(
         "--sizes",
         default="64,1000,40000",
