@@ -28,6 +28,7 @@ import itertools
 import os
 import threading
 import warnings
+from typing import Any, Literal
 
 import zmq
 
@@ -81,7 +82,7 @@ def _context():
     return zmq.Context.instance()
 
 
-def request(endpoint, op, timeout_ms=5000, **args):
+def request(endpoint: str | None, op: str, timeout_ms: int = 5000, **args: Any) -> dict[str, Any]:
     """One request/reply on a fresh DEALER socket; DaemonUnavailable after `timeout_ms`."""
     endpoint = endpoint or default_endpoint()
     path = ipc_path(endpoint)
@@ -108,18 +109,20 @@ def request(endpoint, op, timeout_ms=5000, **args):
         sock.close(0)
 
 
-def ping(endpoint=None, timeout_ms=2000):
+def ping(endpoint: str | None = None, timeout_ms: int = 2000) -> dict[str, Any]:
     return request(endpoint, "ping", timeout_ms)
 
 
-def stats(endpoint=None, deadline_ms=2000, slow=False, timeout_ms=None):
+def stats(
+    endpoint: str | None = None, deadline_ms: int = 2000, slow: bool = False, timeout_ms: int | None = None
+) -> dict[str, Any]:
     """A consistent snapshot from an observer that holds no P."""
     return request(endpoint, "stats", timeout_ms or deadline_ms + 5000, deadline_ms=deadline_ms, slow=slow)[
         "snapshot"
     ]
 
 
-def check(endpoint=None, timeout_ms=30000):
+def check(endpoint: str | None = None, timeout_ms: int = 30000) -> dict[str, Any]:
     """The daemon's full span walk: {"problems": [...], "snapshot": {...}}."""
     return request(endpoint, "check", timeout_ms)
 
@@ -127,8 +130,8 @@ def check(endpoint=None, timeout_ms=30000):
 class Heap(ProcessCache):
     """A P of the daemon's arena: the fast path of ProcessCache plus the control thread."""
 
-    def __init__(self, endpoint=None, timeout_ms=5000):
-        self.endpoint = endpoint or default_endpoint()
+    def __init__(self, endpoint: str | None = None, timeout_ms: int = 5000) -> None:
+        self.endpoint: str = endpoint or default_endpoint()
         info = ping(self.endpoint, timeout_ms)
         arena = Arena.attach(info["arena"])
         try:
@@ -153,12 +156,12 @@ class Heap(ProcessCache):
             self._close_local()
             raise
 
-    def stats(self, deadline_ms=2000, slow=False):
+    def stats(self, deadline_ms: int = 2000, slow: bool = False) -> dict[str, Any]:
         """A consistent snapshot: the daemon parks every P -- this one included, through its
         control thread -- and flushes every cache before reading."""
         return stats(self.endpoint, deadline_ms, slow)
 
-    def close(self):
+    def close(self) -> None:
         """Flush this P's cache into the arena, give the slot back, unmap.  Blocks stay."""
         if self._control is not None:
             self._control.stop()
@@ -170,14 +173,14 @@ class Heap(ProcessCache):
         if os.getpid() == self.pid:
             self.arena.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Heap":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else f"slot {self.slot}"
         return f"<client.Heap {self.endpoint} {state}>"
 
@@ -279,6 +282,6 @@ class _Control(threading.Thread):
         os.close(self._wake_r)
 
 
-def connect(endpoint=None, timeout_ms=5000):
+def connect(endpoint: str | None = None, timeout_ms: int = 5000) -> Heap:
     """Become a P of the daemon at `endpoint` (argument, $SHMALLOC_ENDPOINT, or the default)."""
     return Heap(endpoint, timeout_ms)

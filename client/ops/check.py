@@ -14,10 +14,10 @@ Reply::
     {"v": 1, "id": 5, "ok": true, "problems": [], "snapshot": {"sys": 1048576, "consistent": true}}
 """
 
-from client.ops.schema import Reply
+from client.ops.schema import Field, Reply
 
-REQUEST = {}
-REPLY = {
+REQUEST: dict[str, Field] = {}
+REPLY: dict[str, Reply] = {
     "problems": Reply(list, "One str per broken invariant or identity, naming it; empty when sound."),
     "snapshot": Reply(dict, "The figures the checks ran on (keys as in `stats`)."),
 }

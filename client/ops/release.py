@@ -12,9 +12,9 @@ Reply::
     {"v": 1, "id": 6, "ok": true, "released_bytes": 262144}
 """
 
-from client.ops.schema import Reply
+from client.ops.schema import Field, Reply
 
-REQUEST = {}
-REPLY = {
+REQUEST: dict[str, Field] = {}
+REPLY: dict[str, Reply] = {
     "released_bytes": Reply(int, "Bytes released to the OS by this request."),
 }

@@ -11,5 +11,7 @@ Reply::
     {"v": 1, "id": 7, "ok": true}
 """
 
-REQUEST = {}
-REPLY = {}
+from client.ops.schema import Field, Reply
+
+REQUEST: dict[str, Field] = {}
+REPLY: dict[str, Reply] = {}

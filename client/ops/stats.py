@@ -22,7 +22,7 @@ as INTERNAL when one is missing).
 from client.ops.schema import Field, Reply
 from shm.stats import FIELDS, META_FIELDS
 
-REQUEST = {
+REQUEST: dict[str, Field] = {
     "deadline_ms": Field(
         int, False, (1, 60000), "How long to wait for every P to park (milliseconds).", 2000
     ),
@@ -30,7 +30,7 @@ REQUEST = {
         bool, False, None, "Also recompute every figure by walking every span, and compare.", False
     ),
 }
-REPLY = {
+REPLY: dict[str, Reply] = {
     "snapshot": Reply(dict, "The snapshot map (below)."),
 }
 

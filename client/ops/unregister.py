@@ -12,10 +12,10 @@ Reply::
     {"v": 1, "id": 9, "ok": true}
 """
 
-from client.ops.schema import Field
+from client.ops.schema import Field, Reply
 from shm.layout import MAX_SLOTS
 
-REQUEST = {
+REQUEST: dict[str, Field] = {
     "slot": Field(int, True, (0, MAX_SLOTS - 1), "The P slot that `register` gave this worker."),
 }
-REPLY = {}
+REPLY: dict[str, Reply] = {}
