@@ -1,7 +1,10 @@
 """Rendering of statistics snapshots for people (a table, a live view) and for scripts (JSON).
 
-Pure functions over a snapshot dict (the `stats` reply, docs/PROTOCOL.md): no sockets, no daemon.  Every figure's
-name, unit and help text come from the one declaration, shm.stats.FIELDS and META_FIELDS.
+Pure functions over a snapshot dict (the `stats` reply, docs/PROTOCOL.md): no sockets, no daemon.  Every
+figure's name, unit and help text come from the one declaration, shm.stats.FIELDS and META_FIELDS.
+
+One module although it is over 400 lines: the table, the JSON and the live view share every helper
+below (units, widths, rates), and the formatter's one-argument-per-line calls make up the length.
 
     human_bytes(n)              "0 B", "512 B", "1.5 MiB"
     human_count(n)              "999", "1.5k", "2.0M"
