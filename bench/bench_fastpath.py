@@ -24,9 +24,9 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_alloc import pairs, timed  # noqa: E402 - one timing loop for every bench
+
 from shm.cache import Block  # noqa: E402
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS  # noqa: E402
-
 
 TEMPLATE = """
 def alloc(size):

@@ -28,19 +28,51 @@ import itertools
 import os
 import threading
 import warnings
+from typing import Any, Literal
 
 import zmq
 
-from service import protocol
-from service.daemon import default_endpoint, ipc_path
 from shm import Arena, Block, ProcessCache
-from shm.errors import (ArenaClosed, BadHandle, CorruptionError, DaemonUnavailable, DoubleFree, ForkedHeap,
-                        LayoutMismatch, NoFreeSlot, NotRegistered, OutOfMemory, ProtocolError, RemoteError,
-                        ShmallocError)
+from shm.errors import (
+    ArenaClosed,
+    BadHandle,
+    CorruptionError,
+    DaemonUnavailable,
+    DoubleFree,
+    ForkedHeap,
+    LayoutMismatch,
+    NoFreeSlot,
+    NotRegistered,
+    OutOfMemory,
+    ProtocolError,
+    RemoteError,
+    ShmallocError,
+)
 
-__all__ = ["connect", "stats", "check", "ping", "Heap", "Block", "ShmallocError", "OutOfMemory", "BadHandle",
-           "DoubleFree", "LayoutMismatch", "CorruptionError", "ArenaClosed", "ForkedHeap", "NoFreeSlot",
-           "ProtocolError", "DaemonUnavailable", "NotRegistered", "RemoteError"]
+from . import protocol
+from .endpoint import default_endpoint, ipc_path
+
+__all__ = [
+    "connect",
+    "stats",
+    "check",
+    "ping",
+    "Heap",
+    "Block",
+    "ShmallocError",
+    "OutOfMemory",
+    "BadHandle",
+    "DoubleFree",
+    "LayoutMismatch",
+    "CorruptionError",
+    "ArenaClosed",
+    "ForkedHeap",
+    "NoFreeSlot",
+    "ProtocolError",
+    "DaemonUnavailable",
+    "NotRegistered",
+    "RemoteError",
+]
 
 _ids = itertools.count(1)
 
@@ -50,12 +82,14 @@ def _context():
     return zmq.Context.instance()
 
 
-def request(endpoint, op, timeout_ms=5000, **args):
+def request(endpoint: str | None, op: str, timeout_ms: int = 5000, **args: Any) -> dict[str, Any]:
     """One request/reply on a fresh DEALER socket; DaemonUnavailable after `timeout_ms`."""
     endpoint = endpoint or default_endpoint()
     path = ipc_path(endpoint)
     if path and not os.path.exists(path):
-        raise DaemonUnavailable(f"no daemon at {endpoint}: {path} does not exist (is `shmalloc daemon` running?)")
+        raise DaemonUnavailable(
+            f"no daemon at {endpoint}: {path} does not exist (is `shmalloc daemon` running?)"
+        )
     sock = _context().socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
@@ -64,8 +98,10 @@ def request(endpoint, op, timeout_ms=5000, **args):
         sock.send(protocol.encode_request(op, rid, **args))
         while True:
             if not sock.poll(timeout_ms):
-                raise DaemonUnavailable(f"no daemon answered {op!r} at {endpoint} within {timeout_ms} ms "
-                                        "(is `shmalloc daemon` running there?)")
+                raise DaemonUnavailable(
+                    f"no daemon answered {op!r} at {endpoint} within {timeout_ms} ms "
+                    "(is `shmalloc daemon` running there?)"
+                )
             reply = protocol.decode_reply(sock.recv(), op=op)
             if reply.get("id") == rid:
                 return reply
@@ -73,17 +109,20 @@ def request(endpoint, op, timeout_ms=5000, **args):
         sock.close(0)
 
 
-def ping(endpoint=None, timeout_ms=2000):
+def ping(endpoint: str | None = None, timeout_ms: int = 2000) -> dict[str, Any]:
     return request(endpoint, "ping", timeout_ms)
 
 
-def stats(endpoint=None, deadline_ms=2000, slow=False, timeout_ms=None):
+def stats(
+    endpoint: str | None = None, deadline_ms: int = 2000, slow: bool = False, timeout_ms: int | None = None
+) -> dict[str, Any]:
     """A consistent snapshot from an observer that holds no P."""
-    return request(endpoint, "stats", timeout_ms or deadline_ms + 5000, deadline_ms=deadline_ms,
-                   slow=slow)["snapshot"]
+    return request(endpoint, "stats", timeout_ms or deadline_ms + 5000, deadline_ms=deadline_ms, slow=slow)[
+        "snapshot"
+    ]
 
 
-def check(endpoint=None, timeout_ms=30000):
+def check(endpoint: str | None = None, timeout_ms: int = 30000) -> dict[str, Any]:
     """The daemon's full span walk: {"problems": [...], "snapshot": {...}}."""
     return request(endpoint, "check", timeout_ms)
 
@@ -91,8 +130,8 @@ def check(endpoint=None, timeout_ms=30000):
 class Heap(ProcessCache):
     """A P of the daemon's arena: the fast path of ProcessCache plus the control thread."""
 
-    def __init__(self, endpoint=None, timeout_ms=5000):
-        self.endpoint = endpoint or default_endpoint()
+    def __init__(self, endpoint: str | None = None, timeout_ms: int = 5000) -> None:
+        self.endpoint: str = endpoint or default_endpoint()
         info = ping(self.endpoint, timeout_ms)
         arena = Arena.attach(info["arena"])
         try:
@@ -105,7 +144,9 @@ class Heap(ProcessCache):
             self._control = _Control(self, timeout_ms)
             self._control.start()
             if not self._control.ready.wait(timeout_ms / 1000 + 1):
-                raise DaemonUnavailable(f"no daemon answered 'register' at {self.endpoint} within {timeout_ms} ms")
+                raise DaemonUnavailable(
+                    f"no daemon answered 'register' at {self.endpoint} within {timeout_ms} ms"
+                )
             if self._control.error is not None:
                 raise self._control.error
         except BaseException:
@@ -115,12 +156,12 @@ class Heap(ProcessCache):
             self._close_local()
             raise
 
-    def stats(self, deadline_ms=2000, slow=False):
+    def stats(self, deadline_ms: int = 2000, slow: bool = False) -> dict[str, Any]:
         """A consistent snapshot: the daemon parks every P -- this one included, through its
         control thread -- and flushes every cache before reading."""
         return stats(self.endpoint, deadline_ms, slow)
 
-    def close(self):
+    def close(self) -> None:
         """Flush this P's cache into the arena, give the slot back, unmap.  Blocks stay."""
         if self._control is not None:
             self._control.stop()
@@ -132,22 +173,25 @@ class Heap(ProcessCache):
         if os.getpid() == self.pid:
             self.arena.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Heap":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else f"slot {self.slot}"
         return f"<client.Heap {self.endpoint} {state}>"
 
     def __del__(self):
         # Leak-loud, like an unclosed file: the slot stays taken until this process exits.
         if not self._closed and getattr(self, "pid", None) == os.getpid():
-            warnings.warn(f"unclosed {self!r}: call close() or use `with client.connect()`", ResourceWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"unclosed {self!r}: call close() or use `with client.connect()`",
+                ResourceWarning,
+                stacklevel=2,
+            )
 
 
 class _Control(threading.Thread):
@@ -185,7 +229,9 @@ class _Control(threading.Thread):
                             break
                         self._on_message(frame)
                 elif not events:
-                    sock.send(protocol.encode_request("heartbeat", next(_ids), slot=heap.slot, pid=os.getpid()))
+                    sock.send(
+                        protocol.encode_request("heartbeat", next(_ids), slot=heap.slot, pid=os.getpid())
+                    )
             try:
                 sock.send(protocol.encode_request("unregister", next(_ids), slot=heap.slot), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -200,8 +246,9 @@ class _Control(threading.Thread):
         try:
             while True:
                 if not sock.poll(self.timeout_ms):
-                    raise DaemonUnavailable(f"no daemon answered 'register' at {self.heap.endpoint} "
-                                            f"within {self.timeout_ms} ms")
+                    raise DaemonUnavailable(
+                        f"no daemon answered 'register' at {self.heap.endpoint} within {self.timeout_ms} ms"
+                    )
                 reply = protocol.decode_reply(sock.recv())
                 if reply.get("id") == rid:
                     break
@@ -235,6 +282,6 @@ class _Control(threading.Thread):
         os.close(self._wake_r)
 
 
-def connect(endpoint=None, timeout_ms=5000):
+def connect(endpoint: str | None = None, timeout_ms: int = 5000) -> Heap:
     """Become a P of the daemon at `endpoint` (argument, $SHMALLOC_ENDPOINT, or the default)."""
     return Heap(endpoint, timeout_ms)

@@ -1,11 +1,11 @@
 """`shmalloc`: the command line.  See shm/__init__.py for the allocator's overview.
 
-    shmalloc daemon [--endpoint E] [--max-heap SIZE] ...   run the daemon in the foreground
-    shmalloc stats [--endpoint E] [--json] [--watch S]     a consistent snapshot (or a live view)
-    shmalloc check [--endpoint E]                          full span walk; exit 1 on any problem
-    shmalloc release [--endpoint E]                        give idle heap pages back to the OS
-    shmalloc cleanup [--endpoint E | --name N]             remove an arena a killed daemon left
-    shmalloc demo [--workers N] ...                        the daemon, N demo workers, a snapshot
+shmalloc daemon [--endpoint E] [--max-heap SIZE] ...   run the daemon in the foreground
+shmalloc stats [--endpoint E] [--json] [--watch S]     a consistent snapshot (or a live view)
+shmalloc check [--endpoint E]                          full span walk; exit 1 on any problem
+shmalloc release [--endpoint E]                        give idle heap pages back to the OS
+shmalloc cleanup [--endpoint E | --name N]             remove an arena a killed daemon left
+shmalloc demo [--workers N] ...                        the daemon, N demo workers, a snapshot
 """
 
 import argparse
@@ -16,8 +16,11 @@ from shm.errors import ShmallocError
 
 
 def _common(p):
-    p.add_argument("--endpoint", default=None,
-                   help="control endpoint (default: $SHMALLOC_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/shmalloc/control.sock)")
+    p.add_argument(
+        "--endpoint",
+        default=None,
+        help="control endpoint (default: $SHMALLOC_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/shmalloc/control.sock)",
+    )
 
 
 def build_parser():
@@ -26,22 +29,46 @@ def build_parser():
 
     d = sub.add_parser("daemon", help="run the daemon in the foreground (SIGTERM/SIGINT: clean exit)")
     _common(d)
-    d.add_argument("--max-heap", default=None, help="heap size to reserve, e.g. 512M, 2G (default: half of /dev/shm's free space, 64 MiB..4 GiB)")
-    d.add_argument("--name", default=None, help="arena segment name in /dev/shm (default: derived from the endpoint)")
-    d.add_argument("--slots", type=int, default=64, help="maximum number of worker processes (P slots), at most 239")
-    d.add_argument("--socket-mode", default="0600", help="mode of the ipc socket file, e.g. 0660 to let a group in")
-    d.add_argument("--park-deadline-ms", type=int, default=2000, help="how long a snapshot waits for every P to park")
-    d.add_argument("--metrics-addr", default=None, help="serve Prometheus /metrics on HOST:PORT (needs prometheus_client)")
-    d.add_argument("--metrics-interval", type=float, default=5.0, help="seconds between the snapshots /metrics serves")
-    d.add_argument("--slow-snapshot-ms", type=float, default=50, help="log snapshots whose pause is longer than this")
+    d.add_argument(
+        "--max-heap",
+        default=None,
+        help="heap size to reserve, e.g. 512M, 2G (default: half of /dev/shm's free space, 64 MiB..4 GiB)",
+    )
+    d.add_argument(
+        "--name", default=None, help="arena segment name in /dev/shm (default: derived from the endpoint)"
+    )
+    d.add_argument(
+        "--slots", type=int, default=64, help="maximum number of worker processes (P slots), at most 239"
+    )
+    d.add_argument(
+        "--socket-mode", default="0600", help="mode of the ipc socket file, e.g. 0660 to let a group in"
+    )
+    d.add_argument(
+        "--park-deadline-ms", type=int, default=2000, help="how long a snapshot waits for every P to park"
+    )
+    d.add_argument(
+        "--metrics-addr",
+        default=None,
+        help="serve Prometheus /metrics on HOST:PORT (needs prometheus_client)",
+    )
+    d.add_argument(
+        "--metrics-interval", type=float, default=5.0, help="seconds between the snapshots /metrics serves"
+    )
+    d.add_argument(
+        "--slow-snapshot-ms", type=float, default=50, help="log snapshots whose pause is longer than this"
+    )
     d.add_argument("--log-format", choices=("text", "json"), default="text")
     d.add_argument("-v", "--verbose", action="store_true", help="log every snapshot")
 
     s = sub.add_parser("stats", help="print a consistent statistics snapshot")
     _common(s)
     s.add_argument("--json", action="store_true", help="JSON for scripts")
-    s.add_argument("--slow", action="store_true", help="also compare with a full span walk taken in the same pause")
-    s.add_argument("--watch", type=float, metavar="SECONDS", default=None, help="live view, redrawn every SECONDS")
+    s.add_argument(
+        "--slow", action="store_true", help="also compare with a full span walk taken in the same pause"
+    )
+    s.add_argument(
+        "--watch", type=float, metavar="SECONDS", default=None, help="live view, redrawn every SECONDS"
+    )
     s.add_argument("--deadline-ms", type=int, default=2000)
 
     c = sub.add_parser("check", help="full span walk; exit 1 on any broken identity or structure")
@@ -74,12 +101,15 @@ def main(argv=None):
 
 def cmd_daemon(args):
     from .daemon import run
+
     return run(args)
 
 
 def cmd_stats(args):
     import client
+
     from . import render
+
     if args.watch:
         return render.Watch(lambda: client.stats(args.endpoint, args.deadline_ms), args.watch).run()
     snap = client.stats(args.endpoint, args.deadline_ms, slow=args.slow)
@@ -90,20 +120,24 @@ def cmd_stats(args):
 def cmd_check(args):
     import client
     from shm.stats import identities
+
     res = client.check(args.endpoint)
     problems = list(res["problems"]) + [f"identity: {p}" for p in identities(res["snapshot"])]
     if not res["snapshot"]["consistent"]:
         problems.append(f"snapshot not consistent: Ps {res['snapshot']['unflushed']} did not park")
     for p in problems:
         print(f"PROBLEM: {p}")
-    print(f"check: {'OK' if not problems else f'{len(problems)} problem(s)'} "
-          f"(epoch {res['snapshot']['epoch']}, {res['snapshot']['num_p']} Ps, "
-          f"{res['snapshot']['heap_objects']} objects)")
+    print(
+        f"check: {'OK' if not problems else f'{len(problems)} problem(s)'} "
+        f"(epoch {res['snapshot']['epoch']}, {res['snapshot']['num_p']} Ps, "
+        f"{res['snapshot']['heap_objects']} objects)"
+    )
     return 1 if problems else 0
 
 
 def cmd_release(args):
     import client
+
     n = client.request(args.endpoint, "release", 30000)["released_bytes"]
     print(json.dumps({"released_bytes": n}))
     return 0
@@ -113,13 +147,16 @@ def cmd_cleanup(args):
     import os
 
     import client
+    from client.endpoint import arena_name_for, default_endpoint, ipc_path
     from shm.arena import unlink_segment
-    from .daemon import arena_name_for, default_endpoint, ipc_path
+
     endpoint = args.endpoint or default_endpoint()
     try:
         info = client.ping(endpoint, 500)
-        print(f"shmalloc cleanup: a daemon (pid {info['pid']}) is serving {endpoint}: stop it instead",
-              file=sys.stderr)
+        print(
+            f"shmalloc cleanup: a daemon (pid {info['pid']}) is serving {endpoint}: stop it instead",
+            file=sys.stderr,
+        )
         return 1
     except client.DaemonUnavailable:
         pass
@@ -137,8 +174,15 @@ def cmd_cleanup(args):
 
 def cmd_demo(args):
     from .demo import run
+
     return run(args)
 
 
-COMMANDS = {"daemon": cmd_daemon, "stats": cmd_stats, "check": cmd_check, "release": cmd_release,
-            "cleanup": cmd_cleanup, "demo": cmd_demo}
+COMMANDS = {
+    "daemon": cmd_daemon,
+    "stats": cmd_stats,
+    "check": cmd_check,
+    "release": cmd_release,
+    "cleanup": cmd_cleanup,
+    "demo": cmd_demo,
+}

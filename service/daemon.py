@@ -6,8 +6,9 @@ Life cycle:
   start      resolve the endpoint; refuse if a daemon answers there; create the arena (or adopt
              the one a killed daemon left: see `open_arena`); bind a ROUTER socket (ipc: socket
              file mode 0600 unless --socket-mode); log "started".
-  serve      one thread: poll the socket; every request is one op of service/ops (the daemon
-             never dies of a request); every LIVENESS_S: reclaim Ps whose process died.
+  serve      one thread: poll the socket; every request is one op of client/ops, handled in
+             service/handlers.py (the daemon never dies of a request); every LIVENESS_S: reclaim
+             Ps whose process died.
   snapshot   stop every live P (shm/world.py: from the daemon's side for a P outside the
              allocator, a STOP message to the control thread where membarrier is missing), flush
              every cache FIRST, then read the figures, then resume -- see `snapshot`.
@@ -16,7 +17,6 @@ Life cycle:
 """
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -26,13 +26,16 @@ import time
 
 import zmq
 
-from shm import Arena, layout as L
-from shm import stats
-from shm.world import StopTheWorld
+from client import protocol
+from client.endpoint import arena_name_for, default_endpoint, ipc_path
+from shm import Arena, stats
+from shm import layout as L
 from shm.arena import unlink_segment
 from shm.errors import LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
-from . import protocol
+from shm.world import StopTheWorld
+
+from .handlers import dispatch
 
 log = logging.getLogger("shmalloc.daemon")
 
@@ -42,29 +45,7 @@ HEARTBEAT_MS = 1000       # how often workers send a heartbeat
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
 
 
-# --- endpoints and names ---------------------------------------------------------------------
-def runtime_dir():
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return os.path.join(base, "shmalloc")
-    return f"/tmp/shmalloc-{os.getuid()}"
-
-
-def default_endpoint():
-    return os.environ.get("SHMALLOC_ENDPOINT") or f"ipc://{runtime_dir()}/control.sock"
-
-
-def ipc_path(endpoint):
-    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
-
-
-def arena_name_for(endpoint):
-    """The arena's /dev/shm name, derived from the endpoint so that a restarted daemon (and
-    `shmalloc cleanup`) find the segment a killed one left."""
-    h = hashlib.sha1(endpoint.encode()).hexdigest()[:10]
-    return f"shmalloc-{os.getuid()}-{h}"
-
-
+# --- sizes -----------------------------------------------------------------------------------
 def parse_size(text):
     """'512M', '1G', '64MiB', '1048576' -> bytes, rounded down to whole pages."""
     t = str(text).strip().upper().removesuffix("B").removesuffix("I")
@@ -289,7 +270,7 @@ class Daemon:
                 event(logging.WARNING, "dropped malformed message", frames=len(parts))
                 return
             ident, frame = parts
-        self._reply(ident, protocol.dispatch(self, frame, identity=ident))
+        self._reply(ident, dispatch(self, frame, identity=ident))
 
     def _reply(self, ident, reply):
         if reply is not None:
@@ -317,7 +298,7 @@ class Daemon:
             if op is not None and op not in self.LIGHT_OPS:
                 self.deferred.append((ident, frame))
                 continue
-            self._reply(ident, protocol.dispatch(self, frame, identity=ident))
+            self._reply(ident, dispatch(self, frame, identity=ident))
             bound += [k for k, i in self.routes.items() if i == ident]
 
     def request_shutdown(self):
@@ -337,7 +318,7 @@ class Daemon:
                 self.routes.pop(k, None)
                 event(logging.INFO, "P reclaimed", slot=k, pid=pid)
 
-    # --- ops (service/ops/*) -----------------------------------------------------------
+    # --- ops (service/handlers.py) -----------------------------------------------------
     def register(self, pid, identity, slot=None):
         arena = self.arena
         mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == pid]

@@ -36,8 +36,19 @@ def verify(heap, h, size, who):
         raise AssertionError(f"{who}: block {h} ({size} bytes) was overwritten: overlapping blocks")
 
 
-def run_workload(heap, idx, n_ops, seed, inbox, outbox, progress=None, progress_at=None, sizes=None,
-                 free_ratio=0.45, until=None):
+def run_workload(
+    heap,
+    idx,
+    n_ops,
+    seed,
+    inbox,
+    outbox,
+    progress=None,
+    progress_at=None,
+    sizes=None,
+    free_ratio=0.45,
+    until=None,
+):
     """Random alloc/free on `heap` (a ProcessCache or a client Heap); a third of the blocks go
     to `outbox`, blocks from `inbox` are verified and freed.  `n_ops` operations, or with
     `until` (an Event) at least n_ops and then until it is set.  Returns the counts."""
@@ -84,14 +95,23 @@ def run_workload(heap, idx, n_ops, seed, inbox, outbox, progress=None, progress_
         verify(heap, h, size, f"worker {idx}")
         heap.free(h)
         frees += 1
-    return {"idx": idx, "mallocs": mallocs, "frees": frees, "sent": sent, "received": received, "oom": oom,
-            "pid": os.getpid()}
+    return {
+        "idx": idx,
+        "mallocs": mallocs,
+        "frees": frees,
+        "sent": sent,
+        "received": received,
+        "oom": oom,
+        "pid": os.getpid(),
+    }
 
 
-def client_worker(endpoint, idx, n_ops, seed, inbox, outbox, results, progress=None, progress_at=None,
-                  until=None):
+def client_worker(
+    endpoint, idx, n_ops, seed, inbox, outbox, results, progress=None, progress_at=None, until=None
+):
     """A worker process: connect to the daemon as a P and run the workload."""
     import client
+
     with client.connect(endpoint) as heap:
         res = run_workload(heap, idx, n_ops, seed, inbox, outbox, progress, progress_at, until=until)
     results.put(res)
@@ -110,9 +130,20 @@ def drain(q, heap):
 
 
 def start_daemon(endpoint, max_heap, extra=()):
-    cmd = [sys.executable, "-m", "service", "daemon", "--endpoint", endpoint, "--max-heap", str(max_heap), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "daemon",
+        "--endpoint",
+        endpoint,
+        "--max-heap",
+        str(max_heap),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd)
     import client
+
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -122,13 +153,15 @@ def start_daemon(endpoint, max_heap, extra=()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
-                raise RuntimeError(f"daemon did not start (exit {proc.returncode})")
+                raise RuntimeError(f"daemon did not start (exit {proc.returncode})") from None
 
 
 def run(args):
     import client
     from shm.stats import identities, monotonic
+
     from . import render
+
     tmp = tempfile.mkdtemp(prefix="shmalloc-demo-")
     endpoint = f"ipc://{tmp}/control.sock"
     print(f"demo: starting the daemon on {endpoint}", flush=True)
@@ -137,13 +170,20 @@ def run(args):
     try:
         boxes = [ctx.Queue() for _ in range(args.workers)]
         results = ctx.Queue()
-        procs = [ctx.Process(target=client_worker, args=(endpoint, i, args.ops, 1000 + i, boxes[i],
-                                                          boxes[(i + 1) % args.workers], results))
-                 for i in range(args.workers)]
+        procs = [
+            ctx.Process(
+                target=client_worker,
+                args=(endpoint, i, args.ops, 1000 + i, boxes[i], boxes[(i + 1) % args.workers], results),
+            )
+            for i in range(args.workers)
+        ]
         for p in procs:
             p.start()
-        print(f"demo: {args.workers} workers x {args.ops} random alloc/free (1 B .. 1 MiB, a third freed "
-              "by another process); snapshots while they run:", flush=True)
+        print(
+            f"demo: {args.workers} workers x {args.ops} random alloc/free (1 B .. 1 MiB, a third freed "
+            "by another process); snapshots while they run:",
+            flush=True,
+        )
         prev, taken, pauses = None, 0, []
         while any(p.is_alive() for p in procs):
             snap = client.stats(endpoint)
@@ -162,10 +202,18 @@ def run(args):
                 drain(box, heap)
         final = client.stats(endpoint, slow=True)
         pauses.sort()
-        print(f"demo: {taken} snapshots while running, every one consistent; pause median "
-              f"{pauses[len(pauses) // 2] / 1e6:.2f} ms, max {pauses[-1] / 1e6:.2f} ms" if pauses else "", flush=True)
-        print(f"demo: workers did {sum(r['mallocs'] for r in res)} mallocs, "
-              f"{sum(r['received'] for r in res)} blocks freed by another process", flush=True)
+        print(
+            f"demo: {taken} snapshots while running, every one consistent; pause median "
+            f"{pauses[len(pauses) // 2] / 1e6:.2f} ms, max {pauses[-1] / 1e6:.2f} ms"
+            if pauses
+            else "",
+            flush=True,
+        )
+        print(
+            f"demo: workers did {sum(r['mallocs'] for r in res)} mallocs, "
+            f"{sum(r['received'] for r in res)} blocks freed by another process",
+            flush=True,
+        )
         print(render.stats_table(final, top=12))
         chk = client.check(endpoint)
         print(f"check: {'OK' if not chk['problems'] else chk['problems']}")

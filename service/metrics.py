@@ -66,6 +66,7 @@ class SnapshotCollector:
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         snap = self.latest()
         if snap is None:
             return
@@ -75,9 +76,13 @@ class SnapshotCollector:
             else:
                 yield GaugeMetricFamily(name, help_, value=snap[field])
         age = max(0.0, (time.time_ns() - snap["taken_ns"]) / 1e9)
-        values = {"num_p": snap["num_p"], "snapshot_epoch": snap["epoch"],
-                  "snapshot_consistent": int(snap["consistent"]), "snapshot_pause_seconds": snap["pause_ns"] / 1e9,
-                  "snapshot_age_seconds": age}
+        values = {
+            "num_p": snap["num_p"],
+            "snapshot_epoch": snap["epoch"],
+            "snapshot_consistent": int(snap["consistent"]),
+            "snapshot_pause_seconds": snap["pause_ns"] / 1e9,
+            "snapshot_age_seconds": age,
+        }
         for name, _, help_ in SNAPSHOT_SERIES:
             yield GaugeMetricFamily(PREFIX + name, help_, value=values[name])
         for name, _, help_, key in CLASS_SERIES:
@@ -94,6 +99,7 @@ class MetricsServer:
         import importlib.util
 
         from shm.errors import StartupError
+
         if importlib.util.find_spec("prometheus_client") is None:
             raise StartupError("--metrics-addr needs prometheus_client: pip install 'shmalloc[metrics]'")
         host, _, port = addr.rpartition(":")
@@ -106,6 +112,7 @@ class MetricsServer:
 
     def start(self):
         from prometheus_client import CollectorRegistry, start_http_server
+
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(lambda: self.daemon.last_snapshot))
         self.server, self.thread = start_http_server(self.port, self.host, registry)

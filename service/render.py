@@ -1,7 +1,10 @@
 """Rendering of statistics snapshots for people (a table, a live view) and for scripts (JSON).
 
-Pure functions over a snapshot dict (DESIGN.md section 6): no sockets, no daemon.  Every figure's
-name, unit and help text come from the one declaration, shm.stats.FIELDS and META_FIELDS.
+Pure functions over a snapshot dict (the `stats` reply, docs/PROTOCOL.md): no sockets, no daemon.  Every
+figure's name, unit and help text come from the one declaration, shm.stats.FIELDS and META_FIELDS.
+
+One module although it is over 400 lines: the table, the JSON and the live view share every helper
+below (units, widths, rates), and the formatter's one-argument-per-line calls make up the length.
 
     human_bytes(n)              "0 B", "512 B", "1.5 MiB"
     human_count(n)              "999", "1.5k", "2.0M"
@@ -34,6 +37,7 @@ SHOW_CURSOR = "\x1b[?25h"
 
 
 # ----------------------------------------------------------------------------------------- units
+
 
 def _scaled(v, base, units, fmt):
     """Scale |v| by `base` until it fits below base; never print e.g. '1024.0 KiB'."""
@@ -89,7 +93,7 @@ def human_value(v, unit) -> str:
 def _truncate(s, width):
     if width <= 0:
         return ""
-    return s if len(s) <= width else s[:max(width - 1, 0)] + "\u2026"
+    return s if len(s) <= width else s[: max(width - 1, 0)] + "\u2026"
 
 
 def _taken(snap) -> str:
@@ -102,20 +106,29 @@ def _taken(snap) -> str:
 
 # -------------------------------------------------------------------------------------- sections
 
+
 def _table(headers, rows, right=()):
     """Columns padded to their widest cell; indices in `right` right-aligned."""
     cols = [list(map(str, c)) for c in zip(headers, *rows)] if rows else [[h] for h in headers]
     widths = [max(map(len, c)) for c in cols]
     out = []
     for row in [headers, *rows]:
-        cells = [str(x).rjust(w) if i in right else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))]
+        cells = [
+            str(x).rjust(w) if i in right else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))
+        ]
         out.append("  ".join(cells).rstrip())
     return out
 
 
 def _wrap(text, width, indent="  "):
-    return textwrap.wrap(text, width=width, initial_indent=indent, subsequent_indent=indent + "  ",
-                         break_long_words=True, break_on_hyphens=False) or [indent]
+    return textwrap.wrap(
+        text,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
+        break_long_words=True,
+        break_on_hyphens=False,
+    ) or [indent]
 
 
 def header_line(snap, title="shmalloc stats") -> list[str]:
@@ -125,8 +138,13 @@ def header_line(snap, title="shmalloc stats") -> list[str]:
     for name, unit, _kind, _help in META_FIELDS:
         v = snap.get(name)
         if name == "consistent":
-            text = "consistent: yes" if v else "consistent: NO (unflushed P slots: " + (
-                ", ".join(map(str, snap.get("unflushed") or [])) or "none listed") + ")"
+            text = (
+                "consistent: yes"
+                if v
+                else "consistent: NO (unflushed P slots: "
+                + (", ".join(map(str, snap.get("unflushed") or [])) or "none listed")
+                + ")"
+            )
         else:
             label = name[:-3] if name.endswith("_ns") else name
             text = f"{label} {human_value(v, unit) if isinstance(v, int) else '?'}"
@@ -171,8 +189,13 @@ def headline_lines(snap) -> list[str]:
     rows = []
     for name, unit, _kind, _help in FIELDS:
         v = snap.get(name)
-        rows.append((name, f"{v:,}" if isinstance(v, int) else "?",
-                     human_value(v, unit) if isinstance(v, (int, float)) else "?"))
+        rows.append(
+            (
+                name,
+                f"{v:,}" if isinstance(v, int) else "?",
+                human_value(v, unit) if isinstance(v, (int, float)) else "?",
+            )
+        )
     base = _table(("figure", "value", "human"), rows, right={1, 2})
     used = max(map(len, base)) + 2
     out = [base[0].ljust(used) + "meaning"]
@@ -190,23 +213,45 @@ def size_class_lines(snap, top=None) -> list[str]:
     by = snap.get("by_size") or []
     used = _used_classes(by)
     if top is not None:
-        used = sorted(used, key=lambda ce: (-ce[1]["mallocs"], ce[0]))[:max(top, 0)]
-        title = f"size classes: the {len(used)} busiest by mallocs ({len(_used_classes(by))} used of {len(by)})"
+        used = sorted(used, key=lambda ce: (-ce[1]["mallocs"], ce[0]))[: max(top, 0)]
+        title = (
+            f"size classes: the {len(used)} busiest by mallocs ({len(_used_classes(by))} used of {len(by)})"
+        )
     else:
         title = f"size classes: {len(used)} used of {len(by)}"
     rows = []
     for c, e in used:
         live = e["mallocs"] - e["frees"]
-        rows.append((c, human_bytes(e["size"]), f"{e['mallocs']:,}", f"{e['frees']:,}", f"{live:,}",
-                     human_bytes(live * e["size"])))
+        rows.append(
+            (
+                c,
+                human_bytes(e["size"]),
+                f"{e['mallocs']:,}",
+                f"{e['frees']:,}",
+                f"{live:,}",
+                human_bytes(live * e["size"]),
+            )
+        )
     lm, lf = snap.get("large_mallocs", 0), snap.get("large_frees", 0)
     if top is None and isinstance(lm, int) and lm > 0:
-        rows.append(("large", "> 32 KiB", f"{lm:,}", f"{lf:,}", f"{lm - lf:,}",
-                     human_bytes(snap.get("large_bytes", 0))))
+        rows.append(
+            (
+                "large",
+                "> 32 KiB",
+                f"{lm:,}",
+                f"{lf:,}",
+                f"{lm - lf:,}",
+                human_bytes(snap.get("large_bytes", 0)),
+            )
+        )
     if not rows:
         return [title, "  (no allocations yet)"]
-    return [title] + ["  " + r for r in _table(("class", "size", "mallocs", "frees", "live", "live bytes"),
-                                               rows, right={0, 1, 2, 3, 4, 5})]
+    return [title] + [
+        "  " + r
+        for r in _table(
+            ("class", "size", "mallocs", "frees", "live", "live bytes"), rows, right={0, 1, 2, 3, 4, 5}
+        )
+    ]
 
 
 def per_p_lines(snap) -> list[str]:
@@ -215,15 +260,29 @@ def per_p_lines(snap) -> list[str]:
     title = f"Ps: {len(ps)}"
     if not ps:
         return [title, "  (no P took part in this snapshot)"]
-    rows = [(p.get("slot", "?"), p.get("pid", "?"), p.get("state", "?"),
-             f"{p['park_ns'] / 1000:,.1f}" if isinstance(p.get("park_ns"), int) else "?",
-             p.get("cached_spans", "?"), p.get("listed_returned", "?"))
-            for p in sorted(ps, key=lambda p: p.get("slot", 0))]
-    return [title] + ["  " + r for r in _table(
-        ("slot", "pid", "state", "park \u00b5s", "cached spans", "listed returned"), rows, right={0, 1, 3, 4, 5})]
+    rows = [
+        (
+            p.get("slot", "?"),
+            p.get("pid", "?"),
+            p.get("state", "?"),
+            f"{p['park_ns'] / 1000:,.1f}" if isinstance(p.get("park_ns"), int) else "?",
+            p.get("cached_spans", "?"),
+            p.get("listed_returned", "?"),
+        )
+        for p in sorted(ps, key=lambda p: p.get("slot", 0))
+    ]
+    return [title] + [
+        "  " + r
+        for r in _table(
+            ("slot", "pid", "state", "park \u00b5s", "cached spans", "listed returned"),
+            rows,
+            right={0, 1, 3, 4, 5},
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------- public
+
 
 def stats_table(snap, top=None) -> str:
     """The `shmalloc stats` table for people (see the module docstring)."""
@@ -238,6 +297,7 @@ def stats_table(snap, top=None) -> str:
 def stats_json(snap) -> str:
     """The snapshot for scripts."""
     import json
+
     return json.dumps(snap, sort_keys=True)
 
 
@@ -251,8 +311,11 @@ def rates(prev, cur):
         dt = (cur["taken_ns"] - prev["taken_ns"]) / 1e9
         if dt <= 0 or monotonic(prev, cur):
             return None
-        return ((cur["mallocs"] - prev["mallocs"]) / dt, (cur["frees"] - prev["frees"]) / dt,
-                (cur["total_alloc"] - prev["total_alloc"]) / dt)
+        return (
+            (cur["mallocs"] - prev["mallocs"]) / dt,
+            (cur["frees"] - prev["frees"]) / dt,
+            (cur["total_alloc"] - prev["total_alloc"]) / dt,
+        )
     except (KeyError, TypeError):
         return None
 
@@ -291,22 +354,38 @@ class Watch:
         else:
             lines += header_line(cur, title="shmalloc watch")
         if error is not None:
-            lines += _wrap(f"error: {error}" + ("  (figures below are from the last good snapshot)"
-                                                if cur is not None else "") + "  -- retrying", WIDTH, indent="")
+            lines += _wrap(
+                f"error: {error}"
+                + ("  (figures below are from the last good snapshot)" if cur is not None else "")
+                + "  -- retrying",
+                WIDTH,
+                indent="",
+            )
         if cur is None:
             return "\n".join(lines) + "\n"
         r = rates(prev, cur) if error is None else None
-        lines.append("rates: allocations " + _rate(r and r[0]) + "   frees " + _rate(r and r[1])
-                     + "   allocated " + _rate(r and r[2], bytes_=True)
-                     + ("   (counters reset: daemon restarted?)"
-                        if prev is not None and error is None and r is None and _reset(prev, cur) else ""))
+        lines.append(
+            "rates: allocations "
+            + _rate(r and r[0])
+            + "   frees "
+            + _rate(r and r[1])
+            + "   allocated "
+            + _rate(r and r[2], bytes_=True)
+            + (
+                "   (counters reset: daemon restarted?)"
+                if prev is not None and error is None and r is None and _reset(prev, cur)
+                else ""
+            )
+        )
         lines.append("")
-        cells = [f"{name} {human_value(cur[name], unit) if isinstance(cur.get(name), int) else '?'}"
-                 for name, unit, _k, _h in FIELDS]
+        cells = [
+            f"{name} {human_value(cur[name], unit) if isinstance(cur.get(name), int) else '?'}"
+            for name, unit, _k, _h in FIELDS
+        ]
         w = max(map(len, cells)) + 3
         per = max(1, WIDTH // w)
         for i in range(0, len(cells), per):
-            lines.append("".join(c.ljust(w) for c in cells[i:i + per]).rstrip())
+            lines.append("".join(c.ljust(w) for c in cells[i : i + per]).rstrip())
         lines.append(_identity_lines(cur)[0])
         lines.append("")
         lines += self._busiest(prev if r is not None else None, cur, r is not None)
@@ -328,17 +407,33 @@ class Watch:
             ranked.sort(key=lambda t: (-t[0], t[2]))
             title = f"busiest size classes by malloc rate (top {self.top})"
         else:
-            ranked = sorted(((None, None, c, e) for c, e in _used_classes(by)),
-                            key=lambda t: (-t[3]["mallocs"], t[2]))
+            ranked = sorted(
+                ((None, None, c, e) for c, e in _used_classes(by)), key=lambda t: (-t[3]["mallocs"], t[2])
+            )
             title = f"busiest size classes by mallocs (top {self.top}; rates from the next frame)"
-        ranked = ranked[:self.top]
+        ranked = ranked[: self.top]
         if not ranked:
             return [title, "  (no allocations in the interval)" if have_rate else "  (no allocations yet)"]
-        rows = [(c, human_bytes(e["size"]), _rate(mr), _rate(fr), f"{e['mallocs']:,}",
-                 f"{e['mallocs'] - e['frees']:,}", human_bytes((e["mallocs"] - e["frees"]) * e["size"]))
-                for mr, fr, c, e in ranked]
-        return [title] + ["  " + x for x in _table(
-            ("class", "size", "mallocs/s", "frees/s", "mallocs", "live", "live bytes"), rows, right=set(range(7)))]
+        rows = [
+            (
+                c,
+                human_bytes(e["size"]),
+                _rate(mr),
+                _rate(fr),
+                f"{e['mallocs']:,}",
+                f"{e['mallocs'] - e['frees']:,}",
+                human_bytes((e["mallocs"] - e["frees"]) * e["size"]),
+            )
+            for mr, fr, c, e in ranked
+        ]
+        return [title] + [
+            "  " + x
+            for x in _table(
+                ("class", "size", "mallocs/s", "frees/s", "mallocs", "live", "live bytes"),
+                rows,
+                right=set(range(7)),
+            )
+        ]
 
     # -- the loop
 

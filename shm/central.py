@@ -200,7 +200,7 @@ class CentralList:
             # RFREED: our hint held, nobody could hand the object out.  ALLOC or TAG: the hint
             # was overwritten by a retag, which only ever writes allocated states over allocated
             # ones -- the object stayed allocated.  Anything else: it was freed since.
-            live = b == RFREED or b == ALLOC or (b >= L.TAG0 and owner == b - L.TAG0 + 1)
+            live = b in (RFREED, ALLOC) or (b >= L.TAG0 and owner == b - L.TAG0 + 1)
             if not live or (b == ALLOC and owner):
                 bad += 1
             elif not owner:

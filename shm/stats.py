@@ -12,7 +12,7 @@ are generated from (mimalloc's MI_STAT_FIELDS, Go's MemStats comments).
     read_stats_slow(arena)  recomputes every figure from the ground truth (span table, page
                             map, allocation map), valid flushed or not (Go: ReadMemStatsSlow).
     check(arena)            every structural invariant and identity; returns the problems.
-    identities(snap)        the identities of DESIGN.md section 6, on any snapshot dict.
+    identities(snap)        the identities of Go's TestMemStats, on any snapshot dict.
 
 How frees are counted.  A free is never counted by a per-operation counter: frees of class c
 are `mallocs[c] - live[c]`, live objects being ground truth in the allocation map.  So a process

@@ -11,6 +11,7 @@ from service.demo import run_workload  # noqa: F401 - the workload the demo runs
 
 def arena_worker(arena_name, idx, n_ops, seed, inbox, outbox, results, progress=None, progress_at=None):
     from shm import Arena, ProcessCache
+
     arena = Arena.attach(arena_name)
     p = ProcessCache(arena)
     res = run_workload(p, idx, n_ops, seed, inbox, outbox, progress, progress_at)
@@ -26,6 +27,7 @@ def stuck_in_critical_section(arena_name, where, ready):
     from shm import Arena, ProcessCache
     from shm.central import CentralList
     from shm.heap import PageHeap
+
     arena = Arena.attach(arena_name)
     p = ProcessCache(arena)
 
@@ -41,6 +43,7 @@ def stuck_in_critical_section(arena_name, where, ready):
             r = real(self, op, *a)
             stop_here()
             return r
+
         PageHeap.alloc_span = alloc_span
         p.alloc(100_000)
     else:
@@ -50,6 +53,7 @@ def stuck_in_critical_section(arena_name, where, ready):
             got = real_collect(self, op, c, r, k)
             stop_here()
             return got
+
         CentralList.collect = collect
         p.alloc(64)
     time.sleep(60)  # not reached
@@ -59,8 +63,9 @@ def observer(endpoint, n, results, slow=True):
     """A process that holds no P: take `n` snapshots and judge each one."""
     import client
     from shm import stats as S
+
     problems, pauses, nums, prev = [], [], set(), None
-    for i in range(n):
+    for _ in range(n):
         snap = client.stats(endpoint, slow=slow)
         if not snap["consistent"]:
             problems.append(f"snapshot {snap['epoch']}: not consistent, unflushed {snap['unflushed']}")
@@ -74,14 +79,22 @@ def observer(endpoint, n, results, slow=True):
         prev = snap
         pauses.append(snap["pause_ns"])
         nums.add(snap["num_p"])
-    results.put({"n": n, "problems": problems[:20], "pauses": pauses, "num_p": sorted(nums),
-                 "mallocs": prev["mallocs"]})
+    results.put(
+        {
+            "n": n,
+            "problems": problems[:20],
+            "pauses": pauses,
+            "num_p": sorted(nums),
+            "mallocs": prev["mallocs"],
+        }
+    )
 
 
 def stuck_worker(endpoint, ready, release, results):
     """Connect, allocate, then sit INSIDE the allocator (holding the P lock) until released:
     a worker stuck in a long call, which cannot park."""
     import client
+
     heap = client.connect(endpoint)
     b = heap.alloc(100)
     with heap._lock:
@@ -98,6 +111,7 @@ def connected_worker(endpoint, cmds, results):
     """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("stats",)
     / ("close",).  Answers every command on `results`."""
     import client
+
     heap = client.connect(endpoint)
     results.put(("slot", heap.slot))
     while True:
@@ -106,6 +120,7 @@ def connected_worker(endpoint, cmds, results):
             if cmd[0] == "alloc":
                 b = heap.alloc(cmd[1])
                 from service.demo import pattern
+
                 b.buf[:] = pattern(b.handle, b.size)
                 results.put(("ok", b.handle))
             elif cmd[0] == "free":

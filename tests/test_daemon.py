@@ -9,17 +9,17 @@ import signal
 import subprocess
 import time
 
+import mpworkers
 import msgpack
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import DEADLINE, EXE, ROOT
 
 import client
-import mpworkers
-from conftest import DEADLINE, EXE, ROOT
-from service import protocol
-from service.demo import client_worker, drain, pattern
+from client import protocol
+from service.demo import client_worker, drain
 from shm import stats as S
 
 SPAWN = mp.get_context("spawn")
@@ -30,9 +30,24 @@ def start_workers(d, n, min_ops=200, progress=True):
     boxes = [SPAWN.Queue() for _ in range(n)]
     results = SPAWN.Queue()
     events = [SPAWN.Event() for _ in range(n)]
-    procs = [SPAWN.Process(target=client_worker, args=(d.endpoint, i, min_ops, 500 + i, boxes[i], boxes[(i + 1) % n],
-                                                       results, events[i], min_ops // 2, until))
-             for i in range(n)]
+    procs = [
+        SPAWN.Process(
+            target=client_worker,
+            args=(
+                d.endpoint,
+                i,
+                min_ops,
+                500 + i,
+                boxes[i],
+                boxes[(i + 1) % n],
+                results,
+                events[i],
+                min_ops // 2,
+                until,
+            ),
+        )
+        for i in range(n)
+    ]
     for p in procs:
         p.start()
     if progress:
@@ -68,6 +83,7 @@ def observe(endpoint, n, slow=True):
     return out
 
 
+@pytest.mark.slow
 def test_200_snapshots_while_four_workers_run(start_daemon):
     d = start_daemon()
     procs, boxes, results, until = start_workers(d, 4)
@@ -84,6 +100,7 @@ def test_200_snapshots_while_four_workers_run(start_daemon):
     assert r.returncode == 0 and "check: OK" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_a_worker_mid_workload(start_daemon):
     d = start_daemon()
     procs, boxes, results, until = start_workers(d, 4)
@@ -154,7 +171,9 @@ def _send_and_judge(sock, frames):
     sock.send_multipart(frames)
     if sock.poll(2000):
         reply = msgpack.unpackb(sock.recv(), raw=False)
-        assert reply["v"] == 1 and reply["ok"] is False and isinstance(reply["error"], str) and reply["message"]
+        assert (
+            reply["v"] == 1 and reply["ok"] is False and isinstance(reply["error"], str) and reply["message"]
+        )
         return reply["error"]
     return None
 
@@ -168,9 +187,9 @@ GARBAGE = [
     [msgpack.packb({"v": 2, "id": 1, "op": "ping"})],
     [msgpack.packb({"v": 1, "id": 1, "op": "format_disk"})],
     [msgpack.packb({"v": 1, "id": 1, "op": "stats", "deadline_ms": "soon"})],
-    [msgpack.packb({"v": 1, "id": 1, "op": "stats", "deadline_ms": 10 ** 12})],
+    [msgpack.packb({"v": 1, "id": 1, "op": "stats", "deadline_ms": 10**12})],
     [msgpack.packb({"v": 1, "id": 1, "op": "register", "pid": True})],
-    [msgpack.packb({"v": 1, "id": 1, "op": "unregister", "slot": 10 ** 6})],
+    [msgpack.packb({"v": 1, "id": 1, "op": "unregister", "slot": 10**6})],
     [msgpack.packb({"v": 1, "id": [1] * 100, "op": "ping"})],
     [msgpack.packb({"v": 1, "id": 1, "op": "ping", "x": "y" * 100_000})],
     [b"\x00" * 200_000],
@@ -183,6 +202,7 @@ def _figures(snap):
     return {k: snap[k] for k in S.FIELD_NAMES} | {"by_size": snap["by_size"]}
 
 
+@pytest.mark.slow
 def test_garbage_on_the_control_socket(start_daemon):
     d = start_daemon()
     with client.connect(d.endpoint) as heap:
@@ -195,7 +215,9 @@ def test_garbage_on_the_control_socket(start_daemon):
                 codes.append(_send_and_judge(sock, frames))
         finally:
             sock.close(0)
-        assert {"BAD_FRAME", "BAD_VERSION", "UNKNOWN_OP", "BAD_ARGS", "BAD_REQUEST", "TOO_LARGE"} <= set(codes), codes
+        assert {"BAD_FRAME", "BAD_VERSION", "UNKNOWN_OP", "BAD_ARGS", "BAD_REQUEST", "TOO_LARGE"} <= set(
+            codes
+        ), codes
         assert client.ping(d.endpoint)["pid"] == d.proc.pid
         after = client.stats(d.endpoint)
         assert _figures(after) == _figures(before), "garbage changed the heap"
@@ -209,21 +231,44 @@ def garbage_frames(draw):
     kind = draw(st.sampled_from(["bytes", "map", "envelope"]))
     if kind == "bytes":
         return draw(st.binary(max_size=300))
-    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70).filter(lambda i: -2 ** 63 <= i < 2 ** 64),
-                     st.floats(allow_nan=True), st.text(max_size=20), st.binary(max_size=20))
-    tree = st.recursive(leaf, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4),
-                        max_leaves=12)
+    leaf = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70).filter(lambda i: -(2**63) <= i < 2**64),
+        st.floats(allow_nan=True),
+        st.text(max_size=20),
+        st.binary(max_size=20),
+    )
+    tree = st.recursive(
+        leaf,
+        lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4),
+        max_leaves=12,
+    )
     if kind == "map":
         return msgpack.packb(draw(tree))
-    env = {"v": draw(st.sampled_from([1, 1, 2, "1", None])), "id": draw(st.one_of(st.integers(0, 10), st.text(max_size=5))),
-           "op": draw(st.sampled_from(sorted(protocol.OPS)) | st.text(max_size=10))}
-    env.update(draw(st.dictionaries(st.sampled_from(["pid", "slot", "deadline_ms", "slow", "zzz"]), tree, max_size=3)))
-    if env["op"] in ("shutdown", "release", "check", "register", "unregister"):  # keep the daemon and its slots
+    env = {
+        "v": draw(st.sampled_from([1, 1, 2, "1", None])),
+        "id": draw(st.one_of(st.integers(0, 10), st.text(max_size=5))),
+        "op": draw(st.sampled_from(sorted(protocol.OPS)) | st.text(max_size=10)),
+    }
+    env.update(
+        draw(
+            st.dictionaries(st.sampled_from(["pid", "slot", "deadline_ms", "slow", "zzz"]), tree, max_size=3)
+        )
+    )
+    if env["op"] in (
+        "shutdown",
+        "release",
+        "check",
+        "register",
+        "unregister",
+    ):  # keep the daemon and its slots
         env["op"] = "ping" if draw(st.booleans()) else "nope"
         env["zzz"] = 1  # ...and make them invalid anyway
     return msgpack.packb(env)
 
 
+@pytest.mark.slow
 def test_hypothesis_garbage_never_kills_the_daemon(start_daemon):
     d = start_daemon()
     sock = _raw_socket(d.endpoint)
@@ -283,6 +328,7 @@ def test_max_heap_larger_than_dev_shm_is_refused(start_daemon):
     assert "/dev/shm" in d.log() and not os.path.exists(f"/dev/shm/{d.name}")
 
 
+@pytest.mark.slow
 def test_killed_daemon_arena_is_adopted_and_workers_reregister(start_daemon):
     d = start_daemon()
     cmds, res = SPAWN.Queue(), SPAWN.Queue()
@@ -348,44 +394,11 @@ def test_cli_without_a_daemon_says_so(tmp_path):
     assert r.returncode == 2 and "no daemon at" in r.stderr and "nobody.sock" in r.stderr
 
 
-def test_client_bad_handles_and_fork(start_daemon):
-    d = start_daemon()
-    with client.connect(d.endpoint) as heap:
-        b = heap.alloc(100)
-        b.buf[:] = pattern(b.handle, 100)
-        with pytest.raises(client.BadHandle):
-            heap.free(b.handle + 8)
-        with pytest.raises(client.BadHandle):
-            heap.view(12345)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                try:
-                    heap.alloc(10)
-                    msg = b"no error"
-                except client.ForkedHeap:
-                    with client.connect(d.endpoint) as own:  # the child's own P works
-                        own.free(own.alloc(10))
-                        ok = bytes(own.view(b.handle, 100)) == pattern(b.handle, 100)
-                    msg = b"ForkedHeap" + (b" own-ok" if ok else b" own-bad")
-                os.write(w, msg)
-            finally:
-                os._exit(0)
-        os.close(w)
-        out = os.read(r, 100)
-        os.close(r)
-        os.waitpid(pid, 0)
-        assert out == b"ForkedHeap own-ok"
-        heap.free(b)
-        with pytest.raises(client.DoubleFree):
-            heap.free(b)
-
-
 def test_cli_check_exits_1_and_names_a_broken_structure(start_daemon):
     d = start_daemon()
     from shm import Arena
     from shm import layout as L
+
     with client.connect(d.endpoint) as heap:
         b = heap.alloc(64)
         r = run_cli("check", "--endpoint", d.endpoint)
@@ -412,6 +425,7 @@ def test_shutdown_request_stops_cleanly(start_daemon):
 
 def test_tcp_endpoint_on_loopback(start_daemon):
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -447,26 +461,37 @@ def test_bad_metrics_addr_refuses_and_leaves_nothing(start_daemon):
     assert not os.path.exists(d.sock_path()) and not os.path.exists(f"/dev/shm/{d.name}")
 
 
+@pytest.mark.slow
 def test_the_readme_demo_runs(tmp_path):
     """The README's first command ends in `shmalloc demo`: it must run, say so, and leave
     nothing behind."""
     before = {n for n in os.listdir("/dev/shm") if n.startswith("shmalloc-")}
-    r = subprocess.run([*EXE, "demo", "--workers", "3", "--ops", "600"], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
-    assert {n for n in os.listdir("/dev/shm") if n.startswith("shmalloc-")} <= before, "the demo left its arena"
+    r = subprocess.run(
+        [*EXE, "demo", "--workers", "3", "--ops", "600"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("shmalloc-")} <= before, (
+        "the demo left its arena"
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "every one consistent" in r.stdout and "identities: all hold" in r.stdout
     assert "slow span walk: equal" in r.stdout and "check: OK" in r.stdout
     assert "daemon stopped (exit 0)" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_worker_connecting_during_a_pause_registers_and_waits_for_the_resume(start_daemon):
     """A P that claims its slot while the world is stopped starts stopped; its registration is
     served during the pause; its first allocation waits for the resume; nothing is late but the
     P that really is stuck."""
     import threading
+
     from shm import Arena
     from shm import layout as L
+
     d = start_daemon(extra=("--park-deadline-ms", "5000"))
     ready, release, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
     stuck = SPAWN.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
@@ -510,6 +535,7 @@ def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
     P wakes, sees the daemon gone, and goes on allocating without it."""
     from shm import Arena
     from shm import layout as L
+
     d = start_daemon(extra=("--park-deadline-ms", "30000"))
     ready, release, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
     stuck = SPAWN.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
@@ -523,8 +549,11 @@ def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
         cmds.put(("alloc", 64))
         assert res.get(timeout=DEADLINE)[0] == "ok"
         assert ready.wait(DEADLINE)
-        asker = subprocess.Popen([*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "30000"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        asker = subprocess.Popen(
+            [*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "30000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         end = time.monotonic() + DEADLINE
         sw = spy.lay.slot_word(slot)
         while spy.q[sw + L.SLOT["stop"]] != L.STOP_PARK or not spy.q[L.HDR["stopped_epoch"]]:
@@ -550,6 +579,7 @@ def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
     out.get(timeout=DEADLINE)
     stuck.join(DEADLINE)
     from shm.arena import unlink_segment
+
     unlink_segment(d.name)  # what `shmalloc cleanup` does after a killed daemon
     os.unlink(d.sock_path())
 

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from support import metadata_bytes, pattern, unique_name
 
-from conftest import metadata_bytes, pattern, unique_name
 from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout
 from shm import stats as S
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS
@@ -22,8 +22,8 @@ class AllocatorModel(RuleBasedStateMachine):
         super().__init__()
         self.arena = Arena.create(unique_name("model"), 4 << 20, 4)
         self.ps = [ProcessCache(self.arena), ProcessCache(self.arena)]
-        self.live = {}          # handle -> (size, capacity)
-        self.freed = set()      # handles freed and not reallocated since
+        self.live = {}  # handle -> (size, capacity)
+        self.freed = set()  # handles freed and not reallocated since
         self.mallocs = self.frees = 0
         self.prev = None
 
@@ -39,7 +39,7 @@ class AllocatorModel(RuleBasedStateMachine):
         except OutOfMemory:
             return
         assert b.handle not in self.live, "handed out a live block twice"
-        for h, (sz, cap) in self.live.items():
+        for h, (_sz, cap) in self.live.items():
             assert b.handle + b.capacity <= h or h + cap <= b.handle, "blocks overlap"
         if size <= 32768:
             assert b.capacity == CLASS_TO_SIZE[SIZE_TO_CLASS[(size + 7) >> 3]]
@@ -112,8 +112,9 @@ class AllocatorModel(RuleBasedStateMachine):
 
 
 TestAllocatorModel = AllocatorModel.TestCase
-TestAllocatorModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
-                                       suppress_health_check=[HealthCheck.too_slow])
+TestAllocatorModel.settings = settings(
+    max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # --- page heap tables ------------------------------------------------------------------------
@@ -124,12 +125,21 @@ HEAP_TABLE = [
     ("first alloc grows", [("a", "x", 1)], [(1, "U"), (127, "F")]),
     ("split and reuse", [("a", "x", 3), ("a", "y", 2)], [(3, "U"), (2, "U"), (123, "F")]),
     ("free coalesces right", [("a", "x", 3), ("a", "y", 2), ("f", "y")], [(3, "U"), (125, "F")]),
-    ("free coalesces left", [("a", "x", 3), ("a", "y", 2), ("a", "z", 1), ("f", "x"), ("f", "y")],
-     [(5, "F"), (1, "U"), (122, "F")]),
-    ("free coalesces both sides", [("a", "x", 3), ("a", "y", 2), ("a", "z", 1), ("f", "x"), ("f", "z"), ("f", "y")],
-     [(128, "F")]),
-    ("hole reused first fit by bucket", [("a", "x", 4), ("a", "y", 1), ("f", "x"), ("a", "z", 2)],
-     [(2, "U"), (2, "F"), (1, "U"), (123, "F")]),
+    (
+        "free coalesces left",
+        [("a", "x", 3), ("a", "y", 2), ("a", "z", 1), ("f", "x"), ("f", "y")],
+        [(5, "F"), (1, "U"), (122, "F")],
+    ),
+    (
+        "free coalesces both sides",
+        [("a", "x", 3), ("a", "y", 2), ("a", "z", 1), ("f", "x"), ("f", "z"), ("f", "y")],
+        [(128, "F")],
+    ),
+    (
+        "hole reused first fit by bucket",
+        [("a", "x", 4), ("a", "y", 1), ("f", "x"), ("a", "z", 2)],
+        [(2, "U"), (2, "F"), (1, "U"), (123, "F")],
+    ),
     ("grow past a chunk", [("a", "x", 100), ("a", "y", 100)], [(100, "U"), (100, "U"), (56, "F")]),
     ("grow merges with free tail", [("a", "x", 120), ("a", "y", 20)], [(120, "U"), (20, "U"), (116, "F")]),
     ("big request grows by itself", [("a", "x", 300)], [(300, "U")]),
@@ -148,12 +158,14 @@ def test_page_heap_table(make_arena, name, ops, after):
     spans = {}
 
     for op in ops:
+
         def step(o, op=op):
             o.acquire(layout.LOCK_HEAP)
             if op[0] == "a":
                 spans[op[1]] = arena.heap.alloc_span(o, op[2], 0, 1)
             else:
                 arena.heap.free_span(o, spans.pop(op[1]))
+
         arena.run(arena.daemon_actor, step)
     assert tiling(arena) == after
     assert S.check(arena, parts=("locks", "heap")) == []  # raw spans: no objects to check
@@ -167,6 +179,7 @@ def test_page_heap_release_and_recommit_table(make_arena):
         def step(o):
             o.acquire(layout.LOCK_HEAP)
             return fn(o)
+
         return arena.run(arena.daemon_actor, step)
 
     spans["x"] = run(lambda o: arena.heap.alloc_span(o, 10, 0, 1))
@@ -176,7 +189,12 @@ def test_page_heap_release_and_recommit_table(make_arena):
     assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [(10, 1), (10, 0), (108, 1)]
     # Reusing a released span re-commits what it takes; the rest stays released.
     spans["z"] = run(lambda o: arena.heap.alloc_span(o, 4, 0, 1))
-    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [(4, 0), (6, 1), (10, 0), (108, 1)]
+    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [
+        (4, 0),
+        (6, 1),
+        (10, 0),
+        (108, 1),
+    ]
     assert arena.q[arena.lay.heap_word() + layout.HEAP["released_pages"]] == 6 + 108
     # Freeing next to released spans: mixed neighbours are re-committed, so the merge is unreleased.
     run(lambda o: arena.heap.free_span(o, spans.pop("y")))

@@ -7,10 +7,10 @@ import os
 import queue
 import signal
 
-import pytest
-
 import mpworkers
-from conftest import pattern
+import pytest
+from support import pattern
+
 from shm import ProcessCache, identities
 from shm import stats as S
 
@@ -28,7 +28,7 @@ def drain(q, main, expect=None):
             h, size = q.get(timeout=DEADLINE if expect is not None else 0.5)
         except queue.Empty:
             if expect is not None:
-                raise AssertionError(f"mailbox: got {n} handles, expected {expect}")
+                raise AssertionError(f"mailbox: got {n} handles, expected {expect}") from None
             break
         assert bytes(main.view(h, size)) == pattern(h, size)
         main.free(h)
@@ -41,8 +41,11 @@ def start_workers(ctx, arena, n, n_ops, seed, extra=None):
     results = ctx.Queue()
     procs = []
     for i in range(n):
-        p = ctx.Process(target=mpworkers.arena_worker,
-                        args=(arena.name, i, n_ops, seed + i, boxes[i], boxes[(i + 1) % n], results) + tuple((extra or {}).get(i, ())))
+        p = ctx.Process(
+            target=mpworkers.arena_worker,
+            args=(arena.name, i, n_ops, seed + i, boxes[i], boxes[(i + 1) % n], results)
+            + tuple((extra or {}).get(i, ())),
+        )
         p.start()
         procs.append(p)
     return procs, boxes, results
@@ -87,6 +90,7 @@ def test_four_processes_random_sizes_cross_frees(make_arena, ctx):
     main.close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_survivors_finish_and_cache_is_reclaimed(make_arena):
     arena = make_arena(heap_max=256 << 20, nslots=8)
     main = ProcessCache(arena)
@@ -129,6 +133,7 @@ def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
     victim.start()
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     from shm import layout as L
+
     dirty = [lid for lid in range(L.NLOCKS) if arena.q[arena.lay.lock_word(lid)]]
     assert dirty, "the victim should hold a dirty lock"
     os.kill(victim.pid, signal.SIGKILL)

@@ -11,11 +11,11 @@ import time
 import urllib.request
 
 import pytest
+from support import DEADLINE, EXE
 
 import client
 from service.metrics import exported_names, figure_series
 from shm.stats import FIELDS
-from conftest import DEADLINE, EXE
 
 prom_parser = pytest.importorskip("prometheus_client.parser", reason="the metrics extra is not installed")
 
@@ -52,15 +52,22 @@ def test_metrics_served_over_http_equal_the_snapshot_of_the_same_epoch(start_dae
     missing = exported_names() - served
     assert not missing, f"declared but not served: {sorted(missing)}"
     assert samples["shmalloc_snapshot_epoch"].value == snap["epoch"]
-    for field, name, kind, help_ in figure_series():
-        assert samples[name].value == snap[field], f"{name} = {samples[name].value}, snapshot {field} = {snap[field]}"
+    for field, name, kind, _help in figure_series():
+        assert samples[name].value == snap[field], (
+            f"{name} = {samples[name].value}, snapshot {field} = {snap[field]}"
+        )
         fam = fams[name.removesuffix("_total") if kind == "counter" else name]
-        assert fam.type == kind and fam.documentation.startswith(dict((f[0], f[3]) for f in FIELDS)[field][:20])
+        assert fam.type == kind and fam.documentation.startswith(
+            dict((f[0], f[3]) for f in FIELDS)[field][:20]
+        )
     assert samples["shmalloc_num_p"].value == snap["num_p"] == 1
     assert samples["shmalloc_snapshot_consistent"].value == 1
     assert samples["shmalloc_snapshot_age_seconds"].value >= 0
-    by_size = {s.labels["size"]: s.value for s in fams["shmalloc_class_mallocs"].samples
-               if s.name == "shmalloc_class_mallocs_total"}
+    by_size = {
+        s.labels["size"]: s.value
+        for s in fams["shmalloc_class_mallocs"].samples
+        if s.name == "shmalloc_class_mallocs_total"
+    }
     assert len(by_size) == len(snap["by_size"])
     for e in snap["by_size"]:
         assert by_size[str(e["size"])] == e["mallocs"]
@@ -136,7 +143,9 @@ def test_json_logs_name_lifecycle_events(start_daemon):
 def test_slow_snapshots_are_logged(start_daemon, tmp_path):
     d = start_daemon(extra=("--park-deadline-ms", "200", "--slow-snapshot-ms", "1000"))
     import multiprocessing as mp
+
     import mpworkers
+
     ctx = mp.get_context("spawn")
     ready, release, out = ctx.Event(), ctx.Event(), ctx.Queue()
     w = ctx.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
@@ -155,7 +164,9 @@ def test_slow_snapshots_are_logged(start_daemon, tmp_path):
 
 def test_slow_snapshot_threshold(start_daemon):
     quiet = start_daemon(extra=("--slow-snapshot-ms", "60000"))
-    loud = start_daemon(endpoint=quiet.endpoint.replace("control.sock", "loud.sock"), extra=("--slow-snapshot-ms", "0"))
+    loud = start_daemon(
+        endpoint=quiet.endpoint.replace("control.sock", "loud.sock"), extra=("--slow-snapshot-ms", "0")
+    )
     for d in (quiet, loud):
         assert client.stats(d.endpoint)["consistent"]
     assert "warning snapshot" not in quiet.log()

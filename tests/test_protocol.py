@@ -1,7 +1,9 @@
-"""The control-channel protocol (service/protocol.py, service/ops/), without sockets: round trips
+"""The control-channel protocol (client/protocol.py, client/ops/, service/handlers.py and
+tools/mkprotocol.py), without sockets: round trips
 of every op against a fake daemon, every refusal code, the exception mapping, the stop message,
 the registry and the generated docs/PROTOCOL.md.  See shm/__init__.py for an overview."""
 
+import importlib.util
 import json
 import pkgutil
 import re
@@ -15,15 +17,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import service.ops
-from service import protocol as P
-from service.ops import stats as stats_op
-from service.ops.schema import Field, Reply
+import client.ops
+from client import protocol as P
+from client.ops import stats as stats_op
+from client.ops.schema import Field, Reply
+from service.handlers import CHECK_REPLY, HANDLERS, dispatch
 from shm import errors as E
 from shm.layout import MAX_SLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTED_CODES = {cls.code for cls, _ in P._error_tree()} | set(P.CODES)
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("mkprotocol", ROOT / "tools" / "mkprotocol.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+MK = _load_generator()
+DOCUMENTED_CODES = {cls.code for cls, _ in MK._error_tree()} | set(P.CODES)
 
 
 def pack(obj):
@@ -39,8 +52,13 @@ def _value(unit):
 
 
 SNAPSHOT = {name: _value(unit) for name, unit, _doc in stats_op.SNAPSHOT_KEYS}
-SNAPSHOT.update(sys=1 << 20, by_size=[{"size": 8, "mallocs": 3, "frees": 1}], per_p=[{"slot": 0, "pid": 99}],
-                unflushed=[], epoch=7)
+SNAPSHOT.update(
+    sys=1 << 20,
+    by_size=[{"size": 8, "mallocs": 3, "frees": 1}],
+    per_p=[{"slot": 0, "pid": 99}],
+    unflushed=[],
+    epoch=7,
+)
 SLOW_SNAPSHOT = dict(SNAPSHOT, slow_equal=True, slow_diff=[])
 REGISTER = {"slot": 3, "arena": "shmalloc-test", "layout_version": 1, "heartbeat_ms": 1000}
 PING = {"pid": 1234, "uptime_s": 1.5, "epoch": 7, "num_p": 2, "arena": "shmalloc-test", "version": "0.1.0"}
@@ -53,9 +71,16 @@ class FakeDaemon:
 
     def __init__(self, **returns):
         self.calls = []
-        self.returns = dict(register=REGISTER, unregister=None, heartbeat={"epoch": 7}, ping=PING,
-                            snapshot=SNAPSHOT, check=CHECK, release={"released_bytes": 8192},
-                            request_shutdown=None)
+        self.returns = dict(
+            register=REGISTER,
+            unregister=None,
+            heartbeat={"epoch": 7},
+            ping=PING,
+            snapshot=SNAPSHOT,
+            check=CHECK,
+            release={"released_bytes": 8192},
+            request_shutdown=None,
+        )
         self.returns.update(returns)
 
     def _call(self, name, *args):
@@ -103,20 +128,39 @@ def error_of(frame):
 # (op, args, identity, daemon returns, the daemon call expected, the reply's fields expected)
 ROUND_TRIPS = [
     ("register", {"pid": 4242}, b"peer-1", {}, ("register", (4242, b"peer-1")), REGISTER),
-    ("register", {"pid": 2 ** 31 - 1}, b"", {}, ("register", (2 ** 31 - 1, b"")), REGISTER),
+    ("register", {"pid": 2**31 - 1}, b"", {}, ("register", (2**31 - 1, b"")), REGISTER),
     ("register", {"pid": 7, "slot": 3}, b"p", {}, ("register", (7, b"p", 3)), REGISTER),
     ("unregister", {"slot": 3}, b"peer-1", {}, ("unregister", (3, b"peer-1")), {}),
-    ("unregister", {"slot": MAX_SLOTS - 1}, b"x", {"unregister": {}}, ("unregister", (MAX_SLOTS - 1, b"x")), {}),
+    (
+        "unregister",
+        {"slot": MAX_SLOTS - 1},
+        b"x",
+        {"unregister": {}},
+        ("unregister", (MAX_SLOTS - 1, b"x")),
+        {},
+    ),
     ("heartbeat", {"slot": 0}, b"peer-2", {}, ("heartbeat", (0, b"peer-2")), {"epoch": 7}),
     ("heartbeat", {"slot": 1}, b"p", {"heartbeat": 9}, ("heartbeat", (1, b"p")), {"epoch": 9}),
     ("heartbeat", {"slot": 2, "pid": 77}, b"p", {}, ("heartbeat", (2, b"p", 77)), {"epoch": 7}),
     ("ping", {}, b"", {}, ("ping", ()), PING),
     ("ping", {}, b"", {"ping": dict(PING, uptime_s=2)}, ("ping", ()), dict(PING, uptime_s=2.0)),
     ("stats", {}, b"", {}, ("snapshot", (2000, False)), {"snapshot": SNAPSHOT}),
-    ("stats", {"deadline_ms": 1, "slow": True}, b"", {"snapshot": SLOW_SNAPSHOT}, ("snapshot", (1, True)),
-     {"snapshot": SLOW_SNAPSHOT}),
-    ("stats", {"deadline_ms": 60000}, b"", {"snapshot": {"snapshot": SNAPSHOT}}, ("snapshot", (60000, False)),
-     {"snapshot": SNAPSHOT}),
+    (
+        "stats",
+        {"deadline_ms": 1, "slow": True},
+        b"",
+        {"snapshot": SLOW_SNAPSHOT},
+        ("snapshot", (1, True)),
+        {"snapshot": SLOW_SNAPSHOT},
+    ),
+    (
+        "stats",
+        {"deadline_ms": 60000},
+        b"",
+        {"snapshot": {"snapshot": SNAPSHOT}},
+        ("snapshot", (60000, False)),
+        {"snapshot": SNAPSHOT},
+    ),
     ("check", {}, b"", {}, ("check", ()), CHECK),
     ("release", {}, b"", {}, ("release", ()), {"released_bytes": 8192}),
     ("release", {}, b"", {"release": 0}, ("release", ()), {"released_bytes": 0}),
@@ -130,10 +174,10 @@ def test_every_op_has_a_round_trip():
 
 
 @pytest.mark.parametrize("op, args, identity, returns, call, reply", ROUND_TRIPS)
-@pytest.mark.parametrize("req_id", [17, "req-a", "x" * 64, -2 ** 63, 2 ** 64 - 1])
+@pytest.mark.parametrize("req_id", [17, "req-a", "x" * 64, -(2**63), 2**64 - 1])
 def test_round_trip(op, args, identity, returns, call, reply, req_id):
     daemon = FakeDaemon(**returns)
-    out = P.dispatch(daemon, P.encode_request(op, req_id, **args), identity=identity)
+    out = dispatch(daemon, P.encode_request(op, req_id, **args), identity=identity)
     assert daemon.calls == [call]
     assert unpack(out) == {"v": 1, "id": req_id, "ok": True, **reply}
     msg = P.decode_reply(out, op=op)
@@ -148,17 +192,19 @@ def test_decode_request_fills_defaults():
 
 def test_identity_comes_from_the_socket_not_the_wire():
     daemon = FakeDaemon()
-    P.dispatch(daemon, P.encode_request("register", 1, pid=7), identity=bytearray(b"\x00k\x8b"))
+    dispatch(daemon, P.encode_request("register", 1, pid=7), identity=bytearray(b"\x00k\x8b"))
     assert daemon.calls == [("register", (7, b"\x00k\x8b"))]
     assert type(daemon.calls[0][1][1]) is bytes
     daemon = FakeDaemon()
-    out = P.dispatch(daemon, pack({"v": 1, "id": 2, "op": "register", "pid": 7, "_identity": b"evil"}),
-                     identity=b"real")
+    out = dispatch(
+        daemon, pack({"v": 1, "id": 2, "op": "register", "pid": 7, "_identity": b"evil"}), identity=b"real"
+    )
     assert error_of(out)[:2] == ("BAD_ARGS", 2)
     assert daemon.calls == []
 
 
 # ----------------------------------------------------------------------------- refusals
+
 
 def ping(**over):
     return pack({"v": 1, "id": 1, "op": "ping", **over})
@@ -208,11 +254,11 @@ REFUSALS = [
     ("int for bool", req("stats", slow=1), "BAD_ARGS", 1),
     ("pid 0", req("register", pid=0), "BAD_ARGS", 1),
     ("pid -1", req("register", pid=-1), "BAD_ARGS", 1),
-    ("pid 2**31", req("register", pid=2 ** 31), "BAD_ARGS", 1),
+    ("pid 2**31", req("register", pid=2**31), "BAD_ARGS", 1),
     ("slot -1", req("unregister", slot=-1), "BAD_ARGS", 1),
     ("register slot -2", req("register", pid=7, slot=-2), "BAD_ARGS", 1),
     ("slot MAX_SLOTS", req("heartbeat", slot=MAX_SLOTS), "BAD_ARGS", 1),
-    ("slot 2**64-1", req("heartbeat", slot=2 ** 64 - 1), "BAD_ARGS", 1),
+    ("slot 2**64-1", req("heartbeat", slot=2**64 - 1), "BAD_ARGS", 1),
     ("deadline 0", req("stats", deadline_ms=0), "BAD_ARGS", 1),
     ("deadline 60001", req("stats", deadline_ms=60001), "BAD_ARGS", 1),
     ("frame of MAX_FRAME bytes is unpacked", _frame_of_size(P.MAX_FRAME), "BAD_ARGS", 1),
@@ -243,7 +289,7 @@ REFUSALS = [
 @pytest.mark.parametrize("why, frame, code, req_id", REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_refusal(why, frame, code, req_id):
     daemon = FakeDaemon()
-    out = P.dispatch(daemon, frame)
+    out = dispatch(daemon, frame)
     assert error_of(out)[:2] == (code, req_id)
     assert daemon.calls == []
     with pytest.raises(E.ProtocolError) as info:
@@ -256,25 +302,31 @@ def test_oversize_frame_is_not_unpacked(monkeypatch):
         raise AssertionError("an oversize frame was unpacked")
 
     monkeypatch.setattr(msgpack, "unpackb", unpackb)
-    assert error_of(P.dispatch(FakeDaemon(), ping(pad=["x" * 4000] * 17)))[0] == "TOO_LARGE"
-    assert error_of(P.dispatch(FakeDaemon(), ping()))[0] == "BAD_FRAME"  # the patch is in force
+    assert error_of(dispatch(FakeDaemon(), ping(pad=["x" * 4000] * 17)))[0] == "TOO_LARGE"
+    assert error_of(dispatch(FakeDaemon(), ping()))[0] == "BAD_FRAME"  # the patch is in force
 
 
 @pytest.mark.parametrize("frame", ["ping", None, 42, [1]])
 def test_a_frame_that_is_not_bytes(frame):
-    assert error_of(P.dispatch(FakeDaemon(), frame))[:2] == ("BAD_FRAME", None)
+    assert error_of(dispatch(FakeDaemon(), frame))[:2] == ("BAD_FRAME", None)
 
 
 def test_messages_name_the_problem():
-    cases = [(req("register", pid=True), ["pid", "int", "bool"]), (ping(extra=1), ["extra"]),
-             (req("register"), ["pid", "missing"]), (req("stats", deadline_ms=0), ["deadline_ms", "1..60000"]),
-             (ping(op="frobnicate"), ["frobnicate", "register"]), (ping(v=2), ["2"])]
+    cases = [
+        (req("register", pid=True), ["pid", "int", "bool"]),
+        (ping(extra=1), ["extra"]),
+        (req("register"), ["pid", "missing"]),
+        (req("stats", deadline_ms=0), ["deadline_ms", "1..60000"]),
+        (ping(op="frobnicate"), ["frobnicate", "register"]),
+        (ping(v=2), ["2"]),
+    ]
     for frame, words in cases:
-        message = error_of(P.dispatch(FakeDaemon(), frame))[2]
+        message = error_of(dispatch(FakeDaemon(), frame))[2]
         assert all(w in message for w in words), (message, words)
 
 
 # ----------------------------------------------------------------------------- exceptions
+
 
 class CustomError(E.ShmallocError):
     """Defined outside shm/errors.py: must not appear in docs/PROTOCOL.md."""
@@ -309,7 +361,7 @@ RAISES = [
 @pytest.mark.parametrize("exc, code, words", RAISES, ids=[type(r[0]).__name__ for r in RAISES])
 def test_daemon_exception_becomes_error_reply(exc, code, words):
     daemon = FakeDaemon(ping=exc)
-    out = P.dispatch(daemon, P.encode_request("ping", "r1"))
+    out = dispatch(daemon, P.encode_request("ping", "r1"))
     assert daemon.calls == [("ping", ())]
     got_code, got_id, message = error_of(out)
     assert (got_code, got_id) == (code, "r1") and words in message
@@ -323,7 +375,7 @@ def test_daemon_exception_becomes_error_reply(exc, code, words):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(3)])
 def test_interrupts_propagate(exc):
     with pytest.raises(type(exc)):
-        P.dispatch(FakeDaemon(ping=exc), P.encode_request("ping", 1))
+        dispatch(FakeDaemon(ping=exc), P.encode_request("ping", 1))
 
 
 def test_error_message_is_bounded():
@@ -332,7 +384,7 @@ def test_error_message_is_bounded():
 
 
 def test_encode_error_drops_an_invalid_id():
-    for bad in ("x" * 65, 1.5, True, object(), 2 ** 64):
+    for bad in ("x" * 65, 1.5, True, object(), 2**64):
         assert error_of(P.encode_error(bad, RuntimeError()))[1] is None
     assert error_of(P.encode_error("ok-id", RuntimeError()))[1] == "ok-id"
 
@@ -348,34 +400,46 @@ BAD_HANDLER_REPLIES = [
     ("None for a map", "register", {"register": None}, {"pid": 5}),
     ("bare value for two fields", "check", {"check": []}, {}),
     ("field for an empty reply", "shutdown", {"request_shutdown": {"bye": 1}}, {}),
-    ("snapshot lacks a key", "stats", {"snapshot": {k: v for k, v in SNAPSHOT.items() if k != "heap_alloc"}}, {}),
+    (
+        "snapshot lacks a key",
+        "stats",
+        {"snapshot": {k: v for k, v in SNAPSHOT.items() if k != "heap_alloc"}},
+        {},
+    ),
     ("slow snapshot lacks slow_diff", "stats", {"snapshot": dict(SNAPSHOT, slow_equal=True)}, {"slow": True}),
     ("int map key", "stats", {"snapshot": dict(SNAPSHOT, per_p=[{0: "p"}])}, {}),
-    ("int over 64 bits", "release", {"release": 2 ** 64}, {}),
+    ("int over 64 bits", "release", {"release": 2**64}, {}),
     ("a set", "check", {"check": dict(CHECK, problems=[{"x"}])}, {}),
     ("an object", "stats", {"snapshot": dict(SNAPSHOT, sys=object())}, {}),
 ]
 
 
-@pytest.mark.parametrize("why, op, returns, args", BAD_HANDLER_REPLIES, ids=[r[0] for r in BAD_HANDLER_REPLIES])
+@pytest.mark.parametrize(
+    "why, op, returns, args", BAD_HANDLER_REPLIES, ids=[r[0] for r in BAD_HANDLER_REPLIES]
+)
 def test_bad_handler_reply_is_internal(why, op, returns, args):
     daemon = FakeDaemon(**returns)
-    out = P.dispatch(daemon, P.encode_request(op, 5, **args))
+    out = dispatch(daemon, P.encode_request(op, 5, **args))
     assert len(daemon.calls) == 1
     assert error_of(out)[:2] == ("INTERNAL", 5)
 
 
 # ----------------------------------------------------------------------------- client side
 
+
 def test_encode_request_validates_like_the_daemon():
-    for op, args, code in [("frobnicate", {}, "UNKNOWN_OP"), ("stop", {"epoch": 1}, "UNKNOWN_OP"),
-                           ("register", {}, "BAD_ARGS"), ("register", {"pid": True}, "BAD_ARGS"),
-                           ("register", {"pid": 1, "_identity": b"x"}, "BAD_ARGS"),
-                           ("stats", {"deadline_ms": 0}, "BAD_ARGS")]:
+    for op, args, code in [
+        ("frobnicate", {}, "UNKNOWN_OP"),
+        ("stop", {"epoch": 1}, "UNKNOWN_OP"),
+        ("register", {}, "BAD_ARGS"),
+        ("register", {"pid": True}, "BAD_ARGS"),
+        ("register", {"pid": 1, "_identity": b"x"}, "BAD_ARGS"),
+        ("stats", {"deadline_ms": 0}, "BAD_ARGS"),
+    ]:
         with pytest.raises(E.ProtocolError) as info:
             P.encode_request(op, 1, **args)
         assert info.value.code == code, (op, args)
-    for bad_id in (None, 1.0, True, "x" * 65, 2 ** 64):
+    for bad_id in (None, 1.0, True, "x" * 65, 2**64):
         with pytest.raises(E.ProtocolError) as info:
             P.encode_request("ping", bad_id)
         assert info.value.code == "BAD_REQUEST"
@@ -387,7 +451,7 @@ def test_stop_message():
     assert unpack(frame) == {"v": 1, "op": "stop", "epoch": 42}
     assert P.decode_reply(frame) == {"v": 1, "op": "stop", "epoch": 42}
     assert P.decode_reply(frame, op="ping") == {"v": 1, "op": "stop", "epoch": 42}
-    for bad in (0, -1, True, 1.0, "1", 2 ** 63):
+    for bad in (0, -1, True, 1.0, "1", 2**63):
         with pytest.raises(E.ProtocolError):
             P.encode_stop(bad)
 
@@ -403,8 +467,11 @@ BAD_REPLIES = [
     ("id as float", pack({"v": 1, "id": 1.0, "ok": True}), "BAD_REPLY"),
     ("error without message", pack({"v": 1, "id": 1, "ok": False, "error": "X"}), "BAD_REPLY"),
     ("error code not str", pack({"v": 1, "id": 1, "ok": False, "error": 3, "message": "m"}), "BAD_REPLY"),
-    ("error with extra field", pack({"v": 1, "id": 1, "ok": False, "error": "X", "message": "m", "x": 1}),
-     "BAD_REPLY"),
+    (
+        "error with extra field",
+        pack({"v": 1, "id": 1, "ok": False, "error": "X", "message": "m", "x": 1}),
+        "BAD_REPLY",
+    ),
     ("stop without epoch", pack({"v": 1, "op": "stop"}), "BAD_REPLY"),
     ("stop epoch str", pack({"v": 1, "op": "stop", "epoch": "1"}), "BAD_REPLY"),
     ("stop with id", pack({"v": 1, "op": "stop", "epoch": 1, "id": 1}), "BAD_REPLY"),
@@ -442,23 +509,40 @@ def test_encode_reply_refuses_envelope_fields():
 
 # ----------------------------------------------------------------------------- properties
 
-wire_scalars = (st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats()
-                | st.text(max_size=12) | st.binary(max_size=12))
-wire_values = st.recursive(wire_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
-field_names = st.sampled_from(["pid", "slot", "deadline_ms", "slow", "_identity", "extra"]) | st.text(max_size=6)
-field_values = (st.integers(-3, 70000) | st.integers(2 ** 31 - 2, 2 ** 31 + 1) | st.booleans() | wire_values)
+wire_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+)
+wire_values = st.recursive(
+    wire_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+field_names = st.sampled_from(["pid", "slot", "deadline_ms", "slow", "_identity", "extra"]) | st.text(
+    max_size=6
+)
+field_values = st.integers(-3, 70000) | st.integers(2**31 - 2, 2**31 + 1) | st.booleans() | wire_values
 near_requests = st.builds(
     lambda envelope, fields: {**fields, **envelope},
-    st.fixed_dictionaries({}, optional={
-        "v": st.just(1) | wire_values,
-        "id": st.integers(-2 ** 63, 2 ** 64 - 1) | st.text(max_size=70) | wire_values,
-        "op": st.sampled_from(sorted(P.OPS) + ["stop", "nope"]) | wire_values}),
-    st.dictionaries(field_names, field_values, max_size=4))
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "v": st.just(1) | wire_values,
+            "id": st.integers(-(2**63), 2**64 - 1) | st.text(max_size=70) | wire_values,
+            "op": st.sampled_from(sorted(P.OPS) + ["stop", "nope"]) | wire_values,
+        },
+    ),
+    st.dictionaries(field_names, field_values, max_size=4),
+)
 
 
 def _plausible(op):
     """Requests for `op` that are often valid: each field present or not, in or just out of bounds."""
+
     def values(f):
         if f.type is bool:
             return st.booleans() | st.integers(0, 1)
@@ -466,7 +550,8 @@ def _plausible(op):
 
     return st.fixed_dictionaries(
         {"v": st.just(1), "id": st.integers(-5, 5) | st.text(max_size=64), "op": st.just(op)},
-        optional={name: values(f) for name, f in P.OPS[op].request.items()})
+        optional={name: values(f) for name, f in P.OPS[op].request.items()},
+    )
 
 
 plausible_requests = st.sampled_from(sorted(P.OPS)).flatmap(_plausible)
@@ -476,7 +561,7 @@ def assert_answers(frame):
     """dispatch answers `frame` with one valid reply, ok exactly when decode_request accepts it,
     calling the daemon exactly then."""
     daemon = FakeDaemon(snapshot=SLOW_SNAPSHOT)
-    out = P.dispatch(daemon, frame)
+    out = dispatch(daemon, frame)
     assert type(out) is bytes
     try:
         req = P.decode_request(frame)
@@ -497,6 +582,7 @@ def test_dispatch_answers_any_bytes(frame):
     assert_answers(frame)
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plausible_requests | near_requests | wire_values)
 def test_dispatch_answers_any_msgpack_structure(obj):
@@ -547,9 +633,11 @@ def test_decode_reply_raises_only_protocol_errors(frame):
 
 # ----------------------------------------------------------------------------- registry and docs
 
+
 def test_every_ops_module_is_registered():
-    names = {m.name for m in pkgutil.iter_modules(service.ops.__path__)} - {"schema"}
-    assert names == set(P.OPS) == {m.__name__.rpartition(".")[2] for m in service.ops.MODULES}
+    names = {m.name for m in pkgutil.iter_modules(client.ops.__path__)} - {"schema"}
+    assert names == set(P.OPS) == {m.__name__.rpartition(".")[2] for m in client.ops.MODULES}
+    assert list(HANDLERS) == list(P.OPS) and set(CHECK_REPLY) <= set(P.OPS)
 
 
 def _examples(doc, label):
@@ -572,16 +660,19 @@ def test_op_docstring_is_its_spec(name):
 
 def test_op_module_checks():
     def module(name, doc=None, request=None, reply=None):
-        m = types.ModuleType(f"service.ops.{name}", doc if doc is not None else f"{name}: test op.")
+        m = types.ModuleType(f"client.ops.{name}", doc if doc is not None else f"{name}: test op.")
         m.REQUEST, m.REPLY, m.handle = request or {}, reply or {}, lambda daemon, req: None
         return m
 
     assert P.OpSpec.from_module(module("fine")).name == "fine"
-    for bad in (module("nodoc", doc=""), module("wrongdoc", doc="other: x"),
-                module("ident", request={"_identity": Field(bytes, True, None, "")}),
-                module("envelope", request={"id": Field(int, True, None, "")}),
-                module("replyok", reply={"ok": Reply(bool, "")}),
-                module("replyop", reply={"op": Reply(str, "")})):
+    for bad in (
+        module("nodoc", doc=""),
+        module("wrongdoc", doc="other: x"),
+        module("ident", request={"_identity": Field(bytes, True, None, "")}),
+        module("envelope", request={"id": Field(int, True, None, "")}),
+        module("replyok", reply={"ok": Reply(bool, "")}),
+        module("replyop", reply={"op": Reply(str, "")}),
+    ):
         with pytest.raises(TypeError):
             P.OpSpec.from_module(bad)
     with pytest.raises(E.ProtocolError):  # a default outside its own bounds
@@ -589,13 +680,15 @@ def test_op_module_checks():
 
 
 def test_error_tree_codes_are_unique():
-    codes = [cls.code for cls, _ in P._error_tree()]
+    codes = [cls.code for cls, _ in MK._error_tree()]
     assert len(codes) == len(set(codes)) >= 13
     assert not (set(codes) - {"BAD_REQUEST"}) & set(P.CODES)
 
 
 def test_every_code_in_the_source_is_documented():
-    sources = [ROOT / "service" / "protocol.py"] + sorted((ROOT / "service" / "ops").glob("*.py"))
+    sources = [ROOT / "client" / "protocol.py", ROOT / "service" / "handlers.py"] + sorted(
+        (ROOT / "client" / "ops").glob("*.py")
+    )
     used = set()
     for path in sources:
         text = path.read_text()
@@ -605,7 +698,7 @@ def test_every_code_in_the_source_is_documented():
 
 
 def test_markdown_documents_every_code_and_op():
-    text = P.markdown()
+    text = MK.markdown()
     for code in DOCUMENTED_CODES:
         assert f"| `{code}` |" in text, code
     for name, spec in P.OPS.items():
@@ -617,11 +710,16 @@ def test_markdown_documents_every_code_and_op():
 
 def test_checked_in_protocol_doc_is_generated():
     path = ROOT / "docs" / "PROTOCOL.md"
-    assert path.read_text() == P.markdown(), \
-        "docs/PROTOCOL.md is stale: python -m service.protocol --markdown > docs/PROTOCOL.md"
+    assert path.read_text() == MK.markdown(), "docs/PROTOCOL.md is stale: python tools/mkprotocol.py"
 
 
 def test_markdown_command():
-    out = subprocess.run([sys.executable, "-m", "service.protocol", "--markdown"], cwd=ROOT,
-                         capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout == P.markdown()
+    out = subprocess.run(
+        [sys.executable, "tools/mkprotocol.py", "--stdout"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout == MK.markdown()

@@ -1,21 +1,16 @@
 """Tests for service/render.py: the stats table, JSON, rates and the live view, on hand-made
 snapshots (no daemon)."""
+
 import copy
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from service import render as R  # noqa: E402
-from service.render import Watch, human_bytes, human_count, stats_json, stats_table  # noqa: E402
-from shm.sizeclasses import CLASS_TO_SIZE  # noqa: E402
-from shm.stats import FIELDS, identities  # noqa: E402
+from service import render as R
+from service.render import Watch, human_bytes, human_count, stats_json, stats_table
+from shm.sizeclasses import CLASS_TO_SIZE
+from shm.stats import FIELDS, identities
 
 T0 = 1_700_000_000_000_000_000  # taken_ns of the base snapshot
 PAGE = 8192
@@ -26,8 +21,10 @@ def make_snap(used=None, large=(3, 1, 2), taken_ns=T0, **meta):
 
     used: {class size: (mallocs, frees)}; large: (large_mallocs, large_frees, live large pages)."""
     used = {16: (1000, 400), 48: (300, 300), 1024: (50, 10)} if used is None else used
-    by = [{"size": s, "mallocs": used.get(s, (0, 0))[0], "frees": used.get(s, (0, 0))[1]}
-          for s in CLASS_TO_SIZE[1:]]
+    by = [
+        {"size": s, "mallocs": used.get(s, (0, 0))[0], "frees": used.get(s, (0, 0))[1]}
+        for s in CLASS_TO_SIZE[1:]
+    ]
     lm, lf, lpages = large
     s = {"by_size": by, "large_mallocs": lm, "large_frees": lf, "large_bytes": lpages * PAGE, "bad_frees": 0}
     small_live = sum((e["mallocs"] - e["frees"]) * e["size"] for e in by)
@@ -40,14 +37,34 @@ def make_snap(used=None, large=(3, 1, 2), taken_ns=T0, **meta):
     s["frees"] = sum(e["frees"] for e in by) + lf
     s["heap_objects"] = s["mallocs"] - s["frees"]
     s["total_alloc"] = sum(e["mallocs"] * e["size"] for e in by) + lm * 5 * PAGE
-    s.update(mspan_sys=4096, mspan_inuse=2048, mcache_sys=65536, mcache_inuse=16384,
-             gc_sys=s["heap_sys"] // 8, other_sys=12345)
+    s.update(
+        mspan_sys=4096,
+        mspan_inuse=2048,
+        mcache_sys=65536,
+        mcache_inuse=16384,
+        gc_sys=s["heap_sys"] // 8,
+        other_sys=12345,
+    )
     s["sys"] = s["heap_sys"] + s["mspan_sys"] + s["mcache_sys"] + s["gc_sys"] + s["other_sys"]
-    s.update(consistent=True, epoch=7, pause_ns=420_000, num_p=2, unflushed=[], taken_ns=taken_ns,
-             per_p=[{"slot": 0, "pid": 4242, "state": "parked", "park_ns": 15_000, "cached_spans": 3,
-                     "listed_returned": 12},
-                    {"slot": 3, "pid": 4343, "state": "dead", "park_ns": 0, "cached_spans": 1,
-                     "listed_returned": 0}])
+    s.update(
+        consistent=True,
+        epoch=7,
+        pause_ns=420_000,
+        num_p=2,
+        unflushed=[],
+        taken_ns=taken_ns,
+        per_p=[
+            {
+                "slot": 0,
+                "pid": 4242,
+                "state": "parked",
+                "park_ns": 15_000,
+                "cached_spans": 3,
+                "listed_returned": 12,
+            },
+            {"slot": 3, "pid": 4343, "state": "dead", "park_ns": 0, "cached_spans": 1, "listed_returned": 0},
+        ],
+    )
     s.update(meta)
     return s
 
@@ -57,7 +74,7 @@ def section(text, title_start):
     lines = text.splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith(title_start))
     out = []
-    for line in lines[i + 1:]:
+    for line in lines[i + 1 :]:
         if not line.strip():
             break
         out.append(line)
@@ -78,7 +95,7 @@ def test_human_bytes_and_count():
     assert human_bytes(1024) == "1.0 KiB"
     assert human_bytes(1536 * 1024) == "1.5 MiB"
     assert human_bytes(1024 * 1024 - 1) == "1.0 MiB"  # never "1024.0 KiB"
-    assert human_bytes(3 * 1024 ** 3) == "3.0 GiB"
+    assert human_bytes(3 * 1024**3) == "3.0 GiB"
     assert human_count(0) == "0"
     assert human_count(999) == "999"
     assert human_count(1500) == "1.5k"
@@ -93,7 +110,11 @@ def test_table_shows_figures_with_units_and_help():
     out = stats_table(s)
     lines = out.splitlines()
     # Every figure, in FIELDS order, with its exact value and its human unit.
-    fig = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in dict((f[0], 1) for f in FIELDS)}
+    fig = {
+        line.split()[0]: line
+        for line in lines
+        if line.split() and line.split()[0] in dict((f[0], 1) for f in FIELDS)
+    }
     assert list(fig) == [f[0] for f in FIELDS]
     assert "3,145,728" in fig["heap_inuse"] and "3.0 MiB" in fig["heap_inuse"]
     assert "1.5 MiB" in fig["heap_idle"]
@@ -174,8 +195,12 @@ def later(prev, dt_s=2.0, add=None):
         m0, f0 = used.get(size, (0, 0))
         used[size] = (m0 + m, f0 + f)
     lm, lf = prev["large_mallocs"], prev["large_frees"]
-    return make_snap(used=used, large=(lm, lf, prev["large_bytes"] // PAGE),
-                     taken_ns=prev["taken_ns"] + int(dt_s * 1e9), epoch=prev["epoch"] + 1)
+    return make_snap(
+        used=used,
+        large=(lm, lf, prev["large_bytes"] // PAGE),
+        taken_ns=prev["taken_ns"] + int(dt_s * 1e9),
+        epoch=prev["epoch"] + 1,
+    )
 
 
 def test_rates_between_two_snapshots():

@@ -9,7 +9,7 @@
 #          venv's python installs into that venv.
 # SHMALLOC_EXTRAS  extras to install (default: metrics); empty for none.
 #
-# The Dockerfile RUNs this script, and tests/test_deploy.py runs it into a
+# The Dockerfile RUNs this script, and tests/test_deploy_install.py runs it into a
 # fresh venv, so the image and the test install the same way.
 #
 # Steps: pip-install SRC_DIR with its extras; install the example worker

@@ -8,8 +8,8 @@ deploy/docker/compose.yaml and deploy/systemd/shmalloc-worker@.service.
 Each round it allocates one block per size, writes a pattern into it, reads it
 back through ``heap.view(handle)`` (the zero-copy path another process would
 use), takes a consistent snapshot while the blocks are live, prints one JSON
-line, and frees the blocks. Only the public contract of DESIGN.md section 9 is
-used.
+line, and frees the blocks. Only the client library's public API is used
+(client.connect, Heap.alloc, view, stats and free: see client/__init__.py).
 
 Exit status: 0 after the last round or on SIGTERM/SIGINT (the P slot is given
 back through ``close()``), 1 if a block did not read back what was written or
@@ -42,9 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="number of rounds; 0 = run until SIGTERM/SIGINT (default: 1)",
     )
-    p.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between rounds (default: 1)"
-    )
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between rounds (default: 1)")
     p.add_argument(
         "--sizes",
         default="64,1000,40000",

@@ -5,7 +5,7 @@
     python deploy/grafana/mkdashboard.py --check    # exit 1 if it is stale
 
 The dashboard is code so that its queries can be reviewed and tested:
-tests/test_deploy.py checks that the committed JSON is what this script
+tests/test_deploy_monitoring.py checks that the committed JSON is what this script
 prints, that it only names metrics the daemon exports, and that counters are
 only read through rate()/increase().
 
@@ -122,10 +122,24 @@ def panels() -> list[dict]:
     lay = Layout()
     out = [
         stat(lay, "Connected Ps", g("shmalloc_num_p"), "none", "Worker processes holding a P slot."),
-        stat(lay, "Heap alloc", g("shmalloc_heap_alloc_bytes"), "bytes", "Bytes of live objects (small and large)."),
+        stat(
+            lay,
+            "Heap alloc",
+            g("shmalloc_heap_alloc_bytes"),
+            "bytes",
+            "Bytes of live objects (small and large).",
+        ),
         stat(lay, "Live objects", g("shmalloc_heap_objects"), "none", "mallocs - frees."),
-        stat(lay, "Large bytes", g("shmalloc_large_bytes"), "bytes", "Bytes of live spans of objects over 32 KiB."),
-        stat(lay, "Sys", g("shmalloc_sys_bytes"), "bytes", "Arena bytes committed from /dev/shm, all regions."),
+        stat(
+            lay,
+            "Large bytes",
+            g("shmalloc_large_bytes"),
+            "bytes",
+            "Bytes of live spans of objects over 32 KiB.",
+        ),
+        stat(
+            lay, "Sys", g("shmalloc_sys_bytes"), "bytes", "Arena bytes committed from /dev/shm, all regions."
+        ),
         stat(
             lay,
             "Snapshot age",

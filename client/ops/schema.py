@@ -1,18 +1,26 @@
 """The two declarations every op module makes: request fields and reply fields.
-See shm/__init__.py for an overview and service/protocol.py for the envelope.
+See shm/__init__.py for an overview and client/protocol.py for the envelope.
 
-This module imports nothing from service/, so that an op module can be imported first, alone,
-without a circular import through service.protocol.
+This module imports nothing from client/, so that an op module can be imported first, alone,
+without a circular import through client.protocol.
 """
 
 from typing import Any, NamedTuple
 
 # Python type -> the name the docs and error messages use for it.
-TYPE_NAMES = {int: "int", bool: "bool", float: "float", str: "str", bytes: "bin", dict: "map", list: "list",
-              type(None): "nil"}
+TYPE_NAMES = {
+    int: "int",
+    bool: "bool",
+    float: "float",
+    str: "str",
+    bytes: "bin",
+    dict: "map",
+    list: "list",
+    type(None): "nil",
+}
 
-INT64_MIN = -(2 ** 63)
-UINT64_MAX = 2 ** 64 - 1
+INT64_MIN = -(2**63)
+UINT64_MAX = 2**64 - 1
 
 
 class Field(NamedTuple):

@@ -12,14 +12,10 @@ Reply::
     {"v": 1, "id": 9, "ok": true}
 """
 
-from service.ops.schema import Field
+from client.ops.schema import Field, Reply
 from shm.layout import MAX_SLOTS
 
-REQUEST = {
+REQUEST: dict[str, Field] = {
     "slot": Field(int, True, (0, MAX_SLOTS - 1), "The P slot that `register` gave this worker."),
 }
-REPLY = {}
-
-
-def handle(daemon, req):
-    return daemon.unregister(req["slot"], req["_identity"])
+REPLY: dict[str, Reply] = {}

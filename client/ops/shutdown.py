@@ -11,9 +11,7 @@ Reply::
     {"v": 1, "id": 7, "ok": true}
 """
 
-REQUEST = {}
-REPLY = {}
+from client.ops.schema import Field, Reply
 
-
-def handle(daemon, req):
-    return daemon.request_shutdown()
+REQUEST: dict[str, Field] = {}
+REPLY: dict[str, Reply] = {}

@@ -12,13 +12,9 @@ Reply::
     {"v": 1, "id": 6, "ok": true, "released_bytes": 262144}
 """
 
-from service.ops.schema import Reply
+from client.ops.schema import Field, Reply
 
-REQUEST = {}
-REPLY = {
+REQUEST: dict[str, Field] = {}
+REPLY: dict[str, Reply] = {
     "released_bytes": Reply(int, "Bytes released to the OS by this request."),
 }
-
-
-def handle(daemon, req):
-    return daemon.release()

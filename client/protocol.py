@@ -1,16 +1,16 @@
 """The control channel's wire protocol: one envelope, one validation, one mapping from exceptions
 to error codes, one registry of ops.  See shm/__init__.py for an overview.
 
-No sockets here.  The daemon's ROUTER loop hands every request frame to dispatch() and sends back
-the bytes it returns; clients build frames with encode_request() and read them with decode_reply().
-docs/PROTOCOL.md is generated from this module and service/ops/ (`python -m service.protocol
---markdown`); tests/test_protocol.py checks the checked-in file equals the generated text.
+No sockets here, and nothing that runs only in the daemon.  The daemon's ROUTER loop hands every
+request frame to service.handlers.dispatch(), which reads it with decode_request(), calls the op's
+handler and answers with encode_reply() or encode_error(); clients build frames with
+encode_request() and read them with decode_reply().  docs/PROTOCOL.md is generated from this
+module and client/ops/ by tools/mkprotocol.py; tests/test_protocol.py checks the checked-in file
+equals the generated text.
 
     VERSION, MAX_FRAME                       the envelope's version; the largest request frame
-    OPS: dict[str, OpSpec]                   every op, from the modules of service/ops/
-    dispatch(daemon, frame, identity=b"")    daemon side: request frame -> reply frame; never raises
-                                             (but KeyboardInterrupt / SystemExit)
-    decode_request(frame) -> dict            the validated request, defaults filled in
+    OPS: dict[str, OpSpec]                   every op, from the modules of client/ops/
+    decode_request(frame) -> dict            daemon side: the validated request, defaults filled in
     encode_reply(req_id, /, **fields)        {"v": 1, "id": ..., "ok": True, **fields}
     encode_error(req_id, exc)                {"v": 1, "id": ..., "ok": False, "error": ..., "message": ...}
     error_code(exc), error_message(exc)      the one mapping of exceptions to the wire
@@ -18,73 +18,89 @@ docs/PROTOCOL.md is generated from this module and service/ops/ (`python -m serv
     encode_request(op, req_id, /, **args)    client side: a validated request frame
     decode_reply(frame, op=None) -> dict     client side: a reply (ok True) or a stop message; an
                                              error reply raises shm.errors.RemoteError
-    markdown() -> str                        docs/PROTOCOL.md
 
 Every ProtocolError raised while reading a frame carries `req_id`: the request's id when it could
 be read, else None -- dispatch echoes it in the error reply.
 """
 
-import argparse
 import inspect
-import json
-import logging
-import re
-import sys
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import msgpack
 
-from service import ops
-from service.ops.schema import INT64_MIN, TYPE_NAMES, UINT64_MAX, Field, Reply
-from shm import errors
+from client import ops
+from client.ops.schema import INT64_MIN, TYPE_NAMES, UINT64_MAX, Field, Reply
 from shm.errors import ProtocolError, RemoteError, ShmallocError
 
-__all__ = ["VERSION", "MAX_FRAME", "OPS", "OpSpec", "Field", "Reply", "dispatch", "decode_request",
-           "encode_reply", "encode_error", "error_code", "error_message", "encode_stop",
-           "encode_request", "decode_reply", "markdown", "CODES", "STOP"]
-
-log = logging.getLogger("shmalloc.protocol")
+__all__ = [
+    "VERSION",
+    "MAX_FRAME",
+    "OPS",
+    "OpSpec",
+    "Field",
+    "Reply",
+    "decode_request",
+    "encode_reply",
+    "encode_error",
+    "error_code",
+    "error_message",
+    "encode_stop",
+    "encode_request",
+    "decode_reply",
+    "CODES",
+    "STOP",
+]
 
 VERSION = 1
-MAX_FRAME = 64 * 1024          # bytes: a larger request frame is refused (TOO_LARGE) unread
-MAX_REPLY = 16 * 1024 * 1024   # bytes: the largest reply a client unpacks
-MAX_ID_LEN = 64                # characters of a str id
-MAX_MESSAGE = 1024             # characters of an error message
-MAX_DEPTH = 32                 # nesting of containers in a reply
-ENVELOPE = ("v", "id", "op")                      # request keys that are not the op's fields
+MAX_FRAME = 64 * 1024  # bytes: a larger request frame is refused (TOO_LARGE) unread
+MAX_REPLY = 16 * 1024 * 1024  # bytes: the largest reply a client unpacks
+MAX_ID_LEN = 64  # characters of a str id
+MAX_MESSAGE = 1024  # characters of an error message
+MAX_DEPTH = 32  # nesting of containers in a reply
+ENVELOPE = ("v", "id", "op")  # request keys that are not the op's fields
 REPLY_ENVELOPE = ("v", "id", "ok", "error", "message")
 
 # Bounds passed to msgpack, so that a small frame cannot declare a huge container.
-_REQUEST_LIMITS = dict(max_str_len=4096, max_bin_len=4096, max_ext_len=4096, max_array_len=1024,
-                       max_map_len=64)
-_REPLY_LIMITS = dict(max_str_len=MAX_REPLY, max_bin_len=MAX_REPLY, max_ext_len=MAX_REPLY,
-                     max_array_len=1 << 20, max_map_len=1 << 16)
+_REQUEST_LIMITS = dict(
+    max_str_len=4096, max_bin_len=4096, max_ext_len=4096, max_array_len=1024, max_map_len=64
+)
+_REPLY_LIMITS = dict(
+    max_str_len=MAX_REPLY,
+    max_bin_len=MAX_REPLY,
+    max_ext_len=MAX_REPLY,
+    max_array_len=1 << 20,
+    max_map_len=1 << 16,
+)
 
 # Wire codes of the protocol layer itself, each raised as ProtocolError(message, code=...).  The
 # codes of the error tree (shm/errors.py) are documented from their exception docstrings.
 CODES = {
     "BAD_FRAME": "The frame is not exactly one msgpack object: empty, truncated, not msgpack, "
-                 "trailing bytes, invalid UTF-8, a map key that is not a str, or a string, array "
-                 "or map over the limits.",
+    "trailing bytes, invalid UTF-8, a map key that is not a str, or a string, array "
+    "or map over the limits.",
     "TOO_LARGE": f"The request frame is over {MAX_FRAME} bytes; refused without unpacking it.",
     "BAD_REQUEST": "The request is not a map, or its id or op is missing or of the wrong type.",
     "BAD_VERSION": f'The envelope\'s "v" is missing or is not the int {VERSION}.',
     "UNKNOWN_OP": 'The "op" names no op of this document (the daemon-to-worker "stop" included).',
     "BAD_ARGS": "The op's fields: a required one missing, an unknown one, a wrong type (a bool is "
-                "not an int, an int is not a float), or a value out of bounds.",
+    "not an int, an int is not a float), or a value out of bounds.",
     "BAD_REPLY": "Client side only: the daemon's reply or stop message breaks this document.",
     "INTERNAL": "The daemon failed on an unexpected exception (the message starts with its type "
-                "name), or its handler returned a reply that breaks the op's reply fields.",
+    "name), or its handler returned a reply that breaks the op's reply fields.",
 }
 
 # The one unsolicited message: daemon -> worker, on the worker's DEALER.
 STOP = {
-    "epoch": Field(int, True, (1, 2 ** 63 - 1), "The snapshot's epoch; the worker writes its PARKED "
-                   "acknowledgement for this epoch into its P slot."),
+    "epoch": Field(
+        int,
+        True,
+        (1, 2**63 - 1),
+        "The snapshot's epoch; the worker writes its PARKED acknowledgement for this epoch into its P slot.",
+    ),
 }
 STOP_DOC = """\
 The daemon sends it, unsolicited and without an id, to the DEALER of every live P when a snapshot
-begins (DESIGN.md section 6).  The worker's control thread takes the P's in-process lock, writes
+begins (the snapshot protocol in shm/__init__.py).  The worker's control thread takes the P's in-process lock, writes
 back its private fast-path state and acknowledges in shared memory (its P slot), not on the
 socket; it resumes when the daemon clears the stop request in its P slot (no message on the
 socket either).  decode_reply() returns it as {"v": 1, "op": "stop", "epoch": ...}, so a worker's
@@ -121,16 +137,16 @@ one DEALER owned by its control thread; observers use a DEALER or REQ of their o
 
 # ----------------------------------------------------------------------------- the registry
 
-class OpSpec(NamedTuple):
-    """One op, as declared by its module in service/ops/."""
 
-    name: str                       # the wire name: the module's name
-    request: dict                   # field -> Field(type, required, bounds, doc, default)
-    reply: dict                     # field -> Reply(type, doc)
-    doc: str                        # the module's docstring: the op's spec
-    handle: Callable                # handle(daemon, req) -> the reply's fields
-    check_reply: Optional[Callable] = None   # check_reply(req, fields): raises ProtocolError
-    doc_tables: tuple = ()          # ((title, ((key, unit, meaning), ...)), ...) for the docs
+class OpSpec(NamedTuple):
+    """One op, as declared by its module in client/ops/.  Its handler is the daemon's
+    (service/handlers.py)."""
+
+    name: str  # the wire name: the module's name
+    request: dict  # field -> Field(type, required, bounds, doc, default)
+    reply: dict  # field -> Reply(type, doc)
+    doc: str  # the module's docstring: the op's spec
+    doc_tables: tuple = ()  # ((title, ((key, unit, meaning), ...)), ...) for the docs
 
     @classmethod
     def from_module(cls, module):
@@ -146,10 +162,11 @@ class OpSpec(NamedTuple):
         for field, r in module.REPLY.items():
             if field in REPLY_ENVELOPE + ("op",) or r.type not in (int, bool, float, str, dict, list):
                 raise TypeError(f"op {name}: bad reply field {field!r}")
-        return cls(name, dict(module.REQUEST), dict(module.REPLY), doc, module.handle,
-                   getattr(module, "check_reply", None), tuple(getattr(module, "DOC_TABLES", ())))
+        return cls(
+            name, dict(module.REQUEST), dict(module.REPLY), doc, tuple(getattr(module, "DOC_TABLES", ()))
+        )
 
-    def reply_fields(self, req, result):
+    def reply_fields(self, result):
         """The handler's result as the reply's fields, checked against REPLY (INTERNAL if not).
         A handler returns the fields as a dict; None (or anything not a dict) for an op whose
         reply is empty; or the bare value of a reply of one field."""
@@ -158,15 +175,16 @@ class OpSpec(NamedTuple):
         elif not self.reply and not isinstance(result, dict):
             result = {}
         if not isinstance(result, dict):
-            raise _fail(f"op {self.name}: the handler returned {_type_name(result)}, not the map "
-                        f"{{{', '.join(self.reply)}}}", "INTERNAL")
-        fields = _check_reply_fields(f"op {self.name} reply", result, self.reply, "INTERNAL")
-        if self.check_reply is not None:
-            self.check_reply(req, fields)
-        return fields
+            raise _fail(
+                f"op {self.name}: the handler returned {_type_name(result)}, not the map "
+                f"{{{', '.join(self.reply)}}}",
+                "INTERNAL",
+            )
+        return _check_reply_fields(f"op {self.name} reply", result, self.reply, "INTERNAL")
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _fail(message, code, req_id=None):
     exc = ProtocolError(message, code=code)
@@ -187,8 +205,7 @@ def _short(x, limit=40):
 
 
 def _valid_id(x):
-    return ((type(x) is int and INT64_MIN <= x <= UINT64_MAX)
-            or (type(x) is str and len(x) <= MAX_ID_LEN))
+    return (type(x) is int and INT64_MIN <= x <= UINT64_MAX) or (type(x) is str and len(x) <= MAX_ID_LEN)
 
 
 def _unpack(frame, limit, limits):
@@ -203,8 +220,9 @@ def _unpack(frame, limit, limits):
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=True, **limits)
     except Exception as exc:  # ExtraData, FormatError, StackError, ValueError, UnicodeDecodeError, ...
-        raise _fail(f"not one msgpack object: {type(exc).__name__}: {_clean(str(exc), 200)}",
-                    "BAD_FRAME") from None
+        raise _fail(
+            f"not one msgpack object: {type(exc).__name__}: {_clean(str(exc), 200)}", "BAD_FRAME"
+        ) from None
 
 
 def _reject_unknown(where, values, schema, code):
@@ -244,9 +262,14 @@ def _check_reply_fields(where, values, schema, code):
         value = values[name]
         if r.type is float and type(value) is int:
             value = float(value)
-        good = {int: type(value) is int, bool: type(value) is bool, float: isinstance(value, float),
-                str: isinstance(value, str), dict: isinstance(value, dict),
-                list: isinstance(value, (list, tuple))}[r.type]
+        good = {
+            int: type(value) is int,
+            bool: type(value) is bool,
+            float: isinstance(value, float),
+            str: isinstance(value, str),
+            dict: isinstance(value, dict),
+            list: isinstance(value, (list, tuple)),
+        }[r.type]
         if not good:
             raise _fail(f"{where}: {name} must be {TYPE_NAMES[r.type]}, got {_type_name(value)}", code)
         out[name] = value
@@ -278,15 +301,16 @@ def _check_wire(value, where, depth=0):
 
 def _clean(text, limit):
     """At most `limit` characters that are sure to encode as UTF-8 (no lone surrogates)."""
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-# Every op, by wire name, in the order of service/ops/MODULES.
+# Every op, by wire name, in the order of client/ops/MODULES.
 OPS = {spec.name: spec for spec in map(OpSpec.from_module, ops.MODULES)}
 
 
 # ----------------------------------------------------------------------------- daemon side
+
 
 def decode_request(frame):
     """The request in `frame`, validated: {"v", "id", "op", **the op's fields, defaults filled in}.
@@ -311,8 +335,11 @@ def _check_request(msg):
     if "id" not in msg:
         raise _fail('missing "id"', "BAD_REQUEST")
     if not _valid_id(msg["id"]):
-        raise _fail(f'"id" must be a 64-bit int or a str of at most {MAX_ID_LEN} characters, got '
-                    f'{_type_name(msg["id"])} {_short(msg["id"], 20)}', "BAD_REQUEST")
+        raise _fail(
+            f'"id" must be a 64-bit int or a str of at most {MAX_ID_LEN} characters, got '
+            f"{_type_name(msg['id'])} {_short(msg['id'], 20)}",
+            "BAD_REQUEST",
+        )
     if "op" not in msg:
         raise _fail('missing "op"', "BAD_REQUEST")
     op = msg["op"]
@@ -322,27 +349,12 @@ def _check_request(msg):
     if spec is None:
         raise _fail(f"unknown op {_short(op)}; ops: {', '.join(OPS)}", "UNKNOWN_OP")
     args = {k: v for k, v in msg.items() if k not in ENVELOPE}
-    return {"v": VERSION, "id": msg["id"], "op": op, **_check_fields(f"op {op}", args, spec.request, "BAD_ARGS")}
-
-
-def dispatch(daemon, frame, identity=b""):
-    """Decode the request in `frame`, call its op's handler with `daemon`, return the reply
-    frame.  `identity` (the ROUTER's routing identity of the sender) is passed to the handler as
-    req["_identity"].  Every Exception becomes an error reply; unexpected ones (INTERNAL) are
-    logged with their traceback on the "shmalloc.protocol" logger.  KeyboardInterrupt and
-    SystemExit propagate."""
-    req = None
-    try:
-        req = decode_request(frame)
-        spec = OPS[req["op"]]
-        req["_identity"] = b"" if identity is None else bytes(identity)
-        fields = spec.reply_fields(req, spec.handle(daemon, req))
-        return encode_reply(req["id"], **fields)
-    except Exception as exc:
-        req_id = req["id"] if req is not None else getattr(exc, "req_id", None)
-        if error_code(exc) == "INTERNAL":
-            log.error("request %s failed", _short(req_id), exc_info=exc)
-        return encode_error(req_id, exc)
+    return {
+        "v": VERSION,
+        "id": msg["id"],
+        "op": op,
+        **_check_fields(f"op {op}", args, spec.request, "BAD_ARGS"),
+    }
 
 
 def encode_reply(req_id, /, **fields):
@@ -359,8 +371,16 @@ def encode_reply(req_id, /, **fields):
 def encode_error(req_id, exc):
     """{"v": 1, "id": req_id, "ok": False, "error": error_code(exc), "message": error_message(exc)};
     the id becomes None when it is not a valid id.  Never raises."""
-    return msgpack.packb({"v": VERSION, "id": req_id if _valid_id(req_id) else None, "ok": False,
-                          "error": error_code(exc), "message": error_message(exc)}, use_bin_type=True)
+    return msgpack.packb(
+        {
+            "v": VERSION,
+            "id": req_id if _valid_id(req_id) else None,
+            "ok": False,
+            "error": error_code(exc),
+            "message": error_message(exc),
+        },
+        use_bin_type=True,
+    )
 
 
 def error_code(exc):
@@ -392,6 +412,7 @@ def encode_stop(epoch):
 
 # ----------------------------------------------------------------------------- client side
 
+
 def encode_request(op, req_id, /, **args):
     """A request frame for `op`, validated as the daemon will (ProtocolError UNKNOWN_OP,
     BAD_REQUEST or BAD_ARGS before anything is sent)."""
@@ -422,8 +443,9 @@ def decode_reply(frame, op=None):
         return {"v": VERSION, "op": "stop", **_check_fields("stop", rest, STOP, "BAD_REPLY")}
     req_id = msg.get("id", ...)
     if not (req_id is None or _valid_id(req_id)) or type(msg.get("ok")) is not bool:
-        raise _fail(f"reply without a valid id and ok: id {_short(req_id)}, ok {_short(msg.get('ok'))}",
-                    "BAD_REPLY")
+        raise _fail(
+            f"reply without a valid id and ok: id {_short(req_id)}, ok {_short(msg.get('ok'))}", "BAD_REPLY"
+        )
     if not msg["ok"]:
         code, message = msg.get("error"), msg.get("message")
         if type(code) is not str or type(message) is not str or len(msg) != len(REPLY_ENVELOPE):
@@ -437,122 +459,9 @@ def decode_reply(frame, op=None):
     if spec is None:
         raise _fail(f"unknown op {_short(op)}; ops: {', '.join(OPS)}", "UNKNOWN_OP", req_id)
     fields = {k: v for k, v in msg.items() if k not in ("v", "id", "ok")}
-    return {"v": VERSION, "id": req_id, "ok": True,
-            **_check_reply_fields(f"op {op} reply", fields, spec.reply, "BAD_REPLY")}
-
-
-# ----------------------------------------------------------------------------- docs/PROTOCOL.md
-
-def _error_tree():
-    """(class, parent) for every class of shm/errors.py's tree, depth first in definition order."""
-    out = []
-
-    def walk(cls, parent):
-        if cls.__module__ == errors.__name__:
-            out.append((cls, parent))
-            for sub in cls.__subclasses__():
-                walk(sub, cls)
-
-    walk(ShmallocError, None)
-    return out
-
-
-def _meaning(cls):
-    """First paragraph of the class docstring, else the class's line in the tree of shm/errors.py."""
-    if cls.__doc__:
-        return " ".join(inspect.cleandoc(cls.__doc__).split("\n\n")[0].split())
-    m = re.search(rf"^[\s│├└─]*{cls.__name__}\s{{2,}}(.+)$", errors.__doc__ or "", re.M)
-    return m.group(1).strip() if m else ""
-
-
-def _cell(text):
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _bounds(f):
-    if f.bounds is None:
-        return ""
-    lo, hi = f.bounds
-    return f"{lo} .. {hi}" + (" characters" if f.type is str else "")
-
-
-def _request_table(schema):
-    if not schema:
-        return "No fields."
-    return _table(("field", "type", "required", "bounds", "default", "meaning"),
-                  [(f"`{n}`", TYPE_NAMES[f.type], "yes" if f.required else "no", _bounds(f),
-                    "" if f.required else f"`{json.dumps(f.default)}`", f.doc) for n, f in schema.items()])
-
-
-def markdown():
-    """docs/PROTOCOL.md: the envelope, the error codes, the stop message and every op."""
-    tree = _error_tree()
-    rows = [(f"`{cls.code}`", cls.__name__ + (f" ({parent.__name__})" if parent else ""),
-             " ".join(filter(None, (_meaning(cls), CODES.get(cls.code, "") if cls is ProtocolError else ""))))
-            for cls, parent in tree]
-    tree_codes = {cls.code for cls, _ in tree}
-    rows += [(f"`{code}`", 'ProtocolError(code="%s")' % code, meaning)
-             for code, meaning in CODES.items() if code not in tree_codes]
-    out = [
-        "# The shmalloc control protocol",
-        "",
-        "<!-- Generated by `python -m service.protocol --markdown` from service/protocol.py, service/ops/",
-        "     and shm/errors.py. DO NOT EDIT: tests/test_protocol.py checks this file equals the output. -->",
-        "",
-        f"Protocol version {VERSION}. The daemon answers on a ZeroMQ ROUTER socket; this document is the "
-        "whole of what goes over it.",
-        "",
-        "## Envelope",
-        "",
-        ENVELOPE_DOC.rstrip(),
-        "",
-        "## Error codes",
-        "",
-        'An error reply\'s `"error"`. Codes of the error tree (shm/errors.py) are raised as that exception, '
-        "and a client receives them as `RemoteError` with the same `code`.",
-        "",
-        _table(("code", "exception", "meaning"), rows),
-        "",
-        "## Daemon to worker: `stop`",
-        "",
-        STOP_DOC.rstrip(),
-        "",
-        _request_table(STOP),
-        "",
-        "## Ops",
-        "",
-        ", ".join(f"`{name}`" for name in OPS),
-    ]
-    for spec in OPS.values():
-        out += ["", f"### `{spec.name}`", "", spec.doc, "",
-                "Request fields:", "", _request_table(spec.request), "",
-                "Reply fields:", "",
-                _table(("field", "type", "meaning"),
-                       [(f"`{n}`", TYPE_NAMES[r.type], r.doc) for n, r in spec.reply.items()])
-                if spec.reply else "No fields."]
-        for title, rows in spec.doc_tables:
-            out += ["", f"#### {title}", "", _table(("key", "unit", "meaning"),
-                                                    [(f"`{k}`", unit, doc) for k, unit, doc in rows])]
-    return "\n".join(out) + "\n"
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m service.protocol",
-                                     description="The shmalloc control protocol.")
-    parser.add_argument("--markdown", action="store_true", help="print docs/PROTOCOL.md")
-    args = parser.parse_args(argv)
-    if not args.markdown:
-        parser.print_help()
-        return 2
-    sys.stdout.write(markdown())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {
+        "v": VERSION,
+        "id": req_id,
+        "ok": True,
+        **_check_reply_fields(f"op {op} reply", fields, spec.reply, "BAD_REPLY"),
+    }

@@ -11,10 +11,10 @@ Reply::
     {"v": 1, "id": "p-1", "ok": true, "pid": 1000, "uptime_s": 12.5, "epoch": 41, "num_p": 4, "arena": "shmalloc-1000-4242", "version": "0.1.0"}
 """
 
-from service.ops.schema import Reply
+from client.ops.schema import Field, Reply
 
-REQUEST = {}
-REPLY = {
+REQUEST: dict[str, Field] = {}
+REPLY: dict[str, Reply] = {
     "pid": Reply(int, "The daemon's process id."),
     "uptime_s": Reply(float, "Seconds since the daemon started."),
     "epoch": Reply(int, "The last snapshot's epoch (0 before the first)."),
@@ -22,7 +22,3 @@ REPLY = {
     "arena": Reply(str, "Name of the arena's shared-memory segment."),
     "version": Reply(str, "shmalloc version of the daemon."),
 }
-
-
-def handle(daemon, req):
-    return daemon.ping()

@@ -1,8 +1,8 @@
 """check: walk every span and check every invariant (`shmalloc check`).
 
 The daemon parks every P, flushes every cache, then runs the full checks: the structural
-invariants of the arena and the identities of DESIGN.md section 6 on a snapshot recomputed from
-the ground truth (span table, page map, allocation map).  An empty `problems` list means the
+invariants of the arena and the identities every consistent snapshot satisfies (those of
+`stats`) on a snapshot recomputed from the ground truth (span table, page map, allocation map).  An empty `problems` list means the
 arena is sound; `shmalloc check` exits 1 otherwise.
 
 Request::
@@ -14,14 +14,10 @@ Reply::
     {"v": 1, "id": 5, "ok": true, "problems": [], "snapshot": {"sys": 1048576, "consistent": true}}
 """
 
-from service.ops.schema import Reply
+from client.ops.schema import Field, Reply
 
-REQUEST = {}
-REPLY = {
+REQUEST: dict[str, Field] = {}
+REPLY: dict[str, Reply] = {
     "problems": Reply(list, "One str per broken invariant or identity, naming it; empty when sound."),
     "snapshot": Reply(dict, "The figures the checks ran on (keys as in `stats`)."),
 }
-
-
-def handle(daemon, req):
-    return daemon.check()

@@ -17,20 +17,18 @@ Reply::
 Errors: NOT_REGISTERED when `pid` holds no P slot (or, with slot -1, several).
 """
 
-from service.ops.schema import Field, Reply
+from client.ops.schema import Field, Reply
 from shm.layout import MAX_SLOTS
 
-REQUEST = {
-    "pid": Field(int, True, (1, 2 ** 31 - 1), "The worker's process id (a pid_t: 1 .. 2**31-1)."),
-    "slot": Field(int, False, (-1, MAX_SLOTS - 1), "The P slot the worker claimed; -1: the one slot `pid` holds.", -1),
+REQUEST: dict[str, Field] = {
+    "pid": Field(int, True, (1, 2**31 - 1), "The worker's process id (a pid_t: 1 .. 2**31-1)."),
+    "slot": Field(
+        int, False, (-1, MAX_SLOTS - 1), "The P slot the worker claimed; -1: the one slot `pid` holds.", -1
+    ),
 }
-REPLY = {
+REPLY: dict[str, Reply] = {
     "slot": Reply(int, "The P slot now bound to this socket (0-based)."),
     "arena": Reply(str, "Name of the arena's shared-memory segment."),
     "layout_version": Reply(int, "The arena's layout version."),
     "heartbeat_ms": Reply(int, "Send `heartbeat` at least this often (milliseconds)."),
 }
-
-
-def handle(daemon, req):
-    return daemon.register(req["pid"], req["_identity"], None if req["slot"] < 0 else req["slot"])

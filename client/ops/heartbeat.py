@@ -14,17 +14,13 @@ Reply::
     {"v": 1, "id": 12, "ok": true, "epoch": 41}
 """
 
-from service.ops.schema import Field, Reply
+from client.ops.schema import Field, Reply
 from shm.layout import MAX_SLOTS
 
-REQUEST = {
+REQUEST: dict[str, Field] = {
     "slot": Field(int, True, (0, MAX_SLOTS - 1), "The P slot that `register` gave this worker."),
-    "pid": Field(int, False, (0, 2 ** 31 - 1), "The worker's pid; 0: not checked.", 0),
+    "pid": Field(int, False, (0, 2**31 - 1), "The worker's pid; 0: not checked.", 0),
 }
-REPLY = {
+REPLY: dict[str, Reply] = {
     "epoch": Reply(int, "The daemon's current snapshot epoch."),
 }
-
-
-def handle(daemon, req):
-    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"])

@@ -1,0 +1,72 @@
+"""stats: a memory-statistics snapshot that is exactly consistent.
+
+The daemon stops every live P -- from its own side for a P that is not inside an allocator call
+(its stop byte and a membarrier, shm/world.py), by waiting for the call to end for one that is,
+through a STOP message to the control thread where membarrier is missing -- FIRST flushes every
+cache into the central lists (golang/go#38712: local lists, large spans, buffered cross-process
+frees), each P's as soon as it is stopped, then reads every figure from the quiet arena; with
+`slow` it also recomputes them by walking every span and compares.  A P that does not stop within
+`deadline_ms` never makes the call hang: the snapshot comes back with `consistent` false and the
+late slots in `unflushed` -- never a silently inconsistent one.
+
+Request::
+
+    {"v": 1, "id": 3, "op": "stats", "deadline_ms": 2000, "slow": false}
+
+Reply::
+
+    {"v": 1, "id": 3, "ok": true, "snapshot": {"sys": 1048576, "heap_alloc": 4096, "consistent": true, "epoch": 42, "per_p": [], "unflushed": []}}
+
+`snapshot` carries every key of the table "The snapshot map" below (the daemon's reply is refused
+as INTERNAL when one is missing).
+"""
+
+from client.ops.schema import Field, Reply
+from shm.stats import FIELDS, META_FIELDS
+
+REQUEST: dict[str, Field] = {
+    "deadline_ms": Field(
+        int, False, (1, 60000), "How long to wait for every P to park (milliseconds).", 2000
+    ),
+    "slow": Field(
+        bool, False, None, "Also recompute every figure by walking every span, and compare.", False
+    ),
+}
+REPLY: dict[str, Reply] = {
+    "snapshot": Reply(dict, "The snapshot map (below)."),
+}
+
+# The snapshot map: (key, unit, meaning).  The figures and the snapshot's own keys are declared
+# once, in shm/stats.py; these are the keys the daemon adds.
+EXTRA_KEYS = (
+    ("by_size", "list", 'One map {"size", "mallocs", "frees"} per small size class, in class order.'),
+    ("per_p", "list", "One map per live P: its slot and what the daemon knows of it."),
+    (
+        "unflushed",
+        "list",
+        "Slots (int) of live Ps that did not park before the deadline; empty when consistent.",
+    ),
+    ("taken_ns", "ns", "time.time_ns() when the world resumed."),
+    (
+        "park_ns",
+        "ns",
+        "Part of the pause until every live P had parked (or the deadline); each P's cache is flushed as it parks, so this includes the flushes of the earlier ones.",
+    ),
+    (
+        "flush_ns",
+        "ns",
+        "Time spent flushing caches, all of it before anything was read (it overlaps the wait for the later Ps).",
+    ),
+    (
+        "stop_protocol",
+        "str",
+        '"membarrier": Ps outside the allocator stopped from the daemon\'s side; "cooperative": '
+        "membarrier(2) is unavailable, each P parks itself or through its control thread.",
+    ),
+)
+SLOW_KEYS = (
+    ("slow_equal", "bool", "With `slow` only: the fast figures equal the span walk's, field for field."),
+    ("slow_diff", "list", "With `slow` only: one str per figure that differs; empty when slow_equal."),
+)
+SNAPSHOT_KEYS = tuple((name, unit, doc) for name, unit, _kind, doc in FIELDS + META_FIELDS) + EXTRA_KEYS
+DOC_TABLES = (("The snapshot map", SNAPSHOT_KEYS + SLOW_KEYS),)

@@ -1,0 +1,105 @@
+"""The daemon's side of the control channel: one handler per op, and dispatch().
+See shm/__init__.py for an overview and client/protocol.py for the wire format (the envelope,
+the validation, the error codes, and each op's request and reply fields in client/ops/).
+
+    HANDLERS: dict[str, handler]             op name -> handle(daemon, req): calls exactly one
+                                             daemon method and returns its result: the reply's
+                                             fields as a dict (None for an empty reply; a bare
+                                             value for a reply of one field).  req holds the
+                                             validated fields, defaults filled in, plus
+                                             "_identity": the caller's ZeroMQ routing identity
+                                             (bytes), which the daemon's socket loop passes to
+                                             dispatch and the wire can never set.
+    CHECK_REPLY: dict[str, check]            op name -> check_reply(req, fields), optional further
+                                             checks of a reply, raising ProtocolError
+    dispatch(daemon, frame, identity=b"")    request frame -> reply frame; never raises
+                                             (but KeyboardInterrupt / SystemExit)
+"""
+
+import logging
+
+from client.ops.stats import SLOW_KEYS, SNAPSHOT_KEYS
+from client.protocol import OPS, _short, decode_request, encode_error, encode_reply, error_code
+from shm.errors import ProtocolError
+
+__all__ = ["HANDLERS", "CHECK_REPLY", "dispatch"]
+
+log = logging.getLogger("shmalloc.protocol")
+
+
+def register(daemon, req):
+    return daemon.register(req["pid"], req["_identity"], None if req["slot"] < 0 else req["slot"])
+
+
+def unregister(daemon, req):
+    return daemon.unregister(req["slot"], req["_identity"])
+
+
+def heartbeat(daemon, req):
+    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"])
+
+
+def ping(daemon, req):
+    return daemon.ping()
+
+
+def stats(daemon, req):
+    return daemon.snapshot(req["deadline_ms"], req["slow"])
+
+
+def check(daemon, req):
+    return daemon.check()
+
+
+def release(daemon, req):
+    return daemon.release()
+
+
+def shutdown(daemon, req):
+    return daemon.request_shutdown()
+
+
+HANDLERS = {
+    "register": register,
+    "unregister": unregister,
+    "heartbeat": heartbeat,
+    "ping": ping,
+    "stats": stats,
+    "check": check,
+    "release": release,
+    "shutdown": shutdown,
+}
+
+
+def check_stats_reply(req, reply):
+    """Refuse a snapshot without the keys the protocol promises (raised as INTERNAL)."""
+    want = SNAPSHOT_KEYS + (SLOW_KEYS if req["slow"] else ())
+    missing = [name for name, _unit, _doc in want if name not in reply["snapshot"]]
+    if missing:
+        raise ProtocolError(f"stats: snapshot lacks {', '.join(missing)}", code="INTERNAL")
+
+
+CHECK_REPLY = {"stats": check_stats_reply}
+
+
+def dispatch(daemon, frame, identity=b""):
+    """Decode the request in `frame`, call its op's handler with `daemon`, return the reply
+    frame.  `identity` (the ROUTER's routing identity of the sender) is passed to the handler as
+    req["_identity"].  Every Exception becomes an error reply; unexpected ones (INTERNAL) are
+    logged with their traceback on the "shmalloc.protocol" logger.  KeyboardInterrupt and
+    SystemExit propagate."""
+    req = None
+    try:
+        req = decode_request(frame)
+        op = req["op"]
+        req["_identity"] = b"" if identity is None else bytes(identity)
+        fields = OPS[op].reply_fields(HANDLERS[op](daemon, req))
+        check_reply = CHECK_REPLY.get(op)
+        if check_reply is not None:
+            check_reply(req, fields)
+        return encode_reply(req["id"], **fields)
+    except Exception as exc:
+        req_id = req["id"] if req is not None else getattr(exc, "req_id", None)
+        if error_code(exc) == "INTERNAL":
+            log.error("request %s failed", _short(req_id), exc_info=exc)
+        return encode_error(req_id, exc)

@@ -1,0 +1,145 @@
+"""Helpers the tests import (`from support import ...`): names, the one block pattern, the real
+daemon as the README starts it, a byte image of an arena's metadata.  The fixtures that use them
+are in conftest.py.  tests/ is on sys.path through pyproject's [tool.pytest.ini_options]
+pythonpath, so `spawn` children import this module and mpworkers.py by name too."""
+
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+
+import client
+from service.demo import pattern  # the one pattern, shared with the demo
+from shm import identities, read_stats_slow
+from shm import stats as S
+
+__all__ = [
+    "ROOT",
+    "PREFIX",
+    "shm_names",
+    "child_pids",
+    "unique_name",
+    "pattern",
+    "DEADLINE",
+    "EXE",
+    "Daemon",
+    "wait_ping",
+    "metadata_bytes",
+    "settle",
+    "assert_healthy",
+]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every segment a test makes carries this session's prefix, so that two suites running at once
+# never blame (or delete) each other's segments.
+SESSION = uuid.uuid4().hex[:6]
+PREFIX = f"shmalloc-test-{SESSION}-"
+
+
+def shm_names():
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(PREFIX)}
+    except FileNotFoundError:
+        return set()
+
+
+def _helpers():
+    """multiprocessing's own long-lived helper processes (resource tracker, forkserver)."""
+    pids = set()
+    from multiprocessing import forkserver, resource_tracker
+
+    for obj in (resource_tracker._resource_tracker, forkserver._forkserver):
+        pid = getattr(obj, "_pid", None) or getattr(obj, "_forkserver_pid", None)
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+def child_pids():
+    """Live (non-zombie) direct children of this process, from /proc, less multiprocessing's
+    own helpers."""
+    me, out = os.getpid(), set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        rest = st[st.rindex(")") + 2 :].split()
+        if int(rest[1]) == me and rest[0] != "Z":
+            out.add(int(d))
+    return out - _helpers()
+
+
+def unique_name(tag="t"):
+    return f"{PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
+
+
+# --- the real daemon ---------------------------------------------------------------------------
+DEADLINE = 120  # seconds: only turns a hang into a failure
+EXE = [shutil.which("shmalloc")] if shutil.which("shmalloc") else [sys.executable, "-m", "service"]
+
+
+class Daemon:
+    def __init__(self, proc, endpoint, name, logpath):
+        self.proc, self.endpoint, self.name, self.logpath = proc, endpoint, name, logpath
+
+    def log(self):
+        with open(self.logpath) as f:
+            return f.read()
+
+    def sock_path(self):
+        return self.endpoint[len("ipc://") :]
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        return self.proc.wait(DEADLINE)
+
+
+def wait_ping(endpoint, proc):
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return client.ping(endpoint, 200)
+        except client.DaemonUnavailable:
+            if proc.poll() is not None:
+                return None
+            assert time.monotonic() < deadline, "daemon did not answer within 30 s"
+
+
+def metadata_bytes(arena):
+    """Everything of the arena but the heap pages and the dead bytes of the undo logs (an
+    empty log keeps its last entries' bytes): a heap 'unchanged' check compares these."""
+    from shm import layout as L
+
+    lay, mv = arena.lay, arena.mv
+    parts = [bytes(mv[: lay.slots_off])]
+    control = [
+        L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns", "active_ns")
+    ]  # P control, not heap state
+    for k in range(lay.nslots + 2):
+        w = lay.slot_word(k)
+        words = list(arena.q[w : w + L.SLOT_HEAD_WORDS])
+        for i in control:
+            words[i] = 0
+        parts.append(repr(words).encode())
+    parts.append(bytes(mv[lay.spans_off : lay.heap_off]))
+    return b"".join(parts)
+
+
+def settle(arena, *caches):
+    """Flush the given caches (we are their only thread) and read the figures."""
+    return arena.update_stats(parked=[c.slot for c in caches])
+
+
+def assert_healthy(arena, *caches):
+    snap = settle(arena, *caches)
+    assert identities(snap) == []
+    assert S.check(arena) == []
+    assert S.diff(snap, read_stats_slow(arena)) == []
+    return snap

@@ -1,0 +1,221 @@
+"""The process cache (shm/cache.py, a P) in one process: every size class, zero sizes, frees from
+another P, bad handles, double frees across caches, a closed cache, fork, threads sharing one."""
+
+import os
+
+import pytest
+from support import assert_healthy, metadata_bytes, pattern, settle
+
+from shm import ArenaClosed, BadHandle, DoubleFree, ForkedHeap, ProcessCache, layout, read_stats_slow
+from shm import stats as S
+from shm.sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, NUM_SIZE_CLASSES
+
+
+def test_every_size_class_and_large(arena):
+    p = ProcessCache(arena)
+    blocks = []
+    for c in range(1, NUM_SIZE_CLASSES):
+        size = CLASS_TO_SIZE[c]
+        for s in (CLASS_TO_SIZE[c - 1] + 1, size):
+            b = p.alloc(s)
+            assert b.capacity == size and b.size == s
+            b.buf[:] = pattern(b.handle, s)
+            blocks.append(b)
+    for s in (MAX_SMALL_SIZE + 1, 100_000, 1 << 20):
+        b = p.alloc(s)
+        assert b.capacity >= s and b.capacity % layout.PAGE_SIZE == 0
+        b.buf[:] = pattern(b.handle, s)
+        blocks.append(b)
+    spans = sorted((b.handle, b.handle + b.capacity) for b in blocks)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "blocks overlap"
+    snap = settle(arena, p)
+    assert snap["heap_objects"] == len(blocks)
+    assert snap["large_mallocs"] == 3 and snap["large_bytes"] == sum(b.capacity for b in blocks[-3:])
+    assert snap["heap_alloc"] == sum(b.capacity for b in blocks)
+    assert S.check(arena) == []
+    for b in blocks:
+        assert bytes(p.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        p.free(b)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
+    assert snap["mallocs"] == snap["frees"] == len(blocks)
+    p.close()
+
+
+def test_zero_size_gives_distinct_blocks(arena):
+    p = ProcessCache(arena)
+    a, b = p.alloc(0), p.alloc(0)
+    assert a.handle != b.handle and a.size == 0
+    p.free(a)
+    p.free(b.handle)
+    assert_healthy(arena, p)
+    p.close()
+
+
+def test_cross_process_cache_free_goes_pending_then_collected(arena):
+    p1, p2 = ProcessCache(arena), ProcessCache(arena)
+    blocks = [p1.alloc(64) for _ in range(10)]
+    for b in blocks[:5]:
+        p2.free(b)  # span cached by p1: PENDING
+    # Unflushed, the slow walk already counts them free.
+    slow = read_stats_slow(arena)
+    assert slow["heap_objects"] == 5
+    with pytest.raises(DoubleFree):
+        p1.free(blocks[0])  # PENDING is free: a double free, from the owner too
+    with pytest.raises(DoubleFree):
+        p2.free(blocks[1])
+    for b in blocks[5:]:
+        p1.free(b)
+    snap = assert_healthy(arena, p1, p2)
+    assert snap["heap_objects"] == 0 and snap["frees"] == 10
+    p1.close()
+    p2.close()
+
+
+BAD = [
+    ("below the heap", lambda a, b: a.lay.heap_off - 8, BadHandle),
+    ("past the heap", lambda a, b: a.lay.heap_off + a.lay.heap_max, BadHandle),
+    ("negative", lambda a, b: -8, BadHandle),
+    ("misaligned", lambda a, b: b["small"].handle + 3, BadHandle),
+    ("inside a small block", lambda a, b: b["small"].handle + 8, BadHandle),
+    ("inside a large block", lambda a, b: b["large"].handle + 4096, BadHandle),
+    ("never allocated page", lambda a, b: a.lay.heap_off + a.lay.heap_max - 8192, BadHandle),
+    ("free object", lambda a, b: b["freed"], DoubleFree),
+    ("freed large", lambda a, b: b["freed_large"], BadHandle),
+    ("not an int", lambda a, b: "12345", BadHandle),
+    ("float", lambda a, b: float(b["small"].handle), BadHandle),
+]
+
+
+@pytest.mark.parametrize("what,make,exc", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("who", ["owner", "other"])
+def test_bad_handles_change_nothing(arena, what, make, exc, who):
+    p1, p2 = ProcessCache(arena), ProcessCache(arena)
+    blocks = {"small": p1.alloc(48), "large": p1.alloc(100_000)}
+    f = p1.alloc(48)
+    blocks["freed"] = f.handle
+    p1.free(f)
+    g = p1.alloc(50_000)
+    blocks["freed_large"] = g.handle
+    p1.free(g)
+    before = metadata_bytes(arena)
+    with pytest.raises(exc):
+        (p1 if who == "owner" else p2).free(make(arena, blocks))
+    assert metadata_bytes(arena) == before, f"a bad free ({what}) changed the arena"
+    if what not in ("not an int", "float"):
+        with pytest.raises(BadHandle):
+            p2.view(make(arena, blocks))
+    p1.free(blocks["small"])
+    p1.free(blocks["large"])
+    assert_healthy(arena, p1, p2)
+    p1.close()
+    p2.close()
+
+
+def test_double_free_across_two_processes_caches(arena):
+    p1, p2 = ProcessCache(arena), ProcessCache(arena)
+    b, neighbour = p1.alloc(200), p1.alloc(200)
+    p1.flush()  # span uncached: b is ALLOC in a central span
+    p2.free(b.handle)
+    before = metadata_bytes(arena)
+    for p in (p1, p2):
+        with pytest.raises(DoubleFree):
+            p.free(b.handle)
+    assert metadata_bytes(arena) == before
+    p2.free(neighbour)
+    p2.flush()  # p2's buffered frees applied: the span is empty now and back in the heap
+    with pytest.raises(BadHandle, match="not a live block"):
+        p1.free(neighbour.handle)
+    assert_healthy(arena, p1, p2)
+    p1.close()
+    p2.close()
+
+
+def test_closed_heap_refuses(arena):
+    p = ProcessCache(arena)
+    p.close()
+    with pytest.raises(ArenaClosed):
+        p.alloc(10)
+    with pytest.raises(ArenaClosed):
+        p.free(12345)
+
+
+def test_fork_child_gets_a_clear_error(arena):
+    p = ProcessCache(arena)
+    b = p.alloc(100)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            try:
+                p.alloc(100)
+                msg = b"NO ERROR"
+            except ForkedHeap as e:
+                msg = b"ForkedHeap " + str(e).encode()
+            try:
+                p.free(b)
+                msg += b" / free: NO ERROR"
+            except ForkedHeap:
+                msg += b" / free: ForkedHeap"
+            os.write(w, msg)
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert out.startswith(b"ForkedHeap") and out.endswith(b"free: ForkedHeap"), out
+    p.free(b)  # the parent's P is untouched
+    assert_healthy(arena, p)
+    p.close()
+
+
+def test_threads_sharing_one_cache_switch_it_to_shared_mode(arena):
+    """The fast path belongs to the thread that made the cache; other threads may use it too,
+    through the locked path, and nothing is lost or handed out twice."""
+    import random
+    import threading
+
+    p = ProcessCache(arena)
+    owner_blocks = [p.alloc(64) for _ in range(50)]  # the owner's fast path, before any sharing
+    assert not p.shared
+    errors, handed = [], []
+    lock = threading.Lock()
+
+    def work(seed):
+        rnd = random.Random(seed)
+        mine = []
+        try:
+            for _ in range(3000):
+                if mine and rnd.random() < 0.5:
+                    b = mine.pop(rnd.randrange(len(mine)))
+                    assert bytes(b.buf) == pattern(b.handle, b.size), "a block was overwritten"
+                    p.free(b)
+                else:
+                    b = p.alloc(rnd.choice([8, 64, 200, 3000, 40_000]))
+                    b.buf[:] = pattern(b.handle, b.size)
+                    mine.append(b)
+                    with lock:
+                        handed.append(b.handle)
+            for b in mine:
+                assert bytes(b.buf) == pattern(b.handle, b.size)
+                p.free(b)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    work(99)  # the owner works at the same time
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert p.shared
+    for b in owner_blocks:
+        p.free(b)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0 and snap["mallocs"] == len(handed) + len(owner_blocks)
+    p.close()
