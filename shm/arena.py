@@ -205,22 +205,24 @@ class Arena:
         uncounted)}."""
         actor = self.daemon_actor if actor is None else actor
         work = sorted((c, k, r) for k in slots for c, r in self.cached_spans(k))
-        frees = {k: self.buffered_frees(k) for k in slots}
+        buffers = {k: self._buffer_groups(k) for k in slots}
         q = self.q
         for k in slots:
             sw = self.lay.slot_word(k)
             q[sw + SL["flush_gen"]] += 1
             if actor != k and q[sw + SL["stop"]] == L.STOP_RUN:
                 q[sw + SL["stop"]] = L.STOP_RESYNC
-        classes = {c for c, _, _ in work} | {self._class_hint(h) for hs in frees.values() for h in hs if h}
+        classes = {c for c, _, _ in work}
+        for groups in buffers.values():
+            classes |= {c for c, _ in groups}
         out = {k: [0, 0] for k in slots}
 
         def flush(op):
-            for c in sorted(classes - {0, -1}):
+            for c in sorted(classes - {0}):
                 op.acquire(L.LOCK_CENTRAL(c))
             op.acquire(L.LOCK_HEAP)  # large spans, and emptied small spans go back to the heap
             for k in slots:
-                self._apply_buffer(op, k)
+                self._apply_buffer(op, k, buffers[k])
             for c, k, r in work:
                 if q[self.lay.slot_word(k) + L.SLOT_CACHED_AT + c] - 1 != r:
                     continue  # a retry after a repair: already done
@@ -233,54 +235,64 @@ class Arena:
         self.run(actor, flush)
         return {k: tuple(v) for k, v in out.items()}
 
-    def _class_hint(self, h):
-        """The size class of the span holding handle h now (0: large, -1: none), read without a
-        lock; apply_buffer re-checks it under the lock."""
-        d = h - self.lay.heap_off
-        r = self.heap.span_of_page(d >> L.PAGE_SHIFT) if 0 <= d < self.lay.heap_max else -1
-        return -1 if r < 0 else self.q[self.lay.span_word(r) + S["sizeclass"]]
-
     def apply_buffered_frees(self, k, actor=None):
         """P k applies its own remote-free buffer (it is full, or the P is closing)."""
-        frees = self.buffered_frees(k)
-        if not frees:
+        groups = self._buffer_groups(k)
+        if not groups:
             return 0
-        classes = {self._class_hint(h) for h in frees if h}
 
         def apply(op):
-            for c in sorted(classes - {0, -1}):
+            for c in sorted({c for c, _ in groups} - {0}):
                 op.acquire(L.LOCK_CENTRAL(c))
             op.acquire(L.LOCK_HEAP)
-            return self._apply_buffer(op, k)
+            return self._apply_buffer(op, k, groups)
 
         return self.run(k if actor is None else actor, apply)
 
-    def _apply_buffer(self, op, k):
-        """Apply P k's buffered remote frees, grouped by span (one retag per span), checkpointing
-        after each span: an applied entry is zeroed in the same step, so a retry never applies it
-        twice.  Frees found bad now are counted (heap bad_frees) and logged, never applied.
-        Caller holds the heap lock and the central locks of the classes involved."""
+    def _buffer_groups(self, k):
+        """P k's buffered frees grouped by the span that holds them, read without a lock:
+        {(class, record): [handle, ...]}; class -1 for handles no span holds.  _apply_buffer
+        re-checks every group under the locks."""
         q, lay = self.q, self.lay
         sw = lay.slot_word(k)
-        at = sw + L.SLOT_RFREE_AT
         n = q[sw + SL["rfree_n"]]
-        if not n:
-            return 0
-        groups, bad = {}, []
-        for i, h in enumerate(q[at:at + n].tolist()):
-            if not h:
-                continue
-            d = h - lay.heap_off
-            r = self.heap.span_of_page(d >> L.PAGE_SHIFT) if 0 <= d < lay.heap_max and not d & 7 else -1
-            if r < 0:
-                bad.append((i, h))
+        pm, hb, hmax, sw0 = lay.pagemap_word(), lay.heap_off, lay.heap_max, lay.span_word(0)
+        pages, shift = {}, L.PAGE_SHIFT
+        for h in q[sw + L.SLOT_RFREE_AT:sw + L.SLOT_RFREE_AT + n].tolist():
+            if h:  # 0: applied by an earlier, interrupted pass
+                pages.setdefault((h - hb) >> shift, []).append(h)
+        groups, sc = {}, S["sizeclass"]
+        for page, hs in pages.items():
+            r = q[pm + page] - 1 if 0 <= page < hmax >> shift else -1
+            key = (q[sw0 + r * L.SPAN_WORDS + sc], r) if r >= 0 else (-1, -1)
+            g = groups.get(key)
+            if g is None:
+                groups[key] = hs
             else:
-                groups.setdefault(r, []).append((i, h))
-        nbad = 0
-        for r, items in groups.items():
-            c = q[lay.span_word(r) + S["sizeclass"]]
-            handles = [h for _, h in items]
-            if c == 0:
+                g += hs
+        return groups
+
+    def _apply_buffer(self, op, k, groups):
+        """Apply P k's buffered remote frees, one span at a time (one retag per span).  The buffer
+        is first rewritten in group order; after each group its entries are zeroed in the same
+        checkpointed step, so a retry after a crash never applies one twice.  Frees found bad now
+        are counted (heap bad_frees) and logged, never applied.  Caller holds the heap lock and the
+        central locks of the classes in `groups`."""
+        lay = self.lay
+        sw = lay.slot_word(k)
+        at = sw + L.SLOT_RFREE_AT
+        if not groups:
+            return 0
+        order = [(key, hs) for key, hs in sorted(groups.items())]
+        flat = [h for _, hs in order for h in hs]
+        op.wwords(at, flat)
+        op.w(sw + SL["rfree_n"], len(flat))
+        op.log.clear()  # checkpoint: the same frees, in group order
+        nbad, i = 0, 0
+        for (c, r), handles in order:
+            if r < 0 or not self._group_holds(r, c, handles):
+                nbad += len(handles)  # no span holds them now: stale handles
+            elif c == 0:
                 for h in handles:
                     try:
                         self.large.free(op, r, h, k, buffered=True)
@@ -289,17 +301,25 @@ class Arena:
             elif L.LOCK_CENTRAL(c) in op.held:
                 nbad += self.central.apply_frees(op, c, r, handles, k)
             else:
-                nbad += len(handles)  # its span changed class since the P buffered it: stale
-            for i, _ in items:
-                op.w(at + i, 0)
+                nbad += len(handles)
+            op.wwords(at + i, [0] * len(handles))
+            i += len(handles)
             op.log.clear()  # checkpoint
-        nbad += len(bad)
         if nbad:
             op.add(lay.heap_word() + H["bad_frees"], nbad)
             _log.warning("P %d: %d buffered free(s) found bad when applied (a double free across "
                          "processes, or a stale handle); skipped, counted in bad_frees", k, nbad)
         op.w(sw + SL["rfree_n"], 0)
         return nbad
+
+    def _group_holds(self, r, c, handles):
+        """Under the locks: span r is in use, of class c, and holds every handle of the group."""
+        q, w = self.q, self.lay.span_word(r)
+        if q[w + S["state"]] != L.SPAN_INUSE or q[w + S["sizeclass"]] != c:
+            return False
+        lo = self.lay.heap_off + q[w + S["start"]] * PAGE
+        hi = lo + q[w + S["npages"]] * PAGE
+        return all(lo <= h < hi for h in handles)
 
     def free_empty_spans(self, actor=None):
         """Give the heap back every empty span waiting on a partial list.  Returns how many."""

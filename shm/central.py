@@ -49,6 +49,23 @@ def _uncache_table(k):
 CACHE_T = [_cache_table(k) for k in range(L.MAX_SLOTS + 1)]
 IS_LISTED = bytes(1 if v == LISTED else 0 for v in range(256))
 UNCACHE_T = [_uncache_table(k) for k in range(L.MAX_SLOTS + 1)]
+_BAD = 255
+
+
+def _apply_table(j, k):
+    """Object byte -> its state after P k's buffered free is applied (apply_frees), in a span
+    cached by P j (j = -1: uncached); _BAD where the free is bad."""
+    t = bytearray([_BAD]) * 256
+    if j < 0:
+        t[ALLOC] = t[RFREED] = FREE
+    else:
+        t[RFREED] = t[tag(j)] = FREE if j == k else PENDING
+    return bytes(t)
+
+
+_UNCACHED_T = _apply_table(-1, 0)
+_OWN_T = [_apply_table(j, j) for j in range(L.MAX_SLOTS + 1)]      # cached by the P that freed
+_OTHER_T = [_apply_table(j, -1) for j in range(L.MAX_SLOTS + 1)]   # cached by another P
 
 
 class CentralList:
@@ -193,28 +210,25 @@ class CentralList:
         old = bytes(self.mv[off:off + n * stride:stride])
         new = bytearray(old)
         owner = q[w + S["owner"]]
-        freed = pending = bad = 0
+        # What each object byte becomes (BAD_T: the free is bad).  RFREED: our hint held, nobody
+        # could hand the object out.  ALLOC or TAG(owner): the hint was overwritten by a retag,
+        # which only ever writes allocated states over allocated ones -- the object stayed
+        # allocated.  Anything else: it was freed since.
+        table = _UNCACHED_T if not owner else (_OWN_T if owner == k + 1 else _OTHER_T)[owner - 1]
+        changed = []
         for h in handles:
             i, rem = divmod(h - base, size)
-            b = new[i] if not rem and 0 <= i < n else -1
-            # RFREED: our hint held, nobody could hand the object out.  ALLOC or TAG: the hint
-            # was overwritten by a retag, which only ever writes allocated states over allocated
-            # ones -- the object stayed allocated.  Anything else: it was freed since.
-            live = b in (RFREED, ALLOC) or (b >= L.TAG0 and owner == b - L.TAG0 + 1)
-            if not live or (b == ALLOC and owner):
-                bad += 1
-            elif not owner:
-                new[i] = FREE
-                freed += 1
-            elif owner == k + 1:
-                new[i] = FREE  # cached by P k since: collected at its next refill
-            else:
-                new[i] = PENDING
-                pending += 1
-        # Byte by byte, only the objects freed: the owner's fast path writes the others meanwhile.
-        for i, (a, b) in enumerate(zip(old, new)):
-            if a != b:
-                op.wbyte(off + i * stride, b)
+            b = table[new[i]] if not rem and 0 <= i < n else _BAD
+            if b == _BAD:
+                continue
+            new[i] = b
+            changed.append(i)
+        bad = len(handles) - len(changed)
+        freed = len(changed) if not owner else 0
+        pending = len(changed) if owner and owner != k + 1 else 0
+        # Only the objects freed: the owner's fast path writes the others meanwhile.
+        if changed:
+            op.wscatter([off + i * stride for i in changed], [new[i] for i in changed])
         if pending:
             op.add(w + S["npending"], pending)
         if freed:

@@ -24,18 +24,20 @@ it guards had not happened yet):
 
     word entry:   [1, word_index, old_value]
     bytes entry:  [2, byte_offset, stride, n, old bytes padded to 8]   (n bytes, `stride` apart)
+    scatter entry: [3, n, n words of byte_offset << 8 | old byte]      (n single bytes anywhere)
 """
 
 import fcntl
 import os
 import struct
 import threading
+from array import array
 
 from . import layout as L
 from .errors import CorruptionError
 
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
-_W_ENTRY, _B_ENTRY = 1, 2
+_W_ENTRY, _B_ENTRY, _S_ENTRY = 1, 2, 3
 
 
 def _flock(ltype, start):
@@ -152,6 +154,19 @@ class UndoLog:
         self.mv[b:b + n] = old
         q[self.used_w] = u + size
 
+    def add_scatter(self, packed):
+        """One entry for n single bytes: `packed` holds byte_offset << 8 | old byte for each."""
+        n = len(packed)
+        u = self.q[self.used_w]
+        size = 16 + 8 * n
+        if u + size > L.LOG_BYTES:
+            raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
+        w = (self.base + u) // 8
+        q = self.q
+        q[w], q[w + 1] = _S_ENTRY, n
+        q[w + 2:w + 2 + n] = array("Q", packed)
+        q[self.used_w] = u + size
+
     def entries(self):
         q, mv = self.q, self.mv
         u, pos, out = q[self.used_w], 0, []
@@ -166,6 +181,10 @@ class UndoLog:
                 b = self.base + pos + 32
                 out.append((kind, (off, stride), bytes(mv[b:b + n])))
                 pos += 32 + (n + 7) // 8 * 8
+            elif kind == _S_ENTRY:
+                n = q[w + 1]
+                out.append((kind, None, q[w + 2:w + 2 + n].tolist()))
+                pos += 16 + 8 * n
             else:
                 raise CorruptionError(f"undo log entry of unknown kind {kind} at byte {pos}")
         return out
@@ -175,6 +194,9 @@ class UndoLog:
         for kind, a, b in reversed(self.entries()):
             if kind == _W_ENTRY:
                 q[a] = b
+            elif kind == _S_ENTRY:
+                for x in b:
+                    mv[x >> 8] = x & 0xFF
             else:
                 off, stride = a
                 mv[off:off + len(b) * stride:stride] = b
@@ -251,6 +273,13 @@ class Op:
         if old != new:
             self.log.add_bytes(off, stride, old)
             view[:] = new
+
+    def wscatter(self, offs, values):
+        """Logged write of single bytes at byte offsets `offs` (one log entry for all)."""
+        mv = self.mv
+        self.log.add_scatter([o << 8 | mv[o] for o in offs])
+        for o, v in zip(offs, values):
+            mv[o] = v
 
     def wbyte(self, off, value):
         if self.mv[off] != value:
