@@ -123,7 +123,8 @@ class LargeObjects:
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
     def collect_pending(self, op, k):
-        """P k gives back to the heap the spans other Ps freed (PENDING).  Returns their handles."""
+        """P k gives back to the heap the spans other Ps freed (PENDING).  Returns their handles.
+        Checkpoints after each span: call it before anything else in the operation."""
         op.need(L.LOCK_HEAP, "LargeObjects.collect_pending")
         q, out = self.q, []
         if not q[self.lay.slot_word(k) + SL["lg_pending"]]:
@@ -132,6 +133,7 @@ class LargeObjects:
             h = self.base(r)
             if self.mv[self.byte_off(h)] == L.PENDING:
                 self._give_back(op, r, h, was_live=True)
+                op.log.clear()  # checkpoint: any number of spans, a bounded undo log
                 out.append(h)
         op.w(self.lay.slot_word(k) + SL["lg_pending"], 0)
         return out

@@ -132,3 +132,30 @@ def connected_worker(endpoint, cmds, results):
                 return
         except Exception as e:  # reported to the test
             results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def stuck_applying_frees(arena_name, ready, results):
+    """Two Ps in one process: the first allocates, the second frees every block (a remote free)
+    until its buffer fills and is applied -- and stops forever INSIDE that batch's operation,
+    after the first span's frees were written.  The test SIGKILLs us there."""
+    from shm import Arena, ProcessCache, layout
+    from shm.central import CentralList
+
+    arena = Arena.attach(arena_name)
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    n = layout.RFREE_CAP + 1
+    blocks = [owner.alloc(64) for _ in range(n)]
+    real = CentralList.apply_frees
+
+    def apply_frees(self, op, c, r, handles, k):
+        bad = real(self, op, c, r, handles, k)
+        results.put((n, layout.RFREE_CAP))
+        ready.set()
+        while True:
+            signal.pause()
+        return bad  # not reached
+
+    CentralList.apply_frees = apply_frees
+    for b in blocks:
+        freer.free(b)  # the last one applies the full buffer first
+    time.sleep(60)  # not reached
