@@ -19,7 +19,7 @@ def test_out_of_memory_is_clean_and_recoverable(make_arena):
     with pytest.raises(OutOfMemory):
         p.alloc(3 << 20)
     got = []
-    for size in (300_000, 40_000, 8192):  # fill every page: 37-page, 5-page, then 1-page spans
+    for size in (300_000, 40_000, 8192, 8):  # fill every page: 37-, 5-, 16-page spans, then 1-page ones
         while True:
             try:
                 got.append(p.alloc(size))

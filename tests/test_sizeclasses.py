@@ -242,7 +242,22 @@ def test_constants():
 
 def test_tables_equal_go():
     assert sc.CLASS_TO_SIZE == GO_CLASS_TO_SIZE
-    assert sc.CLASS_TO_ALLOCNPAGES == GO_CLASS_TO_ALLOCNPAGES
+    assert sc.GO_CLASS_TO_ALLOCNPAGES == GO_CLASS_TO_ALLOCNPAGES
+
+
+@pytest.mark.parametrize("c", range(1, 67))
+def test_spans_hold_enough_objects(c):
+    """Step 5 of the generator: Go's span where it holds 16 objects; else the smallest span of at
+    most 32 pages that holds 16 within the tail bound; else the one holding the most."""
+    size, go_pages, pages = sc.CLASS_TO_SIZE[c], GO_CLASS_TO_ALLOCNPAGES[c], sc.CLASS_TO_ALLOCNPAGES[c]
+    fits = [n for n in range(go_pages, 33) if (n * 8192) % size <= n * 8192 // 8]
+    if go_pages * 8192 // size >= 16:
+        assert pages == go_pages
+    elif any(n * 8192 // size >= 16 for n in fits):
+        assert pages == min(n for n in fits if n * 8192 // size >= 16)
+    else:
+        assert pages in fits and pages * 8192 // size == max(n * 8192 // size for n in fits)
+    assert sc.CLASS_TO_NOBJS[c] >= min(16, go_pages * 8192 // size)
 
 
 def test_size_to_class_exact():
@@ -274,7 +289,7 @@ def test_tail_waste_bound(c):
 
 def test_objects_per_span():
     assert sc.CLASS_TO_NOBJS[0] == 0
-    assert sc.CLASS_TO_NOBJS[1:] == GO_OBJECTS
+    assert tuple(sc.GO_CLASS_TO_ALLOCNPAGES[c] * sc.PAGE_SIZE // sc.CLASS_TO_SIZE[c] for c in range(1, 67)) == GO_OBJECTS
     for c in range(1, 67):
         span = sc.CLASS_TO_ALLOCNPAGES[c] * sc.PAGE_SIZE
         n = sc.CLASS_TO_NOBJS[c]
