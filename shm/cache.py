@@ -230,11 +230,39 @@ class ProcessCache:
                             ins[0] = 0
             slow_free(h)
 
+        arena = self.arena
+        q, mv, pm, sw0, capacity = arena.q, arena.mv, arena.lay.pagemap_word(), arena.lay.span_word(0), \
+            arena.block_capacity
+        SC, START, NPAGES, SPAN_WORDS = S["sizeclass"], S["start"], S["npages"], L.SPAN_WORDS
+
+        def view(handle, size=None):
+            """Zero-copy memoryview of the live block at `handle` (allocated by any process): its
+            whole capacity, or its first `size` bytes."""
+            if self._dead:
+                self._check_usable()
+            h = handle if handle.__class__ is int else _handle(handle)
+            d = h - hb
+            b = amap[d >> 3] if not d & mask else 0
+            if b != ALLOC and b < TAG0:
+                cap = capacity(h)  # raises with the reason
+            else:
+                w = sw0 + (q[pm + (d >> PSHIFT)] - 1) * SPAN_WORDS
+                c = q[w + SC]
+                off = d - (q[w + START] << PSHIFT)
+                cap = c2s[c] if c else q[w + NPAGES] << PSHIFT
+                if w < sw0 or (off % cap if c else off):
+                    cap = capacity(h)  # raises with the reason
+            if size is None:
+                size = cap
+            elif not 0 <= size <= cap:
+                raise BadHandle(f"view of {size} bytes of a block of {cap}")
+            return mv[h:h + size]
+
         def set_stop(stop_view, inside_view):
             nonlocal stop, inside
             stop, inside = stop_view, inside_view
 
-        self.alloc, self.free, self._set_stop = alloc, free, set_stop
+        self.alloc, self.free, self.view, self._set_stop = alloc, free, view, set_stop
 
     # --- entering a call the slow way (under the P lock) ----------------------------------
     def _enter(self):
@@ -371,37 +399,6 @@ class ProcessCache:
             self._amap[i] = L.RFREED
             return
         self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
-
-    def view(self, handle, size=None):
-        """Zero-copy memoryview of the live block at `handle` (allocated by any process): its
-        whole capacity, or its first `size` bytes."""
-        if self._dead:
-            self._check_usable()
-        h = handle if handle.__class__ is int else _handle(handle)
-        arena = self.arena
-        d = h - self._hb
-        b = self._amap[d >> 3] if not d & self._mask else 0
-        if b != L.ALLOC and b < L.TAG0:
-            cap = arena.block_capacity(h)  # raises with the reason
-        else:
-            q, lay = arena.q, arena.lay
-            r = q[lay.pagemap_word() + (d >> L.PAGE_SHIFT)] - 1
-            w = lay.span_word(r)
-            c = q[w + S["sizeclass"]]
-            off = d - (q[w + S["start"]] << L.PAGE_SHIFT)
-            if c:
-                cap = CLASS_TO_SIZE[c]
-                if r < 0 or off % cap:
-                    cap = arena.block_capacity(h)  # raises with the reason
-            else:
-                cap = q[w + S["npages"]] << L.PAGE_SHIFT
-                if r < 0 or off:
-                    cap = arena.block_capacity(h)
-        if size is None:
-            size = cap
-        elif not 0 <= size <= cap:
-            raise BadHandle(f"view of {size} bytes of a block of {cap}")
-        return arena.mv[h:h + size]
 
     def _refill(self, c):
         """The list of class c is empty (Go: mcache.refill).  Collect what was freed in our

@@ -247,17 +247,21 @@ def test_tables_equal_go():
 
 @pytest.mark.parametrize("c", range(1, 67))
 def test_spans_hold_enough_objects(c):
-    """Step 5 of the generator: Go's span where it holds 16 objects; else the smallest span of at
-    most 32 pages that holds 16 within the tail bound; else the one holding the most."""
+    """Step 5 of the generator: Go's span where it holds MIN_SPAN_OBJECTS objects; else the
+    smallest span of at most MAX_SPAN_PAGES pages that holds them within the tail bound; else
+    the one holding the most."""
+    gen = _load_generator()
+    least, most = gen.MIN_SPAN_OBJECTS, gen.MAX_SPAN_PAGES
+    assert (least, most) == (32, 32)
     size, go_pages, pages = sc.CLASS_TO_SIZE[c], GO_CLASS_TO_ALLOCNPAGES[c], sc.CLASS_TO_ALLOCNPAGES[c]
-    fits = [n for n in range(go_pages, 33) if (n * 8192) % size <= n * 8192 // 8]
-    if go_pages * 8192 // size >= 16:
+    fits = [n for n in range(go_pages, most + 1) if (n * 8192) % size <= n * 8192 // 8]
+    if go_pages * 8192 // size >= least:
         assert pages == go_pages
-    elif any(n * 8192 // size >= 16 for n in fits):
-        assert pages == min(n for n in fits if n * 8192 // size >= 16)
+    elif any(n * 8192 // size >= least for n in fits):
+        assert pages == min(n for n in fits if n * 8192 // size >= least)
     else:
         assert pages in fits and pages * 8192 // size == max(n * 8192 // size for n in fits)
-    assert sc.CLASS_TO_NOBJS[c] >= min(16, go_pages * 8192 // size)
+    assert sc.CLASS_TO_NOBJS[c] >= min(least, go_pages * 8192 // size)
 
 
 def test_size_to_class_exact():
