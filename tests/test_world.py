@@ -1,0 +1,193 @@
+"""Stopping the world (shm/world.py): a P outside the allocator is stopped from the daemon's side
+(its `inside` word, its stop byte, membarrier); one inside a call is waited for; the cooperative
+protocol where membarrier is missing; a RUN written over a PARK; a daemon killed and not reaped."""
+
+import os
+import signal
+import time
+
+import mpworkers
+import pytest
+from support import DEADLINE
+from test_daemon import SPAWN, finish_workers, observe, start_workers
+
+import client
+from shm import Arena, ProcessCache, identities, layout, world
+
+SL = layout.SLOT
+needs_membarrier = pytest.mark.skipif(not world.membarrier_supported(), reason="membarrier(2) unavailable here")
+
+
+def connect_worker(d):
+    cmds, res = SPAWN.Queue(), SPAWN.Queue()
+    w = SPAWN.Process(target=mpworkers.connected_worker, args=(d.endpoint, cmds, res))
+    w.start()
+    kind, slot = res.get(timeout=DEADLINE)
+    assert kind == "slot"
+    return w, cmds, res, slot
+
+
+def close_worker(w, cmds, res):
+    cmds.put(("close",))
+    assert res.get(timeout=DEADLINE) == ("ok", None)
+    w.join(DEADLINE)
+    assert w.exitcode == 0
+
+
+@needs_membarrier
+def test_an_idle_worker_is_stopped_and_flushed_without_its_help(start_daemon):
+    """The worker's main thread sits in a queue read: never inside the allocator.  The daemon
+    stops it from its own side -- no STOP message, no GIL -- and flushes its cache."""
+    d = start_daemon()
+    w, cmds, res, slot = connect_worker(d)
+    cmds.put(("alloc", 64))
+    kind, h = res.get(timeout=DEADLINE)
+    snap = client.stats(d.endpoint, slow=True)
+    assert snap["stop_protocol"] == "membarrier"
+    assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
+    (p,) = snap["per_p"]
+    assert p["state"] == "stopped" and p["cached_spans"] >= 1, p
+    assert snap["heap_objects"] == 1
+    # Its local lists were flushed under it: its next calls resync and hand out nothing twice.
+    cmds.put(("alloc", 64))
+    kind2, h2 = res.get(timeout=DEADLINE)
+    assert kind2 == "ok" and h2 != h
+    cmds.put(("free", h))
+    assert res.get(timeout=DEADLINE)[0] == "ok"
+    cmds.put(("free", h2))
+    assert res.get(timeout=DEADLINE)[0] == "ok"
+    close_worker(w, cmds, res)
+    snap = client.stats(d.endpoint, slow=True)
+    assert snap["heap_objects"] == 0 and snap["slow_equal"]
+
+
+def test_without_membarrier_the_cooperative_protocol_parks_through_the_control_thread(start_daemon, monkeypatch):
+    monkeypatch.setenv("SHMALLOC_NO_MEMBARRIER", "1")  # the daemon and its workers inherit it
+    d = start_daemon()
+    assert "membarrier(2) unavailable" in d.log()
+    w, cmds, res, slot = connect_worker(d)
+    cmds.put(("alloc", 64))
+    assert res.get(timeout=DEADLINE)[0] == "ok"
+    snap = client.stats(d.endpoint, slow=True)
+    assert snap["stop_protocol"] == "cooperative"
+    assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
+    assert [p["state"] for p in snap["per_p"]] == ["parked"]
+    close_worker(w, cmds, res)
+
+
+@needs_membarrier
+def test_a_worker_that_could_not_register_is_stopped_the_cooperative_way(start_daemon, monkeypatch):
+    d = start_daemon()
+    monkeypatch.setenv("SHMALLOC_NO_MEMBARRIER", "1")  # only the worker, started after
+    w, cmds, res, slot = connect_worker(d)
+    spy = Arena.attach(d.name)
+    try:
+        assert spy.q[spy.lay.slot_word(slot) + SL["barrier"]] == 0
+    finally:
+        spy.close()
+    snap = client.stats(d.endpoint)
+    assert snap["stop_protocol"] == "membarrier" and snap["consistent"]
+    assert [p["state"] for p in snap["per_p"]] == ["parked"]  # its control thread parked it
+    close_worker(w, cmds, res)
+
+
+@needs_membarrier
+def test_poll_and_confirm_never_judge_a_running_p_stopped(arena):
+    """The P writes RUN over a RESYNC just as the daemon asks it to park (the one store a P makes
+    to its stop byte): the daemon must notice and ask again, never flush a running P."""
+    p = ProcessCache(arena)
+    b = p.alloc(64)
+    stw = world.StopTheWorld(arena, asymmetric=True)
+    sw = arena.lay.slot_word(p.slot)
+    live = stw.begin(1)
+    assert live == [p.slot] and arena.q[sw + SL["stop"]] == layout.STOP_PARK
+    pid = os.getpid()
+    # Caught inside a call: waited for.
+    arena.q[sw + SL["inside"]] = 1
+    assert stw.poll(p.slot, pid) is None
+    # Inside, it writes RUN over the PARK (it had read a RESYNC): asked again, still waited for.
+    arena.q[sw + SL["stop"]] = layout.STOP_RUN
+    assert stw.poll(p.slot, pid) is None
+    assert arena.q[sw + SL["stop"]] == layout.STOP_PARK
+    # Out of the call: stopped -- unless it erased the PARK again before the confirming barrier.
+    arena.q[sw + SL["inside"]] = 0
+    assert stw.poll(p.slot, pid) == "stopped"
+    arena.q[sw + SL["stop"]] = layout.STOP_RUN
+    assert stw.confirm([p.slot]) == []
+    assert stw.poll(p.slot, pid) is None  # re-asked
+    assert stw.poll(p.slot, pid) == "stopped" and stw.confirm([p.slot]) == [p.slot]
+    arena.flush_slots([p.slot], keep_empty=True)
+    stw.end({p.slot})
+    assert arena.q[sw + SL["stop"]] == layout.STOP_RESYNC
+    b2 = p.alloc(64)  # resyncs: drops the flushed lists, refills
+    assert b2.handle != b.handle
+    p.free(b)
+    p.free(b2)
+    p.close()
+
+
+def test_a_parked_worker_goes_on_when_the_daemon_dies_unreaped(start_daemon):
+    """The daemon is SIGKILLed mid-pause and left a zombie: its pid still exists, but the kernel
+    dropped its locks.  The parked worker must not wait on a stop nobody will lift."""
+    d = start_daemon(extra=("--park-deadline-ms", "30000"))
+    ready, release, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    stuck = SPAWN.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
+    stuck.start()
+    w, cmds, res, slot = connect_worker(d)
+    spy = Arena.attach(d.name)
+    try:
+        cmds.put(("alloc", 64))
+        assert res.get(timeout=DEADLINE)[0] == "ok"
+        assert ready.wait(DEADLINE)
+        asker = SPAWN.Process(target=client.stats, args=(d.endpoint, 30000))
+        asker.start()
+        sw = spy.lay.slot_word(slot)
+        end = time.monotonic() + DEADLINE
+        while spy.q[sw + SL["stop"]] != layout.STOP_PARK or not spy.q[layout.HDR["stopped_epoch"]]:
+            assert time.monotonic() < end, "the world never stopped"
+            time.sleep(0.005)
+        cmds.put(("alloc", 64))  # parks on the resume lock
+        while spy.q[sw + SL["parked"]] != spy.q[layout.HDR["stopped_epoch"]]:
+            assert time.monotonic() < end, "the worker's call never parked"
+            time.sleep(0.005)
+        os.kill(d.proc.pid, signal.SIGKILL)  # not reaped: a zombie until d.proc.wait()
+        time.sleep(0.2)
+        assert os.path.exists(f"/proc/{d.proc.pid}"), "the daemon should still be an unreaped zombie"
+        assert res.get(timeout=DEADLINE)[0] == "ok"  # the parked call went on
+        asker.kill()
+        asker.join(DEADLINE)
+    finally:
+        release.set()
+        spy.close()
+    out.get(timeout=DEADLINE)
+    stuck.join(DEADLINE)
+    close_worker(w, cmds, res)
+    d.proc.wait(DEADLINE)
+    from shm.arena import unlink_segment
+
+    unlink_segment(d.name)
+    os.unlink(d.sock_path())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["membarrier", "cooperative"])
+def test_snapshots_as_fast_as_the_daemon_allows_while_workers_free_across_processes(
+    start_daemon, monkeypatch, protocol
+):
+    """Four workers hammer alloc/free, a third of their blocks freed by another process (every
+    block verified by pattern before it is freed: overlapping blocks fail), while an observer
+    takes 150 snapshots back to back, each checked for identities and fast == slow."""
+    if protocol == "membarrier" and not world.membarrier_supported():
+        pytest.skip("membarrier(2) unavailable here")
+    if protocol == "cooperative":
+        monkeypatch.setenv("SHMALLOC_NO_MEMBARRIER", "1")
+    d = start_daemon()
+    procs, boxes, results, until = start_workers(d, 4)
+    seen = observe(d.endpoint, 150)
+    res = finish_workers(d, procs, boxes, results, until)
+    assert seen["problems"] == []
+    assert sum(r["received"] for r in res) > 0, "no block crossed processes"
+    final = client.stats(d.endpoint, slow=True)
+    assert final["stop_protocol"] == protocol
+    assert final["consistent"] and final["slow_equal"] and identities(final) == []
+    assert final["heap_objects"] == 0 and final["bad_frees"] == 0
