@@ -159,3 +159,27 @@ def stuck_applying_frees(arena_name, ready, results):
     for b in blocks:
         freer.free(b)  # the last one applies the full buffer first
     time.sleep(60)  # not reached
+
+
+def stuck_flushing_large(arena_name, ready):
+    """Allocate three large blocks, free two (kept in the P's large cache), then flush -- and
+    stop forever INSIDE the flush, after the first span went back to the heap."""
+    from shm import Arena, ProcessCache
+    from shm.large import LargeObjects
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    blocks = [p.alloc(100_000) for _ in range(3)]
+    p.free(blocks[0])
+    p.free(blocks[1])
+    real = LargeObjects._give_back
+
+    def give_back(self, op, *a, **kw):
+        real(self, op, *a, **kw)
+        ready.set()
+        while True:
+            signal.pause()
+
+    LargeObjects._give_back = give_back
+    p.flush()
+    time.sleep(60)  # not reached
