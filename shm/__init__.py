@@ -42,7 +42,7 @@ Freeing (ProcessCache.free, Arena.free):
 
 Snapshots (Arena.update_stats, driven by the daemon's stop-the-world):
   1. Every live P parks (stop byte; or its control thread) and every dead P is reclaimed.
-  2. FIRST flush every cache (release_all: uncache every span; empty spans return to the
+  2. FIRST flush every cache (Arena.flush_slots: uncache every span; empty spans return to the
      heap, which changes heap figures -- why it must come first, golang/go#38712).
   3. Then read the figures (read_stats); read_stats_slow recomputes them from the ground truth.
 

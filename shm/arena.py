@@ -69,7 +69,7 @@ def _open_segment(name, create, size=0):
 class Arena:
     """One process's attachment to the arena segment `name`."""
 
-    def __init__(self, shm, lay, owner):
+    def __init__(self, shm, lay):
         self.shm = shm
         self.name = shm.name
         self.lay = lay
@@ -77,7 +77,6 @@ class Arena:
         self.fd = shm._fd
         self.mv = shm.buf
         self.q = self.mv.cast("Q")
-        self.owner = owner          # True in the process that created it (unlinks on destroy)
         self.pid = os.getpid()
         self.repairs = 0            # dead actors' operations this process rolled back
         self._views = []            # memoryviews handed to caches; released at close
@@ -98,7 +97,7 @@ class Arena:
         lay = L.Layout(heap_max, nslots)
         shm = _open_segment(name, True, lay.total_bytes)
         try:
-            arena = cls(shm, lay, owner=True)
+            arena = cls(shm, lay)
             lay.write_header(arena.q, time.time_ns())
         except BaseException:
             shm.close()
@@ -118,7 +117,7 @@ class Arena:
         except BaseException:
             shm.close()
             raise
-        return cls(shm, lay, owner=False)
+        return cls(shm, lay)
 
     def view(self, start, stop):
         """Bytes [start, stop) of the segment, released when the arena closes."""
@@ -396,18 +395,17 @@ class Arena:
         return self.run(self.daemon_actor if actor is None else actor, rel)
 
     # --- statistics (stats.py) ------------------------------------------------------------
-    def flush_all(self, stopped=(), actor=None, keep_empty=False, parked=None):
+    def flush_all(self, stopped=(), actor=None, keep_empty=False):
         """Flush every cache that may be flushed: the `stopped` Ps' and every dead P's."""
-        stopped = stopped if parked is None else parked
         for k in self.registry.active_slots():
             if k not in stopped and not self.registry.alive(k):
                 self.reclaim(k, actor)
         return self.flush_slots([k for k in self.registry.active_slots() if k in stopped], actor, keep_empty)
 
-    def update_stats(self, stopped=(), actor=None, parked=None):
+    def update_stats(self, stopped=(), actor=None):
         """Go's updatememstats: flush every cache FIRST, then read the figures.  Reading before
         flushing is the bug of golang/go#38712 (the tests build it on purpose)."""
-        self.flush_all(stopped if parked is None else parked, actor)
+        self.flush_all(stopped, actor)
         return _stats.read_stats(self)
 
     def read_stats(self):
@@ -422,32 +420,3 @@ class Arena:
         if problems:
             raise CorruptionError("arena check failed: " + "; ".join(problems[:20])
                                   + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))
-
-    # --- TEMPORARY old names, removed once the tests are renamed -------------------------------
-    release_all = flush_cache
-
-    def alloc_large(self, op, size):
-        npages = (size + PAGE - 1) // PAGE
-        return self.large.alloc(op, npages, -1), npages * PAGE
-    release_free_pages = scavenge
-
-    def claim_slot(self):
-        return self.registry.claim()
-
-    def release_slot(self, k):
-        return self.registry.give_back(k)
-
-    def slot_alive(self, k):
-        return self.registry.alive(k)
-
-    def active_slots(self):
-        return self.registry.active_slots()
-
-    def slot_state(self, k):
-        return self.registry.state(k)
-
-    def slot_pid(self, k):
-        return self.registry.pid(k)
-
-    def slot_word(self, k):
-        return self.lay.slot_word(k)

@@ -286,5 +286,3 @@ class PageHeap:
                     total += n * PAGE
                 r = q[w + S["next"]] - 1
         return total
-
-    release_free = scavenge  # TEMPORARY old name, removed once the tests are renamed

@@ -12,8 +12,7 @@ import uuid
 
 import client
 from service.demo import pattern  # the one pattern, shared with the demo
-from shm import identities, read_stats_slow
-from shm import stats as S
+from shm import identities, read_stats_slow, stats
 
 __all__ = [
     "ROOT",
@@ -134,12 +133,12 @@ def metadata_bytes(arena):
 
 def settle(arena, *caches):
     """Flush the given caches (we are their only thread) and read the figures."""
-    return arena.update_stats(parked=[c.slot for c in caches])
+    return arena.update_stats(stopped=[c.slot for c in caches])
 
 
 def assert_healthy(arena, *caches):
     snap = settle(arena, *caches)
     assert identities(snap) == []
-    assert S.check(arena) == []
-    assert S.diff(snap, read_stats_slow(arena)) == []
+    assert stats.check(arena) == []
+    assert stats.diff(snap, read_stats_slow(arena)) == []
     return snap
