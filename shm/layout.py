@@ -154,8 +154,6 @@ SLOT = _words(
     "claimed_ns",    # time.time_ns() at claim
     "log_used",      # undo log: bytes of entries committed to the log (see locks.py)
     "log_n",         # undo log: number of entries
-    "active_ns",     # time.monotonic_ns() of the P's last slow-path call: a P busy in the
-                     # allocator parks through its stop byte, so the daemon need not wake it
     "parked_ns",     # time.monotonic_ns() when the P parked (written just before `parked`)
     "inside",        # low byte 1 while the P is inside an allocator call (fast or slow path);
                      #   written by the P only, BEFORE it reads `stop` (see shm/world.py)

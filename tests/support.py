@@ -118,9 +118,7 @@ def metadata_bytes(arena):
 
     lay, mv = arena.lay, arena.mv
     parts = [bytes(mv[: lay.slots_off])]
-    control = [
-        L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns", "active_ns")
-    ]  # P control, not heap state
+    control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns")]  # P control, not heap state
     for k in range(lay.nslots + 2):
         w = lay.slot_word(k)
         words = list(arena.q[w : w + L.SLOT_HEAD_WORDS])
