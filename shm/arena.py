@@ -414,9 +414,30 @@ class Arena:
     def read_stats_slow(self):
         return _stats.read_stats_slow(self)
 
+    # --- checks: each structure checks itself ---------------------------------------------
+    def check_all(self, parts=None):
+        """Every structural invariant of the arena and the identities of its figures (expensive:
+        walks everything).  Run on a quiet arena (world stopped, or no workers).  Returns the list
+        of problems; empty = healthy.  `parts` picks sections (None: every one, so a new check
+        is run by every caller, the hypothesis model included), run in this order: locks and undo
+        logs (Locks.check), page heap (PageHeap.check), central lists and caches
+        (CentralList.check), large objects (LargeObjects.check), allocation map
+        (CentralList.check_amap), figures (stats.check_figures: identities, fast == slow)."""
+        records = self.heap.span_records()
+        checks = {"locks": lambda: self.locks.check(),
+                  "heap": lambda: self.heap.check(records),
+                  "central": lambda: self.central.check(records),
+                  "large": lambda: self.large.check(records),
+                  "amap": lambda: self.central.check_amap(records),
+                  "figures": lambda: _stats.check_figures(self, records)}
+        bad = []
+        for part in checks if parts is None else parts:
+            bad += checks[part]()
+        return bad
+
     def check(self):
         """Verify every structure and identity; raise CorruptionError naming what is broken."""
-        problems = _stats.check(self)
+        problems = self.check_all()
         if problems:
             raise CorruptionError("arena check failed: " + "; ".join(problems[:20])
                                   + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))

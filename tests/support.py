@@ -137,6 +137,6 @@ def settle(arena, *caches):
 def assert_healthy(arena, *caches):
     snap = settle(arena, *caches)
     assert identities(snap) == []
-    assert stats.check(arena) == []
+    assert arena.check_all() == []
     assert stats.diff(snap, read_stats_slow(arena)) == []
     return snap

@@ -107,7 +107,7 @@ class AllocatorModel(RuleBasedStateMachine):
 
     @invariant()
     def structures_hold(self):
-        assert stats.check(self.arena) == []
+        assert self.arena.check_all() == []
 
 
 TestAllocatorModel = AllocatorModel.TestCase
@@ -147,7 +147,7 @@ HEAP_TABLE = [
 
 
 def tiling(arena):
-    return [(r["npages"], "U" if r["state"] == layout.SPAN_INUSE else "F") for r in stats.span_records(arena)]
+    return [(r["npages"], "U" if r["state"] == layout.SPAN_INUSE else "F") for r in arena.heap.span_records()]
 
 
 @pytest.mark.parametrize("name,ops,after", HEAP_TABLE, ids=[r[0] for r in HEAP_TABLE])
@@ -167,7 +167,7 @@ def test_page_heap_table(make_arena, name, ops, after):
 
         arena.run(arena.daemon_actor, step)
     assert tiling(arena) == after
-    assert stats.check(arena, parts=("locks", "heap")) == []  # raw spans: no objects to check
+    assert arena.check_all(parts=("locks", "heap")) == []  # raw spans: no objects to check
 
 
 def test_page_heap_release_and_recommit_table(make_arena):
@@ -185,10 +185,10 @@ def test_page_heap_release_and_recommit_table(make_arena):
     spans["y"] = run(lambda o: arena.heap.alloc_span(o, 10, 0, 1))
     run(lambda o: arena.heap.free_span(o, spans.pop("x")))
     assert run(lambda o: arena.heap.scavenge(o)) == (10 + 108) * PAGE
-    assert [(r["npages"], r["released"]) for r in stats.span_records(arena)] == [(10, 1), (10, 0), (108, 1)]
+    assert [(r["npages"], r["released"]) for r in arena.heap.span_records()] == [(10, 1), (10, 0), (108, 1)]
     # Reusing a released span re-commits what it takes; the rest stays released.
     spans["z"] = run(lambda o: arena.heap.alloc_span(o, 4, 0, 1))
-    assert [(r["npages"], r["released"]) for r in stats.span_records(arena)] == [
+    assert [(r["npages"], r["released"]) for r in arena.heap.span_records()] == [
         (4, 0),
         (6, 1),
         (10, 0),
@@ -197,5 +197,5 @@ def test_page_heap_release_and_recommit_table(make_arena):
     assert arena.q[arena.lay.heap_word() + layout.HEAP["released_pages"]] == 6 + 108
     # Freeing next to released spans: mixed neighbours are re-committed, so the merge is unreleased.
     run(lambda o: arena.heap.free_span(o, spans.pop("y")))
-    assert [(r["npages"], r["released"]) for r in stats.span_records(arena)] == [(4, 0), (124, 0)]
+    assert [(r["npages"], r["released"]) for r in arena.heap.span_records()] == [(4, 0), (124, 0)]
     assert arena.q[arena.lay.heap_word() + layout.HEAP["released_pages"]] == 0

@@ -59,7 +59,7 @@ def join_all(procs):
 def final_checks(arena, main):
     snap = arena.update_stats(stopped=[main.slot])
     assert identities(snap) == []
-    assert stats.check(arena) == []
+    assert arena.check_all() == []
     assert stats.diff(snap, stats.read_stats_slow(arena)) == []
     return snap
 
