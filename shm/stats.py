@@ -31,15 +31,24 @@ PAGE = L.PAGE_SIZE
 SPAN_BYTES = L.SPAN_WORDS * 8
 
 # (name, unit, kind, help).  kind: gauge | counter | info.  Units: bytes, objects, count, ns.
+# The comments are the identities every consistent snapshot satisfies (identities() checks them,
+# Go's TestMemStats); besides them, every figure is >= 0 and by_size frees <= mallocs per class.
+# On a quiet arena read_stats == read_stats_slow, figure by figure (check_figures).
 FIELDS = (
+    # sys == heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys
     ("sys", "bytes", "gauge", "Bytes of the arena in use by the allocator: heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys."),
     ("heap_sys", "bytes", "gauge", "Heap bytes committed (posix_fallocate) so far, released pages included."),
+    # heap_idle + heap_inuse == heap_sys;  heap_released <= heap_idle
     ("heap_idle", "bytes", "gauge", "Heap bytes in free spans (heap_sys - heap_inuse)."),
     ("heap_inuse", "bytes", "gauge", "Heap bytes in spans holding objects (small-class spans and large objects)."),
     ("heap_released", "bytes", "gauge", "Bytes of free spans given back to the OS with MADV_REMOVE (part of heap_idle)."),
+    # heap_alloc <= heap_inuse;  heap_alloc == sum of by_size (mallocs - frees) * size + large_bytes
     ("heap_alloc", "bytes", "gauge", "Bytes of live objects: class size times live small objects, plus whole large spans."),
+    # total_alloc >= heap_alloc
     ("total_alloc", "bytes", "counter", "Bytes ever allocated (class size for small objects, span bytes for large ones)."),
+    # heap_objects == mallocs - frees
     ("heap_objects", "objects", "gauge", "Live objects (mallocs - frees)."),
+    # mallocs == sum of by_size mallocs + large_mallocs;  frees == sum of by_size frees + large_frees
     ("mallocs", "objects", "counter", "Objects ever allocated."),
     ("frees", "objects", "counter", "Objects ever freed."),
     ("mspan_sys", "bytes", "gauge", "Span-table bytes ever touched (records_high records)."),
