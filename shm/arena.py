@@ -5,7 +5,11 @@
 The arena ties the pieces together: locks (locks.py), page heap (heap.py), central lists
 (central.py), large objects (large.py), the P-slot registry (registry.py); each P's cache
 (cache.py) is flushed here, by the P itself or, while it is stopped or dead, by the daemon
-(world.py); statistics are in stats.py.
+(world.py); statistics are in stats.py.  Arena.check_all runs every structure's own check.
+
+One module although it is over 400 lines: what is left here is what spans several structures at
+once -- flushing a P (central lists, large objects, its remote-free buffer, under several locks
+in one operation), reclaiming a dead P, any process's free -- and each piece needs the others.
 """
 
 import logging

@@ -31,6 +31,9 @@ costs a few microseconds, bench/bench_fastpath.py).  Closing the cache, fork() a
 work the same way: the stop byte the fast path reads is swapped for a local non-zero byte, which
 sends every call to the slow path, and its `inside` byte for a local one, so that only the slow
 path (under the lock) writes the slot's.
+
+One module although it is over 400 lines: the fast path, the slow paths and the large cache of one
+P share every piece of its state (lists, map view, stop and inside bytes, P lock) and its invariants.
 """
 
 import _thread
