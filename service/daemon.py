@@ -364,7 +364,7 @@ class Daemon:
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
             self.arena.free_empty_spans(self.arena.daemon_actor)
-            problems = stats.check(self.arena) if not world["late"] else [
+            problems = self.arena.check_all() if not world["late"] else [
                 f"P {k} did not park before the deadline: arena not checked" for k in world["late"]]
         snap.update(world["meta"])
         if problems:

@@ -31,6 +31,9 @@ costs a few microseconds, bench/bench_fastpath.py).  Closing the cache, fork() a
 work the same way: the stop byte the fast path reads is swapped for a local non-zero byte, which
 sends every call to the slow path, and its `inside` byte for a local one, so that only the slow
 path (under the lock) writes the slot's.
+
+One module although it is over 400 lines: the fast path, the slow paths and the large cache of one
+P share every piece of its state (lists, map view, stop and inside bytes, P lock) and its invariants.
 """
 
 import _thread
@@ -38,12 +41,17 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, SupportsIndex
 
 from . import layout as L
 from . import world
 from .central import tag
 from .errors import ArenaClosed, BadHandle, ForkedHeap, OutOfMemory
 from .sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, SIZE_TO_CLASS
+
+if TYPE_CHECKING:
+    from .arena import Arena
 
 SL = L.SLOT
 S = L.SPAN
@@ -60,19 +68,30 @@ class Block(tuple):
 
     __slots__ = ()
 
-    handle = property(lambda self: self[0], doc="int: the block's handle (byte offset in the arena)")
-    size = property(lambda self: self[1], doc="bytes asked for")
-    capacity = property(lambda self: self[2], doc="usable bytes (the size class, or whole pages)")
+    @property
+    def handle(self) -> int:
+        """int: the block's handle (byte offset in the arena)"""
+        return self[0]
 
     @property
-    def buf(self):
+    def size(self) -> int:
+        """bytes asked for"""
+        return self[1]
+
+    @property
+    def capacity(self) -> int:
+        """usable bytes (the size class, or whole pages)"""
+        return self[2]
+
+    @property
+    def buf(self) -> memoryview:
         """Zero-copy memoryview of the block's `size` bytes."""
         return self[3].view(self[0], self[1])
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Block(handle={self[0]}, size={self[1]}, capacity={self[2]})"
 
-    def __int__(self):
+    def __int__(self) -> int:
         return self[0]
 
     __index__ = __int__
@@ -94,7 +113,13 @@ def _register_barrier():
 class ProcessCache:
     """A P: one slot of the arena, its local cache, and the fast path."""
 
-    def __init__(self, arena, slot=None):
+    # The fast path: closures made by _bind_fast_path (their docstrings say what they do).
+    alloc: Callable[[int], Block]
+    free: Callable[[Block | SupportsIndex], None]
+    view: Callable[..., memoryview]  # (handle, size=None): a live block of any process
+    _set_stop: Callable[[bytearray | memoryview, bytearray | memoryview], None]
+
+    def __init__(self, arena: "Arena", slot: int | None = None) -> None:
         self.arena = arena
         self.barrier = _register_barrier()
         self.slot = arena.registry.claim(self.barrier) if slot is None else slot
@@ -104,10 +129,10 @@ class ProcessCache:
         self.owner = _thread.get_ident()
         self.shared = False
         self._tag = tag(k)
-        self._lists = [[] for _ in range(L.NCLASS)]   # LISTED handles, by class
+        self._lists: list[list[int]] = [[] for _ in range(L.NCLASS)]  # LISTED handles, by class
         self._pclass = bytearray(lay.heap_pages)      # page -> class of a span we cache (_LARGE)
-        self._lcache = {}                             # pages -> LISTED large handles we keep
-        self._lnp = {}                                # handle -> pages, of the large spans we own
+        self._lcache: dict[int, list[int]] = {}       # pages -> LISTED large handles we keep
+        self._lnp: dict[int, int] = {}                # handle -> pages, of the large spans we own
         self._lcached = [0]                           # pages of large spans in _lcache
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lock = threading.Lock()
@@ -435,7 +460,7 @@ class ProcessCache:
                 self._enter()
                 self._leave()
 
-    def flush(self):
+    def flush(self) -> None:
         """Give every cached span back to the central lists and apply the remote-free buffer
         (Go: mcache.releaseAll) -- by the P itself."""
         with self._lock:
@@ -456,7 +481,7 @@ class ProcessCache:
 
     _closed = False
 
-    def close(self):
+    def close(self) -> None:
         """Flush the cache and give the slot back.  The arena stays attached (Arena.close)."""
         with self._lock:
             if self._closed or os.getpid() != self.pid:
@@ -480,7 +505,7 @@ class ProcessCache:
         self._set_stop(_CLOSED, bytearray(1))
 
 
-_CACHES = weakref.WeakSet()
+_CACHES: "weakref.WeakSet[ProcessCache]" = weakref.WeakSet()
 
 
 def _after_fork_in_child():

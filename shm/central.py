@@ -25,6 +25,7 @@ from .sizeclasses import CLASS_TO_ALLOCNPAGES, CLASS_TO_NOBJS, CLASS_TO_SIZE
 S = L.SPAN
 C = L.CENTRAL
 H = L.HEAP
+PAGE = L.PAGE_SIZE
 FREE, ALLOC, PENDING, LISTED, RFREED = L.FREE, L.ALLOC, L.PENDING, L.LISTED, L.RFREED
 
 
@@ -44,6 +45,11 @@ def _uncache_table(k):
     t[tag(k)] = ALLOC
     t[LISTED] = t[PENDING] = FREE
     return bytes(t)
+
+
+def allocated(b):
+    """Allocated objects among object-start bytes `b` (ALLOC or TAG(k))."""
+    return sum(1 for x in b if x == L.ALLOC or x >= L.TAG0)
 
 
 CACHE_T = [_cache_table(k) for k in range(L.MAX_SLOTS + 1)]
@@ -275,3 +281,113 @@ class CentralList:
         else:
             op.wbyte(boff, PENDING)
             op.add(w + S["npending"], 1)
+
+    # --- the structure's own check (Arena.check_all) -------------------------------------------
+    def object_bytes(self, rec):
+        """The allocation-map bytes of a small span's object starts (`rec`: a span_records() dict)."""
+        c = rec["sizeclass"]
+        size = CLASS_TO_SIZE[c]
+        off = self.lay.amap_off + rec["start"] * PAGE // 8
+        stride = size // 8
+        return bytes(self.mv[off:off + rec["nelems"] * stride:stride])
+
+    def check(self, records):
+        """Central lists, caches and counters agree with the spans and their object bytes
+        (`records`: PageHeap.span_records()).  Returns the problems."""
+        arena = self.arena
+        q, lay, bad = self.q, self.lay, []
+        # Central lists and caches.
+        owner_of = {}
+        for k in range(lay.nslots):
+            for c in range(L.NCLASS):
+                v = q[lay.slot_word(k) + L.SLOT_CACHED_AT + c]
+                if v:
+                    owner_of[v - 1] = (k, c)
+        buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
+        for c in range(1, L.NCLASS):
+            cw = lay.central_word(c)
+            on_list = {}
+            for which, name in ((L.LIST_PARTIAL, "partial"), (L.LIST_FULL, "full")):
+                r, prev = q[cw + C[name]] - 1, -1
+                while r >= 0:
+                    if r in on_list:
+                        bad.append(f"class {c} {name} list: span {r} twice")
+                        break
+                    on_list[r] = which
+                    w = lay.span_word(r)
+                    if q[w + S["prev"]] != prev + 1:
+                        bad.append(f"class {c} {name} list: span {r} prev link broken")
+                    prev, r = r, q[w + S["next"]] - 1
+            live = nspans = ncached = 0
+            for rec in records:
+                if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != c:
+                    continue
+                nspans += 1
+                r = rec["r"]
+                b = self.object_bytes(rec)
+                alloc = allocated(b)
+                rfreed = b.count(L.RFREED)
+                if rfreed:
+                    base = lay.heap_off + rec["start"] * PAGE
+                    size = CLASS_TO_SIZE[c]
+                    lost = [base + i * size for i, x in enumerate(b) if x == L.RFREED and base + i * size not in buffered]
+                    if lost:
+                        bad.append(f"span {r}: objects {lost[:4]} are RFREED but in no P's remote-free buffer")
+                if rec["owner"]:
+                    ncached += 1
+                    k = rec["owner"] - 1
+                    if owner_of.get(r) != (k, c):
+                        bad.append(f"span {r} says it is cached by P {k} but slot {k} does not cache it")
+                    allowed = {L.FREE, L.PENDING, L.LISTED, L.RFREED, L.TAG0 + k}
+                    if b.count(L.PENDING) != rec["npending"]:
+                        bad.append(f"span {r}: npending {rec['npending']} != PENDING bytes {b.count(L.PENDING)}")
+                    if r in on_list:
+                        bad.append(f"span {r} is cached by P {k} and on a central list")
+                else:
+                    allowed = {L.FREE, L.ALLOC, L.RFREED}
+                    live += rec["alloc_count"]
+                    if alloc + rfreed != rec["alloc_count"]:  # a buffered free is live until applied
+                        bad.append(f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects "
+                                   f"{alloc} + RFREED {rfreed}")
+                    alloc += rfreed
+                    # An empty span may wait on the partial list (Arena.free_empty_spans).
+                    want = L.LIST_FULL if alloc == rec["nelems"] else L.LIST_PARTIAL
+                    if on_list.get(r) != want or rec["list"] != want:
+                        bad.append(f"span {r} (class {c}, {alloc}/{rec['nelems']} allocated) on list {on_list.get(r)}, want {want}")
+                odd = set(b) - allowed
+                if odd:
+                    bad.append(f"span {r} (class {c}, owner {rec['owner']}) has object bytes {sorted(odd)}")
+            if live != q[cw + C["live"]]:
+                bad.append(f"class {c}: central live {q[cw + C['live']]} != allocated objects in uncached spans {live}")
+            if nspans != q[cw + C["nspans"]]:
+                bad.append(f"class {c}: central nspans {q[cw + C['nspans']]} != in-use spans {nspans}")
+            if ncached != q[cw + C["ncached"]]:
+                bad.append(f"class {c}: central ncached {q[cw + C['ncached']]} != cached spans {ncached}")
+        for r, (k, c) in owner_of.items():
+            w = lay.span_word(r)
+            if q[w + S["owner"]] != k + 1 or q[w + S["sizeclass"]] != c or q[w + S["state"]] != L.SPAN_INUSE:
+                bad.append(f"slot {k} caches span {r} for class {c}, but the span disagrees")
+        return bad
+
+    def check_amap(self, records):
+        """Only object starts of in-use spans have non-zero allocation-map bytes: small spans'
+        (object_bytes) and large spans' one start byte, whose value LargeObjects.check judges.
+        Returns the problems."""
+        q, lay, bad = self.q, self.lay, []
+        committed = q[lay.heap_word() + H["committed_pages"]]
+        amap = self.mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
+        nonzero = len(amap) - bytes(amap).count(0)
+        starts_nonzero = 0
+        for rec in records:
+            if rec["state"] != L.SPAN_INUSE:
+                continue
+            if rec["sizeclass"] == 0:
+                starts_nonzero += amap[rec["start"] * PAGE // 8] != 0
+            else:
+                b = self.object_bytes(rec)
+                starts_nonzero += len(b) - b.count(0)
+        if nonzero != starts_nonzero:
+            bad.append(f"allocation map has {nonzero} non-zero bytes, object starts account for {starts_nonzero} "
+                       "(a byte set outside an object start, or in a free span)")
+        amap.release()
+        return bad

@@ -23,7 +23,7 @@ under a cross-process lock is undo-logged and rolled back when the operation fai
 class ShmallocError(Exception):
     """Base class of every error shmalloc raises on purpose."""
 
-    code = "ERROR"
+    code: str = "ERROR"  # the wire code (client/protocol.py) of this class
 
 
 class OutOfMemory(ShmallocError, MemoryError):
@@ -84,7 +84,7 @@ class ProtocolError(ShmallocError):
 
     code = "BAD_REQUEST"
 
-    def __init__(self, message, code=None):
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code

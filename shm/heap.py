@@ -287,4 +287,84 @@ class PageHeap:
                 r = q[w + S["next"]] - 1
         return total
 
-    release_free = scavenge  # TEMPORARY old name, removed once the tests are renamed
+    # --- the structure's own check (Arena.check_all) -------------------------------------------
+    def span_records(self):
+        """Every FREE or INUSE record as a dict, ascending by start page (the checks' and the
+        slow figures' one walk of the span table)."""
+        q, lay = self.q, self.lay
+        high = q[self.hw + H["records_high"]]
+        out = []
+        for r in range(high):
+            w = lay.span_word(r)
+            st = q[w + S["state"]]
+            if st in (L.SPAN_FREE, L.SPAN_INUSE):
+                d = {k: q[w + i] for k, i in S.items()}
+                d["r"] = r
+                out.append(d)
+        out.sort(key=lambda d: d["start"])
+        return out
+
+    def check(self, records):
+        """Spans tile [0, committed) with free neighbours coalesced; page map, counters and free
+        buckets agree with the span table (`records`: span_records()).  Returns the problems."""
+        q, lay, bad = self.q, self.lay, []
+        hw = self.hw
+        committed = q[hw + H["committed_pages"]]
+        # The page heap tiles [0, committed) with FREE and INUSE spans, free neighbours coalesced.
+        page = 0
+        prev_free = False
+        for rec in records:
+            if rec["start"] != page:
+                bad.append(f"span {rec['r']} starts at page {rec['start']}, expected {page} (gap or overlap)")
+            page = rec["start"] + rec["npages"]
+            free = rec["state"] == L.SPAN_FREE
+            if free and prev_free:
+                bad.append(f"free span {rec['r']} at page {rec['start']} was not coalesced with its predecessor")
+            prev_free = free
+            if rec["npages"] == 0:
+                bad.append(f"span {rec['r']} has 0 pages")
+        if page != committed:
+            bad.append(f"spans cover {page} pages but {committed} are committed")
+        pm = self.pm
+        inuse_pages = 0
+        for rec in records:
+            r1 = rec["r"] + 1
+            if rec["state"] == L.SPAN_INUSE:
+                inuse_pages += rec["npages"]
+                end = rec["start"] + rec["npages"]
+                pages = range(rec["start"], end) if rec["sizeclass"] else (rec["start"], end - 1)
+                for p in pages:
+                    if q[pm + p] != r1:
+                        bad.append(f"page map: page {p} of span {rec['r']} maps to {q[pm + p] - 1}")
+                        break
+            else:
+                for p in (rec["start"], rec["start"] + rec["npages"] - 1):
+                    if q[pm + p] != r1:
+                        bad.append(f"page map: end page {p} of free span {rec['r']} maps to {q[pm + p] - 1}")
+                want_list = L.LIST_HEAPFREE
+                if rec["list"] != want_list:
+                    bad.append(f"free span {rec['r']} is not on a heap free list")
+        if inuse_pages != q[hw + H["inuse_pages"]]:
+            bad.append(f"heap inuse_pages {q[hw + H['inuse_pages']]} != pages of in-use spans {inuse_pages}")
+        if q[hw + H["nrecords_used"]] != len(records):
+            bad.append(f"heap nrecords_used {q[hw + H['nrecords_used']]} != records in use {len(records)}")
+        # Free buckets: every FREE span exactly once, in the right bucket, links consistent.
+        seen = set()
+        for b in range(1, L.NBUCKETS):
+            r, prev = q[hw + L.HEAP_BUCKETS_AT + b] - 1, -1
+            while r >= 0:
+                w = lay.span_word(r)
+                if r in seen:
+                    bad.append(f"free bucket {b}: span {r} seen twice (cycle?)")
+                    break
+                seen.add(r)
+                n = q[w + S["npages"]]
+                if q[w + S["state"]] != L.SPAN_FREE or min(n, L.NBUCKETS - 1) != b:
+                    bad.append(f"free bucket {b} holds span {r} (state {q[w + S['state']]}, {n} pages)")
+                if q[w + S["prev"]] != prev + 1:
+                    bad.append(f"free bucket {b}: span {r} prev link {q[w + S['prev']] - 1} != {prev}")
+                prev, r = r, q[w + S["next"]] - 1
+        nfree = sum(1 for rec in records if rec["state"] == L.SPAN_FREE)
+        if len(seen) != nfree:
+            bad.append(f"free buckets hold {len(seen)} spans, {nfree} spans are free")
+        return bad

@@ -172,3 +172,30 @@ class LargeObjects:
             n += 1
         op.w(sw + SL["lg_pending"], 0)
         return n
+
+    # --- the structure's own check (Arena.check_all) -------------------------------------------
+    def check(self, records):
+        """Every in-use large span's start byte agrees with its owner and list: an unowned one is
+        ALLOC, one owned by P k is TAG(k), LISTED or PENDING on P k's list; RFREED only while a
+        P's remote-free buffer holds it (`records`: PageHeap.span_records()).  Returns the
+        problems."""
+        arena = self.arena
+        q, lay, bad = self.q, self.lay, []
+        committed = q[self.hw + H["committed_pages"]]
+        buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
+        amap = self.mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
+        for rec in records:
+            if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != 0:
+                continue
+            b0 = amap[rec["start"] * PAGE // 8]
+            k = rec["owner"] - 1
+            if b0 == L.RFREED and lay.heap_off + rec["start"] * PAGE not in buffered:
+                bad.append(f"large span {rec['r']} is RFREED but in no P's remote-free buffer")
+            if k < 0 and (b0 not in (L.ALLOC, L.RFREED) or rec["list"] != L.LIST_NONE):
+                bad.append(f"large span {rec['r']}: start byte {b0}, list {rec['list']}; an unowned one is ALLOC")
+            elif k >= 0 and (b0 not in (L.TAG0 + k, L.LISTED, L.PENDING, L.RFREED) or rec["list"] != L.LIST_LARGE
+                             or rec["r"] not in self.owned(k)):
+                bad.append(f"large span {rec['r']} owned by P {k}: start byte {b0}, list {rec['list']}, "
+                           "want TAG(k), LISTED or PENDING on P k's list")
+        amap.release()
+        return bad

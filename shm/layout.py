@@ -39,7 +39,7 @@ Allocation-map byte values (one byte per 8-byte granule; only object starts are 
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 2
+VERSION = 3
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -102,34 +102,51 @@ LOCK_HEAP = NCLASS - 1
 LOCK_REGISTRY = NCLASS
 NLOCKS = NCLASS + 1
 LOCK_WORDS = 2  # dirty actor+1 (0 = clean), dirty pid; written by the holder only
+                # == 0 on a quiet arena (Locks.check)
 
 # --- central list, one record per size class -----------------------------------------------
-# Every word written under central lock c only.
+# Every word written under central lock c only.  The identities CentralList.check holds them to
+# are written at each word ("==").
 CENTRAL = _words(
     "partial",   # record index+1 of the first span with a free object (0 = none)
+                 #   == the uncached INUSE spans of class c with a free object
     "full",      # record index+1 of the first span with no free object
+                 #   == the uncached INUSE spans of class c with no free object
     "mallocs",   # objects; cumulative, optimistic: += objects listed into a P's cache,
                  #   -= those still listed when the span is uncached (Go's mcentral.nmalloc)
+                 #   + every P's relists[c] - LISTED bytes of cached spans == the slow walk's
+                 #   mallocs of class c; on a quiet arena == it alone (stats.check_figures)
     "live",      # objects allocated in spans of this class NOT cached by any P
+                 #   == sum of alloc_count over the uncached INUSE spans of class c
     "nspans",    # in-use spans of this class (cached or not)
+                 #   == INUSE spans of class c
     "ncached",   # spans of this class cached by some P
+                 #   == INUSE spans of class c with owner != 0
     "bad_frees",  # buffered cross-process frees found bad only when applied (a double free
                   #   split across processes); counted, logged, never applied; cumulative
 )
 CENTRAL_WORDS = 8
 
 # --- page heap metadata -----------------------------------------------------------------------
-# Every word written under the heap lock only.
+# Every word written under the heap lock only.  "== ..." is what PageHeap.check holds a word to,
+# or, marked (figures), what stats.check_figures finds the slow walk equal to on a quiet arena.
 HEAP = _words(
     "committed_pages",   # pages [0, committed_pages) of the heap are fallocate'd (or released)
+                         #   == pages tiled by the FREE and INUSE spans, no gap, no overlap
     "inuse_pages",       # pages in INUSE spans
+                         #   == sum of npages over the INUSE spans
     "released_pages",    # pages of FREE spans given back with MADV_REMOVE
+                         #   == sum of npages over the released FREE spans (figures)
     "nrecords_used",     # records in state FREE or INUSE
+                         #   == FREE and INUSE records among the first records_high
     "records_high",      # records ever touched (bump pointer into the span table)
     "free_record",       # record index+1 of the first UNUSED record below records_high
     "large_mallocs",     # large objects allocated; cumulative
+                         #   + every P's lg_relists - LISTED large spans == the slow walk's (figures)
     "large_live",        # large objects live
+                         #   == large spans whose start byte is ALLOC or TAG(k) (figures)
     "large_live_pages",  # pages of live large spans
+                         #   == sum of npages over those spans (figures)
     "large_total_bytes",  # bytes of large spans ever allocated; cumulative
     "grows",             # heap growths; cumulative
     "releases",          # MADV_REMOVE calls; cumulative
@@ -137,6 +154,7 @@ HEAP = _words(
 )
 HEAP_BUCKETS_AT = 16     # word index of bucket heads: bucket n (1..127) = free spans of n pages,
 NBUCKETS = 129           # bucket 128 = free spans of 128 pages or more; each a record index+1
+                         # == every FREE span exactly once, in the bucket of its page count
 HEAPMETA_WORDS = HEAP_BUCKETS_AT + NBUCKETS
 
 # --- P slots -------------------------------------------------------------------------------
@@ -153,9 +171,8 @@ SLOT = _words(
     "heartbeat_ns",  # time.time_ns() of the P's last control-thread heartbeat
     "claimed_ns",    # time.time_ns() at claim
     "log_used",      # undo log: bytes of entries committed to the log (see locks.py)
+                     #   == 0 on a quiet arena (Locks.check)
     "log_n",         # undo log: number of entries
-    "active_ns",     # time.monotonic_ns() of the P's last slow-path call: a P busy in the
-                     # allocator parks through its stop byte, so the daemon need not wake it
     "parked_ns",     # time.monotonic_ns() when the P parked (written just before `parked`)
     "inside",        # low byte 1 while the P is inside an allocator call (fast or slow path);
                      #   written by the P only, BEFORE it reads `stop` (see shm/world.py)
@@ -164,20 +181,27 @@ SLOT = _words(
     "rfree_n",       # remote-free buffer: entries [0, rfree_n) of rfree[] are frees this P made of
                      #   objects it does not cache, not yet applied; written by the P, or by its
                      #   flusher while the P is stopped or dead (then under the locks it applies)
+                     #   every RFREED byte's handle is in some P's rfree[:rfree_n]
+                     #   (CentralList.check, LargeObjects.check)
     "lg_relists",    # large spans this P re-listed into its large cache by local frees, counted
                      #   as mallocs optimistically; folded into the heap figures at flush; P only
     "lg_relist_pages",  # pages of those spans; P only
     "lg_head",       # record index+1 of the first large span this P owns (allocated TAG(k),
                      #   LISTED in its large cache, or PENDING); linked through the records'
                      #   next/prev; under the heap lock
+                     #   every INUSE large span with owner k+1 is on it, list LIST_LARGE, its
+                     #   start byte TAG(k), LISTED, PENDING or RFREED (LargeObjects.check)
     "lg_pending",    # large spans of this P another P freed (PENDING); under the heap lock
 )
 SLOT_CACHED_AT = 32      # word index of cached[c], c in 0..66: record index+1 of the span of class c
                          # this P caches; written under central lock c
+                         # cached[c] == r+1 <=> span r is INUSE, of class c, owner k+1 (CentralList.check)
 SLOT_RELISTS_AT = 104    # word index of relists[c], c in 0..66: objects of class c this P re-listed
                          # by local frees (LISTED again, counted as mallocs optimistically, as at
                          # collect); written by the P only; folded into central[c].mallocs when the
-                         # span of class c is uncached
+                         # span of class c is uncached.  Every P quiet (relists, lg_relists, rfree_n
+                         # 0, nothing cached or owned: stats.quiet_slot) => fast figures == slow
+                         # (stats.check_figures)
 SLOT_RFREE_AT = 256      # word index of rfree[i], i < RFREE_CAP: handles this P freed remotely
 RFREE_CAP = 256
 SLOT_HEAD_WORDS = 512
@@ -199,7 +223,9 @@ SPAN = _words(
     "next",        # record index+1 in that list
     "prev",        # record index+1 in that list
     "alloc_count",  # objects allocated; valid while owner == 0; under central lock
+                   #   == its ALLOC + RFREED object bytes while owner == 0 (CentralList.check)
     "npending",    # PENDING bytes waiting for the owner; under central lock
+                   #   == its PENDING object bytes while owner != 0 (CentralList.check)
     "nelems",      # objects in the span; set with sizeclass
     "released",    # 1 = FREE span whose pages were given back (MADV_REMOVE); heap lock
 )

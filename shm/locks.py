@@ -107,6 +107,18 @@ class Locks:
     def dirty(self, lid):
         return self.q[self.lay.lock_word(lid)]
 
+    def check(self):
+        """A quiet arena has no half-done operation: no dirty lock word, every undo log empty.
+        Returns the problems (Arena.check_all runs every structure's check)."""
+        q, lay, bad = self.q, self.lay, []
+        for lid in range(L.NLOCKS):
+            if q[lay.lock_word(lid)]:
+                bad.append(f"lock {lid} is dirty (actor {q[lay.lock_word(lid)] - 1} died mid-operation, not repaired)")
+        for k in range(lay.nslots + 2):
+            if q[lay.slot_word(k) + L.SLOT["log_used"]]:
+                bad.append(f"actor {k} has an undo log of {q[lay.slot_word(k) + L.SLOT['log_used']]} bytes")
+        return bad
+
     def repair(self, actor):
         """Roll back the operation the dead `actor` left half done.  Caller holds no lock."""
         lw = self.lay.lock_word

@@ -11,8 +11,10 @@ are generated from (mimalloc's MI_STAT_FIELDS, Go's MemStats comments).
                             flushes first -- the order of golang/go commit 0ddde4ada2b1.
     read_stats_slow(arena)  recomputes every figure from the ground truth (span table, page
                             map, allocation map), valid flushed or not (Go: ReadMemStatsSlow).
-    check(arena)            every structural invariant and identity; returns the problems.
     identities(snap)        the identities of Go's TestMemStats, on any snapshot dict.
+    check_figures(arena)    the figures' part of Arena.check_all: identities on the slow walk,
+                            fast == slow when no P holds anything.  The structural checks live
+                            beside their structures (Locks, PageHeap, CentralList, LargeObjects).
 
 How frees are counted.  A free is never counted by a per-operation counter: frees of class c
 are `mallocs[c] - live[c]`, live objects being ground truth in the allocation map.  So a process
@@ -20,24 +22,33 @@ killed between any two instructions cannot make mallocs, frees and live objects 
 """
 
 from . import layout as L
+from .central import allocated
 from .sizeclasses import CLASS_TO_SIZE
 
-S = L.SPAN
 H = L.HEAP
 C = L.CENTRAL
 PAGE = L.PAGE_SIZE
 SPAN_BYTES = L.SPAN_WORDS * 8
 
 # (name, unit, kind, help).  kind: gauge | counter | info.  Units: bytes, objects, count, ns.
+# The comments are the identities every consistent snapshot satisfies (identities() checks them,
+# Go's TestMemStats); besides them, every figure is >= 0 and by_size frees <= mallocs per class.
+# On a quiet arena read_stats == read_stats_slow, figure by figure (check_figures).
 FIELDS = (
+    # sys == heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys
     ("sys", "bytes", "gauge", "Bytes of the arena in use by the allocator: heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys."),
     ("heap_sys", "bytes", "gauge", "Heap bytes committed (posix_fallocate) so far, released pages included."),
+    # heap_idle + heap_inuse == heap_sys;  heap_released <= heap_idle
     ("heap_idle", "bytes", "gauge", "Heap bytes in free spans (heap_sys - heap_inuse)."),
     ("heap_inuse", "bytes", "gauge", "Heap bytes in spans holding objects (small-class spans and large objects)."),
     ("heap_released", "bytes", "gauge", "Bytes of free spans given back to the OS with MADV_REMOVE (part of heap_idle)."),
+    # heap_alloc <= heap_inuse;  heap_alloc == sum of by_size (mallocs - frees) * size + large_bytes
     ("heap_alloc", "bytes", "gauge", "Bytes of live objects: class size times live small objects, plus whole large spans."),
+    # total_alloc >= heap_alloc
     ("total_alloc", "bytes", "counter", "Bytes ever allocated (class size for small objects, span bytes for large ones)."),
+    # heap_objects == mallocs - frees
     ("heap_objects", "objects", "gauge", "Live objects (mallocs - frees)."),
+    # mallocs == sum of by_size mallocs + large_mallocs;  frees == sum of by_size frees + large_frees
     ("mallocs", "objects", "counter", "Objects ever allocated."),
     ("frees", "objects", "counter", "Objects ever freed."),
     ("mspan_sys", "bytes", "gauge", "Span-table bytes ever touched (records_high records)."),
@@ -116,42 +127,13 @@ def read_stats(arena):
                      hg("large_live"), hg("large_live_pages"), hg("large_total_bytes"))
 
 
-def span_records(arena):
-    """Every FREE or INUSE record as a dict, ascending by start page."""
-    q, lay = arena.q, arena.lay
-    high = q[lay.heap_word() + H["records_high"]]
-    out = []
-    for r in range(high):
-        w = lay.span_word(r)
-        st = q[w + S["state"]]
-        if st in (L.SPAN_FREE, L.SPAN_INUSE):
-            d = {k: q[w + i] for k, i in S.items()}
-            d["r"] = r
-            out.append(d)
-    out.sort(key=lambda d: d["start"])
-    return out
-
-
-def object_bytes(arena, rec):
-    """The allocation-map bytes of a small span's object starts."""
-    c = rec["sizeclass"]
-    size = CLASS_TO_SIZE[c]
-    off = arena.lay.amap_off + rec["start"] * PAGE // 8
-    stride = size // 8
-    return bytes(arena.mv[off:off + rec["nelems"] * stride:stride])
-
-
-def _allocated(b):
-    return sum(1 for x in b if x == L.ALLOC or x >= L.TAG0)
-
-
 def read_stats_slow(arena, records=None):
     """Every figure recomputed from the span table and the allocation map (Go's
     ReadMemStatsSlow).  Cumulative counters come from the counters, corrected for objects that
     sit listed in a P's cache (counted optimistically, not yet handed out)."""
     q, lay = arena.q, arena.lay
     hw = lay.heap_word()
-    records = span_records(arena) if records is None else records
+    records = arena.heap.span_records() if records is None else records
     mallocs_c = [q[lay.central_word(c) + C["mallocs"]] if c else 0 for c in range(L.NCLASS)]
     large_mallocs, large_total = q[hw + H["large_mallocs"]], q[hw + H["large_total_bytes"]]
     # Objects the Ps re-listed by local frees were counted as mallocs to come (slot relists), as
@@ -182,8 +164,8 @@ def read_stats_slow(arena, records=None):
                 large_mallocs -= 1
                 large_total -= rec["npages"] * PAGE
             continue
-        b = object_bytes(arena, rec)
-        live_c[c] += _allocated(b)
+        b = arena.central.object_bytes(rec)
+        live_c[c] += allocated(b)
         if rec["owner"]:
             mallocs_c[c] -= b.count(L.LISTED)
     committed = q[hw + H["committed_pages"]]
@@ -244,210 +226,6 @@ def diff(a, b):
     return out
 
 
-CHECK_PARTS = ("locks", "heap", "central", "amap", "figures")
-
-
-def check(arena, parts=CHECK_PARTS):
-    """Every structural invariant of the arena (expensive: walks everything).  Run on a quiet
-    arena (world parked, or no workers).  Returns the list of problems; empty = healthy.
-    `parts` picks sections: locks and logs, page heap, central lists and caches, allocation
-    map, figures (identities, fast == slow)."""
-    records = span_records(arena)
-    bad = []
-    for part in parts:
-        bad += _CHECKS[part](arena, records)
-    return bad
-
-
-def _check_locks(arena, records):
-    """A quiet arena has no half-done operation: no dirty lock word, every undo log empty."""
-    q, lay, bad = arena.q, arena.lay, []
-    for lid in range(L.NLOCKS):
-        if q[lay.lock_word(lid)]:
-            bad.append(f"lock {lid} is dirty (actor {q[lay.lock_word(lid)] - 1} died mid-operation, not repaired)")
-    for k in range(lay.nslots + 2):
-        if q[lay.slot_word(k) + L.SLOT["log_used"]]:
-            bad.append(f"actor {k} has an undo log of {q[lay.slot_word(k) + L.SLOT['log_used']]} bytes")
-    return bad
-
-
-def _check_heap(arena, records):
-    """Spans tile [0, committed) with free neighbours coalesced; page map, counters and free
-    buckets agree with the span table."""
-    q, lay, bad = arena.q, arena.lay, []
-    hw = lay.heap_word()
-    committed = q[hw + H["committed_pages"]]
-    # The page heap tiles [0, committed) with FREE and INUSE spans, free neighbours coalesced.
-    page = 0
-    prev_free = False
-    for rec in records:
-        if rec["start"] != page:
-            bad.append(f"span {rec['r']} starts at page {rec['start']}, expected {page} (gap or overlap)")
-        page = rec["start"] + rec["npages"]
-        free = rec["state"] == L.SPAN_FREE
-        if free and prev_free:
-            bad.append(f"free span {rec['r']} at page {rec['start']} was not coalesced with its predecessor")
-        prev_free = free
-        if rec["npages"] == 0:
-            bad.append(f"span {rec['r']} has 0 pages")
-    if page != committed:
-        bad.append(f"spans cover {page} pages but {committed} are committed")
-    pm = lay.pagemap_word()
-    inuse_pages = 0
-    for rec in records:
-        r1 = rec["r"] + 1
-        if rec["state"] == L.SPAN_INUSE:
-            inuse_pages += rec["npages"]
-            end = rec["start"] + rec["npages"]
-            pages = range(rec["start"], end) if rec["sizeclass"] else (rec["start"], end - 1)
-            for p in pages:
-                if q[pm + p] != r1:
-                    bad.append(f"page map: page {p} of span {rec['r']} maps to {q[pm + p] - 1}")
-                    break
-        else:
-            for p in (rec["start"], rec["start"] + rec["npages"] - 1):
-                if q[pm + p] != r1:
-                    bad.append(f"page map: end page {p} of free span {rec['r']} maps to {q[pm + p] - 1}")
-            want_list = L.LIST_HEAPFREE
-            if rec["list"] != want_list:
-                bad.append(f"free span {rec['r']} is not on a heap free list")
-    if inuse_pages != q[hw + H["inuse_pages"]]:
-        bad.append(f"heap inuse_pages {q[hw + H['inuse_pages']]} != pages of in-use spans {inuse_pages}")
-    if q[hw + H["nrecords_used"]] != len(records):
-        bad.append(f"heap nrecords_used {q[hw + H['nrecords_used']]} != records in use {len(records)}")
-    # Free buckets: every FREE span exactly once, in the right bucket, links consistent.
-    seen = set()
-    for b in range(1, L.NBUCKETS):
-        r, prev = q[hw + L.HEAP_BUCKETS_AT + b] - 1, -1
-        while r >= 0:
-            w = lay.span_word(r)
-            if r in seen:
-                bad.append(f"free bucket {b}: span {r} seen twice (cycle?)")
-                break
-            seen.add(r)
-            n = q[w + S["npages"]]
-            if q[w + S["state"]] != L.SPAN_FREE or min(n, L.NBUCKETS - 1) != b:
-                bad.append(f"free bucket {b} holds span {r} (state {q[w + S['state']]}, {n} pages)")
-            if q[w + S["prev"]] != prev + 1:
-                bad.append(f"free bucket {b}: span {r} prev link {q[w + S['prev']] - 1} != {prev}")
-            prev, r = r, q[w + S["next"]] - 1
-    nfree = sum(1 for rec in records if rec["state"] == L.SPAN_FREE)
-    if len(seen) != nfree:
-        bad.append(f"free buckets hold {len(seen)} spans, {nfree} spans are free")
-    return bad
-
-
-def _check_central(arena, records):
-    """Central lists, caches and counters agree with the spans and their object bytes."""
-    q, lay, bad = arena.q, arena.lay, []
-    # Central lists and caches.
-    owner_of = {}
-    for k in range(lay.nslots):
-        for c in range(L.NCLASS):
-            v = q[lay.slot_word(k) + L.SLOT_CACHED_AT + c]
-            if v:
-                owner_of[v - 1] = (k, c)
-    for c in range(1, L.NCLASS):
-        cw = lay.central_word(c)
-        on_list = {}
-        for which, name in ((L.LIST_PARTIAL, "partial"), (L.LIST_FULL, "full")):
-            r, prev = q[cw + C[name]] - 1, -1
-            while r >= 0:
-                if r in on_list:
-                    bad.append(f"class {c} {name} list: span {r} twice")
-                    break
-                on_list[r] = which
-                w = lay.span_word(r)
-                if q[w + S["prev"]] != prev + 1:
-                    bad.append(f"class {c} {name} list: span {r} prev link broken")
-                prev, r = r, q[w + S["next"]] - 1
-        live = nspans = ncached = 0
-        buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
-        for rec in records:
-            if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != c:
-                continue
-            nspans += 1
-            r = rec["r"]
-            b = object_bytes(arena, rec)
-            alloc = _allocated(b)
-            rfreed = b.count(L.RFREED)
-            if rfreed:
-                base = arena.lay.heap_off + rec["start"] * PAGE
-                size = CLASS_TO_SIZE[c]
-                lost = [base + i * size for i, x in enumerate(b) if x == L.RFREED and base + i * size not in buffered]
-                if lost:
-                    bad.append(f"span {r}: objects {lost[:4]} are RFREED but in no P's remote-free buffer")
-            if rec["owner"]:
-                ncached += 1
-                k = rec["owner"] - 1
-                if owner_of.get(r) != (k, c):
-                    bad.append(f"span {r} says it is cached by P {k} but slot {k} does not cache it")
-                allowed = {L.FREE, L.PENDING, L.LISTED, L.RFREED, L.TAG0 + k}
-                if b.count(L.PENDING) != rec["npending"]:
-                    bad.append(f"span {r}: npending {rec['npending']} != PENDING bytes {b.count(L.PENDING)}")
-                if r in on_list:
-                    bad.append(f"span {r} is cached by P {k} and on a central list")
-            else:
-                allowed = {L.FREE, L.ALLOC, L.RFREED}
-                live += rec["alloc_count"]
-                if alloc + rfreed != rec["alloc_count"]:  # a buffered free is live until applied
-                    bad.append(f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects "
-                               f"{alloc} + RFREED {rfreed}")
-                alloc += rfreed
-                # An empty span may wait on the partial list (Arena.free_empty_spans).
-                want = L.LIST_FULL if alloc == rec["nelems"] else L.LIST_PARTIAL
-                if on_list.get(r) != want or rec["list"] != want:
-                    bad.append(f"span {r} (class {c}, {alloc}/{rec['nelems']} allocated) on list {on_list.get(r)}, want {want}")
-            odd = set(b) - allowed
-            if odd:
-                bad.append(f"span {r} (class {c}, owner {rec['owner']}) has object bytes {sorted(odd)}")
-        if live != q[cw + C["live"]]:
-            bad.append(f"class {c}: central live {q[cw + C['live']]} != allocated objects in uncached spans {live}")
-        if nspans != q[cw + C["nspans"]]:
-            bad.append(f"class {c}: central nspans {q[cw + C['nspans']]} != in-use spans {nspans}")
-        if ncached != q[cw + C["ncached"]]:
-            bad.append(f"class {c}: central ncached {q[cw + C['ncached']]} != cached spans {ncached}")
-    for r, (k, c) in owner_of.items():
-        w = lay.span_word(r)
-        if q[w + S["owner"]] != k + 1 or q[w + S["sizeclass"]] != c or q[w + S["state"]] != L.SPAN_INUSE:
-            bad.append(f"slot {k} caches span {r} for class {c}, but the span disagrees")
-    return bad
-
-
-def _check_amap(arena, records):
-    """Only object starts of in-use spans have non-zero allocation-map bytes."""
-    q, lay, mv, bad = arena.q, arena.lay, arena.mv, []
-    committed = q[lay.heap_word() + H["committed_pages"]]
-    buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
-    # The allocation map: only object starts of in-use spans are non-zero.
-    amap = mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
-    nonzero = len(amap) - bytes(amap).count(0)
-    starts_nonzero = 0
-    for rec in records:
-        if rec["state"] != L.SPAN_INUSE:
-            continue
-        if rec["sizeclass"] == 0:
-            b0 = amap[rec["start"] * PAGE // 8]
-            k = rec["owner"] - 1
-            if b0 == L.RFREED and arena.lay.heap_off + rec["start"] * PAGE not in buffered:
-                bad.append(f"large span {rec['r']} is RFREED but in no P's remote-free buffer")
-            if k < 0 and (b0 not in (L.ALLOC, L.RFREED) or rec["list"] != L.LIST_NONE):
-                bad.append(f"large span {rec['r']}: start byte {b0}, list {rec['list']}; an unowned one is ALLOC")
-            elif k >= 0 and (b0 not in (L.TAG0 + k, L.LISTED, L.PENDING, L.RFREED) or rec["list"] != L.LIST_LARGE
-                             or rec["r"] not in arena.large.owned(k)):
-                bad.append(f"large span {rec['r']} owned by P {k}: start byte {b0}, list {rec['list']}, "
-                           "want TAG(k), LISTED or PENDING on P k's list")
-            starts_nonzero += b0 != 0
-        else:
-            b = object_bytes(arena, rec)
-            starts_nonzero += len(b) - b.count(0)
-    if nonzero != starts_nonzero:
-        bad.append(f"allocation map has {nonzero} non-zero bytes, object starts account for {starts_nonzero} "
-                   "(a byte set outside an object start, or in a free span)")
-    amap.release()
-    return bad
-
-
 def quiet_slot(arena, k):
     """P k holds nothing a flush would change: no cached span, no owned large span, no buffered
     free, no re-listed object counted ahead."""
@@ -457,15 +235,12 @@ def quiet_slot(arena, k):
                 or q[sw + L.SLOT["lg_relists"]])
 
 
-def _check_figures(arena, records):
-    """The identities hold on the slow walk, and the fast figures equal it when no P caches a span."""
+def check_figures(arena, records):
+    """The identities hold on the slow walk, and the fast figures equal it when no P caches a span
+    (`records`: PageHeap.span_records()).  Returns the problems (Arena.check_all runs it last)."""
     # Figures: the fast read must equal the slow walk whenever no P caches a span.
     slow = read_stats_slow(arena, records)
     bad = identities(slow)
     if all(quiet_slot(arena, k) for k in range(arena.lay.nslots)):
         bad += ["fast != slow: " + d for d in diff(read_stats(arena), slow)]
     return bad
-
-
-_CHECKS = {"locks": _check_locks, "heap": _check_heap, "central": _check_central, "amap": _check_amap,
-           "figures": _check_figures}

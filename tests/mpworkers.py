@@ -62,18 +62,18 @@ def stuck_in_critical_section(arena_name, where, ready):
 def observer(endpoint, n, results, slow=True):
     """A process that holds no P: take `n` snapshots and judge each one."""
     import client
-    from shm import stats as S
+    from shm import stats
 
     problems, pauses, nums, prev = [], [], set(), None
     for _ in range(n):
         snap = client.stats(endpoint, slow=slow)
         if not snap["consistent"]:
             problems.append(f"snapshot {snap['epoch']}: not consistent, unflushed {snap['unflushed']}")
-        problems += [f"snapshot {snap['epoch']}: {p}" for p in S.identities(snap)]
+        problems += [f"snapshot {snap['epoch']}: {p}" for p in stats.identities(snap)]
         if slow and not snap["slow_equal"]:
             problems.append(f"snapshot {snap['epoch']}: fast != slow: {snap['slow_diff']}")
         if prev is not None:
-            problems += [f"snapshot {snap['epoch']}: {p}" for p in S.monotonic(prev, snap)]
+            problems += [f"snapshot {snap['epoch']}: {p}" for p in stats.monotonic(prev, snap)]
             if snap["epoch"] <= prev["epoch"]:
                 problems.append(f"epoch went from {prev['epoch']} to {snap['epoch']}")
         prev = snap

@@ -12,8 +12,7 @@ import uuid
 
 import client
 from service.demo import pattern  # the one pattern, shared with the demo
-from shm import identities, read_stats_slow
-from shm import stats as S
+from shm import identities, read_stats_slow, stats
 
 __all__ = [
     "ROOT",
@@ -119,9 +118,7 @@ def metadata_bytes(arena):
 
     lay, mv = arena.lay, arena.mv
     parts = [bytes(mv[: lay.slots_off])]
-    control = [
-        L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns", "active_ns")
-    ]  # P control, not heap state
+    control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns")]  # P control, not heap state
     for k in range(lay.nslots + 2):
         w = lay.slot_word(k)
         words = list(arena.q[w : w + L.SLOT_HEAD_WORDS])
@@ -134,12 +131,12 @@ def metadata_bytes(arena):
 
 def settle(arena, *caches):
     """Flush the given caches (we are their only thread) and read the figures."""
-    return arena.update_stats(parked=[c.slot for c in caches])
+    return arena.update_stats(stopped=[c.slot for c in caches])
 
 
 def assert_healthy(arena, *caches):
     snap = settle(arena, *caches)
     assert identities(snap) == []
-    assert S.check(arena) == []
-    assert S.diff(snap, read_stats_slow(arena)) == []
+    assert arena.check_all() == []
+    assert stats.diff(snap, read_stats_slow(arena)) == []
     return snap

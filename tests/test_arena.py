@@ -4,8 +4,16 @@ its P slots, and its snapshot order (flush first, then read: the seed bug)."""
 import pytest
 from support import assert_healthy
 
-from shm import CorruptionError, LayoutMismatch, ProcessCache, identities, layout, read_stats, read_stats_slow
-from shm import stats as S
+from shm import (
+    CorruptionError,
+    LayoutMismatch,
+    ProcessCache,
+    identities,
+    layout,
+    read_stats,
+    read_stats_slow,
+    stats,
+)
 
 
 def test_layout_mismatch_refused(arena):
@@ -50,7 +58,7 @@ def test_slots_are_reused_and_exhausted_cleanly(make_arena):
     assert c.slot == a.slot
     b.close()
     c.close()
-    assert arena.active_slots() == []
+    assert arena.registry.active_slots() == []
 
 
 def test_seed_bug_reading_before_flushing_is_wrong(arena):
@@ -66,9 +74,9 @@ def test_seed_bug_reading_before_flushing_is_wrong(arena):
 
     # The old order: read first, flush after -- as updatememstats did before 0ddde4ada2b1.
     stale = read_stats(arena)
-    arena.flush_all(parked=[p.slot, other.slot])
+    arena.flush_all(stopped=[p.slot, other.slot])
     truth = read_stats_slow(arena)
-    wrong = S.diff(stale, truth)
+    wrong = stats.diff(stale, truth)
     assert wrong, "reading before the flush should have disagreed with the arena"
     assert stale["heap_inuse"] != truth["heap_inuse"]
     assert stale["frees"] != truth["frees"]
@@ -86,9 +94,9 @@ def test_seed_bug_reading_before_flushing_is_wrong(arena):
     more = [p.alloc(64) for _ in range(7)]
     for b in more:
         p.free(b)
-    right = arena.update_stats(parked=[p.slot, other.slot])
+    right = arena.update_stats(stopped=[p.slot, other.slot])
     assert identities(right) == []
-    assert S.diff(right, read_stats_slow(arena)) == []
+    assert stats.diff(right, read_stats_slow(arena)) == []
     assert right["heap_objects"] == len(keep) + len(other_blocks)
     for b in keep:
         p.free(b)

@@ -7,7 +7,6 @@ import pytest
 from support import assert_healthy, metadata_bytes, pattern, settle
 
 from shm import ArenaClosed, BadHandle, DoubleFree, ForkedHeap, ProcessCache, layout, read_stats_slow
-from shm import stats as S
 from shm.sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, NUM_SIZE_CLASSES
 
 
@@ -32,7 +31,7 @@ def test_every_size_class_and_large(arena):
     assert snap["heap_objects"] == len(blocks)
     assert snap["large_mallocs"] == 3 and snap["large_bytes"] == sum(b.capacity for b in blocks[-3:])
     assert snap["heap_alloc"] == sum(b.capacity for b in blocks)
-    assert S.check(arena) == []
+    assert arena.check_all() == []
     for b in blocks:
         assert bytes(p.view(b.handle, b.size)) == pattern(b.handle, b.size)
         p.free(b)

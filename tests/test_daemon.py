@@ -20,7 +20,7 @@ from support import DEADLINE, EXE, ROOT
 import client
 from client import protocol
 from service.demo import client_worker, drain
-from shm import stats as S
+from shm import stats
 
 SPAWN = mp.get_context("spawn")
 
@@ -93,7 +93,7 @@ def test_200_snapshots_while_four_workers_run(start_daemon):
     assert seen["num_p"] == [4], "every snapshot should have parked the 4 running workers"
     assert sum(r["received"] for r in res) > 0, "no block crossed processes"
     final = client.stats(d.endpoint, slow=True)
-    assert final["consistent"] and final["slow_equal"] and S.identities(final) == []
+    assert final["consistent"] and final["slow_equal"] and stats.identities(final) == []
     assert final["heap_objects"] == 0 and final["mallocs"] == final["frees"] >= sum(r["mallocs"] for r in res)
     assert final["mallocs"] >= seen["mallocs"]
     r = run_cli("check", "--endpoint", d.endpoint)
@@ -199,7 +199,7 @@ GARBAGE = [
 
 
 def _figures(snap):
-    return {k: snap[k] for k in S.FIELD_NAMES} | {"by_size": snap["by_size"]}
+    return {k: snap[k] for k in stats.FIELD_NAMES} | {"by_size": snap["by_size"]}
 
 
 @pytest.mark.slow
@@ -359,7 +359,7 @@ def test_killed_daemon_arena_is_adopted_and_workers_reregister(start_daemon):
         if snap["consistent"]:
             break
         assert time.monotonic() < deadline, f"worker never re-registered: {snap['unflushed']}"
-    assert snap["num_p"] == 1 and snap["slow_equal"] and S.identities(snap) == []
+    assert snap["num_p"] == 1 and snap["slow_equal"] and stats.identities(snap) == []
     assert snap["heap_objects"] == len(handles)
     for h in handles:
         cmds.put(("free", h))
@@ -380,7 +380,7 @@ def test_cli_stats_table_and_json(start_daemon):
         r = run_cli("stats", "--endpoint", d.endpoint, "--json", "--slow")
         assert r.returncode == 0, r.stderr
         snap = json.loads(r.stdout)
-        assert snap["consistent"] and snap["slow_equal"] and S.identities(snap) == []
+        assert snap["consistent"] and snap["slow_equal"] and stats.identities(snap) == []
         assert snap["heap_objects"] == 4 and snap["num_p"] == 1 and snap["large_mallocs"] == 1
         r = run_cli("stats", "--endpoint", d.endpoint)
         assert r.returncode == 0
@@ -444,7 +444,7 @@ def test_release_and_cleanup_commands(start_daemon):
     r = run_cli("release", "--endpoint", d.endpoint)
     assert r.returncode == 0 and json.loads(r.stdout)["released_bytes"] > 0, r.stdout + r.stderr
     snap = client.stats(d.endpoint)
-    assert snap["heap_released"] > 0 and S.identities(snap) == []
+    assert snap["heap_released"] > 0 and stats.identities(snap) == []
     r = run_cli("cleanup", "--endpoint", d.endpoint, "--name", d.name)
     assert r.returncode == 1 and "is serving" in r.stderr  # a live daemon keeps its arena
     d.stop(signal.SIGKILL)

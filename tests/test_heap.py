@@ -109,7 +109,7 @@ def test_release_and_reuse_of_idle_pages(arena):
     for b in big:
         p.free(b)
     p.flush()  # the P's large cache keeps freed spans for reuse until it is flushed
-    released = arena.release_free_pages()
+    released = arena.scavenge()
     snap = settle(arena, p)
     assert released > 0 and snap["heap_released"] == released
     assert snap["heap_released"] <= snap["heap_idle"]

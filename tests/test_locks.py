@@ -14,7 +14,7 @@ def test_undo_log_rolls_back_a_failed_operation(arena):
     before = metadata_bytes(arena)
 
     def half(op):
-        arena.alloc_large(op, 100_000)
+        arena.large.alloc(op, 13, -1)  # a 100 000-byte object: 13 pages
         arena.heap.free_span  # noqa: B018 - reached: the allocation above is complete
         raise RuntimeError("boom")
 
@@ -40,7 +40,7 @@ def test_huge_block_fits_the_undo_log(make_arena):
     small = [p.alloc(8) for _ in range(300 * 1024)]  # 300 spans of the 8-byte class
     for b in small:
         p.free(b)
-    arena.flush_all(parked=[p.slot], keep_empty=True)
+    arena.flush_all(stopped=[p.slot], keep_empty=True)
     assert arena.free_empty_spans() == 1  # the one span still cached at the flush
     assert bytes(p.view(big.handle)[-8:]) == b"lastpage"
     p.free(big)

@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from support import metadata_bytes, pattern, unique_name
 
-from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout
-from shm import stats as S
+from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout, stats
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS
 
 PAGE = layout.PAGE_SIZE
@@ -85,22 +84,22 @@ class AllocatorModel(RuleBasedStateMachine):
 
     @rule()
     def release(self):
-        self.arena.release_free_pages()
+        self.arena.scavenge()
 
     @rule()
     def snapshot(self):
-        snap = self.arena.update_stats(parked=[p.slot for p in self.ps])
+        snap = self.arena.update_stats(stopped=[p.slot for p in self.ps])
         assert identities(snap) == []
-        assert S.diff(snap, S.read_stats_slow(self.arena)) == []
+        assert stats.diff(snap, stats.read_stats_slow(self.arena)) == []
         assert snap["heap_objects"] == len(self.live)
         assert snap["mallocs"] == self.mallocs and snap["frees"] == self.frees
         if self.prev:
-            assert S.monotonic(self.prev, snap) == []
+            assert stats.monotonic(self.prev, snap) == []
         self.prev = snap
 
     @invariant()
     def slow_walk_agrees_with_model(self):
-        slow = S.read_stats_slow(self.arena)
+        slow = stats.read_stats_slow(self.arena)
         assert identities(slow) == []
         assert slow["heap_objects"] == len(self.live)
         assert slow["mallocs"] == self.mallocs and slow["frees"] == self.frees
@@ -108,7 +107,7 @@ class AllocatorModel(RuleBasedStateMachine):
 
     @invariant()
     def structures_hold(self):
-        assert S.check(self.arena) == []
+        assert self.arena.check_all() == []
 
 
 TestAllocatorModel = AllocatorModel.TestCase
@@ -148,7 +147,7 @@ HEAP_TABLE = [
 
 
 def tiling(arena):
-    return [(r["npages"], "U" if r["state"] == layout.SPAN_INUSE else "F") for r in S.span_records(arena)]
+    return [(r["npages"], "U" if r["state"] == layout.SPAN_INUSE else "F") for r in arena.heap.span_records()]
 
 
 @pytest.mark.parametrize("name,ops,after", HEAP_TABLE, ids=[r[0] for r in HEAP_TABLE])
@@ -168,7 +167,7 @@ def test_page_heap_table(make_arena, name, ops, after):
 
         arena.run(arena.daemon_actor, step)
     assert tiling(arena) == after
-    assert S.check(arena, parts=("locks", "heap")) == []  # raw spans: no objects to check
+    assert arena.check_all(parts=("locks", "heap")) == []  # raw spans: no objects to check
 
 
 def test_page_heap_release_and_recommit_table(make_arena):
@@ -185,11 +184,11 @@ def test_page_heap_release_and_recommit_table(make_arena):
     spans["x"] = run(lambda o: arena.heap.alloc_span(o, 10, 0, 1))
     spans["y"] = run(lambda o: arena.heap.alloc_span(o, 10, 0, 1))
     run(lambda o: arena.heap.free_span(o, spans.pop("x")))
-    assert run(lambda o: arena.heap.release_free(o)) == (10 + 108) * PAGE
-    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [(10, 1), (10, 0), (108, 1)]
+    assert run(lambda o: arena.heap.scavenge(o)) == (10 + 108) * PAGE
+    assert [(r["npages"], r["released"]) for r in arena.heap.span_records()] == [(10, 1), (10, 0), (108, 1)]
     # Reusing a released span re-commits what it takes; the rest stays released.
     spans["z"] = run(lambda o: arena.heap.alloc_span(o, 4, 0, 1))
-    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [
+    assert [(r["npages"], r["released"]) for r in arena.heap.span_records()] == [
         (4, 0),
         (6, 1),
         (10, 0),
@@ -198,5 +197,5 @@ def test_page_heap_release_and_recommit_table(make_arena):
     assert arena.q[arena.lay.heap_word() + layout.HEAP["released_pages"]] == 6 + 108
     # Freeing next to released spans: mixed neighbours are re-committed, so the merge is unreleased.
     run(lambda o: arena.heap.free_span(o, spans.pop("y")))
-    assert [(r["npages"], r["released"]) for r in S.span_records(arena)] == [(4, 0), (124, 0)]
+    assert [(r["npages"], r["released"]) for r in arena.heap.span_records()] == [(4, 0), (124, 0)]
     assert arena.q[arena.lay.heap_word() + layout.HEAP["released_pages"]] == 0

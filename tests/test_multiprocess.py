@@ -11,8 +11,7 @@ import mpworkers
 import pytest
 from support import pattern
 
-from shm import ProcessCache, identities
-from shm import stats as S
+from shm import ProcessCache, identities, stats
 
 DEADLINE = 120  # seconds: only turns a hang into a failure
 SPAWN = mp.get_context("spawn")
@@ -58,10 +57,10 @@ def join_all(procs):
 
 
 def final_checks(arena, main):
-    snap = arena.update_stats(parked=[main.slot])
+    snap = arena.update_stats(stopped=[main.slot])
     assert identities(snap) == []
-    assert S.check(arena) == []
-    assert S.diff(snap, S.read_stats_slow(arena)) == []
+    assert arena.check_all() == []
+    assert stats.diff(snap, stats.read_stats_slow(arena)) == []
     return snap
 
 
@@ -86,7 +85,7 @@ def test_four_processes_random_sizes_cross_frees(make_arena, ctx):
     assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
     assert sum(received.values()) > 0, "no block crossed processes"
     assert snap["large_mallocs"] > 0 and sum(e["mallocs"] for e in snap["by_size"]) > 0
-    assert arena.active_slots() == [main.slot]
+    assert arena.registry.active_slots() == [main.slot]
     main.close()
 
 
@@ -98,7 +97,7 @@ def test_sigkill_mid_run_survivors_finish_and_cache_is_reclaimed(make_arena):
     procs, boxes, results = start_workers(SPAWN, arena, 4, 1500, seed=200, extra={3: (progress, 700)})
     assert progress.wait(DEADLINE), "victim made no progress"
     victim = procs[3]
-    victim_slot = next(k for k in arena.active_slots() if arena.slot_pid(k) == victim.pid)
+    victim_slot = next(k for k in arena.registry.active_slots() if arena.registry.pid(k) == victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(DEADLINE)
     assert victim.exitcode == -signal.SIGKILL
@@ -110,9 +109,9 @@ def test_sigkill_mid_run_survivors_finish_and_cache_is_reclaimed(make_arena):
         drain(box, main)
     # The victim's slot is dead: update_stats reclaims it (rolls back any half-done operation,
     # flushes its cache) before reading anything.
-    assert not arena.slot_alive(victim_slot)
+    assert not arena.registry.alive(victim_slot)
     final_checks(arena, main)
-    assert arena.active_slots() == [main.slot]
+    assert arena.registry.active_slots() == [main.slot]
     # Its blocks stay allocated (other processes might hold their handles); the heap works on.
     more = [main.alloc(s) for s in (10, 1000, 100_000)]
     for b in more:
@@ -153,5 +152,5 @@ def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
         main.free(x)
     snap = final_checks(arena, main)
     assert snap["heap_objects"] == 0
-    assert arena.active_slots() == [main.slot]
+    assert arena.registry.active_slots() == [main.slot]
     main.close()
