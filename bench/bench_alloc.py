@@ -42,6 +42,7 @@ def pairs(alloc, free):
     def run(n):
         for _ in range(n):
             free(alloc(64))
+
     return run
 
 
@@ -49,6 +50,7 @@ def handle_pairs(alloc, free):
     def run(n):
         for _ in range(n):
             free(alloc(64).handle)
+
     return run
 
 
@@ -81,7 +83,9 @@ def main(argv=None):
     try:
         with client.connect(endpoint) as heap:
             rows["client.Heap alloc(64)+free(block)"] = timed(pairs(heap.alloc, heap.free), args.n, args.reps)
-            rows["client.Heap alloc(64)+free(handle)"] = timed(handle_pairs(heap.alloc, heap.free), args.n, args.reps)
+            rows["client.Heap alloc(64)+free(handle)"] = timed(
+                handle_pairs(heap.alloc, heap.free), args.n, args.reps
+            )
     finally:
         daemon.terminate()
         daemon.wait(30)
@@ -93,7 +97,9 @@ def main(argv=None):
         p.close()
     finally:
         arena.destroy()
-    rows["SharedMemory create+close+unlink (64 B)"] = timed(segment_per_object, max(1000, args.n // 50), args.reps)
+    rows["SharedMemory create+close+unlink (64 B)"] = timed(
+        segment_per_object, max(1000, args.n // 50), args.reps
+    )
     rows["bytearray(64)"] = timed(bytearrays, args.n, args.reps)
 
     print(f"{'operation':45s} {'median ns':>10s} {'min':>9s} {'max':>9s}")
@@ -104,7 +110,9 @@ def main(argv=None):
     ba = rows["bytearray(64)"][0]
     print()
     print(f"client pair median: {pair:.0f} ns  (target <= 1000 ns: {'met' if pair <= 1000 else 'NOT met'})")
-    print(f"SharedMemory per object / client pair: {seg / pair:.1f}x  (target >= 30x: {'met' if seg / pair >= 30 else 'NOT met'})")
+    print(
+        f"SharedMemory per object / client pair: {seg / pair:.1f}x  (target >= 30x: {'met' if seg / pair >= 30 else 'NOT met'})"
+    )
     print(f"client pair / bytearray(64): {pair / ba:.1f}x")
 
 

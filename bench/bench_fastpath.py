@@ -69,23 +69,38 @@ def replica(block=True, owner_check=True, stop_check=True, lock=False):
     lists = [[] for _ in range(67)]
     lists[c64] = list(range(8192, 8192 + 64 * 100_000, 64))[::-1]
     lk = threading.Lock()
-    env = dict(amap=memoryview(buf)[: 1 << 21], stop=memoryview(buf)[1 << 22:(1 << 22) + 1], lists=lists,
-               hb=0, mask=~((1 << 24) - 1) | 7, tag=16, busy=[0], get_ident=threading.get_ident,
-               owner=threading.get_ident(), acquire=lk.acquire, release=lk.release, s2c=SIZE_TO_CLASS,
-               c2s=CLASS_TO_SIZE, B=Block, relist=lists[c64].append)
+    env = dict(
+        amap=memoryview(buf)[: 1 << 21],
+        stop=memoryview(buf)[1 << 22 : (1 << 22) + 1],
+        lists=lists,
+        hb=0,
+        mask=~((1 << 24) - 1) | 7,
+        tag=16,
+        busy=[0],
+        get_ident=threading.get_ident,
+        owner=threading.get_ident(),
+        acquire=lk.acquire,
+        release=lk.release,
+        s2c=SIZE_TO_CLASS,
+        c2s=CLASS_TO_SIZE,
+        B=Block,
+        relist=lists[c64].append,
+    )
     code = TEMPLATE.format(
         OWNER=" and get_ident() == owner" if owner_check else "",
         STOP=" and not stop[0]" if stop_check else "",
         ENTER="acquire()" if lock else "busy[0] = 1",
         LEAVE="release()" if lock else "busy[0] = 0",
         RESULT="B((h, size, c2s[c], None))" if block else "h",
-        HANDLE="b[0] if b.__class__ is B else b" if block else "b")
+        HANDLE="b[0] if b.__class__ is B else b" if block else "b",
+    )
     exec(code, env)
     alloc, free = env["alloc"], env["free"]
 
     def run(n):
         for _ in range(n):
             free(alloc(64))
+
     return run
 
 
@@ -118,6 +133,7 @@ def main(argv=None):
         print(f"{name:45s} {sorted(times[name])[a.reps // 2]:7.0f}")
 
     from shm import Arena, ProcessCache
+
     arena = Arena.create(f"shmalloc-bench-{uuid.uuid4().hex[:8]}", 64 << 20, 8)
     try:
         p = ProcessCache(arena)
@@ -126,7 +142,7 @@ def main(argv=None):
 
         r = arena.cached_spans(p.slot)[0][1]
         off, stride, nelems, _, _ = arena.central.starts(r)
-        starts = arena.mv[off:off + nelems * stride:stride]
+        starts = arena.mv[off : off + nelems * stride : stride]
         zeros = bytes(nelems)
 
         def refills(n):
@@ -135,6 +151,7 @@ def main(argv=None):
                 p._lists[c].clear()
                 with p._lock:
                     p._refill(c)
+
         t = timed(refills, 2000, a.reps)[0]
         print(f"\n{'refill: collect one 64 B span (128 objects)':45s} {t:7.0f}   = {t / 128:.0f} ns a pair")
         starts.release()

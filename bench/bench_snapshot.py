@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def worker(endpoint, mode, ready, stop, switch_interval):
     import client
+
     if switch_interval:
         sys.setswitchinterval(switch_interval)
     with client.connect(endpoint) as heap:
@@ -51,6 +52,7 @@ def pct(xs, p):
 
 def run_case(endpoint, n, mode, snapshots, switch_interval=None):
     import client
+
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     readies = [ctx.Event() for _ in range(n)]
@@ -73,8 +75,16 @@ def run_case(endpoint, n, mode, snapshots, switch_interval=None):
         stop.set()
         for p in procs:
             p.join(60)
-    return (pct(pauses, 0.5), pct(pauses, 0.99), max(pauses), late, pct(parks, 0.5), pct(flushes, 0.5),
-            pct(last, 0.5), pct(last, 0.99))
+    return (
+        pct(pauses, 0.5),
+        pct(pauses, 0.99),
+        max(pauses),
+        late,
+        pct(parks, 0.5),
+        pct(flushes, 0.5),
+        pct(last, 0.5),
+        pct(last, 0.99),
+    )
 
 
 def main(argv=None):
@@ -84,19 +94,27 @@ def main(argv=None):
     ap.add_argument("--modes", default="idle,alloc,python,python@0.5ms")
     args = ap.parse_args(argv)
     from service.demo import start_daemon
+
     tmp = tempfile.mkdtemp(prefix="shmalloc-bench-")
     endpoint = f"ipc://{tmp}/control.sock"
     daemon = start_daemon(endpoint, "512M")
     try:
-        print(f"{'mode':16s} {'workers':>7s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'late':>5s}"
-              f" {'park med':>9s} {'flush med':>9s} {'last P parked med/p99':>22s}")
+        print(
+            f"{'mode':16s} {'workers':>7s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'late':>5s}"
+            f" {'park med':>9s} {'flush med':>9s} {'last P parked med/p99':>22s}"
+        )
         for mode in args.modes.split(","):
             base, _, si = mode.partition("@")
             interval = float(si.removesuffix("ms")) / 1000 if si else None
             for n in (int(x) for x in args.workers.split(",")):
-                med, p99, mx, late, park, flush, lp50, lp99 = run_case(endpoint, n, base, args.snapshots, interval)
-                print(f"{mode:16s} {n:7d} {med:10.3f} {p99:8.3f} {mx:8.3f} {late:5d} {park:9.3f} {flush:9.3f}"
-                      f" {lp50:11.3f}/{lp99:.3f}", flush=True)
+                med, p99, mx, late, park, flush, lp50, lp99 = run_case(
+                    endpoint, n, base, args.snapshots, interval
+                )
+                print(
+                    f"{mode:16s} {n:7d} {med:10.3f} {p99:8.3f} {mx:8.3f} {late:5d} {park:9.3f} {flush:9.3f}"
+                    f" {lp50:11.3f}/{lp99:.3f}",
+                    flush=True,
+                )
     finally:
         daemon.terminate()
         daemon.wait(30)

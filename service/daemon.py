@@ -39,9 +39,9 @@ from .handlers import dispatch
 
 log = logging.getLogger("shmalloc.daemon")
 
-LIVENESS_S = 0.1          # how often dead Ps are looked for (reclaimed within a second)
-EMPTY_SPANS_S = 1.0       # how often empty spans waiting on central lists go back to the heap
-HEARTBEAT_MS = 1000       # how often workers send a heartbeat
+LIVENESS_S = 0.1  # how often dead Ps are looked for (reclaimed within a second)
+EMPTY_SPANS_S = 1.0  # how often empty spans waiting on central lists go back to the heap
+HEARTBEAT_MS = 1000  # how often workers send a heartbeat
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
 
 
@@ -98,8 +98,18 @@ def event(level, what, **fields):
 
 # --- the daemon ------------------------------------------------------------------------------
 class Daemon:
-    def __init__(self, endpoint=None, max_heap=None, name=None, nslots=64, socket_mode=0o600,
-                 park_deadline_ms=2000, metrics_addr=None, metrics_interval=5.0, slow_snapshot_ms=50):
+    def __init__(
+        self,
+        endpoint=None,
+        max_heap=None,
+        name=None,
+        nslots=64,
+        socket_mode=0o600,
+        park_deadline_ms=2000,
+        metrics_addr=None,
+        metrics_interval=5.0,
+        slow_snapshot_ms=50,
+    ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
         self.name = name or arena_name_for(self.endpoint)
@@ -109,7 +119,7 @@ class Daemon:
         self.slow_snapshot_ms = slow_snapshot_ms  # longer pauses are logged at WARNING
         self.metrics_addr = metrics_addr
         self.metrics_interval = metrics_interval
-        self.routes = {}           # slot -> zmq routing id of its P's control socket
+        self.routes = {}  # slot -> zmq routing id of its P's control socket
         self.deferred = collections.deque()  # heavy requests that arrived while the world was stopped
         self.started = time.monotonic()
         self.stopping = False
@@ -130,17 +140,29 @@ class Daemon:
             self.bind()
             if self.metrics_addr:
                 from .metrics import MetricsServer
+
                 self.metrics = MetricsServer(self, self.metrics_addr).start()
         except BaseException:
             self._close_socket()
             self._release_arena(unlink=not self.adopted)
             raise
-        event(logging.INFO, "started", pid=os.getpid(), endpoint=self.endpoint, arena=self.name,
-              max_heap=self.max_heap, adopted=self.adopted, metrics=self.metrics.url if self.metrics else "-",
-              stop_protocol=self.stw.protocol)
+        event(
+            logging.INFO,
+            "started",
+            pid=os.getpid(),
+            endpoint=self.endpoint,
+            arena=self.name,
+            max_heap=self.max_heap,
+            adopted=self.adopted,
+            metrics=self.metrics.url if self.metrics else "-",
+            stop_protocol=self.stw.protocol,
+        )
         if not self.stw.asymmetric:
-            event(logging.WARNING, "membarrier(2) unavailable: stopping the world the cooperative way "
-                  "(each P's control thread parks it; pauses wait for the workers' GIL)")
+            event(
+                logging.WARNING,
+                "membarrier(2) unavailable: stopping the world the cooperative way "
+                "(each P's control thread parks it; pauses wait for the workers' GIL)",
+            )
 
     def _refuse_if_served(self):
         """A daemon that answers on the endpoint keeps it; a stale socket file is removed."""
@@ -148,6 +170,7 @@ class Daemon:
         if path and not os.path.exists(path):
             return
         from client import DaemonUnavailable, ping
+
         try:
             info = ping(self.endpoint, timeout_ms=500)
         except DaemonUnavailable:
@@ -155,8 +178,10 @@ class Daemon:
                 event(logging.WARNING, "removed stale socket", path=path)
                 os.unlink(path)
             return
-        raise StartupError(f"another shmalloc daemon (pid {info['pid']}) is serving {self.endpoint}; "
-                           "stop it first, or pass another --endpoint")
+        raise StartupError(
+            f"another shmalloc daemon (pid {info['pid']}) is serving {self.endpoint}; "
+            "stop it first, or pass another --endpoint"
+        )
 
     def open_arena(self):
         """Create the arena, or adopt the one a killed daemon left under the same name (its
@@ -167,25 +192,39 @@ class Daemon:
             try:
                 arena = Arena.attach(self.name)
             except LayoutMismatch as e:
-                raise StartupError(f"/dev/shm/{self.name} exists but is not an arena of this version ({e}); "
-                                   f"remove it with: shmalloc cleanup --name {self.name}") from None
+                raise StartupError(
+                    f"/dev/shm/{self.name} exists but is not an arena of this version ({e}); "
+                    f"remove it with: shmalloc cleanup --name {self.name}"
+                ) from None
             if not ofd_trylock(arena.fd, DAEMON_LOCK_BYTE):
                 arena.close()
-                raise StartupError(f"arena {self.name} is served by a live daemon (pid "
-                                   f"{arena.q[L.HDR['daemon_pid']]}) that does not answer on {self.endpoint}")
+                raise StartupError(
+                    f"arena {self.name} is served by a live daemon (pid "
+                    f"{arena.q[L.HDR['daemon_pid']]}) that does not answer on {self.endpoint}"
+                )
             self.adopted = True
             repaired = [k for k in range(arena.lay.nslots + 2) if arena.locks.repair(k)]
             dead = arena.reclaim_dead()
             # A P parked for the previous daemon's stop waits for a resume nobody will send:
             # resume it (RESYNC: that daemon may have flushed its cache already).
-            stale = [k for k in arena.registry.active_slots()
-                     if arena.q[arena.lay.slot_word(k) + L.SLOT["stop"]] == L.STOP_PARK]
+            stale = [
+                k
+                for k in arena.registry.active_slots()
+                if arena.q[arena.lay.slot_word(k) + L.SLOT["stop"]] == L.STOP_PARK
+            ]
             for k in stale:
                 arena.q[arena.lay.slot_word(k) + L.SLOT["stop"]] = L.STOP_RESYNC
             arena.q[L.HDR["stopped_epoch"]] = 0
-            event(logging.WARNING, "adopted arena left by a previous daemon", arena=self.name,
-                  previous_pid=arena.q[L.HDR["daemon_pid"]], repaired=repaired, reclaimed=dead,
-                  resumed=stale, live_ps=len(arena.registry.active_slots()))
+            event(
+                logging.WARNING,
+                "adopted arena left by a previous daemon",
+                arena=self.name,
+                previous_pid=arena.q[L.HDR["daemon_pid"]],
+                repaired=repaired,
+                reclaimed=dead,
+                resumed=stale,
+                live_ps=len(arena.registry.active_slots()),
+            )
         else:
             self._check_room()
             arena = Arena.create(self.name, self.max_heap, self.nslots)
@@ -200,8 +239,10 @@ class Daemon:
         st = os.statvfs("/dev/shm")
         free = st.f_bavail * st.f_frsize
         if self.max_heap > free:
-            raise StartupError(f"--max-heap {self.max_heap} bytes is more than /dev/shm has free ({free} bytes); "
-                               "lower --max-heap, or give /dev/shm more room (Docker: --shm-size)")
+            raise StartupError(
+                f"--max-heap {self.max_heap} bytes is more than /dev/shm has free ({free} bytes); "
+                "lower --max-heap, or give /dev/shm more room (Docker: --shm-size)"
+            )
 
     def bind(self):
         self.ctx = zmq.Context()
@@ -325,7 +366,9 @@ class Daemon:
         if slot is not None:
             mine = [k for k in mine if k == slot]
         if len(mine) != 1:
-            raise NotRegistered(f"pid {pid} holds no P slot (or several; name it): claim one in the arena first")
+            raise NotRegistered(
+                f"pid {pid} holds no P slot (or several; name it): claim one in the arena first"
+            )
         k = mine[0]
         self.routes[k] = identity
         event(logging.INFO, "P joined", slot=k, pid=pid)
@@ -350,9 +393,15 @@ class Daemon:
 
     def ping(self):
         from . import __version__
-        return {"pid": os.getpid(), "uptime_s": time.monotonic() - self.started,
-                "epoch": self.arena.q[L.HDR["epoch"]], "num_p": len(self.arena.registry.active_slots()),
-                "arena": self.name, "version": __version__}
+
+        return {
+            "pid": os.getpid(),
+            "uptime_s": time.monotonic() - self.started,
+            "epoch": self.arena.q[L.HDR["epoch"]],
+            "num_p": len(self.arena.registry.active_slots()),
+            "arena": self.name,
+            "version": __version__,
+        }
 
     def release(self):
         # Free spans belong to no P: the heap lock is all it takes, the world runs on.
@@ -364,8 +413,11 @@ class Daemon:
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
             self.arena.free_empty_spans(self.arena.daemon_actor)
-            problems = self.arena.check_all() if not world["late"] else [
-                f"P {k} did not park before the deadline: arena not checked" for k in world["late"]]
+            problems = (
+                self.arena.check_all()
+                if not world["late"]
+                else [f"P {k} did not park before the deadline: arena not checked" for k in world["late"]]
+            )
         snap.update(world["meta"])
         if problems:
             event(logging.ERROR, "check found problems", count=len(problems), first=problems[0])
@@ -382,10 +434,21 @@ class Daemon:
         if snap["consistent"]:
             self.prev_counters = snap
             self.last_snapshot = snap
-        level = logging.WARNING if snap["pause_ns"] > self.slow_snapshot_ms * 1_000_000 or not snap["consistent"] \
+        level = (
+            logging.WARNING
+            if snap["pause_ns"] > self.slow_snapshot_ms * 1_000_000 or not snap["consistent"]
             else logging.DEBUG
-        event(level, "snapshot", epoch=snap["epoch"], pause_ms=round(snap["pause_ns"] / 1e6, 3),
-              num_p=snap["num_p"], consistent=snap["consistent"], unflushed=snap["unflushed"], source=source)
+        )
+        event(
+            level,
+            "snapshot",
+            epoch=snap["epoch"],
+            pause_ms=round(snap["pause_ns"] / 1e6, 3),
+            num_p=snap["num_p"],
+            consistent=snap["consistent"],
+            unflushed=snap["unflushed"],
+            source=source,
+        )
         return {"snapshot": snap}
 
     # --- stop the world ---------------------------------------------------------------
@@ -397,7 +460,11 @@ class Daemon:
         reclaimed: only now read -- the seed's order."""
         snap = stats.read_stats(self.arena)
         if slow:
-            d = stats.diff(snap, stats.read_stats_slow(self.arena)) if not world["late"] else ["not compared: Ps did not park"]
+            d = (
+                stats.diff(snap, stats.read_stats_slow(self.arena))
+                if not world["late"]
+                else ["not compared: Ps did not park"]
+            )
             snap["slow_equal"] = not d
             snap["slow_diff"] = d
         return snap
@@ -408,8 +475,15 @@ class Daemon:
         if self.arena is not None and not self.arena.closed:
             try:
                 snap = self.snapshot(self.park_deadline_ms, False, source="shutdown")["snapshot"]
-                event(logging.INFO, "final snapshot", epoch=snap["epoch"], heap_alloc=snap["heap_alloc"],
-                      heap_objects=snap["heap_objects"], num_p=snap["num_p"], consistent=snap["consistent"])
+                event(
+                    logging.INFO,
+                    "final snapshot",
+                    epoch=snap["epoch"],
+                    heap_alloc=snap["heap_alloc"],
+                    heap_objects=snap["heap_objects"],
+                    num_p=snap["num_p"],
+                    consistent=snap["consistent"],
+                )
             except Exception as e:  # the arena goes either way
                 event(logging.ERROR, "final snapshot failed", error=str(e))
         if self.metrics:
@@ -460,8 +534,16 @@ class StoppedWorld:
         t0 = time.perf_counter_ns()
         self.t0_mono = time.monotonic_ns()
         epoch = arena.q[L.HDR["epoch"]] + 1
-        self.world = {"epoch": epoch, "t0": t0, "parked": [], "late": [], "per_p": {}, "park_ns": 0,
-                      "flush_ns": 0, "flushed": set()}
+        self.world = {
+            "epoch": epoch,
+            "t0": t0,
+            "parked": [],
+            "late": [],
+            "per_p": {},
+            "park_ns": 0,
+            "flush_ns": 0,
+            "flushed": set(),
+        }
         try:
             live = stw.begin(epoch)
             return self._stop_everyone(epoch, t0, live)
@@ -472,8 +554,17 @@ class StoppedWorld:
     def _stop_everyone(self, epoch, t0, live):
         d, arena, stw = self.d, self.d.arena, self.d.stw
         q = arena.q
-        per_p = {k: {"slot": k, "pid": arena.registry.pid(k), "state": "late", "park_ns": 0, "cached_spans": 0,
-                     "listed_returned": 0} for k in live}
+        per_p = {
+            k: {
+                "slot": k,
+                "pid": arena.registry.pid(k),
+                "state": "late",
+                "park_ns": 0,
+                "cached_spans": 0,
+                "listed_returned": 0,
+            }
+            for k in live
+        }
         # A P of the cooperative protocol parks through its stop byte at its next call, or through
         # its control thread, which the STOP message wakes; a membarrier P needs neither.
         stop = protocol.encode_stop(epoch)
@@ -501,7 +592,11 @@ class StoppedWorld:
             for k, state in found:
                 if k not in confirmed:
                     continue
-                at = q[arena.lay.slot_word(k) + L.SLOT["parked_ns"]] - self.t0_mono if state == "parked" else -1
+                at = (
+                    q[arena.lay.slot_word(k) + L.SLOT["parked_ns"]] - self.t0_mono
+                    if state == "parked"
+                    else -1
+                )
                 per_p[k].update(state=state, park_ns=at if 0 <= at <= now - t0 else now - t0)
                 waiting.discard(k)
                 self._flush(k, per_p[k])  # first, while the others are still on their way
@@ -523,8 +618,13 @@ class StoppedWorld:
         parked = sorted(k for k, v in per_p.items() if v["state"] in ("parked", "stopped"))
         self.world.update(parked=parked, late=late, per_p=per_p, park_ns=time.perf_counter_ns() - t0)
         if late:
-            event(logging.WARNING, "Ps did not park before the deadline", epoch=epoch, late=late,
-                  deadline_ms=self.deadline_ms)
+            event(
+                logging.WARNING,
+                "Ps did not park before the deadline",
+                epoch=epoch,
+                late=late,
+                deadline_ms=self.deadline_ms,
+            )
         return self.world
 
     def _flush(self, k, entry):
@@ -575,10 +675,17 @@ def run(args):
     """`shmalloc daemon`: foreground until SIGTERM / SIGINT / a shutdown request."""
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     try:
-        d = Daemon(endpoint=args.endpoint, max_heap=parse_size(args.max_heap) if args.max_heap else None,
-                   name=args.name, nslots=args.slots, socket_mode=int(args.socket_mode, 8),
-                   park_deadline_ms=args.park_deadline_ms, metrics_addr=args.metrics_addr,
-                   metrics_interval=args.metrics_interval, slow_snapshot_ms=args.slow_snapshot_ms)
+        d = Daemon(
+            endpoint=args.endpoint,
+            max_heap=parse_size(args.max_heap) if args.max_heap else None,
+            name=args.name,
+            nslots=args.slots,
+            socket_mode=int(args.socket_mode, 8),
+            park_deadline_ms=args.park_deadline_ms,
+            metrics_addr=args.metrics_addr,
+            metrics_interval=args.metrics_interval,
+            slow_snapshot_ms=args.slow_snapshot_ms,
+        )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))
         return 2

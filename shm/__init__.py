@@ -75,10 +75,35 @@ killed inside one leaves dirty lock words naming it; the next taker rolls its un
 from . import layout
 from .arena import Arena
 from .cache import Block, ProcessCache
-from .errors import (ArenaClosed, BadHandle, CorruptionError, DoubleFree, ForkedHeap, LayoutMismatch,
-                     NoFreeSlot, OutOfMemory, ShmallocError)
+from .errors import (
+    ArenaClosed,
+    BadHandle,
+    CorruptionError,
+    DoubleFree,
+    ForkedHeap,
+    LayoutMismatch,
+    NoFreeSlot,
+    OutOfMemory,
+    ShmallocError,
+)
 from .stats import FIELDS, identities, read_stats, read_stats_slow
 
-__all__ = ["Arena", "ProcessCache", "Block", "layout", "FIELDS", "identities", "read_stats",
-           "read_stats_slow", "ShmallocError", "OutOfMemory", "BadHandle", "DoubleFree",
-           "CorruptionError", "LayoutMismatch", "ArenaClosed", "ForkedHeap", "NoFreeSlot"]
+__all__ = [
+    "Arena",
+    "ProcessCache",
+    "Block",
+    "layout",
+    "FIELDS",
+    "identities",
+    "read_stats",
+    "read_stats_slow",
+    "ShmallocError",
+    "OutOfMemory",
+    "BadHandle",
+    "DoubleFree",
+    "CorruptionError",
+    "LayoutMismatch",
+    "ArenaClosed",
+    "ForkedHeap",
+    "NoFreeSlot",
+]

@@ -41,6 +41,7 @@ def unlink_segment(name):
     """Remove /dev/shm/<name> without the resource tracker (which never tracked it).
     Returns False when it did not exist."""
     import _posixshmem
+
     try:
         _posixshmem.shm_unlink("/" + name.lstrip("/"))
         return True
@@ -61,6 +62,7 @@ def _open_segment(name, create, size=0):
     except TypeError:
         pass
     from multiprocessing import resource_tracker
+
     with _track_lock:
         register = resource_tracker.register
         resource_tracker.register = lambda *a, **k: None
@@ -82,8 +84,8 @@ class Arena:
         self.mv = shm.buf
         self.q = self.mv.cast("Q")
         self.pid = os.getpid()
-        self.repairs = 0            # dead actors' operations this process rolled back
-        self._views = []            # memoryviews handed to caches; released at close
+        self.repairs = 0  # dead actors' operations this process rolled back
+        self._views = []  # memoryviews handed to caches; released at close
         self.locks = Locks(self)
         self.heap = PageHeap(self)
         self.central = CentralList(self)
@@ -131,7 +133,7 @@ class Arena:
 
     def words(self, first, n):
         """Words [first, first + n) of the segment (a 'Q' view), released when the arena closes."""
-        v = self.q[first:first + n]
+        v = self.q[first : first + n]
         self._views.append(v)
         return v
 
@@ -184,13 +186,13 @@ class Arena:
     def cached_spans(self, k):
         """[(class, span record)] of the small spans P k caches."""
         at = self.lay.slot_word(k) + L.SLOT_CACHED_AT
-        return [(c, v - 1) for c, v in enumerate(self.q[at:at + L.NCLASS].tolist()) if v and c]
+        return [(c, v - 1) for c, v in enumerate(self.q[at : at + L.NCLASS].tolist()) if v and c]
 
     def buffered_frees(self, k):
         """The handles in P k's remote-free buffer, not yet applied (0 = applied already)."""
         sw = self.lay.slot_word(k)
         n = self.q[sw + SL["rfree_n"]]
-        return self.q[sw + L.SLOT_RFREE_AT:sw + L.SLOT_RFREE_AT + n].tolist()
+        return self.q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + n].tolist()
 
     def flush_cache(self, k, actor=None):
         """Flush P k's cache (Go: mcache.releaseAll).  Precondition: P k is stopped, dead, or is
@@ -261,7 +263,7 @@ class Arena:
         n = q[sw + SL["rfree_n"]]
         pm, hb, hmax, sw0 = lay.pagemap_word(), lay.heap_off, lay.heap_max, lay.span_word(0)
         pages, shift = {}, L.PAGE_SHIFT
-        for h in q[sw + L.SLOT_RFREE_AT:sw + L.SLOT_RFREE_AT + n].tolist():
+        for h in q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + n].tolist():
             if h:  # 0: applied by an earlier, interrupted pass
                 pages.setdefault((h - hb) >> shift, []).append(h)
         groups, sc = {}, S["sizeclass"]
@@ -310,8 +312,12 @@ class Arena:
             op.log.clear()  # checkpoint
         if nbad:
             op.add(lay.heap_word() + H["bad_frees"], nbad)
-            _log.warning("P %d: %d buffered free(s) found bad when applied (a double free across "
-                         "processes, or a stale handle); skipped, counted in bad_frees", k, nbad)
+            _log.warning(
+                "P %d: %d buffered free(s) found bad when applied (a double free across "
+                "processes, or a stale handle); skipped, counted in bad_frees",
+                k,
+                nbad,
+            )
         op.w(sw + SL["rfree_n"], 0)
         return nbad
 
@@ -338,6 +344,7 @@ class Arena:
                 n += self.central.free_empty(op, c)
                 op.log.clear()  # checkpoint: each class leaves a consistent state
             return n
+
         return self.run(self.daemon_actor if actor is None else actor, free) if classes else 0
 
     def reclaim(self, k, actor=None):
@@ -366,8 +373,9 @@ class Arena:
         lay = self.lay
         d = h - lay.heap_off
         if not 0 <= d < lay.heap_max:
-            raise BadHandle(f"handle {h} is out of range: the heap spans "
-                            f"[{lay.heap_off}, {lay.heap_off + lay.heap_max})")
+            raise BadHandle(
+                f"handle {h} is out of range: the heap spans [{lay.heap_off}, {lay.heap_off + lay.heap_max})"
+            )
         if d & 7:
             raise BadHandle(f"handle {h} is not 8-byte aligned, so it is no object start")
         return h, d >> L.PAGE_SHIFT
@@ -380,8 +388,10 @@ class Arena:
         def op_free(op):
             r = self.heap.span_of_page(page)
             if r < 0:
-                raise BadHandle(f"handle {h} is not a live block: no span holds it (never allocated, "
-                                "or freed and its span returned to the heap)")
+                raise BadHandle(
+                    f"handle {h} is not a live block: no span holds it (never allocated, "
+                    "or freed and its span returned to the heap)"
+                )
             c = self.q[self.lay.span_word(r) + S["sizeclass"]]
             op.acquire(L.LOCK_HEAP if c == 0 else L.LOCK_CENTRAL(c))
             r2 = self.heap.span_of_page(page)
@@ -413,9 +423,11 @@ class Arena:
     # --- heap maintenance ---------------------------------------------------------------
     def scavenge(self, actor=None):
         """Give every idle page back to the OS (MADV_REMOVE).  Returns the bytes returned."""
+
         def rel(op):
             op.acquire(L.LOCK_HEAP)
             return self.heap.scavenge(op)
+
         return self.run(self.daemon_actor if actor is None else actor, rel)
 
     # --- statistics (stats.py) ------------------------------------------------------------
@@ -448,12 +460,14 @@ class Arena:
         (CentralList.check), large objects (LargeObjects.check), allocation map
         (CentralList.check_amap), figures (stats.check_figures: identities, fast == slow)."""
         records = self.heap.span_records()
-        checks = {"locks": lambda: self.locks.check(),
-                  "heap": lambda: self.heap.check(records),
-                  "central": lambda: self.central.check(records),
-                  "large": lambda: self.large.check(records),
-                  "amap": lambda: self.central.check_amap(records),
-                  "figures": lambda: _stats.check_figures(self, records)}
+        checks = {
+            "locks": lambda: self.locks.check(),
+            "heap": lambda: self.heap.check(records),
+            "central": lambda: self.central.check(records),
+            "large": lambda: self.large.check(records),
+            "amap": lambda: self.central.check_amap(records),
+            "figures": lambda: _stats.check_figures(self, records),
+        }
         bad = []
         for part in checks if parts is None else parts:
             bad += checks[part]()
@@ -463,5 +477,8 @@ class Arena:
         """Verify every structure and identity; raise CorruptionError naming what is broken."""
         problems = self.check_all()
         if problems:
-            raise CorruptionError("arena check failed: " + "; ".join(problems[:20])
-                                  + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))
+            raise CorruptionError(
+                "arena check failed: "
+                + "; ".join(problems[:20])
+                + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else "")
+            )

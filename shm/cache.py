@@ -55,11 +55,11 @@ if TYPE_CHECKING:
 
 SL = L.SLOT
 S = L.SPAN
-_LARGE = 255                  # pclass value of a large span's first page
+_LARGE = 255  # pclass value of a large span's first page
 _CLOSED = bytearray(b"\x03")  # stop byte of a closed or forked cache: every call takes the slow path
 _SHARED = bytearray(b"\x04")  # stop byte of a cache in shared mode: every call takes the locked path
-LARGE_CACHE_MAX = 256 << 20   # bytes of freed large spans a P keeps for reuse, at most (and at most
-                              # a quarter of the heap); a free past it goes back to the page heap
+LARGE_CACHE_MAX = 256 << 20  # bytes of freed large spans a P keeps for reuse, at most (and at most
+# a quarter of the heap); a free past it goes back to the page heap
 
 
 class Block(tuple):
@@ -130,10 +130,10 @@ class ProcessCache:
         self.shared = False
         self._tag = tag(k)
         self._lists: list[list[int]] = [[] for _ in range(L.NCLASS)]  # LISTED handles, by class
-        self._pclass = bytearray(lay.heap_pages)      # page -> class of a span we cache (_LARGE)
-        self._lcache: dict[int, list[int]] = {}       # pages -> LISTED large handles we keep
-        self._lnp: dict[int, int] = {}                # handle -> pages, of the large spans we own
-        self._lcached = [0]                           # pages of large spans in _lcache
+        self._pclass = bytearray(lay.heap_pages)  # page -> class of a span we cache (_LARGE)
+        self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
+        self._lnp: dict[int, int] = {}  # handle -> pages, of the large spans we own
+        self._lcached = [0]  # pages of large spans in _lcache
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lock = threading.Lock()
         self._amap = arena.view(lay.amap_off, lay.amap_off + lay.amap_bytes)
@@ -158,8 +158,14 @@ class ProcessCache:
         """Make `self.alloc` and `self.free`: closures over everything they touch (a cell read
         is several times cheaper than an attribute lookup)."""
         lists, amap, hb, mask, tag_k = self._lists, self._amap, self._hb, self._mask, self._tag
-        pclass, relists, lcache, lnp, lcached, lcap = (self._pclass, self._relists, self._lcache, self._lnp,
-                                                      self._lcached, self._lcap)
+        pclass, relists, lcache, lnp, lcached, lcap = (
+            self._pclass,
+            self._relists,
+            self._lcache,
+            self._lnp,
+            self._lcached,
+            self._lcap,
+        )
         rbuf, rfree_n, lgrel = self._rbuf, self._rfree_n, self._lgrel
         owner, get_ident = self.owner, _thread.get_ident
         stop, inside = self._shm_stop, self._inside  # cells: _set_stop() swaps them
@@ -256,8 +262,13 @@ class ProcessCache:
             slow_free(h)
 
         arena = self.arena
-        q, mv, pm, sw0, capacity = arena.q, arena.mv, arena.lay.pagemap_word(), arena.lay.span_word(0), \
-            arena.block_capacity
+        q, mv, pm, sw0, capacity = (
+            arena.q,
+            arena.mv,
+            arena.lay.pagemap_word(),
+            arena.lay.span_word(0),
+            arena.block_capacity,
+        )
         SC, START, NPAGES, SPAN_WORDS = S["sizeclass"], S["start"], S["npages"], L.SPAN_WORDS
 
         def view(handle, size=None):
@@ -281,7 +292,7 @@ class ProcessCache:
                 size = cap
             elif not 0 <= size <= cap:
                 raise BadHandle(f"view of {size} bytes of a block of {cap}")
-            return mv[h:h + size]
+            return mv[h : h + size]
 
         def set_stop(stop_view, inside_view):
             nonlocal stop, inside
@@ -370,9 +381,11 @@ class ProcessCache:
             h = lst.pop()
             self._lcached[0] -= npg
         else:
+
             def alloc(op):
                 op.acquire(L.LOCK_HEAP)
                 return arena.large.collect_pending(op, k), arena.large.alloc(op, npg, k)
+
             gone, h = arena.run(k, alloc)
             for g in gone:
                 self._lnp.pop(g, None)
@@ -446,7 +459,7 @@ class ProcessCache:
         r, lst = arena.run(k, refill)
         w = arena.lay.span_word(r)
         start, npages = arena.q[w + S["start"]], arena.q[w + S["npages"]]
-        self._pclass[start:start + npages] = bytes((c,)) * npages
+        self._pclass[start : start + npages] = bytes((c,)) * npages
         self._lists[c][:] = lst
         return self._lists[c].pop()
 
@@ -474,8 +487,10 @@ class ProcessCache:
 
     def _check_usable(self):
         if os.getpid() != self.pid:
-            raise ForkedHeap("this Heap belongs to the parent process (pid %d); call client.connect() "
-                             "in the child to get a P of its own" % self.pid)
+            raise ForkedHeap(
+                "this Heap belongs to the parent process (pid %d); call client.connect() "
+                "in the child to get a P of its own" % self.pid
+            )
         if self._closed:
             raise ArenaClosed("this heap is closed")
 

@@ -70,8 +70,8 @@ def _apply_table(j, k):
 
 
 _UNCACHED_T = _apply_table(-1, 0)
-_OWN_T = [_apply_table(j, j) for j in range(L.MAX_SLOTS + 1)]      # cached by the P that freed
-_OTHER_T = [_apply_table(j, -1) for j in range(L.MAX_SLOTS + 1)]   # cached by another P
+_OWN_T = [_apply_table(j, j) for j in range(L.MAX_SLOTS + 1)]  # cached by the P that freed
+_OTHER_T = [_apply_table(j, -1) for j in range(L.MAX_SLOTS + 1)]  # cached by another P
 
 
 class CentralList:
@@ -102,7 +102,7 @@ class CentralList:
 
     def _span_bytes(self, r):
         off, stride, n, base, size = self.starts(r)
-        return off, stride, bytes(self.mv[off:off + n * stride:stride]), base, size
+        return off, stride, bytes(self.mv[off : off + n * stride : stride]), base, size
 
     def _place(self, op, c, r, alloc_count, nelems, keep_empty=False):
         """Put uncached span r where it belongs: full list, partial list, or back to the heap
@@ -213,7 +213,7 @@ class CentralList:
         op.need(L.LOCK_CENTRAL(c), "CentralList.apply_frees")
         q, w = self.q, self.lay.span_word(r)
         off, stride, n, base, size = self.starts(r)
-        old = bytes(self.mv[off:off + n * stride:stride])
+        old = bytes(self.mv[off : off + n * stride : stride])
         new = bytearray(old)
         owner = q[w + S["owner"]]
         # What each object byte becomes (BAD_T: the free is bad).  RFREED: our hint held, nobody
@@ -253,14 +253,19 @@ class CentralList:
         off, stride, n, base, size = self.starts(r)
         i, rem = divmod(h - base, size)
         if rem or not 0 <= i < n:
-            raise BadHandle(f"handle {h} is inside a block of {size} bytes but not at its start "
-                            f"(block starts at {base + i * size})" if 0 <= i < n else
-                            f"handle {h} is in the tail of a span, past its last object")
+            raise BadHandle(
+                f"handle {h} is inside a block of {size} bytes but not at its start "
+                f"(block starts at {base + i * size})"
+                if 0 <= i < n
+                else f"handle {h} is in the tail of a span, past its last object"
+            )
         boff = off + i * stride
         b = self.mv[boff]
         if b in (FREE, LISTED, PENDING, RFREED):
-            raise DoubleFree(f"double free: block {h} ({size} bytes) is already free" +
-                             (" (freed by another process, its free not yet applied)" if b == RFREED else ""))
+            raise DoubleFree(
+                f"double free: block {h} ({size} bytes) is already free"
+                + (" (freed by another process, its free not yet applied)" if b == RFREED else "")
+            )
         owner = q[w + S["owner"]]
         if b == ALLOC:
             if owner:
@@ -275,7 +280,9 @@ class CentralList:
             return
         j = b - L.TAG0
         if owner != j + 1:
-            raise CorruptionError(f"object {h} carries the tag of P {j} but span {r} is cached by {owner - 1}")
+            raise CorruptionError(
+                f"object {h} carries the tag of P {j} but span {r} is cached by {owner - 1}"
+            )
         if j == k:
             op.wbyte(boff, FREE)  # our own span: collected on our next refill
         else:
@@ -289,7 +296,7 @@ class CentralList:
         size = CLASS_TO_SIZE[c]
         off = self.lay.amap_off + rec["start"] * PAGE // 8
         stride = size // 8
-        return bytes(self.mv[off:off + rec["nelems"] * stride:stride])
+        return bytes(self.mv[off : off + rec["nelems"] * stride : stride])
 
     def check(self, records):
         """Central lists, caches and counters agree with the spans and their object bytes
@@ -330,9 +337,15 @@ class CentralList:
                 if rfreed:
                     base = lay.heap_off + rec["start"] * PAGE
                     size = CLASS_TO_SIZE[c]
-                    lost = [base + i * size for i, x in enumerate(b) if x == L.RFREED and base + i * size not in buffered]
+                    lost = [
+                        base + i * size
+                        for i, x in enumerate(b)
+                        if x == L.RFREED and base + i * size not in buffered
+                    ]
                     if lost:
-                        bad.append(f"span {r}: objects {lost[:4]} are RFREED but in no P's remote-free buffer")
+                        bad.append(
+                            f"span {r}: objects {lost[:4]} are RFREED but in no P's remote-free buffer"
+                        )
                 if rec["owner"]:
                     ncached += 1
                     k = rec["owner"] - 1
@@ -340,25 +353,33 @@ class CentralList:
                         bad.append(f"span {r} says it is cached by P {k} but slot {k} does not cache it")
                     allowed = {L.FREE, L.PENDING, L.LISTED, L.RFREED, L.TAG0 + k}
                     if b.count(L.PENDING) != rec["npending"]:
-                        bad.append(f"span {r}: npending {rec['npending']} != PENDING bytes {b.count(L.PENDING)}")
+                        bad.append(
+                            f"span {r}: npending {rec['npending']} != PENDING bytes {b.count(L.PENDING)}"
+                        )
                     if r in on_list:
                         bad.append(f"span {r} is cached by P {k} and on a central list")
                 else:
                     allowed = {L.FREE, L.ALLOC, L.RFREED}
                     live += rec["alloc_count"]
                     if alloc + rfreed != rec["alloc_count"]:  # a buffered free is live until applied
-                        bad.append(f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects "
-                                   f"{alloc} + RFREED {rfreed}")
+                        bad.append(
+                            f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects "
+                            f"{alloc} + RFREED {rfreed}"
+                        )
                     alloc += rfreed
                     # An empty span may wait on the partial list (Arena.free_empty_spans).
                     want = L.LIST_FULL if alloc == rec["nelems"] else L.LIST_PARTIAL
                     if on_list.get(r) != want or rec["list"] != want:
-                        bad.append(f"span {r} (class {c}, {alloc}/{rec['nelems']} allocated) on list {on_list.get(r)}, want {want}")
+                        bad.append(
+                            f"span {r} (class {c}, {alloc}/{rec['nelems']} allocated) on list {on_list.get(r)}, want {want}"
+                        )
                 odd = set(b) - allowed
                 if odd:
                     bad.append(f"span {r} (class {c}, owner {rec['owner']}) has object bytes {sorted(odd)}")
             if live != q[cw + C["live"]]:
-                bad.append(f"class {c}: central live {q[cw + C['live']]} != allocated objects in uncached spans {live}")
+                bad.append(
+                    f"class {c}: central live {q[cw + C['live']]} != allocated objects in uncached spans {live}"
+                )
             if nspans != q[cw + C["nspans"]]:
                 bad.append(f"class {c}: central nspans {q[cw + C['nspans']]} != in-use spans {nspans}")
             if ncached != q[cw + C["ncached"]]:
@@ -375,7 +396,7 @@ class CentralList:
         Returns the problems."""
         q, lay, bad = self.q, self.lay, []
         committed = q[lay.heap_word() + H["committed_pages"]]
-        amap = self.mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
+        amap = self.mv[lay.amap_off : lay.amap_off + committed * PAGE // 8]
         nonzero = len(amap) - bytes(amap).count(0)
         starts_nonzero = 0
         for rec in records:
@@ -387,7 +408,9 @@ class CentralList:
                 b = self.object_bytes(rec)
                 starts_nonzero += len(b) - b.count(0)
         if nonzero != starts_nonzero:
-            bad.append(f"allocation map has {nonzero} non-zero bytes, object starts account for {starts_nonzero} "
-                       "(a byte set outside an object start, or in a free span)")
+            bad.append(
+                f"allocation map has {nonzero} non-zero bytes, object starts account for {starts_nonzero} "
+                "(a byte set outside an object start, or in a free span)"
+            )
         amap.release()
         return bad

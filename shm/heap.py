@@ -57,7 +57,10 @@ class PageHeap:
             return -1
         w = self.lay.span_word(r)
         q = self.q
-        if q[w + S["state"]] != L.SPAN_INUSE or not q[w + S["start"]] <= page < q[w + S["start"]] + q[w + S["npages"]]:
+        if (
+            q[w + S["state"]] != L.SPAN_INUSE
+            or not q[w + S["start"]] <= page < q[w + S["start"]] + q[w + S["npages"]]
+        ):
             return -1
         return r
 
@@ -102,7 +105,17 @@ class PageHeap:
                 raise CorruptionError("span table exhausted (more spans than pages)")
             op.w(hw + H["records_high"], r + 1)
         w = self.sw(r)
-        for name in ("next", "prev", "list", "owner", "alloc_count", "npending", "released", "sizeclass", "nelems"):
+        for name in (
+            "next",
+            "prev",
+            "list",
+            "owner",
+            "alloc_count",
+            "npending",
+            "released",
+            "sizeclass",
+            "nelems",
+        ):
             op.w(w + S[name], 0)
         op.add(hw + H["nrecords_used"], 1)
         return r
@@ -173,7 +186,11 @@ class PageHeap:
         best, r = -1, q[self.hw + L.HEAP_BUCKETS_AT + L.NBUCKETS - 1] - 1
         while r >= 0:  # bucket 128: best fit, then lowest address
             n = q[self.sw(r) + S["npages"]]
-            if n >= npages and (best < 0 or (n, q[self.sw(r) + S["start"]]) < (q[self.sw(best) + S["npages"]], q[self.sw(best) + S["start"]])):
+            if n >= npages and (
+                best < 0
+                or (n, q[self.sw(r) + S["start"]])
+                < (q[self.sw(best) + S["npages"]], q[self.sw(best) + S["start"]])
+            ):
                 best = r
             r = q[self.sw(r) + S["next"]] - 1
         return best
@@ -184,8 +201,10 @@ class PageHeap:
             os.posix_fallocate(a.fd, self.lay.heap_off + start * PAGE, npages * PAGE)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise OutOfMemory(f"/dev/shm is full: cannot commit {npages * PAGE} bytes of heap "
-                                  f"({os.strerror(e.errno)}); free space in /dev/shm or lower --max-heap") from None
+                raise OutOfMemory(
+                    f"/dev/shm is full: cannot commit {npages * PAGE} bytes of heap "
+                    f"({os.strerror(e.errno)}); free space in /dev/shm or lower --max-heap"
+                ) from None
             raise
 
     def grow(self, op, npages):
@@ -195,8 +214,10 @@ class PageHeap:
         committed = q[hw + H["committed_pages"]]
         room = self.lay.heap_pages - committed
         if npages > room:
-            raise OutOfMemory(f"heap exhausted: need {npages} pages, {room} of {self.lay.heap_pages} "
-                              f"left to commit (--max-heap {self.lay.heap_max} bytes)")
+            raise OutOfMemory(
+                f"heap exhausted: need {npages} pages, {room} of {self.lay.heap_pages} "
+                f"left to commit (--max-heap {self.lay.heap_max} bytes)"
+            )
         n = min(room, max(npages, GROW_PAGES))
         self._commit(op, committed, n)
         op.w(hw + H["committed_pages"], committed + n)
@@ -319,7 +340,9 @@ class PageHeap:
             page = rec["start"] + rec["npages"]
             free = rec["state"] == L.SPAN_FREE
             if free and prev_free:
-                bad.append(f"free span {rec['r']} at page {rec['start']} was not coalesced with its predecessor")
+                bad.append(
+                    f"free span {rec['r']} at page {rec['start']} was not coalesced with its predecessor"
+                )
             prev_free = free
             if rec["npages"] == 0:
                 bad.append(f"span {rec['r']} has 0 pages")

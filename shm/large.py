@@ -101,8 +101,10 @@ class LargeObjects:
         q, w = self.q, self.lay.span_word(r)
         base = self.base(r)
         if h != base:
-            raise BadHandle(f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes "
-                            f"but not at its start ({base})")
+            raise BadHandle(
+                f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes "
+                f"but not at its start ({base})"
+            )
         b = self.mv[self.byte_off(h)]
         owner = q[w + S["owner"]]
         if b == L.RFREED and buffered:
@@ -183,7 +185,7 @@ class LargeObjects:
         q, lay, bad = self.q, self.lay, []
         committed = q[self.hw + H["committed_pages"]]
         buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
-        amap = self.mv[lay.amap_off:lay.amap_off + committed * PAGE // 8]
+        amap = self.mv[lay.amap_off : lay.amap_off + committed * PAGE // 8]
         for rec in records:
             if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != 0:
                 continue
@@ -192,10 +194,17 @@ class LargeObjects:
             if b0 == L.RFREED and lay.heap_off + rec["start"] * PAGE not in buffered:
                 bad.append(f"large span {rec['r']} is RFREED but in no P's remote-free buffer")
             if k < 0 and (b0 not in (L.ALLOC, L.RFREED) or rec["list"] != L.LIST_NONE):
-                bad.append(f"large span {rec['r']}: start byte {b0}, list {rec['list']}; an unowned one is ALLOC")
-            elif k >= 0 and (b0 not in (L.TAG0 + k, L.LISTED, L.PENDING, L.RFREED) or rec["list"] != L.LIST_LARGE
-                             or rec["r"] not in self.owned(k)):
-                bad.append(f"large span {rec['r']} owned by P {k}: start byte {b0}, list {rec['list']}, "
-                           "want TAG(k), LISTED or PENDING on P k's list")
+                bad.append(
+                    f"large span {rec['r']}: start byte {b0}, list {rec['list']}; an unowned one is ALLOC"
+                )
+            elif k >= 0 and (
+                b0 not in (L.TAG0 + k, L.LISTED, L.PENDING, L.RFREED)
+                or rec["list"] != L.LIST_LARGE
+                or rec["r"] not in self.owned(k)
+            ):
+                bad.append(
+                    f"large span {rec['r']} owned by P {k}: start byte {b0}, list {rec['list']}, "
+                    "want TAG(k), LISTED or PENDING on P k's list"
+                )
         amap.release()
         return bad

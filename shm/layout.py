@@ -63,33 +63,44 @@ def _words(*names):
 # --- header (word index from 0) ------------------------------------------------------------
 # Written once by the creating daemon before anyone attaches, except where noted.
 HDR = _words(
-    "magic", "version", "total_bytes", "heap_max",  # bytes
-    "nslots",            # P slots for workers; slot nslots is the daemon's actor, nslots+1 the registry's
-    "slot_words",        # words per slot, undo log included
-    "nrecords",          # span records
-    "lock_off", "central_off", "heapmeta_off", "slots_off", "spans_off", "pagemap_off",
-    "amap_off", "amap_bytes", "heap_off",  # byte offsets / sizes
-    "daemon_pid",        # pid of the daemon that serves the arena; written by the daemon
-    "epoch",             # last snapshot epoch; written by the daemon only
-    "created_ns",        # time.time_ns() at creation
-    "flush_count",       # cache flushes done by the daemon; daemon only
-    "stopped_epoch",     # epoch of the stop-the-world in progress, 0 = none; daemon only.  A P
-                         # claimed meanwhile starts stopped (written and read under the registry lock)
+    "magic",
+    "version",
+    "total_bytes",
+    "heap_max",  # bytes
+    "nslots",  # P slots for workers; slot nslots is the daemon's actor, nslots+1 the registry's
+    "slot_words",  # words per slot, undo log included
+    "nrecords",  # span records
+    "lock_off",
+    "central_off",
+    "heapmeta_off",
+    "slots_off",
+    "spans_off",
+    "pagemap_off",
+    "amap_off",
+    "amap_bytes",
+    "heap_off",  # byte offsets / sizes
+    "daemon_pid",  # pid of the daemon that serves the arena; written by the daemon
+    "epoch",  # last snapshot epoch; written by the daemon only
+    "created_ns",  # time.time_ns() at creation
+    "flush_count",  # cache flushes done by the daemon; daemon only
+    "stopped_epoch",  # epoch of the stop-the-world in progress, 0 = none; daemon only.  A P
+    # claimed meanwhile starts stopped (written and read under the registry lock)
 )
 HEADER_WORDS = 64
 
 # File bytes locked for a whole life rather than around a mutation (see service/daemon.py):
-DAEMON_LOCK_BYTE = 1   # held (write) by the daemon serving the arena, for its life
+DAEMON_LOCK_BYTE = 1  # held (write) by the daemon serving the arena, for its life
 RESUME_LOCK_BYTES = 16  # resume_lock_byte(epoch) is held (write) by the daemon while the world
-                        # is stopped for `epoch`; parked Ps wait for it with a read lock, so they
-                        # sleep in the kernel, not in a poll loop, and wake when the world resumes
-                        # -- or when the daemon dies.  Eight bytes in turn: a P still waking from
-                        # one pause never blocks the next (Linux does not queue lock waiters
-                        # fairly, so a re-taken byte could keep it asleep through the next pause).
+# is stopped for `epoch`; parked Ps wait for it with a read lock, so they
+# sleep in the kernel, not in a poll loop, and wake when the world resumes
+# -- or when the daemon dies.  Eight bytes in turn: a P still waking from
+# one pause never blocks the next (Linux does not queue lock waiters
+# fairly, so a re-taken byte could keep it asleep through the next pause).
 
 
 def resume_lock_byte(epoch):
     return RESUME_LOCK_BYTES + epoch % 8
+
 
 # --- locks ----------------------------------------------------------------------------------
 # Lock ids, in lock order (a process takes them in ascending id order, never the reverse):
@@ -102,28 +113,28 @@ LOCK_HEAP = NCLASS - 1
 LOCK_REGISTRY = NCLASS
 NLOCKS = NCLASS + 1
 LOCK_WORDS = 2  # dirty actor+1 (0 = clean), dirty pid; written by the holder only
-                # == 0 on a quiet arena (Locks.check)
+# == 0 on a quiet arena (Locks.check)
 
 # --- central list, one record per size class -----------------------------------------------
 # Every word written under central lock c only.  The identities CentralList.check holds them to
 # are written at each word ("==").
 CENTRAL = _words(
-    "partial",   # record index+1 of the first span with a free object (0 = none)
-                 #   == the uncached INUSE spans of class c with a free object
-    "full",      # record index+1 of the first span with no free object
-                 #   == the uncached INUSE spans of class c with no free object
-    "mallocs",   # objects; cumulative, optimistic: += objects listed into a P's cache,
-                 #   -= those still listed when the span is uncached (Go's mcentral.nmalloc)
-                 #   + every P's relists[c] - LISTED bytes of cached spans == the slow walk's
-                 #   mallocs of class c; on a quiet arena == it alone (stats.check_figures)
-    "live",      # objects allocated in spans of this class NOT cached by any P
-                 #   == sum of alloc_count over the uncached INUSE spans of class c
-    "nspans",    # in-use spans of this class (cached or not)
-                 #   == INUSE spans of class c
-    "ncached",   # spans of this class cached by some P
-                 #   == INUSE spans of class c with owner != 0
+    "partial",  # record index+1 of the first span with a free object (0 = none)
+    #   == the uncached INUSE spans of class c with a free object
+    "full",  # record index+1 of the first span with no free object
+    #   == the uncached INUSE spans of class c with no free object
+    "mallocs",  # objects; cumulative, optimistic: += objects listed into a P's cache,
+    #   -= those still listed when the span is uncached (Go's mcentral.nmalloc)
+    #   + every P's relists[c] - LISTED bytes of cached spans == the slow walk's
+    #   mallocs of class c; on a quiet arena == it alone (stats.check_figures)
+    "live",  # objects allocated in spans of this class NOT cached by any P
+    #   == sum of alloc_count over the uncached INUSE spans of class c
+    "nspans",  # in-use spans of this class (cached or not)
+    #   == INUSE spans of class c
+    "ncached",  # spans of this class cached by some P
+    #   == INUSE spans of class c with owner != 0
     "bad_frees",  # buffered cross-process frees found bad only when applied (a double free
-                  #   split across processes); counted, logged, never applied; cumulative
+    #   split across processes); counted, logged, never applied; cumulative
 )
 CENTRAL_WORDS = 8
 
@@ -131,103 +142,103 @@ CENTRAL_WORDS = 8
 # Every word written under the heap lock only.  "== ..." is what PageHeap.check holds a word to,
 # or, marked (figures), what stats.check_figures finds the slow walk equal to on a quiet arena.
 HEAP = _words(
-    "committed_pages",   # pages [0, committed_pages) of the heap are fallocate'd (or released)
-                         #   == pages tiled by the FREE and INUSE spans, no gap, no overlap
-    "inuse_pages",       # pages in INUSE spans
-                         #   == sum of npages over the INUSE spans
-    "released_pages",    # pages of FREE spans given back with MADV_REMOVE
-                         #   == sum of npages over the released FREE spans (figures)
-    "nrecords_used",     # records in state FREE or INUSE
-                         #   == FREE and INUSE records among the first records_high
-    "records_high",      # records ever touched (bump pointer into the span table)
-    "free_record",       # record index+1 of the first UNUSED record below records_high
-    "large_mallocs",     # large objects allocated; cumulative
-                         #   + every P's lg_relists - LISTED large spans == the slow walk's (figures)
-    "large_live",        # large objects live
-                         #   == large spans whose start byte is ALLOC or TAG(k) (figures)
+    "committed_pages",  # pages [0, committed_pages) of the heap are fallocate'd (or released)
+    #   == pages tiled by the FREE and INUSE spans, no gap, no overlap
+    "inuse_pages",  # pages in INUSE spans
+    #   == sum of npages over the INUSE spans
+    "released_pages",  # pages of FREE spans given back with MADV_REMOVE
+    #   == sum of npages over the released FREE spans (figures)
+    "nrecords_used",  # records in state FREE or INUSE
+    #   == FREE and INUSE records among the first records_high
+    "records_high",  # records ever touched (bump pointer into the span table)
+    "free_record",  # record index+1 of the first UNUSED record below records_high
+    "large_mallocs",  # large objects allocated; cumulative
+    #   + every P's lg_relists - LISTED large spans == the slow walk's (figures)
+    "large_live",  # large objects live
+    #   == large spans whose start byte is ALLOC or TAG(k) (figures)
     "large_live_pages",  # pages of live large spans
-                         #   == sum of npages over those spans (figures)
+    #   == sum of npages over those spans (figures)
     "large_total_bytes",  # bytes of large spans ever allocated; cumulative
-    "grows",             # heap growths; cumulative
-    "releases",          # MADV_REMOVE calls; cumulative
-    "bad_frees",         # buffered frees of large objects found bad when applied; cumulative
+    "grows",  # heap growths; cumulative
+    "releases",  # MADV_REMOVE calls; cumulative
+    "bad_frees",  # buffered frees of large objects found bad when applied; cumulative
 )
-HEAP_BUCKETS_AT = 16     # word index of bucket heads: bucket n (1..127) = free spans of n pages,
-NBUCKETS = 129           # bucket 128 = free spans of 128 pages or more; each a record index+1
-                         # == every FREE span exactly once, in the bucket of its page count
+HEAP_BUCKETS_AT = 16  # word index of bucket heads: bucket n (1..127) = free spans of n pages,
+NBUCKETS = 129  # bucket 128 = free spans of 128 pages or more; each a record index+1
+# == every FREE span exactly once, in the bucket of its page count
 HEAPMETA_WORDS = HEAP_BUCKETS_AT + NBUCKETS
 
 # --- P slots -------------------------------------------------------------------------------
 SLOT = _words(
-    "state",         # SLOT_FREE / SLOT_ACTIVE / SLOT_DEAD; under the registry lock
-    "pid",           # worker pid; under the registry lock
-    "gen",           # incremented at every claim; under the registry lock
-    "stop",          # STOP_RUN / STOP_PARK / STOP_RESYNC (below); the fast path reads its low byte.
-                     #   The daemon writes PARK (and RUN or RESYNC at resume); the P writes RUN
-                     #   over RESYNC only, inside a call (shm/world.py says why that is safe)
-    "stop_epoch",    # epoch of that request; written by the daemon before `stop`
-    "parked",        # epoch the P parked for; written by the P (or the daemon if it is dead)
-    "flush_gen",     # bumped by the daemon each time it flushes this P's cache while parked
+    "state",  # SLOT_FREE / SLOT_ACTIVE / SLOT_DEAD; under the registry lock
+    "pid",  # worker pid; under the registry lock
+    "gen",  # incremented at every claim; under the registry lock
+    "stop",  # STOP_RUN / STOP_PARK / STOP_RESYNC (below); the fast path reads its low byte.
+    #   The daemon writes PARK (and RUN or RESYNC at resume); the P writes RUN
+    #   over RESYNC only, inside a call (shm/world.py says why that is safe)
+    "stop_epoch",  # epoch of that request; written by the daemon before `stop`
+    "parked",  # epoch the P parked for; written by the P (or the daemon if it is dead)
+    "flush_gen",  # bumped by the daemon each time it flushes this P's cache while parked
     "heartbeat_ns",  # time.time_ns() of the P's last control-thread heartbeat
-    "claimed_ns",    # time.time_ns() at claim
-    "log_used",      # undo log: bytes of entries committed to the log (see locks.py)
-                     #   == 0 on a quiet arena (Locks.check)
-    "log_n",         # undo log: number of entries
-    "parked_ns",     # time.monotonic_ns() when the P parked (written just before `parked`)
-    "inside",        # low byte 1 while the P is inside an allocator call (fast or slow path);
-                     #   written by the P only, BEFORE it reads `stop` (see shm/world.py)
-    "barrier",       # 1 = the P registered for membarrier(GLOBAL_EXPEDITED), so the daemon may
-                     #   judge it stopped from `inside` alone; written by the P at claim
-    "rfree_n",       # remote-free buffer: entries [0, rfree_n) of rfree[] are frees this P made of
-                     #   objects it does not cache, not yet applied; written by the P, or by its
-                     #   flusher while the P is stopped or dead (then under the locks it applies)
-                     #   every RFREED byte's handle is in some P's rfree[:rfree_n]
-                     #   (CentralList.check, LargeObjects.check)
-    "lg_relists",    # large spans this P re-listed into its large cache by local frees, counted
-                     #   as mallocs optimistically; folded into the heap figures at flush; P only
+    "claimed_ns",  # time.time_ns() at claim
+    "log_used",  # undo log: bytes of entries committed to the log (see locks.py)
+    #   == 0 on a quiet arena (Locks.check)
+    "log_n",  # undo log: number of entries
+    "parked_ns",  # time.monotonic_ns() when the P parked (written just before `parked`)
+    "inside",  # low byte 1 while the P is inside an allocator call (fast or slow path);
+    #   written by the P only, BEFORE it reads `stop` (see shm/world.py)
+    "barrier",  # 1 = the P registered for membarrier(GLOBAL_EXPEDITED), so the daemon may
+    #   judge it stopped from `inside` alone; written by the P at claim
+    "rfree_n",  # remote-free buffer: entries [0, rfree_n) of rfree[] are frees this P made of
+    #   objects it does not cache, not yet applied; written by the P, or by its
+    #   flusher while the P is stopped or dead (then under the locks it applies)
+    #   every RFREED byte's handle is in some P's rfree[:rfree_n]
+    #   (CentralList.check, LargeObjects.check)
+    "lg_relists",  # large spans this P re-listed into its large cache by local frees, counted
+    #   as mallocs optimistically; folded into the heap figures at flush; P only
     "lg_relist_pages",  # pages of those spans; P only
-    "lg_head",       # record index+1 of the first large span this P owns (allocated TAG(k),
-                     #   LISTED in its large cache, or PENDING); linked through the records'
-                     #   next/prev; under the heap lock
-                     #   every INUSE large span with owner k+1 is on it, list LIST_LARGE, its
-                     #   start byte TAG(k), LISTED, PENDING or RFREED (LargeObjects.check)
-    "lg_pending",    # large spans of this P another P freed (PENDING); under the heap lock
+    "lg_head",  # record index+1 of the first large span this P owns (allocated TAG(k),
+    #   LISTED in its large cache, or PENDING); linked through the records'
+    #   next/prev; under the heap lock
+    #   every INUSE large span with owner k+1 is on it, list LIST_LARGE, its
+    #   start byte TAG(k), LISTED, PENDING or RFREED (LargeObjects.check)
+    "lg_pending",  # large spans of this P another P freed (PENDING); under the heap lock
 )
-SLOT_CACHED_AT = 32      # word index of cached[c], c in 0..66: record index+1 of the span of class c
-                         # this P caches; written under central lock c
-                         # cached[c] == r+1 <=> span r is INUSE, of class c, owner k+1 (CentralList.check)
-SLOT_RELISTS_AT = 104    # word index of relists[c], c in 0..66: objects of class c this P re-listed
-                         # by local frees (LISTED again, counted as mallocs optimistically, as at
-                         # collect); written by the P only; folded into central[c].mallocs when the
-                         # span of class c is uncached.  Every P quiet (relists, lg_relists, rfree_n
-                         # 0, nothing cached or owned: stats.quiet_slot) => fast figures == slow
-                         # (stats.check_figures)
-SLOT_RFREE_AT = 256      # word index of rfree[i], i < RFREE_CAP: handles this P freed remotely
+SLOT_CACHED_AT = 32  # word index of cached[c], c in 0..66: record index+1 of the span of class c
+# this P caches; written under central lock c
+# cached[c] == r+1 <=> span r is INUSE, of class c, owner k+1 (CentralList.check)
+SLOT_RELISTS_AT = 104  # word index of relists[c], c in 0..66: objects of class c this P re-listed
+# by local frees (LISTED again, counted as mallocs optimistically, as at
+# collect); written by the P only; folded into central[c].mallocs when the
+# span of class c is uncached.  Every P quiet (relists, lg_relists, rfree_n
+# 0, nothing cached or owned: stats.quiet_slot) => fast figures == slow
+# (stats.check_figures)
+SLOT_RFREE_AT = 256  # word index of rfree[i], i < RFREE_CAP: handles this P freed remotely
 RFREE_CAP = 256
 SLOT_HEAD_WORDS = 512
-LOG_BYTES = 64 * 1024    # undo log bytes per actor
+LOG_BYTES = 64 * 1024  # undo log bytes per actor
 SLOT_FREE, SLOT_ACTIVE = 0, 1
-STOP_RUN = 0      # run: the fast path may go on
-STOP_PARK = 1     # the world is stopping for epoch stop_epoch: park at the next call
-STOP_RESYNC = 2   # the daemon flushed this P's cache: drop the local lists at the next call
+STOP_RUN = 0  # run: the fast path may go on
+STOP_PARK = 1  # the world is stopping for epoch stop_epoch: park at the next call
+STOP_RESYNC = 2  # the daemon flushed this P's cache: drop the local lists at the next call
 
 # --- span records --------------------------------------------------------------------------
 SPAN = _words(
-    "start",       # first page (index into the heap)
-    "npages",      # pages
-    "state",       # SPAN_UNUSED / SPAN_FREE / SPAN_INUSE; under the heap lock
-    "sizeclass",   # 0 = large object; else a size class; set under the heap lock
-    "owner",       # slot+1 of the P caching this span, 0 = none; under central lock (heap lock
-                   #   for a large span: the P that allocated it owns it until it is flushed)
-    "list",        # LIST_* ; which list links this record (central lock, or heap lock for free)
-    "next",        # record index+1 in that list
-    "prev",        # record index+1 in that list
+    "start",  # first page (index into the heap)
+    "npages",  # pages
+    "state",  # SPAN_UNUSED / SPAN_FREE / SPAN_INUSE; under the heap lock
+    "sizeclass",  # 0 = large object; else a size class; set under the heap lock
+    "owner",  # slot+1 of the P caching this span, 0 = none; under central lock (heap lock
+    #   for a large span: the P that allocated it owns it until it is flushed)
+    "list",  # LIST_* ; which list links this record (central lock, or heap lock for free)
+    "next",  # record index+1 in that list
+    "prev",  # record index+1 in that list
     "alloc_count",  # objects allocated; valid while owner == 0; under central lock
-                   #   == its ALLOC + RFREED object bytes while owner == 0 (CentralList.check)
-    "npending",    # PENDING bytes waiting for the owner; under central lock
-                   #   == its PENDING object bytes while owner != 0 (CentralList.check)
-    "nelems",      # objects in the span; set with sizeclass
-    "released",    # 1 = FREE span whose pages were given back (MADV_REMOVE); heap lock
+    #   == its ALLOC + RFREED object bytes while owner == 0 (CentralList.check)
+    "npending",  # PENDING bytes waiting for the owner; under central lock
+    #   == its PENDING object bytes while owner != 0 (CentralList.check)
+    "nelems",  # objects in the span; set with sizeclass
+    "released",  # 1 = FREE span whose pages were given back (MADV_REMOVE); heap lock
 )
 SPAN_WORDS = 16
 SPAN_UNUSED, SPAN_FREE, SPAN_INUSE = 0, 1, 2
@@ -235,11 +246,11 @@ LIST_NONE, LIST_PARTIAL, LIST_FULL, LIST_HEAPFREE, LIST_UNUSED, LIST_LARGE = 0, 
 # LIST_LARGE: a large span owned by a P, on that P's lg_head list (heap lock)
 
 REGION_MAGIC = {
-    "locks": 0x4B434F4C,     # "LOCK"
-    "central": 0x4C544E43,   # "CNTL"
+    "locks": 0x4B434F4C,  # "LOCK"
+    "central": 0x4C544E43,  # "CNTL"
     "heapmeta": 0x50414548,  # "HEAP"
-    "spans": 0x4E415053,     # "SPAN"
-    "pagemap": 0x50414D50,   # "PMAP"
+    "spans": 0x4E415053,  # "SPAN"
+    "pagemap": 0x50414D50,  # "PMAP"
 }
 
 
@@ -319,18 +330,36 @@ class Layout:
         return self.pagemap_off // WORD + PREAMBLE
 
     def region_offsets(self):
-        return {"locks": self.lock_off, "central": self.central_off, "heapmeta": self.heapmeta_off,
-                "spans": self.spans_off, "pagemap": self.pagemap_off}
+        return {
+            "locks": self.lock_off,
+            "central": self.central_off,
+            "heapmeta": self.heapmeta_off,
+            "spans": self.spans_off,
+            "pagemap": self.pagemap_off,
+        }
 
     # Header I/O.
     def write_header(self, q, now_ns):
         h = [0] * HEADER_WORDS
-        vals = dict(magic=MAGIC, version=VERSION, total_bytes=self.total_bytes, heap_max=self.heap_max,
-                    nslots=self.nslots, slot_words=self.slot_words, nrecords=self.nrecords,
-                    lock_off=self.lock_off, central_off=self.central_off, heapmeta_off=self.heapmeta_off,
-                    slots_off=self.slots_off, spans_off=self.spans_off, pagemap_off=self.pagemap_off,
-                    amap_off=self.amap_off, amap_bytes=self.amap_bytes, heap_off=self.heap_off,
-                    created_ns=now_ns)
+        vals = dict(
+            magic=MAGIC,
+            version=VERSION,
+            total_bytes=self.total_bytes,
+            heap_max=self.heap_max,
+            nslots=self.nslots,
+            slot_words=self.slot_words,
+            nrecords=self.nrecords,
+            lock_off=self.lock_off,
+            central_off=self.central_off,
+            heapmeta_off=self.heapmeta_off,
+            slots_off=self.slots_off,
+            spans_off=self.spans_off,
+            pagemap_off=self.pagemap_off,
+            amap_off=self.amap_off,
+            amap_bytes=self.amap_bytes,
+            heap_off=self.heap_off,
+            created_ns=now_ns,
+        )
         for k, v in vals.items():
             h[HDR[k]] = v
         for name, off in self.region_offsets().items():
@@ -349,10 +378,24 @@ class Layout:
         if q[HDR["version"]] != VERSION:
             raise LayoutMismatch(f"arena layout version {q[HDR['version']]}, this code speaks {VERSION}")
         lay = cls(q[HDR["heap_max"]], q[HDR["nslots"]])
-        for k in ("total_bytes", "slot_words", "nrecords", "lock_off", "central_off", "heapmeta_off",
-                  "slots_off", "spans_off", "pagemap_off", "amap_off", "amap_bytes", "heap_off"):
+        for k in (
+            "total_bytes",
+            "slot_words",
+            "nrecords",
+            "lock_off",
+            "central_off",
+            "heapmeta_off",
+            "slots_off",
+            "spans_off",
+            "pagemap_off",
+            "amap_off",
+            "amap_bytes",
+            "heap_off",
+        ):
             if q[HDR[k]] != getattr(lay, k):
-                raise LayoutMismatch(f"arena header field {k}={q[HDR[k]]} disagrees with layout {getattr(lay, k)}")
+                raise LayoutMismatch(
+                    f"arena header field {k}={q[HDR[k]]} disagrees with layout {getattr(lay, k)}"
+                )
         if segment_bytes < lay.total_bytes:
             raise LayoutMismatch(f"segment is {segment_bytes} bytes, arena needs {lay.total_bytes}")
         for name, off in lay.region_offsets().items():

@@ -113,7 +113,9 @@ class Locks:
         q, lay, bad = self.q, self.lay, []
         for lid in range(L.NLOCKS):
             if q[lay.lock_word(lid)]:
-                bad.append(f"lock {lid} is dirty (actor {q[lay.lock_word(lid)] - 1} died mid-operation, not repaired)")
+                bad.append(
+                    f"lock {lid} is dirty (actor {q[lay.lock_word(lid)] - 1} died mid-operation, not repaired)"
+                )
         for k in range(lay.nslots + 2):
             if q[lay.slot_word(k) + L.SLOT["log_used"]]:
                 bad.append(f"actor {k} has an undo log of {q[lay.slot_word(k) + L.SLOT['log_used']]} bytes")
@@ -163,7 +165,7 @@ class UndoLog:
         q = self.q
         q[w], q[w + 1], q[w + 2], q[w + 3] = _B_ENTRY, off, stride, n
         b = self.base + u + 32
-        self.mv[b:b + n] = old
+        self.mv[b : b + n] = old
         q[self.used_w] = u + size
 
     def add_scatter(self, packed):
@@ -176,7 +178,7 @@ class UndoLog:
         w = (self.base + u) // 8
         q = self.q
         q[w], q[w + 1] = _S_ENTRY, n
-        q[w + 2:w + 2 + n] = array("Q", packed)
+        q[w + 2 : w + 2 + n] = array("Q", packed)
         q[self.used_w] = u + size
 
     def entries(self):
@@ -191,11 +193,11 @@ class UndoLog:
             elif kind == _B_ENTRY:
                 off, stride, n = q[w + 1], q[w + 2], q[w + 3]
                 b = self.base + pos + 32
-                out.append((kind, (off, stride), bytes(mv[b:b + n])))
+                out.append((kind, (off, stride), bytes(mv[b : b + n])))
                 pos += 32 + (n + 7) // 8 * 8
             elif kind == _S_ENTRY:
                 n = q[w + 1]
-                out.append((kind, None, q[w + 2:w + 2 + n].tolist()))
+                out.append((kind, None, q[w + 2 : w + 2 + n].tolist()))
                 pos += 16 + 8 * n
             else:
                 raise CorruptionError(f"undo log entry of unknown kind {kind} at byte {pos}")
@@ -211,7 +213,7 @@ class UndoLog:
                     mv[x >> 8] = x & 0xFF
             else:
                 off, stride = a
-                mv[off:off + len(b) * stride:stride] = b
+                mv[off : off + len(b) * stride : stride] = b
         q[self.used_w] = 0
 
     def clear(self):
@@ -280,7 +282,7 @@ class Op:
 
     def wbytes(self, off, stride, new):
         n = len(new)
-        view = self.mv[off:off + n * stride:stride]
+        view = self.mv[off : off + n * stride : stride]
         old = bytes(view)
         if old != new:
             self.log.add_bytes(off, stride, old)

@@ -61,9 +61,9 @@ class Registry:
     def is_idle(self, k):
         """Slot k caches no span and holds no buffered work (a FREE slot must be idle)."""
         q, sw = self.q, self.lay.slot_word(k)
-        if any(q[sw + L.SLOT_CACHED_AT:sw + L.SLOT_CACHED_AT + L.NCLASS].tolist()):
+        if any(q[sw + L.SLOT_CACHED_AT : sw + L.SLOT_CACHED_AT + L.NCLASS].tolist()):
             return False
-        if any(q[sw + L.SLOT_RELISTS_AT:sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist()):
+        if any(q[sw + L.SLOT_RELISTS_AT : sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist()):
             return False
         return not any(q[sw + SL[n]] for n in _MUST_BE_ZERO)
 

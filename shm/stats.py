@@ -36,16 +36,41 @@ SPAN_BYTES = L.SPAN_WORDS * 8
 # On a quiet arena read_stats == read_stats_slow, figure by figure (check_figures).
 FIELDS = (
     # sys == heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys
-    ("sys", "bytes", "gauge", "Bytes of the arena in use by the allocator: heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys."),
+    (
+        "sys",
+        "bytes",
+        "gauge",
+        "Bytes of the arena in use by the allocator: heap_sys + mspan_sys + mcache_sys + gc_sys + other_sys.",
+    ),
     ("heap_sys", "bytes", "gauge", "Heap bytes committed (posix_fallocate) so far, released pages included."),
     # heap_idle + heap_inuse == heap_sys;  heap_released <= heap_idle
     ("heap_idle", "bytes", "gauge", "Heap bytes in free spans (heap_sys - heap_inuse)."),
-    ("heap_inuse", "bytes", "gauge", "Heap bytes in spans holding objects (small-class spans and large objects)."),
-    ("heap_released", "bytes", "gauge", "Bytes of free spans given back to the OS with MADV_REMOVE (part of heap_idle)."),
+    (
+        "heap_inuse",
+        "bytes",
+        "gauge",
+        "Heap bytes in spans holding objects (small-class spans and large objects).",
+    ),
+    (
+        "heap_released",
+        "bytes",
+        "gauge",
+        "Bytes of free spans given back to the OS with MADV_REMOVE (part of heap_idle).",
+    ),
     # heap_alloc <= heap_inuse;  heap_alloc == sum of by_size (mallocs - frees) * size + large_bytes
-    ("heap_alloc", "bytes", "gauge", "Bytes of live objects: class size times live small objects, plus whole large spans."),
+    (
+        "heap_alloc",
+        "bytes",
+        "gauge",
+        "Bytes of live objects: class size times live small objects, plus whole large spans.",
+    ),
     # total_alloc >= heap_alloc
-    ("total_alloc", "bytes", "counter", "Bytes ever allocated (class size for small objects, span bytes for large ones)."),
+    (
+        "total_alloc",
+        "bytes",
+        "counter",
+        "Bytes ever allocated (class size for small objects, span bytes for large ones).",
+    ),
     # heap_objects == mallocs - frees
     ("heap_objects", "objects", "gauge", "Live objects (mallocs - frees)."),
     # mallocs == sum of by_size mallocs + large_mallocs;  frees == sum of by_size frees + large_frees
@@ -55,13 +80,28 @@ FIELDS = (
     ("mspan_inuse", "bytes", "gauge", "Span-table bytes of records in use (free and in-use spans)."),
     ("mcache_sys", "bytes", "gauge", "P-slot bytes (caches and their undo logs) reserved for workers."),
     ("mcache_inuse", "bytes", "gauge", "P-slot bytes of slots held by a worker."),
-    ("gc_sys", "bytes", "gauge", "Allocation-map bytes covering the committed heap (one byte per 8 heap bytes)."),
-    ("other_sys", "bytes", "gauge", "Header, lock words, central lists, heap metadata, service slots, and the page map of the committed heap."),
+    (
+        "gc_sys",
+        "bytes",
+        "gauge",
+        "Allocation-map bytes covering the committed heap (one byte per 8 heap bytes).",
+    ),
+    (
+        "other_sys",
+        "bytes",
+        "gauge",
+        "Header, lock words, central lists, heap metadata, service slots, and the page map of the committed heap.",
+    ),
     ("large_mallocs", "objects", "counter", "Large objects (over 32 KiB) ever allocated."),
     ("large_frees", "objects", "counter", "Large objects ever freed."),
     ("large_bytes", "bytes", "gauge", "Bytes of live large spans."),
-    ("bad_frees", "objects", "counter", "Cross-process frees found bad only when their batch was applied (a double "
-     "free split across processes, or a stale handle): counted and logged, never applied."),
+    (
+        "bad_frees",
+        "objects",
+        "counter",
+        "Cross-process frees found bad only when their batch was applied (a double "
+        "free split across processes, or a stale handle): counted and logged, never applied.",
+    ),
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)
 # Snapshot keys that are not figures of the arena but of the snapshot itself.
@@ -78,25 +118,49 @@ def _sys_parts(arena, committed_pages, records_high, records_used, nactive):
     lay = arena.lay
     slot_bytes = lay.slot_words * 8
     heap_sys = committed_pages * PAGE
-    other = (lay.central_off  # header + lock words
-             + lay.region_bytes["central"] + lay.region_bytes["heapmeta"]
-             + 2 * slot_bytes  # the daemon's and the registry's actor slots
-             + L.PREAMBLE * 8 * 2  # span-table and page-map preambles
-             + committed_pages * 8)  # page map of the committed heap
-    return dict(heap_sys=heap_sys, mspan_sys=records_high * SPAN_BYTES, mspan_inuse=records_used * SPAN_BYTES,
-                mcache_sys=lay.nslots * slot_bytes, mcache_inuse=nactive * slot_bytes,
-                gc_sys=heap_sys // 8, other_sys=other)
+    other = (
+        lay.central_off  # header + lock words
+        + lay.region_bytes["central"]
+        + lay.region_bytes["heapmeta"]
+        + 2 * slot_bytes  # the daemon's and the registry's actor slots
+        + L.PREAMBLE * 8 * 2  # span-table and page-map preambles
+        + committed_pages * 8
+    )  # page map of the committed heap
+    return dict(
+        heap_sys=heap_sys,
+        mspan_sys=records_high * SPAN_BYTES,
+        mspan_inuse=records_used * SPAN_BYTES,
+        mcache_sys=lay.nslots * slot_bytes,
+        mcache_inuse=nactive * slot_bytes,
+        gc_sys=heap_sys // 8,
+        other_sys=other,
+    )
 
 
-def _assemble(arena, committed, inuse_pages, released_pages, records_high, records_used, nactive,
-              mallocs_c, live_c, large_mallocs, large_live, large_live_pages, large_total_bytes):
+def _assemble(
+    arena,
+    committed,
+    inuse_pages,
+    released_pages,
+    records_high,
+    records_used,
+    nactive,
+    mallocs_c,
+    live_c,
+    large_mallocs,
+    large_live,
+    large_live_pages,
+    large_total_bytes,
+):
     d = _sys_parts(arena, committed, records_high, records_used, nactive)
     d["sys"] = d["heap_sys"] + d["mspan_sys"] + d["mcache_sys"] + d["gc_sys"] + d["other_sys"]
     d["heap_inuse"] = inuse_pages * PAGE
     d["heap_idle"] = d["heap_sys"] - d["heap_inuse"]
     d["heap_released"] = released_pages * PAGE
-    by_size = [{"size": CLASS_TO_SIZE[c], "mallocs": mallocs_c[c], "frees": mallocs_c[c] - live_c[c]}
-               for c in range(1, L.NCLASS)]
+    by_size = [
+        {"size": CLASS_TO_SIZE[c], "mallocs": mallocs_c[c], "frees": mallocs_c[c] - live_c[c]}
+        for c in range(1, L.NCLASS)
+    ]
     small_bytes = sum(live_c[c] * CLASS_TO_SIZE[c] for c in range(1, L.NCLASS))
     d["large_mallocs"] = large_mallocs
     d["large_frees"] = large_mallocs - large_live
@@ -122,9 +186,21 @@ def read_stats(arena):
         cw = lay.central_word(c)
         mallocs_c[c] = q[cw + C["mallocs"]]
         live_c[c] = q[cw + C["live"]]
-    return _assemble(arena, hg("committed_pages"), hg("inuse_pages"), hg("released_pages"), hg("records_high"),
-                     hg("nrecords_used"), len(arena.registry.active_slots()), mallocs_c, live_c, hg("large_mallocs"),
-                     hg("large_live"), hg("large_live_pages"), hg("large_total_bytes"))
+    return _assemble(
+        arena,
+        hg("committed_pages"),
+        hg("inuse_pages"),
+        hg("released_pages"),
+        hg("records_high"),
+        hg("nrecords_used"),
+        len(arena.registry.active_slots()),
+        mallocs_c,
+        live_c,
+        hg("large_mallocs"),
+        hg("large_live"),
+        hg("large_live_pages"),
+        hg("large_total_bytes"),
+    )
 
 
 def read_stats_slow(arena, records=None):
@@ -140,7 +216,7 @@ def read_stats_slow(arena, records=None):
     # were the large spans they keep; those still listed below never happened.
     for k in range(lay.nslots):
         sw = lay.slot_word(k)
-        rel = q[sw + L.SLOT_RELISTS_AT:sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist()
+        rel = q[sw + L.SLOT_RELISTS_AT : sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist()
         for c in range(1, L.NCLASS):
             mallocs_c[c] += rel[c]
         large_mallocs += q[sw + L.SLOT["lg_relists"]]
@@ -169,9 +245,21 @@ def read_stats_slow(arena, records=None):
         if rec["owner"]:
             mallocs_c[c] -= b.count(L.LISTED)
     committed = q[hw + H["committed_pages"]]
-    return _assemble(arena, committed, inuse_pages, released_pages, q[hw + H["records_high"]], len(records),
-                     len(arena.registry.active_slots()), mallocs_c, live_c, large_mallocs, large_live,
-                     large_live_pages, large_total)
+    return _assemble(
+        arena,
+        committed,
+        inuse_pages,
+        released_pages,
+        q[hw + H["records_high"]],
+        len(records),
+        len(arena.registry.active_slots()),
+        mallocs_c,
+        live_c,
+        large_mallocs,
+        large_live,
+        large_live_pages,
+        large_total,
+    )
 
 
 def identities(s):
@@ -185,21 +273,36 @@ def identities(s):
 
     parts = s["heap_sys"] + s["mspan_sys"] + s["mcache_sys"] + s["gc_sys"] + s["other_sys"]
     want(s["sys"] == parts, f"sys {s['sys']} != heap_sys+mspan_sys+mcache_sys+gc_sys+other_sys {parts}")
-    want(s["heap_idle"] + s["heap_inuse"] == s["heap_sys"],
-         f"heap_idle {s['heap_idle']} + heap_inuse {s['heap_inuse']} != heap_sys {s['heap_sys']}")
-    want(s["heap_released"] <= s["heap_idle"], f"heap_released {s['heap_released']} > heap_idle {s['heap_idle']}")
+    want(
+        s["heap_idle"] + s["heap_inuse"] == s["heap_sys"],
+        f"heap_idle {s['heap_idle']} + heap_inuse {s['heap_inuse']} != heap_sys {s['heap_sys']}",
+    )
+    want(
+        s["heap_released"] <= s["heap_idle"],
+        f"heap_released {s['heap_released']} > heap_idle {s['heap_idle']}",
+    )
     want(s["heap_alloc"] <= s["heap_inuse"], f"heap_alloc {s['heap_alloc']} > heap_inuse {s['heap_inuse']}")
-    want(s["heap_objects"] == s["mallocs"] - s["frees"],
-         f"heap_objects {s['heap_objects']} != mallocs {s['mallocs']} - frees {s['frees']}")
-    want(s["total_alloc"] >= s["heap_alloc"], f"total_alloc {s['total_alloc']} < heap_alloc {s['heap_alloc']}")
+    want(
+        s["heap_objects"] == s["mallocs"] - s["frees"],
+        f"heap_objects {s['heap_objects']} != mallocs {s['mallocs']} - frees {s['frees']}",
+    )
+    want(
+        s["total_alloc"] >= s["heap_alloc"], f"total_alloc {s['total_alloc']} < heap_alloc {s['heap_alloc']}"
+    )
     by = s["by_size"]
     small = sum((e["mallocs"] - e["frees"]) * e["size"] for e in by)
-    want(s["heap_alloc"] == small + s["large_bytes"],
-         f"heap_alloc {s['heap_alloc']} != sum by_size live bytes {small} + large_bytes {s['large_bytes']}")
-    want(s["mallocs"] == sum(e["mallocs"] for e in by) + s["large_mallocs"],
-         f"mallocs {s['mallocs']} != sum by_size mallocs + large_mallocs")
-    want(s["frees"] == sum(e["frees"] for e in by) + s["large_frees"],
-         f"frees {s['frees']} != sum by_size frees + large_frees")
+    want(
+        s["heap_alloc"] == small + s["large_bytes"],
+        f"heap_alloc {s['heap_alloc']} != sum by_size live bytes {small} + large_bytes {s['large_bytes']}",
+    )
+    want(
+        s["mallocs"] == sum(e["mallocs"] for e in by) + s["large_mallocs"],
+        f"mallocs {s['mallocs']} != sum by_size mallocs + large_mallocs",
+    )
+    want(
+        s["frees"] == sum(e["frees"] for e in by) + s["large_frees"],
+        f"frees {s['frees']} != sum by_size frees + large_frees",
+    )
     for e in by:
         want(e["frees"] <= e["mallocs"], f"class {e['size']}: frees {e['frees']} > mallocs {e['mallocs']}")
     for k in FIELD_NAMES:
@@ -230,9 +333,13 @@ def quiet_slot(arena, k):
     """P k holds nothing a flush would change: no cached span, no owned large span, no buffered
     free, no re-listed object counted ahead."""
     q, sw = arena.q, arena.lay.slot_word(k)
-    return not (arena.cached_spans(k) or q[sw + L.SLOT["lg_head"]] or q[sw + L.SLOT["rfree_n"]]
-                or any(q[sw + L.SLOT_RELISTS_AT:sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist())
-                or q[sw + L.SLOT["lg_relists"]])
+    return not (
+        arena.cached_spans(k)
+        or q[sw + L.SLOT["lg_head"]]
+        or q[sw + L.SLOT["rfree_n"]]
+        or any(q[sw + L.SLOT_RELISTS_AT : sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist())
+        or q[sw + L.SLOT["lg_relists"]]
+    )
 
 
 def check_figures(arena, records):

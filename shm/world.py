@@ -94,8 +94,11 @@ def membarrier_supported():
         mask = _syscall(_NR_MEMBARRIER, _MEMBARRIER_CMD_QUERY, 0, 0)
     except (OSError, AttributeError):
         return False
-    return mask > 0 and bool(mask & _MEMBARRIER_CMD_GLOBAL_EXPEDITED) \
+    return (
+        mask > 0
+        and bool(mask & _MEMBARRIER_CMD_GLOBAL_EXPEDITED)
         and bool(mask & _MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED)
+    )
 
 
 def register_process():
@@ -137,7 +140,9 @@ def park(arena, k, epoch):
 def daemon_alive(arena, pid):
     """Is the daemon `pid` still serving this arena?  Not `kill(pid, 0)`: a daemon killed but not
     yet reaped still has a pid, but the kernel dropped its locks."""
-    return pid != 0 and arena.q[L.HDR["daemon_pid"]] == pid and ofd_held_elsewhere(arena.fd, L.DAEMON_LOCK_BYTE)
+    return (
+        pid != 0 and arena.q[L.HDR["daemon_pid"]] == pid and ofd_held_elsewhere(arena.fd, L.DAEMON_LOCK_BYTE)
+    )
 
 
 # --- the daemon's half --------------------------------------------------------------------------
@@ -215,8 +220,15 @@ class StopTheWorld:
         q, lay = self.arena.q, self.arena.lay
         if self.asymmetric:
             barrier()
-        return [k for k in ks if q[lay.slot_word(k) + SL["parked"]] == self.epoch or
-                (q[lay.slot_word(k) + SL["stop"]] == L.STOP_PARK and not q[lay.slot_word(k) + SL["inside"]] & 0xFF)]
+        return [
+            k
+            for k in ks
+            if q[lay.slot_word(k) + SL["parked"]] == self.epoch
+            or (
+                q[lay.slot_word(k) + SL["stop"]] == L.STOP_PARK
+                and not q[lay.slot_word(k) + SL["inside"]] & 0xFF
+            )
+        ]
 
     def end(self, flushed):
         """Resume every P: RESYNC for the Ps in `flushed` (their local lists are stale), RUN for
@@ -226,7 +238,9 @@ class StopTheWorld:
         q[L.HDR["stopped_epoch"]] = 0
         for k in range(arena.lay.nslots):
             sw = arena.lay.slot_word(k)
-            if k in self.live or (q[sw + SL["stop_epoch"]] == self.epoch and q[sw + SL["stop"]] == L.STOP_PARK):
+            if k in self.live or (
+                q[sw + SL["stop_epoch"]] == self.epoch and q[sw + SL["stop"]] == L.STOP_PARK
+            ):
                 # A P claimed during the pause started stopped; it resumes too.
                 q[sw + SL["stop"]] = L.STOP_RESYNC if k in flushed else L.STOP_RUN
         ofd_unlock(arena.fd, L.resume_lock_byte(self.epoch))

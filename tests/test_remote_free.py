@@ -142,7 +142,9 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
     ready, out = mp.get_context("spawn").Event(), mp.get_context("spawn").Queue()
-    victim = mp.get_context("spawn").Process(target=mpworkers.stuck_applying_frees, args=(arena.name, ready, out))
+    victim = mp.get_context("spawn").Process(
+        target=mpworkers.stuck_applying_frees, args=(arena.name, ready, out)
+    )
     victim.start()
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     n_alloc, n_buffered = out.get(timeout=DEADLINE)

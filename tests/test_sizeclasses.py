@@ -293,7 +293,10 @@ def test_tail_waste_bound(c):
 
 def test_objects_per_span():
     assert sc.CLASS_TO_NOBJS[0] == 0
-    assert tuple(sc.GO_CLASS_TO_ALLOCNPAGES[c] * sc.PAGE_SIZE // sc.CLASS_TO_SIZE[c] for c in range(1, 67)) == GO_OBJECTS
+    assert (
+        tuple(sc.GO_CLASS_TO_ALLOCNPAGES[c] * sc.PAGE_SIZE // sc.CLASS_TO_SIZE[c] for c in range(1, 67))
+        == GO_OBJECTS
+    )
     for c in range(1, 67):
         span = sc.CLASS_TO_ALLOCNPAGES[c] * sc.PAGE_SIZE
         n = sc.CLASS_TO_NOBJS[c]

@@ -15,7 +15,9 @@ import client
 from shm import Arena, ProcessCache, identities, layout, world
 
 SL = layout.SLOT
-needs_membarrier = pytest.mark.skipif(not world.membarrier_supported(), reason="membarrier(2) unavailable here")
+needs_membarrier = pytest.mark.skipif(
+    not world.membarrier_supported(), reason="membarrier(2) unavailable here"
+)
 
 
 def connect_worker(d):
@@ -61,7 +63,9 @@ def test_an_idle_worker_is_stopped_and_flushed_without_its_help(start_daemon):
     assert snap["heap_objects"] == 0 and snap["slow_equal"]
 
 
-def test_without_membarrier_the_cooperative_protocol_parks_through_the_control_thread(start_daemon, monkeypatch):
+def test_without_membarrier_the_cooperative_protocol_parks_through_the_control_thread(
+    start_daemon, monkeypatch
+):
     monkeypatch.setenv("SHMALLOC_NO_MEMBARRIER", "1")  # the daemon and its workers inherit it
     d = start_daemon()
     assert "membarrier(2) unavailable" in d.log()
