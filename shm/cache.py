@@ -463,15 +463,18 @@ class ProcessCache:
         self._lists[c][:] = lst
         return self._lists[c].pop()
 
-    def park_now(self):
+    def park_now(self) -> None:
         """Called by the control thread (the cooperative protocol, shm/world.py): park for the
-        pending request, if any.  Waits for the owner to leave the fast path first; the lock
-        keeps every slow path out."""
+        pending request, if any.  Holds the P lock, so no slow path runs; waits for the owner to
+        leave the fast path, whose next call then sees the stop byte (the GIL orders the two
+        threads) and waits for this lock.  It neither switches the cache to shared mode nor
+        drops its lists: the owner's next call resyncs itself."""
         with self._lock:
-            if not self.closed_or_forked() and self._shm_stop[0]:
-                self._wait_not_inside()
-                self._enter()
-                self._leave()
+            if self.closed_or_forked() or self._shm_stop[0] != L.STOP_PARK:
+                return
+            self._wait_not_inside()
+            self.parks += 1
+            world.park(self.arena, self.slot, self.arena.q[self._sw + SL["stop_epoch"]])
 
     def flush(self) -> None:
         """Give every cached span back to the central lists and apply the remote-free buffer

@@ -161,6 +161,7 @@ class StopTheWorld:
         self.asymmetric = membarrier_supported() if asymmetric is None else asymmetric
         self.epoch = 0
         self.live = []
+        self.owed = set()
 
     @property
     def protocol(self):
@@ -185,8 +186,13 @@ class StopTheWorld:
             live = arena.registry.active_slots()
         finally:
             arena.locks.raw_release(L.LOCK_REGISTRY)
+        # A P whose cache an earlier flush emptied and which has not run since still owes a
+        # resync: PARK overwrites its RESYNC, so remember it for end().
+        self.owed = set()
         for k in live:
             sw = arena.lay.slot_word(k)
+            if q[sw + SL["stop"]] == L.STOP_RESYNC:
+                self.owed.add(k)
             q[sw + SL["stop_epoch"]] = epoch
             q[sw + SL["stop"]] = L.STOP_PARK
         if self.asymmetric:
@@ -231,8 +237,9 @@ class StopTheWorld:
         ]
 
     def end(self, flushed):
-        """Resume every P: RESYNC for the Ps in `flushed` (their local lists are stale), RUN for
-        the others; then lift the resume lock, which wakes the parked ones."""
+        """Resume every P: RESYNC for the Ps in `flushed` (their local lists are stale) and for
+        those that owed one from an earlier flush, RUN for the others; then lift the resume lock,
+        which wakes the parked ones."""
         arena = self.arena
         q = arena.q
         q[L.HDR["stopped_epoch"]] = 0
@@ -242,5 +249,5 @@ class StopTheWorld:
                 q[sw + SL["stop_epoch"]] == self.epoch and q[sw + SL["stop"]] == L.STOP_PARK
             ):
                 # A P claimed during the pause started stopped; it resumes too.
-                q[sw + SL["stop"]] = L.STOP_RESYNC if k in flushed else L.STOP_RUN
+                q[sw + SL["stop"]] = L.STOP_RESYNC if k in flushed or k in self.owed else L.STOP_RUN
         ofd_unlock(arena.fd, L.resume_lock_byte(self.epoch))

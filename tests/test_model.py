@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from support import metadata_bytes, pattern, unique_name
 
-from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout, stats
+from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout, stats, world
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS
 
 PAGE = layout.PAGE_SIZE
@@ -81,6 +81,21 @@ class AllocatorModel(RuleBasedStateMachine):
     @rule(p=st.integers(0, 1))
     def flush_one(self, p):
         self.ps[p].flush()
+
+    @rule(p=st.integers(0, 1))
+    def apply_buffer(self, p):
+        """A P applies its remote-free buffer (as it does when the buffer is full)."""
+        with self.ps[p]._lock:
+            self.arena.apply_buffered_frees(self.ps[p].slot)
+
+    @rule(p=st.integers(0, 1))
+    def stopped_and_flushed_by_the_daemon(self, p):
+        """The daemon stops P p from its side and flushes its cache while the P is outside the
+        allocator (shm/world.py): the P's local lists go stale, and its next call resyncs."""
+        stw = world.StopTheWorld(self.arena, asymmetric=False)
+        stw.begin(self.arena.q[layout.HDR["epoch"]] + 1)
+        self.arena.flush_slots([self.ps[p].slot], keep_empty=True)
+        stw.end({self.ps[p].slot})
 
     @rule()
     def release(self):

@@ -195,3 +195,42 @@ def test_snapshots_as_fast_as_the_daemon_allows_while_workers_free_across_proces
     assert final["stop_protocol"] == protocol
     assert final["consistent"] and final["slow_equal"] and identities(final) == []
     assert final["heap_objects"] == 0 and final["bad_frees"] == 0
+
+
+def test_a_resync_owed_from_an_earlier_flush_survives_a_pause_that_skips_the_p(arena):
+    """Found by the hypothesis model: P1 was flushed (RESYNC) and has not run since; a later
+    pause stops it (PARK over the RESYNC) but flushes only P0.  Resumed with RUN, P1 would pop
+    from its stale lists and hand out a block twice."""
+    p0, p1 = ProcessCache(arena), ProcessCache(arena)
+    b = p1.alloc(8)
+    arena.flush_slots([p1.slot])
+    stw = world.StopTheWorld(arena, asymmetric=False)
+    stw.begin(1)
+    arena.flush_slots([p0.slot], keep_empty=True)
+    stw.end({p0.slot})
+    assert arena.q[arena.lay.slot_word(p1.slot) + SL["stop"]] == layout.STOP_RESYNC
+    c = p1.alloc(8)
+    assert c.handle != b.handle
+    for x in (b, c):
+        p1.free(x)
+    p0.close()
+    p1.close()
+
+
+def test_the_control_thread_parks_without_switching_the_heap_to_shared_mode(start_daemon, monkeypatch):
+    """The cooperative protocol parks a P through its control thread: that must not count as a
+    call from a second thread (which would put the Heap in locked mode for good)."""
+    monkeypatch.setenv("SHMALLOC_NO_MEMBARRIER", "1")
+    d = start_daemon()
+    heap = client.connect(d.endpoint)
+    try:
+        b = heap.alloc(64)
+        snap = client.stats(d.endpoint)
+        assert snap["stop_protocol"] == "cooperative" and [p["state"] for p in snap["per_p"]] == ["parked"]
+        assert not heap.shared and heap.parks == 1
+        c = heap.alloc(64)  # resyncs on the owner thread
+        heap.free(b)
+        heap.free(c)
+        assert not heap.shared
+    finally:
+        heap.close()
