@@ -633,7 +633,7 @@ class StoppedWorld:
         same locks, and nothing is read before every P is stopped and flushed."""
         arena, w = self.d.arena, self.world
         t = time.perf_counter_ns()
-        spans, listed = arena.flush_slots([k], arena.daemon_actor, keep_empty=True)[k]
+        spans, listed = arena.flush_slots([k], arena.daemon_actor, keep_empty=True, disown=False)[k]
         entry.update(cached_spans=spans, listed_returned=listed)
         w["flushed"].add(k)
         arena.q[L.HDR["flush_count"]] += 1

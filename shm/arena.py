@@ -199,10 +199,10 @@ class Arena:
         the caller itself (actor == k).  Returns (spans, listed objects uncounted)."""
         return self.flush_slots([k], actor)[k]
 
-    def flush_slots(self, slots, actor=None, keep_empty=False):
+    def flush_slots(self, slots, actor=None, keep_empty=False, disown=True):
         """Flush the caches of `slots` in ONE operation (Go: flushallmcaches): every P's buffered
         remote frees are applied, then every small span it caches is uncached and every large
-        span it owns settled (large.py).  Each central lock involved is taken once, in order, then
+        span it owns settled (large.py: `disown` for a P that leaves).  Each central lock involved is taken once, in order, then
         the heap lock; the undo log is checkpointed after each span -- the state between two
         spans is a consistent one, so a crash rolls back at most the span in flight.  Each P is
         first told (flush_gen, and its stop byte if it is running) to drop its local lists at its
@@ -235,7 +235,7 @@ class Arena:
                 out[k][1] += self.central.uncache_span(op, c, r, k, keep_empty)
                 op.log.clear()  # checkpoint
             for k in slots:
-                out[k][0] += self.large.flush(op, k)
+                out[k][0] += self.large.flush(op, k, disown)
 
         self.run(actor, flush)
         return {k: tuple(v) for k, v in out.items()}

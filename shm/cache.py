@@ -337,15 +337,21 @@ class ProcessCache:
 
     def _resync(self):
         """Our cache was flushed by someone else (the daemon, while we were stopped): every local
-        list, the large cache and the remote-free set are stale."""
+        list and the large cache are stale.  The large spans we own stay ours (a snapshot does not
+        disown them), so what we know of them stays."""
         if self.arena.q[self._sw + SL["flush_gen"]] != self._flush_gen:
-            self._drop_local()
+            self._drop_local(keep_owned=True)
 
-    def _drop_local(self):
+    def _drop_local(self, keep_owned=False):
         for lst in self._lists:
             lst.clear()
         self._lcache.clear()
-        self._lnp.clear()
+        if keep_owned:  # forget the spans the flush gave back (they were LISTED, not ours now)
+            amap, hb, tag_k = self._amap, self._hb, self._tag
+            for h in [h for h in self._lnp if amap[(h - hb) >> 3] != tag_k]:
+                del self._lnp[h]
+        else:
+            self._lnp.clear()
         self._lcached[0] = 0
         self._flush_gen = self.arena.q[self._sw + SL["flush_gen"]]
 

@@ -10,12 +10,13 @@ next/prev, tag LIST_LARGE, under the heap lock) -- until a flush:
     LISTED    freed by P k and kept in P k's large cache for the next allocation of the same
               page count, counted as a malloc optimistically (slot words lg_relists and
               lg_relist_pages, folded into the heap figures at flush) -- Go's nmalloc trick
-    PENDING   freed by another P (its buffered free, applied under the heap lock); P k gives it
-              back to the heap at its next large slow path, or its flusher does (lg_pending)
+    PENDING   freed by another P (its buffered free, applied under the heap lock), and counted
+              freed then; P k gives its pages back to the heap at its next large slow path, or
+              its flusher does (lg_pending)
     ALLOC     allocated, owned by nobody (its P was flushed); freed under the heap lock
 
-Heap counters (layout.HEAP large_*) count an owned span as live until it is flushed or freed
-under the heap lock: the optimistic mallocs and the spans still LISTED are settled at flush.
+Heap counters (layout.HEAP large_*) count an owned span as live until it is freed (under the heap
+lock, or marked PENDING); the optimistic mallocs and the spans still LISTED are settled at flush.
 Every method runs inside an Op that holds the heap lock (checked).
 """
 
@@ -117,7 +118,10 @@ class LargeObjects:
             if j == k:
                 self._give_back(op, r, h, was_live=True)
                 return True
+            # Freed now, in the figures too; only its pages wait for the owner to give them back.
             op.wbyte(self.byte_off(h), L.PENDING)
+            op.add(self.hw + H["large_live"], -1)
+            op.add(self.hw + H["large_live_pages"], -q[w + S["npages"]])
             op.add(self.lay.slot_word(j) + SL["lg_pending"], 1)
             return False
         if b in (L.FREE, L.LISTED, L.PENDING, L.RFREED):
@@ -134,16 +138,18 @@ class LargeObjects:
         for r in self.owned(k):
             h = self.base(r)
             if self.mv[self.byte_off(h)] == L.PENDING:
-                self._give_back(op, r, h, was_live=True)
+                self._give_back(op, r, h, was_live=False)
                 op.log.clear()  # checkpoint: any number of spans, a bounded undo log
                 out.append(h)
         op.w(self.lay.slot_word(k) + SL["lg_pending"], 0)
         return out
 
-    def flush(self, op, k):
+    def flush(self, op, k, disown=True):
         """Flush P k's large cache (Go: the pageCache flush): fold its optimistic mallocs into the
-        heap figures, give back every span it keeps LISTED or another P freed, and disown the
-        ones still allocated.  Checkpoints after each span.  Returns the spans handled."""
+        heap figures and give back every span it keeps LISTED or another P freed.  `disown`: also
+        disown the spans still allocated (the P is leaving or dead); a snapshot leaves them owned
+        -- they are live in the heap figures either way, and the P frees them without a lock
+        later.  Checkpoints after each span.  Returns the spans handled."""
         op.need(L.LOCK_HEAP, "LargeObjects.flush")
         q, sw = self.q, self.lay.slot_word(k)
         rel, rel_pages = q[sw + SL["lg_relists"]], q[sw + SL["lg_relist_pages"]]
@@ -160,6 +166,8 @@ class LargeObjects:
             if b == L.TAG0 + k or b == L.RFREED:
                 # Still allocated (RFREED: freed by another P whose buffer is not applied yet;
                 # it stays RFREED, and the buffer frees it unowned).
+                if not disown:
+                    continue
                 self.heap.list_remove(op, self.head_w(k), r)
                 op.w(self.lay.span_word(r) + S["owner"], 0)
                 if b != L.RFREED:
@@ -167,7 +175,7 @@ class LargeObjects:
             elif b == L.LISTED:
                 self._give_back(op, r, h, was_live=True, optimistic=True)
             elif b == L.PENDING:
-                self._give_back(op, r, h, was_live=True)
+                self._give_back(op, r, h, was_live=False)
             else:
                 raise CorruptionError(f"large span {r} on P {k}'s list has object byte {b}")
             op.log.clear()  # checkpoint

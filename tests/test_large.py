@@ -117,3 +117,31 @@ def test_sigkill_while_flushing_the_large_cache_is_rolled_back(make_arena):
     # once (the rolled-back span was settled again by the reclaim); plus main's own pair.
     assert snap["heap_objects"] == 1 and snap["large_mallocs"] == 4 and snap["large_frees"] == 3
     main.close()
+
+
+def test_a_snapshot_leaves_live_large_blocks_owned_and_freed_ones_given_back(arena):
+    """The daemon's flush (disown=False) settles the large cache but keeps the P's live large
+    blocks owned: a snapshot costs nothing per live block, and the P frees them without a lock."""
+    from shm import world
+
+    p = ProcessCache(arena)
+    live = [p.alloc(100_000) for _ in range(3)]
+    gone = p.alloc(100_000)
+    p.free(gone)  # LISTED in the P's large cache
+    stw = world.StopTheWorld(arena, asymmetric=False)
+    stw.begin(1)
+    arena.flush_slots([p.slot], keep_empty=True, disown=False)
+    stw.end({p.slot})
+    assert sorted(arena.large.base(r) for r in owned(arena, p)) == sorted(b.handle for b in live)
+    snap = arena.read_stats()
+    assert snap["large_mallocs"] == 4 and snap["large_frees"] == 1 and snap["heap_objects"] == 3
+    ops, run = [], arena.run
+    arena.run = lambda actor, fn: ops.append(fn) or run(actor, fn)
+    p.free(live[0])  # resyncs through the slow path (no lock), then frees into the large cache
+    p.free(live[1])
+    assert ops == [], "an owned large block is freed without a locked operation after a snapshot"
+    del arena.run
+    p.free(live[2])
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == 4
+    p.close()
