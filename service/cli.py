@@ -57,6 +57,11 @@ def build_parser():
     d.add_argument(
         "--slow-snapshot-ms", type=float, default=50, help="log snapshots whose pause is longer than this"
     )
+    d.add_argument(
+        "--no-realtime-pause",
+        action="store_true",
+        help="do not run the stop-the-world pause SCHED_FIFO (it does so by default where permitted)",
+    )
     d.add_argument("--log-format", choices=("text", "json"), default="text")
     d.add_argument("-v", "--verbose", action="store_true", help="log every snapshot")
 

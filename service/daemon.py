@@ -97,6 +97,18 @@ def event(level, what, **fields):
 
 
 # --- the daemon ------------------------------------------------------------------------------
+def _realtime(on):
+    """This thread SCHED_FIFO (priority 1) or back to SCHED_OTHER.  False where not permitted."""
+    try:
+        if on:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        else:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class Daemon:
     def __init__(
         self,
@@ -109,6 +121,7 @@ class Daemon:
         metrics_addr=None,
         metrics_interval=5.0,
         slow_snapshot_ms=50,
+        realtime_pause=True,
     ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
@@ -117,6 +130,9 @@ class Daemon:
         self.socket_mode = socket_mode
         self.park_deadline_ms = park_deadline_ms
         self.slow_snapshot_ms = slow_snapshot_ms  # longer pauses are logged at WARNING
+        # The pause runs SCHED_FIFO where the daemon may (CAP_SYS_NICE): a flush preempted by a
+        # busy worker lengthens every other worker's wait.  Checked once at start.
+        self.realtime_pause = realtime_pause and _realtime(True) and _realtime(False)
         self.metrics_addr = metrics_addr
         self.metrics_interval = metrics_interval
         self.routes = {}  # slot -> zmq routing id of its P's control socket
@@ -156,6 +172,7 @@ class Daemon:
             adopted=self.adopted,
             metrics=self.metrics.url if self.metrics else "-",
             stop_protocol=self.stw.protocol,
+            realtime_pause=self.realtime_pause,
         )
         if not self.stw.asymmetric:
             event(
@@ -544,6 +561,7 @@ class StoppedWorld:
             "flush_ns": 0,
             "flushed": set(),
         }
+        self.realtime = self.d.realtime_pause and _realtime(True)
         try:
             live = stw.begin(epoch)
             return self._stop_everyone(epoch, t0, live)
@@ -599,7 +617,9 @@ class StoppedWorld:
                 )
                 per_p[k].update(state=state, park_ns=at if 0 <= at <= now - t0 else now - t0)
                 waiting.discard(k)
-                self._flush(k, per_p[k])  # first, while the others are still on their way
+            # First, while the others are still on their way; all the Ps stopped in this round
+            # in one operation, so each lock is taken once for them all.
+            self._flush(sorted(confirmed), per_p)
             if not waiting or now > deadline:
                 break
             for k in d.serve_light():
@@ -627,16 +647,19 @@ class StoppedWorld:
             )
         return self.world
 
-    def _flush(self, k, entry):
-        """Flush stopped P k's cache now (Go: flushmcache).  Its spans go back to the central
-        lists while other Ps may still run: every change they make is an operation under the
-        same locks, and nothing is read before every P is stopped and flushed."""
+    def _flush(self, ks, per_p):
+        """Flush the caches of the stopped Ps `ks` now (Go: flushmcache).  Their spans go back to
+        the central lists while other Ps may still run: every change they make is an operation
+        under the same locks, and nothing is read before every P is stopped and flushed."""
+        if not ks:
+            return
         arena, w = self.d.arena, self.world
         t = time.perf_counter_ns()
-        spans, listed = arena.flush_slots([k], arena.daemon_actor, keep_empty=True, disown=False)[k]
-        entry.update(cached_spans=spans, listed_returned=listed)
-        w["flushed"].add(k)
-        arena.q[L.HDR["flush_count"]] += 1
+        done = arena.flush_slots(ks, arena.daemon_actor, keep_empty=True, disown=False)
+        for k in ks:
+            per_p[k].update(cached_spans=done[k][0], listed_returned=done[k][1])
+            w["flushed"].add(k)
+            arena.q[L.HDR["flush_count"]] += 1
         w["flush_ns"] += time.perf_counter_ns() - t
 
     def _send_stop(self, k, frame):
@@ -651,6 +674,8 @@ class StoppedWorld:
     def __exit__(self, *exc):
         w = self.world
         self.d.stw.end(w.get("flushed", ()))
+        if self.realtime:
+            _realtime(False)
         # The world runs again from here: a P that was not asleep goes on at once.  The pause
         # ends before the parked Ps wake (on a busy machine the kernel may run them before it
         # returns to us; that is their time, not the pause's).
@@ -685,6 +710,7 @@ def run(args):
             metrics_addr=args.metrics_addr,
             metrics_interval=args.metrics_interval,
             slow_snapshot_ms=args.slow_snapshot_ms,
+            realtime_pause=not args.no_realtime_pause,
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))
