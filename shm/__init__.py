@@ -41,31 +41,42 @@ identities each check holds a counter to are written where the counter is declar
 stats.FIELDS).
 
 Object states are one byte per 8-byte granule of the heap (the allocation map, layout.py):
-FREE, ALLOC (span uncached), PENDING (freed by a non-owner), LISTED (in the owner's list),
-TAG(k) (allocated, span cached by P k).  Whole-span state changes are one bytes.translate.
+FREE, ALLOC (span uncached), PENDING (freed by a non-owner, applied), LISTED (in the owner's
+list), RFREED (freed by a non-owner, its free still buffered), TAG(k) (allocated, span cached by
+P k).  Whole-span state changes are one bytes.translate.
+
+Every call, fast or slow, first sets the P's `inside` byte, then reads its stop byte (world.py).
 
 Allocating (ProcessCache.alloc):
   1. size -> class with one table lookup; > 32 KiB goes to step 6.
   2. If the P's stop byte is set, park or resync first (the daemon is taking a snapshot).
   3. Pop a handle from the class's local list and store TAG(k) in its map byte.  Done: no lock.
   4. Empty list -> refill under central lock c: collect the objects freed in the cached span
-     (local frees and other Ps' PENDING frees); if none, uncache it (full) and cache a partial
-     span from the central list, or a fresh one from the page heap (heap lock, after central).
+     (other Ps' PENDING frees); if none, uncache it (full) and cache a partial span from the
+     central list, or a fresh one from the page heap (heap lock, after central).
   5. Listed objects are counted as mallocs when listed; those still listed when the span is
      uncached are uncounted (Go's optimistic mcentral.nmalloc).
-  6. Large objects: a span of their own from the page heap, under the heap lock.
+  6. Large objects: a span the P freed earlier, from its large cache, by page count (no lock);
+     else a span of their own from the page heap, under the heap lock, owned by the P.
 
-Freeing (ProcessCache.free, Arena.free):
-  1. Map byte == TAG(k): the object is in our own cached span; store FREE.  Done: no lock.
-  2. Otherwise, under the lock of the span's class (heap lock for large objects): validate the
-     handle (range, alignment, object boundary, allocated) -- BadHandle/DoubleFree changes
-     nothing; span uncached -> FREE, span's count -1, an empty span goes back to the heap;
-     span cached by another P -> PENDING, merged by that P's next collect.
+Freeing (ProcessCache.free):
+  1. Map byte == TAG(k): ours.  Count the malloc to come (relists[c] += 1), store LISTED, push
+     the handle back on the class's list (mimalloc's local free list).  Done: no lock.  A large
+     one goes to the P's large cache the same way.
+  2. Map byte == ALLOC or TAG(j): someone else's.  Append the handle to the P's remote-free
+     buffer and store RFREED (a second free now fails at once).  Done: no lock.  A full buffer
+     is applied in one operation (Arena.apply_buffered_frees): under the central locks involved,
+     span uncached -> FREE (an empty span goes back to the heap), span cached by another P ->
+     PENDING, merged by that P's next collect; a free found bad then is counted (bad_frees).
+  3. Anything else is no live block: Arena.free raises BadHandle or DoubleFree and changes
+     nothing.
 
-Snapshots (Arena.update_stats, driven by the daemon's stop-the-world):
-  1. Every live P parks (stop byte; or its control thread) and every dead P is reclaimed.
-  2. FIRST flush every cache (Arena.flush_slots: uncache every span; empty spans return to the
-     heap, which changes heap figures -- why it must come first, golang/go#38712).
+Snapshots (driven by the daemon's stop-the-world, world.py; Arena.update_stats in one process):
+  1. Every live P is stopped -- from the daemon's side when it is outside the allocator, by
+     waiting when it is inside a call -- and every dead P is reclaimed.
+  2. FIRST flush every cache (Arena.flush_slots: apply every remote-free buffer, uncache every
+     span, settle every large cache; empty spans return to the heap, which changes heap figures
+     -- why it must come first, golang/go#38712).
   3. Then read the figures (read_stats); read_stats_slow recomputes them from the ground truth.
 
 Crashes: a P killed outside an operation leaves only its cache, which the daemon flushes.  A P
