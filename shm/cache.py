@@ -383,6 +383,22 @@ class ProcessCache:
             raise OutOfMemory(f"alloc of {size} bytes exceeds the whole heap ({arena.lay.heap_max} bytes)")
         npg = (size + L.PAGE_SIZE - 1) >> L.PAGE_SHIFT
         lst = self._lcache.get(npg)
+        if not lst and arena.q[self._sw + SL["lg_pending"]]:
+            # Other Ps freed some of our large blocks: take them back into the large cache.
+            room = self._lcap - self._lcached[0]
+
+            def collect(op):
+                op.acquire(L.LOCK_HEAP)
+                return arena.large.collect_pending(op, k, room)
+
+            kept, gone = arena.run(k, collect)
+            for g in gone:
+                self._lnp.pop(g, None)
+            for g, n in kept:
+                self._lnp[g] = n
+                self._lcache.setdefault(n, []).append(g)
+                self._lcached[0] += n
+            lst = self._lcache.get(npg)
         if lst:
             h = lst.pop()
             self._lcached[0] -= npg
@@ -390,11 +406,9 @@ class ProcessCache:
 
             def alloc(op):
                 op.acquire(L.LOCK_HEAP)
-                return arena.large.collect_pending(op, k), arena.large.alloc(op, npg, k)
+                return arena.large.alloc(op, npg, k)
 
-            gone, h = arena.run(k, alloc)
-            for g in gone:
-                self._lnp.pop(g, None)
+            h = arena.run(k, alloc)
             self._lnp[h] = npg
             self._pclass[(h - self._hb) >> L.PAGE_SHIFT] = _LARGE
         self._amap[(h - self._hb) >> 3] = self._tag

@@ -128,21 +128,36 @@ class LargeObjects:
             raise DoubleFree(f"double free: large block {h} is already free")
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
-    def collect_pending(self, op, k):
-        """P k gives back to the heap the spans other Ps freed (PENDING).  Returns their handles.
-        Checkpoints after each span: call it before anything else in the operation."""
+    def collect_pending(self, op, k, room=0):
+        """P k takes back the spans other Ps freed (PENDING): up to `room` pages of them become
+        LISTED, for its large cache (counted live again, and as a malloc to come, as a local free
+        counts them), the rest go back to the heap.  Returns ([(handle, pages) relisted],
+        [handles given back]).  Checkpoints after each span: call it before anything else in the
+        operation.  A producer whose blocks a consumer frees so allocates them again without a
+        lock, as it would have had it freed them itself."""
         op.need(L.LOCK_HEAP, "LargeObjects.collect_pending")
-        q, out = self.q, []
+        q, kept, gone = self.q, [], []
         if not q[self.lay.slot_word(k) + SL["lg_pending"]]:
-            return out
+            return kept, gone
         for r in self.owned(k):
             h = self.base(r)
-            if self.mv[self.byte_off(h)] == L.PENDING:
+            if self.mv[self.byte_off(h)] != L.PENDING:
+                continue
+            npages = q[self.lay.span_word(r) + S["npages"]]
+            if npages <= room:
+                room -= npages
+                op.wbyte(self.byte_off(h), L.LISTED)
+                op.add(self.hw + H["large_live"], 1)
+                op.add(self.hw + H["large_live_pages"], npages)
+                op.add(self.hw + H["large_mallocs"], 1)
+                op.add(self.hw + H["large_total_bytes"], npages * PAGE)
+                kept.append((h, npages))
+            else:
                 self._give_back(op, r, h, was_live=False)
-                op.log.clear()  # checkpoint: any number of spans, a bounded undo log
-                out.append(h)
+                gone.append(h)
+            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
         op.w(self.lay.slot_word(k) + SL["lg_pending"], 0)
-        return out
+        return kept, gone
 
     def flush(self, op, k, disown=True):
         """Flush P k's large cache (Go: the pageCache flush): fold its optimistic mallocs into the

@@ -73,13 +73,17 @@ def test_a_large_block_freed_by_another_p_goes_back_through_its_owner(arena):
         with pytest.raises(DoubleFree):
             p.free(b)
     assert metadata_bytes(arena) == before
-    c = owner.alloc(300_000)  # a large slow path: the PENDING span goes back to the heap first
+    c = owner.alloc(300_000)  # a large slow path: the PENDING span goes into the owner's cache
     assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
-    assert arena.mv[off] == layout.FREE or c.handle == b.handle
-    owner.free(c)
-    owner.free(keep)
+    assert arena.mv[off] == layout.LISTED
+    again = owner.alloc(100_000)  # the same size: the span the other P freed, without a lock
+    assert again.handle == b.handle
+    again.buf[:] = pattern(again.handle, 100_000)
+    for x in (c, keep, again):
+        owner.free(x)
     snap = assert_healthy(arena, owner, freer)
-    assert snap["heap_objects"] == 0 and snap["large_frees"] == 3 and snap["bad_frees"] == 0
+    assert snap["heap_objects"] == 0 and snap["large_mallocs"] == 4 and snap["large_frees"] == 4
+    assert snap["bad_frees"] == 0
     owner.close()
     freer.close()
 
