@@ -116,23 +116,31 @@ def md_table(headers, rows, right=None):
     return "\n".join(out)
 
 
-def header(title):
-    """The command line and the machine, as a markdown preamble."""
-    cpu = ""
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def git_revision():
+    """`git describe --always --dirty` of the repository ("" outside one)."""
     try:
-        rev = subprocess.run(
+        return subprocess.run(
             ["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        rev = ""
+        return ""
+
+
+def header(title):
+    """The command line and the machine, as a markdown preamble."""
+    cpu, rev = cpu_model(), git_revision()
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     lines = [
         f"### {title}",

@@ -866,21 +866,9 @@ def header(args, out, load0):
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count()
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(
-            ["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
+    from _benchlib import cpu_model, git_revision  # beside this script
+
+    cpu, rev = cpu_model(), git_revision()
     try:
         dirty = [
             line[3:]
