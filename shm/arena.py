@@ -125,6 +125,11 @@ class Arena:
             raise
         return cls(shm, lay)
 
+    @property
+    def arena_id(self):
+        """The arena's identity: 64 random bits drawn when it was created (layout.HDR)."""
+        return self.q[L.HDR["arena_id"]]
+
     def view(self, start, stop):
         """Bytes [start, stop) of the segment, released when the arena closes."""
         v = self.mv[start:stop]

@@ -36,10 +36,12 @@ Allocation-map byte values (one byte per 8-byte granule; only object starts are 
     16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
 """
 
+import os
+
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 3
+VERSION = 4
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -85,6 +87,8 @@ HDR = _words(
     "flush_count",  # cache flushes done by the daemon; daemon only
     "stopped_epoch",  # epoch of the stop-the-world in progress, 0 = none; daemon only.  A P
     # claimed meanwhile starts stopped (written and read under the registry lock)
+    "arena_id",  # 64 random bits drawn at creation: which arena a handle belongs to, for a
+    # reference that travels (a pickled Block) -- a name may be reused, this is not
 )
 HEADER_WORDS = 64
 
@@ -359,6 +363,7 @@ class Layout:
             amap_bytes=self.amap_bytes,
             heap_off=self.heap_off,
             created_ns=now_ns,
+            arena_id=int.from_bytes(os.urandom(8), "little") or 1,
         )
         for k, v in vals.items():
             h[HDR[k]] = v
