@@ -58,6 +58,8 @@ S = L.SPAN
 _LARGE = 255  # pclass value of a large span's first page
 _CLOSED = bytearray(b"\x03")  # stop byte of a closed or forked cache: every call takes the slow path
 _SHARED = bytearray(b"\x04")  # stop byte of a cache in shared mode: every call takes the locked path
+LARGE_CACHE_SPANS = 8  # freed large spans a P keeps, at most: each is charged at least 1/8 of the
+# budget below, because a snapshot gives every one of them back to the page heap during its pause
 LARGE_CACHE_MAX = 256 << 20  # bytes of freed large spans a P keeps for reuse, at most (and at most
 # a quarter of the heap); a free past it goes back to the page heap
 
@@ -133,8 +135,9 @@ class ProcessCache:
         self._pclass = bytearray(lay.heap_pages)  # page -> class of a span we cache (_LARGE)
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
         self._lnp: dict[int, int] = {}  # handle -> pages, of the large spans we own
-        self._lcached = [0]  # pages of large spans in _lcache
+        self._lcached = [0]  # pages charged for the large spans in _lcache (_charge)
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
+        self._lmin = self._lcap // LARGE_CACHE_SPANS  # the least a cached span is charged
         self._lock = threading.Lock()
         self._amap = arena.view(lay.amap_off, lay.amap_off + lay.amap_bytes)
         self._hb = lay.heap_off
@@ -158,13 +161,14 @@ class ProcessCache:
         """Make `self.alloc` and `self.free`: closures over everything they touch (a cell read
         is several times cheaper than an attribute lookup)."""
         lists, amap, hb, mask, tag_k = self._lists, self._amap, self._hb, self._mask, self._tag
-        pclass, relists, lcache, lnp, lcached, lcap = (
+        pclass, relists, lcache, lnp, lcached, lcap, lmin = (
             self._pclass,
             self._relists,
             self._lcache,
             self._lnp,
             self._lcached,
             self._lcap,
+            self._lmin,
         )
         rbuf, rfree_n, lgrel = self._rbuf, self._rfree_n, self._lgrel
         owner, get_ident = self.owner, _thread.get_ident
@@ -200,7 +204,7 @@ class ProcessCache:
                         if not stop[0]:
                             h = lst.pop()
                             amap[(h - hb) >> 3] = tag_k
-                            lcached[0] -= npg
+                            lcached[0] -= npg if npg > lmin else lmin
                             return B((h, size, npg << PSHIFT, self))
                     finally:
                         ins[0] = 0
@@ -230,7 +234,7 @@ class ProcessCache:
                                 ins[0] = 0
                         else:
                             npg = lnp.get(h, 0)
-                            if npg and lcached[0] + npg <= lcap:
+                            if npg and lcached[0] + (npg if npg > lmin else lmin) <= lcap:
                                 ins = inside
                                 ins[0] = 1
                                 try:
@@ -243,7 +247,7 @@ class ProcessCache:
                                             lcache[npg] = [h]
                                         else:
                                             lst.append(h)
-                                        lcached[0] += npg
+                                        lcached[0] += npg if npg > lmin else lmin
                                         return
                                 finally:
                                     ins[0] = 0
@@ -389,7 +393,7 @@ class ProcessCache:
 
             def collect(op):
                 op.acquire(L.LOCK_HEAP)
-                return arena.large.collect_pending(op, k, room)
+                return arena.large.collect_pending(op, k, room, self._lmin)
 
             kept, gone = arena.run(k, collect)
             for g in gone:
@@ -397,11 +401,11 @@ class ProcessCache:
             for g, n in kept:
                 self._lnp[g] = n
                 self._lcache.setdefault(n, []).append(g)
-                self._lcached[0] += n
+                self._lcached[0] += max(n, self._lmin)
             lst = self._lcache.get(npg)
         if lst:
             h = lst.pop()
-            self._lcached[0] -= npg
+            self._lcached[0] -= max(npg, self._lmin)
         else:
 
             def alloc(op):
@@ -439,12 +443,12 @@ class ProcessCache:
                 self._lists[c].append(h)
                 return
             npg = self._lnp.get(h, 0)
-            if npg and self._lcached[0] + npg <= self._lcap:
+            if npg and self._lcached[0] + max(npg, self._lmin) <= self._lcap:
                 self._lgrel[0] += 1
                 self._lgrel[1] += npg
                 self._amap[i] = L.LISTED
                 self._lcache.setdefault(npg, []).append(h)
-                self._lcached[0] += npg
+                self._lcached[0] += max(npg, self._lmin)
                 return
             self._lnp.pop(h, None)
             return self.arena.free(h, self.slot)  # over the cache's bound: to the page heap

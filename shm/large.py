@@ -128,9 +128,9 @@ class LargeObjects:
             raise DoubleFree(f"double free: large block {h} is already free")
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
-    def collect_pending(self, op, k, room=0):
-        """P k takes back the spans other Ps freed (PENDING): up to `room` pages of them become
-        LISTED, for its large cache (counted live again, and as a malloc to come, as a local free
+    def collect_pending(self, op, k, room=0, least=0):
+        """P k takes back the spans other Ps freed (PENDING): as many as `room` pages allow (each
+        charged at least `least`) become LISTED, for its large cache (counted live again, and as a malloc to come, as a local free
         counts them), the rest go back to the heap.  Returns ([(handle, pages) relisted],
         [handles given back]).  Checkpoints after each span: call it before anything else in the
         operation.  A producer whose blocks a consumer frees so allocates them again without a
@@ -144,8 +144,9 @@ class LargeObjects:
             if self.mv[self.byte_off(h)] != L.PENDING:
                 continue
             npages = q[self.lay.span_word(r) + S["npages"]]
-            if npages <= room:
-                room -= npages
+            charge = max(npages, least)
+            if charge <= room:
+                room -= charge
                 op.wbyte(self.byte_off(h), L.LISTED)
                 op.add(self.hw + H["large_live"], 1)
                 op.add(self.hw + H["large_live_pages"], npages)

@@ -149,3 +149,20 @@ def test_a_snapshot_leaves_live_large_blocks_owned_and_freed_ones_given_back(are
     snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0 and snap["large_frees"] == 4
     p.close()
+
+
+def test_the_large_cache_keeps_at_most_eight_spans(make_arena):
+    """A snapshot gives every span in a P's large cache back to the page heap during its pause:
+    however small they are, a P keeps at most LARGE_CACHE_SPANS of them."""
+    from shm.cache import LARGE_CACHE_SPANS
+
+    arena = make_arena(heap_max=256 << 20)
+    p = ProcessCache(arena)
+    blocks = [p.alloc(40_000 + 8192 * i) for i in range(20)]  # 20 different page counts
+    for b in blocks:
+        p.free(b)
+    cached = [r for r in owned(arena, p)]
+    assert len(cached) == LARGE_CACHE_SPANS == 8
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == 20
+    p.close()
