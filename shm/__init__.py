@@ -28,6 +28,7 @@ Each structure checks itself (mimalloc style); `Arena.check_all` runs them all o
 and returns the problems (`Arena.check` raises CorruptionError):
 
     Locks.check                 lock words clean, undo logs empty
+    Registry.check              a FREE slot is idle, an ACTIVE one names its pid
     PageHeap.check(records)     spans tile the committed heap, page map, free buckets, counters
     CentralList.check(records)  central lists, P caches, class counters, small spans' object bytes
     LargeObjects.check(records) large spans' start bytes, owners and P lists

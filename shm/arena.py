@@ -461,12 +461,13 @@ class Arena:
         walks everything).  Run on a quiet arena (world stopped, or no workers).  Returns the list
         of problems; empty = healthy.  `parts` picks sections (None: every one, so a new check
         is run by every caller, the hypothesis model included), run in this order: locks and undo
-        logs (Locks.check), page heap (PageHeap.check), central lists and caches
+        logs (Locks.check), the P slots (Registry.check), page heap (PageHeap.check), central lists and caches
         (CentralList.check), large objects (LargeObjects.check), allocation map
         (CentralList.check_amap), figures (stats.check_figures: identities, fast == slow)."""
         records = self.heap.span_records()
         checks = {
             "locks": lambda: self.locks.check(),
+            "registry": lambda: self.registry.check(),
             "heap": lambda: self.heap.check(records),
             "central": lambda: self.central.check(records),
             "large": lambda: self.large.check(records),

@@ -128,7 +128,7 @@ class ProcessCache:
         lay = arena.lay
         k = self.slot
         self.pid = os.getpid()
-        self.owner = _thread.get_ident()
+        self.owner_thread = _thread.get_ident()  # the thread whose calls may take the fast path
         self.shared = False
         self._tag = tag(k)
         self._lists: list[list[int]] = [[] for _ in range(L.NCLASS)]  # LISTED handles, by class
@@ -171,7 +171,7 @@ class ProcessCache:
             self._lmin,
         )
         rbuf, rfree_n, lgrel = self._rbuf, self._rfree_n, self._lgrel
-        owner, get_ident = self.owner, _thread.get_ident
+        owner, get_ident = self.owner_thread, _thread.get_ident
         stop, inside = self._shm_stop, self._inside  # cells: _set_stop() swaps them
         slow_alloc, slow_free = self._slow_alloc, self._slow_free
         s2c, c2s, B, MAXS = SIZE_TO_CLASS, CLASS_TO_SIZE, Block, MAX_SMALL_SIZE
@@ -309,7 +309,7 @@ class ProcessCache:
         """Caller holds the P lock.  Returns with the slot's `inside` set and its stop byte RUN:
         parks first if the daemon asks, drops the local lists if the daemon flushed them.  The
         caller clears `inside` when its call ends (_leave)."""
-        if not self.shared and _thread.get_ident() != self.owner:
+        if not self.shared and _thread.get_ident() != self.owner_thread:
             self._check_usable()
             self.shared = True
             self._set_stop(_SHARED, bytearray(1))

@@ -67,6 +67,20 @@ class Registry:
             return False
         return not any(q[sw + SL[n]] for n in _MUST_BE_ZERO)
 
+    def check(self):
+        """Every FREE slot is idle (caches nothing, buffers nothing, owes no undo log) and every
+        ACTIVE one names a pid.  Returns the problems (Arena.check_all)."""
+        bad = []
+        for k in range(self.lay.nslots):
+            st = self.state(k)
+            if st == L.SLOT_FREE and not self.is_idle(k):
+                bad.append(f"slot {k} is FREE but still caches spans or holds buffered work")
+            elif st == L.SLOT_ACTIVE and not self.pid(k):
+                bad.append(f"slot {k} is ACTIVE but names no pid")
+            elif st not in (L.SLOT_FREE, L.SLOT_ACTIVE):
+                bad.append(f"slot {k} is in state {st}")
+        return bad
+
     def claim(self, barrier=False):
         """Become a P: take a free slot, lock its liveness byte.  `barrier`: this process
         registered for membarrier (shm/world.py).  Returns the slot index."""

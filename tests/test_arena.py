@@ -105,3 +105,16 @@ def test_seed_bug_reading_before_flushing_is_wrong(arena):
     assert_healthy(arena, p, other)
     p.close()
     other.close()
+
+
+def test_check_names_a_free_slot_that_still_holds_work(arena):
+    """Registry.check, run by check_all: a slot given back must be idle."""
+    from shm import layout
+
+    sw = arena.lay.slot_word(3)
+    assert arena.registry.state(3) == layout.SLOT_FREE and arena.check_all() == []
+    arena.q[sw + layout.SLOT["rfree_n"]] = 1
+    assert arena.check_all(parts=["registry"]) == [
+        "slot 3 is FREE but still caches spans or holds buffered work"
+    ]
+    arena.q[sw + layout.SLOT["rfree_n"]] = 0
