@@ -13,7 +13,7 @@ See shm/__init__.py for the allocator's overview.
 Errors (one tree, shm/errors.py):
 
     ShmallocError
-    ├── OutOfMemory, BadHandle (DoubleFree), LayoutMismatch, CorruptionError,
+    ├── OutOfMemory, BadHandle (DoubleFree), BadSize, BadSizeType, LayoutMismatch, CorruptionError,
     │   ArenaClosed, ForkedHeap, NoFreeSlot
     ├── StartupError
     └── ProtocolError ── DaemonUnavailable, NotRegistered, RemoteError
@@ -36,6 +36,8 @@ from shm import Arena, Block, ProcessCache
 from shm.errors import (
     ArenaClosed,
     BadHandle,
+    BadSize,
+    BadSizeType,
     CorruptionError,
     DaemonUnavailable,
     DoubleFree,
@@ -62,6 +64,8 @@ __all__ = [
     "ShmallocError",
     "OutOfMemory",
     "BadHandle",
+    "BadSize",
+    "BadSizeType",
     "DoubleFree",
     "LayoutMismatch",
     "CorruptionError",

@@ -90,6 +90,8 @@ from .cache import Block, ProcessCache
 from .errors import (
     ArenaClosed,
     BadHandle,
+    BadSize,
+    BadSizeType,
     CorruptionError,
     DoubleFree,
     ForkedHeap,
@@ -112,6 +114,8 @@ __all__ = [
     "ShmallocError",
     "OutOfMemory",
     "BadHandle",
+    "BadSize",
+    "BadSizeType",
     "DoubleFree",
     "CorruptionError",
     "LayoutMismatch",

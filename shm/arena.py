@@ -393,6 +393,13 @@ class Arena:
         def op_free(op):
             r = self.heap.span_of_page(page)
             if r < 0:
+                big = self._large_span_over(page)
+                if big >= 0:
+                    base = self.large.base(big)
+                    raise BadHandle(
+                        f"handle {h} is inside a large block of "
+                        f"{self.q[self.lay.span_word(big) + S['npages']] * PAGE} bytes but not at its start ({base})"
+                    )
                 raise BadHandle(
                     f"handle {h} is not a live block: no span holds it (never allocated, "
                     "or freed and its span returned to the heap)"
@@ -408,6 +415,21 @@ class Arena:
                 self.central.free_object(op, c, r, h, actor)
 
         self.run(actor, op_free)
+
+    def _large_span_over(self, page):
+        """The in-use large span whose interior holds `page`, or -1.  The page map names only a
+        large span's first and last pages, so this walks back to its first: an error path only."""
+        q, pm = self.q, self.lay.pagemap_word()
+        for p in range(page - 1, -1, -1):
+            r = q[pm + p] - 1
+            if r >= 0:
+                w = self.lay.span_word(r)
+                start, n = q[w + S["start"]], q[w + S["npages"]]
+                if p == start and q[w + S["state"]] == L.SPAN_INUSE and q[w + S["sizeclass"]] == 0:
+                    return r if start <= page < start + n else -1
+                if start <= p < start + n and q[w + S["state"]] in (L.SPAN_INUSE, L.SPAN_FREE):
+                    return -1  # a valid span ends here, or a small one holds p: not inside a large one
+        return -1
 
     def block_capacity(self, h):
         """Usable bytes of the live object at handle h (no lock: a read of stable fields)."""

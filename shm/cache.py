@@ -37,6 +37,7 @@ P share every piece of its state (lists, map view, stop and inside bytes, P lock
 """
 
 import _thread
+import operator
 import os
 import threading
 import time
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, SupportsIndex
 from . import layout as L
 from . import world
 from .central import tag
-from .errors import ArenaClosed, BadHandle, ForkedHeap, OutOfMemory
+from .errors import ArenaClosed, BadHandle, BadSize, BadSizeType, ForkedHeap, OutOfMemory
 from .sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, SIZE_TO_CLASS
 
 if TYPE_CHECKING:
@@ -180,10 +181,24 @@ class ProcessCache:
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
-            if 0 < size <= MAXS:
-                if get_ident() == owner:
-                    c = s2c[(size + 7) >> 3]
-                    lst = lists[c]
+            try:
+                if 0 < size <= MAXS:
+                    if get_ident() == owner:
+                        c = s2c[(size + 7) >> 3]
+                        lst = lists[c]
+                        if lst:
+                            ins = inside
+                            ins[0] = 1
+                            try:
+                                if not stop[0]:
+                                    h = lst.pop()
+                                    amap[(h - hb) >> 3] = tag_k
+                                    return B((h, size, c2s[c], self))
+                            finally:
+                                ins[0] = 0
+                elif size > 0 and get_ident() == owner:
+                    npg = (size + PMASK) >> PSHIFT
+                    lst = lcache.get(npg)
                     if lst:
                         ins = inside
                         ins[0] = 1
@@ -191,23 +206,12 @@ class ProcessCache:
                             if not stop[0]:
                                 h = lst.pop()
                                 amap[(h - hb) >> 3] = tag_k
-                                return B((h, size, c2s[c], self))
+                                lcached[0] -= npg if npg > lmin else lmin
+                                return B((h, size, npg << PSHIFT, self))
                         finally:
                             ins[0] = 0
-            elif size.__class__ is int and size > 0 and get_ident() == owner:
-                npg = (size + PMASK) >> PSHIFT
-                lst = lcache.get(npg)
-                if lst:
-                    ins = inside
-                    ins[0] = 1
-                    try:
-                        if not stop[0]:
-                            h = lst.pop()
-                            amap[(h - hb) >> 3] = tag_k
-                            lcached[0] -= npg if npg > lmin else lmin
-                            return B((h, size, npg << PSHIFT, self))
-                    finally:
-                        ins[0] = 0
+            except TypeError:  # no int: raised by the tests above, before anything is written
+                pass
             return slow_alloc(size)
 
         def free(block):
@@ -365,9 +369,12 @@ class ProcessCache:
     # --- the slow paths -----------------------------------------------------------------
     def _slow_alloc(self, size):
         if size.__class__ is not int:
-            size = size.__index__()
+            try:
+                size = operator.index(size)
+            except TypeError:
+                raise BadSizeType(f"alloc size must be an int, got {type(size).__name__} {size!r}") from None
         if size < 0:
-            raise ValueError(f"alloc size must be >= 0, got {size}")
+            raise BadSize(f"alloc size must be >= 0, got {size}")
         with self._lock:
             self._enter()
             try:

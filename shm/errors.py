@@ -4,6 +4,8 @@
     ├── OutOfMemory                the heap (or /dev/shm) is full; nothing was changed
     ├── BadHandle                  a handle that is not a live object start; nothing was changed
     │   └── DoubleFree             the handle was an object, but it is already free
+    ├── BadSize                    a negative allocation size (also a ValueError)
+    ├── BadSizeType                an allocation size that is no int (also a TypeError)
     ├── LayoutMismatch             the segment is not an arena of this layout version
     ├── CorruptionError            an invariant is broken (names it); never raised for bad input
     ├── ArenaClosed                the arena or heap was closed in this process
@@ -37,6 +39,18 @@ class BadHandle(ShmallocError, ValueError):
     boundary, never allocated.  Nothing was changed."""
 
     code = "BAD_HANDLE"
+
+
+class BadSize(ShmallocError, ValueError):
+    """An allocation size that is negative.  Nothing was changed."""
+
+    code = "BAD_SIZE"
+
+
+class BadSizeType(ShmallocError, TypeError):
+    """An allocation size that is not an int (nor has __index__).  Nothing was changed."""
+
+    code = "BAD_SIZE_TYPE"
 
 
 class DoubleFree(BadHandle):

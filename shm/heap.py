@@ -290,7 +290,9 @@ class PageHeap:
 
     def scavenge(self, op, min_pages=1):
         """Give every committed, unreleased free span back to the OS (MADV_REMOVE punches the
-        pages out of tmpfs).  Returns the bytes returned.  Go: scavenger / debug.FreeOSMemory."""
+        pages out of tmpfs).  Returns the bytes returned.  Go: scavenger / debug.FreeOSMemory.
+        One span at a time, checkpointed after each: any number of free spans fits the undo log,
+        and a crash leaves every span either released and marked, or neither."""
         op.need(L.LOCK_HEAP, "PageHeap.scavenge")
         q, total = self.q, 0
         mm = self.arena.mmap
@@ -300,10 +302,11 @@ class PageHeap:
                 w = self.sw(r)
                 n = q[w + S["npages"]]
                 if not q[w + S["released"]] and n >= min_pages:
-                    mm.madvise(mmap.MADV_REMOVE, self.lay.heap_off + q[w + S["start"]] * PAGE, n * PAGE)
                     op.w(w + S["released"], 1)
                     op.add(self.hw + H["released_pages"], n)
                     op.add(self.hw + H["releases"], 1)
+                    mm.madvise(mmap.MADV_REMOVE, self.lay.heap_off + q[w + S["start"]] * PAGE, n * PAGE)
+                    op.log.clear()  # checkpoint: any number of free spans, a bounded undo log
                     total += n * PAGE
                 r = q[w + S["next"]] - 1
         return total
