@@ -10,11 +10,21 @@ See shm/__init__.py for the allocator's overview.
     client.stats(endpoint)            # the same from an observer that holds no P
     heap.close()                      # or: with client.connect() as heap: ...
 
+In a process pool (client/pool.py, client/arrays.py):
+
+    heap = client.heap()              # this process's default Heap (made anew after fork/spawn)
+    with heap.alloc(n) as blk: ...    # a Block is a context manager: freed on exit
+    blk = heap.put(b"bytes")          # any buffer-protocol object copied into a new block
+    a = heap.ndarray((4, 4), "f8")    # a numpy array in a new block (the numpy extra)
+    pickle.dumps(blk), pickle.dumps(a)  # references, not bytes: loaded zero-copy elsewhere
+    payload = client.oob_dumps(obj)   # pickle protocol 5, large buffers in the heap;
+    obj = client.oob_loads(payload)   # ... the receiver's views; client.oob_free(payload) once
+
 Errors (one tree, shm/errors.py):
 
     ShmallocError
-    ├── OutOfMemory, BadHandle (DoubleFree), BadSize, BadSizeType, LayoutMismatch, CorruptionError,
-    │   ArenaClosed, ForkedHeap, NoFreeSlot
+    ├── OutOfMemory, BadHandle (DoubleFree), BadSize, BadSizeType, LayoutMismatch,
+    │   CorruptionError, ArenaClosed, ForkedHeap, NoFreeSlot, ForeignReference
     ├── StartupError
     └── ProtocolError ── DaemonUnavailable, NotRegistered, RemoteError
 
@@ -41,6 +51,7 @@ from shm.errors import (
     CorruptionError,
     DaemonUnavailable,
     DoubleFree,
+    ForeignReference,
     ForkedHeap,
     LayoutMismatch,
     NoFreeSlot,
@@ -51,11 +62,18 @@ from shm.errors import (
     ShmallocError,
 )
 
-from . import protocol
+from . import pool, protocol
 from .endpoint import default_endpoint, ipc_path
+from .pool import OOB_THRESHOLD, close_heap, heap, oob_dumps, oob_free, oob_loads, put
 
 __all__ = [
     "connect",
+    "heap",
+    "close_heap",
+    "oob_dumps",
+    "oob_loads",
+    "oob_free",
+    "OOB_THRESHOLD",
     "stats",
     "check",
     "ping",
@@ -72,6 +90,7 @@ __all__ = [
     "ArenaClosed",
     "ForkedHeap",
     "NoFreeSlot",
+    "ForeignReference",
     "ProtocolError",
     "DaemonUnavailable",
     "NotRegistered",
@@ -159,6 +178,19 @@ class Heap(ProcessCache):
                 self._control = None
             self._close_local()
             raise
+        pool._heaps.add(self)
+
+    def put(self, data: Any) -> Block:
+        """Copy any buffer-protocol object (bytes, bytearray, memoryview, an ndarray) into a
+        new block, in one call.  The caller owns the block."""
+        return put(self, data)
+
+    def ndarray(self, shape: Any, dtype: Any = "float64", order: Literal["C", "F"] = "C") -> Any:
+        """A numpy array (client.arrays.HeapArray) backed by a new block; needs numpy (the
+        `numpy` extra).  It pickles as a reference; heap.free(array) frees its block."""
+        from .arrays import new_array
+
+        return new_array(self, shape, dtype, order)
 
     def stats(self, deadline_ms: int = 2000, slow: bool = False) -> dict[str, Any]:
         """A consistent snapshot: the daemon parks every P -- this one included, through its

@@ -99,6 +99,16 @@ class Block(tuple):
 
     __index__ = __int__
 
+    def __enter__(self) -> "Block":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """`with heap.alloc(n) as blk:` frees the block on exit (through the heap that made it)."""
+        self[3].free(self[0])
+
+    # Pickling: client/pool.py registers a reducer with copyreg (a Block pickles as a reference
+    # to its memory, never its bytes); shm needs no hook and never imports client.
+
 
 _registered_pid = 0
 _registered = False

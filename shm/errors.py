@@ -11,6 +11,7 @@
     ├── ArenaClosed                the arena or heap was closed in this process
     ├── ForkedHeap                 a Heap used in a child after fork(); connect() again there
     ├── NoFreeSlot                 every P slot is taken
+    ├── ForeignReference           a pickled reference names another arena than the daemon's
     ├── StartupError               the daemon cannot start (endpoint taken, /dev/shm too small...)
     └── ProtocolError              control channel (service/, client/) errors; `code` is the wire code
         ├── DaemonUnavailable      no daemon answered at the endpoint before the deadline
@@ -84,6 +85,14 @@ class ForkedHeap(ShmallocError):
 
 class NoFreeSlot(ShmallocError):
     code = "NO_FREE_SLOT"
+
+
+class ForeignReference(ShmallocError, ValueError):
+    """A pickled Block or array names an arena other than the one this process reaches: it was
+    made under another daemon, or under one stopped since (its blocks are gone).  Load it in a
+    process connected to the daemon that allocated it."""
+
+    code = "FOREIGN_REFERENCE"
 
 
 class StartupError(ShmallocError):
