@@ -41,6 +41,7 @@ from shm.world import StopTheWorld
 from .handlers import dispatch
 from .logs import event, setup_logging
 from .pause import StoppedWorld, set_realtime
+from .security import check_segment, owner_word, prepare_dir
 
 LIVENESS_S = 0.1  # how often dead Ps are looked for (reclaimed within a second)
 EMPTY_SPANS_S = 1.0  # how often empty spans waiting on central lists go back to the heap
@@ -92,6 +93,7 @@ class Daemon:
         self.name = name or arena_name_for(self.endpoint)
         self.nslots = nslots
         self.socket_mode = socket_mode
+        self.arena_mode = 0o600 | (socket_mode & 0o060)  # the most an adopted segment may give
         self.park_deadline_ms = park_deadline_ms
         self.slow_snapshot_ms = slow_snapshot_ms  # longer pauses are logged at WARNING
         # The pause runs SCHED_FIFO where the daemon may (CAP_SYS_NICE): a flush preempted by a
@@ -113,6 +115,9 @@ class Daemon:
 
     # --- start -------------------------------------------------------------------------
     def start(self):
+        path = ipc_path(self.endpoint)
+        if path:
+            prepare_dir(os.path.dirname(path) or ".", self.socket_mode)
         self._refuse_if_served()
         self.arena = self.open_arena()
         self.stw = StopTheWorld(self.arena)
@@ -168,15 +173,31 @@ class Daemon:
         """Create the arena, or adopt the one a killed daemon left under the same name (its
         workers kept allocating; their blocks stay valid).  A segment held by a live daemon,
         or of another layout, is refused with a message saying what to do."""
-        existing = os.path.exists(f"/dev/shm/{self.name}")
-        if existing:
+        path = f"/dev/shm/{self.name}"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            # Judged before it is mapped, then again on the open file (it may have been swapped).
+            check_segment(st, path, self.arena_mode)
             try:
                 arena = Arena.attach(self.name)
             except LayoutMismatch as e:
                 raise StartupError(
-                    f"/dev/shm/{self.name} exists but is not an arena of this version ({e}); "
+                    f"{path} exists but is not an arena of this version ({e}); "
                     f"remove it with: shmalloc cleanup --name {self.name}"
                 ) from None
+            try:
+                check_segment(os.fstat(arena.fd), path, self.arena_mode)
+                if arena.q[L.HDR["owner"]] != owner_word(self.endpoint):
+                    raise StartupError(
+                        f"{path} is an arena, but not one a shmalloc daemon made for {self.endpoint}: "
+                        f"not adopted (remove it with: shmalloc cleanup --name {self.name})"
+                    )
+            except BaseException:
+                arena.close()
+                raise
             if not ofd_trylock(arena.fd, DAEMON_LOCK_BYTE):
                 arena.close()
                 raise StartupError(
@@ -208,10 +229,12 @@ class Daemon:
             )
         else:
             self._check_room()
+            # O_CREAT|O_EXCL, mode 0600: a segment someone made meanwhile is refused, not shared.
             arena = Arena.create(self.name, self.max_heap, self.nslots)
             # The segment is as open as the socket: a group let into the socket (--socket-mode
             # 0660) must be able to map the arena too.
-            os.fchmod(arena.fd, 0o600 | (self.socket_mode & 0o060))
+            os.fchmod(arena.fd, self.arena_mode)
+            arena.q[L.HDR["owner"]] = owner_word(self.endpoint)
             ofd_lock(arena.fd, DAEMON_LOCK_BYTE)
         arena.q[L.HDR["daemon_pid"]] = os.getpid()
         return arena
@@ -233,7 +256,6 @@ class Daemon:
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME * 2)
         path = ipc_path(self.endpoint)
         if path:
-            os.makedirs(os.path.dirname(path), mode=0o700 | (self.socket_mode & 0o050), exist_ok=True)
             old = os.umask(0o777 & ~self.socket_mode)
             try:
                 self.sock.bind(self.endpoint)

@@ -1,0 +1,172 @@
+"""Issue 9: nobody else's arena, nobody else's control.  A second local user (made with useradd
+here) pre-creates the segment and the socket directory; clients without the proof of a slot
+try to hijack workers, shut the daemon down, flood it with snapshots and long deadlines, over
+ipc and over TCP."""
+
+import os
+import pickle
+import pwd
+import shutil
+import stat
+import subprocess
+import uuid
+
+import pytest
+from support import DEADLINE, unique_name
+
+import client
+from service.security import owner_word
+from shm import Arena
+from shm import layout as L
+
+# --- a second local user ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    """A throwaway local user (useradd), removed at the end (userdel)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a second local user with useradd")
+    if shutil.which("useradd") is None or shutil.which("userdel") is None:
+        pytest.skip("useradd/userdel not installed: cannot make a second local user")
+    name = f"shmt{uuid.uuid4().hex[:8]}"
+    r = subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/bin/false", name], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"useradd failed: {r.stderr.strip()}")
+    pw = pwd.getpwnam(name)
+    try:
+        yield pw
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def as_user(pw, fn, *args):
+    """Run fn(*args) in a forked child that became user `pw`; returns its result or its
+    exception (pickled back), never raises it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            try:
+                out = ("ok", fn(*args))
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                out = ("err", f"{type(e).__name__}: {e}")
+            os.write(w, pickle.dumps(out))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
+
+
+def _make_dir(path, mode):
+    os.mkdir(path)
+    os.chmod(path, mode)
+    return path
+
+
+def _read_all(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _start_refused(start_daemon, **kw):
+    d = start_daemon(expect_up=False, **kw)
+    assert d.proc.wait(DEADLINE) == 2, d.log()
+    return d
+
+
+# --- ownership: the segment -------------------------------------------------------------------
+
+
+def test_a_segment_another_user_made_is_not_adopted(start_daemon, tmp_path, other_user):
+    """The other user pre-creates the arena's segment 0666 -- a valid arena whose header even names
+    our endpoint -- and gets nothing: the daemon refuses, naming the file and its owner."""
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    name = unique_name("foreign")
+    bait = Arena.create(name, 1 << 20, 4)
+    try:
+        bait.q[L.HDR["owner"]] = owner_word(endpoint)
+        os.fchown(bait.fd, other_user.pw_uid, other_user.pw_gid)
+        os.fchmod(bait.fd, 0o666)
+        d = _start_refused(start_daemon, endpoint=endpoint, name=name)
+        log = d.log()
+        assert f"/dev/shm/{name}" in log and other_user.pw_name in log and "not adopted" in log, log
+        assert bait.q[L.HDR["daemon_pid"]] == 0, "the daemon wrote into a foreign segment"
+        assert not os.path.exists(f"{tmp_path}/control.sock")
+    finally:
+        bait.destroy()
+
+
+def test_an_open_or_foreign_arena_of_our_own_is_not_adopted(start_daemon, tmp_path):
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    name = unique_name("open")
+    bait = Arena.create(name, 1 << 20, 4)
+    try:
+        bait.q[L.HDR["owner"]] = owner_word(endpoint)
+        os.fchmod(bait.fd, 0o666)
+        d = _start_refused(start_daemon, endpoint=endpoint, name=name)
+        assert "mode 0666" in d.log() and "not adopted" in d.log(), d.log()
+        os.fchmod(bait.fd, 0o600)
+        bait.q[L.HDR["owner"]] = owner_word("ipc:///somewhere/else.sock")
+        d = _start_refused(start_daemon, endpoint=endpoint, name=name)
+        assert "not one a shmalloc daemon made for" in d.log(), d.log()
+        assert bait.q[L.HDR["daemon_pid"]] == 0
+    finally:
+        bait.destroy()
+
+
+def test_a_new_segment_is_made_exclusively_and_private(start_daemon, other_user):
+    d = start_daemon()
+    st = os.stat(f"/dev/shm/{d.name}")
+    assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600
+    with client.connect(d.endpoint) as heap:
+        b = heap.alloc(4096)
+        b.buf[:16] = b"root's secret!!!"
+        # Not readable, not writable, not even the socket reachable for the other user.
+        got = as_user(other_user, _read_all, f"/dev/shm/{d.name}")
+        assert got[0] == "err" and "Permission" in got[1], got
+        got = as_user(other_user, os.stat, d.sock_path())
+        assert got[0] == "err" and "Permission" in got[1], got
+        heap.free(b)
+
+
+# --- ownership: the socket directory ------------------------------------------------------------
+
+
+def test_a_socket_directory_another_user_made_is_refused(start_daemon, other_user):
+    base = f"/tmp/shmalloc-test-{uuid.uuid4().hex[:8]}"
+    res = as_user(other_user, _make_dir, base, 0o777)
+    assert res[0] == "ok", res
+    try:
+        d = _start_refused(start_daemon, endpoint=f"ipc://{base}/control.sock")
+        assert base in d.log() and other_user.pw_name in d.log() and "refused" in d.log(), d.log()
+        assert os.listdir(base) == [], "the daemon made a socket in a foreign directory"
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_writable_socket_directory_of_our_own_is_refused(start_daemon, tmp_path):
+    base = _make_dir(f"{tmp_path}/open", 0o777)
+    d = _start_refused(start_daemon, endpoint=f"ipc://{base}/control.sock")
+    assert "writable by others" in d.log(), d.log()
+    os.chmod(base, 0o750)
+    d = start_daemon(endpoint=f"ipc://{base}/control.sock")
+    assert client.ping(d.endpoint)["pid"] == d.proc.pid
+
+
+def test_the_default_socket_directory_is_made_private(start_daemon, tmp_path):
+    base = f"{tmp_path}/made"
+    d = start_daemon(endpoint=f"ipc://{base}/control.sock")
+    assert stat.S_IMODE(os.stat(base).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(d.sock_path()).st_mode) == 0o600
