@@ -16,7 +16,7 @@ Errors (one tree, shm/errors.py):
     ├── OutOfMemory, BadHandle (DoubleFree), LayoutMismatch, CorruptionError,
     │   ArenaClosed, ForkedHeap, NoFreeSlot
     ├── StartupError
-    └── ProtocolError ── DaemonUnavailable, NotRegistered, RemoteError
+    └── ProtocolError ── DaemonUnavailable, NotRegistered, Forbidden, RemoteError
 
 A Heap's fast path never waits on the daemon: allocation and free touch only shared memory.
 A control thread owns the Heap's ZeroMQ socket (sockets are not thread-safe): it parks the P
@@ -39,6 +39,7 @@ from shm.errors import (
     CorruptionError,
     DaemonUnavailable,
     DoubleFree,
+    Forbidden,
     ForkedHeap,
     LayoutMismatch,
     NoFreeSlot,
@@ -71,6 +72,7 @@ __all__ = [
     "ProtocolError",
     "DaemonUnavailable",
     "NotRegistered",
+    "Forbidden",
     "RemoteError",
 ]
 
@@ -202,6 +204,8 @@ class _Control(threading.Thread):
         self.heap = heap
         self.timeout_ms = timeout_ms
         self.heartbeat_ms = 1000
+        # The slot's secret, written at claim: quoted in register, heartbeat and unregister.
+        self.token = heap.arena.registry.token(heap.slot)
         self.error = None
         self.ready = threading.Event()
         self._stop_evt = threading.Event()
@@ -230,10 +234,15 @@ class _Control(threading.Thread):
                         self._on_message(frame)
                 elif not events:
                     sock.send(
-                        protocol.encode_request("heartbeat", next(_ids), slot=heap.slot, pid=os.getpid())
+                        protocol.encode_request(
+                            "heartbeat", next(_ids), slot=heap.slot, pid=os.getpid(), token=self.token
+                        )
                     )
             try:
-                sock.send(protocol.encode_request("unregister", next(_ids), slot=heap.slot), zmq.NOBLOCK)
+                sock.send(
+                    protocol.encode_request("unregister", next(_ids), slot=heap.slot, token=self.token),
+                    zmq.NOBLOCK,
+                )
             except zmq.ZMQError:
                 pass
         finally:
@@ -242,7 +251,9 @@ class _Control(threading.Thread):
     def _register(self, sock):
         """Register on THIS socket, so the daemon sends this P's STOP messages here."""
         rid = next(_ids)
-        sock.send(protocol.encode_request("register", rid, pid=os.getpid(), slot=self.heap.slot))
+        sock.send(
+            protocol.encode_request("register", rid, pid=os.getpid(), slot=self.heap.slot, token=self.token)
+        )
         try:
             while True:
                 if not sock.poll(self.timeout_ms):

@@ -34,14 +34,14 @@ from client.endpoint import arena_name_for, default_endpoint, ipc_path
 from shm import Arena, stats
 from shm import layout as L
 from shm.arena import unlink_segment
-from shm.errors import LayoutMismatch, NotRegistered, ShmallocError, StartupError
+from shm.errors import Forbidden, LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from shm.world import StopTheWorld
 
 from .handlers import dispatch
 from .logs import event, setup_logging
 from .pause import StoppedWorld, set_realtime
-from .security import check_segment, owner_word, prepare_dir
+from .security import LogLimiter, check_segment, owner_word, prepare_dir
 
 LIVENESS_S = 0.1  # how often dead Ps are looked for (reclaimed within a second)
 EMPTY_SPANS_S = 1.0  # how often empty spans waiting on central lists go back to the heap
@@ -112,6 +112,8 @@ class Daemon:
         self.last_snapshot = None
         self.prev_counters = None
         self.adopted = False
+        self.curve = None  # the CURVE authenticator, when tcp:// clients must prove a key
+        self.refusals = LogLimiter()  # refused requests and malformed messages, rate-limited
 
     # --- start -------------------------------------------------------------------------
     def start(self):
@@ -311,7 +313,7 @@ class Daemon:
             except zmq.Again:
                 return
             if len(parts) != 2:  # ROUTER: [identity, frame]; anything else is dropped
-                event(logging.WARNING, "dropped malformed message", frames=len(parts))
+                self.refusals.event(logging.WARNING, "dropped malformed message", frames=len(parts))
                 return
             ident, frame = parts
         self._reply(ident, dispatch(self, frame, identity=ident))
@@ -345,7 +347,36 @@ class Daemon:
             self._reply(ident, dispatch(self, frame, identity=ident))
             bound += [k for k, i in self.routes.items() if i == ident]
 
-    def request_shutdown(self):
+    # --- who may do what (docs/ARCHITECTURE.md) ---------------------------------------
+    @property
+    def trusted_transport(self):
+        """Every peer of the socket is trusted for administrative ops: the socket file's mode
+        (ipc://) or a CURVE key (tcp://) let it in."""
+        return ipc_path(self.endpoint) is not None or self.curve is not None
+
+    def _token_of(self, k, token):
+        reg = self.arena.registry
+        return token != 0 and reg.state(k) == L.SLOT_ACTIVE and reg.token(k) == token
+
+    def _refuse(self, op, why, **fields):
+        """A Forbidden for the caller, and a log line (rate-limited: a flood writes a few)."""
+        self.refusals.event(logging.WARNING, "request refused", op=op, reason=why, **fields)
+        return Forbidden(f"{op}: {why}")
+
+    def authorize_admin(self, op, token=0):
+        if self.trusted_transport:
+            return
+        reg = self.arena.registry
+        if token and any(self._token_of(k, token) and reg.alive(k) for k in reg.active_slots()):
+            return
+        raise self._refuse(
+            op,
+            "administrative ops are served over ipc:// or CURVE-authenticated tcp://, or with the "
+            "token of a live P slot",
+        )
+
+    def request_shutdown(self, token=0):
+        self.authorize_admin("shutdown", token)
         self.stopping = True
         return {}
 
@@ -363,7 +394,7 @@ class Daemon:
                 event(logging.INFO, "P reclaimed", slot=k, pid=pid)
 
     # --- ops (service/handlers.py) -----------------------------------------------------
-    def register(self, pid, identity, slot=None):
+    def register(self, pid, identity, slot=None, token=0):
         arena = self.arena
         mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == pid]
         if slot is not None:
@@ -373,21 +404,27 @@ class Daemon:
                 f"pid {pid} holds no P slot (or several; name it): claim one in the arena first"
             )
         k = mine[0]
+        if not self._token_of(k, token):
+            raise self._refuse("register", f"the token does not match P slot {k}'s", slot=k)
         self.routes[k] = identity
         event(logging.INFO, "P joined", slot=k, pid=pid)
         return {"slot": k, "arena": self.name, "layout_version": L.VERSION, "heartbeat_ms": HEARTBEAT_MS}
 
-    def unregister(self, slot, identity):
+    def unregister(self, slot, identity, token=0):
+        if not self._token_of(slot, token):
+            raise self._refuse("unregister", f"the token does not match P slot {slot}'s", slot=slot)
         if self.routes.get(slot) == identity:
             del self.routes[slot]
             event(logging.INFO, "P left", slot=slot)
         return {}
 
-    def heartbeat(self, slot, identity, pid=0):
+    def heartbeat(self, slot, identity, pid=0, token=0):
         if not (0 <= slot < self.arena.lay.nslots and self.arena.registry.state(slot) == L.SLOT_ACTIVE):
             raise NotRegistered(f"P slot {slot} is not held by any worker")
         if pid and self.arena.registry.pid(slot) != pid:
             raise NotRegistered(f"P slot {slot} is held by pid {self.arena.registry.pid(slot)}, not {pid}")
+        if not self._token_of(slot, token):
+            raise self._refuse("heartbeat", f"the token does not match P slot {slot}'s", slot=slot)
         if self.routes.get(slot) != identity:
             self.routes[slot] = identity  # a worker that outlived a previous daemon
             event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.registry.pid(slot))
@@ -406,13 +443,15 @@ class Daemon:
             "version": __version__,
         }
 
-    def release(self):
+    def release(self, token=0):
+        self.authorize_admin("release", token)
         # Free spans belong to no P: the heap lock is all it takes, the world runs on.
         n = self.arena.scavenge(self.arena.daemon_actor)
         event(logging.INFO, "released idle pages", bytes=n)
         return {"released_bytes": n}
 
-    def check(self):
+    def check(self, token=0):
+        self.authorize_admin("check", token)
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
             self.arena.free_empty_spans(self.arena.daemon_actor)

@@ -590,7 +590,14 @@ def test_heartbeat_for_a_slot_held_by_another_pid_is_refused(start_daemon):
         with pytest.raises(client.RemoteError) as e:
             client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid() + 1)
         assert e.value.code == "NOT_REGISTERED"
-        assert client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid())["epoch"] >= 0
+        with pytest.raises(client.RemoteError) as e:
+            client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid())
+        assert e.value.code == "FORBIDDEN"
+        token = heap.arena.registry.token(heap.slot)
+        assert (
+            client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid(), token=token)["epoch"]
+            >= 0
+        )
         # the probe above re-bound the slot to a throwaway socket; the real control thread
         # takes it back with its next heartbeat -- until then its P parks by its stop byte
         b = heap.alloc(10)

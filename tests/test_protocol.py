@@ -90,14 +90,14 @@ class FakeDaemon:
             raise result
         return result
 
-    def register(self, pid, identity, slot=None):
-        return self._call("register", pid, identity, *(() if slot is None else (slot,)))
+    def register(self, pid, identity, slot=None, token=0):
+        return self._call("register", pid, identity, *(() if slot is None else (slot,)), *_t(token))
 
-    def unregister(self, slot, identity):
-        return self._call("unregister", slot, identity)
+    def unregister(self, slot, identity, token=0):
+        return self._call("unregister", slot, identity, *_t(token))
 
-    def heartbeat(self, slot, identity, pid=0):
-        return self._call("heartbeat", slot, identity, *((pid,) if pid else ()))
+    def heartbeat(self, slot, identity, pid=0, token=0):
+        return self._call("heartbeat", slot, identity, *((pid,) if pid else ()), *_t(token))
 
     def ping(self):
         return self._call("ping")
@@ -105,14 +105,19 @@ class FakeDaemon:
     def snapshot(self, deadline_ms, slow):
         return self._call("snapshot", deadline_ms, slow)
 
-    def check(self):
-        return self._call("check")
+    def check(self, token=0):
+        return self._call("check", *_t(token))
 
-    def release(self):
-        return self._call("release")
+    def release(self, token=0):
+        return self._call("release", *_t(token))
 
-    def request_shutdown(self):
-        return self._call("request_shutdown")
+    def request_shutdown(self, token=0):
+        return self._call("request_shutdown", *_t(token))
+
+
+def _t(token):
+    """A token the request quoted, as the fake daemon records it: ("token", value)."""
+    return (("token", token),) if token else ()
 
 
 def error_of(frame):

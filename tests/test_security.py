@@ -7,6 +7,7 @@ import os
 import pickle
 import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import uuid
@@ -170,3 +171,50 @@ def test_the_default_socket_directory_is_made_private(start_daemon, tmp_path):
     d = start_daemon(endpoint=f"ipc://{base}/control.sock")
     assert stat.S_IMODE(os.stat(base).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(d.sock_path()).st_mode) == 0o600
+
+
+# --- authorization: the slot token --------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _refused(endpoint, op, **args):
+    with pytest.raises(client.RemoteError) as e:
+        client.request(endpoint, op, 3000, **args)
+    assert e.value.code == "FORBIDDEN", e.value
+    return str(e.value)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_hijack_attempts_without_the_slot_token_are_refused(start_daemon, transport):
+    d = start_daemon(endpoint=f"tcp://127.0.0.1:{_free_port()}" if transport == "tcp" else None)
+    with client.connect(d.endpoint) as heap:
+        pid, slot, token = os.getpid(), heap.slot, heap.arena.registry.token(heap.slot)
+        _refused(d.endpoint, "heartbeat", slot=slot)
+        _refused(d.endpoint, "heartbeat", slot=slot, pid=pid)
+        _refused(d.endpoint, "heartbeat", slot=slot, pid=pid, token=token ^ 1)
+        _refused(d.endpoint, "register", pid=pid)
+        _refused(d.endpoint, "register", pid=pid, slot=slot, token=token + 1)
+        _refused(d.endpoint, "unregister", slot=slot)
+        assert "P re-registered" not in d.log() and d.log().count("P joined") == 1
+        # The real worker is still the voice of its slot: a snapshot parks it, every cache flushed.
+        b = heap.alloc(100)
+        snap = heap.stats(slow=True)
+        assert snap["consistent"] and snap["slow_equal"] and snap["num_p"] == 1
+        heap.free(b)
+        if transport == "tcp":
+            for op in ("shutdown", "release", "check"):
+                assert "administrative" in _refused(d.endpoint, op)
+            assert client.request(d.endpoint, "check", 30000, token=token)["problems"] == []
+            assert d.proc.poll() is None
+            # A flood of refusals writes a few lines, then one that says how many were not written.
+            for _ in range(200):
+                _refused(d.endpoint, "shutdown")
+            assert d.log().count("request refused") <= 12, d.log()
+        else:
+            assert client.request(d.endpoint, "check", 30000)["problems"] == []
+    assert d.proc.poll() is None
