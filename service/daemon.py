@@ -87,6 +87,7 @@ class Daemon:
         metrics_interval=5.0,
         slow_snapshot_ms=50,
         realtime_pause=True,
+        min_stop_interval_ms=5,
     ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
@@ -113,6 +114,13 @@ class Daemon:
         self.prev_counters = None
         self.adopted = False
         self.curve = None  # the CURVE authenticator, when tcp:// clients must prove a key
+        # No stop of the world on demand for free: stats requests waiting together share one
+        # pause; two pauses for requests are at least min_stop_interval_ms apart (a check's at
+        # least its own length apart); a request's deadline is capped at park_deadline_ms.
+        self.min_stop_interval = min_stop_interval_ms / 1000
+        self.waiting = {"stats": [], "check": []}  # (identity, frame, request) per heavy op
+        self.next_stop = {"stats": 0.0, "check": 0.0}  # time.monotonic() a batch may run from
+        self.shared = {}  # op -> the result the batch being answered shares
         self.refusals = LogLimiter()  # refused requests and malformed messages, rate-limited
 
     # --- start -------------------------------------------------------------------------
@@ -276,9 +284,16 @@ class Daemon:
         poller.register(self.sock, zmq.POLLIN)
         next_scan = next_empty = next_metrics = time.monotonic()
         while not self.stopping:
-            if self.deferred or poller.poll(int(LIVENESS_S * 1000)):
+            timeout = LIVENESS_S
+            for op, batch in self.waiting.items():
+                if batch:
+                    timeout = min(timeout, max(0.0, self.next_stop[op] - time.monotonic()))
+            if self.deferred or poller.poll(int(timeout * 1000)):
                 self.handle_one()
             now = time.monotonic()
+            for op, batch in self.waiting.items():
+                if batch and now >= self.next_stop[op]:
+                    self._serve_batch(op)
             if now >= next_scan:
                 next_scan = now + LIVENESS_S
                 self._tick("reclaim dead Ps", self.reclaim_dead)
@@ -305,18 +320,56 @@ class Daemon:
     LIGHT_OPS = frozenset({"register", "unregister", "heartbeat", "ping"})
 
     def handle_one(self):
+        """Serve one request (or queue a heavy one for its batch); False when none was waiting."""
         if self.deferred:
             ident, frame = self.deferred.popleft()
         else:
             try:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             if len(parts) != 2:  # ROUTER: [identity, frame]; anything else is dropped
                 self.refusals.event(logging.WARNING, "dropped malformed message", frames=len(parts))
-                return
+                return True
             ident, frame = parts
+        try:
+            req = protocol.decode_request(frame)
+        except ShmallocError:
+            req = None  # answered now, by dispatch's error reply
+        if (
+            req is not None
+            and req["op"] in self.waiting
+            and (req["op"] != "check" or self.admin_ok(req["token"]))
+        ):
+            self.waiting[req["op"]].append((ident, frame, req))
+            return True
         self._reply(ident, dispatch(self, frame, identity=ident))
+        return True
+
+    def _serve_batch(self, op):
+        """One pause (or one check) for every request of `op` waiting now, those already on the
+        socket included; each gets its own reply of the shared result."""
+        for _ in range(1000):
+            if not self.handle_one():
+                break
+        batch, self.waiting[op] = self.waiting[op], []
+        t = time.monotonic()
+        try:
+            if op == "stats":
+                deadline = max(r["deadline_ms"] for _, _, r in batch)
+                self.shared[op] = self.snapshot(deadline, any(r["slow"] for _, _, r in batch))
+            else:
+                self.shared[op] = self.check(batch[0][2]["token"])
+        except Exception as e:  # every requester gets the error reply dispatch makes of it
+            self.shared[op] = e
+        end = time.monotonic()
+        gap = self.min_stop_interval if op == "stats" else max(self.min_stop_interval, end - t)
+        self.next_stop[op] = end + gap
+        try:
+            for ident, frame, _ in batch:
+                self._reply(ident, dispatch(self, frame, identity=ident))
+        finally:
+            self.shared.pop(op, None)
 
     def _reply(self, ident, reply):
         if reply is not None:
@@ -363,11 +416,14 @@ class Daemon:
         self.refusals.event(logging.WARNING, "request refused", op=op, reason=why, **fields)
         return Forbidden(f"{op}: {why}")
 
-    def authorize_admin(self, op, token=0):
+    def admin_ok(self, token=0):
         if self.trusted_transport:
-            return
+            return True
         reg = self.arena.registry
-        if token and any(self._token_of(k, token) and reg.alive(k) for k in reg.active_slots()):
+        return bool(token) and any(self._token_of(k, token) and reg.alive(k) for k in reg.active_slots())
+
+    def authorize_admin(self, op, token=0):
+        if self.admin_ok(token):
             return
         raise self._refuse(
             op,
@@ -452,6 +508,11 @@ class Daemon:
 
     def check(self, token=0):
         self.authorize_admin("check", token)
+        shared = self.shared.get("check")
+        if shared is not None:  # answering a batch: the walk was made once for all
+            if isinstance(shared, Exception):
+                raise shared
+            return shared
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
             self.arena.free_empty_spans(self.arena.daemon_actor)
@@ -466,6 +527,12 @@ class Daemon:
         return {"problems": problems, "snapshot": snap}
 
     def snapshot(self, deadline_ms, slow, source="request"):
+        shared = self.shared.get("stats")
+        if shared is not None and source == "request":  # answering a batch: one pause for all
+            if isinstance(shared, Exception):
+                raise shared
+            return shared
+        deadline_ms = min(deadline_ms, self.park_deadline_ms)
         with self.stopped_world(deadline_ms) as world:
             snap = self._figures(world, slow)
         snap.update(world["meta"])
@@ -577,6 +644,7 @@ def run(args):
             metrics_interval=args.metrics_interval,
             slow_snapshot_ms=args.slow_snapshot_ms,
             realtime_pause=not args.no_realtime_pause,
+            min_stop_interval_ms=args.min_stop_interval_ms,
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))

@@ -550,7 +550,7 @@ def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
         assert res.get(timeout=DEADLINE)[0] == "ok"
         assert ready.wait(DEADLINE)
         asker = subprocess.Popen(
-            [*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "30000"],
+            [*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "10000"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -10,12 +10,16 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 import uuid
 
+import msgpack
 import pytest
+import zmq
 from support import DEADLINE, unique_name
 
 import client
+from client import protocol
 from service.security import owner_word
 from shm import Arena
 from shm import layout as L
@@ -218,3 +222,74 @@ def test_hijack_attempts_without_the_slot_token_are_refused(start_daemon, transp
         else:
             assert client.request(d.endpoint, "check", 30000)["problems"] == []
     assert d.proc.poll() is None
+
+
+# --- no stop of the world on demand for free ----------------------------------------------------
+
+
+def _dealer(endpoint):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def test_concurrent_snapshots_share_one_pause(start_daemon):
+    d = start_daemon(extra=("--min-stop-interval-ms", "200"))
+    with client.connect(d.endpoint):
+        client.stats(d.endpoint)  # the next stop waits at least 200 ms: every request below with it
+        socks = [_dealer(d.endpoint) for _ in range(20)]
+        try:
+            for i, s in enumerate(socks):
+                s.send(protocol.encode_request("stats", i, deadline_ms=2000))
+            epochs = set()
+            for s in socks:
+                assert s.poll(DEADLINE * 1000)
+                epochs.add(protocol.decode_reply(s.recv(), op="stats")["snapshot"]["epoch"])
+        finally:
+            for s in socks:
+                s.close(0)
+        assert len(epochs) == 1, f"20 concurrent stats requests took {len(epochs)} pauses"
+
+
+def test_a_snapshot_flood_gets_no_more_pauses_than_the_floor_allows(start_daemon):
+    d = start_daemon(extra=("--min-stop-interval-ms", "50"))
+    with client.connect(d.endpoint):
+        e0 = client.ping(d.endpoint)["epoch"]
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 1.0:
+            client.stats(d.endpoint, deadline_ms=1)
+            n += 1
+        elapsed = time.monotonic() - t0
+        pauses = client.ping(d.endpoint)["epoch"] - e0
+        assert pauses <= elapsed / 0.05 + 2, f"{n} requests, {pauses} pauses in {elapsed:.2f} s"
+
+
+def test_long_deadlines_are_refused_or_capped(start_daemon):
+    import mpworkers
+    from test_daemon import SPAWN
+
+    d = start_daemon(extra=("--park-deadline-ms", "300"))
+    s = _dealer(d.endpoint)
+    try:
+        s.send(msgpack.packb({"v": 1, "id": 1, "op": "stats", "deadline_ms": 60000}))
+        assert s.poll(DEADLINE * 1000)
+        with pytest.raises(client.RemoteError) as e:
+            protocol.decode_reply(s.recv())
+        assert e.value.code == "BAD_ARGS"
+    finally:
+        s.close(0)
+    ready, release, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    w = SPAWN.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
+    w.start()
+    try:
+        assert ready.wait(DEADLINE)
+        t = time.monotonic()
+        snap = client.stats(d.endpoint, deadline_ms=10000)
+        elapsed = time.monotonic() - t
+        assert not snap["consistent"] and elapsed < 3, f"a stuck worker froze the world for {elapsed:.1f} s"
+    finally:
+        release.set()
+    out.get(timeout=DEADLINE)
+    w.join(DEADLINE)
