@@ -54,6 +54,11 @@ def build_parser():
         "meanwhile share one pause (default 5)",
     )
     d.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a tcp:// endpoint on a non-loopback address without authentication",
+    )
+    d.add_argument(
         "--metrics-addr",
         default=None,
         help="serve Prometheus /metrics on HOST:PORT (needs prometheus_client)",

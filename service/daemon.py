@@ -88,6 +88,7 @@ class Daemon:
         slow_snapshot_ms=50,
         realtime_pause=True,
         min_stop_interval_ms=5,
+        insecure=False,
     ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
@@ -113,6 +114,7 @@ class Daemon:
         self.last_snapshot = None
         self.prev_counters = None
         self.adopted = False
+        self.insecure = insecure  # a non-loopback tcp:// bind without CURVE was asked for
         self.curve = None  # the CURVE authenticator, when tcp:// clients must prove a key
         # No stop of the world on demand for free: stats requests waiting together share one
         # pause; two pauses for requests are at least min_stop_interval_ms apart (a check's at
@@ -273,6 +275,17 @@ class Daemon:
                 os.umask(old)
             os.chmod(path, self.socket_mode)
         else:
+            host = self.endpoint.partition("://")[2].rpartition(":")[0].strip("[]")
+            loopback = host == "localhost" or host == "::1" or host.startswith("127.")
+            if not loopback and self.curve is None:
+                if not self.insecure:
+                    raise StartupError(
+                        f"{self.endpoint} is not a loopback address: anyone who reaches it could "
+                        "watch the control channel and, with a sniffed slot token, act for a "
+                        "worker -- use an ipc:// endpoint or 127.0.0.1, or pass --insecure to "
+                        "bind it anyway"
+                    )
+                event(logging.WARNING, "control channel open to the network without authentication")
             try:
                 self.sock.bind(self.endpoint)
             except zmq.ZMQError as e:
@@ -322,16 +335,16 @@ class Daemon:
     def handle_one(self):
         """Serve one request (or queue a heavy one for its batch); False when none was waiting."""
         if self.deferred:
-            ident, frame = self.deferred.popleft()
+            env, frame = self.deferred.popleft()
         else:
             try:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return False
-            if len(parts) != 2:  # ROUTER: [identity, frame]; anything else is dropped
-                self.refusals.event(logging.WARNING, "dropped malformed message", frames=len(parts))
+            env, frame = self._envelope(parts)
+            if env is None:
                 return True
-            ident, frame = parts
+        ident = env[0]
         try:
             req = protocol.decode_request(frame)
         except ShmallocError:
@@ -341,10 +354,20 @@ class Daemon:
             and req["op"] in self.waiting
             and (req["op"] != "check" or self.admin_ok(req["token"]))
         ):
-            self.waiting[req["op"]].append((ident, frame, req))
+            self.waiting[req["op"]].append((env, frame, req))
             return True
-        self._reply(ident, dispatch(self, frame, identity=ident))
+        self._reply(env, dispatch(self, frame, identity=ident))
         return True
+
+    def _envelope(self, parts):
+        """ROUTER: [identity, frame] from a DEALER, [identity, b"", frame] from a REQ; the reply
+        goes back in the same shape.  (None, None) for anything else, which is dropped."""
+        if len(parts) == 2:
+            return parts[:1], parts[1]
+        if len(parts) == 3 and not parts[1]:
+            return parts[:2], parts[2]
+        self.refusals.event(logging.WARNING, "dropped malformed message", frames=len(parts))
+        return None, None
 
     def _serve_batch(self, op):
         """One pause (or one check) for every request of `op` waiting now, those already on the
@@ -366,17 +389,17 @@ class Daemon:
         gap = self.min_stop_interval if op == "stats" else max(self.min_stop_interval, end - t)
         self.next_stop[op] = end + gap
         try:
-            for ident, frame, _ in batch:
-                self._reply(ident, dispatch(self, frame, identity=ident))
+            for env, frame, _ in batch:
+                self._reply(env, dispatch(self, frame, identity=env[0]))
         finally:
             self.shared.pop(op, None)
 
-    def _reply(self, ident, reply):
+    def _reply(self, env, reply):
         if reply is not None:
             try:
-                self.sock.send_multipart([ident, reply], zmq.NOBLOCK)
+                self.sock.send_multipart([*env, reply], zmq.NOBLOCK)
             except zmq.ZMQError as e:
-                event(logging.WARNING, "reply not sent", error=str(e))
+                self.refusals.event(logging.WARNING, "reply not sent", error=str(e))
 
     def serve_light(self):
         """While the world is stopped: answer the light ops now, keep the others for after.
@@ -387,17 +410,18 @@ class Daemon:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return bound
-            if len(parts) != 2:
+            env, frame = self._envelope(parts)
+            if env is None:
                 continue
-            ident, frame = parts
+            ident = env[0]
             try:
                 op = protocol.decode_request(frame)["op"]
             except ShmallocError:
                 op = None  # garbage: answered now, by dispatch's error reply
             if op is not None and op not in self.LIGHT_OPS:
-                self.deferred.append((ident, frame))
+                self.deferred.append((env, frame))
                 continue
-            self._reply(ident, dispatch(self, frame, identity=ident))
+            self._reply(env, dispatch(self, frame, identity=ident))
             bound += [k for k, i in self.routes.items() if i == ident]
 
     # --- who may do what (docs/ARCHITECTURE.md) ---------------------------------------
@@ -467,7 +491,10 @@ class Daemon:
         return {"slot": k, "arena": self.name, "layout_version": L.VERSION, "heartbeat_ms": HEARTBEAT_MS}
 
     def unregister(self, slot, identity, token=0):
-        if not self._token_of(slot, token):
+        # A slot already given back has nothing left to take (the worker's unregister often
+        # arrives after its close freed the slot); a held one is left only with its token.
+        held = 0 <= slot < self.arena.lay.nslots and self.arena.registry.state(slot) == L.SLOT_ACTIVE
+        if held and not self._token_of(slot, token):
             raise self._refuse("unregister", f"the token does not match P slot {slot}'s", slot=slot)
         if self.routes.get(slot) == identity:
             del self.routes[slot]
@@ -491,7 +518,7 @@ class Daemon:
         from . import __version__
 
         return {
-            "pid": os.getpid(),
+            "pid": os.getpid() if self.trusted_transport else 0,  # pids only to trusted peers
             "uptime_s": time.monotonic() - self.started,
             "epoch": self.arena.q[L.HDR["epoch"]],
             "num_p": len(self.arena.registry.active_slots()),
@@ -558,6 +585,8 @@ class Daemon:
             unflushed=snap["unflushed"],
             source=source,
         )
+        if not self.trusted_transport:  # pids only to trusted peers
+            snap = dict(snap, per_p=[dict(p, pid=0) for p in snap["per_p"]])
         return {"snapshot": snap}
 
     # --- stop the world ---------------------------------------------------------------
@@ -645,6 +674,7 @@ def run(args):
             slow_snapshot_ms=args.slow_snapshot_ms,
             realtime_pause=not args.no_realtime_pause,
             min_stop_interval_ms=args.min_stop_interval_ms,
+            insecure=args.insecure,
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))

@@ -293,3 +293,41 @@ def test_long_deadlines_are_refused_or_capped(start_daemon):
         release.set()
     out.get(timeout=DEADLINE)
     w.join(DEADLINE)
+
+
+# --- TCP is for observers; REQ observers --------------------------------------------------------
+
+
+def test_a_non_loopback_tcp_bind_without_authentication_refuses_to_start(start_daemon):
+    d = _start_refused(start_daemon, endpoint=f"tcp://0.0.0.0:{_free_port()}")
+    assert "not a loopback address" in d.log() and "--insecure" in d.log(), d.log()
+    d = start_daemon(endpoint=f"tcp://0.0.0.0:{_free_port()}", extra=("--insecure",))
+    assert "without authentication" in d.log()
+    endpoint = d.endpoint.replace("0.0.0.0", "127.0.0.1")
+    assert client.ping(endpoint)["pid"] == 0
+    d.endpoint = endpoint  # the fixture stops it by SIGTERM
+
+
+def test_pids_are_hidden_over_tcp(start_daemon):
+    d = start_daemon(endpoint=f"tcp://127.0.0.1:{_free_port()}")
+    with client.connect(d.endpoint):
+        info = client.ping(d.endpoint)
+        snap = client.stats(d.endpoint)
+        assert info["pid"] == 0 and info["num_p"] == 1
+        assert snap["consistent"] and [p["pid"] for p in snap["per_p"]] == [0]
+
+
+def test_a_req_observer_gets_its_reply(start_daemon):
+    d = start_daemon()
+    s = zmq.Context.instance().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(d.endpoint)
+    try:
+        for i, op in enumerate(("ping", "stats", "ping")):
+            s.send(protocol.encode_request(op, i))
+            assert s.poll(10_000), f"no reply to {op} on a REQ socket"
+            reply = protocol.decode_reply(s.recv(), op=op)
+            assert reply["id"] == i
+        assert reply["pid"] == d.proc.pid  # ipc: a trusted peer
+    finally:
+        s.close(0)
