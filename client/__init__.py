@@ -26,7 +26,7 @@ Errors (one tree, shm/errors.py):
     ├── OutOfMemory, BadHandle (DoubleFree), BadSize, BadSizeType, LayoutMismatch,
     │   CorruptionError, ArenaClosed, ForkedHeap, NoFreeSlot, ForeignReference
     ├── StartupError
-    └── ProtocolError ── DaemonUnavailable, NotRegistered, RemoteError
+    └── ProtocolError ── DaemonUnavailable, NotRegistered, Forbidden, RemoteError
 
 A Heap's fast path never waits on the daemon: allocation and free touch only shared memory.
 A control thread owns the Heap's ZeroMQ socket (sockets are not thread-safe): it parks the P
@@ -51,6 +51,7 @@ from shm.errors import (
     CorruptionError,
     DaemonUnavailable,
     DoubleFree,
+    Forbidden,
     ForeignReference,
     ForkedHeap,
     LayoutMismatch,
@@ -94,6 +95,7 @@ __all__ = [
     "ProtocolError",
     "DaemonUnavailable",
     "NotRegistered",
+    "Forbidden",
     "RemoteError",
 ]
 
@@ -238,6 +240,8 @@ class _Control(threading.Thread):
         self.heap = heap
         self.timeout_ms = timeout_ms
         self.heartbeat_ms = 1000
+        # The slot's secret, written at claim: quoted in register, heartbeat and unregister.
+        self.token = heap.arena.registry.token(heap.slot)
         self.error = None
         self.ready = threading.Event()
         self._stop_evt = threading.Event()
@@ -266,10 +270,15 @@ class _Control(threading.Thread):
                         self._on_message(frame)
                 elif not events:
                     sock.send(
-                        protocol.encode_request("heartbeat", next(_ids), slot=heap.slot, pid=os.getpid())
+                        protocol.encode_request(
+                            "heartbeat", next(_ids), slot=heap.slot, pid=os.getpid(), token=self.token
+                        )
                     )
             try:
-                sock.send(protocol.encode_request("unregister", next(_ids), slot=heap.slot), zmq.NOBLOCK)
+                sock.send(
+                    protocol.encode_request("unregister", next(_ids), slot=heap.slot, token=self.token),
+                    zmq.NOBLOCK,
+                )
             except zmq.ZMQError:
                 pass
         finally:
@@ -278,7 +287,9 @@ class _Control(threading.Thread):
     def _register(self, sock):
         """Register on THIS socket, so the daemon sends this P's STOP messages here."""
         rid = next(_ids)
-        sock.send(protocol.encode_request("register", rid, pid=os.getpid(), slot=self.heap.slot))
+        sock.send(
+            protocol.encode_request("register", rid, pid=os.getpid(), slot=self.heap.slot, token=self.token)
+        )
         try:
             while True:
                 if not sock.poll(self.timeout_ms):

@@ -47,6 +47,18 @@ def build_parser():
         "--park-deadline-ms", type=int, default=2000, help="how long a snapshot waits for every P to park"
     )
     d.add_argument(
+        "--min-stop-interval-ms",
+        type=float,
+        default=5,
+        help="least time between two stops of the world for requests; stats requests waiting "
+        "meanwhile share one pause (default 5)",
+    )
+    d.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a tcp:// endpoint on a non-loopback address without authentication",
+    )
+    d.add_argument(
         "--metrics-addr",
         default=None,
         help="serve Prometheus /metrics on HOST:PORT (needs prometheus_client)",

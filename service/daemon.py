@@ -34,13 +34,14 @@ from client.endpoint import arena_name_for, default_endpoint, ipc_path
 from shm import Arena, stats
 from shm import layout as L
 from shm.arena import unlink_segment
-from shm.errors import LayoutMismatch, NotRegistered, ShmallocError, StartupError
+from shm.errors import Forbidden, LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from shm.world import StopTheWorld
 
 from .handlers import dispatch
 from .logs import event, setup_logging
 from .pause import StoppedWorld, set_realtime
+from .security import LogLimiter, check_segment, endpoint_id, prepare_dir
 
 LIVENESS_S = 0.1  # how often dead Ps are looked for (reclaimed within a second)
 EMPTY_SPANS_S = 1.0  # how often empty spans waiting on central lists go back to the heap
@@ -86,12 +87,15 @@ class Daemon:
         metrics_interval=5.0,
         slow_snapshot_ms=50,
         realtime_pause=True,
+        min_stop_interval_ms=5,
+        insecure=False,
     ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
         self.name = name or arena_name_for(self.endpoint)
         self.nslots = nslots
         self.socket_mode = socket_mode
+        self.arena_mode = 0o600 | (socket_mode & 0o060)  # the most an adopted segment may give
         self.park_deadline_ms = park_deadline_ms
         self.slow_snapshot_ms = slow_snapshot_ms  # longer pauses are logged at WARNING
         # The pause runs SCHED_FIFO where the daemon may (CAP_SYS_NICE): a flush preempted by a
@@ -110,9 +114,22 @@ class Daemon:
         self.last_snapshot = None
         self.prev_counters = None
         self.adopted = False
+        self.insecure = insecure  # a non-loopback tcp:// bind without CURVE was asked for
+        self.curve = None  # the CURVE authenticator, when tcp:// clients must prove a key
+        # No stop of the world on demand for free: stats requests waiting together share one
+        # pause; two pauses for requests are at least min_stop_interval_ms apart (a check's at
+        # least its own length apart); a request's deadline is capped at park_deadline_ms.
+        self.min_stop_interval = min_stop_interval_ms / 1000
+        self.waiting = {"stats": [], "check": []}  # (identity, frame, request) per heavy op
+        self.next_stop = {"stats": 0.0, "check": 0.0}  # time.monotonic() a batch may run from
+        self.shared = {}  # op -> the result the batch being answered shares
+        self.refusals = LogLimiter()  # refused requests and malformed messages, rate-limited
 
     # --- start -------------------------------------------------------------------------
     def start(self):
+        path = ipc_path(self.endpoint)
+        if path:
+            prepare_dir(os.path.dirname(path) or ".", self.socket_mode)
         self._refuse_if_served()
         self.arena = self.open_arena()
         self.stw = StopTheWorld(self.arena)
@@ -168,15 +185,31 @@ class Daemon:
         """Create the arena, or adopt the one a killed daemon left under the same name (its
         workers kept allocating; their blocks stay valid).  A segment held by a live daemon,
         or of another layout, is refused with a message saying what to do."""
-        existing = os.path.exists(f"/dev/shm/{self.name}")
-        if existing:
+        path = f"/dev/shm/{self.name}"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            # Judged before it is mapped, then again on the open file (it may have been swapped).
+            check_segment(st, path, self.arena_mode)
             try:
                 arena = Arena.attach(self.name)
             except LayoutMismatch as e:
                 raise StartupError(
-                    f"/dev/shm/{self.name} exists but is not an arena of this version ({e}); "
+                    f"{path} exists but is not an arena of this version ({e}); "
                     f"remove it with: shmalloc cleanup --name {self.name}"
                 ) from None
+            try:
+                check_segment(os.fstat(arena.fd), path, self.arena_mode)
+                if arena.q[L.HDR["endpoint_id"]] != endpoint_id(self.endpoint):
+                    raise StartupError(
+                        f"{path} is an arena, but not one a shmalloc daemon made for {self.endpoint}: "
+                        f"not adopted (remove it with: shmalloc cleanup --name {self.name})"
+                    )
+            except BaseException:
+                arena.close()
+                raise
             if not ofd_trylock(arena.fd, DAEMON_LOCK_BYTE):
                 arena.close()
                 raise StartupError(
@@ -208,10 +241,12 @@ class Daemon:
             )
         else:
             self._check_room()
+            # O_CREAT|O_EXCL, mode 0600: a segment someone made meanwhile is refused, not shared.
             arena = Arena.create(self.name, self.max_heap, self.nslots)
             # The segment is as open as the socket: a group let into the socket (--socket-mode
             # 0660) must be able to map the arena too.
-            os.fchmod(arena.fd, 0o600 | (self.socket_mode & 0o060))
+            os.fchmod(arena.fd, self.arena_mode)
+            arena.q[L.HDR["endpoint_id"]] = endpoint_id(self.endpoint)
             ofd_lock(arena.fd, DAEMON_LOCK_BYTE)
         arena.q[L.HDR["daemon_pid"]] = os.getpid()
         return arena
@@ -233,7 +268,6 @@ class Daemon:
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME * 2)
         path = ipc_path(self.endpoint)
         if path:
-            os.makedirs(os.path.dirname(path), mode=0o700 | (self.socket_mode & 0o050), exist_ok=True)
             old = os.umask(0o777 & ~self.socket_mode)
             try:
                 self.sock.bind(self.endpoint)
@@ -241,6 +275,17 @@ class Daemon:
                 os.umask(old)
             os.chmod(path, self.socket_mode)
         else:
+            host = self.endpoint.partition("://")[2].rpartition(":")[0].strip("[]")
+            loopback = host == "localhost" or host == "::1" or host.startswith("127.")
+            if not loopback and self.curve is None:
+                if not self.insecure:
+                    raise StartupError(
+                        f"{self.endpoint} is not a loopback address: anyone who reaches it could "
+                        "watch the control channel and, with a sniffed slot token, act for a "
+                        "worker -- use an ipc:// endpoint or 127.0.0.1, or pass --insecure to "
+                        "bind it anyway"
+                    )
+                event(logging.WARNING, "control channel open to the network without authentication")
             try:
                 self.sock.bind(self.endpoint)
             except zmq.ZMQError as e:
@@ -252,9 +297,16 @@ class Daemon:
         poller.register(self.sock, zmq.POLLIN)
         next_scan = next_empty = next_metrics = time.monotonic()
         while not self.stopping:
-            if self.deferred or poller.poll(int(LIVENESS_S * 1000)):
+            timeout = LIVENESS_S
+            for op, batch in self.waiting.items():
+                if batch:
+                    timeout = min(timeout, max(0.0, self.next_stop[op] - time.monotonic()))
+            if self.deferred or poller.poll(int(timeout * 1000)):
                 self.handle_one()
             now = time.monotonic()
+            for op, batch in self.waiting.items():
+                if batch and now >= self.next_stop[op]:
+                    self._serve_batch(op)
             if now >= next_scan:
                 next_scan = now + LIVENESS_S
                 self._tick("reclaim dead Ps", self.reclaim_dead)
@@ -281,25 +333,73 @@ class Daemon:
     LIGHT_OPS = frozenset({"register", "unregister", "heartbeat", "ping"})
 
     def handle_one(self):
+        """Serve one request (or queue a heavy one for its batch); False when none was waiting."""
         if self.deferred:
-            ident, frame = self.deferred.popleft()
+            env, frame = self.deferred.popleft()
         else:
             try:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            if len(parts) != 2:  # ROUTER: [identity, frame]; anything else is dropped
-                event(logging.WARNING, "dropped malformed message", frames=len(parts))
-                return
-            ident, frame = parts
-        self._reply(ident, dispatch(self, frame, identity=ident))
+                return False
+            env, frame = self._envelope(parts)
+            if env is None:
+                return True
+        ident = env[0]
+        try:
+            req = protocol.decode_request(frame)
+        except ShmallocError:
+            req = None  # answered now, by dispatch's error reply
+        if (
+            req is not None
+            and req["op"] in self.waiting
+            and (req["op"] != "check" or self.admin_ok(req["token"]))
+        ):
+            self.waiting[req["op"]].append((env, frame, req))
+            return True
+        self._reply(env, dispatch(self, frame, identity=ident))
+        return True
 
-    def _reply(self, ident, reply):
+    def _envelope(self, parts):
+        """ROUTER: [identity, frame] from a DEALER, [identity, b"", frame] from a REQ; the reply
+        goes back in the same shape.  (None, None) for anything else, which is dropped."""
+        if len(parts) == 2:
+            return parts[:1], parts[1]
+        if len(parts) == 3 and not parts[1]:
+            return parts[:2], parts[2]
+        self.refusals.event(logging.WARNING, "dropped malformed message", frames=len(parts))
+        return None, None
+
+    def _serve_batch(self, op):
+        """One pause (or one check) for every request of `op` waiting now, those already on the
+        socket included; each gets its own reply of the shared result."""
+        for _ in range(1000):
+            if not self.handle_one():
+                break
+        batch, self.waiting[op] = self.waiting[op], []
+        t = time.monotonic()
+        try:
+            if op == "stats":
+                deadline = max(r["deadline_ms"] for _, _, r in batch)
+                self.shared[op] = self.snapshot(deadline, any(r["slow"] for _, _, r in batch))
+            else:
+                self.shared[op] = self.check(batch[0][2]["token"])
+        except Exception as e:  # every requester gets the error reply dispatch makes of it
+            self.shared[op] = e
+        end = time.monotonic()
+        gap = self.min_stop_interval if op == "stats" else max(self.min_stop_interval, end - t)
+        self.next_stop[op] = end + gap
+        try:
+            for env, frame, _ in batch:
+                self._reply(env, dispatch(self, frame, identity=env[0]))
+        finally:
+            self.shared.pop(op, None)
+
+    def _reply(self, env, reply):
         if reply is not None:
             try:
-                self.sock.send_multipart([ident, reply], zmq.NOBLOCK)
+                self.sock.send_multipart([*env, reply], zmq.NOBLOCK)
             except zmq.ZMQError as e:
-                event(logging.WARNING, "reply not sent", error=str(e))
+                self.refusals.event(logging.WARNING, "reply not sent", error=str(e))
 
     def serve_light(self):
         """While the world is stopped: answer the light ops now, keep the others for after.
@@ -310,20 +410,53 @@ class Daemon:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return bound
-            if len(parts) != 2:
+            env, frame = self._envelope(parts)
+            if env is None:
                 continue
-            ident, frame = parts
+            ident = env[0]
             try:
                 op = protocol.decode_request(frame)["op"]
             except ShmallocError:
                 op = None  # garbage: answered now, by dispatch's error reply
             if op is not None and op not in self.LIGHT_OPS:
-                self.deferred.append((ident, frame))
+                self.deferred.append((env, frame))
                 continue
-            self._reply(ident, dispatch(self, frame, identity=ident))
+            self._reply(env, dispatch(self, frame, identity=ident))
             bound += [k for k, i in self.routes.items() if i == ident]
 
-    def request_shutdown(self):
+    # --- who may do what (docs/ARCHITECTURE.md) ---------------------------------------
+    @property
+    def trusted_transport(self):
+        """Every peer of the socket is trusted for administrative ops: the socket file's mode
+        (ipc://) or a CURVE key (tcp://) let it in."""
+        return ipc_path(self.endpoint) is not None or self.curve is not None
+
+    def _token_of(self, k, token):
+        reg = self.arena.registry
+        return token != 0 and reg.state(k) == L.SLOT_ACTIVE and reg.token(k) == token
+
+    def _refuse(self, op, why, **fields):
+        """A Forbidden for the caller, and a log line (rate-limited: a flood writes a few)."""
+        self.refusals.event(logging.WARNING, "request refused", op=op, reason=why, **fields)
+        return Forbidden(f"{op}: {why}")
+
+    def admin_ok(self, token=0):
+        if self.trusted_transport:
+            return True
+        reg = self.arena.registry
+        return bool(token) and any(self._token_of(k, token) and reg.alive(k) for k in reg.active_slots())
+
+    def authorize_admin(self, op, token=0):
+        if self.admin_ok(token):
+            return
+        raise self._refuse(
+            op,
+            "administrative ops are served over ipc:// or CURVE-authenticated tcp://, or with the "
+            "token of a live P slot",
+        )
+
+    def request_shutdown(self, token=0):
+        self.authorize_admin("shutdown", token)
         self.stopping = True
         return {}
 
@@ -341,7 +474,7 @@ class Daemon:
                 event(logging.INFO, "P reclaimed", slot=k, pid=pid)
 
     # --- ops (service/handlers.py) -----------------------------------------------------
-    def register(self, pid, identity, slot=None):
+    def register(self, pid, identity, slot=None, token=0):
         arena = self.arena
         mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == pid]
         if slot is not None:
@@ -351,21 +484,30 @@ class Daemon:
                 f"pid {pid} holds no P slot (or several; name it): claim one in the arena first"
             )
         k = mine[0]
+        if not self._token_of(k, token):
+            raise self._refuse("register", f"the token does not match P slot {k}'s", slot=k)
         self.routes[k] = identity
         event(logging.INFO, "P joined", slot=k, pid=pid)
         return {"slot": k, "arena": self.name, "layout_version": L.VERSION, "heartbeat_ms": HEARTBEAT_MS}
 
-    def unregister(self, slot, identity):
+    def unregister(self, slot, identity, token=0):
+        # A slot already given back has nothing left to take (the worker's unregister often
+        # arrives after its close freed the slot); a held one is left only with its token.
+        held = 0 <= slot < self.arena.lay.nslots and self.arena.registry.state(slot) == L.SLOT_ACTIVE
+        if held and not self._token_of(slot, token):
+            raise self._refuse("unregister", f"the token does not match P slot {slot}'s", slot=slot)
         if self.routes.get(slot) == identity:
             del self.routes[slot]
             event(logging.INFO, "P left", slot=slot)
         return {}
 
-    def heartbeat(self, slot, identity, pid=0):
+    def heartbeat(self, slot, identity, pid=0, token=0):
         if not (0 <= slot < self.arena.lay.nslots and self.arena.registry.state(slot) == L.SLOT_ACTIVE):
             raise NotRegistered(f"P slot {slot} is not held by any worker")
         if pid and self.arena.registry.pid(slot) != pid:
             raise NotRegistered(f"P slot {slot} is held by pid {self.arena.registry.pid(slot)}, not {pid}")
+        if not self._token_of(slot, token):
+            raise self._refuse("heartbeat", f"the token does not match P slot {slot}'s", slot=slot)
         if self.routes.get(slot) != identity:
             self.routes[slot] = identity  # a worker that outlived a previous daemon
             event(logging.INFO, "P re-registered", slot=slot, pid=self.arena.registry.pid(slot))
@@ -376,7 +518,7 @@ class Daemon:
         from . import __version__
 
         return {
-            "pid": os.getpid(),
+            "pid": os.getpid() if self.trusted_transport else 0,  # pids only to trusted peers
             "uptime_s": time.monotonic() - self.started,
             "epoch": self.arena.q[L.HDR["epoch"]],
             "num_p": len(self.arena.registry.active_slots()),
@@ -384,13 +526,20 @@ class Daemon:
             "version": __version__,
         }
 
-    def release(self):
+    def release(self, token=0):
+        self.authorize_admin("release", token)
         # Free spans belong to no P: the heap lock is all it takes, the world runs on.
         n = self.arena.scavenge(self.arena.daemon_actor)
         event(logging.INFO, "released idle pages", bytes=n)
         return {"released_bytes": n}
 
-    def check(self):
+    def check(self, token=0):
+        self.authorize_admin("check", token)
+        shared = self.shared.get("check")
+        if shared is not None:  # answering a batch: the walk was made once for all
+            if isinstance(shared, Exception):
+                raise shared
+            return shared
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
             self.arena.free_empty_spans(self.arena.daemon_actor)
@@ -405,6 +554,12 @@ class Daemon:
         return {"problems": problems, "snapshot": snap}
 
     def snapshot(self, deadline_ms, slow, source="request"):
+        shared = self.shared.get("stats")
+        if shared is not None and source == "request":  # answering a batch: one pause for all
+            if isinstance(shared, Exception):
+                raise shared
+            return shared
+        deadline_ms = min(deadline_ms, self.park_deadline_ms)
         with self.stopped_world(deadline_ms) as world:
             snap = self._figures(world, slow)
         snap.update(world["meta"])
@@ -430,6 +585,8 @@ class Daemon:
             unflushed=snap["unflushed"],
             source=source,
         )
+        if not self.trusted_transport:  # pids only to trusted peers
+            snap = dict(snap, per_p=[dict(p, pid=0) for p in snap["per_p"]])
         return {"snapshot": snap}
 
     # --- stop the world ---------------------------------------------------------------
@@ -516,6 +673,8 @@ def run(args):
             metrics_interval=args.metrics_interval,
             slow_snapshot_ms=args.slow_snapshot_ms,
             realtime_pause=not args.no_realtime_pause,
+            min_stop_interval_ms=args.min_stop_interval_ms,
+            insecure=args.insecure,
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))

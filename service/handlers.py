@@ -27,16 +27,23 @@ __all__ = ["HANDLERS", "CHECK_REPLY", "dispatch"]
 log = logging.getLogger("shmalloc.protocol")
 
 
+def _token(req):
+    """The token as a keyword argument, when the request quoted one."""
+    return {"token": req["token"]} if req["token"] else {}
+
+
 def register(daemon, req):
-    return daemon.register(req["pid"], req["_identity"], None if req["slot"] < 0 else req["slot"])
+    return daemon.register(
+        req["pid"], req["_identity"], None if req["slot"] < 0 else req["slot"], **_token(req)
+    )
 
 
 def unregister(daemon, req):
-    return daemon.unregister(req["slot"], req["_identity"])
+    return daemon.unregister(req["slot"], req["_identity"], **_token(req))
 
 
 def heartbeat(daemon, req):
-    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"])
+    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"], **_token(req))
 
 
 def ping(daemon, req):
@@ -48,15 +55,15 @@ def stats(daemon, req):
 
 
 def check(daemon, req):
-    return daemon.check()
+    return daemon.check(**_token(req))
 
 
 def release(daemon, req):
-    return daemon.release()
+    return daemon.release(**_token(req))
 
 
 def shutdown(daemon, req):
-    return daemon.request_shutdown()
+    return daemon.request_shutdown(**_token(req))
 
 
 HANDLERS = {

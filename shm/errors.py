@@ -16,6 +16,7 @@
     └── ProtocolError              control channel (service/, client/) errors; `code` is the wire code
         ├── DaemonUnavailable      no daemon answered at the endpoint before the deadline
         ├── NotRegistered          the message names a P slot no live worker holds
+        ├── Forbidden              the caller did not prove what the op needs (a slot's token)
         └── RemoteError            the daemon answered {"ok": false}; `code` and message from the wire
 
 Input errors (OutOfMemory, BadHandle, ...) leave the arena exactly as it was: every mutation made
@@ -121,6 +122,13 @@ class NotRegistered(ProtocolError):
     """The message names a P slot that no live worker holds."""
 
     code = "NOT_REGISTERED"
+
+
+class Forbidden(ProtocolError):
+    """The request needs a proof the caller did not give: the token of its P slot (worker ops),
+    or, over plain tcp://, the token of a live P slot (administrative ops)."""
+
+    code = "FORBIDDEN"
 
 
 class RemoteError(ProtocolError):

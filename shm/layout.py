@@ -41,7 +41,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 4
+VERSION = 6
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -89,6 +89,8 @@ HDR = _words(
     # claimed meanwhile starts stopped (written and read under the registry lock)
     "arena_id",  # 64 random bits drawn at creation: which arena a handle belongs to, for a
     # reference that travels (a pickled Block) -- a name may be reused, this is not
+    "endpoint_id",  # which endpoint made the arena: 64 bits of sha256("shmalloc daemon " + endpoint), written by
+    # the creating daemon; a daemon adopts a segment only if it names its endpoint
 )
 HEADER_WORDS = 64
 
@@ -207,6 +209,9 @@ SLOT = _words(
     #   every INUSE large span with owner k+1 is on it, list LIST_LARGE, its
     #   start byte TAG(k), LISTED, PENDING or RFREED (LargeObjects.check)
     "lg_pending",  # large spans of this P another P freed (PENDING); under the heap lock
+    "token",  # 64 random bits drawn at claim, 0 while FREE: the P's proof of its slot on the
+    #   control channel (register, heartbeat, unregister, admin ops) -- only a process that
+    #   can map the arena can read it; under the registry lock
 )
 SLOT_CACHED_AT = 32  # word index of cached[c], c in 0..66: record index+1 of the span of class c
 # this P caches; written under central lock c

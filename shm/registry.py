@@ -8,6 +8,7 @@ parent died.  A P gives its slot back when it closes; the daemon gives back the 
 after flushing its cache (Arena.reclaim).
 
 Slot words (layout.SLOT) written here, all under the registry lock: state, pid, gen, claimed_ns,
+token (a fresh random secret per claim, zeroed at give-back),
 and, at claim, every per-P word reset to its idle value.
 """
 
@@ -40,6 +41,10 @@ class Registry:
 
     def pid(self, k):
         return self.q[self.lay.slot_word(k) + SL["pid"]]
+
+    def token(self, k):
+        """The secret of slot k's current claim (0 while FREE): see layout.SLOT["token"]."""
+        return self.q[self.lay.slot_word(k) + SL["token"]]
 
     def active_slots(self):
         return [k for k in range(self.lay.nslots) if self.state(k) == L.SLOT_ACTIVE]
@@ -103,6 +108,7 @@ class Registry:
                 op.w(sw + SL["pid"], pid)
                 op.add(sw + SL["gen"], 1)
                 op.w(sw + SL["claimed_ns"], now)
+                op.w(sw + SL["token"], int.from_bytes(os.urandom(8), "little") or 1)
                 op.w(sw + SL["heartbeat_ns"], now)
                 op.w(sw + SL["parked"], 0)
                 op.w(sw + SL["inside"], 0)
@@ -128,6 +134,7 @@ class Registry:
             sw = self.lay.slot_word(k)
             op.w(sw + SL["state"], L.SLOT_FREE)
             op.w(sw + SL["pid"], 0)
+            op.w(sw + SL["token"], 0)
             op.w(sw + SL["stop"], L.STOP_RUN)
             op.w(sw + SL["barrier"], 0)
 

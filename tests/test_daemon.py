@@ -556,7 +556,7 @@ def test_daemon_killed_mid_pause_parked_workers_go_on(start_daemon):
         assert res.get(timeout=DEADLINE)[0] == "ok"
         assert ready.wait(DEADLINE)
         asker = subprocess.Popen(
-            [*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "30000"],
+            [*EXE, "stats", "--endpoint", d.endpoint, "--deadline-ms", "10000"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -596,7 +596,14 @@ def test_heartbeat_for_a_slot_held_by_another_pid_is_refused(start_daemon):
         with pytest.raises(client.RemoteError) as e:
             client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid() + 1)
         assert e.value.code == "NOT_REGISTERED"
-        assert client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid())["epoch"] >= 0
+        with pytest.raises(client.RemoteError) as e:
+            client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid())
+        assert e.value.code == "FORBIDDEN"
+        token = heap.arena.registry.token(heap.slot)
+        assert (
+            client.request(d.endpoint, "heartbeat", slot=heap.slot, pid=os.getpid(), token=token)["epoch"]
+            >= 0
+        )
         # the probe above re-bound the slot to a throwaway socket; the real control thread
         # takes it back with its next heartbeat -- until then its P parks by its stop byte
         b = heap.alloc(10)

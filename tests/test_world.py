@@ -143,7 +143,7 @@ def test_a_parked_worker_goes_on_when_the_daemon_dies_unreaped(start_daemon):
         cmds.put(("alloc", 64))
         assert res.get(timeout=DEADLINE)[0] == "ok"
         assert ready.wait(DEADLINE)
-        asker = SPAWN.Process(target=client.stats, args=(d.endpoint, 30000))
+        asker = SPAWN.Process(target=client.stats, args=(d.endpoint, 10000))
         asker.start()
         sw = spy.lay.slot_word(slot)
         end = time.monotonic() + DEADLINE

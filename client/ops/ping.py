@@ -15,7 +15,7 @@ from client.ops.schema import Field, Reply
 
 REQUEST: dict[str, Field] = {}
 REPLY: dict[str, Reply] = {
-    "pid": Reply(int, "The daemon's process id."),
+    "pid": Reply(int, "The daemon's process id; 0 over plain tcp:// (pids go to trusted peers only)."),
     "uptime_s": Reply(float, "Seconds since the daemon started."),
     "epoch": Reply(int, "The last snapshot's epoch (0 before the first)."),
     "num_p": Reply(int, "Live Ps (registered workers)."),

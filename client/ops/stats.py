@@ -17,6 +17,10 @@ Reply::
 
     {"v": 1, "id": 3, "ok": true, "snapshot": {"sys": 1048576, "heap_alloc": 4096, "consistent": true, "epoch": 42, "per_p": [], "unflushed": []}}
 
+Requests that wait together share one pause (and one reply snapshot, the same `epoch`), and two
+pauses for requests are at least the daemon's --min-stop-interval-ms apart: a client asking
+faster gets its reply later, not more pauses.
+
 `snapshot` carries every key of the table "The snapshot map" below (the daemon's reply is refused
 as INTERNAL when one is missing).
 """
@@ -26,7 +30,11 @@ from shm.stats import FIELDS, META_FIELDS
 
 REQUEST: dict[str, Field] = {
     "deadline_ms": Field(
-        int, False, (1, 60000), "How long to wait for every P to park (milliseconds).", 2000
+        int,
+        False,
+        (1, 10000),
+        "How long to wait for every P to park (milliseconds); the daemon caps it at its --park-deadline-ms.",
+        2000,
     ),
     "slow": Field(
         bool, False, None, "Also recompute every figure by walking every span, and compare.", False
