@@ -93,6 +93,21 @@ HDR = _words(
     # the creating daemon; a daemon adopts a segment only if it names its endpoint
 )
 HEADER_WORDS = 64
+# Header words derived from (heap_max, nslots): written at creation, checked by every attacher.
+DERIVED = (
+    "total_bytes",
+    "slot_words",
+    "nrecords",
+    "lock_off",
+    "central_off",
+    "heapmeta_off",
+    "slots_off",
+    "spans_off",
+    "pagemap_off",
+    "amap_off",
+    "amap_bytes",
+    "heap_off",
+)
 
 # File bytes locked for a whole life rather than around a mutation (see service/daemon.py):
 DAEMON_LOCK_BYTE = 1  # held (write) by the daemon serving the arena, for its life
@@ -353,23 +368,12 @@ class Layout:
         vals = dict(
             magic=MAGIC,
             version=VERSION,
-            total_bytes=self.total_bytes,
             heap_max=self.heap_max,
             nslots=self.nslots,
-            slot_words=self.slot_words,
-            nrecords=self.nrecords,
-            lock_off=self.lock_off,
-            central_off=self.central_off,
-            heapmeta_off=self.heapmeta_off,
-            slots_off=self.slots_off,
-            spans_off=self.spans_off,
-            pagemap_off=self.pagemap_off,
-            amap_off=self.amap_off,
-            amap_bytes=self.amap_bytes,
-            heap_off=self.heap_off,
             created_ns=now_ns,
             arena_id=int.from_bytes(os.urandom(8), "little") or 1,
         )
+        vals.update((k, getattr(self, k)) for k in DERIVED)
         for k, v in vals.items():
             h[HDR[k]] = v
         for name, off in self.region_offsets().items():
@@ -388,20 +392,7 @@ class Layout:
         if q[HDR["version"]] != VERSION:
             raise LayoutMismatch(f"arena layout version {q[HDR['version']]}, this code speaks {VERSION}")
         lay = cls(q[HDR["heap_max"]], q[HDR["nslots"]])
-        for k in (
-            "total_bytes",
-            "slot_words",
-            "nrecords",
-            "lock_off",
-            "central_off",
-            "heapmeta_off",
-            "slots_off",
-            "spans_off",
-            "pagemap_off",
-            "amap_off",
-            "amap_bytes",
-            "heap_off",
-        ):
+        for k in DERIVED:
             if q[HDR[k]] != getattr(lay, k):
                 raise LayoutMismatch(
                     f"arena header field {k}={q[HDR[k]]} disagrees with layout {getattr(lay, k)}"
