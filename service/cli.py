@@ -238,6 +238,16 @@ def cmd_cleanup(args):
     except client.DaemonUnavailable:
         pass
     name = args.name or arena_name_for(endpoint)
+    # A daemon that did not answer (a CURVE daemon does not answer a stranger) may be alive all
+    # the same: it holds its arena's daemon lock byte as long as it runs.
+    pid = _daemon_holding(name)
+    if pid is not None:
+        print(
+            f"shmalloc cleanup: /dev/shm/{name} is held by a live daemon (pid {pid}) that did not "
+            f"answer at {endpoint}: stop it instead",
+            file=sys.stderr,
+        )
+        return 1
     removed = []
     if unlink_segment(name):
         removed.append(f"/dev/shm/{name}")
@@ -280,6 +290,26 @@ def cmd_keys(args):
     os.chmod(public, 0o644)
     print(f"public:  {public}\nsecret:  {secret}")
     return 0
+
+
+def _daemon_holding(name):
+    """The pid in the header of arena `name` when a live daemon holds its lock byte, else None."""
+    import os
+
+    from shm import layout as L
+    from shm.locks import ofd_held_elsewhere
+
+    try:
+        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if not ofd_held_elsewhere(fd, L.DAEMON_LOCK_BYTE):
+            return None
+        header = os.pread(fd, 8 * (L.HDR["daemon_pid"] + 1), 0)
+        return int.from_bytes(header[-8:], "little") or "unknown"
+    finally:
+        os.close(fd)
 
 
 def cmd_demo(args):

@@ -214,3 +214,12 @@ def test_bad_client_keys_are_reported(tmp_path, keys, monkeypatch):
         client.ping(endpoint, 100)
     r = _cli("stats", "--endpoint", endpoint, "--curve-client-key", keys.alice.secret)
     assert r.returncode == 2 and "both" in r.stderr
+
+
+def test_cleanup_keeps_the_arena_of_a_daemon_that_does_not_answer(curve_daemon, keys):
+    """A CURVE daemon never answers a stranger's ping; its arena is still not removed."""
+    d = curve_daemon
+    r = _cli("cleanup", "--endpoint", d.endpoint, "--name", d.name)
+    assert r.returncode == 1 and f"pid {d.proc.pid}" in r.stderr, r.stdout + r.stderr
+    assert os.path.exists(f"/dev/shm/{d.name}")
+    assert client.ping(d.endpoint, curve=keys.alice_curve)["pid"] == d.proc.pid
