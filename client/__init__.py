@@ -64,6 +64,7 @@ from shm.errors import (
 )
 
 from . import pool, protocol
+from .curve import Curve, CurveKeyError, dealer
 from .endpoint import default_endpoint, ipc_path
 from .pool import OOB_THRESHOLD, close_heap, heap, oob_dumps, oob_free, oob_loads, put
 
@@ -97,6 +98,7 @@ __all__ = [
     "NotRegistered",
     "Forbidden",
     "RemoteError",
+    "CurveKeyError",
 ]
 
 _ids = itertools.count(1)
@@ -107,26 +109,26 @@ def _context():
     return zmq.Context.instance()
 
 
-def request(endpoint: str | None, op: str, timeout_ms: int = 5000, **args: Any) -> dict[str, Any]:
-    """One request/reply on a fresh DEALER socket; DaemonUnavailable after `timeout_ms`."""
+def request(
+    endpoint: str | None, op: str, timeout_ms: int = 5000, curve: Curve = None, **args: Any
+) -> dict[str, Any]:
+    """One request/reply on a fresh DEALER socket; DaemonUnavailable after `timeout_ms`.
+    `curve`: (client secret certificate, server public certificate) for a CURVE tcp://
+    endpoint; None takes them from $SHMALLOC_CURVE_CLIENT_KEY / $SHMALLOC_CURVE_SERVER_KEY
+    (client/curve.py); False: none."""
     endpoint = endpoint or default_endpoint()
     path = ipc_path(endpoint)
     if path and not os.path.exists(path):
         raise DaemonUnavailable(
             f"no daemon at {endpoint}: {path} does not exist (is `shmalloc daemon` running?)"
         )
-    sock = _context().socket(zmq.DEALER)
+    sock, keyed = dealer(_context(), endpoint, curve)
     try:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
         rid = next(_ids)
         sock.send(protocol.encode_request(op, rid, **args))
         while True:
             if not sock.poll(timeout_ms):
-                raise DaemonUnavailable(
-                    f"no daemon answered {op!r} at {endpoint} within {timeout_ms} ms "
-                    "(is `shmalloc daemon` running there?)"
-                )
+                raise DaemonUnavailable(_unanswered(op, endpoint, timeout_ms, keyed))
             reply = protocol.decode_reply(sock.recv(), op=op)
             if reply.get("id") == rid:
                 return reply
@@ -134,30 +136,51 @@ def request(endpoint: str | None, op: str, timeout_ms: int = 5000, **args: Any) 
         sock.close(0)
 
 
-def ping(endpoint: str | None = None, timeout_ms: int = 2000) -> dict[str, Any]:
-    return request(endpoint, "ping", timeout_ms)
+def _unanswered(op, endpoint, timeout_ms, keyed):
+    msg = f"no daemon answered {op!r} at {endpoint} within {timeout_ms} ms"
+    if keyed:
+        return (
+            f"{msg} (is `shmalloc daemon` running there with CURVE? a daemon that does not know "
+            "this client's public key, or whose key is not the server certificate given, never "
+            "answers: copy the client's NAME.key into its --curve-clients directory and restart it)"
+        )
+    if endpoint.startswith("tcp://"):
+        return (
+            f"{msg} (is `shmalloc daemon` running there? if it serves CURVE, give the keys: "
+            "--curve-client-key/--curve-server-key or $SHMALLOC_CURVE_CLIENT_KEY/$SHMALLOC_CURVE_SERVER_KEY)"
+        )
+    return f"{msg} (is `shmalloc daemon` running there?)"
+
+
+def ping(endpoint: str | None = None, timeout_ms: int = 2000, curve: Curve = None) -> dict[str, Any]:
+    return request(endpoint, "ping", timeout_ms, curve=curve)
 
 
 def stats(
-    endpoint: str | None = None, deadline_ms: int = 2000, slow: bool = False, timeout_ms: int | None = None
+    endpoint: str | None = None,
+    deadline_ms: int = 2000,
+    slow: bool = False,
+    timeout_ms: int | None = None,
+    curve: Curve = None,
 ) -> dict[str, Any]:
     """A consistent snapshot from an observer that holds no P."""
-    return request(endpoint, "stats", timeout_ms or deadline_ms + 5000, deadline_ms=deadline_ms, slow=slow)[
-        "snapshot"
-    ]
+    return request(
+        endpoint, "stats", timeout_ms or deadline_ms + 5000, curve=curve, deadline_ms=deadline_ms, slow=slow
+    )["snapshot"]
 
 
-def check(endpoint: str | None = None, timeout_ms: int = 30000) -> dict[str, Any]:
+def check(endpoint: str | None = None, timeout_ms: int = 30000, curve: Curve = None) -> dict[str, Any]:
     """The daemon's full span walk: {"problems": [...], "snapshot": {...}}."""
-    return request(endpoint, "check", timeout_ms)
+    return request(endpoint, "check", timeout_ms, curve=curve)
 
 
 class Heap(ProcessCache):
     """A P of the daemon's arena: the fast path of ProcessCache plus the control thread."""
 
-    def __init__(self, endpoint: str | None = None, timeout_ms: int = 5000) -> None:
+    def __init__(self, endpoint: str | None = None, timeout_ms: int = 5000, curve: Curve = None) -> None:
         self.endpoint: str = endpoint or default_endpoint()
-        info = ping(self.endpoint, timeout_ms)
+        self.curve: Curve = curve
+        info = ping(self.endpoint, timeout_ms, curve)
         arena = Arena.attach(info["arena"])
         try:
             super().__init__(arena)
@@ -197,7 +220,7 @@ class Heap(ProcessCache):
     def stats(self, deadline_ms: int = 2000, slow: bool = False) -> dict[str, Any]:
         """A consistent snapshot: the daemon parks every P -- this one included, through its
         control thread -- and flushes every cache before reading."""
-        return stats(self.endpoint, deadline_ms, slow)
+        return stats(self.endpoint, deadline_ms, slow, curve=self.curve)
 
     def close(self) -> None:
         """Flush this P's cache into the arena, give the slot back, unmap.  Blocks stay."""
@@ -250,9 +273,12 @@ class _Control(threading.Thread):
 
     def run(self):
         heap = self.heap
-        sock = _context().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(heap.endpoint)
+        try:
+            sock, _ = dealer(_context(), heap.endpoint, heap.curve)
+        except ShmallocError as e:
+            self.error = e
+            self.ready.set()
+            return
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -329,6 +355,7 @@ class _Control(threading.Thread):
         os.close(self._wake_r)
 
 
-def connect(endpoint: str | None = None, timeout_ms: int = 5000) -> Heap:
-    """Become a P of the daemon at `endpoint` (argument, $SHMALLOC_ENDPOINT, or the default)."""
-    return Heap(endpoint, timeout_ms)
+def connect(endpoint: str | None = None, timeout_ms: int = 5000, curve: Curve = None) -> Heap:
+    """Become a P of the daemon at `endpoint` (argument, $SHMALLOC_ENDPOINT, or the default);
+    `curve` as for `request` (a CURVE tcp:// endpoint)."""
+    return Heap(endpoint, timeout_ms, curve)

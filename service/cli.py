@@ -5,6 +5,7 @@ shmalloc stats [--endpoint E] [--json] [--watch S]     a consistent snapshot (or
 shmalloc check [--endpoint E]                          full span walk; exit 1 on any problem
 shmalloc release [--endpoint E]                        give idle heap pages back to the OS
 shmalloc cleanup [--endpoint E | --name N]             remove an arena a killed daemon left
+shmalloc keys DIR [--name NAME]                        a CURVE key pair for tcp:// (NAME.key, NAME.key_secret)
 shmalloc demo [--workers N] ...                        the daemon, N demo workers, a snapshot
 """
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 
+from client.curve import CurveKeyError
 from shm.errors import ShmallocError
 
 
@@ -21,6 +23,34 @@ def _common(p):
         default=None,
         help="control endpoint (default: $SHMALLOC_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/shmalloc/control.sock)",
     )
+
+
+def _curve(p):
+    """A client's CURVE keys, for a tcp:// endpoint whose daemon was started with them."""
+    p.add_argument(
+        "--curve-client-key",
+        metavar="FILE",
+        default=None,
+        help="this client's secret certificate (NAME.key_secret of `shmalloc keys`), for a CURVE "
+        "tcp:// endpoint (default: $SHMALLOC_CURVE_CLIENT_KEY)",
+    )
+    p.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        default=None,
+        help="the daemon's public certificate (server.key), for a CURVE tcp:// endpoint "
+        "(default: $SHMALLOC_CURVE_SERVER_KEY)",
+    )
+
+
+def _curve_of(args):
+    """The `curve` argument of the client calls: the two files, or None (the environment's)."""
+    client_key, server_key = args.curve_client_key, args.curve_server_key
+    if client_key is None and server_key is None:
+        return None
+    if client_key is None or server_key is None:
+        raise CurveKeyError("give both --curve-client-key and --curve-server-key, or neither")
+    return (client_key, server_key)
 
 
 def build_parser():
@@ -59,6 +89,20 @@ def build_parser():
         help="allow a tcp:// endpoint on a non-loopback address without authentication",
     )
     d.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        default=None,
+        help="tcp:// with CURVE: this daemon's secret certificate (server.key_secret of `shmalloc keys`); "
+        "needs --curve-clients",
+    )
+    d.add_argument(
+        "--curve-clients",
+        metavar="DIR",
+        default=None,
+        help="tcp:// with CURVE: the directory of the public certificates (NAME.key) of the clients "
+        "let in (read at start); they are trusted as ipc:// peers are",
+    )
+    d.add_argument(
         "--metrics-addr",
         default=None,
         help="serve Prometheus /metrics on HOST:PORT (needs prometheus_client)",
@@ -87,16 +131,29 @@ def build_parser():
         "--watch", type=float, metavar="SECONDS", default=None, help="live view, redrawn every SECONDS"
     )
     s.add_argument("--deadline-ms", type=int, default=2000)
+    _curve(s)
 
     c = sub.add_parser("check", help="full span walk; exit 1 on any broken identity or structure")
     _common(c)
+    _curve(c)
 
     r = sub.add_parser("release", help="give idle heap pages back to the OS (MADV_REMOVE)")
     _common(r)
+    _curve(r)
 
     cl = sub.add_parser("cleanup", help="remove the arena and socket a killed daemon left")
     _common(cl)
     cl.add_argument("--name", default=None)
+    _curve(cl)
+
+    k = sub.add_parser(
+        "keys", help="make a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret (mode 0600)"
+    )
+    k.add_argument("dir", metavar="DIR", help="where to write the two files (made 0700 if missing)")
+    k.add_argument(
+        "--name", default="server", help='the files\' name: "server" for the daemon, one per client'
+    )
+    k.add_argument("--force", action="store_true", help="overwrite a key pair of that name")
 
     dm = sub.add_parser("demo", help="start a daemon, run demo workers on it, print a snapshot, stop")
     dm.add_argument("--workers", type=int, default=4)
@@ -127,9 +184,12 @@ def cmd_stats(args):
 
     from . import render
 
+    curve = _curve_of(args)
     if args.watch:
-        return render.Watch(lambda: client.stats(args.endpoint, args.deadline_ms), args.watch).run()
-    snap = client.stats(args.endpoint, args.deadline_ms, slow=args.slow)
+        return render.Watch(
+            lambda: client.stats(args.endpoint, args.deadline_ms, curve=curve), args.watch
+        ).run()
+    snap = client.stats(args.endpoint, args.deadline_ms, slow=args.slow, curve=curve)
     print(render.stats_json(snap) if args.json else render.stats_table(snap))
     return 0
 
@@ -138,7 +198,7 @@ def cmd_check(args):
     import client
     from shm.stats import identities
 
-    res = client.check(args.endpoint)
+    res = client.check(args.endpoint, curve=_curve_of(args))
     problems = list(res["problems"]) + [f"identity: {p}" for p in identities(res["snapshot"])]
     if not res["snapshot"]["consistent"]:
         problems.append(f"snapshot not consistent: Ps {res['snapshot']['unflushed']} did not park")
@@ -155,7 +215,7 @@ def cmd_check(args):
 def cmd_release(args):
     import client
 
-    n = client.request(args.endpoint, "release", 30000)["released_bytes"]
+    n = client.request(args.endpoint, "release", 30000, curve=_curve_of(args))["released_bytes"]
     print(json.dumps({"released_bytes": n}))
     return 0
 
@@ -169,7 +229,7 @@ def cmd_cleanup(args):
 
     endpoint = args.endpoint or default_endpoint()
     try:
-        info = client.ping(endpoint, 500)
+        info = client.ping(endpoint, 500, curve=_curve_of(args))
         print(
             f"shmalloc cleanup: a daemon (pid {info['pid']}) is serving {endpoint}: stop it instead",
             file=sys.stderr,
@@ -178,6 +238,16 @@ def cmd_cleanup(args):
     except client.DaemonUnavailable:
         pass
     name = args.name or arena_name_for(endpoint)
+    # A daemon that did not answer (a CURVE daemon does not answer a stranger) may be alive all
+    # the same: it holds its arena's daemon lock byte as long as it runs.
+    pid = _daemon_holding(name)
+    if pid is not None:
+        print(
+            f"shmalloc cleanup: /dev/shm/{name} is held by a live daemon (pid {pid}) that did not "
+            f"answer at {endpoint}: stop it instead",
+            file=sys.stderr,
+        )
+        return 1
     removed = []
     if unlink_segment(name):
         removed.append(f"/dev/shm/{name}")
@@ -187,6 +257,59 @@ def cmd_cleanup(args):
         removed.append(path)
     print("removed: " + (", ".join(removed) if removed else "nothing"))
     return 0
+
+
+def cmd_keys(args):
+    """zmq.auth.create_certificates, refusing to overwrite, the secret file made 0600."""
+    import os
+
+    import zmq
+    import zmq.auth
+
+    if not zmq.has("curve"):
+        print("shmalloc keys: this libzmq was built without CURVE support", file=sys.stderr)
+        return 2
+    if os.sep in args.name or args.name in ("", ".", ".."):
+        print(f"shmalloc keys: --name {args.name!r} is not a file name", file=sys.stderr)
+        return 2
+    public = os.path.join(args.dir, f"{args.name}.key")
+    secret = public + "_secret"
+    there = [p for p in (public, secret) if os.path.exists(p)]
+    if there and not args.force:
+        print(f"shmalloc keys: {', '.join(there)} exists (--force to overwrite)", file=sys.stderr)
+        return 1
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    old = os.umask(0o077)  # the secret is never readable by others, not even for a moment
+    try:
+        for p in there:
+            os.unlink(p)
+        public, secret = zmq.auth.create_certificates(args.dir, args.name)
+    finally:
+        os.umask(old)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    print(f"public:  {public}\nsecret:  {secret}")
+    return 0
+
+
+def _daemon_holding(name):
+    """The pid in the header of arena `name` when a live daemon holds its lock byte, else None."""
+    import os
+
+    from shm import layout as L
+    from shm.locks import ofd_held_elsewhere
+
+    try:
+        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if not ofd_held_elsewhere(fd, L.DAEMON_LOCK_BYTE):
+            return None
+        header = os.pread(fd, 8 * (L.HDR["daemon_pid"] + 1), 0)
+        return int.from_bytes(header[-8:], "little") or "unknown"
+    finally:
+        os.close(fd)
 
 
 def cmd_demo(args):
@@ -201,5 +324,6 @@ COMMANDS = {
     "check": cmd_check,
     "release": cmd_release,
     "cleanup": cmd_cleanup,
+    "keys": cmd_keys,
     "demo": cmd_demo,
 }

@@ -28,6 +28,7 @@ import signal
 import time
 
 import zmq
+import zmq.auth
 
 from client import protocol
 from client.endpoint import arena_name_for, default_endpoint, ipc_path
@@ -73,6 +74,45 @@ def default_max_heap():
     return max(64 << 20, min(4 << 30, free // 2)) // L.PAGE_SIZE * L.PAGE_SIZE
 
 
+# --- CURVE ---------------------------------------------------------------------------------------
+def load_curve(endpoint, server_key, clients):
+    """--curve-server-key FILE (the daemon's secret certificate) and --curve-clients DIR (the
+    public certificates of the clients let in), both or neither, for a tcp:// endpoint only:
+    (public, secret) of the daemon and DIR, or (None, None).  StartupError saying what is wrong."""
+    if server_key is None and clients is None:
+        return None, None
+    if server_key is None or clients is None:
+        raise StartupError("CURVE needs both --curve-server-key FILE and --curve-clients DIR")
+    if not endpoint.startswith("tcp://"):
+        raise StartupError(
+            f"--curve-server-key/--curve-clients are for tcp:// endpoints; {endpoint} is not one "
+            "(an ipc:// socket is guarded by its file mode: see --socket-mode)"
+        )
+    if not zmq.has("curve"):
+        raise StartupError("CURVE asked for, but this libzmq was built without CURVE support")
+    try:
+        public, secret = zmq.auth.load_certificate(server_key)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"--curve-server-key: cannot read {server_key}: {e}") from None
+    if not secret:
+        raise StartupError(
+            f"--curve-server-key: {server_key} holds no secret key (give the server's "
+            "NAME.key_secret file that `shmalloc keys` wrote, not its public NAME.key)"
+        )
+    if not os.path.isdir(clients) or not os.access(clients, os.R_OK | os.X_OK):
+        raise StartupError(f"--curve-clients: {clients} is not a readable directory")
+    try:
+        allowed = zmq.auth.load_certificates(clients)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"--curve-clients: cannot read the certificates in {clients}: {e}") from None
+    if not allowed:
+        raise StartupError(
+            f"--curve-clients: {clients} holds no public certificate (NAME.key): no client could "
+            "connect; make one with `shmalloc keys DIR --name NAME` and copy its NAME.key there"
+        )
+    return (public, secret), os.path.abspath(clients)
+
+
 # --- the daemon ------------------------------------------------------------------------------
 class Daemon:
     def __init__(
@@ -89,6 +129,8 @@ class Daemon:
         realtime_pause=True,
         min_stop_interval_ms=5,
         insecure=False,
+        curve_server_key=None,
+        curve_clients=None,
     ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
@@ -116,6 +158,8 @@ class Daemon:
         self.adopted = False
         self.insecure = insecure  # a non-loopback tcp:// bind without CURVE was asked for
         self.curve = None  # the CURVE authenticator, when tcp:// clients must prove a key
+        # CURVE (tcp:// only): this daemon's keys, and the directory of the clients' public keys.
+        self.curve_keys, self.curve_clients = load_curve(self.endpoint, curve_server_key, curve_clients)
         # No stop of the world on demand for free: stats requests waiting together share one
         # pause; two pauses for requests are at least min_stop_interval_ms apart (a check's at
         # least its own length apart); a request's deadline is capped at park_deadline_ms.
@@ -275,6 +319,8 @@ class Daemon:
                 os.umask(old)
             os.chmod(path, self.socket_mode)
         else:
+            if self.curve_keys is not None:
+                self._start_curve()
             host = self.endpoint.partition("://")[2].rpartition(":")[0].strip("[]")
             loopback = host == "localhost" or host == "::1" or host.startswith("127.")
             if not loopback and self.curve is None:
@@ -290,6 +336,27 @@ class Daemon:
                 self.sock.bind(self.endpoint)
             except zmq.ZMQError as e:
                 raise StartupError(f"cannot bind {self.endpoint}: {e}") from None
+
+    def _start_curve(self):
+        """The ROUTER a CURVE server with this daemon's key; a ZAP authenticator (a thread on
+        the same Context) lets in only the clients whose public key is in --curve-clients:
+        zmq drops any other peer during the handshake -- it never gets an answer."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(self.ctx)
+        auth.start()
+        self.curve = auth  # set at once: _close_socket stops it should anything below fail
+        auth.configure_curve(domain="*", location=self.curve_clients)
+        public, secret = self.curve_keys
+        self.sock.curve_secretkey = secret
+        self.sock.curve_publickey = public
+        self.sock.curve_server = True
+        event(
+            logging.INFO,
+            "CURVE authentication on",
+            clients=self.curve_clients,
+            keys=len(auth.certs.get("*", {})),
+        )
 
     # --- serve -------------------------------------------------------------------------
     def serve(self):
@@ -634,6 +701,9 @@ class Daemon:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+        if self.curve is not None:
+            self.curve.stop()  # its ZAP socket is on self.ctx: closed before the term below
+            self.curve = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
@@ -675,6 +745,8 @@ def run(args):
             realtime_pause=not args.no_realtime_pause,
             min_stop_interval_ms=args.min_stop_interval_ms,
             insecure=args.insecure,
+            curve_server_key=args.curve_server_key,
+            curve_clients=args.curve_clients,
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))

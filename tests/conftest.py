@@ -64,7 +64,7 @@ def start_daemon(tmp_path):
     exit: code 0, no socket file, no segment."""
     made = []
 
-    def start(endpoint=None, name=None, extra=(), expect_up=True):
+    def start(endpoint=None, name=None, extra=(), expect_up=True, curve=None):
         endpoint = endpoint or f"ipc://{tmp_path}/control.sock"
         name = name or unique_name("d")
         logpath = tmp_path / f"daemon-{len(made)}.log"
@@ -77,7 +77,7 @@ def start_daemon(tmp_path):
             )
         d = Daemon(proc, endpoint, name, logpath)
         made.append(d)
-        up = wait_ping(endpoint, proc)
+        up = wait_ping(endpoint, proc, curve)
         if expect_up:
             assert up is not None, f"daemon exited {proc.returncode}: {d.log()}"
         return d

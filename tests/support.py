@@ -100,11 +100,11 @@ class Daemon:
         return self.proc.wait(DEADLINE)
 
 
-def wait_ping(endpoint, proc):
+def wait_ping(endpoint, proc, curve=None):
     deadline = time.monotonic() + 30
     while True:
         try:
-            return client.ping(endpoint, 200)
+            return client.ping(endpoint, 200, curve=curve)
         except client.DaemonUnavailable:
             if proc.poll() is not None:
                 return None
