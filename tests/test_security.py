@@ -331,3 +331,85 @@ def test_a_req_observer_gets_its_reply(start_daemon):
         assert reply["pid"] == d.proc.pid  # ipc: a trusted peer
     finally:
         s.close(0)
+
+
+# --- a group let in with --socket-mode 0660 ---------------------------------------------------
+
+
+@pytest.fixture
+def group_member():
+    """A throwaway group and a user whose primary group it is (groupadd, useradd)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a group and a user")
+    if not all(shutil.which(c) for c in ("groupadd", "groupdel", "useradd", "userdel")):
+        pytest.skip("groupadd/useradd not installed: cannot make a group member")
+    name = f"shmg{uuid.uuid4().hex[:8]}"
+    r = subprocess.run(["groupadd", name], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"groupadd failed: {r.stderr.strip()}")
+    try:
+        r = subprocess.run(
+            ["useradd", "--no-create-home", "--shell", "/bin/false", "-g", name, name],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            pytest.skip(f"useradd failed: {r.stderr.strip()}")
+        try:
+            yield pwd.getpwnam(name)
+        finally:
+            subprocess.run(["userdel", name], capture_output=True)
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def _work_as_a_worker(endpoint):
+    with client.connect(endpoint, timeout_ms=5000) as heap:
+        b = heap.alloc(1000)
+        b.buf[:5] = b"hello"
+        ok = bytes(heap.view(b.handle, 5)) == b"hello"
+        heap.free(b)
+        return ok and heap.stats()["consistent"]
+
+
+def test_socket_mode_0660_lets_the_group_connect_and_allocate(group_member, other_user, tmp_path):
+    """The daemon runs as root with the group's gid and --socket-mode 0660: a member of the group
+    connects, maps the arena and allocates; a user outside the group gets neither the socket nor
+    the segment."""
+    from support import EXE, ROOT, wait_ping
+
+    base = f"/tmp/shmalloc-grp-{uuid.uuid4().hex[:8]}"
+    os.mkdir(base, 0o755)  # root's, traversable: the daemon makes the socket directory inside
+    endpoint, name = f"ipc://{base}/sock/control.sock", unique_name("grp")
+    gid = group_member.pw_gid
+    with open(tmp_path / "daemon.log", "w") as log:  # the daemon keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                *EXE,
+                "daemon",
+                "--endpoint",
+                endpoint,
+                "--max-heap",
+                "64M",
+                "--name",
+                name,
+                "--socket-mode",
+                "0660",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            preexec_fn=lambda: os.setgid(gid),
+        )
+    try:
+        assert wait_ping(endpoint, proc) is not None, (tmp_path / "daemon.log").read_text()
+        st = os.stat(f"/dev/shm/{name}")
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o660)
+        assert as_user(group_member, _work_as_a_worker, endpoint) == ("ok", True)
+        kind, what = as_user(other_user, _work_as_a_worker, endpoint)
+        assert kind == "err" and ("Permission" in what or "Unavailable" in what), what
+    finally:
+        proc.terminate()
+        assert proc.wait(DEADLINE) == 0, (tmp_path / "daemon.log").read_text()
+        shutil.rmtree(base, ignore_errors=True)
+    assert not os.path.exists(f"/dev/shm/{name}")
