@@ -170,13 +170,12 @@ class StoppedWorld:
 
     def __exit__(self, *exc):
         w = self.world
-        self.d.stw.end(w.get("flushed", ()))
+        # The pause ends when the stop bytes clear, before the parked Ps wake (on a busy machine
+        # the kernel may run them before it returns to us: their time, not the pause's), and
+        # before this thread gives up its real-time priority (which lets others run first).
+        pause_ns = self.d.stw.end(w.get("flushed", ())) - w["t0"]
         if self.realtime:
             set_realtime(False)
-        # The world runs again from here: a P that was not asleep goes on at once.  The pause
-        # ends before the parked Ps wake (on a busy machine the kernel may run them before it
-        # returns to us; that is their time, not the pause's).
-        pause_ns = time.perf_counter_ns() - w["t0"]
         w["meta"] = {
             "consistent": not w["late"],
             "epoch": w["epoch"],

@@ -239,7 +239,8 @@ class StopTheWorld:
     def end(self, flushed):
         """Resume every P: RESYNC for the Ps in `flushed` (their local lists are stale) and for
         those that owed one from an earlier flush, RUN for the others; then lift the resume lock,
-        which wakes the parked ones."""
+        which wakes the parked ones.  Returns time.perf_counter_ns() when the stop bytes were
+        clear: the end of the pause (waking the parked Ps is their time, not the pause's)."""
         arena = self.arena
         q = arena.q
         q[L.HDR["stopped_epoch"]] = 0
@@ -250,4 +251,6 @@ class StopTheWorld:
             ):
                 # A P claimed during the pause started stopped; it resumes too.
                 q[sw + SL["stop"]] = L.STOP_RESYNC if k in flushed or k in self.owed else L.STOP_RUN
+        resumed = time.perf_counter_ns()  # the world runs again from here
         ofd_unlock(arena.fd, L.resume_lock_byte(self.epoch))
+        return resumed
