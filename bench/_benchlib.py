@@ -478,3 +478,25 @@ def result(ctl, timeout=600):
     if status != "ok":
         raise WorkerError(value)
     return value
+
+
+def stop_pool(pool):
+    """Stop worker processes given as [(process, pipe)]: ask each to quit, give them 3 s, then
+    terminate, then kill; close the pipes."""
+    for _p, conn in pool:
+        try:
+            conn.send(("quit",))
+        except OSError:
+            pass
+    deadline = time.monotonic() + 3
+    for p, _ in pool:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p, _ in pool:
+        if p.is_alive():
+            p.terminate()
+    for p, conn in pool:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+        conn.close()

@@ -32,6 +32,8 @@
                                  its batch applies (one locked operation per 256 frees) amortized
      real pair, shared mode      after a second thread used the cache: every call takes the
                                  P's threading.Lock (the slow path, still no locked operation)
+     real view / Block.buf       view(h) of a live 64 B block by its owner, view(h, 64) by
+                                 another P, and the Block's .buf (each with its loop and a call)
      refill                      one refill of a 64 B span: the collect, under its central lock,
                                  of a span whose 128 objects another P freed (its batch applied)
    A pair loop never meets a refill now: a local free re-lists the block, so the list it pops
@@ -70,6 +72,9 @@ PAIR_1M = "real pair 1 MiB (the P's large cache, no lock)"
 LOCAL = "real local free 64 B (per free)"
 REMOTE = "real remote free 64 B (per free, applies amortized)"
 SHARED = "real pair 64 B, shared mode (after a 2nd thread)"
+VIEW = "real view(h) of a 64 B block, by its owner"
+VIEW_OTHER = "real view(h, 64) of it, by another P"
+BUF = "real Block.buf of it"
 REFILL = "refill: one refill of a 64 B span"
 PIECES = {  # piece: names the closures must no longer mention once it is removed
     "block": {"B", "cls"},
@@ -394,6 +399,22 @@ def main(argv=None):
         rows.append((LOCAL, local_frees, a.n // 3))
         rows.append((REMOTE, remote_frees, a.n // 3))
 
+        # view() and Block.buf of a live 64 B block: by its owner, and by another P.
+        vb = pl.alloc(64)
+
+        def views(fn):
+            def run(n):
+                t = time.perf_counter_ns()
+                for _ in range(n):
+                    fn()
+                return time.perf_counter_ns() - t, n
+
+            return run
+
+        rows.append((VIEW, views(lambda: pl.view(vb.handle)), a.n))
+        rows.append((VIEW_OTHER, views(lambda: pa.view(vb.handle, 64)), a.n))
+        rows.append((BUF, views(lambda: vb.buf), a.n))
+
         # Shared mode: a second thread used ps once; every call then takes the P lock.
         th = threading.Thread(target=lambda: ps.free(ps.alloc(8)))
         th.start()
@@ -471,6 +492,8 @@ def main(argv=None):
     line(REMOTE, med[REMOTE], med[LOCAL], "vs the local free")
     line("  of which its batch applies (locked operations)", sorted(apply_ns)[len(apply_ns) // 2])
     line(SHARED, med[SHARED], pair, "vs the owner thread")
+    for row in (VIEW, VIEW_OTHER, BUF):
+        line(row, med[row], note="target: at most 1 us (the loop and a lambda call included)")
     objs = sorted(collected)[len(collected) // 2]
     line(REFILL, med[REFILL], note=f"{objs} objects collected under the central lock")
     print(

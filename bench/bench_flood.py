@@ -89,7 +89,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import child_init, cpu_model, fmt_num, git_revision, md_table  # noqa: E402
+from _benchlib import child_init, cpu_model, fmt_num, git_revision, md_table, stop_pool  # noqa: E402
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -496,23 +496,7 @@ class Session:
             raise
 
     def close(self):
-        for _p, conn in self.procs:
-            try:
-                conn.send(("quit",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + 3
-        for p, _ in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p, _ in self.procs:
-            if p.is_alive():
-                p.terminate()
-        for p, conn in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-            conn.close()
+        stop_pool(self.procs)
         self.procs = []
         for d in self.daemons.values():
             d.stop()

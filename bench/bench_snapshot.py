@@ -82,6 +82,9 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _benchlib import cpu_model, git_revision, stop_pool  # noqa: E402 - beside this script
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -404,23 +407,7 @@ class Session:
             return ""
 
     def close(self):
-        for _p, conn in self.pool:
-            try:
-                conn.send(("quit",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + 3
-        for p, _ in self.pool:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p, _ in self.pool:
-            if p.is_alive():
-                p.terminate()
-        for p, conn in self.pool:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-            conn.close()
+        stop_pool(self.pool)
         self.pool = []
         if self.daemon is not None:
             if self.daemon.poll() is None:
@@ -866,8 +853,6 @@ def header(args, out, load0):
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count()
-    from _benchlib import cpu_model, git_revision  # beside this script
-
     cpu, rev = cpu_model(), git_revision()
     try:
         dirty = [
