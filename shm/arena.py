@@ -22,7 +22,7 @@ from . import layout as L
 from . import stats as _stats
 from .central import CentralList
 from .errors import ArenaClosed, BadHandle, CorruptionError
-from .heap import PageHeap
+from .heap import PageHeap, reserve
 from .large import LargeObjects
 from .locks import Locks, Op, Retry
 from .registry import Registry
@@ -103,6 +103,9 @@ class Arena:
         lay = L.Layout(heap_max, nslots)
         shm = _open_segment(name, True, lay.total_bytes)
         try:
+            # The heap's pages and their table entries are reserved as they are committed
+            # (PageHeap); the fixed regions, now.  A full /dev/shm fails here, not later.
+            reserve(shm._fd, lay.fixed_ranges(), f"the arena's {lay.spans_off} bytes of fixed regions")
             arena = cls(shm, lay)
             lay.write_header(arena.q, time.time_ns())
         except BaseException:
@@ -420,7 +423,8 @@ class Arena:
         """The in-use large span whose interior holds `page`, or -1.  The page map names only a
         large span's first and last pages, so this walks back to its first: an error path only."""
         q, pm = self.q, self.lay.pagemap_word()
-        for p in range(page - 1, -1, -1):
+        committed = q[self.lay.heap_word() + H["committed_pages"]]
+        for p in range(min(page, committed) - 1, -1, -1):  # entries past committed: unreserved
             r = q[pm + p] - 1
             if r >= 0:
                 w = self.lay.span_word(r)
@@ -435,8 +439,9 @@ class Arena:
         """Usable bytes of the live object at handle h (no lock: a read of stable fields)."""
         h, page = self.check_handle(h)
         r = self.heap.span_of_page(page)
-        b = self.mv[self.lay.amap_off + (h - self.lay.heap_off) // 8]
-        if r < 0 or not (b == L.ALLOC or b >= L.TAG0):
+        # The map byte is read only within an in-use span: elsewhere it may not be reserved.
+        b = self.mv[self.lay.amap_off + (h - self.lay.heap_off) // 8] if r >= 0 else L.FREE
+        if not (b == L.ALLOC or b >= L.TAG0):
             raise BadHandle(f"handle {h} is not a live block (already freed, or never allocated)")
         w = self.lay.span_word(r)
         c = self.q[w + S["sizeclass"]]

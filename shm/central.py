@@ -395,9 +395,23 @@ class CentralList:
         (object_bytes) and large spans' one start byte, whose value LargeObjects.check judges.
         Returns the problems."""
         q, lay, bad = self.q, self.lay, []
-        committed = q[lay.heap_word() + H["committed_pages"]]
-        amap = self.mv[lay.amap_off : lay.amap_off + committed * PAGE // 8]
-        nonzero = len(amap) - bytes(amap).count(0)
+        lo = lay.amap_off
+        hi = lo + q[lay.heap_word() + H["committed_pages"]] * PAGE // 8
+        amap = self.mv[lo:hi]
+        # The map pages given back with released spans are skipped, not read (a read would
+        # fault them in again, and SIGBUS on a full /dev/shm): they describe free pages only.
+        gone = sorted(
+            g
+            for rec in records
+            if rec["state"] == L.SPAN_FREE and rec["released"]
+            for g in lay.released_meta(rec["start"], rec["npages"])
+            if lo <= g[0] < hi
+        )
+        nonzero, at = 0, 0
+        for off, n in [*gone, (hi, 0)]:
+            seg = bytes(amap[at : off - lo])
+            nonzero += len(seg) - seg.count(0)
+            at = off - lo + n
         starts_nonzero = 0
         for rec in records:
             if rec["state"] != L.SPAN_INUSE:

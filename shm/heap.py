@@ -29,6 +29,22 @@ PAGE = L.PAGE_SIZE
 GROW_PAGES = 128  # commit at least 1 MiB at a time
 
 
+def reserve(fd, ranges, what):
+    """posix_fallocate every (offset, bytes) of `ranges` in the segment open as `fd`, so that tmpfs
+    has promised their pages before anyone touches them: a write -- or a read -- of an unpromised
+    page of a full tmpfs is SIGBUS.  OutOfMemory naming `what` when /dev/shm is full."""
+    for off, n in ranges:
+        try:
+            os.posix_fallocate(fd, off, n)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise OutOfMemory(
+                    f"/dev/shm is full: cannot commit {what} ({os.strerror(e.errno)}); "
+                    "free space in /dev/shm or lower --max-heap"
+                ) from None
+            raise
+
+
 class PageHeap:
     def __init__(self, arena):
         self.arena = arena
@@ -50,8 +66,8 @@ class PageHeap:
     def span_of_page(self, page):
         """Record index of the in-use span holding `page`, or -1.  No lock: a hint that the
         caller re-validates under the span's lock."""
-        if not 0 <= page < self.lay.heap_pages:
-            return -1
+        if not 0 <= page < self.q[self.hw + H["committed_pages"]]:
+            return -1  # no entry past the committed heap is reserved: reading it could SIGBUS
         r = self.q[self.pm + page] - 1
         if r < 0:
             return -1
@@ -156,16 +172,20 @@ class PageHeap:
             ns, nn = q[nw + S["start"]], q[nw + S["npages"]]
             if not ((side < 0 and ns + nn == start) or (side > 0 and ns == start + npages)):
                 continue
-            # Mixed released state: re-commit the released part so the merged span is committed.
             nrel = q[nw + S["released"]]
             if nrel != released:
-                if nrel:
-                    self._commit(op, ns, nn)
-                    op.add(self.hw + H["released_pages"], -nn)
-                else:
-                    self._commit(op, start, npages)
-                    op.add(self.hw + H["released_pages"], -npages)
-                released = 0
+                # Mixed released state: re-commit the released part so the merged span is
+                # committed.  When /dev/shm has no room for it, the merged span is marked released
+                # instead, its committed part still resident: a free never fails, and released
+                # pages are committed again before use whether or not they were given back.
+                rs, rn, cn = (ns, nn, npages) if nrel else (start, npages, nn)
+                try:
+                    self._commit(rs, rn)
+                    op.add(self.hw + H["released_pages"], -rn)
+                    released = 0
+                except OutOfMemory:
+                    op.add(self.hw + H["released_pages"], cn)
+                    released = 1
             self.list_remove(op, self.bucket_w(nn), n)
             self.drop_record(op, n)
             start, npages = min(start, ns), npages + nn
@@ -195,17 +215,39 @@ class PageHeap:
             r = q[self.sw(r) + S["next"]] - 1
         return best
 
-    def _commit(self, op, start, npages):
-        a = self.arena
-        try:
-            os.posix_fallocate(a.fd, self.lay.heap_off + start * PAGE, npages * PAGE)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise OutOfMemory(
-                    f"/dev/shm is full: cannot commit {npages * PAGE} bytes of heap "
-                    f"({os.strerror(e.errno)}); free space in /dev/shm or lower --max-heap"
-                ) from None
-            raise
+    def _commit(self, start, npages, grow=False):
+        """Reserve heap pages [start, start + npages) and the table entries that describe them
+        before anything touches them: every table's when the pages raise the high-water mark
+        (`grow`), else -- released pages committed again -- those of the tables given back with
+        them (Layout.page_tables).  OutOfMemory when /dev/shm is full; nothing is written here,
+        and a range reserved before the failure is only ever trusted once a later call commits
+        it again."""
+        lay = self.lay
+        reserve(
+            self.arena.fd,
+            lay.page_meta(start, npages, released=not grow) + [(lay.heap_off + start * PAGE, npages * PAGE)],
+            f"{npages * PAGE} bytes of heap",
+        )
+
+    def release_span(self, op, r):
+        """Give FREE span r's pages back to the OS (MADV_REMOVE punches them out of tmpfs), with
+        the OS pages of table entries that describe only them (Layout.released_meta), and mark it
+        released.  Returns the bytes of heap given back.  The operation is checkpointed between
+        the mark and the release: a crash leaves the span marked with its pages perhaps still
+        there (committed again before use anyway), never unmarked with its pages gone."""
+        op.need(L.LOCK_HEAP, "PageHeap.release_span")
+        q, w = self.q, self.sw(r)
+        if q[w + S["state"]] != L.SPAN_FREE or q[w + S["released"]]:
+            raise CorruptionError(f"release_span of span {r}: not a committed free span")
+        start, n = q[w + S["start"]], q[w + S["npages"]]
+        op.w(w + S["released"], 1)
+        op.add(self.hw + H["released_pages"], n)
+        op.add(self.hw + H["releases"], 1)
+        op.log.clear()  # checkpoint
+        mm = self.arena.mmap
+        for off, nbytes in [(self.lay.heap_off + start * PAGE, n * PAGE)] + self.lay.released_meta(start, n):
+            mm.madvise(mmap.MADV_REMOVE, off, nbytes)
+        return n * PAGE
 
     def grow(self, op, npages):
         """Commit at least `npages` more pages at the end of the heap (Go's mheap.grow)."""
@@ -219,7 +261,7 @@ class PageHeap:
                 f"left to commit (--max-heap {self.lay.heap_max} bytes)"
             )
         n = min(room, max(npages, GROW_PAGES))
-        self._commit(op, committed, n)
+        self._commit(committed, n, grow=True)
         op.w(hw + H["committed_pages"], committed + n)
         op.add(hw + H["grows"], 1)
         r = self.new_record(op)
@@ -246,7 +288,7 @@ class PageHeap:
         if frel:
             # Pages of a free span that was never released are committed already (they lie below
             # committed_pages): only released ones are committed again.
-            self._commit(op, fstart, npages)
+            self._commit(fstart, npages)
         self.list_remove(op, self.bucket_w(fn), f)
         if fn > npages:
             rest = self.new_record(op)
@@ -291,23 +333,16 @@ class PageHeap:
     def scavenge(self, op, min_pages=1):
         """Give every committed, unreleased free span back to the OS (MADV_REMOVE punches the
         pages out of tmpfs).  Returns the bytes returned.  Go: scavenger / debug.FreeOSMemory.
-        One span at a time, checkpointed after each: any number of free spans fits the undo log,
-        and a crash leaves every span either released and marked, or neither."""
+        One span at a time (release_span), checkpointed at each: any number of free spans fits
+        the undo log."""
         op.need(L.LOCK_HEAP, "PageHeap.scavenge")
         q, total = self.q, 0
-        mm = self.arena.mmap
         for b in range(1, L.NBUCKETS):
             r = q[self.hw + L.HEAP_BUCKETS_AT + b] - 1
             while r >= 0:
                 w = self.sw(r)
-                n = q[w + S["npages"]]
-                if not q[w + S["released"]] and n >= min_pages:
-                    op.w(w + S["released"], 1)
-                    op.add(self.hw + H["released_pages"], n)
-                    op.add(self.hw + H["releases"], 1)
-                    mm.madvise(mmap.MADV_REMOVE, self.lay.heap_off + q[w + S["start"]] * PAGE, n * PAGE)
-                    op.log.clear()  # checkpoint: any number of free spans, a bounded undo log
-                    total += n * PAGE
+                if not q[w + S["released"]] and q[w + S["npages"]] >= min_pages:
+                    total += self.release_span(op, r)
                 r = q[w + S["next"]] - 1
         return total
 

@@ -36,6 +36,7 @@ Allocation-map byte values (one byte per 8-byte granule; only object starts are 
     16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
 """
 
+import mmap
 import os
 
 from . import sizeclasses as sc
@@ -47,6 +48,7 @@ WORD = 8
 ALIGN = sc.PAGE_SIZE
 PAGE_SIZE = sc.PAGE_SIZE
 PAGE_SHIFT = sc.PAGE_SHIFT
+OS_PAGE = mmap.PAGESIZE  # the unit the OS reserves and gives back in
 NCLASS = sc.NUM_SIZE_CLASSES
 
 # Allocation-map byte values.
@@ -322,6 +324,25 @@ class Layout:
         off = _up(off + self.amap_bytes)
         self.heap_off = off
         self.total_bytes = off + heap_max
+        # Every table indexed by heap page, as (offset of page 0's entry, bytes per heap page,
+        # given back with its pages): PageHeap reserves a table's entries with the pages they
+        # describe before anything touches them (a write -- or a read -- of an unreserved page of
+        # a full tmpfs is SIGBUS), and releases them with the pages when the last column says so.
+        # Another per-page or per-granule table is one more line here.
+        self.page_tables = (
+            # Allocation map: 1024 bytes per page, zero while the page is free (FREE), so given
+            # back with it -- what a released span keeps is only the OS pages it shares.
+            (self.amap_off, PAGE_SIZE // 8, True),
+            # Page map: kept.  Any handle's lookup (a free, a view) reads its page's entry
+            # without knowing whether the page was released, and free spans keep theirs at
+            # their ends; one word per 8 KiB page is 0.1% of the heap.
+            (self.pagemap_off + PREAMBLE * WORD, WORD, False),
+            # Span records: indexed by record, not page, but no more are ever in use than pages
+            # are committed (spans tile the committed heap), so records [0, committed) are
+            # reserved with the pages that raise the high-water mark; kept, as records of
+            # released spans stay in use.
+            (self.spans_off + PREAMBLE * WORD, SPAN_WORDS * WORD, False),
+        )
         self.region_bytes = {
             "locks": self.central_off - self.lock_off,
             "central": self.heapmeta_off - self.central_off,
@@ -361,6 +382,28 @@ class Layout:
             "spans": self.spans_off,
             "pagemap": self.pagemap_off,
         }
+
+    # What is reserved (posix_fallocate) before it is touched: see PageHeap.
+    def fixed_ranges(self):
+        """[(offset, bytes)] of the fixed regions -- header, locks, central, heap metadata, P slots
+        with their undo logs, the span table's and page map's preambles -- reserved at creation."""
+        return [(0, self.spans_off), (self.spans_off, PREAMBLE * WORD), (self.pagemap_off, PREAMBLE * WORD)]
+
+    def page_meta(self, start, npages, released=False):
+        """[(offset, bytes)] of every table's entries for heap pages [start, start + npages)
+        (page_tables); with `released`, only the tables given back with their pages."""
+        return [(base + start * per, npages * per) for base, per, rel in self.page_tables if rel or not released]
+
+    def released_meta(self, start, npages):
+        """[(offset, bytes)] of the OS pages that lie wholly inside the entries of heap pages
+        [start, start + npages) of the tables given back with their pages: what a release of
+        those pages gives back too, and never a byte that describes another page."""
+        out = []
+        for off, n in self.page_meta(start, npages, released=True):
+            lo, hi = -(-off // OS_PAGE) * OS_PAGE, (off + n) // OS_PAGE * OS_PAGE
+            if hi > lo:
+                out.append((lo, hi - lo))
+        return out
 
     # Header I/O.
     def write_header(self, q, now_ns):
