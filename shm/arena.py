@@ -105,12 +105,13 @@ class Arena:
         try:
             # The heap's pages and their table entries are reserved as they are committed
             # (PageHeap); the fixed regions, now.  A full /dev/shm fails here, not later.
-            reserve(shm._fd, lay.fixed_ranges(), f"the arena's {lay.spans_off} bytes of fixed regions")
+            fixed = lay.fixed_ranges()
+            reserve(shm._fd, fixed, f"the arena's {sum(n for _, n in fixed)} bytes of fixed regions")
             arena = cls(shm, lay)
             lay.write_header(arena.q, time.time_ns())
         except BaseException:
             shm.close()
-            shm.unlink()
+            unlink_segment(name)  # not shm.unlink(): the resource tracker never had it
             raise
         return arena
 

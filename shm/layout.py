@@ -392,7 +392,9 @@ class Layout:
     def page_meta(self, start, npages, released=False):
         """[(offset, bytes)] of every table's entries for heap pages [start, start + npages)
         (page_tables); with `released`, only the tables given back with their pages."""
-        return [(base + start * per, npages * per) for base, per, rel in self.page_tables if rel or not released]
+        return [
+            (base + start * per, npages * per) for base, per, rel in self.page_tables if rel or not released
+        ]
 
     def released_meta(self, start, npages):
         """[(offset, bytes)] of the OS pages that lie wholly inside the entries of heap pages

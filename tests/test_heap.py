@@ -56,51 +56,126 @@ def test_fallocate_enospc_is_out_of_memory(arena, monkeypatch):
     p.close()
 
 
+# Run in a private mount namespace with a small tmpfs over /dev/shm and a filler file in it: at
+# each fill level (bytes left free), make an arena whose heap (64 MiB, reserved sparse) is far
+# more than the tmpfs, allocate blocks of `size` until OutOfMemory, check the arena, verify and
+# free every block; then give the idle pages back, let the filler take most of the room they
+# left, and do it again (released pages and their allocation map committed again on a full
+# tmpfs).  A SIGBUS anywhere kills the script.
 FULL_SHM = textwrap.dedent("""
-    from shm import Arena, ProcessCache, OutOfMemory
-    a = Arena.create("shmalloc-full", 64 << 20, 4)   # reserved sparse: 64 MiB > the 4 MiB tmpfs
-    p = ProcessCache(a)
-    got = []
-    try:
-        while True:
-            b = p.alloc(100_000)
-            b.buf[:] = b"x" * b.size
-            got.append(b)
-    except OutOfMemory as e:
-        print("OOM", len(got), e)
-    for b in got:
-        p.free(b)
-    p.close()
-    a.check()
-    print("CHECK OK")
-    a.destroy()
+    import os, sys
+    from service.demo import pattern
+    from shm import Arena, OutOfMemory, ProcessCache, read_stats_slow
+
+    NAME = "shmalloc-full"
+    size, nslots = int(sys.argv[1]), int(sys.argv[2])
+    levels = [int(n) for n in sys.argv[3].split(",")]
+
+    def room():
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+
+    def leave_free(n):
+        fd = os.open("/dev/shm/filler", os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+        try:
+            if room() > n:
+                os.posix_fallocate(fd, 0, room() - n)
+        finally:
+            os.close(fd)
+
+    def fill_and_free(a, p):
+        got = []
+        try:
+            while True:
+                b = p.alloc(size)
+                b.buf[:] = pattern(b.handle, size)
+                got.append(b)
+        except OutOfMemory as e:
+            assert "/dev/shm is full" in str(e), e
+        a.check()  # clean right after the OutOfMemory, the P's cache as it is
+        for b in got:
+            assert bytes(b.buf) == pattern(b.handle, size), b
+            p.free(b)
+        p.flush()
+        a.free_empty_spans()
+        a.check()
+        assert read_stats_slow(a)["heap_objects"] == 0
+        return len(got)
+
+    for free in levels:
+        leave_free(free)
+        try:
+            a = Arena.create(NAME, 64 << 20, nslots)
+        except OutOfMemory as e:
+            assert "/dev/shm is full" in str(e) and "fixed regions" in str(e), e
+            assert os.listdir("/dev/shm") == ["filler"], os.listdir("/dev/shm")  # nothing left behind
+            print("CREATE-OOM", free, e, flush=True)
+            continue
+        p = ProcessCache(a)
+        n1 = fill_and_free(a, p)
+        released = a.scavenge()
+        leave_free(released // 3 + free % 65536)  # room for part of what was given back
+        n2 = fill_and_free(a, p)
+        print("LEVEL", free, n1, released, n2, flush=True)
+        p.close()
+        a.destroy()
+    os.unlink("/dev/shm/filler")
 """)
 
 
-def test_real_full_dev_shm_is_out_of_memory_not_sigbus(tmp_path):
-    """A 4 MiB tmpfs mounted over /dev/shm in a private mount namespace: the heap, reserved
-    at 64 MiB, must stop with OutOfMemory when tmpfs is full -- never SIGBUS."""
+def run_on_small_dev_shm(tmp_path, script, tmpfs_size, *args):
+    """Run `script` with args in a private mount namespace, a `tmpfs_size` tmpfs mounted over
+    /dev/shm; skip when this machine cannot make one."""
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
-    script = tmp_path / "full.py"
-    script.write_text(FULL_SHM)
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    cmd = " ".join([sys.executable, str(path), *map(str, args)])
     r = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f"mount -t tmpfs -o size=4m tmpfs /dev/shm && {sys.executable} {script}",
-        ],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+        + [f"mount -t tmpfs -o size={tmpfs_size} tmpfs /dev/shm && {cmd}"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
-    assert r.returncode == 0, f"exit {r.returncode} (SIGBUS is -7): {r.stdout} {r.stderr}"
-    assert "OOM" in r.stdout and "/dev/shm is full" in r.stdout and "CHECK OK" in r.stdout
+    assert r.returncode == 0, f"exit {r.returncode} (SIGBUS is -7 or 135): {r.stdout} {r.stderr}"
+    return r.stdout.splitlines()
+
+
+# Bytes left free in a 3 MiB tmpfs, 24 levels: from less than an arena's fixed regions (450 KiB
+# for 4 slots) through its first growth of the heap (1 MiB of pages and 145 KiB of their table
+# entries) at 18 levels spaced unevenly -- so that the reservation that fails is the heap pages'
+# at some, their allocation map's, page map's or span records' at others -- then 6 with room
+# for one growth.
+LEVELS = [300_000 + i * 75_000 + (i * 7 % 16) * 4096 for i in range(18)]
+LEVELS += [1_700_000 + i * 190_000 + (i * 5 % 16) * 4096 for i in range(6)]
+
+
+@pytest.mark.parametrize("size", [16, 100_000])
+def test_real_full_dev_shm_is_out_of_memory_not_sigbus(tmp_path, size):
+    """A full tmpfs at 24 fill levels: every allocation ends in OutOfMemory, never SIGBUS, the
+    arena checks clean after each, every block keeps its pattern and frees; so again after the
+    idle pages were given back and the room they left taken."""
+    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", size, 4, ",".join(map(str, LEVELS)))
+    levels = [line.split() for line in out if line.startswith("LEVEL")]
+    assert len(levels) + sum(line.startswith("CREATE-OOM") for line in out) == len(LEVELS), out
+    assert len(levels) >= 20, out
+    got = [int(lv[2]) for lv in levels]
+    assert got == sorted(got) and got[0] == 0 and got[-1] > 0, out  # more room, more blocks
+    assert any(int(lv[3]) > 0 and int(lv[4]) > 0 for lv in levels), out  # released pages reused
+
+
+def test_arena_creation_on_a_too_small_dev_shm(tmp_path):
+    """An arena whose fixed regions (64 P slots and their undo logs: 4.6 MiB) do not fit in /dev/shm
+    is refused with OutOfMemory at creation, and no segment is left behind; so at every level below
+    the fixed regions of a 4-slot arena."""
+    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", 16, 64, "3000000")
+    assert out[0].startswith("CREATE-OOM 3000000") and "fixed regions" in out[0], out
+    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", 16, 4, "0,4096,200000,400000,458000")
+    assert [line.split()[:2] for line in out] == [
+        ["CREATE-OOM", n] for n in ("0", "4096", "200000", "400000", "458000")
+    ], out
 
 
 def test_release_and_reuse_of_idle_pages(arena):
