@@ -198,3 +198,58 @@ def test_release_and_reuse_of_idle_pages(arena):
         p.free(b)
     assert_healthy(arena, p)
     p.close()
+
+
+def resident(arena):
+    """Bytes of the segment tmpfs holds."""
+    return os.fstat(arena.fd).st_blocks * 512
+
+
+def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
+    """A heap that holds nothing, released: what stays resident is the fixed regions and the
+    tables kept for every committed page (page map, span records), not the allocation map; a
+    reuse reserves the map again, and blocks, checks and identities hold."""
+    from shm import layout as L
+
+    arena = make_arena(heap_max=64 << 20, nslots=4)
+    lay, page = arena.lay, L.OS_PAGE
+    p = ProcessCache(arena)
+    blocks = [p.alloc(1 << 20) for _ in range(56)] + [p.alloc(16) for _ in range(20_000)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    for b in blocks:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    snap = settle(arena, p)
+    arena.free_empty_spans()
+    committed = arena.heap.hget("committed_pages")
+    assert committed * L.PAGE_SIZE >= 56 << 20 and arena.read_stats_slow()["heap_objects"] == 0
+    before = resident(arena)
+    released = arena.scavenge()
+    after = resident(arena)
+    assert released == committed * L.PAGE_SIZE
+    # The heap pages and their allocation map went (one map byte per 8 heap bytes) ...
+    assert before - after >= released + released // 8 - 2 * page, (before, after, released)
+    # ... and what stays is the fixed regions and the kept tables' entries, to the OS page.
+    kept = lay.fixed_ranges() + [
+        r for r in lay.page_meta(0, committed) if r not in lay.page_meta(0, committed, True)
+    ]
+    assert after <= sum(n + 2 * page for _, n in kept), (after, kept)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_released"] == released
+
+    # Reuse: released pages and their map are committed again before they are touched.
+    again = [p.alloc(size) for size in (16, 3000, 100_000, 1 << 20) for _ in range(20)]
+    for b in again:
+        b.buf[:] = pattern(b.handle, b.size)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_released"] < released and snap["heap_objects"] == len(again)
+    inuse = snap["heap_inuse"]
+    assert resident(arena) - after >= inuse + inuse // 8 - 8 * page  # pages and their map
+    assert len({b.handle for b in again}) == len(again)
+    for b in again:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0
+    p.close()
