@@ -22,7 +22,8 @@ def arena_worker(arena_name, idx, n_ops, seed, inbox, outbox, results, progress=
 
 def stuck_in_critical_section(arena_name, where, ready):
     """Attach, then stop forever INSIDE an operation -- locks held, undo log half full -- at
-    `where` ("heap": after a large allocation's writes; "central": after a refill's collect).
+    `where` ("heap": after a large allocation's writes; "central": after a refill's collect;
+    "release": after a free span's heap pages were given back, before its allocation map).
     The test SIGKILLs us there."""
     from shm import Arena, ProcessCache
     from shm.central import CentralList
@@ -46,6 +47,20 @@ def stuck_in_critical_section(arena_name, where, ready):
 
         PageHeap.alloc_span = alloc_span
         p.alloc(100_000)
+    elif where == "release":
+        p.free(p.alloc(1 << 20))
+        p.flush()  # the span goes back to the page heap, free
+
+        class Madvise:
+            def __init__(self, mm):
+                self.mm = mm
+
+            def madvise(self, *a):
+                self.mm.madvise(*a)
+                stop_here()
+
+        arena.mmap = Madvise(arena.mmap)
+        arena.scavenge(p.slot)
     else:
         real_collect = CentralList.collect
 

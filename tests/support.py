@@ -113,11 +113,13 @@ def wait_ping(endpoint, proc, curve=None):
 
 def metadata_bytes(arena):
     """Everything of the arena but the heap pages and the dead bytes of the undo logs (an
-    empty log keeps its last entries' bytes): a heap 'unchanged' check compares these."""
+    empty log keeps its last entries' bytes): a heap 'unchanged' check compares these.  Read
+    with pread, which reads a page never reserved (or given back) as zeros without making
+    tmpfs hold it, as a read through the mapping would."""
     from shm import layout as L
 
-    lay, mv = arena.lay, arena.mv
-    parts = [bytes(mv[: lay.slots_off])]
+    lay = arena.lay
+    parts = [os.pread(arena.fd, lay.slots_off, 0)]
     control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns")]  # P control, not heap state
     for k in range(lay.nslots + 2):
         w = lay.slot_word(k)
@@ -125,7 +127,7 @@ def metadata_bytes(arena):
         for i in control:
             words[i] = 0
         parts.append(repr(words).encode())
-    parts.append(bytes(mv[lay.spans_off : lay.heap_off]))
+    parts.append(os.pread(arena.fd, lay.heap_off - lay.spans_off, lay.spans_off))
     return b"".join(parts)
 
 

@@ -120,7 +120,7 @@ def test_sigkill_mid_run_survivors_finish_and_cache_is_reclaimed(make_arena):
     main.close()
 
 
-@pytest.mark.parametrize("where", ["heap", "central"])
+@pytest.mark.parametrize("where", ["heap", "central", "release"])
 def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
     """The victim dies holding a lock, its undo log half full.  The next process to take that
     lock finds it dirty, rolls the dead operation back, and goes on; check() passes."""
@@ -140,10 +140,18 @@ def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
     repairs = arena.repairs
     # Take the same lock the victim died in: a large alloc needs the heap lock, a fresh 64 B
     # refill of another P needs central[64 B].
-    b = main.alloc(100_000) if where == "heap" else ProcessCache(arena).alloc(64)
+    b = ProcessCache(arena).alloc(64) if where == "central" else main.alloc(100_000)
     assert arena.repairs == repairs + 1, "the dead operation was not rolled back"
     assert all(arena.q[arena.lay.lock_word(lid)] == 0 for lid in dirty)
-    if where == "heap":
+    if where == "release":  # the span stays marked released, and is committed again for reuse
+        assert arena.read_stats_slow()["heap_released"] > 0
+        blocks = [main.alloc(100_000) for _ in range(20)]
+        for x in blocks:
+            x.buf[:] = pattern(x.handle, x.size)
+        for x in blocks:
+            assert bytes(x.buf) == pattern(x.handle, x.size)
+            main.free(x)
+    if where != "central":
         main.free(b)
     else:
         b[3].free(b)
