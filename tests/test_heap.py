@@ -253,3 +253,37 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0
     p.close()
+
+
+def test_a_free_next_to_released_pages_works_on_a_full_dev_shm(arena, monkeypatch):
+    """A span freed next to a released one is merged with it: the released pages are committed
+    again -- or, when /dev/shm has no room for them, the merged span is marked released instead.
+    The free never fails, and the pages are committed again before they are reused."""
+    p = ProcessCache(arena)
+    a, b = p.alloc(100_000), p.alloc(100_000)
+    p.free(b)
+    p.flush()
+    released = arena.scavenge()  # b's span and the rest of the heap's growth
+    assert released > 0
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    p.free(a)
+    p.flush()  # a's span goes back to the heap, next to the released pages
+    snap = assert_healthy(arena, p)
+    assert snap["heap_released"] == released + a.capacity and snap["heap_objects"] == 0
+    with pytest.raises(OutOfMemory, match="/dev/shm is full"):
+        p.alloc(100_000)
+    monkeypatch.undo()
+    again = [p.alloc(100_000) for _ in range(3)]
+    for x in again:
+        x.buf[:] = pattern(x.handle, x.size)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_released"] == released + a.capacity - 3 * a.capacity
+    for x in again:
+        assert bytes(x.buf) == pattern(x.handle, x.size)
+        p.free(x)
+    assert_healthy(arena, p)
+    p.close()
