@@ -2,11 +2,15 @@
 
 The heap is `heap_max` bytes at `heap_off` in the segment, reserved sparse.  Pages [0, committed)
 are committed with os.posix_fallocate, which fails with ENOSPC on a full tmpfs -- a clean
-OutOfMemory -- where touching an uncommitted page of a full tmpfs would kill the process with
-SIGBUS.  A span allocation commits its range again only when its pages were released (MADV_REMOVE):
-committed_pages is a high-water mark, and pages below it are committed unless their free span says
-`released`, so no code path writes to a page tmpfs has not promised, and none pays for fallocate
-twice.
+OutOfMemory -- where touching an uncommitted page of a full tmpfs, even to read it, would kill the
+process with SIGBUS.  A commit reserves the pages together with every table entry that describes
+them (allocation map, page map, span records: Layout.page_tables), before anything is written.
+A span allocation commits its range again only when its pages were released (MADV_REMOVE, which
+gives back the allocation-map pages that describe only them too): committed_pages is a high-water
+mark, and pages below it are committed unless their free span says `released`, so no code path
+touches a page tmpfs has not promised, and none pays for fallocate twice.  (A span marked
+released may still hold some of its pages -- a release cut short by a crash, a merge with no room
+to commit -- which costs memory, never safety.)
 
 Free spans live in size buckets (bucket n holds free spans of n pages, n < 128; bucket 128 holds
 the rest), doubly linked through their records.  The page map holds record index+1 for every page

@@ -1,7 +1,10 @@
 """Byte layout of the arena segment.  See shm/__init__.py for an overview.
 
 The arena is ONE `multiprocessing.shared_memory` segment, reserved at its full size with
-ftruncate (sparse on tmpfs: untouched pages cost nothing).  Every integer field is an unsigned
+ftruncate (sparse on tmpfs: untouched pages cost nothing).  A page is committed with
+posix_fallocate before anything touches it: the fixed regions (header to P slots, and the two
+preambles after) when the arena is created, the heap's pages with their entries in the per-page
+tables (Layout.page_tables) as the heap grows -- see PageHeap.  Every integer field is an unsigned
 64-bit little-endian word, addressed as an index into a `memoryview.cast('Q')` of the whole
 segment; only the allocation map is bytes.  Regions, in order, each starting on an 8 KiB
 boundary:
