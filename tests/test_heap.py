@@ -126,15 +126,15 @@ FULL_SHM = textwrap.dedent("""
 def run_on_small_dev_shm(tmp_path, script, tmpfs_size, *args):
     """Run `script` with args in a private mount namespace, a `tmpfs_size` tmpfs mounted over
     /dev/shm; skip when this machine cannot make one."""
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    ns = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+    probe = subprocess.run([*ns, "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.decode().strip()}")
     path = tmp_path / "script.py"
     path.write_text(script)
     cmd = " ".join([sys.executable, str(path), *map(str, args)])
     r = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
-        + [f"mount -t tmpfs -o size={tmpfs_size} tmpfs /dev/shm && {cmd}"],
+        [*ns, f"mount -t tmpfs -o size={tmpfs_size} tmpfs /dev/shm && {cmd}"],
         capture_output=True,
         text=True,
         timeout=300,
