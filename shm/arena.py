@@ -106,7 +106,13 @@ class Arena:
             # The heap's pages and their table entries are reserved as they are committed
             # (PageHeap); the fixed regions, now.  A full /dev/shm fails here, not later.
             fixed = lay.fixed_ranges()
-            reserve(shm._fd, fixed, f"the arena's {sum(n for _, n in fixed)} bytes of fixed regions")
+            reserve(
+                shm._fd,
+                fixed,
+                f"the arena's {sum(n for _, n in fixed)} bytes of fixed regions",
+                f"give /dev/shm more room, or make fewer than {nslots} P slots (--slots: each holds "
+                f"a {L.LOG_BYTES >> 10} KiB undo log)",
+            )
             arena = cls(shm, lay)
             lay.write_header(arena.q, time.time_ns())
         except BaseException:

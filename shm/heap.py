@@ -33,18 +33,18 @@ PAGE = L.PAGE_SIZE
 GROW_PAGES = 128  # commit at least 1 MiB at a time
 
 
-def reserve(fd, ranges, what):
+def reserve(fd, ranges, what, remedy="free space in /dev/shm or lower --max-heap"):
     """posix_fallocate every (offset, bytes) of `ranges` in the segment open as `fd`, so that tmpfs
     has promised their pages before anyone touches them: a write -- or a read -- of an unpromised
-    page of a full tmpfs is SIGBUS.  OutOfMemory naming `what` when /dev/shm is full."""
+    page of a full tmpfs is SIGBUS.  OutOfMemory naming `what` and `remedy` when /dev/shm is
+    full."""
     for off, n in ranges:
         try:
             os.posix_fallocate(fd, off, n)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise OutOfMemory(
-                    f"/dev/shm is full: cannot commit {what} ({os.strerror(e.errno)}); "
-                    "free space in /dev/shm or lower --max-heap"
+                    f"/dev/shm is full: cannot commit {what} ({os.strerror(e.errno)}); {remedy}"
                 ) from None
             raise
 

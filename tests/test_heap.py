@@ -200,6 +200,24 @@ def test_release_and_reuse_of_idle_pages(arena):
     p.close()
 
 
+DAEMON_ON_SMALL_SHM = textwrap.dedent("""
+    import os, subprocess, sys
+    sock = os.path.join(sys.argv[1], "d.sock")
+    cmd = [sys.executable, "-m", "service", "daemon", "--endpoint", "ipc://" + sock, "--max-heap", "1M"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    print("EXIT", r.returncode, os.listdir("/dev/shm"), os.path.exists(sock))
+    print(r.stdout, r.stderr)
+""")
+
+
+def test_daemon_refuses_to_start_on_a_dev_shm_too_small_for_its_slots(tmp_path):
+    """--max-heap fits, the 64 P slots' undo logs do not: the daemon says so and leaves nothing."""
+    out = run_on_small_dev_shm(tmp_path, DAEMON_ON_SMALL_SHM, "3m", tmp_path)
+    assert out[0] == "EXIT 2 [] False", out
+    text = "\n".join(out)
+    assert "/dev/shm is full" in text and "fixed regions" in text and "--slots" in text, out
+
+
 def resident(arena):
     """Bytes of the segment tmpfs holds."""
     return os.fstat(arena.fd).st_blocks * 512
