@@ -26,6 +26,7 @@ __all__ = [
     "Daemon",
     "wait_ping",
     "metadata_bytes",
+    "unreserved",
     "settle",
     "assert_healthy",
 ]
@@ -129,6 +130,32 @@ def metadata_bytes(arena):
         parts.append(repr(words).encode())
     parts.append(os.pread(arena.fd, lay.heap_off - lay.spans_off, lay.spans_off))
     return b"".join(parts)
+
+
+def unreserved(arena):
+    """The ranges the allocator may touch that tmpfs had not reserved: the fixed regions, the
+    pages of every span not released with every table entry over them, and a released span's
+    entries in the tables kept (layout.Layout.page_tables).  Found by reserving each range again
+    (posix_fallocate) and watching the segment's st_blocks: a reserved range adds nothing.  Run
+    on a quiet arena.  A page touched without a reservation counts as reserved: this finds the
+    reservations missing where nothing was written yet."""
+    from shm import layout as L
+
+    lay, fd, page = arena.lay, arena.fd, L.PAGE_SIZE
+    need = list(lay.fixed_ranges())
+    for rec in arena.heap.span_records():
+        s, n = rec["start"], rec["npages"]
+        if rec["state"] == L.SPAN_FREE and rec["released"]:
+            need += [(base + s * per, n * per) for base, per, given_back in lay.page_tables if not given_back]
+        else:
+            need += [(lay.heap_off + s * page, n * page), *lay.page_meta(s, n)]
+    missing = []
+    for off, n in need:
+        before = os.fstat(fd).st_blocks
+        os.posix_fallocate(fd, off, n)
+        if os.fstat(fd).st_blocks != before:
+            missing.append((off, n))
+    return missing
 
 
 def settle(arena, *caches):

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from support import assert_healthy, metadata_bytes, pattern, settle
+from support import assert_healthy, metadata_bytes, pattern, settle, unreserved
 
 from shm import OutOfMemory, ProcessCache
 
@@ -264,6 +264,7 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     assert snap["heap_released"] < released and snap["heap_objects"] == len(again)
     inuse = snap["heap_inuse"]
     assert resident(arena) - after >= inuse + inuse // 8 - 8 * page  # pages and their map
+    assert unreserved(arena) == []
     assert len({b.handle for b in again}) == len(again)
     for b in again:
         assert bytes(b.buf) == pattern(b.handle, b.size)
@@ -295,6 +296,7 @@ def test_a_free_next_to_released_pages_works_on_a_full_dev_shm(arena, monkeypatc
     with pytest.raises(OutOfMemory, match="/dev/shm is full"):
         p.alloc(100_000)
     monkeypatch.undo()
+    assert unreserved(arena) == []
     again = [p.alloc(100_000) for _ in range(3)]
     for x in again:
         x.buf[:] = pattern(x.handle, x.size)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from support import metadata_bytes, pattern, unique_name
+from support import metadata_bytes, pattern, unique_name, unreserved
 
 from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout, stats, world
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS
@@ -123,6 +123,10 @@ class AllocatorModel(RuleBasedStateMachine):
     @invariant()
     def structures_hold(self):
         assert self.arena.check_all() == []
+
+    @invariant()
+    def every_page_it_may_touch_is_reserved(self):
+        assert unreserved(self.arena) == []
 
 
 TestAllocatorModel = AllocatorModel.TestCase
