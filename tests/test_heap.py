@@ -62,6 +62,37 @@ def test_fallocate_enospc_is_out_of_memory(arena, monkeypatch):
 # free every block; then give the idle pages back, let the filler take most of the room they
 # left, and do it again (released pages and their allocation map committed again on a full
 # tmpfs).  A SIGBUS anywhere kills the script.
+@pytest.mark.parametrize("fail_at", range(4))
+def test_a_commit_that_fails_part_way_changes_nothing(arena, monkeypatch, fail_at):
+    """A growth reserves the allocation map, page map, span records and heap pages in turn; when
+    /dev/shm runs out at any of them, the allocation is OutOfMemory, the arena unchanged, and a
+    later one commits the same pages again from the start."""
+    p = ProcessCache(arena)
+    keep = p.alloc(64)
+    before = metadata_bytes(arena)
+    real, calls = os.posix_fallocate, []
+
+    def full_at(fd, off, n):
+        calls.append((off, n))
+        if len(calls) > fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, off, n)
+
+    monkeypatch.setattr(os, "posix_fallocate", full_at)
+    with pytest.raises(OutOfMemory, match="/dev/shm is full"):
+        p.alloc(5 << 20)
+    assert metadata_bytes(arena) == before
+    monkeypatch.undo()
+    b = p.alloc(5 << 20)
+    b.buf[:] = pattern(b.handle, b.size)
+    assert unreserved(arena) == []
+    assert bytes(b.buf) == pattern(b.handle, b.size)
+    p.free(b)
+    p.free(keep)
+    assert_healthy(arena, p)
+    p.close()
+
+
 FULL_SHM = textwrap.dedent("""
     import os, sys
     from service.demo import pattern
