@@ -448,14 +448,32 @@ class Arena:
         return size
 
     # --- heap maintenance ---------------------------------------------------------------
-    def scavenge(self, actor=None):
-        """Give every idle page back to the OS (MADV_REMOVE).  Returns the bytes returned."""
+    SCAVENGE_PAGES = 256  # pages per step of `scavenge` (2 MiB: well under a millisecond of madvise)
 
-        def rel(op):
+    def scavenge_step(
+        self, actor=None, max_pages=SCAVENGE_PAGES, keep_pages=0, max_spans=8, background=False
+    ):
+        """One bounded step of PageHeap.scavenge under the heap lock, the world running (free
+        spans belong to no P).  Returns (pages released, ns the heap lock was held)."""
+        held = [0]
+
+        def step(op):
             op.acquire(L.LOCK_HEAP)
-            return self.heap.scavenge(op)
+            held[0] = time.perf_counter_ns()
+            return self.heap.scavenge(op, max_pages, keep_pages, max_spans, background)
 
-        return self.run(self.daemon_actor if actor is None else actor, rel)
+        pages = self.run(self.daemon_actor if actor is None else actor, step)
+        return pages, time.perf_counter_ns() - held[0]
+
+    def scavenge(self, actor=None):
+        """Give every idle page back to the OS now (MADV_REMOVE; Go: debug.FreeOSMemory), in
+        bounded steps that each take the heap lock once.  Returns the bytes returned."""
+        total = 0
+        while True:
+            pages, _ = self.scavenge_step(actor)
+            if not pages:
+                return total * PAGE
+            total += pages
 
     # --- statistics (stats.py) ------------------------------------------------------------
     def flush_all(self, stopped=(), actor=None, keep_empty=False):
