@@ -475,6 +475,29 @@ class Arena:
                 return total * PAGE
             total += pages
 
+    def resident(self):
+        """Resident bytes of the segment: "total" (st_blocks), "amap" (the allocation map),
+        "meta" (every region before it) and "heap" (the rest).  The metadata parts come from
+        SEEK_DATA/SEEK_HOLE, which tmpfs answers page by page; the heap's is what they leave,
+        because tmpfs reports a page posix_fallocate reserved and nobody wrote as a hole though
+        st_blocks counts it (the metadata is only ever written, never fallocated)."""
+        lay, fd = self.lay, self.fd
+        parts = {"amap": 0, "meta": 0}
+        bounds = (("meta", 0, lay.amap_off), ("amap", lay.amap_off, lay.heap_off))
+        pos = 0
+        while pos < lay.heap_off:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past pos
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for part, lo, hi in bounds:
+                parts[part] += max(0, min(end, hi) - max(start, lo))
+            pos = end
+        parts["total"] = os.fstat(fd).st_blocks * 512
+        parts["heap"] = parts["total"] - parts["amap"] - parts["meta"]
+        return parts
+
     # --- statistics (stats.py) ------------------------------------------------------------
     def flush_all(self, stopped=(), actor=None, keep_empty=False):
         """Flush every cache that may be flushed: the `stopped` Ps' and every dead P's."""

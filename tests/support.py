@@ -144,30 +144,11 @@ def assert_healthy(arena, *caches):
 
 
 def resident(name):
-    """Resident bytes of /dev/shm/<name>: the whole file (st_blocks), and of its parts --
-    "amap" (the allocation map) and "meta" (every region before it), found with SEEK_DATA and
-    SEEK_HOLE, which tmpfs answers page by page -- and "heap", the rest.  (tmpfs reports a page
-    that posix_fallocate reserved and nobody wrote as a hole, though it is counted in st_blocks:
-    the metadata is only ever written, so the heap's share is what the others leave.)"""
+    """Arena.resident() of /dev/shm/<name>, attached for the call."""
     from shm import Arena
 
     arena = Arena.attach(name)
-    lay, fd = arena.lay, arena.fd
     try:
-        parts = {"amap": 0, "meta": 0}
-        bounds = [("meta", 0, lay.amap_off), ("amap", lay.amap_off, lay.heap_off)]
-        pos = 0
-        while pos < lay.heap_off:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data past pos
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            for part, lo, hi in bounds:
-                parts[part] += max(0, min(end, hi) - max(start, lo))
-            pos = end
-        parts["total"] = os.fstat(fd).st_blocks * 512
-        parts["heap"] = parts["total"] - parts["amap"] - parts["meta"]
-        return parts
+        return arena.resident()
     finally:
         arena.close()

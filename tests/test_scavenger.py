@@ -165,6 +165,12 @@ def test_retain_is_a_size_or_a_share_of_the_peak(arena):
     p.close()
 
 
+def test_a_bad_retain_refuses_to_start(start_daemon):
+    d = start_daemon(extra=("--retain", "150%"), expect_up=False)
+    assert d.proc.wait(DEADLINE) == 2
+    assert "--retain '150%': a percentage must be between 0% and 100%" in d.log()
+
+
 def test_sigkill_inside_a_scavenger_step_is_rolled_back(make_arena):
     arena = make_arena(heap_max=64 * MIB, nslots=8)
     main = ProcessCache(arena)
