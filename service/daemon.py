@@ -674,6 +674,7 @@ class Daemon:
     def _figures(self, world, slow):
         """Every parked P's cache was flushed as it parked (StoppedWorld), every dead one
         reclaimed: only now read -- the seed's order."""
+        self.scavenger.publish()  # the retained target as of now (a share of heap_sys follows it)
         snap = stats.read_stats(self.arena)
         if slow:
             d = (

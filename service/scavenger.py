@@ -69,7 +69,7 @@ class Scavenger:
         self.next_at = 0.0
         self.steps = 0
         arena.q[L.HDR["scavenge_hold_ns"]] = 0  # since this daemon started
-        arena.q[L.HDR["retain_target"]] = self.target()
+        self.publish()
 
     def target(self):
         """Bytes of idle heap to keep committed, whole pages."""
@@ -77,6 +77,13 @@ class Scavenger:
             return self.value
         heap_sys = self.arena.q[self.arena.lay.heap_word() + H["committed_pages"]] * PAGE
         return int(heap_sys * self.value) // PAGE * PAGE
+
+    def publish(self):
+        """Write the target where the snapshot reads it (a share of the peak follows heap_sys);
+        the daemon calls it before every snapshot reads the figures.  Returns it."""
+        target = self.target()
+        self.arena.q[L.HDR["retain_target"]] = target
+        return target
 
     def wait(self, now):
         """Seconds until the next step is due."""
@@ -91,9 +98,7 @@ class Scavenger:
         if q[L.HDR["stopped_epoch"]]:  # never during a stop of the world
             self.next_at = now + MIN_GAP_S
             return 0
-        target = self.target()
-        q[L.HDR["retain_target"]] = target
-        keep = target // PAGE
+        keep = self.publish() // PAGE
         # A hint read without the lock; the step reads the same words again under it.
         idle = q[hw + H["committed_pages"]] - q[hw + H["inuse_pages"]] - q[hw + H["released_pages"]]
         if idle <= keep:
