@@ -6,6 +6,7 @@ and, with the real daemon and real workers, memory that comes back by itself."""
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import mpworkers
@@ -15,7 +16,7 @@ from test_daemon import finish_workers, observe, run_cli, start_workers
 
 import client
 from service.scavenger import Scavenger, parse_retain
-from shm import OutOfMemory, ProcessCache, stats
+from shm import Arena, OutOfMemory, ProcessCache, stats
 from shm import layout as L
 from shm.errors import StartupError
 
@@ -307,3 +308,45 @@ def test_sigkill_a_worker_while_the_scavenger_runs(start_daemon):
     r = run_cli("check", "--endpoint", d.endpoint)
     assert r.returncode == 0 and "check: OK" in r.stdout, r.stdout + r.stderr
     assert before > 0 and client.stats(d.endpoint)["scavenged_bytes"] >= before, "the scavenger was at work"
+
+
+@pytest.mark.slow
+def test_the_daemon_scavenges_nothing_while_its_world_is_stopped(start_daemon):
+    """A worker stuck inside the allocator keeps a snapshot's world stopped until the park
+    deadline.  Idle pages made meanwhile (a span allocated and freed straight in the page heap)
+    stay committed as long as the stop lasts, and go as soon as the world runs again."""
+    d = start_daemon(extra=("--retain", "0"))
+    arena = Arena.attach(d.name)
+    p = ProcessCache(arena)  # a slot of our own: its undo log serves the raw heap operation below
+    ready, release, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    stuck = SPAWN.Process(target=mpworkers.stuck_worker, args=(d.endpoint, ready, release, out))
+    stuck.start()
+    got = []
+    try:
+        assert ready.wait(DEADLINE)
+        t = threading.Thread(target=lambda: got.append(client.stats(d.endpoint, deadline_ms=2000)))
+        t.start()
+        epoch = wait_for("the world stopped", lambda: arena.q[L.HDR["stopped_epoch"]], 30)
+
+        def grow_and_free(op):
+            op.acquire(L.LOCK_HEAP)
+            arena.heap.free_span(op, arena.heap.alloc_span(op, 256, 0, 1))
+
+        arena.run(p.slot, grow_and_free)
+        scavenged = heap_word(arena, "scavenged_pages")
+        assert idle_pages(arena) >= 256, "pages for the scavenger to take"
+        while arena.q[L.HDR["stopped_epoch"]] == epoch:
+            assert heap_word(arena, "scavenged_pages") == scavenged, "the scavenger ran in a stopped world"
+            time.sleep(0.005)
+        t.join(DEADLINE)
+        assert got and got[0]["consistent"] is False  # the stuck worker missed the deadline
+        wait_for("the idle pages released once the world runs", lambda: idle_pages(arena) == 0, 10)
+        assert heap_word(arena, "scavenged_pages") >= scavenged + 256
+    finally:
+        release.set()
+        stuck.join(DEADLINE)
+        p.close()
+        arena.close()
+    assert stuck.exitcode == 0
+    r = run_cli("check", "--endpoint", d.endpoint)
+    assert r.returncode == 0 and "check: OK" in r.stdout, r.stdout + r.stderr
