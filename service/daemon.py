@@ -182,7 +182,7 @@ class Daemon:
         self._refuse_if_served()
         self.arena = self.open_arena()
         self.stw = StopTheWorld(self.arena)
-        self.scavenger = Scavenger(self.arena, self.retain)
+        self.scavenger = Scavenger(self.arena, self.retain, realtime=self.realtime_pause)
         try:
             self.bind()
             if self.metrics_addr:

@@ -4,10 +4,12 @@ shm/__init__.py for the allocator's overview.
 Go's background scavenger, run from the daemon's loop: every step takes the heap lock once and
 releases (MADV_REMOVE, as `release` does) at most a bounded number of pages from at most
 MAX_SPANS free spans -- the ones idle longest first (PageHeap's idle list) -- leaving `retain`
-idle bytes committed for reuse.  The step's lock hold is measured; the pages per step adapt to
-keep it near HOLD_TARGET_NS (a step never holds the heap lock much past a millisecond, even
-on a loaded machine), and steps are paced to take at most DUTY of the daemon's time while there
-is work, so a ping or a snapshot request waits at most one step.
+idle bytes committed for reuse.  The step's work (its CPU time) is measured and the pages per
+step adapt to keep it near HOLD_TARGET_NS, well under the millisecond a step may hold the heap
+lock; steps are paced to take at most DUTY of the daemon's time while there is work, so a ping
+or a snapshot request waits at most one step.  Where the daemon may (CAP_SYS_NICE, as for the
+pause) a step runs SCHED_FIFO, so that a loaded machine does not preempt it while it holds the
+lock; the longest wall-clock hold is in the snapshot (scavenge_hold_ns).
 
 It runs in the daemon's own thread, between requests: never during a stop of the world (the
 pause is a call of that same thread, and a step also refuses while the header says a stop is in
@@ -23,6 +25,8 @@ import time
 
 from shm import layout as L
 from shm.errors import StartupError
+
+from .pause import set_realtime
 
 DEFAULT_RETAIN = "5%"
 HOLD_TARGET_NS = 400_000  # aim of one step's heap-lock hold; the bound is 1 ms
@@ -61,8 +65,9 @@ def parse_retain(text):
 class Scavenger:
     """The daemon's background scavenger over `arena` (service/daemon.py calls `tick`)."""
 
-    def __init__(self, arena, retain=DEFAULT_RETAIN, actor=None):
+    def __init__(self, arena, retain=DEFAULT_RETAIN, actor=None, realtime=False):
         self.arena = arena
+        self.realtime = realtime  # run each step SCHED_FIFO (the daemon may: CAP_SYS_NICE)
         self.kind, self.value = parse_retain(retain)
         self.actor = arena.daemon_actor if actor is None else actor
         self.pages = FIRST_PAGES
@@ -105,13 +110,22 @@ class Scavenger:
             self.next_at = now + IDLE_POLL_S
             return 0
         want = self.pages
-        pages, hold = self.arena.scavenge_step(self.actor, want, keep, MAX_SPANS, background=True)
+        rt = self.realtime and set_realtime(True)  # not preempted while it holds the heap lock
+        cpu = time.thread_time_ns()
+        try:
+            pages, hold = self.arena.scavenge_step(self.actor, want, keep, MAX_SPANS, background=True)
+        finally:
+            cpu = time.thread_time_ns() - cpu
+            if rt:
+                set_realtime(False)
         self.steps += 1
         if hold > q[L.HDR["scavenge_hold_ns"]]:
             q[L.HDR["scavenge_hold_ns"]] = hold
-        if hold > HOLD_TARGET_NS:
+        # The step's own work sets the pace and the size: on a loaded machine the wall-clock
+        # hold also counts the time the daemon was preempted, which fewer pages would not cut.
+        if cpu > HOLD_TARGET_NS:
             self.pages = max(MIN_PAGES, self.pages // 2)
-        elif hold < HOLD_TARGET_NS // 2 and pages >= want:
+        elif cpu < HOLD_TARGET_NS // 2 and pages >= want:
             self.pages = min(MAX_PAGES, self.pages * 2)
-        self.next_at = now + max(MIN_GAP_S, hold / 1e9 / DUTY)
+        self.next_at = now + max(MIN_GAP_S, cpu / 1e9 / DUTY)
         return pages
