@@ -181,10 +181,11 @@ def child_init():
 
 
 class Session:
-    """with Session(max_heap="2G") as s: s.endpoint, s.tmp, s.prefix, s.spawn(...), s.ray_init()."""
+    """with Session(max_heap="2G", extra=("--retain", "0")) as s: s.endpoint, s.tmp, s.prefix, s.spawn(...), s.ray_init()."""
 
-    def __init__(self, max_heap="2G", daemon=True):
+    def __init__(self, max_heap="2G", daemon=True, extra=()):
         self.max_heap = max_heap
+        self.extra = list(extra)  # more daemon options
         self.want_daemon = daemon
         self.tmp = tempfile.mkdtemp(prefix="shmalloc-bench-")
         # Every /dev/shm name this run makes (besides the arena) starts with this.
@@ -224,6 +225,7 @@ class Session:
             self.endpoint,
             "--max-heap",
             str(self.max_heap),
+            *self.extra,
         ]
         # Its own session: Ctrl-C in the terminal does not reach it; close() stops it.
         with open(os.path.join(self.tmp, "daemon.log"), "wb") as log:

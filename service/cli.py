@@ -103,6 +103,13 @@ def build_parser():
         "let in (read at start); they are trusted as ipc:// peers are",
     )
     d.add_argument(
+        "--retain",
+        default="5%",
+        metavar="SIZE|PCT%",
+        help="idle heap the background scavenger keeps committed for reuse, e.g. 64M, or a share of "
+        "the heap's peak, e.g. 5%% (default); it gives the rest back to the OS by itself, in steps",
+    )
+    d.add_argument(
         "--metrics-addr",
         default=None,
         help="serve Prometheus /metrics on HOST:PORT (needs prometheus_client)",

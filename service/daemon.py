@@ -42,6 +42,7 @@ from shm.world import StopTheWorld
 from .handlers import dispatch
 from .logs import event, setup_logging
 from .pause import StoppedWorld, set_realtime
+from .scavenger import DEFAULT_RETAIN, Scavenger, parse_retain
 from .security import LogLimiter, check_segment, endpoint_id, prepare_dir
 
 LIVENESS_S = 0.1  # how often dead Ps are looked for (reclaimed within a second)
@@ -131,7 +132,11 @@ class Daemon:
         insecure=False,
         curve_server_key=None,
         curve_clients=None,
+        retain=DEFAULT_RETAIN,
     ):
+        self.retain = retain
+        parse_retain(retain)  # a bad --retain is refused before anything is made
+        self.scavenger = None
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
         self.name = name or arena_name_for(self.endpoint)
@@ -177,6 +182,7 @@ class Daemon:
         self._refuse_if_served()
         self.arena = self.open_arena()
         self.stw = StopTheWorld(self.arena)
+        self.scavenger = Scavenger(self.arena, self.retain, realtime=self.realtime_pause)
         try:
             self.bind()
             if self.metrics_addr:
@@ -198,6 +204,7 @@ class Daemon:
             metrics=self.metrics.url if self.metrics else "-",
             stop_protocol=self.stw.protocol,
             realtime_pause=self.realtime_pause,
+            retain=self.retain,
         )
         if not self.stw.asymmetric:
             event(
@@ -368,6 +375,7 @@ class Daemon:
             for op, batch in self.waiting.items():
                 if batch:
                     timeout = min(timeout, max(0.0, self.next_stop[op] - time.monotonic()))
+            timeout = min(timeout, self.scavenger.wait(time.monotonic()))
             if self.deferred or poller.poll(int(timeout * 1000)):
                 self.handle_one()
             now = time.monotonic()
@@ -386,6 +394,9 @@ class Daemon:
             if self.metrics and now >= next_metrics:
                 next_metrics = now + self.metrics_interval
                 self._tick("metrics snapshot", self.snapshot, self.park_deadline_ms, False, "metrics")
+            # One bounded step at most per turn of the loop (service/scavenger.py): a request
+            # waits for at most one step.
+            self._tick("scavenge", self.scavenger.tick, now)
 
     def _tick(self, what, fn, *args):
         """A periodic task: its failure is logged, never fatal (the operation was rolled back)."""
@@ -663,6 +674,7 @@ class Daemon:
     def _figures(self, world, slow):
         """Every parked P's cache was flushed as it parked (StoppedWorld), every dead one
         reclaimed: only now read -- the seed's order."""
+        self.scavenger.publish()  # the retained target as of now (a share of heap_sys follows it)
         snap = stats.read_stats(self.arena)
         if slow:
             d = (
@@ -747,6 +759,7 @@ def run(args):
             insecure=args.insecure,
             curve_server_key=args.curve_server_key,
             curve_clients=args.curve_clients,
+            retain=args.retain,
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))

@@ -11,7 +11,8 @@ The structures (Go's nouns in Python's spelling):
     Locks, Op     locks.py    OFD byte-range locks with dirty words; crash-safe operations
                               (two-phase locking + an undo log per actor)
     PageHeap      heap.py     pages -> spans, free-span buckets, page map, growth with
-                              posix_fallocate, release with MADV_REMOVE          (Go: mheap)
+                              posix_fallocate, release with MADV_REMOVE in bounded
+                              steps, oldest idle span first (the idle list)     (Go: mheap)
     Span          layout.SPAN one record per span in the span table             (Go: mspan)
     CentralList   central.py  per size class: partial and full spans, counters  (Go: mcentral)
     LargeObjects  large.py    objects over 32 KiB: a span each, owned by the P that allocated

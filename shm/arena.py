@@ -460,14 +460,60 @@ class Arena:
         return size
 
     # --- heap maintenance ---------------------------------------------------------------
-    def scavenge(self, actor=None):
-        """Give every idle page back to the OS (MADV_REMOVE).  Returns the bytes returned."""
+    SCAVENGE_PAGES = 256  # pages per step of `scavenge` (2 MiB: well under a millisecond of madvise)
 
-        def rel(op):
+    def scavenge_step(
+        self, actor=None, max_pages=SCAVENGE_PAGES, keep_pages=0, max_spans=8, background=False
+    ):
+        """One bounded step of PageHeap.scavenge under the heap lock, the world running (free
+        spans belong to no P).  Returns (pages released, ns the heap lock was held)."""
+        held = [0]
+
+        def step(op):
             op.acquire(L.LOCK_HEAP)
-            return self.heap.scavenge(op)
+            held[0] = time.perf_counter_ns()
+            return self.heap.scavenge(op, max_pages, keep_pages, max_spans, background)
 
-        return self.run(self.daemon_actor if actor is None else actor, rel)
+        pages = self.run(self.daemon_actor if actor is None else actor, step)
+        return pages, time.perf_counter_ns() - held[0]
+
+    def scavenge(self, actor=None):
+        """Give every idle page back to the OS now (MADV_REMOVE; Go: debug.FreeOSMemory), in
+        bounded steps that each take the heap lock once.  Returns the bytes returned."""
+        total = 0
+        while True:
+            pages, _ = self.scavenge_step(actor)
+            if not pages:
+                return total * PAGE
+            total += pages
+
+    def resident(self):
+        """Resident bytes of the segment: "total" (st_blocks), "amap" (the allocation map),
+        "meta" (every region before it) and "heap" (the rest).  tmpfs reports a page that
+        posix_fallocate reserved and nobody wrote as a hole to SEEK_DATA, though st_blocks counts
+        it: so the fixed regions, reserved whole at creation, count whole; the rest of the
+        metadata counts the pages written (SEEK_DATA/SEEK_HOLE, page by page); the heap's share is
+        what they leave, and so includes the map entries reserved for committed pages but not
+        yet written."""
+        lay, fd = self.lay, self.fd
+        fixed = lay.fixed_ranges()
+        parts = {"amap": 0, "meta": sum(n for _, n in fixed)}
+        bounds = (("meta", 0, lay.amap_off), ("amap", lay.amap_off, lay.heap_off))
+        pos = 0
+        while pos < lay.heap_off:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past pos
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for part, lo, hi in bounds:
+                parts[part] += max(0, min(end, hi) - max(start, lo))
+            for lo, n in fixed:  # counted whole already
+                parts["meta"] -= max(0, min(end, lo + n) - max(start, lo))
+            pos = end
+        parts["total"] = os.fstat(fd).st_blocks * 512
+        parts["heap"] = parts["total"] - parts["amap"] - parts["meta"]
+        return parts
 
     # --- statistics (stats.py) ------------------------------------------------------------
     def flush_all(self, stopped=(), actor=None, keep_empty=False):

@@ -13,7 +13,10 @@ released may still hold some of its pages -- a release cut short by a crash, a m
 to commit -- which costs memory, never safety.)
 
 Free spans live in size buckets (bucket n holds free spans of n pages, n < 128; bucket 128 holds
-the rest), doubly linked through their records.  The page map holds record index+1 for every page
+the rest), doubly linked through their records.  The unreleased ones are also on the idle list,
+oldest first (freed_ns), which the scavenger releases from: a bounded step at a time
+(`scavenge`), the world running.  Free neighbours coalesce when both are released or both are
+not; a run of mixed ones is merged only for an allocation that fits nowhere else.  The page map holds record index+1 for every page
 of a small-object span, and for the first and last page of a large object's span and of a free
 span (enough to find a large object from its handle, and to coalesce).
 
@@ -23,6 +26,7 @@ Every method runs inside an Op that holds the heap lock (checked), and writes th
 import errno
 import mmap
 import os
+import time
 
 from . import layout as L
 from .errors import CorruptionError, OutOfMemory
@@ -135,6 +139,9 @@ class PageHeap:
             "released",
             "sizeclass",
             "nelems",
+            "idle_next",
+            "idle_prev",
+            "freed_ns",
         ):
             op.w(w + S[name], 0)
         op.add(hw + H["nrecords_used"], 1)
@@ -155,42 +162,73 @@ class PageHeap:
         else:
             op.wwords(self.pm + start, [value] * npages)
 
+    # --- the idle list: unreleased free spans, oldest first (the scavenger's order) -----------
+    def idle_push(self, op, r):
+        """Append FREE, unreleased span r to the idle list as freed now."""
+        q, w, tail_w = self.q, self.sw(r), self.hw + H["idle_tail"]
+        last = q[tail_w]
+        op.w(w + S["freed_ns"], time.monotonic_ns())
+        op.w(w + S["idle_prev"], last)
+        op.w(w + S["idle_next"], 0)
+        op.w((self.sw(last - 1) + S["idle_next"]) if last else self.hw + H["idle_head"], r + 1)
+        op.w(tail_w, r + 1)
+
+    def idle_remove(self, op, r, put=None):
+        """Take span r off the idle list; `put` (a record) takes its place and its age."""
+        q, w = self.q, self.sw(r)
+        nxt, prv = q[w + S["idle_next"]], q[w + S["idle_prev"]]
+        before, after = nxt, prv  # what the neighbours link to instead of r
+        if put is not None:
+            pw = self.sw(put)
+            op.w(pw + S["idle_next"], nxt)
+            op.w(pw + S["idle_prev"], prv)
+            op.w(pw + S["freed_ns"], q[w + S["freed_ns"]])
+            before = after = put + 1
+        op.w((self.sw(prv - 1) + S["idle_next"]) if prv else self.hw + H["idle_head"], before)
+        op.w((self.sw(nxt - 1) + S["idle_prev"]) if nxt else self.hw + H["idle_tail"], after)
+        op.w(w + S["idle_next"], 0)
+        op.w(w + S["idle_prev"], 0)
+
+    def _take_free(self, op, r):
+        """Take FREE span r off its bucket and, if unreleased, the idle list."""
+        w = self.sw(r)
+        self.list_remove(op, self.bucket_w(self.q[w + S["npages"]]), r)
+        if not self.q[w + S["released"]]:
+            self.idle_remove(op, r)
+
     # --- free spans ---------------------------------------------------------------------
+    def _free_neighbour(self, start, npages, side, r=-1):
+        """The FREE span just before (side -1) or after (+1) pages [start, start+npages), or -1."""
+        q = self.q
+        p = start - 1 if side < 0 else start + npages
+        if not 0 <= p < q[self.hw + H["committed_pages"]]:
+            return -1
+        n = q[self.pm + p] - 1
+        if n < 0 or n == r:
+            return -1
+        nw = self.sw(n)
+        ns, nn = q[nw + S["start"]], q[nw + S["npages"]]
+        if q[nw + S["state"]] != L.SPAN_FREE:
+            return -1
+        if not ((side < 0 and ns + nn == start) or (side > 0 and ns == start + npages)):
+            return -1
+        return n
+
     def _insert_free(self, op, r):
-        """Make record r (start, npages, released set) a FREE span, coalescing neighbours."""
+        """Make record r (start, npages, released set) a FREE span, coalescing neighbours of the
+        same released state.  A released and an unreleased span stay apart: merging them would
+        commit the released pages again (or release pages just freed), undoing the scavenger's
+        work or the freer's; alloc_span merges such a run only when nothing else fits."""
         q = self.q
         w = self.sw(r)
         start, npages = q[w + S["start"]], q[w + S["npages"]]
         released = q[w + S["released"]]
-        committed = q[self.hw + H["committed_pages"]]
         for side in (-1, +1):
-            p = start - 1 if side < 0 else start + npages
-            if not 0 <= p < committed:
+            n = self._free_neighbour(start, npages, side, r)
+            if n < 0 or q[self.sw(n) + S["released"]] != released:
                 continue
-            n = q[self.pm + p] - 1
-            if n < 0 or n == r:
-                continue
-            nw = self.sw(n)
-            if q[nw + S["state"]] != L.SPAN_FREE:
-                continue
-            ns, nn = q[nw + S["start"]], q[nw + S["npages"]]
-            if not ((side < 0 and ns + nn == start) or (side > 0 and ns == start + npages)):
-                continue
-            nrel = q[nw + S["released"]]
-            if nrel != released:
-                # Mixed released state: re-commit the released part so the merged span is
-                # committed.  When /dev/shm has no room for it, the merged span is marked released
-                # instead, its committed part still resident: a free never fails, and released
-                # pages are committed again before use whether or not they were given back.
-                rs, rn, cn = (ns, nn, npages) if nrel else (start, npages, nn)
-                try:
-                    self._commit(rs, rn)
-                    op.add(self.hw + H["released_pages"], -rn)
-                    released = 0
-                except OutOfMemory:
-                    op.add(self.hw + H["released_pages"], cn)
-                    released = 1
-            self.list_remove(op, self.bucket_w(nn), n)
+            ns, nn = q[self.sw(n) + S["start"]], q[self.sw(n) + S["npages"]]
+            self._take_free(op, n)
             self.drop_record(op, n)
             start, npages = min(start, ns), npages + nn
         op.w(w + S["start"], start)
@@ -200,6 +238,47 @@ class PageHeap:
         op.w(w + S["released"], released)
         self.set_pagemap(op, start, npages, r + 1, ends_only=True)
         self.list_push(op, self.bucket_w(npages), r, L.LIST_HEAPFREE)
+        if released:
+            op.w(w + S["freed_ns"], time.monotonic_ns())
+        else:
+            self.idle_push(op, r)
+
+    MERGE_PIECES = 64  # at most this many free spans merged for one allocation (undo log room)
+
+    def _merge_run(self, op, npages):
+        """Merge a run of adjacent free spans, released and not, that holds `npages` pages into
+        one unreleased span (committing its released pages again): the allocation that found
+        no single span large enough then needs no growth.  Returns False when no run is long
+        enough.  Only on that path, before growing: it walks every free span."""
+        q = self.q
+        for b in range(1, L.NBUCKETS):
+            f = q[self.hw + L.HEAP_BUCKETS_AT + b] - 1
+            while f >= 0:
+                fw = self.sw(f)
+                start, total = q[fw + S["start"]], q[fw + S["npages"]]
+                run = [f]
+                if self._free_neighbour(start, total, -1) < 0:  # f starts a run
+                    while total < npages and len(run) < self.MERGE_PIECES:
+                        n = self._free_neighbour(start, total, +1)
+                        if n < 0:
+                            break
+                        run.append(n)
+                        total += q[self.sw(n) + S["npages"]]
+                    if total >= npages:
+                        for n in run:
+                            nw = self.sw(n)
+                            if q[nw + S["released"]]:
+                                self._commit(q[nw + S["start"]], q[nw + S["npages"]])
+                                op.add(self.hw + H["released_pages"], -q[nw + S["npages"]])
+                            self._take_free(op, n)
+                            if n != f:
+                                self.drop_record(op, n)
+                        op.w(fw + S["npages"], total)
+                        op.w(fw + S["released"], 0)
+                        self._insert_free(op, f)
+                        return True
+                f = q[fw + S["next"]] - 1
+        return False
 
     def _find_free(self, npages):
         q = self.q
@@ -233,25 +312,15 @@ class PageHeap:
             f"{npages * PAGE} bytes of heap",
         )
 
-    def release_span(self, op, r):
-        """Give FREE span r's pages back to the OS (MADV_REMOVE punches them out of tmpfs), with
-        the OS pages of table entries that describe only them (Layout.released_meta), and mark it
-        released.  Returns the bytes of heap given back.  The operation is checkpointed between
-        the mark and the release: a crash leaves the span marked with its pages perhaps still
-        there (committed again before use anyway), never unmarked with its pages gone."""
-        op.need(L.LOCK_HEAP, "PageHeap.release_span")
-        q, w = self.q, self.sw(r)
-        if q[w + S["state"]] != L.SPAN_FREE or q[w + S["released"]]:
-            raise CorruptionError(f"release_span of span {r}: not a committed free span")
-        start, n = q[w + S["start"]], q[w + S["npages"]]
-        op.w(w + S["released"], 1)
-        op.add(self.hw + H["released_pages"], n)
-        op.add(self.hw + H["releases"], 1)
-        op.log.clear()  # checkpoint
+    def _punch(self, start, npages):
+        """Give heap pages [start, start + npages) back to the OS (MADV_REMOVE punches them out of
+        tmpfs), with the OS pages of table entries that describe only them
+        (Layout.released_meta).  The caller has marked them released and checkpointed first."""
         mm = self.arena.mmap
-        for off, nbytes in [(self.lay.heap_off + start * PAGE, n * PAGE)] + self.lay.released_meta(start, n):
+        for off, nbytes in [(self.lay.heap_off + start * PAGE, npages * PAGE)] + self.lay.released_meta(
+            start, npages
+        ):
             mm.madvise(mmap.MADV_REMOVE, off, nbytes)
-        return n * PAGE
 
     def grow(self, op, npages):
         """Commit at least `npages` more pages at the end of the heap (Go's mheap.grow)."""
@@ -281,6 +350,8 @@ class PageHeap:
         if npages <= 0:
             raise CorruptionError(f"alloc_span of {npages} pages")
         f = self._find_free(npages)
+        if f < 0 and self._merge_run(op, npages):
+            f = self._find_free(npages)
         if f < 0:
             self.grow(op, npages)
             f = self._find_free(npages)
@@ -294,6 +365,7 @@ class PageHeap:
             # committed_pages): only released ones are committed again.
             self._commit(fstart, npages)
         self.list_remove(op, self.bucket_w(fn), f)
+        rest = None
         if fn > npages:
             rest = self.new_record(op)
             rw = self.sw(rest)
@@ -303,6 +375,8 @@ class PageHeap:
             op.w(rw + S["released"], frel)
             self.set_pagemap(op, fstart + npages, fn - npages, rest + 1, ends_only=True)
             self.list_push(op, self.bucket_w(fn - npages), rest, L.LIST_HEAPFREE)
+        if not frel:
+            self.idle_remove(op, f, put=rest)  # the rest keeps the span's age and place
         if frel:
             op.add(hw + H["released_pages"], -npages)
         op.w(fw + S["npages"], npages)
@@ -334,21 +408,51 @@ class PageHeap:
         # Interior page-map entries may keep pointing at r: lookups check state and range.
         self._insert_free(op, r)
 
-    def scavenge(self, op, min_pages=1):
-        """Give every committed, unreleased free span back to the OS (MADV_REMOVE punches the
-        pages out of tmpfs).  Returns the bytes returned.  Go: scavenger / debug.FreeOSMemory.
-        One span at a time (release_span), checkpointed at each: any number of free spans fits
-        the undo log."""
+    def scavenge(self, op, max_pages, keep_pages=0, max_spans=8, background=False):
+        """One bounded step of giving idle pages back to the OS (MADV_REMOVE punches them out
+        of tmpfs; Go: the background scavenger, and debug.FreeOSMemory when repeated with
+        keep_pages 0).  Releases at most `max_pages` pages from at most `max_spans` free spans,
+        the ones idle longest first (the idle list), and leaves `keep_pages` idle pages
+        committed.  A span longer than the budget is split: its tail is released, its head
+        keeps its place and its age.  Returns the pages released.
+
+        Each span is marked released and checkpointed BEFORE its madvise: a crash in between
+        leaves pages marked released that are still there (harmless: they are committed again
+        on use), never pages gone from tmpfs that the heap believes committed."""
         op.need(L.LOCK_HEAP, "PageHeap.scavenge")
-        q, total = self.q, 0
-        for b in range(1, L.NBUCKETS):
-            r = q[self.hw + L.HEAP_BUCKETS_AT + b] - 1
-            while r >= 0:
-                w = self.sw(r)
-                if not q[w + S["released"]] and q[w + S["npages"]] >= min_pages:
-                    total += self.release_span(op, r)
-                r = q[w + S["next"]] - 1
-        return total
+        q, hw = self.q, self.hw
+        idle = q[hw + H["committed_pages"]] - q[hw + H["inuse_pages"]] - q[hw + H["released_pages"]]
+        budget, done = min(max_pages, idle - keep_pages), 0
+        for _ in range(max_spans):
+            r = q[hw + H["idle_head"]] - 1
+            if budget <= 0 or r < 0:
+                break
+            w = self.sw(r)
+            start, n = q[w + S["start"]], q[w + S["npages"]]
+            k = min(n, budget)
+            self.list_remove(op, self.bucket_w(n), r)
+            if k == n:  # the whole span
+                self.idle_remove(op, r)
+                t = r
+            else:  # its tail: r keeps the head, its place in the idle list and its age
+                op.w(w + S["npages"], n - k)
+                self.set_pagemap(op, start, n - k, r + 1, ends_only=True)
+                self.list_push(op, self.bucket_w(n - k), r, L.LIST_HEAPFREE)
+                t = self.new_record(op)
+                op.w(self.sw(t) + S["start"], start + n - k)
+                op.w(self.sw(t) + S["npages"], k)
+            op.w(self.sw(t) + S["released"], 1)
+            self._insert_free(op, t)  # joins a released neighbour
+            op.add(hw + H["released_pages"], k)
+            op.add(hw + H["released_total"], k)
+            op.add(hw + H["releases"], 1)
+            if background:
+                op.add(hw + H["scavenged_pages"], k)
+            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+            self._punch(start + n - k, k)
+            budget -= k
+            done += k
+        return done
 
     # --- the structure's own check (Arena.check_all) -------------------------------------------
     def span_records(self):
@@ -375,17 +479,17 @@ class PageHeap:
         committed = q[hw + H["committed_pages"]]
         # The page heap tiles [0, committed) with FREE and INUSE spans, free neighbours coalesced.
         page = 0
-        prev_free = False
+        prev_free = None  # the released state of the previous span if it is free
         for rec in records:
             if rec["start"] != page:
                 bad.append(f"span {rec['r']} starts at page {rec['start']}, expected {page} (gap or overlap)")
             page = rec["start"] + rec["npages"]
             free = rec["state"] == L.SPAN_FREE
-            if free and prev_free:
+            if free and prev_free == rec["released"]:
                 bad.append(
                     f"free span {rec['r']} at page {rec['start']} was not coalesced with its predecessor"
                 )
-            prev_free = free
+            prev_free = rec["released"] if free else None
             if rec["npages"] == 0:
                 bad.append(f"span {rec['r']} has 0 pages")
         if page != committed:
@@ -432,4 +536,29 @@ class PageHeap:
         nfree = sum(1 for rec in records if rec["state"] == L.SPAN_FREE)
         if len(seen) != nfree:
             bad.append(f"free buckets hold {len(seen)} spans, {nfree} spans are free")
+        return bad + self._check_idle(records)
+
+    def _check_idle(self, records):
+        """The idle list holds every unreleased FREE span once, oldest first, links consistent."""
+        q, hw, bad = self.q, self.hw, []
+        want = {rec["r"] for rec in records if rec["state"] == L.SPAN_FREE and not rec["released"]}
+        seen, r, prev, age = set(), q[hw + H["idle_head"]] - 1, -1, 0
+        while r >= 0:
+            w = self.sw(r)
+            if r in seen:
+                bad.append(f"idle list: span {r} seen twice (cycle?)")
+                break
+            seen.add(r)
+            if r not in want:
+                bad.append(f"idle list holds span {r}, which is not a free unreleased span")
+            if q[w + S["idle_prev"]] != prev + 1:
+                bad.append(f"idle list: span {r} prev link {q[w + S['idle_prev']] - 1} != {prev}")
+            if q[w + S["freed_ns"]] < age:
+                bad.append(f"idle list: span {r} is older than the span before it")
+            age = q[w + S["freed_ns"]]
+            prev, r = r, q[w + S["idle_next"]] - 1
+        if q[hw + H["idle_tail"]] != prev + 1:
+            bad.append(f"idle list: tail {q[hw + H['idle_tail']] - 1} != last span {prev}")
+        if seen != want:
+            bad.append(f"idle list misses free unreleased spans {sorted(want - seen)[:5]}")
         return bad

@@ -45,7 +45,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 6
+VERSION = 7
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -96,6 +96,9 @@ HDR = _words(
     # reference that travels (a pickled Block) -- a name may be reused, this is not
     "endpoint_id",  # which endpoint made the arena: 64 bits of sha256("shmalloc daemon " + endpoint), written by
     # the creating daemon; a daemon adopts a segment only if it names its endpoint
+    "retain_target",  # bytes: idle heap the background scavenger keeps committed for reuse; daemon
+    # only (service/scavenger.py), 0 when no daemon has set it
+    "scavenge_hold_ns",  # the longest heap-lock hold of one background scavenger step; daemon only
 )
 HEADER_WORDS = 64
 # Header words derived from (heap_max, nslots): written at creation, checked by every attacher.
@@ -188,8 +191,15 @@ HEAP = _words(
     "grows",  # heap growths; cumulative
     "releases",  # MADV_REMOVE calls; cumulative
     "bad_frees",  # buffered frees of large objects found bad when applied; cumulative
+    "idle_head",  # record index+1 of the unreleased FREE span idle longest (the scavenger's next);
+    #   linked through idle_next/idle_prev, oldest first, freed_ns never decreasing
+    #   == every unreleased FREE span exactly once (PageHeap.check)
+    "idle_tail",  # record index+1 of the unreleased FREE span freed last (0 = none)
+    "released_total",  # pages ever given back with MADV_REMOVE (scavenger and release); cumulative
+    #   >= released_pages (figures: released_bytes >= heap_released)
+    "scavenged_pages",  # of which by the background scavenger; cumulative
 )
-HEAP_BUCKETS_AT = 16  # word index of bucket heads: bucket n (1..127) = free spans of n pages,
+HEAP_BUCKETS_AT = 24  # word index of bucket heads: bucket n (1..127) = free spans of n pages,
 NBUCKETS = 129  # bucket 128 = free spans of 128 pages or more; each a record index+1
 # == every FREE span exactly once, in the bucket of its page count
 HEAPMETA_WORDS = HEAP_BUCKETS_AT + NBUCKETS
@@ -268,6 +278,10 @@ SPAN = _words(
     #   == its PENDING object bytes while owner != 0 (CentralList.check)
     "nelems",  # objects in the span; set with sizeclass
     "released",  # 1 = FREE span whose pages were given back (MADV_REMOVE); heap lock
+    "idle_next",  # record index+1: the next unreleased FREE span in freeing order (HEAP
+    "idle_prev",  #   idle_head/idle_tail); 0 while the span is in use or released; heap lock
+    "freed_ns",  # time.monotonic_ns() when this FREE span was made (freed, grown or merged:
+    #   a merge is as young as its youngest part); heap lock
 )
 SPAN_WORDS = 16
 SPAN_UNUSED, SPAN_FREE, SPAN_INUSE = 0, 1, 2

@@ -102,6 +102,26 @@ FIELDS = (
         "Cross-process frees found bad only when their batch was applied (a double "
         "free split across processes, or a stale handle): counted and logged, never applied.",
     ),
+    # released_bytes >= heap_released;  released_bytes >= scavenged_bytes
+    (
+        "released_bytes",
+        "bytes",
+        "counter",
+        "Heap bytes ever given back to the OS with MADV_REMOVE, by the background scavenger and by release.",
+    ),
+    ("scavenged_bytes", "bytes", "counter", "Of released_bytes, those the background scavenger gave back."),
+    (
+        "retain_target",
+        "bytes",
+        "gauge",
+        "Idle heap bytes the background scavenger keeps committed for reuse (--retain); it gives back the rest.",
+    ),
+    (
+        "scavenge_hold_ns",
+        "ns",
+        "gauge",
+        "Longest heap-lock hold of one background scavenger step since the daemon started.",
+    ),
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)
 # Snapshot keys that are not figures of the arena but of the snapshot itself.
@@ -171,7 +191,12 @@ def _assemble(
     d["frees"] = d["mallocs"] - d["heap_objects"]
     d["total_alloc"] = sum(mallocs_c[c] * CLASS_TO_SIZE[c] for c in range(1, L.NCLASS)) + large_total_bytes
     d["by_size"] = by_size
-    d["bad_frees"] = arena.q[arena.lay.heap_word() + H["bad_frees"]]
+    q, hw = arena.q, arena.lay.heap_word()
+    d["bad_frees"] = q[hw + H["bad_frees"]]
+    d["released_bytes"] = q[hw + H["released_total"]] * PAGE
+    d["scavenged_bytes"] = q[hw + H["scavenged_pages"]] * PAGE
+    d["retain_target"] = q[L.HDR["retain_target"]]
+    d["scavenge_hold_ns"] = q[L.HDR["scavenge_hold_ns"]]
     return d
 
 
@@ -280,6 +305,14 @@ def identities(s):
     want(
         s["heap_released"] <= s["heap_idle"],
         f"heap_released {s['heap_released']} > heap_idle {s['heap_idle']}",
+    )
+    want(
+        s["heap_released"] <= s["released_bytes"],
+        f"heap_released {s['heap_released']} > released_bytes {s['released_bytes']}",
+    )
+    want(
+        s["scavenged_bytes"] <= s["released_bytes"],
+        f"scavenged_bytes {s['scavenged_bytes']} > released_bytes {s['released_bytes']}",
     )
     want(s["heap_alloc"] <= s["heap_inuse"], f"heap_alloc {s['heap_alloc']} > heap_inuse {s['heap_inuse']}")
     want(

@@ -198,3 +198,50 @@ def stuck_flushing_large(arena_name, ready):
     LargeObjects._give_back = give_back
     p.flush()
     time.sleep(60)  # not reached
+
+
+def fill_and_free(endpoint, seed, nbytes, filled, go, results):
+    """Connect, allocate random sizes from 1 B to 32 KiB until `nbytes`, each block filled with
+    its pattern; set `filled`; on `go`, verify every block and free it; close."""
+    import random
+
+    import client
+    from service.demo import pattern
+
+    heap = client.connect(endpoint)
+    rnd, blocks, total = random.Random(seed), [], 0
+    while total < nbytes:
+        b = heap.alloc(rnd.randint(1, 32 << 10))
+        b.buf[:] = pattern(b.handle, b.size)
+        blocks.append(b)
+        total += b.size
+    filled.set()
+    assert go.wait(120), "never told to free"
+    for b in blocks:
+        if bytes(b.buf) != pattern(b.handle, b.size):
+            raise AssertionError(f"block {b.handle} ({b.size} bytes) was overwritten")
+        heap.free(b)
+    heap.close()
+    results.put((len(blocks), total))
+
+
+def stuck_scavenging(arena_name, ready):
+    """Attach, then stop forever INSIDE a scavenger step -- heap lock held, a span split and
+    marked released but not yet checkpointed.  The test SIGKILLs us there."""
+    from shm import Arena
+    from shm import layout as L
+    from shm.heap import PageHeap
+
+    arena = Arena.attach(arena_name)
+    real = PageHeap._insert_free
+
+    def insert_free(self, op, r):
+        real(self, op, r)
+        if self.q[self.sw(r) + L.SPAN["released"]]:
+            ready.set()
+            while True:
+                signal.pause()
+
+    PageHeap._insert_free = insert_free
+    arena.scavenge_step(max_pages=16, keep_pages=0)
+    time.sleep(60)  # not reached

@@ -29,6 +29,7 @@ __all__ = [
     "unreserved",
     "settle",
     "assert_healthy",
+    "resident",
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,3 +170,14 @@ def assert_healthy(arena, *caches):
     assert arena.check_all() == []
     assert stats.diff(snap, read_stats_slow(arena)) == []
     return snap
+
+
+def resident(name):
+    """Arena.resident() of /dev/shm/<name>, attached for the call."""
+    from shm import Arena
+
+    arena = Arena.attach(name)
+    try:
+        return arena.resident()
+    finally:
+        arena.close()

@@ -33,6 +33,8 @@ def make_snap(used=None, large=(3, 1, 2), taken_ns=T0, **meta):
     s["heap_idle"] = 1024 * 1024 + 512 * 1024  # 1.5 MiB
     s["heap_sys"] = s["heap_inuse"] + s["heap_idle"]
     s["heap_released"] = 512 * 1024
+    s.update(released_bytes=2 * 1024 * 1024, scavenged_bytes=1024 * 1024, retain_target=256 * 1024)
+    s["scavenge_hold_ns"] = 310_000
     s["mallocs"] = sum(e["mallocs"] for e in by) + lm
     s["frees"] = sum(e["frees"] for e in by) + lf
     s["heap_objects"] = s["mallocs"] - s["frees"]
