@@ -228,16 +228,43 @@ class ProcessCache:
                 pass
             return slow_alloc(size)
 
+        def free_large(h, i, g):
+            """The rest of free() for a large block of ours: into the large cache if it fits
+            (True), else False (the slow path gives it back to the page heap).  Out of free()'s
+            body so that its hot jumps stay short (CPython 3.11 specializes a comparison only
+            when the jump after it needs no EXTENDED_ARG)."""
+            npg = lnp.get(i, 0)
+            if npg and lcached[0] + (npg if npg > lmin else lmin) <= lcap:
+                ins = inside
+                ins[0] = 1
+                try:
+                    if not stop[0]:
+                        h = h + 1 if g != GM else h - GM
+                        gmap[i] = h & GM
+                        lgrel[0] += 1
+                        lgrel[1] += npg
+                        amap[i] = LISTED
+                        lst = lcache.get(npg)
+                        if lst is None:
+                            lcache[npg] = [h]
+                        else:
+                            lst.append(h)
+                        lcached[0] += npg if npg > lmin else lmin
+                        return True
+                finally:
+                    ins[0] = 0
+            return False
+
         def free(block):
             """Free a Block or an int handle allocated by any process.  BadHandle or
             DoubleFree for anything that is not a live block (a stale handle, whose block was
             freed since, included); nothing changes then."""
             cls = block.__class__
             h = block[0] if cls is B else block if cls is int else _handle(block)
-            if get_ident() == owner and h >= HMIN:
+            if get_ident() == owner:
                 i = h >> GB
                 try:
-                    b = amap[i]
+                    b = amap[i] if h >= HMIN else 0  # the views start HANDLE_G0 bytes early
                     if b == tag_k and gmap[i] == (g := h & GM):
                         c = pclass[i >> GPS]
                         if c != LARGE:
@@ -258,27 +285,8 @@ class ProcessCache:
                                 return
                             finally:
                                 ins[0] = 0
-                        else:
-                            npg = lnp.get(i, 0)
-                            if npg and lcached[0] + (npg if npg > lmin else lmin) <= lcap:
-                                ins = inside
-                                ins[0] = 1
-                                try:
-                                    if not stop[0]:
-                                        h = h + 1 if g != GM else h - GM
-                                        gmap[i] = h & GM
-                                        lgrel[0] += 1
-                                        lgrel[1] += npg
-                                        amap[i] = LISTED
-                                        lst = lcache.get(npg)
-                                        if lst is None:
-                                            lcache[npg] = [h]
-                                        else:
-                                            lst.append(h)
-                                        lcached[0] += npg if npg > lmin else lmin
-                                        return
-                                finally:
-                                    ins[0] = 0
+                        elif free_large(h, i, g):
+                            return
                     elif (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
                         ins = inside
                         ins[0] = 1
