@@ -190,3 +190,19 @@ def test_sigkill_between_the_generation_bump_and_the_rest_of_a_fast_free(make_ar
         main.free(b)
     assert_healthy(arena, main)
     main.close()
+
+
+def test_check_names_a_buffered_free_whose_generation_moved(arena):
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    b = owner.alloc(64)
+    freer.free(b)  # buffered: the object keeps its generation until the free is applied
+    assert arena.check_all() == []
+    g = arena.lay.gmap_byte(b.handle)
+    arena.mv[g] = (arena.mv[g] + 1) & layout.GEN_MASK  # as if it had been freed meanwhile
+    assert any("not its object's generation" in x for x in arena.check_all())
+    arena.mv[g] = (arena.mv[g] - 1) & layout.GEN_MASK
+    assert arena.check_all() == []
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
