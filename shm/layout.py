@@ -3,7 +3,7 @@
 The arena is ONE `multiprocessing.shared_memory` segment, reserved at its full size with
 ftruncate (sparse on tmpfs: untouched pages cost nothing).  Every integer field is an unsigned
 64-bit little-endian word, addressed as an index into a `memoryview.cast('Q')` of the whole
-segment; only the allocation map is bytes.  Regions, in order, each starting on an 8 KiB
+segment; only the allocation and generation maps are bytes.  Regions, in order, each starting on an 8 KiB
 boundary:
 
     offset        region        contents
@@ -49,7 +49,10 @@ byte; a free object's byte is the generation of the next handle it will be given
 handle it last had (so a second free of that handle says DoubleFree even after its span went back
 to the heap); and the 255 handles an address had before its current one all differ from it.  A
 stale handle (its block freed and the address reused) is refused by free() and view() with
-BadHandle unless its generation byte matches by chance: at most once in 256, after 256 reuses.
+BadHandle unless its address was freed a multiple of 256 times since (the byte wrapped): with
+probability at least 255/256.  The generation map is never reset: giving its pages back to the
+OS (zeroing them) would let old handles match new ones again.  Its resident cost is the alloc
+map's: the pages of it that object starts have touched.
 HANDLE_G0 (one page of granules) keeps every handle >= HANDLE_MIN (never 0) and lets the fast path
 find a page from a handle with one shift; handles of the first 32 MiB of the heap fit in one
 30-bit digit of a Python int, which keeps the fast path's arithmetic on them cheap.
