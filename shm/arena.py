@@ -331,9 +331,9 @@ class Arena:
         q, w = self.q, self.lay.span_word(r)
         if q[w + S["state"]] != L.SPAN_INUSE or q[w + S["sizeclass"]] != c:
             return False
-        lo = q[w + S["start"]] * PAGE
-        hi = lo + q[w + S["npages"]] * PAGE
-        return all(lo <= L.handle_offset(h) < hi for h in handles)
+        lo = L.make_handle(q[w + S["start"]] * PAGE, 0)
+        hi = L.make_handle((q[w + S["start"]] + q[w + S["npages"]]) * PAGE, 0)
+        return all(lo <= h < hi for h in handles)
 
     def free_empty_spans(self, actor=None):
         """Give the heap back every empty span waiting on a partial list.  Returns how many."""

@@ -252,23 +252,26 @@ class CentralList:
         # handle, or a late one that meets the object allocated again, is bad.
         table = _UNCACHED_T if not owner else (_OWN_T if owner == k + 1 else _OTHER_T)[owner - 1]
         changed = []
+        g0, gb, gm = L.HANDLE_G0 + j0, L.GEN_BITS, L.GEN_MASK
         for h in handles:
-            j, gen = L.handle_granule(h)
-            i, rem = divmod(j - j0, stride)
+            i, rem = divmod((h >> gb) - g0, stride)
+            gen = h & gm
             b = table[new[i]] if not rem and 0 <= i < n and gens[i] == gen else _BAD
             if b == _BAD:
                 continue
             new[i] = b
-            gens[i] = (gen + 1) & L.GEN_MASK
+            gens[i] = (gen + 1) & gm
             changed.append(i)
         bad = len(handles) - len(changed)
         freed = len(changed) if not owner else 0
         pending = len(changed) if owner and owner != k + 1 else 0
         # Only the objects freed: the owner's fast path writes the others meanwhile.
-        if changed:
-            op.wscatter([off + i * stride for i in changed], [new[i] for i in changed])
+        if changed:  # their map bytes and their generation bytes, in one log entry
             goff = self.lay.gmap_off + j0
-            op.wscatter([goff + i * stride for i in changed], [gens[i] for i in changed])
+            op.wscatter(
+                [off + i * stride for i in changed] + [goff + i * stride for i in changed],
+                [new[i] for i in changed] + [gens[i] for i in changed],
+            )
         if pending:
             op.add(w + S["npending"], pending)
         if freed:
