@@ -191,7 +191,7 @@ class ProcessCache:
         s2c, c2s, B, MAXS = SIZE_TO_CLASS, CLASS_TO_SIZE, Block, MAX_SMALL_SIZE
         LISTED, ALLOC, RFREED, TAG0, RCAP = L.LISTED, L.ALLOC, L.RFREED, L.TAG0, L.RFREE_CAP
         LARGE, PSHIFT, PMASK = _LARGE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
-        GB, GM, HMIN, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_MIN, PSHIFT - 3
+        GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, PSHIFT - 3
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
@@ -264,7 +264,7 @@ class ProcessCache:
             if get_ident() == owner:
                 i = h >> GB
                 try:
-                    b = amap[i] if h >= HMIN else 0  # the views start HANDLE_G0 bytes early
+                    b = amap[i] if i >= G0 else 0  # the views start HANDLE_G0 bytes early
                     if b == tag_k and gmap[i] == (g := h & GM):
                         c = pclass[i >> GPS]
                         if c != LARGE:
@@ -312,7 +312,7 @@ class ProcessCache:
             arena.block_capacity,
         )
         SC, START, NPAGES, SPAN_WORDS = S["sizeclass"], S["start"], S["npages"], L.SPAN_WORDS
-        G0, hb = L.HANDLE_G0, arena.lay.heap_off
+        hb = arena.lay.heap_off
 
         def view(handle, size=None):
             """Zero-copy memoryview of the live block at `handle` (allocated by any process): its
@@ -322,7 +322,7 @@ class ProcessCache:
             h = handle if handle.__class__ is int else _handle(handle)
             i = h >> GB
             try:
-                b = amap[i] if h >= HMIN and gmap[i] == h & GM else 0
+                b = amap[i] if i >= G0 and gmap[i] == h & GM else 0
             except IndexError:
                 b = 0
             d = (i - G0) << 3
