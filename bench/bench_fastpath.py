@@ -129,13 +129,15 @@ class Strip(ast.NodeTransformer):
 
     def visit_Try(self, node):
         self.generic_visit(node)
-        if not node.handlers and [ast.unparse(s) for s in node.finalbody] == ["ins[0] = 0"]:
+        if [ast.unparse(s) for s in node.finalbody] == ["ins[0] = 0"]:
             if self.lock:
                 self.hits["lock"] += 1
                 node.finalbody = ast.parse("release()").body
             elif "inside" in self.pieces:
                 self.hits["inside"] += 1
-                return node.body
+                if not node.handlers:
+                    return node.body
+                node.finalbody = []  # the handlers stay (a generation wrap, in free)
         return node
 
     def statement(self, node):
@@ -197,20 +199,21 @@ def replica(pieces=(), lock=False):
     lays them out, one cached 64 B span listed.  The slow paths raise: a pair never takes them."""
     ns = dict(vars(cache))  # the module's globals: Block, the size-class tables, _handle, ...
     exec(compile(replica_source(pieces, lock), "<replica of shm/cache.py>", "exec"), ns)
-    hrange = 1 << 26  # handle range: a 64 MiB heap, as the real arena below
+    heap = 1 << 26  # a 64 MiB heap, as the real arena below
     amap_off = ((L.SLOT_RFREE_AT + L.RFREE_CAP) * 8 + L.PAGE_SIZE - 1) & -L.PAGE_SIZE
-    buf = mmap.mmap(-1, amap_off + hrange // 8)  # anonymous, MAP_SHARED
-    mv = memoryview(buf)
+    gmap_off = amap_off + heap // 8
+    buf = mmap.mmap(-1, gmap_off + heap // 8)  # anonymous, MAP_SHARED; the heap itself is never
+    mv = memoryview(buf)  # touched by the fast path: not mapped
     q = mv.cast("Q")
-    hb = amap_off + hrange // 8  # the heap itself is never touched by the fast path: not mapped
     size, nobjs = CLASS_TO_SIZE[C64], CLASS_TO_NOBJS[C64]
     lists = [[] for _ in range(L.NCLASS)]
-    lists[C64] = [hb + i * size for i in range(nobjs - 1, -1, -1)]  # pop() hands out ascending
-    amap = mv[amap_off : amap_off + hrange // 8]
+    lists[C64] = [L.make_handle(i * size, 0) for i in range(nobjs - 1, -1, -1)]  # pop(): ascending
+    g0 = L.HANDLE_G0  # the maps as ProcessCache views them: indexed by handle >> GEN_BITS
+    amap = mv[amap_off - g0 : amap_off + heap // 8]
     for h in lists[C64]:
-        amap[(h - hb) >> 3] = L.LISTED
-    pclass = bytearray(hrange >> L.PAGE_SHIFT)
-    pclass[: CLASS_TO_ALLOCNPAGES[C64]] = bytes([C64]) * CLASS_TO_ALLOCNPAGES[C64]
+        amap[h >> L.GEN_BITS] = L.LISTED
+    pclass = bytearray((heap >> L.PAGE_SHIFT) + 1)
+    pclass[1 : 1 + CLASS_TO_ALLOCNPAGES[C64]] = bytes([C64]) * CLASS_TO_ALLOCNPAGES[C64]
     SL = L.SLOT
 
     def slow(*_):
@@ -220,16 +223,15 @@ def replica(pieces=(), lock=False):
         _buf=buf,
         _lists=lists,
         _amap=amap,
-        _hb=hb,
-        _mask=~(hrange - 1) | 7,
+        _gmap=mv[gmap_off - g0 : gmap_off + heap // 8],
         _tag=L.TAG0,
         _pclass=pclass,
         _relists=q[L.SLOT_RELISTS_AT : L.SLOT_RELISTS_AT + L.NCLASS],
         _lcache={},
         _lnp={},
         _lcached=[0],
-        _lcap=(hrange // 4) >> L.PAGE_SHIFT,
-        _lmin=((hrange // 4) >> L.PAGE_SHIFT) // 8,
+        _lcap=(heap // 4) >> L.PAGE_SHIFT,
+        _lmin=((heap // 4) >> L.PAGE_SHIFT) // 8,
         _rbuf=q[L.SLOT_RFREE_AT : L.SLOT_RFREE_AT + L.RFREE_CAP],
         _rfree_n=q[SL["rfree_n"] : SL["rfree_n"] + 1],
         _lgrel=q[SL["lg_relists"] : SL["lg_relists"] + 2],

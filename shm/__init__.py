@@ -35,7 +35,8 @@ and returns the problems (`Arena.check` raises CorruptionError):
     LargeObjects.check(records) large spans' start bytes, owners and P lists
     CentralList.check_amap      only object starts are non-zero in the allocation map (in
                                 central.py: the map's bytes are the object states central.py
-                                defines and translates; a large span adds one start byte)
+                                defines and translates; a large span adds one start byte);
+                                every buffered remote free carries its object's generation
     stats.check_figures         identities on the slow walk; fast == slow when every P is quiet
 
 `records` is PageHeap.span_records(), one walk of the span table shared by the checks.  The
@@ -45,7 +46,9 @@ stats.FIELDS).
 Object states are one byte per 8-byte granule of the heap (the allocation map, layout.py):
 FREE, ALLOC (span uncached), PENDING (freed by a non-owner, applied), LISTED (in the owner's
 list), RFREED (freed by a non-owner, its free still buffered), TAG(k) (allocated, span cached by
-P k).  Whole-span state changes are one bytes.translate.
+P k).  Whole-span state changes are one bytes.translate.  A parallel map holds each object's
+generation, bumped when it is freed; a handle is its granule and its generation (layout.py), so a
+stale handle -- its block freed and the address reused -- frees and views nothing.
 
 Every call, fast or slow, first sets the P's `inside` byte, then reads its stop byte (world.py).
 
@@ -62,16 +65,20 @@ Allocating (ProcessCache.alloc):
      else a span of their own from the page heap, under the heap lock, owned by the P.
 
 Freeing (ProcessCache.free):
-  1. Map byte == TAG(k): ours.  Count the malloc to come (relists[c] += 1), store LISTED, push
-     the handle back on the class's list (mimalloc's local free list).  Done: no lock.  A large
-     one goes to the P's large cache the same way.
-  2. Map byte == ALLOC or TAG(j): someone else's.  Append the handle to the P's remote-free
+  1. Map byte == TAG(k) and generation byte == the handle's: ours.  Bump the generation, count
+     the malloc to come (relists[c] += 1), store LISTED, push the next handle (the bumped
+     generation) on the class's list (mimalloc's local free list).  Done: no lock.  A large one
+     goes to the P's large cache the same way.
+  2. Map byte == ALLOC or TAG(j), the generation the handle's: someone else's.  Append the
+     handle to the P's remote-free
      buffer and store RFREED (a second free now fails at once).  Done: no lock.  A full buffer
      is applied in one operation (Arena.apply_buffered_frees): under the central locks involved,
      span uncached -> FREE (an empty span goes back to the heap), span cached by another P ->
      PENDING, merged by that P's next collect; a free found bad then is counted (bad_frees).
-  3. Anything else is no live block: Arena.free raises BadHandle or DoubleFree and changes
-     nothing.
+  3. Anything else is no live block: Arena.free raises BadHandle (a stale handle, or no block)
+     or DoubleFree (the block's last handle, and it is free) and changes nothing.  A free applied
+     under a lock (a buffered one, or Arena.free) bumps the generation too; a buffered free whose
+     object no longer carries its generation is skipped and counted in bad_frees.
 
 Snapshots (driven by the daemon's stop-the-world, world.py; Arena.update_stats in one process):
   1. Every live P is stopped -- from the daemon's side when it is outside the allocator, by

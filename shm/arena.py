@@ -21,7 +21,7 @@ from multiprocessing import shared_memory
 from . import layout as L
 from . import stats as _stats
 from .central import CentralList
-from .errors import ArenaClosed, BadHandle, CorruptionError
+from .errors import ArenaClosed, BadHandle, CorruptionError, DoubleFree
 from .heap import PageHeap, reserve
 from .large import LargeObjects
 from .locks import Locks, Op, Retry
@@ -276,14 +276,14 @@ class Arena:
         q, lay = self.q, self.lay
         sw = lay.slot_word(k)
         n = q[sw + SL["rfree_n"]]
-        pm, hb, hmax, sw0 = lay.pagemap_word(), lay.heap_off, lay.heap_max, lay.span_word(0)
-        pages, shift = {}, L.PAGE_SHIFT
+        pm, hmax, sw0 = lay.pagemap_word(), lay.heap_max, lay.span_word(0)
+        pages, shift = {}, L.HANDLE_PAGE_SHIFT
         for h in q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + n].tolist():
-            if h:  # 0: applied by an earlier, interrupted pass
-                pages.setdefault((h - hb) >> shift, []).append(h)
+            if h:  # 0: applied by an earlier, interrupted pass (no handle is 0)
+                pages.setdefault((h >> shift) - 1, []).append(h)
         groups, sc = {}, S["sizeclass"]
         for page, hs in pages.items():
-            r = q[pm + page] - 1 if 0 <= page < hmax >> shift else -1
+            r = q[pm + page] - 1 if 0 <= page < hmax >> L.PAGE_SHIFT else -1
             key = (q[sw0 + r * L.SPAN_WORDS + sc], r) if r >= 0 else (-1, -1)
             g = groups.get(key)
             if g is None:
@@ -341,8 +341,8 @@ class Arena:
         q, w = self.q, self.lay.span_word(r)
         if q[w + S["state"]] != L.SPAN_INUSE or q[w + S["sizeclass"]] != c:
             return False
-        lo = self.lay.heap_off + q[w + S["start"]] * PAGE
-        hi = lo + q[w + S["npages"]] * PAGE
+        lo = L.make_handle(q[w + S["start"]] * PAGE, 0)
+        hi = L.make_handle((q[w + S["start"]] + q[w + S["npages"]]) * PAGE, 0)
         return all(lo <= h < hi for h in handles)
 
     def free_empty_spans(self, actor=None):
@@ -379,36 +379,44 @@ class Arena:
 
     # --- any process's free of any handle (the slow path) ---------------------------------------
     def check_handle(self, h):
-        """(page) of a handle that could be an object start; BadHandle otherwise."""
+        """(handle, granule, generation) of a handle that names a granule of the heap; BadHandle
+        otherwise (layout.py: what a handle is)."""
         if h.__class__ is not int:
             try:
                 h = h.__index__()
             except AttributeError:
                 raise BadHandle(f"a handle is an int, got {type(h).__name__}") from None
-        lay = self.lay
-        d = h - lay.heap_off
-        if not 0 <= d < lay.heap_max:
+        j, gen = L.handle_granule(h)
+        if not 0 <= j < self.lay.amap_bytes:
             raise BadHandle(
-                f"handle {h} is out of range: the heap spans [{lay.heap_off}, {lay.heap_off + lay.heap_max})"
+                f"handle {h} is out of range: handles of this arena lie in "
+                f"[{L.HANDLE_MIN}, {L.make_handle(self.lay.heap_max, 0)})"
             )
-        if d & 7:
-            raise BadHandle(f"handle {h} is not 8-byte aligned, so it is no object start")
-        return h, d >> L.PAGE_SHIFT
+        return h, j, gen
+
+    def addr(self, h):
+        """Byte offset in the segment of the memory of the block a handle names (no check:
+        view() is the checked way in)."""
+        return self.lay.heap_off + L.handle_offset(h)
 
     def free(self, h, actor):
         """Free handle h on behalf of `actor` (a P slot, or the daemon's).  The fast path of
         ProcessCache handles its own cached spans; everything else comes here."""
-        h, page = self.check_handle(h)
+        h, j, gen = self.check_handle(h)
+        page = j >> (L.PAGE_SHIFT - 3)
 
         def op_free(op):
             r = self.heap.span_of_page(page)
             if r < 0:
                 big = self._large_span_over(page)
                 if big >= 0:
-                    base = self.large.base(big)
                     raise BadHandle(
                         f"handle {h} is inside a large block of "
-                        f"{self.q[self.lay.span_word(big) + S['npages']] * PAGE} bytes but not at its start ({base})"
+                        f"{self.q[self.lay.span_word(big) + S['npages']] * PAGE} bytes but not at its start"
+                    )
+                if self.mv[self.lay.gmap_off + j] == (gen + 1) & L.GEN_MASK:
+                    raise DoubleFree(
+                        f"double free: block {h} is already free (and its span went back to the heap)"
                     )
                 raise BadHandle(
                     f"handle {h} is not a live block: no span holds it (never allocated, "
@@ -444,19 +452,24 @@ class Arena:
 
     def block_capacity(self, h):
         """Usable bytes of the live object at handle h (no lock: a read of stable fields)."""
-        h, page = self.check_handle(h)
-        r = self.heap.span_of_page(page)
+        h, j, gen = self.check_handle(h)
+        r = self.heap.span_of_page(j >> (L.PAGE_SHIFT - 3))
         # The map byte is read only within an in-use span: elsewhere it may not be reserved.
-        b = self.mv[self.lay.amap_off + (h - self.lay.heap_off) // 8] if r >= 0 else L.FREE
+        b = self.mv[self.lay.amap_off + j] if r >= 0 else L.FREE
         if not (b == L.ALLOC or b >= L.TAG0):
             raise BadHandle(f"handle {h} is not a live block (already freed, or never allocated)")
         w = self.lay.span_word(r)
         c = self.q[w + S["sizeclass"]]
         if c == 0:
-            return self.q[w + S["npages"]] * PAGE
-        size = CLASS_TO_SIZE[c]
-        if (h - (self.lay.heap_off + self.q[w + S["start"]] * PAGE)) % size:
-            raise BadHandle(f"handle {h} is not at the start of a block")
+            size = self.q[w + S["npages"]] * PAGE
+            if j << 3 != self.q[w + S["start"]] * PAGE:
+                raise BadHandle(f"handle {h} is not at the start of a block")
+        else:
+            size = CLASS_TO_SIZE[c]
+            if ((j << 3) - self.q[w + S["start"]] * PAGE) % size:
+                raise BadHandle(f"handle {h} is not at the start of a block")
+        if self.mv[self.lay.gmap_off + j] != gen:
+            raise BadHandle(f"handle {h} is stale: its block was freed and the memory reused")
         return size
 
     # --- heap maintenance ---------------------------------------------------------------

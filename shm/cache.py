@@ -73,7 +73,7 @@ class Block(tuple):
 
     @property
     def handle(self) -> int:
-        """int: the block's handle (byte offset in the arena)"""
+        """int: the block's handle (its place in the heap and its generation: shm/layout.py)"""
         return self[0]
 
     @property
@@ -143,17 +143,20 @@ class ProcessCache:
         self.shared = False
         self._tag = tag(k)
         self._lists: list[list[int]] = [[] for _ in range(L.NCLASS)]  # LISTED handles, by class
-        self._pclass = bytearray(lay.heap_pages)  # page -> class of a span we cache (_LARGE)
+        # page + 1 (handle >> HANDLE_PAGE_SHIFT) -> class of a span we cache (_LARGE)
+        self._pclass = bytearray(lay.heap_pages + 1)
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
-        self._lnp: dict[int, int] = {}  # handle -> pages, of the large spans we own
+        self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
         self._lcached = [0]  # pages charged for the large spans in _lcache (_charge)
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lmin = self._lcap // LARGE_CACHE_SPANS  # the least a cached span is charged
         self._lock = threading.Lock()
-        self._amap = arena.view(lay.amap_off, lay.amap_off + lay.amap_bytes)
-        self._hb = lay.heap_off
-        # One test instead of three for "0 <= h - heap_off < handle_range and 8-aligned".
-        self._mask = ~(lay.handle_range - 1) | 7
+        # The allocation and generation maps, indexed by handle >> GEN_BITS: each view starts
+        # HANDLE_G0 bytes early (bytes of the region before, never read: every handle the fast
+        # path reads them for is >= HANDLE_MIN) and ends with the map (IndexError past it).
+        g0 = L.HANDLE_G0
+        self._amap = arena.view(lay.amap_off - g0, lay.amap_off + lay.amap_bytes)
+        self._gmap = arena.view(lay.gmap_off - g0, lay.gmap_off + lay.amap_bytes)
         self._sw = sw = lay.slot_word(k)
         self._shm_stop = arena.view((sw + SL["stop"]) * 8, (sw + SL["stop"]) * 8 + 1)
         self._inside = arena.view((sw + SL["inside"]) * 8, (sw + SL["inside"]) * 8 + 1)
@@ -171,7 +174,7 @@ class ProcessCache:
     def _bind_fast_path(self):
         """Make `self.alloc` and `self.free`: closures over everything they touch (a cell read
         is several times cheaper than an attribute lookup)."""
-        lists, amap, hb, mask, tag_k = self._lists, self._amap, self._hb, self._mask, self._tag
+        lists, amap, gmap, tag_k = self._lists, self._amap, self._gmap, self._tag
         pclass, relists, lcache, lnp, lcached, lcap, lmin = (
             self._pclass,
             self._relists,
@@ -188,6 +191,7 @@ class ProcessCache:
         s2c, c2s, B, MAXS = SIZE_TO_CLASS, CLASS_TO_SIZE, Block, MAX_SMALL_SIZE
         LISTED, ALLOC, RFREED, TAG0, RCAP = L.LISTED, L.ALLOC, L.RFREED, L.TAG0, L.RFREE_CAP
         LARGE, PSHIFT, PMASK = _LARGE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
+        GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, PSHIFT - 3
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
@@ -202,7 +206,7 @@ class ProcessCache:
                             try:
                                 if not stop[0]:
                                     h = lst.pop()
-                                    amap[(h - hb) >> 3] = tag_k
+                                    amap[h >> GB] = tag_k
                                     return B((h, size, c2s[c], self))
                             finally:
                                 ins[0] = 0
@@ -215,7 +219,7 @@ class ProcessCache:
                         try:
                             if not stop[0]:
                                 h = lst.pop()
-                                amap[(h - hb) >> 3] = tag_k
+                                amap[h >> GB] = tag_k
                                 lcached[0] -= npg if npg > lmin else lmin
                                 return B((h, size, npg << PSHIFT, self))
                         finally:
@@ -224,48 +228,66 @@ class ProcessCache:
                 pass
             return slow_alloc(size)
 
+        def free_large(h, i, g):
+            """The rest of free() for a large block of ours: into the large cache if it fits
+            (True), else False (the slow path gives it back to the page heap).  Out of free()'s
+            body so that its hot jumps stay short (CPython 3.11 specializes a comparison only
+            when the jump after it needs no EXTENDED_ARG)."""
+            npg = lnp.get(i, 0)
+            if npg and lcached[0] + (npg if npg > lmin else lmin) <= lcap:
+                ins = inside
+                ins[0] = 1
+                try:
+                    if not stop[0]:
+                        h = h + 1 if g != GM else h - GM
+                        gmap[i] = h & GM
+                        lgrel[0] += 1
+                        lgrel[1] += npg
+                        amap[i] = LISTED
+                        lst = lcache.get(npg)
+                        if lst is None:
+                            lcache[npg] = [h]
+                        else:
+                            lst.append(h)
+                        lcached[0] += npg if npg > lmin else lmin
+                        return True
+                finally:
+                    ins[0] = 0
+            return False
+
         def free(block):
             """Free a Block or an int handle allocated by any process.  BadHandle or
-            DoubleFree for anything that is not a live block; nothing changes then."""
+            DoubleFree for anything that is not a live block (a stale handle, whose block was
+            freed since, included); nothing changes then."""
             cls = block.__class__
             h = block[0] if cls is B else block if cls is int else _handle(block)
             if get_ident() == owner:
-                d = h - hb
-                if not d & mask:
-                    b = amap[d >> 3]
-                    if b == tag_k:
-                        c = pclass[d >> PSHIFT]
+                i = h >> GB
+                try:
+                    b = amap[i] if i >= G0 else 0  # the views start HANDLE_G0 bytes early
+                    if b == tag_k and gmap[i] == (g := h & GM):
+                        c = pclass[i >> GPS]
                         if c != LARGE:
                             ins = inside
                             ins[0] = 1
                             try:
                                 if not stop[0]:
-                                    relists[c] += 1  # first: a crash here over-counts, never under
-                                    amap[d >> 3] = LISTED
-                                    lists[c].append(h)
+                                    gmap[i] = g + 1  # first: a crash after it leaks the block, never reuses h
+                                    relists[c] += 1  # a crash here over-counts, never under
+                                    amap[i] = LISTED
+                                    lists[c].append(h + 1)
                                     return
+                            except ValueError:  # generation 255: the next is 0 (h + 1 would carry)
+                                gmap[i] = 0
+                                relists[c] += 1
+                                amap[i] = LISTED
+                                lists[c].append(h - GM)
+                                return
                             finally:
                                 ins[0] = 0
-                        else:
-                            npg = lnp.get(h, 0)
-                            if npg and lcached[0] + (npg if npg > lmin else lmin) <= lcap:
-                                ins = inside
-                                ins[0] = 1
-                                try:
-                                    if not stop[0]:
-                                        lgrel[0] += 1
-                                        lgrel[1] += npg
-                                        amap[d >> 3] = LISTED
-                                        lst = lcache.get(npg)
-                                        if lst is None:
-                                            lcache[npg] = [h]
-                                        else:
-                                            lst.append(h)
-                                        lcached[0] += npg if npg > lmin else lmin
-                                        return
-                                finally:
-                                    ins[0] = 0
-                    elif b == ALLOC or b >= TAG0:
+                        elif free_large(h, i, g):
+                            return
+                    elif (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
                         ins = inside
                         ins[0] = 1
                         try:
@@ -273,10 +295,12 @@ class ProcessCache:
                             if n < RCAP and not stop[0]:
                                 rbuf[n] = h
                                 rfree_n[0] = n + 1
-                                amap[d >> 3] = RFREED  # a second free now fails at once
+                                amap[i] = RFREED  # a second free now fails at once
                                 return
                         finally:
                             ins[0] = 0
+                except IndexError:  # past the heap: the slow path says so
+                    pass
             slow_free(h)
 
         arena = self.arena
@@ -288,6 +312,7 @@ class ProcessCache:
             arena.block_capacity,
         )
         SC, START, NPAGES, SPAN_WORDS = S["sizeclass"], S["start"], S["npages"], L.SPAN_WORDS
+        hb = arena.lay.heap_off
 
         def view(handle, size=None):
             """Zero-copy memoryview of the live block at `handle` (allocated by any process): its
@@ -295,8 +320,12 @@ class ProcessCache:
             if self._dead:
                 self._check_usable()
             h = handle if handle.__class__ is int else _handle(handle)
-            d = h - hb
-            b = amap[d >> 3] if not d & mask else 0
+            i = h >> GB
+            try:
+                b = amap[i] if i >= G0 and gmap[i] == h & GM else 0
+            except IndexError:
+                b = 0
+            d = (i - G0) << 3
             if b != ALLOC and b < TAG0:
                 cap = capacity(h)  # raises with the reason
             else:
@@ -310,7 +339,8 @@ class ProcessCache:
                 size = cap
             elif not 0 <= size <= cap:
                 raise BadHandle(f"view of {size} bytes of a block of {cap}")
-            return mv[h : h + size]
+            d += hb
+            return mv[d : d + size]
 
         def set_stop(stop_view, inside_view):
             nonlocal stop, inside
@@ -365,9 +395,9 @@ class ProcessCache:
             lst.clear()
         self._lcache.clear()
         if keep_owned:  # forget the spans the flush gave back (they were LISTED, not ours now)
-            amap, hb, tag_k = self._amap, self._hb, self._tag
-            for h in [h for h in self._lnp if amap[(h - hb) >> 3] != tag_k]:
-                del self._lnp[h]
+            amap, tag_k = self._amap, self._tag
+            for i in [i for i in self._lnp if amap[i] != tag_k]:
+                del self._lnp[i]
         else:
             self._lnp.clear()
         self._lcached[0] = 0
@@ -393,7 +423,7 @@ class ProcessCache:
                 c = SIZE_TO_CLASS[(size + 7) >> 3] if size else 1  # malloc(0): a distinct, freeable block
                 lst = self._lists[c]
                 h = lst.pop() if lst else self._refill(c)
-                self._amap[(h - self._hb) >> 3] = self._tag
+                self._amap[h >> L.GEN_BITS] = self._tag
                 return Block((h, size, CLASS_TO_SIZE[c], self))
             finally:
                 self._leave()
@@ -414,9 +444,9 @@ class ProcessCache:
 
             kept, gone = arena.run(k, collect)
             for g in gone:
-                self._lnp.pop(g, None)
+                self._lnp.pop(g >> L.GEN_BITS, None)
             for g, n in kept:
-                self._lnp[g] = n
+                self._lnp[g >> L.GEN_BITS] = n
                 self._lcache.setdefault(n, []).append(g)
                 self._lcached[0] += max(n, self._lmin)
             lst = self._lcache.get(npg)
@@ -430,9 +460,9 @@ class ProcessCache:
                 return arena.large.alloc(op, npg, k)
 
             h = arena.run(k, alloc)
-            self._lnp[h] = npg
-            self._pclass[(h - self._hb) >> L.PAGE_SHIFT] = _LARGE
-        self._amap[(h - self._hb) >> 3] = self._tag
+            self._lnp[h >> L.GEN_BITS] = npg
+            self._pclass[h >> L.HANDLE_PAGE_SHIFT] = _LARGE
+        self._amap[h >> L.GEN_BITS] = self._tag
         return Block((h, size, npg << L.PAGE_SHIFT, self))
 
     def _slow_free(self, h):
@@ -447,27 +477,29 @@ class ProcessCache:
         """free() with the P lock held and inside a call."""
         if h.__class__ is not int:
             h = _handle(h)
-        d = h - self._hb
-        if d & self._mask:
-            return self.arena.free(h, self.slot)  # raises: out of range or misaligned
-        i = d >> 3
+        i, g = h >> L.GEN_BITS, h & L.GEN_MASK
+        if h < L.HANDLE_MIN or i >= len(self._amap) or self._gmap[i] != g:
+            return self.arena.free(h, self.slot)  # raises: out of range, stale, or a double free
         b = self._amap[i]
         if b == self._tag:
-            c = self._pclass[d >> L.PAGE_SHIFT]
+            h2 = L.next_handle(h)
+            c = self._pclass[h >> L.HANDLE_PAGE_SHIFT]
             if c != _LARGE:
+                self._gmap[i] = h2 & L.GEN_MASK
                 self._relists[c] += 1
                 self._amap[i] = L.LISTED
-                self._lists[c].append(h)
+                self._lists[c].append(h2)
                 return
-            npg = self._lnp.get(h, 0)
+            npg = self._lnp.get(i, 0)
             if npg and self._lcached[0] + max(npg, self._lmin) <= self._lcap:
+                self._gmap[i] = h2 & L.GEN_MASK
                 self._lgrel[0] += 1
                 self._lgrel[1] += npg
                 self._amap[i] = L.LISTED
-                self._lcache.setdefault(npg, []).append(h)
+                self._lcache.setdefault(npg, []).append(h2)
                 self._lcached[0] += max(npg, self._lmin)
                 return
-            self._lnp.pop(h, None)
+            self._lnp.pop(i, None)
             return self.arena.free(h, self.slot)  # over the cache's bound: to the page heap
         if b == L.ALLOC or b >= L.TAG0:
             if self._rfree_n[0] >= L.RFREE_CAP:
@@ -500,7 +532,7 @@ class ProcessCache:
         r, lst = arena.run(k, refill)
         w = arena.lay.span_word(r)
         start, npages = arena.q[w + S["start"]], arena.q[w + S["npages"]]
-        self._pclass[start : start + npages] = bytes((c,)) * npages
+        self._pclass[start + 1 : start + 1 + npages] = bytes((c,)) * npages
         self._lists[c][:] = lst
         return self._lists[c].pop()
 

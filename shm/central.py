@@ -17,6 +17,7 @@ state changes of a whole span are one `bytes.translate` over its object-start by
 """
 
 from itertools import compress
+from operator import or_
 
 from . import layout as L
 from .errors import BadHandle, CorruptionError, DoubleFree
@@ -31,6 +32,21 @@ FREE, ALLOC, PENDING, LISTED, RFREED = L.FREE, L.ALLOC, L.PENDING, L.LISTED, L.R
 
 def tag(k):
     return L.TAG0 + k
+
+
+def judge(h, b, g, gen, what):
+    """Raise unless handle h (generation `gen`) names the live object whose allocation-map byte
+    is b and generation byte g: DoubleFree when h is the object's last handle and it is free (g
+    one past gen) or its free waits in a remote-free buffer (RFREED), BadHandle when h is stale
+    (the object was freed since h was its handle, and maybe allocated again)."""
+    if g == gen and (b == ALLOC or b >= L.TAG0):
+        return
+    if (g == (gen + 1) & L.GEN_MASK and b in (FREE, LISTED, PENDING)) or (g == gen and b == RFREED):
+        raise DoubleFree(
+            f"double free: {what} is already free"
+            + (" (freed by another process, its free not yet applied)" if b == RFREED else "")
+        )
+    raise BadHandle(f"handle {h} is stale: {what} was freed since it was handed out (and maybe reused)")
 
 
 def _cache_table(k):
@@ -91,18 +107,22 @@ class CentralList:
         return self.cw(c) + C["partial" if which == L.LIST_PARTIAL else "full"]
 
     def starts(self, r):
-        """(byte offset in the segment of the first object-start byte, stride, nelems, base
-        handle, object size) of span r."""
+        """(byte offset in the segment of the first object-start byte, stride, nelems, first
+        granule, object size) of span r.  The generation bytes are at the same offset from
+        gmap_off as the object-start bytes from amap_off."""
         q, w = self.q, self.lay.span_word(r)
-        c = q[w + S["sizeclass"]]
-        size = CLASS_TO_SIZE[c]
-        base = self.lay.heap_off + q[w + S["start"]] * L.PAGE_SIZE
-        off = self.lay.amap_off + (base - self.lay.heap_off) // 8
-        return off, size // 8, q[w + S["nelems"]], base, size
+        size = CLASS_TO_SIZE[q[w + S["sizeclass"]]]
+        j0 = q[w + S["start"]] * (L.PAGE_SIZE >> 3)
+        return self.lay.amap_off + j0, size // 8, q[w + S["nelems"]], j0, size
 
     def _span_bytes(self, r):
-        off, stride, n, base, size = self.starts(r)
-        return off, stride, bytes(self.mv[off : off + n * stride : stride]), base, size
+        off, stride, n, j0, size = self.starts(r)
+        return off, stride, bytes(self.mv[off : off + n * stride : stride]), j0, size
+
+    def _gen_bytes(self, j0, stride, n):
+        """The generation bytes of n objects, the first at granule j0, `stride` granules apart."""
+        off = self.lay.gmap_off + j0
+        return bytes(self.mv[off : off + n * stride : stride])
 
     def _place(self, op, c, r, alloc_count, nelems, keep_empty=False):
         """Put uncached span r where it belongs: full list, partial list, or back to the heap
@@ -144,26 +164,33 @@ class CentralList:
 
     def _retag(self, op, c, r, k, table, what):
         """Translate the object-start bytes of span r, which P k must cache, with `table`.
-        Caller holds central lock c.  Returns (old bytes, new bytes, base handle, size)."""
+        Caller holds central lock c.  Returns (old bytes, new bytes, first granule, size)."""
         op.need(L.LOCK_CENTRAL(c), f"CentralList.{what}")
         owner = self.q[self.lay.span_word(r) + S["owner"]]
         if owner != k + 1:
             raise CorruptionError(f"{what} of span {r} by P {k}, but it is cached by {owner - 1}")
-        off, stride, old, base, size = self._span_bytes(r)
+        off, stride, old, j0, size = self._span_bytes(r)
         new = old.translate(table)
         op.wbytes(off, stride, new)
-        return old, new, base, size
+        return old, new, j0, size
 
     def collect(self, op, c, r, k):
         """Re-list every free or PENDING object of span r (cached by P k) into P k's cache.
-        Counts the newly listed objects as mallocs, optimistically (Go's cacheSpan)."""
-        old, new, base, size = self._retag(op, c, r, k, CACHE_T[k], "collect")
+        Counts the newly listed objects as mallocs, optimistically (Go's cacheSpan).  Returns their
+        handles, each with its object's generation (bumped when it was freed)."""
+        old, new, j0, size = self._retag(op, c, r, k, CACHE_T[k], "collect")
         w = self.lay.span_word(r)
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
         # Highest address first, so list.pop() hands out ascending addresses.
-        n = len(new)
-        return list(compress(range(base + (n - 1) * size, base - 1, -size), new[::-1].translate(IS_LISTED)))
+        n, stride = len(new), size // 8
+        listed = new[::-1].translate(IS_LISTED)
+        g0 = L.HANDLE_G0 + j0
+        slots = compress(
+            range((g0 + (n - 1) * stride) << L.GEN_BITS, (g0 << L.GEN_BITS) - 1, -stride << L.GEN_BITS),
+            listed,
+        )
+        return list(map(or_, slots, compress(self._gen_bytes(j0, stride, n)[::-1], listed)))
 
     def uncache_span(self, op, c, r, k, keep_empty=False):
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
@@ -212,29 +239,39 @@ class CentralList:
         number skipped.  One retag of the span's bytes for the whole group."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.apply_frees")
         q, w = self.q, self.lay.span_word(r)
-        off, stride, n, base, size = self.starts(r)
+        off, stride, n, j0, size = self.starts(r)
         old = bytes(self.mv[off : off + n * stride : stride])
         new = bytearray(old)
+        gens = bytearray(self._gen_bytes(j0, stride, n))
         owner = q[w + S["owner"]]
         # What each object byte becomes (BAD_T: the free is bad).  RFREED: our hint held, nobody
         # could hand the object out.  ALLOC or TAG(owner): the hint was overwritten by a retag,
         # which only ever writes allocated states over allocated ones -- the object stayed
-        # allocated.  Anything else: it was freed since.
+        # allocated.  Anything else: it was freed since.  And the object must still carry the
+        # handle's generation: a free applied bumps it, so a second buffered free of the same
+        # handle, or a late one that meets the object allocated again, is bad.
         table = _UNCACHED_T if not owner else (_OWN_T if owner == k + 1 else _OTHER_T)[owner - 1]
         changed = []
+        g0, gb, gm = L.HANDLE_G0 + j0, L.GEN_BITS, L.GEN_MASK
         for h in handles:
-            i, rem = divmod(h - base, size)
-            b = table[new[i]] if not rem and 0 <= i < n else _BAD
+            i, rem = divmod((h >> gb) - g0, stride)
+            gen = h & gm
+            b = table[new[i]] if not rem and 0 <= i < n and gens[i] == gen else _BAD
             if b == _BAD:
                 continue
             new[i] = b
+            gens[i] = (gen + 1) & gm
             changed.append(i)
         bad = len(handles) - len(changed)
         freed = len(changed) if not owner else 0
         pending = len(changed) if owner and owner != k + 1 else 0
         # Only the objects freed: the owner's fast path writes the others meanwhile.
-        if changed:
-            op.wscatter([off + i * stride for i in changed], [new[i] for i in changed])
+        if changed:  # their map bytes and their generation bytes, in one log entry
+            goff = self.lay.gmap_off + j0
+            op.wscatter(
+                [off + i * stride for i in changed] + [goff + i * stride for i in changed],
+                [new[i] for i in changed] + [gens[i] for i in changed],
+            )
         if pending:
             op.add(w + S["npending"], pending)
         if freed:
@@ -250,22 +287,20 @@ class CentralList:
         changes nothing on a bad handle."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.free_object")
         q, w = self.q, self.lay.span_word(r)
-        off, stride, n, base, size = self.starts(r)
-        i, rem = divmod(h - base, size)
+        off, stride, n, j0, size = self.starts(r)
+        j, gen = L.handle_granule(h)
+        i, rem = divmod(j - j0, stride)
         if rem or not 0 <= i < n:
             raise BadHandle(
-                f"handle {h} is inside a block of {size} bytes but not at its start "
-                f"(block starts at {base + i * size})"
+                f"handle {h} is inside a block of {size} bytes but not at its start"
                 if 0 <= i < n
                 else f"handle {h} is in the tail of a span, past its last object"
             )
         boff = off + i * stride
         b = self.mv[boff]
-        if b in (FREE, LISTED, PENDING, RFREED):
-            raise DoubleFree(
-                f"double free: block {h} ({size} bytes) is already free"
-                + (" (freed by another process, its free not yet applied)" if b == RFREED else "")
-            )
+        goff = self.lay.gmap_off + j
+        judge(h, b, self.mv[goff], gen, f"block {h} ({size} bytes)")
+        op.wbyte(goff, (gen + 1) & L.GEN_MASK)  # freed now: its next handle
         owner = q[w + S["owner"]]
         if b == ALLOC:
             if owner:
@@ -310,7 +345,7 @@ class CentralList:
                 v = q[lay.slot_word(k) + L.SLOT_CACHED_AT + c]
                 if v:
                     owner_of[v - 1] = (k, c)
-        buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
+        buffered = {L.handle_granule(h)[0] for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
         for c in range(1, L.NCLASS):
             cw = lay.central_word(c)
             on_list = {}
@@ -335,12 +370,11 @@ class CentralList:
                 alloc = allocated(b)
                 rfreed = b.count(L.RFREED)
                 if rfreed:
-                    base = lay.heap_off + rec["start"] * PAGE
-                    size = CLASS_TO_SIZE[c]
+                    j0, stride = rec["start"] * PAGE // 8, CLASS_TO_SIZE[c] // 8
                     lost = [
-                        base + i * size
+                        L.make_handle((j0 + i * stride) * 8, 0)
                         for i, x in enumerate(b)
-                        if x == L.RFREED and base + i * size not in buffered
+                        if x == L.RFREED and j0 + i * stride not in buffered
                     ]
                     if lost:
                         bad.append(
@@ -393,7 +427,8 @@ class CentralList:
     def check_amap(self, records):
         """Only object starts of in-use spans have non-zero allocation-map bytes: small spans'
         (object_bytes) and large spans' one start byte, whose value LargeObjects.check judges.
-        Returns the problems."""
+        Every handle waiting in a remote-free buffer carries its object's generation.  Returns the
+        problems."""
         q, lay, bad = self.q, self.lay, []
         lo = lay.amap_off
         hi = lo + q[lay.heap_word() + H["committed_pages"]] * PAGE // 8
@@ -427,4 +462,10 @@ class CentralList:
                 "(a byte set outside an object start, or in a free span)"
             )
         amap.release()
+        # A buffered free has not bumped its object's generation yet (it does when applied).
+        for k in range(lay.nslots):
+            for h in self.arena.buffered_frees(k):
+                j, gen = L.handle_granule(h)
+                if h and (not 0 <= j < lay.amap_bytes or self.mv[lay.gmap_off + j] != gen):
+                    bad.append(f"P {k}'s remote-free buffer holds handle {h}, not its object's generation")
         return bad

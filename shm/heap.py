@@ -302,15 +302,23 @@ class PageHeap:
         """Reserve heap pages [start, start + npages) and the table entries that describe them
         before anything touches them: every table's when the pages raise the high-water mark
         (`grow`), else -- released pages committed again -- those of the tables given back with
-        them (Layout.page_tables).  OutOfMemory when /dev/shm is full; nothing is written here,
-        and a range reserved before the failure is only ever trusted once a later call commits
-        it again."""
+        them (Layout.page_tables).  OutOfMemory when /dev/shm is full, with nothing written;
+        a range reserved before the failure is only ever trusted once a later call commits it
+        again."""
         lay = self.lay
         reserve(
             self.arena.fd,
             lay.page_meta(start, npages, released=not grow) + [(lay.heap_off + start * PAGE, npages * PAGE)],
             f"{npages * PAGE} bytes of heap",
         )
+        if not grow:
+            # The generation map of released pages read zero, the first generation an address
+            # ever hands out: a handle from before the release would match again.  One byte that
+            # changes with every release (never 0) over the whole range instead.  No undo entry:
+            # the pages are free and nobody's, and any value is a valid generation there.
+            g = 1 + self.q[self.hw + H["releases"]] % L.GEN_MASK
+            a = lay.gmap_off + start * (PAGE // 8)
+            self.arena.mv[a : a + npages * (PAGE // 8)] = bytes((g,)) * (npages * (PAGE // 8))
 
     def _punch(self, start, npages):
         """Give heap pages [start, start + npages) back to the OS (MADV_REMOVE punches them out of

@@ -21,7 +21,8 @@ Every method runs inside an Op that holds the heap lock (checked).
 """
 
 from . import layout as L
-from .errors import BadHandle, CorruptionError, DoubleFree
+from .central import judge
+from .errors import BadHandle, CorruptionError
 
 S = L.SPAN
 H = L.HEAP
@@ -37,9 +38,6 @@ class LargeObjects:
         self.lay = arena.lay
         self.heap = arena.heap
         self.hw = arena.lay.heap_word()
-
-    def byte_off(self, h):
-        return self.lay.amap_off + ((h - self.lay.heap_off) >> 3)
 
     def head_w(self, k):
         return self.lay.slot_word(k) + SL["lg_head"]
@@ -59,13 +57,13 @@ class LargeObjects:
         op.acquire(L.LOCK_HEAP)
         r = self.heap.alloc_span(op, npages, 0, 1)
         w = self.lay.span_word(r)
-        h = self.lay.heap_off + self.q[w + S["start"]] * PAGE
+        h = self.base(r)
         if k >= 0:
-            op.wbyte(self.byte_off(h), L.TAG0 + k)
+            op.wbyte(self.lay.amap_byte(h), L.TAG0 + k)
             op.w(w + S["owner"], k + 1)
             self.heap.list_push(op, self.head_w(k), r, L.LIST_LARGE)
         else:
-            op.wbyte(self.byte_off(h), L.ALLOC)
+            op.wbyte(self.lay.amap_byte(h), L.ALLOC)
         op.add(self.hw + H["large_mallocs"], 1)
         op.add(self.hw + H["large_live"], 1)
         op.add(self.hw + H["large_live_pages"], npages)
@@ -81,7 +79,7 @@ class LargeObjects:
         if owner:
             self.heap.list_remove(op, self.head_w(owner - 1), r)
             op.w(w + S["owner"], 0)
-        op.wbyte(self.byte_off(h), L.FREE)
+        op.wbyte(self.lay.amap_byte(h), L.FREE)
         if was_live:
             op.add(self.hw + H["large_live"], -1)
             op.add(self.hw + H["large_live_pages"], -npages)
@@ -91,7 +89,9 @@ class LargeObjects:
         self.heap.free_span(op, r)
 
     def base(self, r):
-        return self.lay.heap_off + self.q[self.lay.span_word(r) + S["start"]] * PAGE
+        """The handle of span r's object, with the generation it has now."""
+        off = self.q[self.lay.span_word(r) + S["start"]] * PAGE
+        return L.make_handle(off, self.mv[self.lay.gmap_off + (off >> 3)])
 
     def free(self, op, r, h, k, buffered=False):
         """Free large object h (span r) now, on behalf of P k (-1: no P): validates first and
@@ -100,16 +100,17 @@ class LargeObjects:
         P and was only marked PENDING for it."""
         op.need(L.LOCK_HEAP, "LargeObjects.free")
         q, w = self.q, self.lay.span_word(r)
-        base = self.base(r)
-        if h != base:
+        at, gen = L.handle_granule(h)
+        if at != q[w + S["start"]] * (PAGE >> 3):
             raise BadHandle(
-                f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes "
-                f"but not at its start ({base})"
+                f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes but not at its start"
             )
-        b = self.mv[self.byte_off(h)]
+        b = self.mv[self.lay.amap_byte(h)]
         owner = q[w + S["owner"]]
         if b == L.RFREED and buffered:
             b = L.TAG0 + owner - 1 if owner else L.ALLOC  # our hint held (central.apply_frees)
+        judge(h, b, self.mv[self.lay.gmap_byte(h)], gen, f"large block {h}")
+        op.wbyte(self.lay.gmap_byte(h), (gen + 1) & L.GEN_MASK)  # freed now: its next handle
         if b == L.ALLOC and not owner:
             self._give_back(op, r, h, was_live=True)
             return True
@@ -119,13 +120,11 @@ class LargeObjects:
                 self._give_back(op, r, h, was_live=True)
                 return True
             # Freed now, in the figures too; only its pages wait for the owner to give them back.
-            op.wbyte(self.byte_off(h), L.PENDING)
+            op.wbyte(self.lay.amap_byte(h), L.PENDING)
             op.add(self.hw + H["large_live"], -1)
             op.add(self.hw + H["large_live_pages"], -q[w + S["npages"]])
             op.add(self.lay.slot_word(j) + SL["lg_pending"], 1)
             return False
-        if b in (L.FREE, L.LISTED, L.PENDING, L.RFREED):
-            raise DoubleFree(f"double free: large block {h} is already free")
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
     def collect_pending(self, op, k, room=0, least=0):
@@ -141,13 +140,13 @@ class LargeObjects:
             return kept, gone
         for r in self.owned(k):
             h = self.base(r)
-            if self.mv[self.byte_off(h)] != L.PENDING:
+            if self.mv[self.lay.amap_byte(h)] != L.PENDING:
                 continue
             npages = q[self.lay.span_word(r) + S["npages"]]
             charge = max(npages, least)
             if charge <= room:
                 room -= charge
-                op.wbyte(self.byte_off(h), L.LISTED)
+                op.wbyte(self.lay.amap_byte(h), L.LISTED)
                 op.add(self.hw + H["large_live"], 1)
                 op.add(self.hw + H["large_live_pages"], npages)
                 op.add(self.hw + H["large_mallocs"], 1)
@@ -178,7 +177,7 @@ class LargeObjects:
         n = 0
         for r in self.owned(k):
             h = self.base(r)
-            b = self.mv[self.byte_off(h)]
+            b = self.mv[self.lay.amap_byte(h)]
             if b == L.TAG0 + k or b == L.RFREED:
                 # Still allocated (RFREED: freed by another P whose buffer is not applied yet;
                 # it stays RFREED, and the buffer frees it unowned).
@@ -187,7 +186,7 @@ class LargeObjects:
                 self.heap.list_remove(op, self.head_w(k), r)
                 op.w(self.lay.span_word(r) + S["owner"], 0)
                 if b != L.RFREED:
-                    op.wbyte(self.byte_off(h), L.ALLOC)
+                    op.wbyte(self.lay.amap_byte(h), L.ALLOC)
             elif b == L.LISTED:
                 self._give_back(op, r, h, was_live=True, optimistic=True)
             elif b == L.PENDING:
@@ -208,14 +207,14 @@ class LargeObjects:
         arena = self.arena
         q, lay, bad = self.q, self.lay, []
         committed = q[self.hw + H["committed_pages"]]
-        buffered = {h for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
+        buffered = {L.handle_granule(h)[0] for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
         amap = self.mv[lay.amap_off : lay.amap_off + committed * PAGE // 8]
         for rec in records:
             if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != 0:
                 continue
             b0 = amap[rec["start"] * PAGE // 8]
             k = rec["owner"] - 1
-            if b0 == L.RFREED and lay.heap_off + rec["start"] * PAGE not in buffered:
+            if b0 == L.RFREED and rec["start"] * PAGE // 8 not in buffered:
                 bad.append(f"large span {rec['r']} is RFREED but in no P's remote-free buffer")
             if k < 0 and (b0 not in (L.ALLOC, L.RFREED) or rec["list"] != L.LIST_NONE):
                 bad.append(

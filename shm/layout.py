@@ -6,7 +6,7 @@ posix_fallocate before anything touches it: the fixed regions (header to P slots
 preambles after) when the arena is created, the heap's pages with their entries in the per-page
 tables (Layout.page_tables) as the heap grows -- see PageHeap.  Every integer field is an unsigned
 64-bit little-endian word, addressed as an index into a `memoryview.cast('Q')` of the whole
-segment; only the allocation map is bytes.  Regions, in order, each starting on an 8 KiB
+segment; only the allocation and generation maps are bytes.  Regions, in order, each starting on an 8 KiB
 boundary:
 
     offset        region        contents
@@ -18,8 +18,10 @@ boundary:
                                 registry's actor slot): SLOT_* words, then the undo log
     spans_off     span table    REGION preamble, then nrecords records of SPAN_* words
     pagemap_off   page map      REGION preamble, then one word per heap page: record index+1
-    amap_off      alloc map     one byte per 8-byte granule of the heap (no preamble: indexed
-                                directly by (handle - heap_off) >> 3)
+    amap_off      alloc map     one byte per 8-byte granule of the heap: byte j is granule j (the
+                                heap's bytes [8j, 8j + 8)), no preamble
+    gmap_off      gen map       one byte per granule, indexed as the alloc map: the generation of
+                                the object that starts there (below)
     heap_off      heap pages    heap_max bytes, committed in chunks with posix_fallocate
 
 Each preamble is [magic, version, bytes] so a reader refuses a region that is not what it
@@ -37,6 +39,28 @@ Allocation-map byte values (one byte per 8-byte granule; only object starts are 
                              written without a lock (a hint that lets a second free fail at once),
                              so a retag may overwrite it -- the buffered free stays authoritative
     16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
+
+Handles.  A block's handle is a plain int that names its granule and its generation:
+
+    handle = (HANDLE_G0 + j) << 8 | gen        j = the block's heap byte offset >> 3
+
+`gen` is the generation-map byte of the granule.  It is bumped (mod 256) each time the object
+there becomes free -- a local free (LISTED), a free applied under a lock (FREE or PENDING) --
+and never otherwise: not when its span goes back to the page heap, not at a retag, not while a
+remote free waits in a buffer (RFREED).  So the live handle of an allocated object carries its
+byte; a free object's byte is the generation of the next handle it will be given, one past the
+handle it last had (so a second free of that handle says DoubleFree even after its span went back
+to the heap); and the 255 handles an address had before its current one all differ from it.  A
+stale handle (its block freed and the address reused) is refused by free() and view() with
+BadHandle unless its address was freed a multiple of 256 times since (the byte wrapped): with
+probability at least 255/256.  The generation map is given back to the OS with the pages it
+describes, like the alloc map (else what object starts once touched would stay resident); when
+released pages are committed again their generation bytes are all set to one non-zero value that
+changes with every release (PageHeap._commit), so a handle from before the release -- most often
+generation 0, an address's first -- is refused unless it happens to carry that value.
+HANDLE_G0 (one page of granules) keeps every handle >= HANDLE_MIN (never 0) and lets the fast path
+find a page from a handle with one shift; handles of the first 32 MiB of the heap fit in one
+30-bit digit of a Python int, which keeps the fast path's arithmetic on them cheap.
 """
 
 import mmap
@@ -45,7 +69,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 7
+VERSION = 8
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -57,6 +81,34 @@ NCLASS = sc.NUM_SIZE_CLASSES
 # Allocation-map byte values.
 FREE, ALLOC, PENDING, LISTED, RFREED, TAG0 = 0, 1, 2, 3, 4, 16
 MAX_SLOTS = 255 - TAG0  # tags must fit in a byte
+
+# Handles (see the module docstring): (HANDLE_G0 + granule) << GEN_BITS | generation.
+GEN_BITS = 8
+GEN_MASK = (1 << GEN_BITS) - 1
+HANDLE_G0 = PAGE_SIZE >> 3  # granules per page: handle >> (GEN_BITS + 10) is page + 1
+HANDLE_MIN = HANDLE_G0 << GEN_BITS
+HANDLE_PAGE_SHIFT = GEN_BITS + PAGE_SHIFT - 3  # handle >> this == page + 1
+
+
+def make_handle(off, gen):
+    """The handle of the object at heap byte offset `off` (8-aligned) with generation `gen`."""
+    return (HANDLE_G0 + (off >> 3)) << GEN_BITS | gen
+
+
+def handle_granule(h):
+    """(granule, generation) a handle names; the granule may be out of range (caller checks)."""
+    return (h >> GEN_BITS) - HANDLE_G0, h & GEN_MASK
+
+
+def next_handle(h):
+    """The handle the same object gets once h is freed: its generation bumped, mod 256."""
+    return h + 1 if h & GEN_MASK != GEN_MASK else h - GEN_MASK
+
+
+def handle_offset(h):
+    """Heap byte offset of the object a handle names (no check)."""
+    return ((h >> GEN_BITS) - HANDLE_G0) << 3
+
 
 # Region preamble: magic, version, bytes; data starts 8 words in.
 PREAMBLE = 8
@@ -99,6 +151,7 @@ HDR = _words(
     "retain_target",  # bytes: idle heap the background scavenger keeps committed for reuse; daemon
     # only (service/scavenger.py), 0 when no daemon has set it
     "scavenge_hold_ns",  # the longest heap-lock hold of one background scavenger step; daemon only
+    "gmap_off",  # byte offset of the generation map
 )
 HEADER_WORDS = 64
 # Header words derived from (heap_max, nslots): written at creation, checked by every attacher.
@@ -301,13 +354,6 @@ def _up(n, a=ALIGN):
     return (n + a - 1) // a * a
 
 
-def pow2_at_least(n):
-    p = 1
-    while p < n:
-        p <<= 1
-    return p
-
-
 class Layout:
     """Offsets (bytes) of every region, computed from (heap_max, nslots)."""
 
@@ -321,8 +367,6 @@ class Layout:
         self.nslots = nslots
         self.nrecords = self.heap_pages + 1
         self.slot_words = SLOT_HEAD_WORDS + LOG_BYTES // WORD
-        # The handle mask (see cache.py) needs a power-of-two span of handles.
-        self.handle_range = pow2_at_least(heap_max)
         off = _up(HEADER_WORDS * WORD)
         self.lock_off = off
         off = _up(off + (PREAMBLE + NLOCKS * LOCK_WORDS) * WORD)
@@ -337,7 +381,9 @@ class Layout:
         self.pagemap_off = off
         off = _up(off + (PREAMBLE + self.heap_pages) * WORD)
         self.amap_off = off
-        self.amap_bytes = self.handle_range // 8
+        self.amap_bytes = heap_max // 8
+        off = _up(off + self.amap_bytes)
+        self.gmap_off = off  # same indexing as the alloc map, amap_bytes long
         off = _up(off + self.amap_bytes)
         self.heap_off = off
         self.total_bytes = off + heap_max
@@ -350,6 +396,10 @@ class Layout:
             # Allocation map: 1024 bytes per page, zero while the page is free (FREE), so given
             # back with it -- what a released span keeps is only the OS pages it shares.
             (self.amap_off, PAGE_SIZE // 8, True),
+            # Generation map: 1024 bytes per page, given back with its pages too (else what object
+            # starts once touched would stay resident for good); the heap writes a fresh non-zero
+            # generation over a released range's entries when it commits it again (PageHeap).
+            (self.gmap_off, PAGE_SIZE // 8, True),
             # Page map: kept.  Any handle's lookup (a free, a view) reads its page's entry
             # without knowing whether the page was released, and free spans keep theirs at
             # their ends; one word per 8 KiB page is 0.1% of the heap.
@@ -390,6 +440,14 @@ class Layout:
 
     def pagemap_word(self):
         return self.pagemap_off // WORD + PREAMBLE
+
+    def amap_byte(self, h):
+        """Byte offset in the segment of handle h's allocation-map byte (no range check)."""
+        return self.amap_off + handle_granule(h)[0]
+
+    def gmap_byte(self, h):
+        """Byte offset in the segment of handle h's generation byte (no range check)."""
+        return self.gmap_off + handle_granule(h)[0]
 
     def region_offsets(self):
         return {

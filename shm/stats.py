@@ -84,7 +84,7 @@ FIELDS = (
         "gc_sys",
         "bytes",
         "gauge",
-        "Allocation-map bytes covering the committed heap (one byte per 8 heap bytes).",
+        "Allocation- and generation-map bytes covering the committed heap (one byte each per 8 heap bytes).",
     ),
     (
         "other_sys",
@@ -152,7 +152,7 @@ def _sys_parts(arena, committed_pages, records_high, records_used, nactive):
         mspan_inuse=records_used * SPAN_BYTES,
         mcache_sys=lay.nslots * slot_bytes,
         mcache_inuse=nactive * slot_bytes,
-        gc_sys=heap_sys // 8,
+        gc_sys=heap_sys // 4,  # the allocation map and the generation map
         other_sys=other,
     )
 

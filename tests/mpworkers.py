@@ -244,4 +244,58 @@ def stuck_scavenging(arena_name, ready):
 
     PageHeap._insert_free = insert_free
     arena.scavenge_step(max_pages=16, keep_pages=0)
+
+
+def free_stale_handle(arena_name, handle, results):
+    """Another process frees (and views) a handle it was given: report what each call raised."""
+    from shm import Arena, ProcessCache
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    out = []
+    for call in (p.free, p.view):
+        try:
+            call(handle)
+            out.append(None)
+        except Exception as e:
+            out.append((type(e).__name__, str(e)))
+    out.append(arena.buffered_frees(p.slot))
+    p.close()
+    arena.close()
+    results.put(out)
+
+
+def stuck_in_fast_free(arena_name, before, ready, results):
+    """Allocate a 64 B block, then free it on the fast path and stop forever just before the
+    statement `before` of ProcessCache's free closure (a line trace): the test SIGKILLs us
+    between two of the fast path's stores, with no lock held."""
+    import inspect
+    import sys
+
+    from shm import Arena, ProcessCache
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    b = p.alloc(64)
+    p.free(p.alloc(64))  # a second block, freed whole: the list is not empty when we stop
+    code = p.free.__code__
+    lines, first = inspect.getsourcelines(code)
+    target = first + next(i for i, line in enumerate(lines) if line.strip().startswith(before))
+    results.put((p.slot, b.handle))
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def line(frame, event, arg):
+            if event == "line" and frame.f_lineno == target:
+                ready.set()
+                while True:
+                    signal.pause()
+            return line
+
+        return line
+
+    sys.settrace(trace)
+    p.free(b)
     time.sleep(60)  # not reached

@@ -36,7 +36,7 @@ def test_check_names_corruption(arena):
     p = ProcessCache(arena)
     b = p.alloc(64)
     p.flush()
-    off = arena.lay.amap_off + (b.handle - arena.lay.heap_off) // 8
+    off = arena.lay.amap_byte(b.handle)
     arena.mv[off + 1] = layout.ALLOC  # a byte outside any object start
     with pytest.raises(CorruptionError, match="allocation map"):
         arena.check()

@@ -72,15 +72,18 @@ def test_cross_process_cache_free_goes_pending_then_collected(arena):
 
 
 BAD = [
-    ("below the heap", lambda a, b: a.lay.heap_off - 8, BadHandle),
-    ("past the heap", lambda a, b: a.lay.heap_off + a.lay.heap_max, BadHandle),
+    ("below the heap", lambda a, b: layout.HANDLE_MIN - 1, BadHandle),
+    ("zero", lambda a, b: 0, BadHandle),
+    ("past the heap", lambda a, b: layout.make_handle(a.lay.heap_max, 0), BadHandle),
     ("negative", lambda a, b: -8, BadHandle),
-    ("misaligned", lambda a, b: b["small"].handle + 3, BadHandle),
-    ("inside a small block", lambda a, b: b["small"].handle + 8, BadHandle),
-    ("inside a large block", lambda a, b: b["large"].handle + 4096, BadHandle),
-    ("never allocated page", lambda a, b: a.lay.heap_off + a.lay.heap_max - 8192, BadHandle),
+    ("wrong generation", lambda a, b: b["small"].handle ^ 0x55, BadHandle),
+    ("inside a small block", lambda a, b: b["small"].handle + (1 << layout.GEN_BITS), BadHandle),
+    ("inside a large block", lambda a, b: b["large"].handle + (512 << layout.GEN_BITS), BadHandle),
+    ("never allocated page", lambda a, b: layout.make_handle(a.lay.heap_max - 8192, 0), BadHandle),
     ("free object", lambda a, b: b["freed"], DoubleFree),
-    ("freed large", lambda a, b: b["freed_large"], BadHandle),
+    ("freed large", lambda a, b: b["freed_large"], DoubleFree),
+    ("stale (reused)", lambda a, b: b["stale"], BadHandle),
+    ("stale large (reused)", lambda a, b: b["stale_large"], BadHandle),
     ("not an int", lambda a, b: "12345", BadHandle),
     ("float", lambda a, b: float(b["small"].handle), BadHandle),
 ]
@@ -97,15 +100,23 @@ def test_bad_handles_change_nothing(arena, what, make, exc, who):
     g = p1.alloc(50_000)
     blocks["freed_large"] = g.handle
     p1.free(g)
+    for key, size in (("stale", 8), ("stale_large", 40_000)):
+        s = p1.alloc(size)
+        p1.free(s)
+        blocks[key + "_again"] = again = p1.alloc(size)  # the same address, reused
+        assert layout.handle_offset(again.handle) == layout.handle_offset(s.handle)
+        blocks[key] = s.handle
     before = metadata_bytes(arena)
-    with pytest.raises(exc):
+    with pytest.raises(exc) as err:
         (p1 if who == "owner" else p2).free(make(arena, blocks))
+    if what.startswith("stale"):
+        assert err.type is BadHandle and "stale" in str(err.value)
     assert metadata_bytes(arena) == before, f"a bad free ({what}) changed the arena"
     if what not in ("not an int", "float"):
         with pytest.raises(BadHandle):
             p2.view(make(arena, blocks))
-    p1.free(blocks["small"])
-    p1.free(blocks["large"])
+    for key in ("small", "large", "stale_again", "stale_large_again"):
+        p1.free(blocks[key])
     assert_healthy(arena, p1, p2)
     p1.close()
     p2.close()
@@ -123,8 +134,8 @@ def test_double_free_across_two_processes_caches(arena):
     assert metadata_bytes(arena) == before
     p2.free(neighbour)
     p2.flush()  # p2's buffered frees applied: the span is empty now and back in the heap
-    with pytest.raises(BadHandle, match="not a live block"):
-        p1.free(neighbour.handle)
+    with pytest.raises(DoubleFree, match="span went back to the heap"):
+        p1.free(neighbour.handle)  # its generation byte outlives the span: still a double free
     assert_healthy(arena, p1, p2)
     p1.close()
     p2.close()

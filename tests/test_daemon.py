@@ -404,7 +404,7 @@ def test_cli_check_exits_1_and_names_a_broken_structure(start_daemon):
         r = run_cli("check", "--endpoint", d.endpoint)
         assert r.returncode == 0, r.stdout + r.stderr
         spy = Arena.attach(d.name)  # corrupt one byte, as a wild write would
-        off = spy.lay.amap_off + (b.handle - spy.lay.heap_off) // 8 + 1
+        off = spy.lay.amap_byte(b.handle) + 1
         spy.mv[off] = L.ALLOC
         try:
             r = run_cli("check", "--endpoint", d.endpoint)

@@ -10,7 +10,7 @@ import mpworkers
 import pytest
 from support import DEADLINE, assert_healthy, metadata_bytes, pattern
 
-from shm import DoubleFree, ProcessCache, layout
+from shm import BadHandle, DoubleFree, ProcessCache, layout
 
 SL, PAGE = layout.SLOT, layout.PAGE_SIZE
 
@@ -28,12 +28,14 @@ def test_a_large_pair_reuses_its_span_without_a_lock(make_arena, size):
     p.free(b)
     ops, run = [], arena.run
     arena.run = lambda actor, fn: ops.append(fn) or run(actor, fn)  # every locked operation
+    h = b.handle
     for _ in range(3):
         x = p.alloc(size)
-        assert x.handle == b.handle, "the freed span should come back from the P's cache"
+        h = layout.next_handle(h)  # the same address, the next generation
+        assert x.handle == h, "the freed span should come back from the P's cache"
         p.free(x)
     x = p.alloc(size)
-    assert x.handle == b.handle
+    assert x.handle == layout.next_handle(h)
     assert ops == [], "a large pair from the P's cache takes no lock"
     del arena.run
     assert len(owned(arena, p)) == 1
@@ -65,7 +67,7 @@ def test_a_large_block_freed_by_another_p_goes_back_through_its_owner(arena):
     with pytest.raises(DoubleFree):
         owner.free(b)  # RFREED: the owner's fast path refuses it
     freer.flush()  # applied: PENDING for its owner
-    off = arena.lay.amap_off + ((b.handle - arena.lay.heap_off) >> 3)
+    off = arena.lay.amap_byte(b.handle)
     assert arena.mv[off] == layout.PENDING
     assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 1
     before = metadata_bytes(arena)
@@ -77,7 +79,9 @@ def test_a_large_block_freed_by_another_p_goes_back_through_its_owner(arena):
     assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
     assert arena.mv[off] == layout.LISTED
     again = owner.alloc(100_000)  # the same size: the span the other P freed, without a lock
-    assert again.handle == b.handle
+    assert again.handle == layout.next_handle(b.handle)  # the same address, the next generation
+    with pytest.raises(BadHandle, match="stale"):
+        freer.free(b)  # the freer's old handle no longer frees the block its owner reuses
     again.buf[:] = pattern(again.handle, 100_000)
     for x in (c, keep, again):
         owner.free(x)

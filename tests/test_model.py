@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from support import metadata_bytes, pattern, unique_name, unreserved
 
-from shm import Arena, BadHandle, OutOfMemory, ProcessCache, identities, layout, stats, world
+from shm import Arena, BadHandle, DoubleFree, OutOfMemory, ProcessCache, identities, layout, stats, world
 from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS
 
 PAGE = layout.PAGE_SIZE
@@ -15,14 +15,19 @@ SIZES = st.one_of(st.integers(1, 512), st.integers(513, 32768), st.integers(3276
 
 
 class AllocatorModel(RuleBasedStateMachine):
-    """Two Ps on one small arena; the model is a dict handle -> (size, owner P)."""
+    """Two Ps on one small arena; the model is a dict handle -> (size, capacity) and, per
+    address, the last handle it had: a block's handle is the next generation of that one."""
 
     def __init__(self):
         super().__init__()
         self.arena = Arena.create(unique_name("model"), 4 << 20, 4)
         self.ps = [ProcessCache(self.arena), ProcessCache(self.arena)]
         self.live = {}  # handle -> (size, capacity)
-        self.freed = set()  # handles freed and not reallocated since
+        self.freed = set()  # handles freed: stale (or a double free) for good
+        self.last = {}  # heap offset -> the last handle a block there had
+        # Addresses whose pages may have been released since their last handle (their generation
+        # is then the one PageHeap._commit writes), and whether a fresh address may have been.
+        self.regen, self.fresh_regen = set(), False
         self.mallocs = self.frees = 0
         self.prev = None
 
@@ -38,13 +43,22 @@ class AllocatorModel(RuleBasedStateMachine):
         except OutOfMemory:
             return
         assert b.handle not in self.live, "handed out a live block twice"
+        off = layout.handle_offset(b.handle)
         for h, (_sz, cap) in self.live.items():
-            assert b.handle + b.capacity <= h or h + cap <= b.handle, "blocks overlap"
+            o = layout.handle_offset(h)
+            assert off + b.capacity <= o or o + cap <= off, "blocks overlap"
+        # A fresh address has generation 0; a reused one the generation after its last handle's;
+        # one whose pages were released and committed again, the generation written then.
+        if off in self.last and off not in self.regen:
+            assert b.handle == layout.next_handle(self.last[off])
+        elif off not in self.last and not self.fresh_regen:
+            assert b.handle & 255 == 0
+        self.regen.discard(off)
         if size <= 32768:
             assert b.capacity == CLASS_TO_SIZE[SIZE_TO_CLASS[(size + 7) >> 3]]
         b.buf[:] = pattern(b.handle, size)
         self.live[b.handle] = (size, b.capacity)
-        self.freed.discard(b.handle)
+        self.freed.discard(b.handle)  # 256 reuses of one address: its first handle comes back
         self.mallocs += 1
 
     @precondition(lambda self: self.live)
@@ -55,22 +69,40 @@ class AllocatorModel(RuleBasedStateMachine):
         assert bytes(self.ps[p].view(h, size)) == pattern(h, size), "block contents changed"
         self.ps[p].free(h)
         self.freed.add(h)
+        self.last[layout.handle_offset(h)] = h
         self.frees += 1
 
     @precondition(lambda self: self.freed)
-    @rule(p=st.integers(0, 1), data=st.data())
-    def bad_free(self, p, data):
+    @rule(p=st.integers(0, 1), data=st.data(), how=st.sampled_from(["free", "view"]))
+    def stale_use(self, p, data, how):
+        """A freed handle -- its block maybe reused since, by either P -- frees and views
+        nothing: DoubleFree when it is its address's last handle and no live block covers the
+        address, plain BadHandle (stale) when a live block starts there."""
         h = data.draw(st.sampled_from(sorted(self.freed)))
+        off = layout.handle_offset(h)
+        covered = [
+            o
+            for o, cap in ((layout.handle_offset(x), c) for x, (_s, c) in self.live.items())
+            if o <= off < o + cap
+        ]
         before = metadata_bytes(self.arena)
-        with pytest.raises(BadHandle):
-            self.ps[p].free(h)
+        with pytest.raises(BadHandle) as err:
+            (self.ps[p].free if how == "free" else self.ps[p].view)(h)
         assert metadata_bytes(self.arena) == before
+        if covered == [off]:
+            assert err.type is BadHandle and "stale" in str(err.value)
+        elif not covered and how == "free" and self.last[off] == h and off not in self.regen:
+            assert err.type is DoubleFree
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), delta=st.sampled_from([1, 8, 16, -8]))
     def bad_interior_free(self, data, delta):
         h = data.draw(st.sampled_from(sorted(self.live)))
-        bad = h + delta
+        bad = (
+            layout.make_handle(layout.handle_offset(h) + delta, h & layout.GEN_MASK)
+            if delta % 8 == 0
+            else h + delta
+        )
         if bad in self.live:
             return
         before = metadata_bytes(self.arena)
@@ -100,11 +132,18 @@ class AllocatorModel(RuleBasedStateMachine):
     @rule()
     def release(self):
         self.arena.scavenge()
+        self._released()
+
+    def _released(self):
+        live = {layout.handle_offset(h) for h in self.live}
+        self.regen |= {off for off in self.last if off not in live}
+        self.fresh_regen = True
 
     @rule(pages=st.integers(1, 40), keep=st.integers(0, 64), spans=st.integers(1, 3))
     def scavenger_step(self, pages, keep, spans):
         """One bounded background step: the oldest idle spans, a long one split."""
         self.arena.scavenge_step(max_pages=pages, keep_pages=keep, max_spans=spans, background=True)
+        self._released()
 
     @rule()
     def snapshot(self):

@@ -27,15 +27,14 @@ def test_a_remote_free_is_buffered_hinted_and_applied_in_one_batch(arena):
         freer.free(b)
     # All in the buffer, each hinted RFREED, nothing applied: the central counters are untouched.
     assert buffered(arena, freer) == [b.handle for b in blocks[: layout.RFREE_CAP]]
-    amap = arena.mv[arena.lay.amap_off :]
-    assert {amap[(b.handle - arena.lay.heap_off) >> 3] for b in blocks[: layout.RFREE_CAP]} == {layout.RFREED}
+    amap = arena.mv
+    assert {amap[arena.lay.amap_byte(b.handle)] for b in blocks[: layout.RFREE_CAP]} == {layout.RFREED}
     # The slow walk already counts them free (the calls returned); the snapshot will too.
     assert read_stats_slow(arena)["heap_objects"] == 10
     freer.free(blocks[layout.RFREE_CAP])  # the buffer is full: this free applies it first
     assert buffered(arena, freer) == [blocks[layout.RFREE_CAP].handle]
-    states = {amap[(b.handle - arena.lay.heap_off) >> 3] for b in blocks[: layout.RFREE_CAP]}
+    states = {amap[arena.lay.amap_byte(b.handle)] for b in blocks[: layout.RFREE_CAP]}
     assert states <= {layout.PENDING, layout.FREE}  # owner's spans: PENDING; uncached ones: FREE
-    amap.release()
     for b in blocks[layout.RFREE_CAP + 1 :]:
         owner.free(b)
     snap = assert_healthy(arena, owner, freer)
@@ -67,7 +66,7 @@ def test_a_lost_hint_still_frees_exactly_once(arena):
     blocks = [owner.alloc(64) for _ in range(4)]
     for b in blocks:
         freer.free(b)
-    off = arena.lay.amap_off + ((blocks[0].handle - arena.lay.heap_off) >> 3)
+    off = arena.lay.amap_byte(blocks[0].handle)
     arena.mv[off] = layout.TAG0 + owner.slot  # what a concurrent collect would write back
     snap = assert_healthy(arena, owner, freer)
     assert snap["heap_objects"] == 0 and snap["frees"] == 4 and snap["bad_frees"] == 0
@@ -81,14 +80,14 @@ def test_a_free_found_bad_when_applied_is_counted_logged_and_not_applied(arena, 
     owner, freer = ProcessCache(arena), ProcessCache(arena)
     victim, other = owner.alloc(64), owner.alloc(64)
     freer.free(victim)
-    off = arena.lay.amap_off + ((victim.handle - arena.lay.heap_off) >> 3)
+    off = arena.lay.amap_byte(victim.handle)
     arena.mv[off] = layout.TAG0 + owner.slot  # the hint is lost...
     owner.free(victim)  # ...so the owner's own free goes through: LISTED again
     with caplog.at_level("WARNING", logger="shmalloc.arena"):
         freer.flush()
     assert "found bad when applied" in caplog.text
     again = owner.alloc(64)  # the owner's list hands it out once more, to one owner
-    assert again.handle == victim.handle
+    assert again.handle == layout.next_handle(victim.handle)
     again.buf[:] = pattern(again.handle, 64)
     owner.free(other)
     snap = assert_healthy(arena, owner, freer)

@@ -35,7 +35,7 @@ def free_spans(arena):
 
 
 def page_of(arena, block):
-    return (block.handle - arena.lay.heap_off) // PAGE
+    return L.handle_offset(block.handle) // PAGE
 
 
 def heap_word(arena, name):

@@ -1,0 +1,235 @@
+"""Generational handles (shm/layout.py): a handle carries its object's generation byte, bumped
+each time the object is freed, so a stale handle -- its block freed and the address reused --
+never frees or views the new block, in one process, across two, or through a remote-free buffer;
+the second free of a block says DoubleFree even after its span went back to the page heap; a
+process killed between the generation bump and the rest of a fast-path free leaves the arena
+consistent."""
+
+import multiprocessing as mp
+import os
+import random
+import signal
+
+import mpworkers
+import pytest
+from support import DEADLINE, assert_healthy, metadata_bytes, pattern
+
+from shm import BadHandle, DoubleFree, ProcessCache, layout
+
+SPAWN = mp.get_context("spawn")
+
+
+def reused(p, size):
+    """(stale handle, live Block at the same address): p frees a block and gets its memory back."""
+    b = p.alloc(size)
+    p.free(b)
+    again = p.alloc(size)
+    assert layout.handle_offset(again.handle) == layout.handle_offset(b.handle), "the address is reused"
+    assert again.handle == layout.next_handle(b.handle) != b.handle
+    again.buf[:] = pattern(again.handle, size)
+    return b.handle, again
+
+
+@pytest.mark.parametrize("size", [64, 100_000])
+def test_a_stale_handle_never_frees_or_views_the_reused_block(arena, size):
+    owner, other = ProcessCache(arena), ProcessCache(arena)
+    stale, again = reused(owner, size)
+    before = metadata_bytes(arena)
+    for p in (owner, other):
+        for call in (p.free, p.view):
+            with pytest.raises(BadHandle, match="stale") as err:
+                call(stale)
+            assert err.type is BadHandle  # not a DoubleFree: the block is live, with another handle
+    assert metadata_bytes(arena) == before, "a stale free changed the arena"
+    assert arena.buffered_frees(other.slot) == []
+    assert bytes(other.view(again)[:size]) == pattern(again.handle, size)
+    owner.free(again)
+    snap = assert_healthy(arena, owner, other)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    other.close()
+
+
+def test_a_stale_free_from_another_process_fails_at_the_call(arena):
+    """P A frees X and gets X back; process B frees X with the old handle: BadHandle in B, and
+    A's block stays allocated (A's next allocations never hand X out while A holds it)."""
+    a = ProcessCache(arena)
+    stale, again = reused(a, 64)
+    out = SPAWN.Queue()
+    b = SPAWN.Process(target=mpworkers.free_stale_handle, args=(arena.name, stale, out))
+    b.start()
+    freed, viewed, buffered = out.get(timeout=DEADLINE)
+    b.join(DEADLINE)
+    assert freed[0] == "BadHandle" and "stale" in freed[1]
+    assert viewed[0] == "BadHandle" and "stale" in viewed[1]
+    assert buffered == [], "the stale free never reached B's remote-free buffer"
+    more = [a.alloc(64) for _ in range(300)]
+    assert all(layout.handle_offset(m.handle) != layout.handle_offset(again.handle) for m in more)
+    assert bytes(a.view(again))[:64] == pattern(again.handle, 64)
+    for m in more + [again]:
+        a.free(m)
+    snap = assert_healthy(arena, a)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    a.close()
+
+
+def test_a_late_buffered_free_that_meets_the_block_reused_is_skipped(arena):
+    """B buffers a free of X (valid then); its hint is lost to a retag, so A frees X too and gets
+    it back.  When B's buffer is applied, X carries the next generation: B's free is stale --
+    skipped and counted, and A's block stays allocated."""
+    a, b = ProcessCache(arena), ProcessCache(arena)
+    x = a.alloc(64)
+    b.free(x)
+    arena.mv[arena.lay.amap_byte(x.handle)] = layout.TAG0 + a.slot  # the hint is lost...
+    a.free(x)  # ...so A's own free goes through, and A gets X back
+    again = a.alloc(64)
+    assert again.handle == layout.next_handle(x.handle)
+    again.buf[:] = pattern(again.handle, 64)
+    b.flush()  # B's buffer applied: found stale
+    assert arena.q[arena.lay.heap_word() + layout.HEAP["bad_frees"]] == 1
+    assert arena.mv[arena.lay.amap_byte(again.handle)] == layout.TAG0 + a.slot, "X stayed A's"
+    snap = assert_healthy(arena, a, b)
+    assert snap["heap_objects"] == 1 and snap["bad_frees"] == 1
+    assert bytes(a.view(again)[:64]) == pattern(again.handle, 64)
+    a.free(again)
+    assert assert_healthy(arena, a, b)["heap_objects"] == 0
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("size", [64, 100_000])
+def test_a_second_free_after_the_span_went_back_to_the_heap_is_a_double_free(arena, size):
+    p, other = ProcessCache(arena), ProcessCache(arena)
+    b = p.alloc(size)
+    other.free(b)
+    other.flush()  # applied: the span is empty (or the large span PENDING for p)
+    p.flush()  # p gives back what it cached: the span goes back to the page heap
+    assert arena.heap.span_of_page(layout.handle_offset(b.handle) >> layout.PAGE_SHIFT) < 0
+    before = metadata_bytes(arena)
+    for q in (p, other):
+        with pytest.raises(DoubleFree, match="span went back to the heap"):
+            q.free(b.handle)
+        with pytest.raises(BadHandle):
+            q.view(b.handle)
+    assert metadata_bytes(arena) == before
+    assert_healthy(arena, p, other)
+    p.close()
+    other.close()
+
+
+def test_one_address_gets_256_distinct_handles_before_one_repeats(arena):
+    p = ProcessCache(arena)
+    seen = []
+    for _ in range(257):
+        b = p.alloc(64)
+        seen.append(b.handle)
+        p.free(b)
+    assert len({layout.handle_offset(h) for h in seen}) == 1
+    assert len(set(seen[:256])) == 256, "the last 255 handles of an address all differ from its current one"
+    assert seen[256] == seen[0]  # 8 bits: the 257th reuse wraps
+    assert_healthy(arena, p)
+    p.close()
+
+
+def test_random_ints_and_every_wrong_generation_raise_bad_handle(arena):
+    p, other = ProcessCache(arena), ProcessCache(arena)
+    live = [p.alloc(64), p.alloc(3000), p.alloc(100_000)]
+    before = metadata_bytes(arena)
+    for b in live:  # the 255 other generations of a live block's address
+        for gen in range(256):
+            h = b.handle & ~layout.GEN_MASK | gen
+            if h == b.handle:
+                continue
+            for q in (p, other):
+                with pytest.raises(BadHandle):
+                    q.free(h)
+                with pytest.raises(BadHandle):
+                    q.view(h)
+    rng = random.Random(7)
+    top = layout.make_handle(arena.lay.heap_max, 0) * 2
+    for _ in range(2000):
+        h = rng.randrange(-top, top)
+        if h in {b.handle for b in live}:
+            continue
+        with pytest.raises(BadHandle):
+            other.free(h)
+    assert metadata_bytes(arena) == before
+    for b in live:
+        p.free(b)
+    assert_healthy(arena, p, other)
+    p.close()
+    other.close()
+
+
+@pytest.mark.parametrize("before", ["relists[c] += 1", "amap[i] = LISTED", "lists[c].append(h + 1)"])
+def test_sigkill_between_the_generation_bump_and_the_rest_of_a_fast_free(make_arena, before):
+    """The victim dies inside a fast-path free after its generation store, at each later store.
+    The arena stays consistent (check passes after its reclaim) and the handle it was freeing
+    never names a live block again: its generation was bumped first."""
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    ready, out = SPAWN.Event(), SPAWN.Queue()
+    victim = SPAWN.Process(target=mpworkers.stuck_in_fast_free, args=(arena.name, before, ready, out))
+    victim.start()
+    slot, h = out.get(timeout=DEADLINE)
+    assert ready.wait(DEADLINE), "victim never reached the statement"
+    assert arena.mv[arena.lay.gmap_byte(h)] == layout.next_handle(h) & layout.GEN_MASK
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(DEADLINE)
+    snap = assert_healthy(arena, main)  # reclaims the victim's slot
+    assert slot not in arena.registry.active_slots()
+    # Killed before its LISTED store the block stays allocated (a dead P's blocks do); after it,
+    # it is free.  Either way the old handle frees nothing.
+    leaked = before == "relists[c] += 1" or before == "amap[i] = LISTED"
+    assert snap["heap_objects"] == (1 if leaked else 0)
+    with pytest.raises(BadHandle):
+        main.free(h)
+    got = [main.alloc(64) for _ in range(600)]
+    assert h not in {b.handle for b in got}
+    for b in got:
+        main.free(b)
+    assert_healthy(arena, main)
+    main.close()
+
+
+def test_check_names_a_buffered_free_whose_generation_moved(arena):
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    b = owner.alloc(64)
+    freer.free(b)  # buffered: the object keeps its generation until the free is applied
+    assert arena.check_all() == []
+    g = arena.lay.gmap_byte(b.handle)
+    arena.mv[g] = (arena.mv[g] + 1) & layout.GEN_MASK  # as if it had been freed meanwhile
+    assert any("not its object's generation" in x for x in arena.check_all())
+    arena.mv[g] = (arena.mv[g] - 1) & layout.GEN_MASK
+    assert arena.check_all() == []
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
+@pytest.mark.parametrize("size", [64, 100_000])
+def test_a_handle_from_before_a_release_never_matches_after_it(arena, size):
+    """The generation map is given back with the pages it describes (it reads zero then), and a
+    commit of released pages writes one non-zero generation over their entries: so the first
+    handle an address ever had (generation 0) -- and any other from before the release, bar one
+    value in 255 -- is refused after the pages were released and reused."""
+    p = ProcessCache(arena)
+    first = p.alloc(size)
+    assert first.handle & layout.GEN_MASK == 0, "a fresh address hands out generation 0"
+    p.free(first)
+    p.flush()  # the span goes back to the page heap
+    assert arena.scavenge() > 0  # and its pages, with their maps, to the OS
+    blocks = [p.alloc(size) for _ in range(2 * arena.lay.heap_max // max(size, 8192) // 4)]
+    again = next(b for b in blocks if layout.handle_offset(b.handle) == layout.handle_offset(first.handle))
+    assert again.handle != first.handle and again.handle & layout.GEN_MASK != 0
+    again.buf[:] = pattern(again.handle, again.size)
+    for call in (p.free, p.view):
+        with pytest.raises(BadHandle):
+            call(first.handle)
+    assert bytes(again.buf) == pattern(again.handle, again.size)
+    for b in blocks:
+        p.free(b)
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0
+    p.close()
