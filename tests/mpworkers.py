@@ -108,8 +108,9 @@ def stuck_worker(endpoint, ready, release, results):
 
 
 def connected_worker(endpoint, cmds, results):
-    """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("stats",)
-    / ("close",).  Answers every command on `results`."""
+    """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("verify",
+    handle, size: the block still holds its pattern) / ("close",).  Answers every command on
+    `results`."""
     import client
 
     heap = client.connect(endpoint)
@@ -125,6 +126,11 @@ def connected_worker(endpoint, cmds, results):
                 results.put(("ok", b.handle))
             elif cmd[0] == "free":
                 heap.free(cmd[1])
+                results.put(("ok", None))
+            elif cmd[0] == "verify":
+                from service.demo import verify
+
+                verify(heap, cmd[1], cmd[2], "connected worker")
                 results.put(("ok", None))
             elif cmd[0] == "close":
                 heap.close()

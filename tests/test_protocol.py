@@ -96,8 +96,9 @@ class FakeDaemon:
     def unregister(self, slot, identity, token=0):
         return self._call("unregister", slot, identity, *_t(token))
 
-    def heartbeat(self, slot, identity, pid=0, token=0):
-        return self._call("heartbeat", slot, identity, *((pid,) if pid else ()), *_t(token))
+    def heartbeat(self, slot, identity, pid=0, token=0, arena_id=0):
+        aid = (("arena_id", arena_id),) if arena_id else ()
+        return self._call("heartbeat", slot, identity, *((pid,) if pid else ()), *_t(token), *aid)
 
     def ping(self):
         return self._call("ping")
@@ -111,8 +112,8 @@ class FakeDaemon:
     def release(self, token=0):
         return self._call("release", *_t(token))
 
-    def request_shutdown(self, token=0):
-        return self._call("request_shutdown", *_t(token))
+    def request_shutdown(self, token=0, force=False):
+        return self._call("request_shutdown", *_t(token), *((("force", True),) if force else ()))
 
 
 def _t(token):
@@ -147,6 +148,14 @@ ROUND_TRIPS = [
     ("heartbeat", {"slot": 0}, b"peer-2", {}, ("heartbeat", (0, b"peer-2")), {"epoch": 7}),
     ("heartbeat", {"slot": 1}, b"p", {"heartbeat": 9}, ("heartbeat", (1, b"p")), {"epoch": 9}),
     ("heartbeat", {"slot": 2, "pid": 77}, b"p", {}, ("heartbeat", (2, b"p", 77)), {"epoch": 7}),
+    (
+        "heartbeat",
+        {"slot": 2, "arena_id": 2**64 - 1},
+        b"p",
+        {},
+        ("heartbeat", (2, b"p", ("arena_id", 2**64 - 1))),
+        {"epoch": 7},
+    ),
     ("ping", {}, b"", {}, ("ping", ()), PING),
     ("ping", {}, b"", {"ping": dict(PING, uptime_s=2)}, ("ping", ()), dict(PING, uptime_s=2.0)),
     ("stats", {}, b"", {}, ("snapshot", (2000, False)), {"snapshot": SNAPSHOT}),
@@ -170,6 +179,7 @@ ROUND_TRIPS = [
     ("release", {}, b"", {}, ("release", ()), {"released_bytes": 8192}),
     ("release", {}, b"", {"release": 0}, ("release", ()), {"released_bytes": 0}),
     ("shutdown", {}, b"", {}, ("request_shutdown", ()), {}),
+    ("shutdown", {"force": True}, b"", {}, ("request_shutdown", (("force", True),)), {}),
 ]
 
 
