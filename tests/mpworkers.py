@@ -189,3 +189,22 @@ def stuck_flushing_large(arena_name, ready):
     LargeObjects._give_back = give_back
     p.flush()
     time.sleep(60)  # not reached
+
+
+def stuck_closing(arena_name, ready):
+    """Close the arena for good (shm/world.py close_for_good) -- and stop forever INSIDE it,
+    holding the registry lock, after the mark and the first P's stop byte were written."""
+    from shm import Arena, layout, world
+
+    arena = Arena.attach(arena_name)
+    slots = arena.registry.active_slots()
+
+    def first_then_stop():
+        yield slots[0]
+        ready.set()
+        while True:
+            signal.pause()
+
+    arena.registry.active_slots = lambda: first_then_stop()
+    world.close_for_good(arena, layout.CLOSED_FORCED)
+    time.sleep(60)  # not reached

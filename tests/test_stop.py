@@ -11,13 +11,12 @@ import time
 
 import mpworkers
 import pytest
-from support import DEADLINE, pattern
+from support import DEADLINE, assert_healthy, pattern
 from test_daemon import SPAWN, finish_workers, run_cli, start_workers
 
 import client
-from shm import stats, world
+from shm import Arena, ProcessCache, layout, stats, world
 from shm.arena import unlink_segment
-from shm.world import membarrier_supported
 
 SIZES = (64, 64, 5000, 100_000)  # fast path, fast path, another class, a large block
 
@@ -69,7 +68,7 @@ def test_sigterm_with_live_workers_keeps_the_arena_and_a_restarted_daemon_adopts
 ):
     if protocol == "cooperative":  # the daemon and the workers inherit it
         monkeypatch.setenv("SHMALLOC_NO_MEMBARRIER", "1")
-    elif not membarrier_supported():
+    elif not world.membarrier_supported():
         pytest.skip("membarrier(2) is not available here")
     d = start_daemon()
     procs, boxes, results, until = start_workers(d, 2)  # allocating and freeing throughout
@@ -263,7 +262,6 @@ def test_a_worker_whose_daemon_was_replaced_by_a_fresh_arena_is_told(start_daemo
 
 # --- closing for good, on an arena without a daemon (shm/world.py close_for_good) ---------------
 def test_closing_for_good_stops_every_call_of_every_p_and_refuses_new_ones(arena):
-    from shm import ProcessCache, layout
 
     p, other = ProcessCache(arena), ProcessCache(arena)
     b = p.alloc(64)
@@ -296,7 +294,6 @@ def test_closing_for_good_stops_every_call_of_every_p_and_refuses_new_ones(arena
 
 
 def test_a_stop_keeps_an_arena_live_ps_hold_and_closes_it_once_they_left(arena):
-    from shm import Arena, ProcessCache, layout
 
     p = ProcessCache(arena)
     daemon = Arena.attach(arena.name)  # another open file: it sees this process's P as live
@@ -313,7 +310,6 @@ def test_a_stop_keeps_an_arena_live_ps_hold_and_closes_it_once_they_left(arena):
 
 
 def test_a_closing_pause_leaves_every_stop_byte_closed_and_a_lost_one_is_caught_by_the_mark(arena):
-    from shm import ProcessCache, layout
 
     p = ProcessCache(arena)
     p.free(p.alloc(64))
@@ -334,7 +330,6 @@ def test_a_closing_pause_leaves_every_stop_byte_closed_and_a_lost_one_is_caught_
 def test_an_arena_closed_for_good_but_left_in_place_is_replaced_not_adopted(start_daemon):
     """A forced stop killed between closing the arena and unlinking it: the next daemon removes
     it and makes a fresh one; the worker of the old one is not let back in."""
-    from shm import Arena, layout
 
     d = start_daemon()
     w, cmds, res = connected(d)
@@ -353,3 +348,34 @@ def test_an_arena_closed_for_good_but_left_in_place_is_replaced_not_adopted(star
     kind, msg = ask(cmds, res, "alloc", 64)
     assert kind == "error" and msg.startswith("ArenaClosed"), msg
     close_worker(w, cmds, res)
+
+
+def test_a_closer_killed_half_way_leaves_a_healthy_arena_that_no_p_goes_on_using(arena):
+    """SIGKILL inside close_for_good, the registry lock held, one P told and the other not: the
+    kernel drops the lock, the arena's structures are intact, the told P raises at once and the
+    other at its next slow path (its fast path runs on what it holds), and no P is claimed."""
+
+    p0, p1 = ProcessCache(arena), ProcessCache(arena)
+    for p in (p0, p1):
+        p.free(p.alloc(64))
+    ready = SPAWN.Event()
+    closer = SPAWN.Process(target=mpworkers.stuck_closing, args=(arena.name, ready))
+    closer.start()
+    assert ready.wait(DEADLINE), "the closer never got inside close_for_good"
+    os.kill(closer.pid, signal.SIGKILL)
+    closer.join(DEADLINE)
+    stop = layout.SLOT["stop"]
+    assert arena.q[layout.HDR["closed"]] == layout.CLOSED_FORCED
+    assert arena.q[arena.lay.slot_word(p0.slot) + stop] == layout.STOP_CLOSED
+    assert arena.q[arena.lay.slot_word(p1.slot) + stop] == layout.STOP_RUN
+    with pytest.raises(client.ArenaClosed):
+        p0.alloc(64)
+    b = p1.alloc(64)  # the fast path: listed before the close
+    with pytest.raises(client.ArenaClosed):
+        p1.alloc(5000)  # a refill: the slow path meets the mark
+    with pytest.raises(client.ArenaClosed):
+        ProcessCache(arena)  # the registry lock is free again: refused, not hung
+    snap = assert_healthy(arena, p0, p1)  # flushed from outside, as the daemon flushes a P
+    assert snap["heap_objects"] == 1 and b.handle
+    p0.close()
+    p1.close()
