@@ -155,7 +155,7 @@ def test_stop_with_no_live_worker_removes_the_arena(start_daemon):
 def test_forced_shutdown_closes_the_arena_and_no_old_handle_resolves_in_the_new_one(start_daemon):
     np = pytest.importorskip("numpy")
     d = start_daemon()
-    old = client.connect(d.endpoint)  # first, so that a fresh arena hands out the same handles
+    old = client.heap(d.endpoint)  # first, so that a fresh arena hands out the same handles
     old_blocks = [old.alloc(s) for s in SIZES]
     for b in old_blocks:
         b.buf[:] = pattern(b.handle, b.size)
@@ -190,6 +190,7 @@ def test_forced_shutdown_closes_the_arena_and_no_old_handle_resolves_in_the_new_
     assert "adopted arena" not in d2.log() and "adopted=False" in d2.log()
     new = client.heap(d2.endpoint)  # the default heap: references load through it
     try:
+        assert new is not old and old._closed, "the default heap of a closed arena was not replaced"
         assert new.arena.arena_id != old_id
         fresh = [new.alloc(s) for s in SIZES]
         for b in fresh:
@@ -214,7 +215,6 @@ def test_forced_shutdown_closes_the_arena_and_no_old_handle_resolves_in_the_new_
             new.free(b)
     finally:
         client.close_heap()
-    old.close()  # closing a Heap of a closed arena works (and frees nothing anywhere)
     close_worker(w, cmds, res)
     r = run_cli("check", "--endpoint", d2.endpoint)
     assert r.returncode == 0, r.stdout + r.stderr
