@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import client.ops
 from client import protocol as P
 from client.ops import stats as stats_op
-from client.ops.schema import Field, Reply
+from client.ops.schema import INT64_MIN, UINT64_MAX, Field, Reply
 from service.handlers import CHECK_REPLY, HANDLERS, dispatch
 from shm import errors as E
 from shm.layout import MAX_SLOTS
@@ -561,7 +561,9 @@ def _plausible(op):
     def values(f):
         if f.type is bool:
             return st.booleans() | st.integers(0, 1)
-        return st.integers(f.bounds[0] - 1, f.bounds[1] + 1) | st.sampled_from(f.bounds) | st.booleans()
+        # One past each bound -- but no further than msgpack can carry (a uint64 at most).
+        lo, hi = max(f.bounds[0] - 1, INT64_MIN), min(f.bounds[1] + 1, UINT64_MAX)
+        return st.integers(lo, hi) | st.sampled_from(f.bounds) | st.booleans()
 
     return st.fixed_dictionaries(
         {"v": st.just(1), "id": st.integers(-5, 5) | st.text(max_size=64), "op": st.just(op)},
