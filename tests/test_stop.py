@@ -170,7 +170,8 @@ def test_forced_shutdown_closes_the_arena_and_no_old_handle_resolves_in_the_new_
     w, cmds, res = connected(d)
     theirs = alloc_all(cmds, res)
 
-    assert client.request(d.endpoint, "shutdown", force=True)["ok"]
+    r = run_cli("shutdown", "--endpoint", d.endpoint, "--force")  # the op with force: true
+    assert r.returncode == 0 and "closed for good" in r.stdout, r.stdout + r.stderr
     assert d.proc.wait(DEADLINE) == 0
     assert not os.path.exists(f"/dev/shm/{d.name}") and not os.path.exists(d.sock_path())
     assert "closed the arena for good: 2 workers told" in d.log(), d.log()
