@@ -3,8 +3,9 @@
 - `Session`: a private daemon (its own temp dir and endpoint, `--max-heap 2G` by default, its
   log in the temp dir), the child processes and Ray, and the cleanup of all of it -- on a normal
   exit, an error, Ctrl-C or SIGTERM: children terminated, Ray shut down, the daemon stopped
-  (SIGTERM: it unlinks its arena), then anything left in /dev/shm under this run's names
-  (the arena, `<prefix>*`: SharedMemory segments and iceoryx2's files) removed.
+  (SIGTERM: it unlinks its arena, or keeps it while a Heap of this process is open), then
+  anything left in /dev/shm under this run's names (the arena, `<prefix>*`: SharedMemory
+  segments and iceoryx2's files) removed.
 - `have(module)` / `skipped(peer)`: the optional peers of the `bench` extra.
 - `header()`, `md_table()`, `fmt_*()`: the command line, the machine, markdown tables.
 - `pattern(handle, size)`: the fill pattern of the workloads (the handle's 8 bytes repeated).

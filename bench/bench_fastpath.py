@@ -96,7 +96,9 @@ class Strip(ast.NodeTransformer):
         stmts = {}  # statement -> (piece, replacement or None)
         if "block" in self.pieces:
             stmts["cls = block.__class__"] = ("block", None)
-            stmts["h = block[0] if cls is B else block if cls is int else _handle(block)"] = (
+            stmts[
+                "h = block[0] if cls is B and block[3] is self else block if cls is int else _handle(block, self)"
+            ] = (
                 "block",
                 "h = block",
             )

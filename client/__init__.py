@@ -43,6 +43,7 @@ from typing import Any, Literal
 import zmq
 
 from shm import Arena, Block, ProcessCache
+from shm import layout as L
 from shm.errors import (
     ArenaClosed,
     BadHandle,
@@ -62,6 +63,7 @@ from shm.errors import (
     RemoteError,
     ShmallocError,
 )
+from shm.world import close_for_good
 
 from . import pool, protocol
 from .curve import Curve, CurveKeyError, dealer
@@ -265,6 +267,7 @@ class _Control(threading.Thread):
         self.heartbeat_ms = 1000
         # The slot's secret, written at claim: quoted in register, heartbeat and unregister.
         self.token = heap.arena.registry.token(heap.slot)
+        self.arena_id = heap.arena.arena_id  # quoted in heartbeats: a daemon of another arena says so
         self.error = None
         self.ready = threading.Event()
         self._stop_evt = threading.Event()
@@ -297,7 +300,12 @@ class _Control(threading.Thread):
                 elif not events:
                     sock.send(
                         protocol.encode_request(
-                            "heartbeat", next(_ids), slot=heap.slot, pid=os.getpid(), token=self.token
+                            "heartbeat",
+                            next(_ids),
+                            slot=heap.slot,
+                            pid=os.getpid(),
+                            token=self.token,
+                            arena_id=self.arena_id,
                         )
                     )
             try:
@@ -338,6 +346,12 @@ class _Control(threading.Thread):
     def _on_message(self, frame):
         try:
             msg = protocol.decode_reply(frame)
+        except RemoteError as e:
+            # The endpoint is served by a daemon of another arena: ours is gone for good.
+            # Every P of it is told as a forced stop tells them (its next call raises).
+            if e.code == ForeignReference.code and not self.heap.arena.closed:
+                close_for_good(self.heap.arena, L.CLOSED_REPLACED)
+            return
         except ShmallocError:
             return
         if msg.get("op") == "stop":

@@ -53,7 +53,7 @@ _heaps: "weakref.WeakSet[Heap]" = weakref.WeakSet()
 
 
 def _usable(h: "Heap | None") -> bool:
-    return h is not None and h.pid == os.getpid() and not h._closed
+    return h is not None and h.pid == os.getpid() and not h._closed and not h.arena_closed()
 
 
 def heap(endpoint: str | None = None) -> "Heap":
@@ -68,6 +68,9 @@ def heap(endpoint: str | None = None) -> "Heap":
             h = _default
             if not _usable(h):
                 from . import connect
+
+                if h is not None and _default_pid == os.getpid():
+                    h.close()  # its arena was closed for good: a P of the daemon serving now
 
                 h = connect(endpoint)
                 _default, _default_pid = h, os.getpid()

@@ -4,7 +4,8 @@ shmalloc daemon [--endpoint E] [--max-heap SIZE] ...   run the daemon in the for
 shmalloc stats [--endpoint E] [--json] [--watch S]     a consistent snapshot (or a live view)
 shmalloc check [--endpoint E]                          full span walk; exit 1 on any problem
 shmalloc release [--endpoint E]                        give idle heap pages back to the OS
-shmalloc cleanup [--endpoint E | --name N]             remove an arena a killed daemon left
+shmalloc shutdown [--endpoint E] [--force]             stop the daemon (--force: close the arena for good)
+shmalloc cleanup [--endpoint E | --name N] [--force]   remove an arena a stopped or killed daemon left
 shmalloc keys DIR [--name NAME]                        a CURVE key pair for tcp:// (NAME.key, NAME.key_secret)
 shmalloc demo [--workers N] ...                        the daemon, N demo workers, a snapshot
 """
@@ -148,9 +149,27 @@ def build_parser():
     _common(r)
     _curve(r)
 
-    cl = sub.add_parser("cleanup", help="remove the arena and socket a killed daemon left")
+    sd = sub.add_parser(
+        "shutdown",
+        help="stop the daemon as SIGTERM does: the arena is kept while live workers hold Ps "
+        "(a daemon restarted on the endpoint adopts it)",
+    )
+    _common(sd)
+    sd.add_argument(
+        "--force",
+        action="store_true",
+        help="close the arena for good even under live workers: each one's next call raises ArenaClosed",
+    )
+    _curve(sd)
+
+    cl = sub.add_parser("cleanup", help="remove the arena and socket a stopped or killed daemon left")
     _common(cl)
     cl.add_argument("--name", default=None)
+    cl.add_argument(
+        "--force",
+        action="store_true",
+        help="remove it even while live workers hold Ps in it: each one's next call raises ArenaClosed",
+    )
     _curve(cl)
 
     k = sub.add_parser(
@@ -227,6 +246,14 @@ def cmd_release(args):
     return 0
 
 
+def cmd_shutdown(args):
+    import client
+
+    client.request(args.endpoint, "shutdown", 5000, curve=_curve_of(args), force=args.force)
+    print("shutdown: asked" + (" (forced: the arena is closed for good)" if args.force else ""))
+    return 0
+
+
 def cmd_cleanup(args):
     import os
 
@@ -252,6 +279,15 @@ def cmd_cleanup(args):
         print(
             f"shmalloc cleanup: /dev/shm/{name} is held by a live daemon (pid {pid}) that did not "
             f"answer at {endpoint}: stop it instead",
+            file=sys.stderr,
+        )
+        return 1
+    live = _close_unless_live(name, args.force)
+    if live:
+        print(
+            f"shmalloc cleanup: /dev/shm/{name} is kept for {len(live)} live worker(s) (pids "
+            f"{', '.join(map(str, live))}): a daemon started on {endpoint} adopts it; --force "
+            "removes it all the same (their next call raises ArenaClosed)",
             file=sys.stderr,
         )
         return 1
@@ -299,6 +335,26 @@ def cmd_keys(args):
     return 0
 
 
+def _close_unless_live(name, force):
+    """The pids of the live workers that hold Ps in arena `name` (nothing is changed then), or
+    [] once it is closed for good: with `force` every live P is told first (its next call
+    raises ArenaClosed).  [] too for a segment that is no arena of this version."""
+    from shm import Arena
+    from shm import layout as L
+    from shm.world import close_for_good
+
+    try:
+        arena = Arena.attach(name)
+    except (OSError, ShmallocError):
+        return []
+    try:
+        why = L.CLOSED_CLEANUP if force else L.CLOSED_STOPPED
+        live = close_for_good(arena, why, unless_live=not force)
+        return [arena.registry.pid(k) for k in live] if not force else []
+    finally:
+        arena.close()
+
+
 def _daemon_holding(name):
     """The pid in the header of arena `name` when a live daemon holds its lock byte, else None."""
     import os
@@ -330,6 +386,7 @@ COMMANDS = {
     "stats": cmd_stats,
     "check": cmd_check,
     "release": cmd_release,
+    "shutdown": cmd_shutdown,
     "cleanup": cmd_cleanup,
     "keys": cmd_keys,
     "demo": cmd_demo,

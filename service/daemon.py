@@ -12,8 +12,11 @@ Life cycle:
   snapshot   stop every live P (shm/world.py: from the daemon's side for a P outside the
              allocator, a STOP message to the control thread where membarrier is missing), flush
              every cache FIRST, then read the figures, then resume -- see `snapshot`.
-  stop       SIGTERM / SIGINT: park and flush one last time, unlink the segment, remove the
-             socket file, exit 0.
+  stop       SIGTERM / SIGINT / `shutdown`: park and flush one last time, remove the socket
+             file, exit 0.  The segment is unlinked when no live worker holds a P; with live
+             workers it is kept for them (their blocks and handles stay valid), and a daemon
+             restarted on the endpoint adopts it.  A forced shutdown closes it for good: every
+             live P is told (shm/world.py close_for_good) and its next call raises ArenaClosed.
 
 The pause itself is service/pause.py (and its handshake shm/world.py), the log service/logs.py.
 This module is one class and its entry point, over 400 lines because the Daemon's methods are
@@ -35,9 +38,9 @@ from client.endpoint import arena_name_for, default_endpoint, ipc_path
 from shm import Arena, stats
 from shm import layout as L
 from shm.arena import unlink_segment
-from shm.errors import Forbidden, LayoutMismatch, NotRegistered, ShmallocError, StartupError
+from shm.errors import Forbidden, ForeignReference, LayoutMismatch, NotRegistered, ShmallocError, StartupError
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
-from shm.world import StopTheWorld
+from shm.world import StopTheWorld, close_for_good
 
 from .handlers import dispatch
 from .logs import event, setup_logging
@@ -154,6 +157,7 @@ class Daemon:
         self.deferred = collections.deque()  # heavy requests that arrived while the world was stopped
         self.started = time.monotonic()
         self.stopping = False
+        self.force = False  # a forced shutdown: close the arena for good even under live workers
         self.arena = None
         self.sock = None
         self.ctx = None
@@ -233,9 +237,10 @@ class Daemon:
         )
 
     def open_arena(self):
-        """Create the arena, or adopt the one a killed daemon left under the same name (its
-        workers kept allocating; their blocks stay valid).  A segment held by a live daemon,
-        or of another layout, is refused with a message saying what to do."""
+        """Create the arena, or adopt the one a killed daemon left under the same name, or a
+        stopped one kept for its live workers (they kept allocating; their blocks stay valid).
+        A segment held by a live daemon, or of another layout, is refused with a message saying
+        what to do; one closed for good is removed and replaced."""
         path = f"/dev/shm/{self.name}"
         try:
             st = os.stat(path)
@@ -267,6 +272,13 @@ class Daemon:
                     f"arena {self.name} is served by a live daemon (pid "
                     f"{arena.q[L.HDR['daemon_pid']]}) that does not answer on {self.endpoint}"
                 )
+            if arena.q[L.HDR["closed"]]:
+                # Closed for good, its closer gone before it unlinked it: nobody may use it again.
+                event(logging.WARNING, "removed an arena closed for good", arena=self.name)
+                arena.close()
+                unlink_segment(self.name)
+                st = None
+        if st is not None:
             self.adopted = True
             repaired = [k for k in range(arena.lay.nslots + 2) if arena.locks.repair(k)]
             dead = arena.reclaim_dead()
@@ -280,11 +292,13 @@ class Daemon:
             for k in stale:
                 arena.q[arena.lay.slot_word(k) + L.SLOT["stop"]] = L.STOP_RESYNC
             arena.q[L.HDR["stopped_epoch"]] = 0
+            kept_by, arena.q[L.HDR["kept_by"]] = arena.q[L.HDR["kept_by"]], 0
             event(
                 logging.WARNING,
                 "adopted arena left by a previous daemon",
                 arena=self.name,
-                previous_pid=arena.q[L.HDR["daemon_pid"]],
+                previous_pid=kept_by or arena.q[L.HDR["daemon_pid"]],
+                previous="stopped, kept for its live workers" if kept_by else "killed",
                 repaired=repaired,
                 reclaimed=dead,
                 resumed=stale,
@@ -533,9 +547,10 @@ class Daemon:
             "token of a live P slot",
         )
 
-    def request_shutdown(self, token=0):
+    def request_shutdown(self, token=0, force=False):
         self.authorize_admin("shutdown", token)
         self.stopping = True
+        self.force = self.force or force
         return {}
 
     def reclaim_dead(self):
@@ -579,7 +594,12 @@ class Daemon:
             event(logging.INFO, "P left", slot=slot)
         return {}
 
-    def heartbeat(self, slot, identity, pid=0, token=0):
+    def heartbeat(self, slot, identity, pid=0, token=0, arena_id=0):
+        if arena_id and arena_id != self.arena.arena_id:
+            raise ForeignReference(
+                f"this daemon serves arena {self.arena.arena_id:#018x}, not {arena_id:#018x}: the "
+                "daemon of that arena is gone and its arena with it"
+            )
         if not (0 <= slot < self.arena.lay.nslots and self.arena.registry.state(slot) == L.SLOT_ACTIVE):
             raise NotRegistered(f"P slot {slot} is not held by any worker")
         if pid and self.arena.registry.pid(slot) != pid:
@@ -688,7 +708,8 @@ class Daemon:
 
     # --- stop --------------------------------------------------------------------------
     def shutdown(self):
-        """Park and flush one last time, then remove everything this daemon made."""
+        """Park and flush one last time (and, forced, close the arena for good in one more
+        pause), then remove the socket file, and the segment unless live workers keep it."""
         if self.arena is not None and not self.arena.closed:
             try:
                 snap = self.snapshot(self.park_deadline_ms, False, source="shutdown")["snapshot"]
@@ -701,13 +722,60 @@ class Daemon:
                     num_p=snap["num_p"],
                     consistent=snap["consistent"],
                 )
-            except Exception as e:  # the arena goes either way
+            except Exception as e:  # the stop goes on either way
                 event(logging.ERROR, "final snapshot failed", error=str(e))
+            if self.force:
+                self._close_for_good()
         if self.metrics:
             self.metrics.stop()
-        self._close_socket()
-        self._release_arena(unlink=True)
+        self._close_socket()  # no new worker learns the arena's name from here on
+        self._stop_arena()
         event(logging.INFO, "stopped", arena=self.name)
+
+    def _close_for_good(self):
+        """A forced stop: while the world is stopped (no P is then between reading a RESYNC and
+        writing RUN over it), mark the arena closed and set every live P's stop byte to
+        STOP_CLOSED; the resume leaves them so.  Each P's next call raises ArenaClosed."""
+        try:
+            with self.stopped_world(self.park_deadline_ms) as world:
+                told = close_for_good(self.arena, L.CLOSED_FORCED)
+        except Exception as e:  # closed all the same below, outside a pause
+            event(logging.ERROR, "closing pause failed", error=str(e))
+            return
+        event(
+            logging.WARNING,
+            f"closed the arena for good: {len(told)} workers told",
+            arena=self.name,
+            slots=told,
+            late=world["late"],
+        )
+
+    def _stop_arena(self):
+        """Unlink the segment, unless live workers hold Ps and the stop was not forced: then it
+        is kept for them -- their blocks and handles stay valid, and a daemon restarted on the
+        endpoint adopts it.  Unlinking it under them would split the world: they would go on in
+        a segment nobody can reach, and their handles would name other memory in the next
+        daemon's arena.  Decided under the registry lock: a P claimed after it is refused."""
+        arena = self.arena
+        live = []
+        if arena is not None and not arena.closed:
+            if self.force:
+                close_for_good(arena, L.CLOSED_FORCED)  # idempotent: the mark is written once
+            else:
+                live = close_for_good(arena, L.CLOSED_STOPPED, unless_live=True)
+            if live:
+                arena.q[L.HDR["kept_by"]] = os.getpid()
+                event(
+                    logging.WARNING,
+                    f"kept the arena for {len(live)} live workers",
+                    arena=self.name,
+                    slots=live,
+                    pids=[arena.registry.pid(k) for k in live],
+                    why=f"unlinking it would strand them in a segment no daemon serves; a daemon "
+                    f"restarted on {self.endpoint} adopts it (`shmalloc shutdown --force` closes it "
+                    "for good)",
+                )
+        self._release_arena(unlink=not live)
 
     def _close_socket(self):
         if self.sock is not None:

@@ -43,7 +43,8 @@ def unregister(daemon, req):
 
 
 def heartbeat(daemon, req):
-    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"], **_token(req))
+    extra = {"arena_id": req["arena_id"]} if req["arena_id"] else {}
+    return daemon.heartbeat(req["slot"], req["_identity"], req["pid"], **_token(req), **extra)
 
 
 def ping(daemon, req):
@@ -63,7 +64,7 @@ def release(daemon, req):
 
 
 def shutdown(daemon, req):
-    return daemon.request_shutdown(**_token(req))
+    return daemon.request_shutdown(**_token(req), **({"force": True} if req["force"] else {}))
 
 
 HANDLERS = {

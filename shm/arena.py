@@ -137,8 +137,11 @@ class Arena:
 
     @property
     def arena_id(self):
-        """The arena's identity: 64 random bits drawn when it was created (layout.HDR)."""
-        return self.q[L.HDR["arena_id"]]
+        """The arena's identity: 64 random bits drawn when it was created (layout.HDR); still
+        known after close(), so that a Block of a closed arena is told from one of another."""
+        return self._arena_id if self.closed else self.q[L.HDR["arena_id"]]
+
+    _arena_id = 0  # the identity, kept at close()
 
     def view(self, start, stop):
         """Bytes [start, stop) of the segment, released when the arena closes."""
@@ -156,6 +159,7 @@ class Arena:
         """Unmap in this process.  The segment itself lives on (see unlink)."""
         if self.closed:
             return
+        self._arena_id = self.q[L.HDR["arena_id"]]
         self.closed = True
         for v in self._views:
             v.release()

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, SupportsIndex
 from . import layout as L
 from . import world
 from .central import tag
-from .errors import ArenaClosed, BadHandle, BadSize, BadSizeType, ForkedHeap, OutOfMemory
+from .errors import ArenaClosed, BadHandle, BadSize, BadSizeType, ForeignReference, ForkedHeap, OutOfMemory
 from .sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, SIZE_TO_CLASS
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ SL = L.SLOT
 S = L.SPAN
 _LARGE = 255  # pclass value of a large span's first page
 _CLOSED = bytearray(b"\x03")  # stop byte of a closed or forked cache: every call takes the slow path
+_CLOSED_W = L.HDR["closed"]  # header word: the arena was closed for good (shm/world.py)
 _SHARED = bytearray(b"\x04")  # stop byte of a cache in shared mode: every call takes the locked path
 LARGE_CACHE_SPANS = 8  # freed large spans a P keeps, at most: each is charged at least 1/8 of the
 # budget below, because a snapshot gives every one of them back to the page heap during its pause
@@ -260,7 +261,8 @@ class ProcessCache:
             DoubleFree for anything that is not a live block (a stale handle, whose block was
             freed since, included); nothing changes then."""
             cls = block.__class__
-            h = block[0] if cls is B else block if cls is int else _handle(block)
+            # A Block of another Heap goes to _handle, which refuses one of another arena.
+            h = block[0] if cls is B and block[3] is self else block if cls is int else _handle(block, self)
             if get_ident() == owner:
                 i = h >> GB
                 try:
@@ -317,9 +319,9 @@ class ProcessCache:
         def view(handle, size=None):
             """Zero-copy memoryview of the live block at `handle` (allocated by any process): its
             whole capacity, or its first `size` bytes."""
-            if self._dead:
-                self._check_usable()
-            h = handle if handle.__class__ is int else _handle(handle)
+            if stop[0]:  # closed, forked, shared, stopped, or the arena closed for good
+                self._check_view()
+            h = handle if handle.__class__ is int else _handle(handle, self)
             i = h >> GB
             try:
                 b = amap[i] if i >= G0 and gmap[i] == h & GM else 0
@@ -364,13 +366,15 @@ class ProcessCache:
         while True:
             inside[0] = 1
             s = stop[0]
-            if s == L.STOP_RUN:
+            if s == L.STOP_RUN and not q[_CLOSED_W]:
                 return
-            if s == L.STOP_RESYNC:
+            if s == L.STOP_RESYNC and not q[_CLOSED_W]:
                 self._resync()
                 q[sw + SL["stop"]] = L.STOP_RUN  # inside a call: see shm/world.py
                 continue
             inside[0] = 0
+            if s == L.STOP_CLOSED or q[_CLOSED_W]:
+                raise world.closed_error(self.arena)  # closed for good (world.close_for_good)
             self.parks += 1
             world.park(self.arena, self.slot, q[sw + SL["stop_epoch"]])
 
@@ -476,7 +480,7 @@ class ProcessCache:
     def _free_locked(self, h):
         """free() with the P lock held and inside a call."""
         if h.__class__ is not int:
-            h = _handle(h)
+            h = _handle(h, self)
         i, g = h >> L.GEN_BITS, h & L.GEN_MASK
         if h < L.HANDLE_MIN or i >= len(self._amap) or self._gmap[i] != g:
             return self.arena.free(h, self.slot)  # raises: out of range, stale, or a double free
@@ -561,6 +565,19 @@ class ProcessCache:
             finally:
                 self._leave()
 
+    def _check_view(self):
+        """view() with a non-zero stop byte: refuse if this P may not be used, or its arena was
+        closed for good; a stop or resync request does not concern a view."""
+        if self._dead:
+            self._check_usable()
+        if self.arena.q[_CLOSED_W]:
+            raise world.closed_error(self.arena)
+
+    def arena_closed(self) -> bool:
+        """Was this P's arena closed for good (shm/world.py close_for_good)?  Its calls raise
+        ArenaClosed; close() still works."""
+        return not self.arena.closed and self.arena.q[_CLOSED_W] != 0
+
     def _check_usable(self):
         if os.getpid() != self.pid:
             raise ForkedHeap(
@@ -581,6 +598,10 @@ class ProcessCache:
                 return
             self._set_stop(_CLOSED, bytearray(1))
             self._wait_not_inside()
+            if self.arena.q[_CLOSED_W]:  # closed for good: nothing to flush into, no slot to give
+                self._closed = self._dead = True
+                self._drop_local()
+                return
             self._enter()  # a snapshot waiting for this P: park for it first
             try:
                 self._closed = self._dead = True
@@ -607,9 +628,20 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _handle(block):
+def _handle(block, cache):
+    """The handle `block` stands for in `cache`'s arena: an int, a Block, or an object with
+    __index__ (a heap array, client/arrays.py).  A Block -- or the `block` of an object that has
+    one -- of another arena is refused: its handle would name some other memory here."""
     if block.__class__ is int:
         return block
+    owner = block if isinstance(block, Block) else getattr(block, "block", None)
+    if isinstance(owner, Block) and owner[3] is not cache:
+        theirs, ours = owner[3].arena.arena_id, cache.arena.arena_id
+        if theirs != ours:
+            raise ForeignReference(
+                f"{owner!r} belongs to arena {theirs:#018x}, not to this heap's arena {ours:#018x} "
+                "(another daemon's, or one closed since): its handle names other memory here"
+            )
     try:
         return block.__index__()
     except AttributeError:

@@ -8,7 +8,7 @@
     ├── BadSizeType                an allocation size that is no int (also a TypeError)
     ├── LayoutMismatch             the segment is not an arena of this layout version
     ├── CorruptionError            an invariant is broken (names it); never raised for bad input
-    ├── ArenaClosed                the arena or heap was closed in this process
+    ├── ArenaClosed                the heap was closed in this process, or its arena for good
     ├── ForkedHeap                 a Heap used in a child after fork(); connect() again there
     ├── NoFreeSlot                 every P slot is taken
     ├── ForeignReference           a pickled reference names another arena than the daemon's
@@ -74,6 +74,11 @@ class CorruptionError(ShmallocError):
 
 
 class ArenaClosed(ShmallocError):
+    """The Heap (or arena) was closed in this process, or its arena was closed for good: its
+    daemon stopped with `force`, or `shmalloc cleanup --force` removed it.  The message says
+    which; a closed-for-good arena's blocks are gone, and a new connect() gives a P of the
+    daemon serving the endpoint now."""
+
     code = "CLOSED"
 
 

@@ -69,7 +69,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 8
+VERSION = 9
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -152,6 +152,12 @@ HDR = _words(
     # only (service/scavenger.py), 0 when no daemon has set it
     "scavenge_hold_ns",  # the longest heap-lock hold of one background scavenger step; daemon only
     "gmap_off",  # byte offset of the generation map
+    "closed",  # CLOSED_* (below): 0 while the arena serves; else why it was closed for good.  Written
+    # once, under the registry lock, before every live P's stop byte is set to STOP_CLOSED
+    # (shm/world.py close_for_good); a claim after it is refused, a P's slow path raises
+    "closed_by",  # pid of the process that closed it (daemon or `shmalloc cleanup --force`)
+    "kept_by",  # pid of a daemon that stopped and kept the arena for its live workers, 0 = none;
+    # the daemon that adopts it next logs it and clears it
 )
 HEADER_WORDS = 64
 # Header words derived from (heap_max, nslots): written at creation, checked by every attacher.
@@ -313,6 +319,12 @@ SLOT_FREE, SLOT_ACTIVE = 0, 1
 STOP_RUN = 0  # run: the fast path may go on
 STOP_PARK = 1  # the world is stopping for epoch stop_epoch: park at the next call
 STOP_RESYNC = 2  # the daemon flushed this P's cache: drop the local lists at the next call
+STOP_CLOSED = 3  # the arena was closed for good (HDR closed says why): every call raises ArenaClosed
+# Why an arena was closed for good (HDR closed).
+CLOSED_FORCED = 1  # its daemon stopped with --force: live workers were told
+CLOSED_STOPPED = 2  # its daemon stopped with no live worker and removed it
+CLOSED_CLEANUP = 3  # `shmalloc cleanup --force` removed it under live workers
+CLOSED_REPLACED = 4  # a worker found its daemon's endpoint served by a daemon of another arena
 
 # --- span records --------------------------------------------------------------------------
 SPAN = _words(

@@ -16,6 +16,7 @@ import os
 import time
 
 from . import layout as L
+from . import world
 from .errors import CorruptionError, NoFreeSlot
 from .locks import ofd_held_elsewhere, ofd_trylock, ofd_unlock
 
@@ -94,6 +95,8 @@ class Registry:
         def claim(op):
             op.acquire(L.LOCK_REGISTRY)
             q = self.q
+            if q[L.HDR["closed"]]:
+                raise world.closed_error(arena)  # closed for good: no new P (world.close_for_good)
             for k in range(self.lay.nslots):
                 sw = self.lay.slot_word(k)
                 if q[sw + SL["state"]] != L.SLOT_FREE:

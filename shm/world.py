@@ -49,6 +49,14 @@ byte, and the daemon wakes its control thread (client/) with a STOP message when
 the allocator; the daemon then waits for `parked == epoch`.  The daemon says which protocol it
 uses in its log and in every snapshot (`stop_protocol`).
 
+Closing an arena for good (`close_for_good`: a forced stop of the daemon, `shmalloc cleanup
+--force`) costs the fast path nothing: the closer marks the header (`closed`, why) and then sets
+every live P's stop byte to STOP_CLOSED, under the registry lock (a P claimed after it is
+refused).  Any non-zero stop byte sends a call to the slow path, and the slow path raises
+ArenaClosed when it reads STOP_CLOSED or finds the mark.  The daemon does it while the world is
+stopped, so that no P is between reading a RESYNC and writing RUN over it (which would erase
+the STOP_CLOSED); a P found late is caught by the mark at its next slow path.
+
 A stopped P may be flushed by the daemon (Arena.flush_slots) while the P runs other code: its
 local lists are then stale, which is why the daemon resumes it with RESYNC rather than RUN.
 
@@ -65,6 +73,7 @@ import platform
 import time
 
 from . import layout as L
+from .errors import ArenaClosed
 from .locks import ofd_held_elsewhere, ofd_lock, ofd_unlock, ofd_wait_unlocked
 
 SL = L.SLOT
@@ -142,6 +151,48 @@ def daemon_alive(arena, pid):
     yet reaped still has a pid, but the kernel dropped its locks."""
     return (
         pid != 0 and arena.q[L.HDR["daemon_pid"]] == pid and ofd_held_elsewhere(arena.fd, L.DAEMON_LOCK_BYTE)
+    )
+
+
+# --- closing for good -------------------------------------------------------------------------
+_WHY = {
+    L.CLOSED_FORCED: "closed for good by its daemon (pid {pid}, a forced shutdown)",
+    L.CLOSED_STOPPED: "removed by its daemon (pid {pid}), which stopped with no worker attached",
+    L.CLOSED_CLEANUP: "closed for good by `shmalloc cleanup --force` (pid {pid})",
+    L.CLOSED_REPLACED: "orphaned: its daemon is gone and the endpoint is served by a daemon of another arena",
+}
+
+
+def close_for_good(arena, why, unless_live=False):
+    """Mark the arena closed (HDR closed = `why`, a CLOSED_* value) and set every active P's stop
+    byte to STOP_CLOSED: each P's next call raises ArenaClosed.  Under the registry lock, so that
+    a P claimed after it is refused.  With `unless_live`, nothing is marked if a live P holds a
+    slot.  Returns the active slots found (live or not): with `unless_live`, non-empty means
+    the arena was left open."""
+    q = arena.q
+    arena.locks.raw_acquire(L.LOCK_REGISTRY)
+    try:
+        active = arena.registry.active_slots()
+        if unless_live and any(arena.registry.alive(k) for k in active):
+            return [k for k in active if arena.registry.alive(k)]
+        if not q[L.HDR["closed"]]:
+            q[L.HDR["closed_by"]] = os.getpid()
+            q[L.HDR["closed"]] = why
+        for k in active:
+            q[arena.lay.slot_word(k) + SL["stop"]] = L.STOP_CLOSED
+    finally:
+        arena.locks.raw_release(L.LOCK_REGISTRY)
+    return [] if unless_live else active
+
+
+def closed_error(arena):
+    """The ArenaClosed a P of a closed arena raises: why it was closed, and what to do."""
+    why = arena.q[L.HDR["closed"]]
+    text = _WHY.get(why, "closed for good").format(pid=arena.q[L.HDR["closed_by"]])
+    return ArenaClosed(
+        f"arena {arena.name} was {text}: its blocks are gone and its handles mean nothing in any "
+        "other arena; close this Heap and connect again (client.connect()) for a P of the daemon "
+        "serving the endpoint now"
     )
 
 
@@ -244,13 +295,17 @@ class StopTheWorld:
         arena = self.arena
         q = arena.q
         q[L.HDR["stopped_epoch"]] = 0
+        closed = q[L.HDR["closed"]]  # closed for good during the pause: every stop stays CLOSED
         for k in range(arena.lay.nslots):
             sw = arena.lay.slot_word(k)
             if k in self.live or (
                 q[sw + SL["stop_epoch"]] == self.epoch and q[sw + SL["stop"]] == L.STOP_PARK
             ):
                 # A P claimed during the pause started stopped; it resumes too.
-                q[sw + SL["stop"]] = L.STOP_RESYNC if k in flushed or k in self.owed else L.STOP_RUN
+                if closed and q[sw + SL["state"]] == L.SLOT_ACTIVE:
+                    q[sw + SL["stop"]] = L.STOP_CLOSED
+                else:
+                    q[sw + SL["stop"]] = L.STOP_RESYNC if k in flushed or k in self.owed else L.STOP_RUN
         resumed = time.perf_counter_ns()  # the world runs again from here
         ofd_unlock(arena.fd, L.resume_lock_byte(self.epoch))
         return resumed

@@ -123,8 +123,9 @@ def stuck_worker(endpoint, ready, release, results):
 
 
 def connected_worker(endpoint, cmds, results):
-    """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("stats",)
-    / ("close",).  Answers every command on `results`."""
+    """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("verify",
+    handle, size: the block still holds its pattern) / ("close",).  Answers every command on
+    `results`."""
     import client
 
     heap = client.connect(endpoint)
@@ -140,6 +141,11 @@ def connected_worker(endpoint, cmds, results):
                 results.put(("ok", b.handle))
             elif cmd[0] == "free":
                 heap.free(cmd[1])
+                results.put(("ok", None))
+            elif cmd[0] == "verify":
+                from service.demo import verify
+
+                verify(heap, cmd[1], cmd[2], "connected worker")
                 results.put(("ok", None))
             elif cmd[0] == "close":
                 heap.close()
@@ -298,4 +304,22 @@ def stuck_in_fast_free(arena_name, before, ready, results):
 
     sys.settrace(trace)
     p.free(b)
+
+
+def stuck_closing(arena_name, ready):
+    """Close the arena for good (shm/world.py close_for_good) -- and stop forever INSIDE it,
+    holding the registry lock, after the mark and the first P's stop byte were written."""
+    from shm import Arena, layout, world
+
+    arena = Arena.attach(arena_name)
+    slots = arena.registry.active_slots()
+
+    def first_then_stop():
+        yield slots[0]
+        ready.set()
+        while True:
+            signal.pause()
+
+    arena.registry.active_slots = lambda: first_then_stop()
+    world.close_for_good(arena, layout.CLOSED_FORCED)
     time.sleep(60)  # not reached

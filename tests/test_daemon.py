@@ -1,6 +1,6 @@
 """The real daemon, started as the README does, with real worker processes over a real ZeroMQ
 socket: consistent snapshots under load, SIGKILL, a stuck worker, garbage on the socket,
-SIGTERM, a second daemon, a killed daemon's arena adopted."""
+a second daemon, a killed daemon's arena adopted (a stopped one's: tests/test_stop.py)."""
 
 import json
 import multiprocessing as mp
@@ -290,28 +290,6 @@ def test_hypothesis_garbage_never_kills_the_daemon(start_daemon):
     assert client.ping(d.endpoint)["pid"] == d.proc.pid
     snap = client.stats(d.endpoint, slow=True)
     assert snap["consistent"] and snap["slow_equal"] and snap["mallocs"] == 0
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_with_a_worker_connected_cleans_up(start_daemon, sig):
-    d = start_daemon()
-    cmds, res = SPAWN.Queue(), SPAWN.Queue()
-    w = SPAWN.Process(target=mpworkers.connected_worker, args=(d.endpoint, cmds, res))
-    w.start()
-    assert res.get(timeout=DEADLINE)[0] == "slot"
-    cmds.put(("alloc", 1000))
-    assert res.get(timeout=DEADLINE)[0] == "ok"
-    assert d.stop(sig) == 0
-    assert not os.path.exists(d.sock_path()) and not os.path.exists(f"/dev/shm/{d.name}")
-    log = d.log()
-    assert "final snapshot" in log and "stopped" in log
-    # The worker keeps its mapping: it can still allocate, free and close without a daemon.
-    cmds.put(("alloc", 64))
-    assert res.get(timeout=DEADLINE)[0] == "ok"
-    cmds.put(("close",))
-    assert res.get(timeout=DEADLINE) == ("ok", None)
-    w.join(DEADLINE)
-    assert w.exitcode == 0
 
 
 def test_second_daemon_on_a_live_endpoint_refuses(start_daemon):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import client.ops
 from client import protocol as P
 from client.ops import stats as stats_op
-from client.ops.schema import Field, Reply
+from client.ops.schema import INT64_MIN, UINT64_MAX, Field, Reply
 from service.handlers import CHECK_REPLY, HANDLERS, dispatch
 from shm import errors as E
 from shm.layout import MAX_SLOTS
@@ -96,8 +96,9 @@ class FakeDaemon:
     def unregister(self, slot, identity, token=0):
         return self._call("unregister", slot, identity, *_t(token))
 
-    def heartbeat(self, slot, identity, pid=0, token=0):
-        return self._call("heartbeat", slot, identity, *((pid,) if pid else ()), *_t(token))
+    def heartbeat(self, slot, identity, pid=0, token=0, arena_id=0):
+        aid = (("arena_id", arena_id),) if arena_id else ()
+        return self._call("heartbeat", slot, identity, *((pid,) if pid else ()), *_t(token), *aid)
 
     def ping(self):
         return self._call("ping")
@@ -111,8 +112,8 @@ class FakeDaemon:
     def release(self, token=0):
         return self._call("release", *_t(token))
 
-    def request_shutdown(self, token=0):
-        return self._call("request_shutdown", *_t(token))
+    def request_shutdown(self, token=0, force=False):
+        return self._call("request_shutdown", *_t(token), *((("force", True),) if force else ()))
 
 
 def _t(token):
@@ -147,6 +148,14 @@ ROUND_TRIPS = [
     ("heartbeat", {"slot": 0}, b"peer-2", {}, ("heartbeat", (0, b"peer-2")), {"epoch": 7}),
     ("heartbeat", {"slot": 1}, b"p", {"heartbeat": 9}, ("heartbeat", (1, b"p")), {"epoch": 9}),
     ("heartbeat", {"slot": 2, "pid": 77}, b"p", {}, ("heartbeat", (2, b"p", 77)), {"epoch": 7}),
+    (
+        "heartbeat",
+        {"slot": 2, "arena_id": 2**64 - 1},
+        b"p",
+        {},
+        ("heartbeat", (2, b"p", ("arena_id", 2**64 - 1))),
+        {"epoch": 7},
+    ),
     ("ping", {}, b"", {}, ("ping", ()), PING),
     ("ping", {}, b"", {"ping": dict(PING, uptime_s=2)}, ("ping", ()), dict(PING, uptime_s=2.0)),
     ("stats", {}, b"", {}, ("snapshot", (2000, False)), {"snapshot": SNAPSHOT}),
@@ -170,6 +179,7 @@ ROUND_TRIPS = [
     ("release", {}, b"", {}, ("release", ()), {"released_bytes": 8192}),
     ("release", {}, b"", {"release": 0}, ("release", ()), {"released_bytes": 0}),
     ("shutdown", {}, b"", {}, ("request_shutdown", ()), {}),
+    ("shutdown", {"force": True}, b"", {}, ("request_shutdown", (("force", True),)), {}),
 ]
 
 
@@ -551,7 +561,9 @@ def _plausible(op):
     def values(f):
         if f.type is bool:
             return st.booleans() | st.integers(0, 1)
-        return st.integers(f.bounds[0] - 1, f.bounds[1] + 1) | st.sampled_from(f.bounds) | st.booleans()
+        # One past each bound -- but no further than msgpack can carry (a uint64 at most).
+        lo, hi = max(f.bounds[0] - 1, INT64_MIN), min(f.bounds[1] + 1, UINT64_MAX)
+        return st.integers(lo, hi) | st.sampled_from(f.bounds) | st.booleans()
 
     return st.fixed_dictionaries(
         {"v": st.just(1), "id": st.integers(-5, 5) | st.text(max_size=64), "op": st.just(op)},

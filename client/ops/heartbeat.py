@@ -5,11 +5,14 @@ reclaims a P whose process died (its slot lock freed by the kernel, or its pid g
 heartbeat is how a worker that outlived a daemon re-binds its socket to its slot with the
 daemon that adopted the arena: the slot must be held by `pid`, and `token` must be the slot's
 secret (see `register`) -- a heartbeat that would move a slot to another socket without it is
-refused with FORBIDDEN.
+refused with FORBIDDEN.  `arena_id` names the arena the worker's P is in: a daemon that serves
+another arena (the worker's daemon is gone and its arena with it) refuses with
+FOREIGN_REFERENCE, and the worker's next call raises ArenaClosed.
 
 Request::
 
-    {"v": 1, "id": 12, "op": "heartbeat", "slot": 3, "pid": 4242, "token": 9007199254740993}
+    {"v": 1, "id": 12, "op": "heartbeat", "slot": 3, "pid": 4242, "token": 9007199254740993,
+     "arena_id": 12345678901234567890}
 
 Reply::
 
@@ -27,6 +30,13 @@ REQUEST: dict[str, Field] = {
         False,
         (0, UINT64_MAX),
         "The secret of the P's slot (its `token` word in the arena, drawn at claim): proves the caller can map the arena; 0: none.",
+        0,
+    ),
+    "arena_id": Field(
+        int,
+        False,
+        (0, UINT64_MAX),
+        "The identity of the arena the P is in (its header's `arena_id`); 0: not checked.",
         0,
     ),
 }
