@@ -24,7 +24,8 @@ Errors (one tree, shm/errors.py):
 
     ShmallocError
     ├── OutOfMemory, BadHandle (DoubleFree), BadSize, BadSizeType, LayoutMismatch,
-    │   CorruptionError, ArenaClosed, ForkedHeap, NoFreeSlot, ForeignReference
+    │   CorruptionError, ArenaClosed, ForkedHeap, NoFreeSlot, LockUnavailable,
+    │   ForeignReference
     ├── StartupError
     └── ProtocolError ── DaemonUnavailable, NotRegistered, Forbidden, RemoteError
 
@@ -55,6 +56,7 @@ from shm.errors import (
     ForeignReference,
     ForkedHeap,
     LayoutMismatch,
+    LockUnavailable,
     NoFreeSlot,
     NotRegistered,
     OutOfMemory,
@@ -92,6 +94,7 @@ __all__ = [
     "ArenaClosed",
     "ForkedHeap",
     "NoFreeSlot",
+    "LockUnavailable",
     "ForeignReference",
     "ProtocolError",
     "DaemonUnavailable",
