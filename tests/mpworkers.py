@@ -25,11 +25,15 @@ def stuck_in_critical_section(arena_name, where, ready):
     `where` ("heap": after a large allocation's writes; "central": after a refill's collect).
     The test SIGKILLs us there."""
     from shm import Arena, ProcessCache
-    from shm.central import CentralList
-    from shm.heap import PageHeap
 
     arena = Arena.attach(arena_name)
-    p = ProcessCache(arena)
+    _stop_inside(ProcessCache(arena), where, ready)
+
+
+def _stop_inside(p, where, ready):
+    """P `p` allocates, and stops forever inside the operation (see stuck_in_critical_section)."""
+    from shm.central import CentralList
+    from shm.heap import PageHeap
 
     def stop_here():
         ready.set()
@@ -183,3 +187,30 @@ def stuck_flushing_large(arena_name, ready):
     LargeObjects._give_back = give_back
     p.flush()
     time.sleep(60)  # not reached
+
+
+def forking_victim(endpoint, where, how, ready, results):
+    """Connect, fork a child that stays alive (as a fork-based multiprocessing.Pool does), then
+    stop forever INSIDE an operation (`where` as in stuck_in_critical_section).  `how`: "python"
+    forks with os.fork (its at-fork hooks run), "c" calls libc's fork() directly, as C code would
+    (no Python hook runs).  Puts (child pid, slot) on `results`.  The test SIGKILLs us there and
+    kills the child when it is done."""
+    import ctypes
+    import os
+
+    import client
+
+    heap = client.connect(endpoint)
+    if how == "python":
+        child = os.fork()
+    else:
+        libc = ctypes.CDLL(None)
+        child = libc.fork()
+        if child == 0:  # no Python hook ran: touch nothing, wait in C for the SIGKILL
+            while True:
+                libc.pause()
+    if child == 0:
+        while True:
+            signal.pause()
+    results.put((child, heap.slot))
+    _stop_inside(heap, where, ready)
