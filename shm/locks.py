@@ -24,8 +24,9 @@ a critical section frees its locks at once, its children alive or not.  A fork m
 runs no Python hook: the child keeps the parent's description, and with it the lock, until it
 exits.  Such a lock is *stranded*: the holder named in its dirty word (pid, and the start time
 of that pid, so that a recycled pid is not taken for it) is dead, yet the kernel lock is held.  A
-worker that meets one raises LockUnavailable instead of waiting for it forever; the daemon, which
-never waits on a lock without a bound (`Locks.wait_s`), reports it and retries later.
+worker that meets one raises LockUnavailable instead of waiting for it forever (one already asleep
+in the kernel behind a holder that dies so sleeps until the keeper exits); the daemon, which never
+waits on a lock without a bound (`Locks.wait_s`), reports it and retries later.
 
 Undo log layout (LOG_BYTES per actor, after the slot's words; `log_used` in the slot counts the
 bytes of complete entries, so an entry half written when its writer died is ignored -- the write
