@@ -24,7 +24,8 @@ Errors (one tree, shm/errors.py):
 
     ShmallocError
     ├── OutOfMemory, BadHandle (DoubleFree), BadSize, BadSizeType, LayoutMismatch,
-    │   CorruptionError, ArenaClosed, ForkedHeap, NoFreeSlot, ForeignReference
+    │   CorruptionError, ArenaClosed, ForkedHeap, NoFreeSlot, LockUnavailable,
+    │   ForeignReference
     ├── StartupError
     └── ProtocolError ── DaemonUnavailable, NotRegistered, Forbidden, RemoteError
 
@@ -56,6 +57,7 @@ from shm.errors import (
     ForeignReference,
     ForkedHeap,
     LayoutMismatch,
+    LockUnavailable,
     NoFreeSlot,
     NotRegistered,
     OutOfMemory,
@@ -94,6 +96,7 @@ __all__ = [
     "ArenaClosed",
     "ForkedHeap",
     "NoFreeSlot",
+    "LockUnavailable",
     "ForeignReference",
     "ProtocolError",
     "DaemonUnavailable",

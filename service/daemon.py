@@ -38,19 +38,29 @@ from client.endpoint import arena_name_for, default_endpoint, ipc_path
 from shm import Arena, stats
 from shm import layout as L
 from shm.arena import unlink_segment
-from shm.errors import Forbidden, ForeignReference, LayoutMismatch, NotRegistered, ShmallocError, StartupError
+from shm.errors import (
+    Forbidden,
+    ForeignReference,
+    LayoutMismatch,
+    LockUnavailable,
+    NotRegistered,
+    ShmallocError,
+    StartupError,
+)
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from shm.world import StopTheWorld, close_for_good
 
 from .handlers import dispatch
 from .logs import event, setup_logging
-from .pause import StoppedWorld, set_realtime
+from .pause import StoppedWorld, not_quiet, set_realtime
 from .scavenger import DEFAULT_RETAIN, Scavenger, parse_retain
 from .security import LogLimiter, check_segment, endpoint_id, prepare_dir
 
 LIVENESS_S = 0.1  # how often dead Ps are looked for (reclaimed within a second)
 EMPTY_SPANS_S = 1.0  # how often empty spans waiting on central lists go back to the heap
 HEARTBEAT_MS = 1000  # how often workers send a heartbeat
+LOCK_WAIT_S = 0.1  # the longest the daemon waits for an arena lock: its loop must keep answering
+RECLAIM_RETRY_S = 1.0  # a reclaim that could not take a lock in time is tried again this much later
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
 
 
@@ -177,6 +187,8 @@ class Daemon:
         self.next_stop = {"stats": 0.0, "check": 0.0}  # time.monotonic() a batch may run from
         self.shared = {}  # op -> the result the batch being answered shares
         self.refusals = LogLimiter()  # refused requests and malformed messages, rate-limited
+        self.reclaim_at = {}  # slot -> time.monotonic() its deferred reclaim is tried again
+        self.stuck_seen = set()  # (lock, holder pid, stranded) already logged
 
     # --- start -------------------------------------------------------------------------
     def start(self):
@@ -280,8 +292,21 @@ class Daemon:
                 st = None
         if st is not None:
             self.adopted = True
-            repaired = [k for k in range(arena.lay.nslots + 2) if arena.locks.repair(k)]
-            dead = arena.reclaim_dead()
+            arena.locks.wait_s = LOCK_WAIT_S
+            repaired, dead = [], []
+            for k in range(arena.lay.nslots + 2):
+                try:
+                    if arena.locks.repair(k):
+                        repaired.append(k)
+                    if (
+                        k < arena.lay.nslots
+                        and k in arena.registry.active_slots()
+                        and not arena.registry.alive(k)
+                    ):
+                        arena.reclaim(k, arena.daemon_actor)
+                        dead.append(k)
+                except LockUnavailable as e:  # the serve loop's reclaim tries again
+                    self._lock_unavailable(e, slot=k)
             # A P parked for the previous daemon's stop waits for a resume nobody will send:
             # resume it (RESYNC: that daemon may have flushed its cache already).
             stale = [
@@ -313,6 +338,7 @@ class Daemon:
             os.fchmod(arena.fd, self.arena_mode)
             arena.q[L.HDR["endpoint_id"]] = endpoint_id(self.endpoint)
             ofd_lock(arena.fd, DAEMON_LOCK_BYTE)
+        arena.locks.wait_s = LOCK_WAIT_S
         arena.q[L.HDR["daemon_pid"]] = os.getpid()
         return arena
 
@@ -416,8 +442,26 @@ class Daemon:
         """A periodic task: its failure is logged, never fatal (the operation was rolled back)."""
         try:
             fn(*args)
+        except LockUnavailable as e:  # tried again at the next tick
+            self._lock_unavailable(e, task=what)
         except ShmallocError as e:
             event(logging.ERROR, f"{what} failed", error=f"{type(e).__name__}: {e}")
+
+    def _lock_unavailable(self, e, **fields):
+        """Log a lock the daemon could not take in time, once per lock and holder: a stranded
+        one at ERROR (it stays until the process keeping it exits), a busy one at WARNING."""
+        key = (e.lock, e.holder_pid, e.stranded)
+        if key in self.stuck_seen:
+            return
+        self.stuck_seen.add(key)
+        event(
+            logging.ERROR if e.stranded else logging.WARNING,
+            "lock stranded" if e.stranded else "lock busy, retried later",
+            lock=e.lock,
+            holder_pid=e.holder_pid,
+            error=str(e),
+            **fields,
+        )
 
     # Ops that never touch the heap's structures, served even while the world is stopped: a
     # worker registering or re-binding its socket mid-pause must hear the STOP (and a new
@@ -554,17 +598,26 @@ class Daemon:
         return {}
 
     def reclaim_dead(self):
+        """Reclaim every dead P.  One whose locks are not free within LOCK_WAIT_S (held by a live
+        process repairing it, or stranded) is left as it is and tried again RECLAIM_RETRY_S later."""
         arena = self.arena
+        now = time.monotonic()
         for k in arena.registry.active_slots():
-            if not arena.registry.alive(k):
-                pid = arena.registry.pid(k)
-                try:
-                    arena.reclaim(k, arena.daemon_actor)
-                except ShmallocError as e:
-                    event(logging.ERROR, "reclaim failed", slot=k, pid=pid, error=str(e))
-                    continue
-                self.routes.pop(k, None)
-                event(logging.INFO, "P reclaimed", slot=k, pid=pid)
+            if self.reclaim_at.get(k, 0) > now or arena.registry.alive(k):
+                continue
+            pid = arena.registry.pid(k)
+            try:
+                arena.reclaim(k, arena.daemon_actor)
+            except LockUnavailable as e:
+                self.reclaim_at[k] = now + RECLAIM_RETRY_S
+                self._lock_unavailable(e, slot=k, pid=pid)
+                continue
+            except ShmallocError as e:
+                event(logging.ERROR, "reclaim failed", slot=k, pid=pid, error=str(e))
+                continue
+            self.reclaim_at.pop(k, None)
+            self.routes.pop(k, None)
+            event(logging.INFO, "P reclaimed", slot=k, pid=pid)
 
     # --- ops (service/handlers.py) -----------------------------------------------------
     def register(self, pid, identity, slot=None, token=0):
@@ -640,12 +693,13 @@ class Daemon:
             return shared
         with self.stopped_world(self.park_deadline_ms) as world:
             snap = self._figures(world, slow=False)
-            self.arena.free_empty_spans(self.arena.daemon_actor)
-            problems = (
-                self.arena.check_all()
-                if not world["late"]
-                else [f"P {k} did not park before the deadline: arena not checked" for k in world["late"]]
-            )
+            problems = [f"{why}: arena not checked" for why in not_quiet(world)]
+            if not problems:
+                try:
+                    self.arena.free_empty_spans(self.arena.daemon_actor)
+                    problems = self.arena.check_all()
+                except LockUnavailable as e:
+                    problems = [f"{e}: arena not checked"]
         snap.update(world["meta"])
         if problems:
             event(logging.ERROR, "check found problems", count=len(problems), first=problems[0])
@@ -699,8 +753,8 @@ class Daemon:
         if slow:
             d = (
                 stats.diff(snap, stats.read_stats_slow(self.arena))
-                if not world["late"]
-                else ["not compared: Ps did not park"]
+                if not not_quiet(world)
+                else ["not compared: " + "; ".join(not_quiet(world))]
             )
             snap["slow_equal"] = not d
             snap["slow_diff"] = d

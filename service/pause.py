@@ -5,7 +5,9 @@ The handshake itself -- stop bytes, the `inside` words, membarrier, the resume l
 shm.world.StopTheWorld, both halves in one module.  This module holds what only the daemon has:
 the deadline, the STOP messages of the cooperative protocol (its ROUTER socket), the flushes,
 the real-time priority of the pause, and the bookkeeping a snapshot reports (per_p, park_ns,
-flush_ns, unflushed).
+flush_ns, unflushed, stuck_locks).  The daemon's waits for arena locks are bounded
+(Locks.wait_s): a flush that cannot take its locks in time is rolled back, its Ps are listed
+unflushed, and the lock goes into stuck_locks -- the snapshot is then not consistent.
 """
 
 import logging
@@ -16,7 +18,7 @@ import zmq
 
 from client import protocol
 from shm import layout as L
-from shm.errors import ShmallocError
+from shm.errors import LockUnavailable, ShmallocError
 
 from .logs import event
 
@@ -31,6 +33,26 @@ def set_realtime(on):
         return True
     except (OSError, AttributeError):
         return False
+
+
+def not_quiet(world):
+    """Why the stopped `world` is not quiet enough to read or check (empty: it is): Ps that did
+    not park, Ps whose flush could not take its locks, locks not taken in time or stranded."""
+    why = [f"P {k} did not park before the deadline" for k in world["late"]]
+    why += [f"P {k} was not flushed: a lock was not taken in time" for k in sorted(world["unflushed"])]
+    why += [
+        f"lock {s['lock']} is "
+        + ("stranded" if s["stranded"] else "held")
+        + (f" (its dirty word names pid {s['holder_pid']})" if s["holder_pid"] else "")
+        for s in stuck_locks(world)
+    ]
+    return why
+
+
+def stuck_locks(world):
+    """The snapshot's `stuck_locks`: the locks the pause could not take in time, then any other
+    lock found stranded at the end of the stop."""
+    return world["stuck"] + [s for s in world.get("stranded", ()) if s not in world["stuck"]]
 
 
 class StoppedWorld:
@@ -57,10 +79,13 @@ class StoppedWorld:
             "park_ns": 0,
             "flush_ns": 0,
             "flushed": set(),
+            "unflushed": set(),  # stopped Ps whose flush could not take its locks in time
+            "stuck": [],  # LockUnavailable.describe() of every lock not taken in time
         }
         self.realtime = self.d.realtime_pause and set_realtime(True)
         try:
             live = stw.begin(epoch)
+            self.world["stuck"] += stw.stuck
             return self._stop_everyone(epoch, t0, live)
         except BaseException:
             self.__exit__(None, None, None)
@@ -129,11 +154,20 @@ class StoppedWorld:
                 try:
                     arena.reclaim(k, arena.daemon_actor)
                     d.routes.pop(k, None)
+                except LockUnavailable as e:
+                    per_p[k]["state"] = "late"
+                    self._stuck(e)
                 except ShmallocError:
                     per_p[k]["state"] = "late"
         late = sorted(k for k, v in per_p.items() if v["state"] == "late")
         parked = sorted(k for k, v in per_p.items() if v["state"] in ("parked", "stopped"))
-        self.world.update(parked=parked, late=late, per_p=per_p, park_ns=time.perf_counter_ns() - t0)
+        self.world.update(
+            parked=parked,
+            late=late,
+            per_p=per_p,
+            park_ns=time.perf_counter_ns() - t0,
+            stranded=arena.locks.stranded_locks(),
+        )
         if late:
             event(
                 logging.WARNING,
@@ -151,13 +185,27 @@ class StoppedWorld:
         if not ks:
             return
         arena, w = self.d.arena, self.world
+        if w["stuck"]:  # one lock already failed us: do not wait for it again in this pause
+            w["unflushed"].update(ks)
+            return
         t = time.perf_counter_ns()
-        done = arena.flush_slots(ks, arena.daemon_actor, keep_empty=True, disown=False)
+        try:
+            done = arena.flush_slots(ks, arena.daemon_actor, keep_empty=True, disown=False)
+        except LockUnavailable as e:  # rolled back: their caches are untouched
+            w["unflushed"].update(ks)
+            w["flush_ns"] += time.perf_counter_ns() - t
+            self._stuck(e)
+            return
         for k in ks:
             per_p[k].update(cached_spans=done[k][0], listed_returned=done[k][1])
             w["flushed"].add(k)
             arena.q[L.HDR["flush_count"]] += 1
         w["flush_ns"] += time.perf_counter_ns() - t
+
+    def _stuck(self, e):
+        """A lock the pause could not take within the daemon's bound: the snapshot says so."""
+        if e.describe() not in self.world["stuck"]:
+            self.world["stuck"].append(e.describe())
 
     def _send_stop(self, k, frame):
         """The STOP message wakes a cooperative P's control thread."""
@@ -176,14 +224,17 @@ class StoppedWorld:
         pause_ns = self.d.stw.end(w.get("flushed", ())) - w["t0"]
         if self.realtime:
             set_realtime(False)
+        stuck = stuck_locks(w)
+        unflushed = sorted(set(w["late"]) | w["unflushed"])
         w["meta"] = {
-            "consistent": not w["late"],
+            "consistent": not unflushed and not stuck,
             "epoch": w["epoch"],
             "pause_ns": pause_ns,
             "park_ns": w["park_ns"],
             "flush_ns": w["flush_ns"],
             "num_p": sum(1 for v in w["per_p"].values() if v["state"] in ("parked", "stopped", "late")),
-            "unflushed": w["late"],
+            "unflushed": unflushed,
+            "stuck_locks": stuck,
             "per_p": [w["per_p"][k] for k in sorted(w["per_p"])],
             "taken_ns": time.time_ns(),
             "stop_protocol": self.d.stw.protocol,

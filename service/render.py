@@ -132,8 +132,8 @@ def _wrap(text, width, indent="  "):
 
 
 def header_line(snap, title="shmalloc stats") -> list[str]:
-    """The META_FIELDS of the snapshot (consistent yes / NO with the unflushed P slots, epoch,
-    pause in ms, num_p) and the time it was taken -- wrapped to WIDTH."""
+    """The META_FIELDS of the snapshot (consistent yes / NO with the unflushed P slots and the
+    locks not taken, epoch, pause in ms, num_p) and the time it was taken -- wrapped to WIDTH."""
     parts = [title]
     for name, unit, _kind, _help in META_FIELDS:
         v = snap.get(name)
@@ -143,6 +143,10 @@ def header_line(snap, title="shmalloc stats") -> list[str]:
                 if v
                 else "consistent: NO (unflushed P slots: "
                 + (", ".join(map(str, snap.get("unflushed") or [])) or "none listed")
+                + "".join(
+                    f"; lock {s['lock']} " + ("stranded" if s["stranded"] else "busy")
+                    for s in snap.get("stuck_locks") or []
+                )
                 + ")"
             )
         else:

@@ -91,7 +91,11 @@ Snapshots (driven by the daemon's stop-the-world, world.py; Arena.update_stats i
   3. Then read the figures (read_stats); read_stats_slow recomputes them from the ground truth.
 
 Crashes: a P killed outside an operation leaves only its cache, which the daemon flushes.  A P
-killed inside one leaves dirty lock words naming it; the next taker rolls its undo log back.
+killed inside one leaves dirty lock words naming it (pid and start time); the kernel drops its
+locks, and the next taker rolls its undo log back.  A forked child takes descriptions of the
+segment of its own (arena.py), so it never keeps its parent's locks alive; one forked from C code
+(no Python hook) does, and such a stranded lock raises LockUnavailable rather than being waited
+for (locks.py).  The daemon's waits on arena locks are bounded (Locks.wait_s).
 """
 
 from . import layout
@@ -106,6 +110,7 @@ from .errors import (
     DoubleFree,
     ForkedHeap,
     LayoutMismatch,
+    LockUnavailable,
     NoFreeSlot,
     OutOfMemory,
     ShmallocError,
@@ -132,4 +137,5 @@ __all__ = [
     "ArenaClosed",
     "ForkedHeap",
     "NoFreeSlot",
+    "LockUnavailable",
 ]

@@ -12,10 +12,14 @@ once -- flushing a P (central lists, large objects, its remote-free buffer, unde
 in one operation), reclaiming a dead P, any process's free -- and each piece needs the others.
 """
 
+import ctypes
 import logging
+import mmap
 import os
+import platform
 import threading
 import time
+import weakref
 from multiprocessing import shared_memory
 
 from . import layout as L
@@ -72,6 +76,86 @@ def _open_segment(name, create, size=0):
             resource_tracker.register = register
 
 
+# --- fork ---------------------------------------------------------------------------------------
+# A forked child inherits the parent's descriptor of the segment, the descriptor Python's mmap
+# object dup()s for itself, and the mapping, whose vma holds the same struct file: three
+# references to the parent's open file description, which owns the parent's OFD locks.  Were the
+# child to keep them, a parent killed inside a critical section would leave its lock held for as
+# long as the child lives, and the arena would freeze.  So the child takes a description of its
+# own: it reopens the segment, dup2()s the fresh descriptor over every inherited one that refers
+# to the parent's description, and maps the fresh one over the whole mapping at the same address
+# (MAP_FIXED), so every memoryview it inherited stays valid and sees the same shared pages.
+_NR_KCMP = {"x86_64": 312, "aarch64": 272, "arm64": 272}.get(platform.machine())
+_KCMP_FILE = 0
+_MAP_FIXED = 0x10
+_OPEN: "weakref.WeakSet[Arena]" = weakref.WeakSet()  # every Arena open in this process
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = (
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        )
+    return _libc
+
+
+def _same_description(fd, candidate):
+    """Does `candidate` refer to the open file description of `fd`?  kcmp(2) says exactly; where
+    it is missing (None) the caller decides from the inode alone."""
+    if _NR_KCMP is None:
+        return None
+    pid = os.getpid()
+    r = _c().syscall(_NR_KCMP, pid, pid, _KCMP_FILE, fd, candidate)
+    return None if r < 0 else r == 0
+
+
+def _inherited_descriptors(fd, others):
+    """Descriptor numbers of this process that refer to the description of `fd`: `fd` itself and
+    the mmap object's internal dup.  Without kcmp, every descriptor of the same file that is not
+    another open Arena's own."""
+    st = os.fstat(fd)
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        n = int(name)
+        try:
+            s = os.fstat(n)
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if (s.st_dev, s.st_ino) != (st.st_dev, st.st_ino):
+            continue
+        same = _same_description(fd, n)
+        if same or (same is None and (n == fd or n not in others)):
+            out.append(n)
+    return out
+
+
+def _after_fork_in_child():
+    arenas = [a for a in list(_OPEN) if not a.closed]
+    others = {a.fd for a in arenas}
+    for arena in arenas:
+        try:
+            arena._own_description(others)
+        except OSError as e:
+            _log.warning(
+                "arena %s: a forked child could not take a description of its own (%s); a crash of "
+                "its parent inside a lock leaves that lock held until this child exits",
+                arena.name,
+                e,
+            )
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Arena:
     """One process's attachment to the arena segment `name`."""
 
@@ -83,6 +167,9 @@ class Arena:
         self.fd = shm._fd
         self.mv = shm.buf
         self.q = self.mv.cast("Q")
+        # Where the mapping starts (a fork remaps it there: _own_description).
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
+        self._length = len(self.mmap)
         self.pid = os.getpid()
         self.repairs = 0  # dead actors' operations this process rolled back
         self._views = []  # memoryviews handed to caches; released at close
@@ -96,6 +183,7 @@ class Arena:
         # registry lock -- the only lock they take -- serialises every user of this log.
         self.registry_actor = lay.nslots + 1
         self.closed = False
+        _OPEN.add(self)
 
     # --- life cycle --------------------------------------------------------------------
     @classmethod
@@ -172,6 +260,31 @@ class Arena:
             os.close(self.shm._fd)
             self.shm._fd = -1
 
+    def _own_description(self, others=()):
+        """In a forked child: drop every reference to the parent's open file description (see
+        `_after_fork_in_child`).  The descriptor numbers, the mapping's address and its contents
+        stay what they were; only the description behind them is this process's own."""
+        fresh = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)  # a new description
+        try:
+            targets = _inherited_descriptors(self.fd, others)
+            libc = _c()
+            got = libc.mmap(
+                self._base,
+                self._length,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+                mmap.MAP_SHARED | _MAP_FIXED,
+                fresh,
+                0,
+            )
+            if got != self._base:
+                e = ctypes.get_errno()
+                raise OSError(e, f"mmap(MAP_FIXED) over the inherited mapping: {os.strerror(e)}")
+            for n in targets:
+                os.dup2(fresh, n, inheritable=False)
+        finally:
+            os.close(fresh)
+        self.locks.after_fork()
+
     def unlink(self):
         """Remove the segment name from /dev/shm (everyone's mappings stay valid)."""
         unlink_segment(self.name)
@@ -231,11 +344,6 @@ class Arena:
         work = sorted((c, k, r) for k in slots for c, r in self.cached_spans(k))
         buffers = {k: self._buffer_groups(k) for k in slots}
         q = self.q
-        for k in slots:
-            sw = self.lay.slot_word(k)
-            q[sw + SL["flush_gen"]] += 1
-            if actor != k and q[sw + SL["stop"]] == L.STOP_RUN:
-                q[sw + SL["stop"]] = L.STOP_RESYNC
         classes = {c for c, _, _ in work}
         for groups in buffers.values():
             classes |= {c for c, _ in groups}
@@ -245,6 +353,13 @@ class Arena:
             for c in sorted(classes - {0}):
                 op.acquire(L.LOCK_CENTRAL(c))
             op.acquire(L.LOCK_HEAP)  # large spans, and emptied small spans go back to the heap
+            # Told only once every lock is held (a flush that cannot take one changes nothing),
+            # and logged, so that a rolled-back flush does not make the P drop its lists.
+            for k in slots:
+                sw = self.lay.slot_word(k)
+                op.add(sw + SL["flush_gen"], 1)
+                if actor != k and q[sw + SL["stop"]] == L.STOP_RUN:
+                    q[sw + SL["stop"]] = L.STOP_RESYNC
             for k in slots:
                 self._apply_buffer(op, k, buffers[k])
             for c, k, r in work:

@@ -11,6 +11,8 @@
     ├── ArenaClosed                the heap was closed in this process, or its arena for good
     ├── ForkedHeap                 a Heap used in a child after fork(); connect() again there
     ├── NoFreeSlot                 every P slot is taken
+    ├── LockUnavailable            a lock's holder died but its lock is still held (stranded), or
+    │                              the daemon's bounded wait for a lock ran out; nothing was changed
     ├── ForeignReference           a pickled reference names another arena than the daemon's
     ├── StartupError               the daemon cannot start (endpoint taken, /dev/shm too small...)
     └── ProtocolError              control channel (service/, client/) errors; `code` is the wire code
@@ -91,6 +93,27 @@ class ForkedHeap(ShmallocError):
 
 class NoFreeSlot(ShmallocError):
     code = "NO_FREE_SLOT"
+
+
+class LockUnavailable(ShmallocError):
+    """A cross-process lock could not be taken, and the operation was rolled back (nothing was
+    changed).  `stranded`: the holder named in the lock's dirty word is dead, but a process that
+    inherited its open file description without running Python's at-fork hooks (a fork made from
+    C code) keeps the kernel lock; it is released, and the dead operation rolled back, when that
+    process exits.  Otherwise a bounded wait (the daemon's) ran out.  `lock` names the lock,
+    `holder_pid` the pid its dirty word names (0: none)."""
+
+    code = "LOCK_UNAVAILABLE"
+
+    def __init__(self, message: str, lock: str = "", holder_pid: int = 0, stranded: bool = False) -> None:
+        super().__init__(message)
+        self.lock = lock
+        self.holder_pid = holder_pid
+        self.stranded = stranded
+
+    def describe(self) -> dict[str, object]:
+        """The map a snapshot lists in `stuck_locks`."""
+        return {"lock": self.lock, "holder_pid": self.holder_pid, "stranded": self.stranded}
 
 
 class ForeignReference(ShmallocError, ValueError):

@@ -11,7 +11,7 @@ boundary:
 
     offset        region        contents
     0             header        HDR_* words: magic, version, sizes, the offset of every region
-    lock_off      locks         REGION preamble, then per lock: dirty actor+1, dirty pid
+    lock_off      locks         REGION preamble, then per lock: dirty actor+1, dirty pid, its start
     central_off   central       REGION preamble, then per size class c (0..66): CENTRAL_* words
     heapmeta_off  heapmeta      REGION preamble, HEAP_* words, free-span bucket heads
     slots_off     P slots       per slot (nslots workers, then the daemon's actor slot and the
@@ -69,7 +69,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 9
+VERSION = 10
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -200,8 +200,20 @@ def LOCK_CENTRAL(c):
 LOCK_HEAP = NCLASS - 1
 LOCK_REGISTRY = NCLASS
 NLOCKS = NCLASS + 1
-LOCK_WORDS = 2  # dirty actor+1 (0 = clean), dirty pid; written by the holder only
-# == 0 on a quiet arena (Locks.check)
+LOCK_WORDS = 3  # dirty actor+1 (0 = clean), dirty pid, and that process's start time (clock
+# ticks after boot, /proc/<pid>/stat field 22; 0 where unknown) so that a recycled pid is not
+# taken for the holder; written by the holder only (a repair clears them), == 0 on a quiet arena
+# (Locks.check)
+
+
+def lock_name(lid):
+    """'central[c]', 'heap' or 'registry': how logs and snapshots name lock `lid`."""
+    if lid == LOCK_HEAP:
+        return "heap"
+    if lid == LOCK_REGISTRY:
+        return "registry"
+    return f"central[{lid + 1}]"
+
 
 # --- central list, one record per size class -----------------------------------------------
 # Every word written under central lock c only.  The identities CentralList.check holds them to

@@ -18,6 +18,16 @@ the undo logs of the operations in flight":
   locks; the next process to take one sees the dirty word, backs out of its own operation, rolls
   the dead actor's log back under all of that actor's locks (`repair`), and retries.
 
+The kernel drops a lock when the last reference to its open file description goes.  A child
+forked with Python's fork takes a description of its own (shm/arena.py), so a parent killed inside
+a critical section frees its locks at once, its children alive or not.  A fork made from C code
+runs no Python hook: the child keeps the parent's description, and with it the lock, until it
+exits.  Such a lock is *stranded*: the holder named in its dirty word (pid, and the start time
+of that pid, so that a recycled pid is not taken for it) is dead, yet the kernel lock is held.  A
+worker that meets one raises LockUnavailable instead of waiting for it forever (one already asleep
+in the kernel behind a holder that dies so sleeps until the keeper exits); the daemon, which never
+waits on a lock without a bound (`Locks.wait_s`), reports it and retries later.
+
 Undo log layout (LOG_BYTES per actor, after the slot's words; `log_used` in the slot counts the
 bytes of complete entries, so an entry half written when its writer died is ignored -- the write
 it guards had not happened yet):
@@ -31,13 +41,15 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from array import array
 
 from . import layout as L
-from .errors import CorruptionError
+from .errors import CorruptionError, LockUnavailable
 
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
 _W_ENTRY, _B_ENTRY, _S_ENTRY = 1, 2, 3
+_CLEAN = array("Q", [0] * L.LOCK_WORDS)  # a lock word nobody holds
 
 
 def _flock(ltype, start):
@@ -72,6 +84,49 @@ def ofd_held_elsewhere(fd, off):
     return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
 
 
+def proc_start(pid):
+    """(state, start time) of process `pid`: its /proc/<pid>/stat state letter and start time in
+    clock ticks after boot; None when there is no such process (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+    except OSError:
+        return None
+    rest = st[st.rindex(b")") + 2 :].split()
+    return rest[0].decode(), int(rest[19])
+
+
+_me = [0, 0]  # [pid, start time] of this process, recomputed after a fork
+
+
+def my_start(pid):
+    """This process's start time (`pid` is os.getpid()), for the lock words."""
+    if _me[0] != pid:
+        got = proc_start(pid)
+        _me[0], _me[1] = pid, got[1] if got else 0
+    return _me[1]
+
+
+def holder_alive(pid, start):
+    """Is the process a dirty word names (pid, start time) still running?  A zombie is not: it
+    holds no lock.  A start time of 0 (unknown) trusts the pid alone."""
+    got = proc_start(pid)
+    if got is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return os.path.isdir(f"/proc/{pid}") or not os.path.isdir("/proc/self")
+    state, begun = got
+    return state != "Z" and (start == 0 or begun == start)
+
+
+STRANDED_GRACE_S = 0.5  # how long a worker polls a lock whose named holder is dead before it
+# judges it stranded (a live process repairing the dead operation holds it meanwhile)
+
+
 class Retry(Exception):
     """Internal: the operation met a dead actor's dirty lock; it was backed out, the dead
     actor's operation rolled back, and the caller must run the operation again."""
@@ -86,6 +141,15 @@ class Locks:
         self.q = arena.q
         self.lay = arena.lay
         self.tlocks = [threading.Lock() for _ in range(L.NLOCKS)]
+        # None: wait in the kernel (a worker; a stranded lock raises LockUnavailable).  Seconds:
+        # poll for at most that long, then raise LockUnavailable (the daemon, whose control loop
+        # must keep answering).
+        self.wait_s = None
+
+    def after_fork(self):
+        """In a forked child: another thread of the parent may have held an in-process lock at
+        the fork; nobody will release the child's copy."""
+        self.tlocks = [threading.Lock() for _ in range(L.NLOCKS)]
 
     def byte(self, lid):
         return self.lay.lock_off + lid
@@ -93,10 +157,67 @@ class Locks:
     def raw_acquire(self, lid):
         self.tlocks[lid].acquire()
         try:
-            ofd_lock(self.fd, self.byte(lid))
+            if not ofd_trylock(self.fd, self.byte(lid)):
+                self._wait(lid)
         except BaseException:
             self.tlocks[lid].release()
             raise
+
+    def _wait(self, lid):
+        """Lock `lid` is held by another description: take it, or raise LockUnavailable."""
+        fd, off = self.fd, self.byte(lid)
+        if self.wait_s is None:
+            if not self._named_holder_dead(lid):
+                ofd_lock(fd, off)  # a live holder: sleep in the kernel until it lets go
+                return
+            deadline = time.monotonic() + STRANDED_GRACE_S
+        else:
+            deadline = time.monotonic() + self.wait_s
+        pause = 50e-6
+        while not ofd_trylock(fd, off):
+            if time.monotonic() > deadline:
+                raise self.unavailable(lid)
+            time.sleep(pause)
+            pause = min(pause * 2, 5e-3)
+
+    def holder(self, lid):
+        """(pid, start time) the dirty word of `lid` names; pid 0 when it is clean."""
+        w = self.lay.lock_word(lid)
+        return (self.q[w + 1], self.q[w + 2]) if self.q[w] else (0, 0)
+
+    def _named_holder_dead(self, lid):
+        pid, start = self.holder(lid)
+        return pid != 0 and not holder_alive(pid, start)
+
+    def stranded(self, lid):
+        """Lock `lid` is stranded: held in the kernel by another description, while the holder
+        its dirty word names is dead (see the module docstring)."""
+        return self._named_holder_dead(lid) and ofd_held_elsewhere(self.fd, self.byte(lid))
+
+    def stranded_locks(self):
+        """LockUnavailable.describe() of every stranded lock (a scan of the dirty words)."""
+        return [self.unavailable(lid).describe() for lid in range(L.NLOCKS) if self.stranded(lid)]
+
+    def unavailable(self, lid):
+        """The LockUnavailable error for lock `lid`, saying whether it is stranded."""
+        pid, _ = self.holder(lid)
+        name = L.lock_name(lid)
+        if self.stranded(lid):
+            return LockUnavailable(
+                f"lock {name} is stranded: its holder (pid {pid}) died inside it, but a process that "
+                "inherited its file description without Python's at-fork hooks (a fork made from C "
+                "code) still holds it; it is released, and the dead operation rolled back, when that "
+                "process exits",
+                lock=name,
+                holder_pid=pid,
+                stranded=True,
+            )
+        return LockUnavailable(
+            f"lock {name} not taken within {self.wait_s} s"
+            + (f" (its dirty word names pid {pid})" if pid else ""),
+            lock=name,
+            holder_pid=pid,
+        )
 
     def raw_release(self, lid):
         try:
@@ -126,18 +247,24 @@ class Locks:
         lw = self.lay.lock_word
         q = self.q
         ids = [lid for lid in range(L.NLOCKS) if q[lw(lid)] == actor + 1]
-        for lid in ids:
-            self.raw_acquire(lid)
+        taken = []
+        pid = os.getpid()
         try:
+            for lid in ids:
+                self.raw_acquire(lid)  # may raise LockUnavailable: nothing was changed yet
+                taken.append(lid)
+                if q[lw(lid)] == actor + 1:
+                    # The dirty word keeps naming the dead actor (whose log is rolled back) but
+                    # names its repairer as the holder now: a live holder, not a stranded lock.
+                    q[lw(lid) + 1], q[lw(lid) + 2] = pid, my_start(pid)
             mine = [lid for lid in ids if q[lw(lid)] == actor + 1]
             if mine:
                 UndoLog(self.arena, actor).rollback()
                 for lid in mine:
-                    q[lw(lid)] = 0
-                    q[lw(lid) + 1] = 0
+                    q[lw(lid) : lw(lid) + L.LOCK_WORDS] = _CLEAN
                 self.arena.repairs += 1
         finally:
-            for lid in reversed(ids):
+            for lid in reversed(taken):
                 self.raw_release(lid)
         return bool(ids)
 
@@ -224,7 +351,7 @@ class Op:
     """One crash-safe operation: two-phase locking plus an undo log.  Use through
     `Arena.run(actor, fn)`, which commits, rolls back on error, and retries after repairs."""
 
-    __slots__ = ("locks", "q", "mv", "actor", "log", "held", "pid")
+    __slots__ = ("locks", "q", "mv", "actor", "log", "held", "pid", "start")
 
     def __init__(self, arena, actor):
         self.locks = arena.locks
@@ -234,6 +361,7 @@ class Op:
         self.log = UndoLog(arena, actor)
         self.held = []
         self.pid = os.getpid()
+        self.start = my_start(self.pid)
 
     def acquire(self, lid):
         if lid in self.held:
@@ -250,8 +378,9 @@ class Op:
             self.abort()
             locks.repair(d - 1)
             raise Retry()
-        self.q[w] = self.actor + 1
         self.q[w + 1] = self.pid
+        self.q[w + 2] = self.start
+        self.q[w] = self.actor + 1  # last: a dirty word names a whole holder
         self.held.append(lid)
 
     def need(self, lid, what):
@@ -304,8 +433,9 @@ class Op:
         q = self.q
         lw = self.locks.lay.lock_word
         for lid in reversed(self.held):
-            q[lw(lid)] = 0
+            q[lw(lid)] = 0  # first: a clean word names nobody
             q[lw(lid) + 1] = 0
+            q[lw(lid) + 2] = 0
             self.locks.raw_release(lid)
         self.held = []
 

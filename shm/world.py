@@ -73,8 +73,8 @@ import platform
 import time
 
 from . import layout as L
-from .errors import ArenaClosed
-from .locks import ofd_held_elsewhere, ofd_lock, ofd_unlock, ofd_wait_unlocked
+from .errors import ArenaClosed, LockUnavailable
+from .locks import ofd_held_elsewhere, ofd_lock, ofd_trylock, ofd_unlock, ofd_wait_unlocked
 
 SL = L.SLOT
 
@@ -213,6 +213,7 @@ class StopTheWorld:
         self.epoch = 0
         self.live = []
         self.owed = set()
+        self.stuck = []  # LockUnavailable.describe() of a lock begin() could not take
 
     @property
     def protocol(self):
@@ -227,16 +228,24 @@ class StopTheWorld:
         live Ps.  A P claimed after this reads `stopped_epoch` and starts stopped."""
         arena = self.arena
         q = arena.q
-        ofd_lock(arena.fd, L.resume_lock_byte(epoch))  # parked Ps sleep on it until end()
+        self._take_resume_lock(L.resume_lock_byte(epoch))  # parked Ps sleep on it until end()
         self.epoch = epoch
         q[L.HDR["epoch"]] = epoch
         q[L.HDR["stopped_epoch"]] = epoch
-        # Read the slot table under the registry lock (a raw lock: only a read).
-        arena.locks.raw_acquire(L.LOCK_REGISTRY)
+        # Read the slot table under the registry lock (a raw lock: only a read).  A daemon waits
+        # for it a bounded time only: past that it reads the table as it is, and the snapshot
+        # says why it is not consistent (`stuck`).
+        self.stuck = []
         try:
+            arena.locks.raw_acquire(L.LOCK_REGISTRY)
+        except LockUnavailable as e:
+            self.stuck.append(e.describe())
             live = arena.registry.active_slots()
-        finally:
-            arena.locks.raw_release(L.LOCK_REGISTRY)
+        else:
+            try:
+                live = arena.registry.active_slots()
+            finally:
+                arena.locks.raw_release(L.LOCK_REGISTRY)
         # A P whose cache an earlier flush emptied and which has not run since still owes a
         # resync: PARK overwrites its RESYNC, so remember it for end().
         self.owed = set()
@@ -250,6 +259,20 @@ class StopTheWorld:
             barrier()
         self.live = live
         return live
+
+    def _take_resume_lock(self, byte):
+        """Parked Ps hold a read lock on the resume byte for an instant as they wake.  A daemon
+        (bounded waits: Locks.wait_s) waits that long at most; past it -- a P killed in that
+        instant, its description kept by a child forked from C -- the pause goes on without the
+        lock, and parked Ps, finding it free while the stop stands, poll (park) instead."""
+        arena = self.arena
+        wait_s = arena.locks.wait_s
+        if wait_s is None:
+            ofd_lock(arena.fd, byte)
+            return
+        deadline = time.monotonic() + wait_s
+        while not ofd_trylock(arena.fd, byte) and time.monotonic() < deadline:
+            time.sleep(50e-6)
 
     def poll(self, k, pid):
         """The state of P k (whose pid was `pid` at begin): None while it may still run."""

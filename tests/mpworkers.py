@@ -26,11 +26,15 @@ def stuck_in_critical_section(arena_name, where, ready):
     "release": after a free span's heap pages were given back, before its allocation map).
     The test SIGKILLs us there."""
     from shm import Arena, ProcessCache
-    from shm.central import CentralList
-    from shm.heap import PageHeap
 
     arena = Arena.attach(arena_name)
-    p = ProcessCache(arena)
+    _stop_inside(ProcessCache(arena), where, ready)
+
+
+def _stop_inside(p, where, ready):
+    """P `p` allocates, and stops forever inside the operation (see stuck_in_critical_section)."""
+    from shm.central import CentralList
+    from shm.heap import PageHeap
 
     def stop_here():
         ready.set()
@@ -59,8 +63,8 @@ def stuck_in_critical_section(arena_name, where, ready):
                 self.mm.madvise(*a)
                 stop_here()
 
-        arena.mmap = Madvise(arena.mmap)
-        arena.scavenge(p.slot)
+        p.arena.mmap = Madvise(p.arena.mmap)
+        p.arena.scavenge(p.slot)
     else:
         real_collect = CentralList.collect
 
@@ -323,3 +327,30 @@ def stuck_closing(arena_name, ready):
     arena.registry.active_slots = lambda: first_then_stop()
     world.close_for_good(arena, layout.CLOSED_FORCED)
     time.sleep(60)  # not reached
+
+
+def forking_victim(endpoint, where, how, ready, results):
+    """Connect, fork a child that stays alive (as a fork-based multiprocessing.Pool does), then
+    stop forever INSIDE an operation (`where` as in stuck_in_critical_section).  `how`: "python"
+    forks with os.fork (its at-fork hooks run), "c" calls libc's fork() directly, as C code would
+    (no Python hook runs).  Puts (child pid, slot) on `results`.  The test SIGKILLs us there and
+    kills the child when it is done."""
+    import ctypes
+    import os
+
+    import client
+
+    heap = client.connect(endpoint)
+    if how == "python":
+        child = os.fork()
+    else:
+        libc = ctypes.CDLL(None)
+        child = libc.fork()
+        if child == 0:  # no Python hook ran: touch nothing, wait in C for the SIGKILL
+            while True:
+                libc.pause()
+    if child == 0:
+        while True:
+            signal.pause()
+    results.put((child, heap.slot))
+    _stop_inside(heap, where, ready)

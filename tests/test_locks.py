@@ -1,10 +1,17 @@
 """Operations and their undo logs (shm/locks.py): a failed operation rolled back, and the largest
-operations still fitting their bounded log."""
+operations still fitting their bounded log; who holds a lock (the dirty word's pid and start
+time), a stranded lock, the daemon's bounded waits, and a forked child's own descriptions."""
+
+import os
+import signal
+import time
+from array import array
 
 import pytest
 from support import assert_healthy, metadata_bytes
 
-from shm import BadHandle, ProcessCache
+from shm import Arena, BadHandle, LockUnavailable, ProcessCache, layout
+from shm.locks import holder_alive, my_start, ofd_trylock
 
 
 def test_undo_log_rolls_back_a_failed_operation(arena):
@@ -47,3 +54,164 @@ def test_huge_block_fits_the_undo_log(make_arena):
     snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0
     p.close()
+
+
+def _stop_inside(arena, actor, lid, pid, start):
+    """A dirty word as a holder that died inside lock `lid` leaves it (the kernel lock aside)."""
+    w = arena.lay.lock_word(lid)
+    arena.q[w + 1], arena.q[w + 2], arena.q[w] = pid, start, actor + 1
+
+
+def _dead_pid():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_the_dirty_word_names_its_holder_by_pid_and_start_time(arena):
+    """A holder is alive only while a process of its pid AND its start time runs: a recycled pid
+    (same pid, another start) and a pid that is gone are dead holders."""
+    me = os.getpid()
+    start = my_start(me)
+    assert start > 0 and holder_alive(me, start)
+    assert not holder_alive(me, start + 1)  # the pid, recycled by another process
+    assert not holder_alive(_dead_pid(), 0)
+    seen = {}
+
+    def look(op):
+        op.acquire(layout.LOCK_HEAP)
+        w = arena.lay.lock_word(layout.LOCK_HEAP)
+        seen["word"] = list(arena.q[w : w + layout.LOCK_WORDS])
+
+    p = ProcessCache(arena)
+    arena.run(p.slot, look)
+    assert seen["word"] == [p.slot + 1, me, start]
+    w = arena.lay.lock_word(layout.LOCK_HEAP)
+    assert list(arena.q[w : w + layout.LOCK_WORDS]) == [0, 0, 0]
+    p.close()
+
+
+def test_a_lock_held_for_a_dead_holder_is_stranded_and_never_waited_for(make_arena):
+    """Another description holds the heap lock while its dirty word names a dead process: what a
+    child forked from C code leaves.  A worker's operation that needs it raises LockUnavailable
+    (stranded) instead of hanging, and changes nothing; the lock is listed as stranded.  Once the
+    keeper lets go, the next taker rolls the dead operation back."""
+    arena = make_arena()
+    keeper = Arena.attach(arena.name)  # another open file description of the same segment
+    try:
+        p = ProcessCache(arena)
+        dead = _dead_pid()
+        keeper.locks.raw_acquire(layout.LOCK_HEAP)
+        _stop_inside(arena, arena.daemon_actor, layout.LOCK_HEAP, dead, 0)
+        before = metadata_bytes(arena)
+        with pytest.raises(LockUnavailable, match="lock heap is stranded") as e:
+            p.alloc(100_000)
+        assert (e.value.lock, e.value.holder_pid, e.value.stranded) == ("heap", dead, True)
+        assert metadata_bytes(arena) == before
+        assert arena.locks.stranded_locks() == [{"lock": "heap", "holder_pid": dead, "stranded": True}]
+        keeper.locks.raw_release(layout.LOCK_HEAP)
+        assert arena.locks.stranded_locks() == []
+        repairs = arena.repairs
+        b = p.alloc(100_000)
+        assert arena.repairs == repairs + 1
+        p.free(b)
+        assert_healthy(arena, p)
+        p.close()
+    finally:
+        keeper.close()
+
+
+def test_a_bounded_wait_gives_up_and_changes_nothing(make_arena):
+    """The daemon's waits are bounded (Locks.wait_s): a lock a live process holds past the bound
+    raises LockUnavailable, not stranded, and the operation is rolled back."""
+    arena = make_arena()
+    other = Arena.attach(arena.name)
+    try:
+        p = ProcessCache(arena)
+        keep = p.alloc(64)
+        other.locks.raw_acquire(layout.LOCK_HEAP)
+        _stop_inside(other, other.daemon_actor, layout.LOCK_HEAP, os.getpid(), my_start(os.getpid()))
+        arena.locks.wait_s = 0.05
+        before = metadata_bytes(arena)
+        with pytest.raises(LockUnavailable, match="not taken within") as e:
+            arena.flush_cache(p.slot, p.slot)
+        assert not e.value.stranded and e.value.holder_pid == os.getpid()
+        assert metadata_bytes(arena) == before
+        w = arena.lay.lock_word(layout.LOCK_HEAP)
+        arena.q[w : w + layout.LOCK_WORDS] = array("Q", [0] * layout.LOCK_WORDS)
+        other.locks.raw_release(layout.LOCK_HEAP)
+        p.free(keep)
+        assert_healthy(arena, p)
+        p.close()
+    finally:
+        other.close()
+
+
+def test_a_forked_child_holds_none_of_its_parents_locks(arena):
+    """After os.fork() the child's descriptors and mapping refer to a description of its own: a
+    lock the parent holds is a lock held elsewhere for the child, the same addresses still show
+    the same shared memory (a view taken before the fork included), and every descriptor of the
+    segment in the child is a new description."""
+    view = arena.view(arena.lay.heap_off, arena.lay.heap_off + 16)
+    view[:4] = b"prnt"
+    byte = arena.lay.lock_off + layout.LOCK_HEAP
+    arena.locks.raw_acquire(layout.LOCK_HEAP)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never raise
+        try:
+            ok = [
+                not ofd_trylock(arena.fd, byte),  # held by the parent's description, not ours
+                bytes(view[:4]) == b"prnt",
+            ]
+            view[4:8] = b"chld"  # seen by the parent: the same shared pages
+            segment = os.fstat(arena.fd)
+            mine = []
+            for n in os.listdir("/proc/self/fd"):
+                try:
+                    s = os.fstat(int(n))
+                except OSError:
+                    continue
+                if (s.st_dev, s.st_ino) == (segment.st_dev, segment.st_ino):
+                    mine.append(int(n))
+            ok.append(len(mine) >= 2)  # the Arena's descriptor and the mmap object's dup
+            os.write(w, repr((ok, mine)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got.startswith("([True, True, True]"), got
+    assert bytes(view[4:8]) == b"chld"
+    arena.locks.raw_release(layout.LOCK_HEAP)
+
+
+def test_a_forked_childs_descriptors_are_new_descriptions(arena):
+    """kcmp(2) across the two processes: no descriptor of the child refers to the parent's
+    description of the segment."""
+    from shm.arena import _NR_KCMP, _c
+
+    if _NR_KCMP is None:
+        pytest.skip("no kcmp(2) on this machine")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fds = [int(n) for n in os.listdir("/proc/self/fd")]
+            os.write(w, repr(fds).encode())
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        os.close(w)
+        fds = eval(os.read(r, 4096).decode())  # noqa: S307 - our own child's repr of a list of ints
+        os.close(r)
+        me = os.getpid()
+        shared = [n for n in fds if _c().syscall(_NR_KCMP, me, pid, 0, arena.fd, n) == 0]
+        assert shared == [], f"child descriptors {shared} still refer to the parent's description"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

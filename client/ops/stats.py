@@ -7,7 +7,8 @@ cache into the central lists (golang/go#38712: local lists, large spans, buffere
 frees), each P's as soon as it is stopped, then reads every figure from the quiet arena; with
 `slow` it also recomputes them by walking every span and compares.  A P that does not stop within
 `deadline_ms` never makes the call hang: the snapshot comes back with `consistent` false and the
-late slots in `unflushed` -- never a silently inconsistent one.
+late slots in `unflushed` -- never a silently inconsistent one; nor does a lock the daemon cannot
+take in time (`stuck_locks`).
 
 Request::
 
@@ -52,7 +53,15 @@ EXTRA_KEYS = (
     (
         "unflushed",
         "list",
-        "Slots (int) of live Ps that did not park before the deadline; empty when consistent.",
+        "Slots (int) of live Ps that did not park before the deadline, or whose flush (or, for a "
+        "dead P, reclaim) could not take its locks in time; empty when consistent.",
+    ),
+    (
+        "stuck_locks",
+        "list",
+        'One map {"lock", "holder_pid", "stranded"} per arena lock the daemon could not take within '
+        "its bound during the pause, or found stranded (its named holder dead, the lock kept by a "
+        "process forked without Python's at-fork hooks); empty when consistent.",
     ),
     ("taken_ns", "ns", "time.time_ns() when the world resumed."),
     (
