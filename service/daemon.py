@@ -23,6 +23,7 @@ each reads best next to the state it changes.
 
 import collections
 import logging
+import math
 import os
 import signal
 import time
@@ -35,11 +36,19 @@ from client.endpoint import arena_name_for, default_endpoint, ipc_path
 from shm import Arena, stats
 from shm import layout as L
 from shm.arena import unlink_segment
-from shm.errors import Forbidden, LayoutMismatch, NotRegistered, ShmallocError, StartupError
+from shm.errors import (
+    Forbidden,
+    LayoutMismatch,
+    NotRegistered,
+    ProtocolError,
+    ShmallocError,
+    StartupError,
+)
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from shm.world import StopTheWorld
 
-from .handlers import dispatch
+from .handlers import answer
+from .intake import REFUSALS, Intake
 from .logs import event, setup_logging
 from .pause import StoppedWorld, set_realtime
 from .security import LogLimiter, check_segment, endpoint_id, prepare_dir
@@ -48,6 +57,9 @@ LIVENESS_S = 0.1  # how often dead Ps are looked for (reclaimed within a second)
 EMPTY_SPANS_S = 1.0  # how often empty spans waiting on central lists go back to the heap
 HEARTBEAT_MS = 1000  # how often workers send a heartbeat
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
+INTAKE_BATCH = 32  # requests read per wake-up of the serve loop, at most
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 # --- sizes -----------------------------------------------------------------------------------
@@ -131,6 +143,9 @@ class Daemon:
         insecure=False,
         curve_server_key=None,
         curve_clients=None,
+        refusal_budget=(200, 400),
+        global_refusal_budget=(1000, 2000),
+        tarpit_ms=250,
     ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
@@ -168,6 +183,9 @@ class Daemon:
         self.next_stop = {"stats": 0.0, "check": 0.0}  # time.monotonic() a batch may run from
         self.shared = {}  # op -> the result the batch being answered shares
         self.refusals = LogLimiter()  # refused requests and malformed messages, rate-limited
+        # What refusals may cost (service/intake.py): (rate a second, burst) per client and for
+        # everyone together; beyond them a refusal is sent tarpit_ms late.
+        self.intake = Intake(*refusal_budget, *global_refusal_budget, tarpit_ms / 1000)
 
     # --- start -------------------------------------------------------------------------
     def start(self):
@@ -364,12 +382,22 @@ class Daemon:
         poller.register(self.sock, zmq.POLLIN)
         next_scan = next_empty = next_metrics = time.monotonic()
         while not self.stopping:
+            now = time.monotonic()
             timeout = LIVENESS_S
             for op, batch in self.waiting.items():
                 if batch:
-                    timeout = min(timeout, max(0.0, self.next_stop[op] - time.monotonic()))
-            if self.deferred or poller.poll(int(timeout * 1000)):
-                self.handle_one()
+                    timeout = min(timeout, max(0.0, self.next_stop[op] - now))
+            due = self.intake.next_due
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - now))
+            if self.deferred or poller.poll(math.ceil(timeout * 1000)):
+                # A few requests per wake-up: a flood pays one poll per INTAKE_BATCH requests.
+                # They are still read in the ROUTER's fair-queued order, one peer after another.
+                for _ in range(INTAKE_BATCH):
+                    if not self.handle_one() or self.stopping:
+                        break
+            for env, reply in self.intake.due():
+                self._reply(env, reply)
             now = time.monotonic()
             for op, batch in self.waiting.items():
                 if batch and now >= self.next_stop[op]:
@@ -386,6 +414,15 @@ class Daemon:
             if self.metrics and now >= next_metrics:
                 next_metrics = now + self.metrics_interval
                 self._tick("metrics snapshot", self.snapshot, self.park_deadline_ms, False, "metrics")
+        # Every request gets its one reply: the refusals still held go now, and the socket is
+        # given a second to send them before it closes.
+        held = self.intake.flush()
+        for env, reply in held:
+            self._reply(env, reply)
+        if held:
+            self.sock.setsockopt(zmq.LINGER, 1000)
+        if self.intake.refused:
+            event(logging.INFO, "refusals", **self.intake.counts())
 
     def _tick(self, what, fn, *args):
         """A periodic task: its failure is logged, never fatal (the operation was rolled back)."""
@@ -402,29 +439,39 @@ class Daemon:
     def handle_one(self):
         """Serve one request (or queue a heavy one for its batch); False when none was waiting."""
         if self.deferred:
-            env, frame = self.deferred.popleft()
+            env, frame, req = self.deferred.popleft()
         else:
             try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return False
-            env, frame = self._envelope(parts)
-            if env is None:
+            taken = self._intake(parts)
+            if taken is None:
                 return True
-        ident = env[0]
-        try:
-            req = protocol.decode_request(frame)
-        except ShmallocError:
-            req = None  # answered now, by dispatch's error reply
-        if (
-            req is not None
-            and req["op"] in self.waiting
-            and (req["op"] != "check" or self.admin_ok(req["token"]))
-        ):
+            env, frame, req = taken
+        if req["op"] in self.waiting and (req["op"] != "check" or self.admin_ok(req["token"])):
             self.waiting[req["op"]].append((env, frame, req))
             return True
-        self._reply(env, dispatch(self, frame, identity=ident))
+        self._answer(env, frame, req)
         return True
+
+    def _intake(self, parts):
+        """The first look at a message: (envelope, frame, decoded request) of a request its op's
+        handler may serve, or None when it was refused here: a message of the wrong shape
+        (dropped), or a frame that is no valid request (the refusal of the same bytes seen
+        before is taken from a table, without unpacking them), answered as _refusal says."""
+        env, frame = self._envelope(parts)
+        if env is None:
+            return None
+        reply = self.intake.early(frame)
+        if reply is None:
+            try:
+                return env, frame, protocol.decode_request(frame)
+            except ProtocolError as exc:
+                reply = protocol.encode_error(exc.req_id, exc)
+                self.intake.remember(frame, reply)
+        self._refusal(env, reply)
+        return None
 
     def _envelope(self, parts):
         """ROUTER: [identity, frame] from a DEALER, [identity, b"", frame] from a REQ; the reply
@@ -433,8 +480,41 @@ class Daemon:
             return parts[:1], parts[1]
         if len(parts) == 3 and not parts[1]:
             return parts[:2], parts[2]
+        self.intake.malformed()
         self.refusals.event(logging.WARNING, "dropped malformed message", frames=len(parts))
         return None, None
+
+    def _answer(self, env, frame, req, memo=None):
+        """Run the request's handler; its reply goes out now, or, a refusal, as _refusal says."""
+        reply, code = answer(self, frame, env[0], req, memo)
+        if code in REFUSALS:
+            self._refusal(env, reply)
+        else:
+            self._reply(env, reply)
+
+    def _refusal(self, env, reply):
+        """A refusal the client earned: sent now within its budget and everyone's, else held in
+        the tarpit and sent later by the serve loop, else (too many held) not sent at all --
+        service/intake.py."""
+        ident = env[0]
+        if self.intake.admit(ident):
+            self._reply(env, reply)
+        elif self.intake.hold(ident, env, reply):
+            self.refusals.event(
+                logging.WARNING,
+                "refusals held",
+                client=ident.hex(),
+                delay_ms=round(self.intake.delay * 1000),
+                waiting=len(self.intake.held),
+            )
+        else:
+            self.refusals.event(
+                logging.WARNING,
+                "refusal not answered",
+                client=ident.hex(),
+                reason="too many refusals held",
+                dropped=self.intake.dropped,
+            )
 
     def _serve_batch(self, op):
         """One pause (or one check) for every request of `op` waiting now, those already on the
@@ -450,21 +530,25 @@ class Daemon:
                 self.shared[op] = self.snapshot(deadline, any(r["slow"] for _, _, r in batch))
             else:
                 self.shared[op] = self.check(batch[0][2]["token"])
-        except Exception as e:  # every requester gets the error reply dispatch makes of it
+        except Exception as e:  # every requester gets the error reply answer() makes of it
             self.shared[op] = e
         end = time.monotonic()
         gap = self.min_stop_interval if op == "stats" else max(self.min_stop_interval, end - t)
         self.next_stop[op] = end + gap
         try:
-            for env, frame, _ in batch:
-                self._reply(env, dispatch(self, frame, identity=env[0]))
+            memo = {}  # the shared result, checked and packed once for every reply
+            for env, frame, req in batch:
+                self._answer(env, frame, req, memo)
         finally:
             self.shared.pop(op, None)
 
     def _reply(self, env, reply):
         if reply is not None:
+            sock = self.sock
             try:
-                self.sock.send_multipart([*env, reply], zmq.NOBLOCK)
+                for part in env:  # send_multipart's work, without its flag arithmetic
+                    sock.send(part, _SNDMORE)
+                sock.send(reply, _NOBLOCK)
             except zmq.ZMQError as e:
                 self.refusals.event(logging.WARNING, "reply not sent", error=str(e))
 
@@ -474,22 +558,18 @@ class Daemon:
         bound = []
         while True:
             try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return bound
-            env, frame = self._envelope(parts)
-            if env is None:
+            taken = self._intake(parts)
+            if taken is None:
                 continue
-            ident = env[0]
-            try:
-                op = protocol.decode_request(frame)["op"]
-            except ShmallocError:
-                op = None  # garbage: answered now, by dispatch's error reply
-            if op is not None and op not in self.LIGHT_OPS:
-                self.deferred.append((env, frame))
+            env, frame, req = taken
+            if req["op"] not in self.LIGHT_OPS:
+                self.deferred.append(taken)
                 continue
-            self._reply(env, dispatch(self, frame, identity=ident))
-            bound += [k for k, i in self.routes.items() if i == ident]
+            self._answer(env, frame, req)
+            bound += [k for k, i in self.routes.items() if i == env[0]]
 
     # --- who may do what (docs/ARCHITECTURE.md) ---------------------------------------
     @property
@@ -542,10 +622,12 @@ class Daemon:
 
     # --- ops (service/handlers.py) -----------------------------------------------------
     def register(self, pid, identity, slot=None, token=0):
-        arena = self.arena
-        mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == pid]
-        if slot is not None:
-            mine = [k for k in mine if k == slot]
+        reg = self.arena.registry
+        if slot is not None:  # one slot to look at, not every slot (a flood of these is cheap)
+            held = 0 <= slot < self.arena.lay.nslots and reg.state(slot) == L.SLOT_ACTIVE
+            mine = [slot] if held and reg.pid(slot) == pid else []
+        else:
+            mine = [k for k in reg.active_slots() if reg.pid(k) == pid]
         if len(mine) != 1:
             raise NotRegistered(
                 f"pid {pid} holds no P slot (or several; name it): claim one in the arena first"
@@ -747,6 +829,9 @@ def run(args):
             insecure=args.insecure,
             curve_server_key=args.curve_server_key,
             curve_clients=args.curve_clients,
+            refusal_budget=tuple(args.refusal_budget),
+            global_refusal_budget=tuple(args.global_refusal_budget),
+            tarpit_ms=args.tarpit_ms,
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))
