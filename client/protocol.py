@@ -136,6 +136,10 @@ one DEALER owned by its control thread; observers use a DEALER or REQ of their o
   elements and maps to {_REQUEST_LIMITS["max_map_len"]} keys (BAD_FRAME).
 - Every request frame gets exactly one reply.  The daemon never dies of a request: every failure,
   expected or not, becomes an error reply.  Error messages are at most {MAX_MESSAGE} characters.
+- A refusal (a protocol error, FORBIDDEN, NOT_REGISTERED) beyond the daemon's refusal budgets --
+  per client, by routing identity, and for every client together -- is answered late, the same
+  reply after --tarpit-ms; one beyond the bound of refusals held is not answered at all.
+  Requests that succeed are never held.
 """
 
 

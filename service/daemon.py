@@ -781,7 +781,7 @@ class Daemon:
 
     def _close_socket(self):
         if self.sock is not None:
-            self.sock.close(0)
+            self.sock.close()  # LINGER as set: 0, or the second serve() gave held refusals to leave
             self.sock = None
         if self.curve is not None:
             self.curve.stop()  # its ZAP socket is on self.ctx: closed before the term below

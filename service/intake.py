@@ -126,7 +126,9 @@ class Intake:
             if len(self.buckets) >= MAX_IDENTITIES:
                 self.buckets = {i: x for i, x in self.buckets.items() if x.held}
             b = self.buckets[identity] = Bucket(self.burst, now)
-        if not (b.has(self.rate, self.burst, now) and self.everyone.has(self.global_rate, self.global_burst, now)):
+        if not (
+            b.has(self.rate, self.burst, now) and self.everyone.has(self.global_rate, self.global_burst, now)
+        ):
             return False
         b.take(self.rate, self.burst, now)
         self.everyone.take(self.global_rate, self.global_burst, now)
