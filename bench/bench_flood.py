@@ -1,7 +1,7 @@
-"""Issue 9's last criterion, measured: a hostile, unauthenticated client floods the daemon with
-hijack, shutdown, snapshot and long-deadline requests, over ipc:// and over tcp://; every one is
-refused (or coalesced, floored and capped) while a real worker's throughput and the snapshot
-pause stay within 20 % of an undisturbed run.  The tests check the refusals; only a benchmark
+"""What a hostile, unauthenticated client costs, measured: it floods the daemon with hijack,
+shutdown, snapshot, long-deadline and garbage requests, over ipc:// and over tcp://; every one
+is refused (or coalesced, floored and capped) while a real worker's throughput and the snapshot
+pause should stay within 20 % of an undisturbed run.  The tests check the refusals; only a benchmark
 can say what the flood costs, since the tests never depend on timing.
 
     python bench/bench_flood.py [--reps 3] [--seconds 5] [--rate 20] [--cells ...] [--quick]
@@ -26,6 +26,8 @@ so no periodic snapshot; --min-stop-interval-ms and --park-deadline-ms at their 
                           token or with a wrong one (FORBIDDEN), heartbeat for the slot and
                           register for it naming the attacker's own pid (NOT_REGISTERED)
               deadline    stats with deadline_ms 60000 (BAD_ARGS: over the wire's bound 10000)
+              garbage     a frame that is not msgpack (BAD_FRAME), an op nobody knows
+                          (UNKNOWN_OP), a request of another protocol version (BAD_VERSION)
               admin       tcp:// only: shutdown, release, check without a token (FORBIDDEN),
                           shutdown with a wrong one (FORBIDDEN).  Over ipc:// these are served
                           to anyone who can connect (docs/ARCHITECTURE.md, "Who may do what"):
@@ -224,6 +226,9 @@ def attack_kinds(slot, wpid, mypid, tcp, mode):
         ("unregister slot, no token", "ref", "unregister", {"slot": slot}, "FORBIDDEN"),
         ("unregister slot, wrong token", "ref", "unregister", {"slot": slot, "token": wrong}, "FORBIDDEN"),
         ("stats deadline_ms 60000", "ref", "stats", None, "BAD_ARGS"),
+        ("garbage: not msgpack", "ref", None, b"\xc1shmalloc", "BAD_FRAME"),
+        ("garbage: unknown op", "ref", None, {"v": 1, "op": "hijack"}, "UNKNOWN_OP"),
+        ("garbage: version 2", "ref", None, {"v": 2, "op": "register", "pid": wpid}, "BAD_VERSION"),
     ]
     if tcp:
         spec += [
@@ -244,6 +249,8 @@ def attack_kinds(slot, wpid, mypid, tcp, mode):
     for i, (name, role, op, fields, expected) in enumerate(spec):
         if fields is None:  # out of the wire's bounds: encode_request would refuse to build it
             frame = msgpack.packb({"v": 1, "id": i, "op": op, "deadline_ms": 60000})
+        elif op is None:  # garbage: the bytes themselves, or a map no request may be
+            frame = fields if isinstance(fields, bytes) else msgpack.packb({**fields, "id": i})
         else:
             frame = protocol.encode_request(op, i, **fields)
         kinds.append((name, role, frame, expected))
@@ -288,6 +295,7 @@ def run_attack(conn, endpoint, slot, wpid, tcp, mode, windows):
             s.connect(endpoint)
             socks[role], out[role] = s, 0
     role_of = [k[1] for k in kinds]
+    unreadable = next((i for i, k in enumerate(kinds) if k[3] == "BAD_FRAME"), None)
     frames = [k[2] for k in kinds]
     sent = [0] * len(kinds)
     answers = collections.Counter()  # (kind index, code) -> replies
@@ -309,6 +317,8 @@ def run_attack(conn, endpoint, slot, wpid, tcp, mode, windows):
             m = msgpack.unpackb(frame)
             k = m.get("id")
             code = "OK" if m.get("ok") else str(m.get("error"))
+            if k is None and code == "BAD_FRAME" and unreadable is not None:
+                k = unreadable  # the one kind whose id the daemon cannot read
             if not isinstance(k, int) or not 0 <= k < len(kinds):
                 answers[(-1, code)] += 1
                 continue
