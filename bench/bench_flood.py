@@ -8,8 +8,10 @@ can say what the flood costs, since the tests never depend on timing.
                                 [--refusal-window 64] [--stats-window 16] [--pin]
 
 Two private daemons (each its own temp dir, arena name and log; `--max-heap 512M`; no metrics,
-so no periodic snapshot; --min-stop-interval-ms and --park-deadline-ms at their defaults, 5 and
-2000): one on an ipc:// socket, one on tcp://127.0.0.1:PORT.  Three long-lived processes:
+so no periodic snapshot; --min-stop-interval-ms, --park-deadline-ms, the refusal budgets and
+--tarpit-ms at their defaults: 5, 2000, 200 a second in bursts of 400 per client, 1000 in 2000
+for everyone, 250): one on an ipc:// socket, one on tcp://127.0.0.1:PORT.  Three long-lived
+processes:
 
   worker    (spawn) per cell: client.connect() to the cell's daemon, 8 live blocks of each of
             16, 64, 200, 1000, 5000, 40000 B, then alloc/free pairs nonstop -- a 64 B pair, then
@@ -744,7 +746,16 @@ def attack_table(runs, transport):
     return rows, ok, unanswered, unknown, pids_shown
 
 
-LOG_COUNTS = ("request refused", "P joined", "P left", "P re-registered", "P reclaimed", "reply not sent")
+LOG_COUNTS = (
+    "request refused",
+    "refusals held",
+    "refusal not answered",
+    "P joined",
+    "P left",
+    "P re-registered",
+    "P reclaimed",
+    "reply not sent",
+)
 
 
 def log_counts(text):
@@ -774,7 +785,8 @@ def report(args, runs, sess, out, t_start, load0):
         f"{args.reps} rep(s) of {args.seconds:g} s per cell, round robin; snapshots at {args.rate:g}/s; "
         f"worker windows {args.window:g} s; attacker in flight: {args.refusal_window} refusal requests, "
         f"{args.stats_window} stats requests; daemons: --max-heap 512M, no metrics, "
-        f"--min-stop-interval-ms 5, --park-deadline-ms 2000 (defaults); the pause SCHED_FIFO: "
+        f"--min-stop-interval-ms 5, --park-deadline-ms 2000, --refusal-budget 200 400, "
+        f"--global-refusal-budget 1000 2000, --tarpit-ms 250 (defaults); the pause SCHED_FIFO: "
         f"{'/'.join(realtime) or '?'} (the daemons' `started` line)"
         + (
             f"; pinned: the worker on CPU {sorted(args.pinned[0])}, the daemons, the attacker and the "
@@ -981,8 +993,9 @@ def report(args, runs, sess, out, t_start, load0):
         cells = sum(len(reps) for c, reps in runs.items() if c[0] == t)
         hijack_free = lc["P re-registered"] == 0 and lc["P left"] <= cells and lc["P joined"] == cells
         out(
-            f"- {t} daemon log: {lc['request refused']} 'request refused' line(s) written, "
-            f"{lc['suppressed']} suppressed (rate limit); P joined {lc['P joined']}, P left {lc['P left']}, "
+            f"- {t} daemon log: {lc['request refused']} 'request refused' and {lc['refusals held']} "
+            f"'refusals held' line(s) written, {lc['suppressed']} suppressed (rate limit), "
+            f"{lc['refusal not answered']} 'refusal not answered'; P joined {lc['P joined']}, P left {lc['P left']}, "
             f"P re-registered {lc['P re-registered']}, P reclaimed {lc['P reclaimed']} "
             f"({cells} worker connection(s)); replies not sent {lc['reply not sent']}"
         )
