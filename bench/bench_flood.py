@@ -6,6 +6,7 @@ can say what the flood costs, since the tests never depend on timing.
 
     python bench/bench_flood.py [--reps 3] [--seconds 5] [--rate 20] [--cells ...] [--quick]
                                 [--refusal-window 64] [--stats-window 16] [--pin]
+                                [--daemon-args "--tarpit-ms 0 ..."]
 
 Two private daemons (each its own temp dir, arena name and log; `--max-heap 512M`; no metrics,
 so no periodic snapshot; --min-stop-interval-ms, --park-deadline-ms, the refusal budgets and
@@ -48,6 +49,9 @@ rotated every rep -- and repeated --reps times):
 --pin (a diagnostic, every cell): the worker alone on the first CPU, the daemons, the attacker
 and the observer on the others -- what the flood costs a worker that keeps a CPU of its own,
 against what it costs one that must share its CPUs with the flood.
+--daemon-args (a diagnostic): more options for both daemons; "--refusal-budget 1e9 1e9
+--global-refusal-budget 1e9 1e9" lifts the budgets, so that no refusal is held: what each one
+costs the daemon, and what the flood costs without the tarpit.
 
 Prints per cell: the worker's ops/s (median over reps of each rep's median window) and its ratio
 to the undisturbed cell of the same transport; the snapshot pause median and p99 (every snapshot
@@ -79,6 +83,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -400,7 +405,7 @@ def cpu_seconds(pid):
 class Daemon:
     """`python -m service daemon` in its own session, its log in `tmp`."""
 
-    def __init__(self, transport, tmp, cpus=None):
+    def __init__(self, transport, tmp, cpus=None, extra=()):
         import client
 
         self.transport = transport
@@ -423,6 +428,7 @@ class Daemon:
             "512M",
             "--name",
             self.name,
+            *extra,
         ]
         with open(self.logpath, "wb") as log:
             self.proc = subprocess.Popen(
@@ -486,7 +492,7 @@ class Daemon:
 class Session:
     """The daemons, the worker and the attacker; close() removes all of it whatever happened."""
 
-    def __init__(self, transports, window_s, log, pin=None):
+    def __init__(self, transports, window_s, log, pin=None, extra=()):
         # pin: (the worker's CPUs, everyone else's), or None
         self.tmp = tempfile.mkdtemp(prefix="shmalloc-bench-flood-")
         self.daemons = {}
@@ -494,7 +500,7 @@ class Session:
         try:
             for t in transports:
                 log(f"starting the {t} daemon")
-                self.daemons[t] = Daemon(t, self.tmp, pin and pin[1])
+                self.daemons[t] = Daemon(t, self.tmp, pin and pin[1], extra)
             ctx = mp.get_context("spawn")
             for target, args in ((worker_main, (window_s, pin and pin[0])), (attacker_main, ())):
                 parent, child = ctx.Pipe()
@@ -786,7 +792,9 @@ def report(args, runs, sess, out, t_start, load0):
         f"worker windows {args.window:g} s; attacker in flight: {args.refusal_window} refusal requests, "
         f"{args.stats_window} stats requests; daemons: --max-heap 512M, no metrics, "
         f"--min-stop-interval-ms 5, --park-deadline-ms 2000, --refusal-budget 200 400, "
-        f"--global-refusal-budget 1000 2000, --tarpit-ms 250 (defaults); the pause SCHED_FIFO: "
+        f"--global-refusal-budget 1000 2000, --tarpit-ms 250 (defaults)"
+        + (f", then {args.daemon_args}" if args.daemon_args else "")
+        + "; the pause SCHED_FIFO: "
         f"{'/'.join(realtime) or '?'} (the daemons' `started` line)"
         + (
             f"; pinned: the worker on CPU {sorted(args.pinned[0])}, the daemons, the attacker and the "
@@ -1150,6 +1158,12 @@ def main(argv=None):
         help="diagnostic: the worker alone on the first CPU, the daemons, the attacker and the observer "
         "on the others (every cell, baselines too): what the flood costs a worker that keeps its CPU",
     )
+    ap.add_argument(
+        "--daemon-args",
+        default="",
+        help='diagnostic: more options for both daemons, e.g. "--refusal-budget 1e9 1e9 '
+        '--global-refusal-budget 1e9 1e9" (no tarpit: what each refusal costs)',
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run of about 20 s")
     args = ap.parse_args(argv)
     args.reps = args.reps if args.reps is not None else (1 if args.quick else 3)
@@ -1180,7 +1194,7 @@ def main(argv=None):
     try:
         if pin:
             os.sched_setaffinity(0, pin[1])  # the observer; the children start from it
-        sess = Session(sorted({c[0] for c in cells}), args.window, log, pin)
+        sess = Session(sorted({c[0] for c in cells}), args.window, log, pin, shlex.split(args.daemon_args))
         runs = {c: [] for c in cells}
         for rep in range(args.reps):
             order = cells[rep % len(cells) :] + cells[: rep % len(cells)]
