@@ -19,7 +19,7 @@ remembered by its bytes: the same garbage again is refused from that table, with
     Intake(rate, burst, global_rate, global_burst, delay, clock=time.monotonic)
         early(frame) -> reply | None       the remembered refusal of these exact bytes (counted)
         remember(frame, reply)             remember the refusal of a frame, if small enough
-        malformed()                        count a message dropped before any frame was read
+        malformed()                        count a message of no shape, dropped undecoded
         admit(identity) -> bool            charge one refusal; True: send it now, False: hold it
         hold(identity, env, reply) -> bool held until now + delay; False: dropped (a bound)
         due() -> [(env, reply)]            the held replies whose time has come, oldest first
@@ -55,26 +55,21 @@ MAX_REMEMBERED_FRAME = 512  # bytes: larger frames are not remembered
 
 
 class Bucket:
-    """A token bucket: `burst` tokens at most, `rate` more a second."""
+    """A token bucket: `burst` tokens at most, `rate` more a second; and how many replies of its
+    identity wait in the tarpit."""
 
     __slots__ = ("tokens", "stamp", "held")
 
     def __init__(self, burst, now):
         self.tokens = float(burst)
-        self.stamp = now
-        self.held = 0  # replies of this identity in the tarpit
+        self.stamp = now  # clock time the tokens were last brought up to date
+        self.held = 0
 
-    def take(self, rate, burst, now):
-        """One token, if there is one (refilled up to `now` first)."""
+    def refill(self, rate, burst, now):
+        """Bring the tokens up to `now`; True when one is there to spend."""
         self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-    def has(self, rate, burst, now):
-        return min(burst, self.tokens + (now - self.stamp) * rate) >= 1
+        return self.tokens >= 1
 
 
 class Intake:
@@ -126,21 +121,18 @@ class Intake:
             if len(self.buckets) >= MAX_IDENTITIES:
                 self.buckets = {i: x for i, x in self.buckets.items() if x.held}
             b = self.buckets[identity] = Bucket(self.burst, now)
-        if not (
-            b.has(self.rate, self.burst, now) and self.everyone.has(self.global_rate, self.global_burst, now)
-        ):
+        mine = b.refill(self.rate, self.burst, now)
+        if not (self.everyone.refill(self.global_rate, self.global_burst, now) and mine):
             return False
-        b.take(self.rate, self.burst, now)
-        self.everyone.take(self.global_rate, self.global_burst, now)
+        b.tokens -= 1
+        self.everyone.tokens -= 1
         return True
 
     # --- the tarpit ---------------------------------------------------------------------------
     def hold(self, identity, env, reply):
         """Keep `reply` until `delay` from now; False (and counted as dropped) when this
         identity, or everyone, has as many held as the bounds allow."""
-        b = self.buckets.get(identity)
-        if b is None:  # forgotten meanwhile (admit makes one for every refusal)
-            b = self.buckets[identity] = Bucket(0, self.clock())
+        b = self.buckets[identity]  # made by admit(), and kept while it holds replies
         if b.held >= MAX_HELD_PER_IDENTITY or len(self.held) >= MAX_HELD:
             self.dropped += 1
             return False
