@@ -11,7 +11,7 @@ can say what the flood costs, since the tests never depend on timing.
 Two private daemons (each its own temp dir, arena name and log; `--max-heap 512M`; no metrics,
 so no periodic snapshot; --min-stop-interval-ms, --park-deadline-ms, the refusal budgets and
 --tarpit-ms at their defaults: 5, 2000, 200 a second in bursts of 400 per client, 1000 in 2000
-for everyone, 250): one on an ipc:// socket, one on tcp://127.0.0.1:PORT.  Three long-lived
+for everyone, snapshots 20 a second in bursts of 40 per client, 250): one on an ipc:// socket, one on tcp://127.0.0.1:PORT.  Three long-lived
 processes:
 
   worker    (spawn) per cell: client.connect() to the cell's daemon, 8 live blocks of each of
@@ -37,8 +37,9 @@ processes:
                           they are not sent there -- a shutdown would be obeyed.
               snapshots   stats (deadline 2000) and stats with deadline_ms 10000 (capped at the
                           daemon's --park-deadline-ms) on the second socket: answered, coalesced
-                          into one pause per batch, two pauses at least 5 ms apart; over tcp://
-                          every pid in them must be 0.
+                          into one pause per batch, two pauses at least 5 ms apart, and beyond
+                          the socket's snapshot budget waiting for a pause someone else asks
+                          for (250 ms at most); over tcp:// every pid in them must be 0.
 
 Cells (--cells; each --seconds long after a settling time, alternated round robin -- the order
 rotated every rep -- and repeated --reps times):
@@ -792,7 +793,7 @@ def report(args, runs, sess, out, t_start, load0):
         f"worker windows {args.window:g} s; attacker in flight: {args.refusal_window} refusal requests, "
         f"{args.stats_window} stats requests; daemons: --max-heap 512M, no metrics, "
         f"--min-stop-interval-ms 5, --park-deadline-ms 2000, --refusal-budget 200 400, "
-        f"--global-refusal-budget 1000 2000, --tarpit-ms 250 (defaults)"
+        f"--global-refusal-budget 1000 2000, --snapshot-budget 20 40, --tarpit-ms 250 (defaults)"
         + (f", then {args.daemon_args}" if args.daemon_args else "")
         + "; the pause SCHED_FIFO: "
         f"{'/'.join(realtime) or '?'} (the daemons' `started` line)"
@@ -1097,7 +1098,9 @@ def report(args, runs, sess, out, t_start, load0):
         warn += [
             f"[{t}] {line}"
             for line in d.log().splitlines()
-            if (" warning " in line or " error " in line) and "request refused" not in line
+            if (" warning " in line or " error " in line)
+            and "request refused" not in line
+            and "refusals held" not in line
         ]
     if warn:
         out(f"Daemon log warnings/errors other than refusals ({len(warn)}), the last 10:")

@@ -101,6 +101,16 @@ def build_parser():
         help="the same for every client together (default 1000 2000)",
     )
     d.add_argument(
+        "--snapshot-budget",
+        nargs=2,
+        type=float,
+        metavar=("RATE", "BURST"),
+        default=(20, 40),
+        help="stats requests one client (socket) may make at will: RATE a second, BURST in a row "
+        "(default 20 40); beyond, its requests wait for a pause someone else asks for, or "
+        "--tarpit-ms at most",
+    )
+    d.add_argument(
         "--tarpit-ms",
         type=float,
         default=250,

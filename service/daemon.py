@@ -48,7 +48,7 @@ from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from shm.world import StopTheWorld
 
 from .handlers import answer
-from .intake import REFUSALS, Intake
+from .intake import REFUSALS, Budgets, Intake
 from .logs import event, setup_logging
 from .pause import StoppedWorld, set_realtime
 from .security import LogLimiter, check_segment, endpoint_id, prepare_dir
@@ -58,6 +58,7 @@ EMPTY_SPANS_S = 1.0  # how often empty spans waiting on central lists go back to
 HEARTBEAT_MS = 1000  # how often workers send a heartbeat
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
 INTAKE_BATCH = 32  # requests read per wake-up of the serve loop, at most
+MAX_LATE = 16384  # stats requests waiting beyond their client's budget; more are served as usual
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -146,6 +147,7 @@ class Daemon:
         refusal_budget=(200, 400),
         global_refusal_budget=(1000, 2000),
         tarpit_ms=250,
+        snapshot_budget=(20, 40),
     ):
         self.endpoint = endpoint or default_endpoint()
         self.max_heap = max_heap or default_max_heap()
@@ -186,6 +188,10 @@ class Daemon:
         # What refusals may cost (service/intake.py): (rate a second, burst) per client and for
         # everyone together; beyond them a refusal is sent tarpit_ms late.
         self.intake = Intake(*refusal_budget, *global_refusal_budget, tarpit_ms / 1000)
+        # stats requests a client may make at will (rate a second, burst); beyond, a request
+        # waits in `late` for a pause someone else asks for, or tarpit_ms at most.
+        self.snapshot_budget = Budgets(*snapshot_budget)
+        self.late = collections.deque()  # (due, envelope, frame, request), due nondecreasing
 
     # --- start -------------------------------------------------------------------------
     def start(self):
@@ -387,9 +393,9 @@ class Daemon:
             for op, batch in self.waiting.items():
                 if batch:
                     timeout = min(timeout, max(0.0, self.next_stop[op] - now))
-            due = self.intake.next_due
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - now))
+            for due in (self.intake.next_due, self.late[0][0] if self.late else None):
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - now))
             if self.deferred or poller.poll(math.ceil(timeout * 1000)):
                 # A few requests per wake-up: a flood pays one poll per INTAKE_BATCH requests.
                 # They are still read in the ROUTER's fair-queued order, one peer after another.
@@ -399,6 +405,8 @@ class Daemon:
             for env, reply in self.intake.due():
                 self._reply(env, reply)
             now = time.monotonic()
+            while self.late and self.late[0][0] <= now:  # waited long enough: a pause of their own
+                self.waiting["stats"].append(self.late.popleft()[1:])
             for op, batch in self.waiting.items():
                 if batch and now >= self.next_stop[op]:
                     self._serve_batch(op)
@@ -450,7 +458,10 @@ class Daemon:
                 return True
             env, frame, req = taken
         if req["op"] in self.waiting and (req["op"] != "check" or self.admin_ok(req["token"])):
-            self.waiting[req["op"]].append((env, frame, req))
+            if req["op"] == "stats" and len(self.late) < MAX_LATE and not self.snapshot_budget.admit(env[0]):
+                self.late.append((time.monotonic() + self.intake.delay, env, frame, req))
+            else:
+                self.waiting[req["op"]].append((env, frame, req))
             return True
         self._answer(env, frame, req)
         return True
@@ -523,6 +534,9 @@ class Daemon:
             if not self.handle_one():
                 break
         batch, self.waiting[op] = self.waiting[op], []
+        if op == "stats":  # the requests over their client's budget ride along
+            batch += [x[1:] for x in self.late]
+            self.late.clear()
         t = time.monotonic()
         try:
             if op == "stats":
@@ -832,6 +846,7 @@ def run(args):
             refusal_budget=tuple(args.refusal_budget),
             global_refusal_budget=tuple(args.global_refusal_budget),
             tarpit_ms=args.tarpit_ms,
+            snapshot_budget=tuple(args.snapshot_budget),
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))

@@ -173,4 +173,31 @@ class Intake:
         }
 
 
-__all__ = ["Intake", "REFUSALS"]
+class Budgets:
+    """Token buckets by identity, `rate` a second in bursts of `burst` each; at most
+    MAX_IDENTITIES of them kept (the others start afresh).  The daemon gives every client one
+    for the snapshots it may ask at will: beyond it, a client's `stats` request waits for a pause
+    someone else asks for, or the tarpit's delay, whichever comes first -- answered, never more
+    pauses."""
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        if not rate >= 0 or not burst >= 0:
+            raise ValueError(f"snapshot budget: rate {rate} and burst {burst} must be at least 0")
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.buckets = {}  # identity -> Bucket
+
+    def admit(self, identity):
+        """Spend one of `identity`'s tokens: False when it has none now."""
+        now = self.clock()
+        b = self.buckets.get(identity)
+        if b is None:
+            if len(self.buckets) >= MAX_IDENTITIES:
+                self.buckets.clear()
+            b = self.buckets[identity] = Bucket(self.burst, now)
+        if not b.refill(self.rate, self.burst, now):
+            return False
+        b.tokens -= 1
+        return True
+
+
+__all__ = ["Intake", "Budgets", "REFUSALS"]

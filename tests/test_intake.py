@@ -141,3 +141,20 @@ def test_every_refusal_code_is_one_a_client_earns():
 
     protocol_codes = set(CODES) - {"BAD_REPLY", "INTERNAL"}
     assert protocol_codes | {"FORBIDDEN", "NOT_REGISTERED"} == I.REFUSALS
+
+
+def test_snapshot_budgets_are_per_client_and_refill(monkeypatch):
+    from service.intake import Budgets
+
+    monkeypatch.setattr(I, "MAX_IDENTITIES", 3)
+    clock = Clock()
+    b = Budgets(2, 2, clock)
+    assert [b.admit(b"a") for _ in range(3)] == [True, True, False]
+    assert b.admit(b"b")
+    clock.t += 0.5  # one more token for a
+    assert [b.admit(b"a"), b.admit(b"a")] == [True, False]
+    for ident in (b"c", b"d"):  # the table is full: it starts afresh
+        assert b.admit(ident)
+    assert len(b.buckets) <= 3
+    with pytest.raises(ValueError, match="snapshot budget"):
+        Budgets(-1, 1)

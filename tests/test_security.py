@@ -377,6 +377,39 @@ def test_clients_that_change_identity_share_one_budget(start_daemon):
     assert _refusals_line(d.log()) == {"refused": 3, "early": 0, "held": 1, "dropped": 0, "waiting": 0}
 
 
+def test_snapshots_beyond_a_clients_budget_wait_for_the_next_pause(start_daemon):
+    # One snapshot at will per client (a fresh socket: a fresh client), then none.
+    d = start_daemon(extra=("--snapshot-budget", "0", "1", "--tarpit-ms", "600000"))
+    s = _dealer(d.endpoint)
+    try:
+        s.send(protocol.encode_request("stats", 9))
+        assert _replies(s, 1) == [(9, "OK")]
+        for i in range(3):
+            s.send(protocol.encode_request("stats", i))
+        s.send(protocol.encode_request("ping", 3))
+        assert _replies(s, 1) == [(3, "OK")]  # the three stats were read before it, and wait
+        e0 = client.ping(d.endpoint)["epoch"]
+        snap = client.stats(d.endpoint)  # an observer's: one pause, for all four
+        assert snap["epoch"] == e0 + 1
+        late = [protocol.decode_reply(s.recv(), op="stats") for _ in range(3) if s.poll(DEADLINE * 1000)]
+        assert sorted(r["id"] for r in late) == [0, 1, 2]
+        assert {r["snapshot"]["epoch"] for r in late} == {snap["epoch"]}
+        assert client.ping(d.endpoint)["epoch"] == e0 + 1
+    finally:
+        s.close(0)
+
+
+def test_a_snapshot_beyond_the_budget_gets_its_own_pause_after_the_tarpit(start_daemon):
+    d = start_daemon(extra=("--snapshot-budget", "0", "0", "--tarpit-ms", "50"))
+    s = _dealer(d.endpoint)
+    try:
+        s.send(protocol.encode_request("stats", 7))
+        assert s.poll(DEADLINE * 1000), "a snapshot over the budget was never answered"
+        assert protocol.decode_reply(s.recv(), op="stats")["snapshot"]["consistent"]
+    finally:
+        s.close(0)
+
+
 # --- TCP is for observers; REQ observers --------------------------------------------------------
 
 
