@@ -26,6 +26,8 @@ remembered by its bytes: the same garbage again is refused from that table, with
         flush() -> [(env, reply)]          every held reply (the daemon is stopping)
         next_due                           clock time of the oldest held reply, or None
         counts() -> dict                   refused, early, held, dropped, waiting
+    Budgets(rate, burst, clock)            token buckets by identity, for the stats requests a
+        admit(identity) -> bool            client may make at will (the daemon's late queue)
 
 Every count is since start; `refused` includes the early and held ones.
 """
