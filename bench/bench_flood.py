@@ -1,15 +1,18 @@
-"""Issue 9's last criterion, measured: a hostile, unauthenticated client floods the daemon with
-hijack, shutdown, snapshot and long-deadline requests, over ipc:// and over tcp://; every one is
-refused (or coalesced, floored and capped) while a real worker's throughput and the snapshot
-pause stay within 20 % of an undisturbed run.  The tests check the refusals; only a benchmark
+"""What a hostile, unauthenticated client costs, measured: it floods the daemon with hijack,
+shutdown, snapshot, long-deadline and garbage requests, over ipc:// and over tcp://; every one
+is refused (or coalesced, floored and capped) while a real worker's throughput and the snapshot
+pause should stay within 20 % of an undisturbed run.  The tests check the refusals; only a benchmark
 can say what the flood costs, since the tests never depend on timing.
 
     python bench/bench_flood.py [--reps 3] [--seconds 5] [--rate 20] [--cells ...] [--quick]
                                 [--refusal-window 64] [--stats-window 16] [--pin]
+                                [--daemon-args "--tarpit-ms 0 ..."]
 
 Two private daemons (each its own temp dir, arena name and log; `--max-heap 512M`; no metrics,
-so no periodic snapshot; --min-stop-interval-ms and --park-deadline-ms at their defaults, 5 and
-2000): one on an ipc:// socket, one on tcp://127.0.0.1:PORT.  Three long-lived processes:
+so no periodic snapshot; --min-stop-interval-ms, --park-deadline-ms, the refusal budgets and
+--tarpit-ms at their defaults: 5, 2000, 200 a second in bursts of 400 per client, 1000 in 2000
+for everyone, snapshots 20 a second in bursts of 40 per client, 250): one on an ipc:// socket, one on tcp://127.0.0.1:PORT.  Three long-lived
+processes:
 
   worker    (spawn) per cell: client.connect() to the cell's daemon, 8 live blocks of each of
             16, 64, 200, 1000, 5000, 40000 B, then alloc/free pairs nonstop -- a 64 B pair, then
@@ -26,14 +29,17 @@ so no periodic snapshot; --min-stop-interval-ms and --park-deadline-ms at their 
                           token or with a wrong one (FORBIDDEN), heartbeat for the slot and
                           register for it naming the attacker's own pid (NOT_REGISTERED)
               deadline    stats with deadline_ms 60000 (BAD_ARGS: over the wire's bound 10000)
+              garbage     a frame that is not msgpack (BAD_FRAME), an op nobody knows
+                          (UNKNOWN_OP), a request of another protocol version (BAD_VERSION)
               admin       tcp:// only: shutdown, release, check without a token (FORBIDDEN),
                           shutdown with a wrong one (FORBIDDEN).  Over ipc:// these are served
                           to anyone who can connect (docs/ARCHITECTURE.md, "Who may do what"):
                           they are not sent there -- a shutdown would be obeyed.
               snapshots   stats (deadline 2000) and stats with deadline_ms 10000 (capped at the
                           daemon's --park-deadline-ms) on the second socket: answered, coalesced
-                          into one pause per batch, two pauses at least 5 ms apart; over tcp://
-                          every pid in them must be 0.
+                          into one pause per batch, two pauses at least 5 ms apart, and beyond
+                          the socket's snapshot budget waiting for a pause someone else asks
+                          for (250 ms at most); over tcp:// every pid in them must be 0.
 
 Cells (--cells; each --seconds long after a settling time, alternated round robin -- the order
 rotated every rep -- and repeated --reps times):
@@ -44,6 +50,9 @@ rotated every rep -- and repeated --reps times):
 --pin (a diagnostic, every cell): the worker alone on the first CPU, the daemons, the attacker
 and the observer on the others -- what the flood costs a worker that keeps a CPU of its own,
 against what it costs one that must share its CPUs with the flood.
+--daemon-args (a diagnostic): more options for both daemons; "--refusal-budget 1e9 1e9
+--global-refusal-budget 1e9 1e9" lifts the budgets, so that no refusal is held: what each one
+costs the daemon, and what the flood costs without the tarpit.
 
 Prints per cell: the worker's ops/s (median over reps of each rep's median window) and its ratio
 to the undisturbed cell of the same transport; the snapshot pause median and p99 (every snapshot
@@ -75,6 +84,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -224,6 +234,9 @@ def attack_kinds(slot, wpid, mypid, tcp, mode):
         ("unregister slot, no token", "ref", "unregister", {"slot": slot}, "FORBIDDEN"),
         ("unregister slot, wrong token", "ref", "unregister", {"slot": slot, "token": wrong}, "FORBIDDEN"),
         ("stats deadline_ms 60000", "ref", "stats", None, "BAD_ARGS"),
+        ("garbage: not msgpack", "ref", None, b"\xc1shmalloc", "BAD_FRAME"),
+        ("garbage: unknown op", "ref", None, {"v": 1, "op": "hijack"}, "UNKNOWN_OP"),
+        ("garbage: version 2", "ref", None, {"v": 2, "op": "register", "pid": wpid}, "BAD_VERSION"),
     ]
     if tcp:
         spec += [
@@ -244,6 +257,8 @@ def attack_kinds(slot, wpid, mypid, tcp, mode):
     for i, (name, role, op, fields, expected) in enumerate(spec):
         if fields is None:  # out of the wire's bounds: encode_request would refuse to build it
             frame = msgpack.packb({"v": 1, "id": i, "op": op, "deadline_ms": 60000})
+        elif op is None:  # garbage: the bytes themselves, or a map no request may be
+            frame = fields if isinstance(fields, bytes) else msgpack.packb({**fields, "id": i})
         else:
             frame = protocol.encode_request(op, i, **fields)
         kinds.append((name, role, frame, expected))
@@ -288,6 +303,7 @@ def run_attack(conn, endpoint, slot, wpid, tcp, mode, windows):
             s.connect(endpoint)
             socks[role], out[role] = s, 0
     role_of = [k[1] for k in kinds]
+    unreadable = next((i for i, k in enumerate(kinds) if k[3] == "BAD_FRAME"), None)
     frames = [k[2] for k in kinds]
     sent = [0] * len(kinds)
     answers = collections.Counter()  # (kind index, code) -> replies
@@ -309,6 +325,8 @@ def run_attack(conn, endpoint, slot, wpid, tcp, mode, windows):
             m = msgpack.unpackb(frame)
             k = m.get("id")
             code = "OK" if m.get("ok") else str(m.get("error"))
+            if k is None and code == "BAD_FRAME" and unreadable is not None:
+                k = unreadable  # the one kind whose id the daemon cannot read
             if not isinstance(k, int) or not 0 <= k < len(kinds):
                 answers[(-1, code)] += 1
                 continue
@@ -388,7 +406,7 @@ def cpu_seconds(pid):
 class Daemon:
     """`python -m service daemon` in its own session, its log in `tmp`."""
 
-    def __init__(self, transport, tmp, cpus=None):
+    def __init__(self, transport, tmp, cpus=None, extra=()):
         import client
 
         self.transport = transport
@@ -411,6 +429,7 @@ class Daemon:
             "512M",
             "--name",
             self.name,
+            *extra,
         ]
         with open(self.logpath, "wb") as log:
             self.proc = subprocess.Popen(
@@ -474,7 +493,7 @@ class Daemon:
 class Session:
     """The daemons, the worker and the attacker; close() removes all of it whatever happened."""
 
-    def __init__(self, transports, window_s, log, pin=None):
+    def __init__(self, transports, window_s, log, pin=None, extra=()):
         # pin: (the worker's CPUs, everyone else's), or None
         self.tmp = tempfile.mkdtemp(prefix="shmalloc-bench-flood-")
         self.daemons = {}
@@ -482,7 +501,7 @@ class Session:
         try:
             for t in transports:
                 log(f"starting the {t} daemon")
-                self.daemons[t] = Daemon(t, self.tmp, pin and pin[1])
+                self.daemons[t] = Daemon(t, self.tmp, pin and pin[1], extra)
             ctx = mp.get_context("spawn")
             for target, args in ((worker_main, (window_s, pin and pin[0])), (attacker_main, ())):
                 parent, child = ctx.Pipe()
@@ -734,7 +753,16 @@ def attack_table(runs, transport):
     return rows, ok, unanswered, unknown, pids_shown
 
 
-LOG_COUNTS = ("request refused", "P joined", "P left", "P re-registered", "P reclaimed", "reply not sent")
+LOG_COUNTS = (
+    "request refused",
+    "refusals held",
+    "refusal not answered",
+    "P joined",
+    "P left",
+    "P re-registered",
+    "P reclaimed",
+    "reply not sent",
+)
 
 
 def log_counts(text):
@@ -764,7 +792,10 @@ def report(args, runs, sess, out, t_start, load0):
         f"{args.reps} rep(s) of {args.seconds:g} s per cell, round robin; snapshots at {args.rate:g}/s; "
         f"worker windows {args.window:g} s; attacker in flight: {args.refusal_window} refusal requests, "
         f"{args.stats_window} stats requests; daemons: --max-heap 512M, no metrics, "
-        f"--min-stop-interval-ms 5, --park-deadline-ms 2000 (defaults); the pause SCHED_FIFO: "
+        f"--min-stop-interval-ms 5, --park-deadline-ms 2000, --refusal-budget 200 400, "
+        f"--global-refusal-budget 1000 2000, --snapshot-budget 20 40, --tarpit-ms 250 (defaults)"
+        + (f", then {args.daemon_args}" if args.daemon_args else "")
+        + "; the pause SCHED_FIFO: "
         f"{'/'.join(realtime) or '?'} (the daemons' `started` line)"
         + (
             f"; pinned: the worker on CPU {sorted(args.pinned[0])}, the daemons, the attacker and the "
@@ -971,8 +1002,9 @@ def report(args, runs, sess, out, t_start, load0):
         cells = sum(len(reps) for c, reps in runs.items() if c[0] == t)
         hijack_free = lc["P re-registered"] == 0 and lc["P left"] <= cells and lc["P joined"] == cells
         out(
-            f"- {t} daemon log: {lc['request refused']} 'request refused' line(s) written, "
-            f"{lc['suppressed']} suppressed (rate limit); P joined {lc['P joined']}, P left {lc['P left']}, "
+            f"- {t} daemon log: {lc['request refused']} 'request refused' and {lc['refusals held']} "
+            f"'refusals held' line(s) written, {lc['suppressed']} suppressed (rate limit), "
+            f"{lc['refusal not answered']} 'refusal not answered'; P joined {lc['P joined']}, P left {lc['P left']}, "
             f"P re-registered {lc['P re-registered']}, P reclaimed {lc['P reclaimed']} "
             f"({cells} worker connection(s)); replies not sent {lc['reply not sent']}"
         )
@@ -1066,7 +1098,9 @@ def report(args, runs, sess, out, t_start, load0):
         warn += [
             f"[{t}] {line}"
             for line in d.log().splitlines()
-            if (" warning " in line or " error " in line) and "request refused" not in line
+            if (" warning " in line or " error " in line)
+            and "request refused" not in line
+            and "refusals held" not in line
         ]
     if warn:
         out(f"Daemon log warnings/errors other than refusals ({len(warn)}), the last 10:")
@@ -1127,6 +1161,12 @@ def main(argv=None):
         help="diagnostic: the worker alone on the first CPU, the daemons, the attacker and the observer "
         "on the others (every cell, baselines too): what the flood costs a worker that keeps its CPU",
     )
+    ap.add_argument(
+        "--daemon-args",
+        default="",
+        help='diagnostic: more options for both daemons, e.g. "--refusal-budget 1e9 1e9 '
+        '--global-refusal-budget 1e9 1e9" (no tarpit: what each refusal costs)',
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run of about 20 s")
     args = ap.parse_args(argv)
     args.reps = args.reps if args.reps is not None else (1 if args.quick else 3)
@@ -1157,7 +1197,7 @@ def main(argv=None):
     try:
         if pin:
             os.sched_setaffinity(0, pin[1])  # the observer; the children start from it
-        sess = Session(sorted({c[0] for c in cells}), args.window, log, pin)
+        sess = Session(sorted({c[0] for c in cells}), args.window, log, pin, shlex.split(args.daemon_args))
         runs = {c: [] for c in cells}
         for rep in range(args.reps):
             order = cells[rep % len(cells) :] + cells[: rep % len(cells)]

@@ -12,6 +12,8 @@ equals the generated text.
     OPS: dict[str, OpSpec]                   every op, from the modules of client/ops/
     decode_request(frame) -> dict            daemon side: the validated request, defaults filled in
     encode_reply(req_id, /, **fields)        {"v": 1, "id": ..., "ok": True, **fields}
+    pack_reply_fields(**fields)              the fields checked and packed once, for
+    encode_packed_reply(req_id, packed)      ... many replies of one result, by id
     encode_error(req_id, exc)                {"v": 1, "id": ..., "ok": False, "error": ..., "message": ...}
     error_code(exc), error_message(exc)      the one mapping of exceptions to the wire
     encode_stop(epoch)                       daemon -> worker: park for snapshot `epoch`
@@ -41,6 +43,8 @@ __all__ = [
     "Reply",
     "decode_request",
     "encode_reply",
+    "pack_reply_fields",
+    "encode_packed_reply",
     "encode_error",
     "error_code",
     "error_message",
@@ -132,6 +136,10 @@ one DEALER owned by its control thread; observers use a DEALER or REQ of their o
   elements and maps to {_REQUEST_LIMITS["max_map_len"]} keys (BAD_FRAME).
 - Every request frame gets exactly one reply.  The daemon never dies of a request: every failure,
   expected or not, becomes an error reply.  Error messages are at most {MAX_MESSAGE} characters.
+- A refusal (a protocol error, FORBIDDEN, NOT_REGISTERED) beyond the daemon's refusal budgets --
+  per client, by routing identity, and for every client together -- is answered late, the same
+  reply after --tarpit-ms; one beyond the bound of refusals held is not answered at all.
+  Requests that succeed are never held.
 """
 
 
@@ -360,12 +368,33 @@ def _check_request(msg):
 def encode_reply(req_id, /, **fields):
     """{"v": 1, "id": req_id, "ok": True, **fields}.  ProtocolError (INTERNAL) when a field clashes
     with the envelope or cannot go on the wire (see _check_wire)."""
+    if not _valid_id(req_id):
+        raise _fail(f"bad reply: id {_short(req_id)}", "INTERNAL")
+    return encode_packed_reply(req_id, pack_reply_fields(**fields))
+
+
+def pack_reply_fields(**fields):
+    """A reply's fields, checked as encode_reply checks them and packed once, for
+    encode_packed_reply: many replies of one result (the requests one pause answers) differ only
+    in their id.  Returns (number of fields, their packed keys and values)."""
     clash = [k for k in fields if k in REPLY_ENVELOPE]
-    if clash or not _valid_id(req_id):
-        raise _fail(f"bad reply: id {_short(req_id)}, envelope fields {clash}", "INTERNAL")
-    msg = {"v": VERSION, "id": req_id, "ok": True, **fields}
-    _check_wire(msg, "reply")
-    return msgpack.packb(msg, use_bin_type=True)
+    if clash:
+        raise _fail(f"bad reply: envelope fields {clash}", "INTERNAL")
+    _check_wire(fields, "reply")
+    return len(fields), b"".join(msgpack.packb(x, use_bin_type=True) for kv in fields.items() for x in kv)
+
+
+def encode_packed_reply(req_id, packed):
+    """The bytes encode_reply(req_id, **fields) makes, from packed = pack_reply_fields(**fields):
+    the envelope's map grown by the packed fields (a msgpack map is its size, then its keys and
+    values in order)."""
+    if not _valid_id(req_id):
+        raise _fail(f"bad reply: id {_short(req_id)}", "INTERNAL")
+    n, body = packed
+    head = msgpack.packb({"v": VERSION, "id": req_id, "ok": True}, use_bin_type=True)  # a fixmap of 3
+    size = 3 + n
+    prefix = bytes([0x80 | size]) if size < 16 else b"\xde" + size.to_bytes(2, "big")
+    return prefix + head[1:] + body
 
 
 def encode_error(req_id, exc):

@@ -1,6 +1,7 @@
 """shmalloc's daemon side: the daemon (daemon.py), the daemon's half of the control protocol
-(handlers.py: one handler per op, and dispatch; the wire format is client/protocol.py), the
-command line (cli.py), rendering (render.py) and metrics (metrics.py).
+(handlers.py: one handler per op, and dispatch; the wire format is client/protocol.py), what
+a flood of refused requests may cost it (intake.py: refusal budgets and a tarpit), the command
+line (cli.py), rendering (render.py) and metrics (metrics.py).
 See shm/__init__.py for the allocator's overview."""
 
 from importlib.metadata import PackageNotFoundError, version

@@ -85,6 +85,39 @@ def build_parser():
         "meanwhile share one pause (default 5)",
     )
     d.add_argument(
+        "--refusal-budget",
+        nargs=2,
+        type=float,
+        metavar=("RATE", "BURST"),
+        default=(200, 400),
+        help="refused requests a client gets answered at once: RATE a second, BURST in a row "
+        "(default 200 400); beyond, each refusal is answered --tarpit-ms late",
+    )
+    d.add_argument(
+        "--global-refusal-budget",
+        nargs=2,
+        type=float,
+        metavar=("RATE", "BURST"),
+        default=(1000, 2000),
+        help="the same for every client together (default 1000 2000)",
+    )
+    d.add_argument(
+        "--snapshot-budget",
+        nargs=2,
+        type=float,
+        metavar=("RATE", "BURST"),
+        default=(20, 40),
+        help="stats requests one client (socket) may make at will: RATE a second, BURST in a row "
+        "(default 20 40); beyond, its requests wait for a pause someone else asks for, or "
+        "--tarpit-ms at most",
+    )
+    d.add_argument(
+        "--tarpit-ms",
+        type=float,
+        default=250,
+        help="how late a refusal beyond the budgets is answered (default 250)",
+    )
+    d.add_argument(
         "--insecure",
         action="store_true",
         help="allow a tcp:// endpoint on a non-loopback address without authentication",

@@ -26,6 +26,7 @@ each reads best next to the state it changes.
 
 import collections
 import logging
+import math
 import os
 import signal
 import time
@@ -44,13 +45,15 @@ from shm.errors import (
     LayoutMismatch,
     LockUnavailable,
     NotRegistered,
+    ProtocolError,
     ShmallocError,
     StartupError,
 )
 from shm.locks import ofd_lock, ofd_trylock, ofd_unlock
 from shm.world import StopTheWorld, close_for_good
 
-from .handlers import dispatch
+from .handlers import answer
+from .intake import REFUSALS, Budgets, Intake
 from .logs import event, setup_logging
 from .pause import StoppedWorld, not_quiet, set_realtime
 from .scavenger import DEFAULT_RETAIN, Scavenger, parse_retain
@@ -62,6 +65,10 @@ HEARTBEAT_MS = 1000  # how often workers send a heartbeat
 LOCK_WAIT_S = 0.1  # the longest the daemon waits for an arena lock: its loop must keep answering
 RECLAIM_RETRY_S = 1.0  # a reclaim that could not take a lock in time is tried again this much later
 DAEMON_LOCK_BYTE = L.DAEMON_LOCK_BYTE
+INTAKE_BATCH = 32  # requests read per wake-up of the serve loop, at most
+MAX_LATE = 16384  # stats requests waiting beyond their client's budget; more are served as usual
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 # --- sizes -----------------------------------------------------------------------------------
@@ -146,6 +153,10 @@ class Daemon:
         curve_server_key=None,
         curve_clients=None,
         retain=DEFAULT_RETAIN,
+        refusal_budget=(200, 400),
+        global_refusal_budget=(1000, 2000),
+        tarpit_ms=250,
+        snapshot_budget=(20, 40),
     ):
         self.retain = retain
         parse_retain(retain)  # a bad --retain is refused before anything is made
@@ -189,6 +200,13 @@ class Daemon:
         self.refusals = LogLimiter()  # refused requests and malformed messages, rate-limited
         self.reclaim_at = {}  # slot -> time.monotonic() its deferred reclaim is tried again
         self.stuck_seen = set()  # (lock, holder pid, stranded) already logged
+        # What refusals may cost (service/intake.py): (rate a second, burst) per client and for
+        # everyone together; beyond them a refusal is sent tarpit_ms late.
+        self.intake = Intake(*refusal_budget, *global_refusal_budget, tarpit_ms / 1000)
+        # stats requests a client may make at will (rate a second, burst); beyond, a request
+        # waits in `late` for a pause someone else asks for, or tarpit_ms at most.
+        self.snapshot_budget = Budgets(*snapshot_budget)
+        self.late = collections.deque()  # (due, envelope, frame, request), due nondecreasing
 
     # --- start -------------------------------------------------------------------------
     def start(self):
@@ -411,14 +429,26 @@ class Daemon:
         poller.register(self.sock, zmq.POLLIN)
         next_scan = next_empty = next_metrics = time.monotonic()
         while not self.stopping:
+            now = time.monotonic()
             timeout = LIVENESS_S
             for op, batch in self.waiting.items():
                 if batch:
-                    timeout = min(timeout, max(0.0, self.next_stop[op] - time.monotonic()))
-            timeout = min(timeout, self.scavenger.wait(time.monotonic()))
-            if self.deferred or poller.poll(int(timeout * 1000)):
-                self.handle_one()
+                    timeout = min(timeout, max(0.0, self.next_stop[op] - now))
+            timeout = min(timeout, self.scavenger.wait(now))
+            for due in (self.intake.next_due, self.late[0][0] if self.late else None):
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - now))
+            if self.deferred or poller.poll(math.ceil(timeout * 1000)):
+                # A few requests per wake-up: a flood pays one poll per INTAKE_BATCH requests.
+                # They are still read in the ROUTER's fair-queued order, one peer after another.
+                for _ in range(INTAKE_BATCH):
+                    if not self.handle_one() or self.stopping:
+                        break
+            for env, reply in self.intake.due():
+                self._reply(env, reply)
             now = time.monotonic()
+            while self.late and self.late[0][0] <= now:  # waited long enough: a pause of their own
+                self.waiting["stats"].append(self.late.popleft()[1:])
             for op, batch in self.waiting.items():
                 if batch and now >= self.next_stop[op]:
                     self._serve_batch(op)
@@ -437,6 +467,15 @@ class Daemon:
             # One bounded step at most per turn of the loop (service/scavenger.py): a request
             # waits for at most one step.
             self._tick("scavenge", self.scavenger.tick, now)
+        # Every request gets its one reply: the refusals still held go now, and the socket is
+        # given a second to send them before it closes.
+        held = self.intake.flush()
+        for env, reply in held:
+            self._reply(env, reply)
+        if held:
+            self.sock.setsockopt(zmq.LINGER, 1000)
+        if self.intake.refused:
+            event(logging.INFO, "refusals", **self.intake.counts())
 
     def _tick(self, what, fn, *args):
         """A periodic task: its failure is logged, never fatal (the operation was rolled back)."""
@@ -471,29 +510,42 @@ class Daemon:
     def handle_one(self):
         """Serve one request (or queue a heavy one for its batch); False when none was waiting."""
         if self.deferred:
-            env, frame = self.deferred.popleft()
+            env, frame, req = self.deferred.popleft()
         else:
             try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return False
-            env, frame = self._envelope(parts)
-            if env is None:
+            taken = self._intake(parts)
+            if taken is None:
                 return True
-        ident = env[0]
-        try:
-            req = protocol.decode_request(frame)
-        except ShmallocError:
-            req = None  # answered now, by dispatch's error reply
-        if (
-            req is not None
-            and req["op"] in self.waiting
-            and (req["op"] != "check" or self.admin_ok(req["token"]))
-        ):
-            self.waiting[req["op"]].append((env, frame, req))
+            env, frame, req = taken
+        if req["op"] in self.waiting and (req["op"] != "check" or self.admin_ok(req["token"])):
+            if req["op"] == "stats" and len(self.late) < MAX_LATE and not self.snapshot_budget.admit(env[0]):
+                self.late.append((time.monotonic() + self.intake.delay, env, frame, req))
+            else:
+                self.waiting[req["op"]].append((env, frame, req))
             return True
-        self._reply(env, dispatch(self, frame, identity=ident))
+        self._answer(env, frame, req)
         return True
+
+    def _intake(self, parts):
+        """The first look at a message: (envelope, frame, decoded request) of a request its op's
+        handler may serve, or None when it was refused here: a message of the wrong shape
+        (dropped), or a frame that is no valid request (the refusal of the same bytes seen
+        before is taken from a table, without unpacking them), answered as _refusal says."""
+        env, frame = self._envelope(parts)
+        if env is None:
+            return None
+        reply = self.intake.early(frame)
+        if reply is None:
+            try:
+                return env, frame, protocol.decode_request(frame)
+            except ProtocolError as exc:
+                reply = protocol.encode_error(exc.req_id, exc)
+                self.intake.remember(frame, reply)
+        self._refusal(env, reply)
+        return None
 
     def _envelope(self, parts):
         """ROUTER: [identity, frame] from a DEALER, [identity, b"", frame] from a REQ; the reply
@@ -502,8 +554,41 @@ class Daemon:
             return parts[:1], parts[1]
         if len(parts) == 3 and not parts[1]:
             return parts[:2], parts[2]
+        self.intake.malformed()
         self.refusals.event(logging.WARNING, "dropped malformed message", frames=len(parts))
         return None, None
+
+    def _answer(self, env, frame, req, memo=None):
+        """Run the request's handler; its reply goes out now, or, a refusal, as _refusal says."""
+        reply, code = answer(self, frame, env[0], req, memo)
+        if code in REFUSALS:
+            self._refusal(env, reply)
+        else:
+            self._reply(env, reply)
+
+    def _refusal(self, env, reply):
+        """A refusal the client earned: sent now within its budget and everyone's, else held in
+        the tarpit and sent later by the serve loop, else (too many held) not sent at all --
+        service/intake.py."""
+        ident = env[0]
+        if self.intake.admit(ident):
+            self._reply(env, reply)
+        elif self.intake.hold(ident, env, reply):
+            self.refusals.event(
+                logging.WARNING,
+                "refusals held",
+                client=ident.hex(),
+                delay_ms=round(self.intake.delay * 1000),
+                waiting=len(self.intake.held),
+            )
+        else:
+            self.refusals.event(
+                logging.WARNING,
+                "refusal not answered",
+                client=ident.hex(),
+                reason="too many refusals held",
+                dropped=self.intake.dropped,
+            )
 
     def _serve_batch(self, op):
         """One pause (or one check) for every request of `op` waiting now, those already on the
@@ -512,6 +597,9 @@ class Daemon:
             if not self.handle_one():
                 break
         batch, self.waiting[op] = self.waiting[op], []
+        if op == "stats":  # the requests over their client's budget ride along
+            batch += [x[1:] for x in self.late]
+            self.late.clear()
         t = time.monotonic()
         try:
             if op == "stats":
@@ -519,21 +607,25 @@ class Daemon:
                 self.shared[op] = self.snapshot(deadline, any(r["slow"] for _, _, r in batch))
             else:
                 self.shared[op] = self.check(batch[0][2]["token"])
-        except Exception as e:  # every requester gets the error reply dispatch makes of it
+        except Exception as e:  # every requester gets the error reply answer() makes of it
             self.shared[op] = e
         end = time.monotonic()
         gap = self.min_stop_interval if op == "stats" else max(self.min_stop_interval, end - t)
         self.next_stop[op] = end + gap
         try:
-            for env, frame, _ in batch:
-                self._reply(env, dispatch(self, frame, identity=env[0]))
+            memo = {}  # the shared result, checked and packed once for every reply
+            for env, frame, req in batch:
+                self._answer(env, frame, req, memo)
         finally:
             self.shared.pop(op, None)
 
     def _reply(self, env, reply):
         if reply is not None:
+            sock = self.sock
             try:
-                self.sock.send_multipart([*env, reply], zmq.NOBLOCK)
+                for part in env:  # send_multipart's work, without its flag arithmetic
+                    sock.send(part, _SNDMORE)
+                sock.send(reply, _NOBLOCK)
             except zmq.ZMQError as e:
                 self.refusals.event(logging.WARNING, "reply not sent", error=str(e))
 
@@ -543,22 +635,18 @@ class Daemon:
         bound = []
         while True:
             try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return bound
-            env, frame = self._envelope(parts)
-            if env is None:
+            taken = self._intake(parts)
+            if taken is None:
                 continue
-            ident = env[0]
-            try:
-                op = protocol.decode_request(frame)["op"]
-            except ShmallocError:
-                op = None  # garbage: answered now, by dispatch's error reply
-            if op is not None and op not in self.LIGHT_OPS:
-                self.deferred.append((env, frame))
+            env, frame, req = taken
+            if req["op"] not in self.LIGHT_OPS:
+                self.deferred.append(taken)
                 continue
-            self._reply(env, dispatch(self, frame, identity=ident))
-            bound += [k for k, i in self.routes.items() if i == ident]
+            self._answer(env, frame, req)
+            bound += [k for k, i in self.routes.items() if i == env[0]]
 
     # --- who may do what (docs/ARCHITECTURE.md) ---------------------------------------
     @property
@@ -621,10 +709,12 @@ class Daemon:
 
     # --- ops (service/handlers.py) -----------------------------------------------------
     def register(self, pid, identity, slot=None, token=0):
-        arena = self.arena
-        mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == pid]
-        if slot is not None:
-            mine = [k for k in mine if k == slot]
+        reg = self.arena.registry
+        if slot is not None:  # one slot to look at, not every slot (a flood of these is cheap)
+            held = 0 <= slot < self.arena.lay.nslots and reg.state(slot) == L.SLOT_ACTIVE
+            mine = [slot] if held and reg.pid(slot) == pid else []
+        else:
+            mine = [k for k in reg.active_slots() if reg.pid(k) == pid]
         if len(mine) != 1:
             raise NotRegistered(
                 f"pid {pid} holds no P slot (or several; name it): claim one in the arena first"
@@ -833,7 +923,7 @@ class Daemon:
 
     def _close_socket(self):
         if self.sock is not None:
-            self.sock.close(0)
+            self.sock.close()  # LINGER as set: 0, or the second serve() gave held refusals to leave
             self.sock = None
         if self.curve is not None:
             self.curve.stop()  # its ZAP socket is on self.ctx: closed before the term below
@@ -882,6 +972,10 @@ def run(args):
             curve_server_key=args.curve_server_key,
             curve_clients=args.curve_clients,
             retain=args.retain,
+            refusal_budget=tuple(args.refusal_budget),
+            global_refusal_budget=tuple(args.global_refusal_budget),
+            tarpit_ms=args.tarpit_ms,
+            snapshot_budget=tuple(args.snapshot_budget),
         )
     except (StartupError, ValueError) as e:
         event(logging.ERROR, "cannot start", error=str(e))

@@ -14,15 +14,26 @@ the validation, the error codes, and each op's request and reply fields in clien
                                              checks of a reply, raising ProtocolError
     dispatch(daemon, frame, identity=b"")    request frame -> reply frame; never raises
                                              (but KeyboardInterrupt / SystemExit)
+    answer(daemon, frame, identity, req, memo)  the same -> (reply frame, error code or None);
+                                             `req`: the frame already decoded; `memo`: one
+                                             result shared by a batch is packed once
 """
 
 import logging
 
 from client.ops.stats import SLOW_KEYS, SNAPSHOT_KEYS
-from client.protocol import OPS, _short, decode_request, encode_error, encode_reply, error_code
+from client.protocol import (
+    OPS,
+    _short,
+    decode_request,
+    encode_error,
+    encode_packed_reply,
+    error_code,
+    pack_reply_fields,
+)
 from shm.errors import ProtocolError
 
-__all__ = ["HANDLERS", "CHECK_REPLY", "dispatch"]
+__all__ = ["HANDLERS", "CHECK_REPLY", "dispatch", "answer"]
 
 log = logging.getLogger("shmalloc.protocol")
 
@@ -96,18 +107,35 @@ def dispatch(daemon, frame, identity=b""):
     req["_identity"].  Every Exception becomes an error reply; unexpected ones (INTERNAL) are
     logged with their traceback on the "shmalloc.protocol" logger.  KeyboardInterrupt and
     SystemExit propagate."""
-    req = None
+    return answer(daemon, frame, identity)[0]
+
+
+def answer(daemon, frame, identity=b"", req=None, memo=None):
+    """dispatch(), returning (reply frame, error code) -- the code None for a reply with ok
+    true.  `req`, when given, is decode_request(frame), which is then not decoded again.
+    `memo`, a dict kept across the requests of one batch: a handler's result that is the very
+    object of the previous request's (the batch's shared snapshot) is checked and packed once."""
     try:
-        req = decode_request(frame)
+        if req is None:
+            req = decode_request(frame)
         op = req["op"]
         req["_identity"] = b"" if identity is None else bytes(identity)
-        fields = OPS[op].reply_fields(HANDLERS[op](daemon, req))
+        result = HANDLERS[op](daemon, req)
+        if memo is not None and memo.get("result") is result:
+            fields, packed = memo["fields"], memo["packed"]
+        else:
+            fields, packed = OPS[op].reply_fields(result), None
         check_reply = CHECK_REPLY.get(op)
         if check_reply is not None:
             check_reply(req, fields)
-        return encode_reply(req["id"], **fields)
+        if packed is None:
+            packed = pack_reply_fields(**fields)
+            if memo is not None:
+                memo.update(result=result, fields=fields, packed=packed)
+        return encode_packed_reply(req["id"], packed), None
     except Exception as exc:
         req_id = req["id"] if req is not None else getattr(exc, "req_id", None)
-        if error_code(exc) == "INTERNAL":
+        code = error_code(exc)
+        if code == "INTERNAL":
             log.error("request %s failed", _short(req_id), exc_info=exc)
-        return encode_error(req_id, exc)
+        return encode_error(req_id, exc), code

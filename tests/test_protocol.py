@@ -522,6 +522,24 @@ def test_encode_reply_refuses_envelope_fields():
         assert info.value.code == "INTERNAL"
 
 
+@pytest.mark.parametrize("nfields", [0, 1, 12, 13, 40])
+def test_a_reply_packed_once_is_the_reply_encoded_per_request(nfields):
+    # One pause answers many requests: their replies are the shared fields packed once, grown by
+    # each id -- the very bytes encode_reply makes (12 fields: the last fixmap; 13: a map16).
+    fields = {f"f{i}": [i, {"x": None, "y": "s" * i}] for i in range(nfields)}
+    packed = P.pack_reply_fields(**fields)
+    for req_id in (0, 7, -(2**63), 2**64 - 1, "", "a string id"):
+        frame = P.encode_packed_reply(req_id, packed)
+        assert frame == P.encode_reply(req_id, **fields)
+        assert msgpack.unpackb(frame) == {"v": 1, "id": req_id, "ok": True, **fields}
+    with pytest.raises(E.ProtocolError) as info:
+        P.encode_packed_reply(True, packed)
+    assert info.value.code == "INTERNAL"
+    with pytest.raises(E.ProtocolError) as info:
+        P.pack_reply_fields(ok=1)
+    assert info.value.code == "INTERNAL"
+
+
 # ----------------------------------------------------------------------------- properties
 
 wire_scalars = (

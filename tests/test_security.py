@@ -295,6 +295,121 @@ def test_long_deadlines_are_refused_or_capped(start_daemon):
     w.join(DEADLINE)
 
 
+# --- what a flood of refusals may cost: budgets and a tarpit ------------------------------------
+
+
+def _refusals_line(log):
+    """The counts of the daemon's last "refusals" line (written when it stops)."""
+    lines = [line.partition(" refusals  ")[2] for line in log.splitlines() if " refusals  " in line]
+    assert lines, log
+    return {k: int(v) for k, v in (f.split("=") for f in lines[-1].split())}
+
+
+def _replies(sock, n):
+    """The next n replies on sock, decoded, as (id, error code or "OK")."""
+    out = []
+    for _ in range(n):
+        assert sock.poll(DEADLINE * 1000), f"{len(out)} of {n} replies came"
+        m = msgpack.unpackb(sock.recv(), raw=False)
+        out.append((m["id"], "OK" if m["ok"] else m["error"]))
+    return out
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_a_client_over_its_refusal_budget_is_answered_late_while_others_are_served(start_daemon, transport):
+    # Three refusals answered at once, then a tarpit long enough that only the stop sends the rest.
+    d = start_daemon(
+        endpoint=f"tcp://127.0.0.1:{_free_port()}" if transport == "tcp" else None,
+        extra=("--refusal-budget", "0", "3", "--tarpit-ms", "600000"),
+    )
+    hostile = _dealer(d.endpoint)
+    try:
+        with client.connect(d.endpoint) as heap:
+            slot, pid = heap.slot, os.getpid()
+            garbage = b"\xc1 not msgpack"
+            for _ in range(3):  # the first decoded, the next two refused from the table
+                hostile.send(garbage)
+            hostile.send_multipart([b"a", b"b", b"c"])  # of no shape: dropped, counted
+            for i in range(5):
+                hostile.send(protocol.encode_request("heartbeat", i, slot=slot))
+            hostile.send(protocol.encode_request("register", 5, pid=pid + 1, slot=slot))
+            assert _replies(hostile, 3) == [(None, "BAD_FRAME")] * 3
+            # Meanwhile: the worker allocates, a second one registers, an observer's snapshot
+            # parks both -- none of them waits for the hostile client's refusals.
+            b = heap.alloc(1000)
+            with client.connect(d.endpoint) as second:
+                snap = client.stats(d.endpoint)
+                assert snap["consistent"] and snap["num_p"] == 2
+                second.free(second.alloc(64))
+            heap.free(b)
+            assert client.ping(d.endpoint)["num_p"] == 1
+            assert hostile.poll(0) == 0, "a refusal over the budget was answered at once"
+        assert d.stop() == 0
+        # The stop sent every held refusal, each the one it would have been, in order.
+        late = _replies(hostile, 6)
+        assert late == [(i, "FORBIDDEN") for i in range(5)] + [(5, "NOT_REGISTERED")], late
+    finally:
+        hostile.close(0)
+    log = d.log()
+    assert _refusals_line(log) == {"refused": 10, "early": 3, "held": 6, "dropped": 0, "waiting": 0}
+    assert "refusals held" in log and log.count("P joined") == 2 and "P re-registered" not in log
+    assert not os.path.exists(f"/dev/shm/{d.name}") and (
+        transport == "tcp" or not os.path.exists(d.sock_path())
+    )
+
+
+def test_clients_that_change_identity_share_one_budget(start_daemon):
+    # Every client its own fresh budget, but two refusals at once for everyone together.
+    d = start_daemon(extra=("--global-refusal-budget", "0", "2", "--tarpit-ms", "600000"))
+    socks = [_dealer(d.endpoint) for _ in range(3)]
+    try:
+        for i, s in enumerate(socks[:2]):
+            s.send(protocol.encode_request("heartbeat", i, slot=0))
+            assert _replies(s, 1) == [(i, "NOT_REGISTERED")]
+        socks[2].send(protocol.encode_request("heartbeat", 2, slot=0))
+        assert client.stats(d.endpoint)["consistent"]  # an observer is served meanwhile
+        assert socks[2].poll(0) == 0
+        assert d.stop() == 0
+        assert _replies(socks[2], 1) == [(2, "NOT_REGISTERED")]  # sent by the stop
+    finally:
+        for s in socks:
+            s.close(0)
+    assert _refusals_line(d.log()) == {"refused": 3, "early": 0, "held": 1, "dropped": 0, "waiting": 0}
+
+
+def test_snapshots_beyond_a_clients_budget_wait_for_the_next_pause(start_daemon):
+    # One snapshot at will per client (a fresh socket: a fresh client), then none.
+    d = start_daemon(extra=("--snapshot-budget", "0", "1", "--tarpit-ms", "600000"))
+    s = _dealer(d.endpoint)
+    try:
+        s.send(protocol.encode_request("stats", 9))
+        assert _replies(s, 1) == [(9, "OK")]
+        for i in range(3):
+            s.send(protocol.encode_request("stats", i))
+        s.send(protocol.encode_request("ping", 3))
+        assert _replies(s, 1) == [(3, "OK")]  # the three stats were read before it, and wait
+        e0 = client.ping(d.endpoint)["epoch"]
+        snap = client.stats(d.endpoint)  # an observer's: one pause, for all four
+        assert snap["epoch"] == e0 + 1
+        late = [protocol.decode_reply(s.recv(), op="stats") for _ in range(3) if s.poll(DEADLINE * 1000)]
+        assert sorted(r["id"] for r in late) == [0, 1, 2]
+        assert {r["snapshot"]["epoch"] for r in late} == {snap["epoch"]}
+        assert client.ping(d.endpoint)["epoch"] == e0 + 1
+    finally:
+        s.close(0)
+
+
+def test_a_snapshot_beyond_the_budget_gets_its_own_pause_after_the_tarpit(start_daemon):
+    d = start_daemon(extra=("--snapshot-budget", "0", "0", "--tarpit-ms", "50"))
+    s = _dealer(d.endpoint)
+    try:
+        s.send(protocol.encode_request("stats", 7))
+        assert s.poll(DEADLINE * 1000), "a snapshot over the budget was never answered"
+        assert protocol.decode_reply(s.recv(), op="stats")["snapshot"]["consistent"]
+    finally:
+        s.close(0)
+
+
 # --- TCP is for observers; REQ observers --------------------------------------------------------
 
 

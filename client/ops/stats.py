@@ -20,7 +20,9 @@ Reply::
 
 Requests that wait together share one pause (and one reply snapshot, the same `epoch`), and two
 pauses for requests are at least the daemon's --min-stop-interval-ms apart: a client asking
-faster gets its reply later, not more pauses.
+faster gets its reply later, not more pauses.  A client (a socket, by its routing identity) that
+asks more often than the daemon's --snapshot-budget (20 a second, bursts of 40) has its further
+requests wait for a pause someone else asks for, or --tarpit-ms (250) at most.
 
 `snapshot` carries every key of the table "The snapshot map" below (the daemon's reply is refused
 as INTERNAL when one is missing).
