@@ -84,30 +84,21 @@ def build_parser():
         help="least time between two stops of the world for requests; stats requests waiting "
         "meanwhile share one pause (default 5)",
     )
-    d.add_argument(
+
+    def budget(flag, default, text):
+        d.add_argument(flag, nargs=2, type=float, metavar=("RATE", "BURST"), default=default, help=text)
+
+    budget(
         "--refusal-budget",
-        nargs=2,
-        type=float,
-        metavar=("RATE", "BURST"),
-        default=(200, 400),
-        help="refused requests a client gets answered at once: RATE a second, BURST in a row "
+        (200, 400),
+        "refused requests a client gets answered at once: RATE a second, BURST in a row "
         "(default 200 400); beyond, each refusal is answered --tarpit-ms late",
     )
-    d.add_argument(
-        "--global-refusal-budget",
-        nargs=2,
-        type=float,
-        metavar=("RATE", "BURST"),
-        default=(1000, 2000),
-        help="the same for every client together (default 1000 2000)",
-    )
-    d.add_argument(
+    budget("--global-refusal-budget", (1000, 2000), "the same for every client together (default 1000 2000)")
+    budget(
         "--snapshot-budget",
-        nargs=2,
-        type=float,
-        metavar=("RATE", "BURST"),
-        default=(20, 40),
-        help="stats requests one client (socket) may make at will: RATE a second, BURST in a row "
+        (20, 40),
+        "stats requests one client (socket) may make at will: RATE a second, BURST in a row "
         "(default 20 40); beyond, its requests wait for a pause someone else asks for, or "
         "--tarpit-ms at most",
     )
