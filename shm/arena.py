@@ -595,7 +595,13 @@ class Arena:
     SCAVENGE_PAGES = 256  # pages per step of `scavenge` (2 MiB: well under a millisecond of madvise)
 
     def scavenge_step(
-        self, actor=None, max_pages=SCAVENGE_PAGES, keep_pages=0, max_spans=8, background=False
+        self,
+        actor=None,
+        max_pages=SCAVENGE_PAGES,
+        keep_pages=0,
+        max_spans=8,
+        background=False,
+        freed_before=None,
     ):
         """One bounded step of PageHeap.scavenge under the heap lock, the world running (free
         spans belong to no P).  Returns (pages released, ns the heap lock was held)."""
@@ -604,7 +610,7 @@ class Arena:
         def step(op):
             op.acquire(L.LOCK_HEAP)
             held[0] = time.perf_counter_ns()
-            return self.heap.scavenge(op, max_pages, keep_pages, max_spans, background)
+            return self.heap.scavenge(op, max_pages, keep_pages, max_spans, background, freed_before)
 
         pages = self.run(self.daemon_actor if actor is None else actor, step)
         return pages, time.perf_counter_ns() - held[0]

@@ -635,13 +635,17 @@ def _handle(block, cache):
     if block.__class__ is int:
         return block
     owner = block if isinstance(block, Block) else getattr(block, "block", None)
-    if isinstance(owner, Block) and owner[3] is not cache:
-        theirs, ours = owner[3].arena.arena_id, cache.arena.arena_id
-        if theirs != ours:
-            raise ForeignReference(
-                f"{owner!r} belongs to arena {theirs:#018x}, not to this heap's arena {ours:#018x} "
-                "(another daemon's, or one closed since): its handle names other memory here"
-            )
+    if isinstance(owner, Block):
+        heap = owner[3]
+        if heap is not cache and heap.arena is not cache.arena:
+            theirs, ours = heap.arena.arena_id, cache.arena.arena_id
+            if theirs != ours:
+                raise ForeignReference(
+                    f"{owner!r} belongs to arena {theirs:#018x}, not to this heap's arena {ours:#018x} "
+                    "(another daemon's, or one closed since): its handle names other memory here"
+                )
+        if owner is block:
+            return block[0]  # another Heap's Block of this arena (a P's own takes the fast path)
     try:
         return block.__index__()
     except AttributeError:

@@ -416,13 +416,16 @@ class PageHeap:
         # Interior page-map entries may keep pointing at r: lookups check state and range.
         self._insert_free(op, r)
 
-    def scavenge(self, op, max_pages, keep_pages=0, max_spans=8, background=False):
+    def scavenge(self, op, max_pages, keep_pages=0, max_spans=8, background=False, freed_before=None):
         """One bounded step of giving idle pages back to the OS (MADV_REMOVE punches them out
         of tmpfs; Go: the background scavenger, and debug.FreeOSMemory when repeated with
         keep_pages 0).  Releases at most `max_pages` pages from at most `max_spans` free spans,
         the ones idle longest first (the idle list), and leaves `keep_pages` idle pages
         committed.  A span longer than the budget is split: its tail is released, its head
-        keeps its place and its age.  Returns the pages released.
+        keeps its place and its age.  With `freed_before` (a time.monotonic_ns()), only spans
+        freed before it: a span freed a moment ago is likely to be taken again at once (a
+        producer and a consumer passing blocks of one size), and releasing it would make that
+        allocation commit, fault in and zero its pages again.  Returns the pages released.
 
         Each span is marked released and checkpointed BEFORE its madvise: a crash in between
         leaves pages marked released that are still there (harmless: they are committed again
@@ -436,6 +439,8 @@ class PageHeap:
             if budget <= 0 or r < 0:
                 break
             w = self.sw(r)
+            if freed_before is not None and q[w + S["freed_ns"]] > freed_before:
+                break  # the oldest is too young: so is every span after it
             start, n = q[w + S["start"]], q[w + S["npages"]]
             k = min(n, budget)
             self.list_remove(op, self.bucket_w(n), r)
