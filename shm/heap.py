@@ -533,45 +533,44 @@ class PageHeap:
         # Free buckets: every FREE span exactly once, in the right bucket, links consistent.
         seen = set()
         for b in range(1, L.NBUCKETS):
-            r, prev = q[hw + L.HEAP_BUCKETS_AT + b] - 1, -1
-            while r >= 0:
+            for r in self._walk(q[hw + L.HEAP_BUCKETS_AT + b], "next", "prev", f"free bucket {b}", seen, bad):
                 w = lay.span_word(r)
-                if r in seen:
-                    bad.append(f"free bucket {b}: span {r} seen twice (cycle?)")
-                    break
-                seen.add(r)
                 n = q[w + S["npages"]]
                 if q[w + S["state"]] != L.SPAN_FREE or min(n, L.NBUCKETS - 1) != b:
                     bad.append(f"free bucket {b} holds span {r} (state {q[w + S['state']]}, {n} pages)")
-                if q[w + S["prev"]] != prev + 1:
-                    bad.append(f"free bucket {b}: span {r} prev link {q[w + S['prev']] - 1} != {prev}")
-                prev, r = r, q[w + S["next"]] - 1
         nfree = sum(1 for rec in records if rec["state"] == L.SPAN_FREE)
         if len(seen) != nfree:
             bad.append(f"free buckets hold {len(seen)} spans, {nfree} spans are free")
         return bad + self._check_idle(records)
 
+    def _walk(self, head, nxt, prv, what, seen, bad):
+        """The records of the list starting at `head` (record index + 1, linked through the span
+        fields `nxt`/`prv`), each added to `seen`; a cycle or a wrong back link goes into `bad`."""
+        q, r, prev = self.q, head - 1, -1
+        while r >= 0:
+            w = self.sw(r)
+            if r in seen:
+                bad.append(f"{what}: span {r} seen twice (cycle?)")
+                return
+            seen.add(r)
+            if q[w + S[prv]] != prev + 1:
+                bad.append(f"{what}: span {r} prev link {q[w + S[prv]] - 1} != {prev}")
+            yield r
+            prev, r = r, q[w + S[nxt]] - 1
+
     def _check_idle(self, records):
         """The idle list holds every unreleased FREE span once, oldest first, links consistent."""
         q, hw, bad = self.q, self.hw, []
         want = {rec["r"] for rec in records if rec["state"] == L.SPAN_FREE and not rec["released"]}
-        seen, r, prev, age = set(), q[hw + H["idle_head"]] - 1, -1, 0
-        while r >= 0:
-            w = self.sw(r)
-            if r in seen:
-                bad.append(f"idle list: span {r} seen twice (cycle?)")
-                break
-            seen.add(r)
+        seen, last, age = set(), -1, 0
+        for r in self._walk(q[hw + H["idle_head"]], "idle_next", "idle_prev", "idle list", seen, bad):
             if r not in want:
                 bad.append(f"idle list holds span {r}, which is not a free unreleased span")
-            if q[w + S["idle_prev"]] != prev + 1:
-                bad.append(f"idle list: span {r} prev link {q[w + S['idle_prev']] - 1} != {prev}")
-            if q[w + S["freed_ns"]] < age:
+            if q[self.sw(r) + S["freed_ns"]] < age:
                 bad.append(f"idle list: span {r} is older than the span before it")
-            age = q[w + S["freed_ns"]]
-            prev, r = r, q[w + S["idle_next"]] - 1
-        if q[hw + H["idle_tail"]] != prev + 1:
-            bad.append(f"idle list: tail {q[hw + H['idle_tail']] - 1} != last span {prev}")
+            age, last = q[self.sw(r) + S["freed_ns"]], r
+        if q[hw + H["idle_tail"]] != last + 1:
+            bad.append(f"idle list: tail {q[hw + H['idle_tail']] - 1} != last span {last}")
         if seen != want:
             bad.append(f"idle list misses free unreleased spans {sorted(want - seen)[:5]}")
         return bad

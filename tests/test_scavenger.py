@@ -368,3 +368,28 @@ def test_the_daemon_scavenges_nothing_while_its_world_is_stopped(start_daemon):
     assert stuck.exitcode == 0
     r = run_cli("check", "--endpoint", d.endpoint)
     assert r.returncode == 0 and "check: OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_check_names_a_broken_idle_list_or_bucket(arena):
+    """PageHeap.check walks the free buckets and the idle list: a back link broken in either is
+    named, and the arena checks clean once it is put back."""
+    p = ProcessCache(arena)
+    blocks = [p.alloc(MIB) for _ in range(3)]
+    for b in blocks[::2]:  # two free spans apart, both on the idle list and in bucket 128
+        p.free(b)
+    p.flush()
+    assert arena.check_all() == []
+    q, hw = arena.q, arena.lay.heap_word()
+    second = q[arena.lay.span_word(q[hw + L.HEAP["idle_head"]] - 1) + L.SPAN["idle_next"]] - 1
+    assert second >= 0, "two spans on the idle list"
+    for field, what in (("idle_prev", "idle list: span"), ("prev", "free bucket")):
+        w = arena.lay.span_word(second) + L.SPAN[field]
+        old = q[w]
+        q[w] = old + 7
+        try:
+            assert any(what in x and "prev link" in x for x in arena.check_all()), field
+        finally:
+            q[w] = old
+        assert arena.check_all() == []
+    p.free(blocks[1])
+    p.close()
