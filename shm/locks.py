@@ -13,7 +13,7 @@ acting P's undo log (in its slot).  So at any instant the arena is "the last com
 the undo logs of the operations in flight":
 
 - an operation that raises (OutOfMemory, BadHandle, ...) rolls its own log back: the heap is
-  exactly as before, as the brief demands of every bad input;
+  exactly as before, as every bad input must;
 - a process killed mid-operation leaves its locks' dirty words naming it.  The kernel drops the
   locks; the next process to take one sees the dirty word, backs out of its own operation, rolls
   the dead actor's log back under all of that actor's locks (`repair`), and retries.
