@@ -252,16 +252,15 @@ class CentralList:
         # handle, or a late one that meets the object allocated again, is bad.
         table = _UNCACHED_T if not owner else (_OWN_T if owner == k + 1 else _OTHER_T)[owner - 1]
         changed = []
-        g0, gb, gm = L.HANDLE_G0 + j0, L.GEN_BITS, L.GEN_MASK
+        # h - base = i * step + generation for the handle of object i: one divmod gives both, and
+        # a handle between two objects leaves a "generation" of 256 or more, which no byte is.
+        base, step, gm = (L.HANDLE_G0 + j0) << L.GEN_BITS, stride << L.GEN_BITS, L.GEN_MASK
         for h in handles:
-            i, rem = divmod((h >> gb) - g0, stride)
-            gen = h & gm
-            b = table[new[i]] if not rem and 0 <= i < n and gens[i] == gen else _BAD
-            if b == _BAD:
-                continue
-            new[i] = b
-            gens[i] = (gen + 1) & gm
-            changed.append(i)
+            i, gen = divmod(h - base, step)
+            if 0 <= i < n and gens[i] == gen and (b := table[new[i]]) != _BAD:
+                new[i] = b
+                gens[i] = (gen + 1) & gm
+                changed.append(i)
         bad = len(handles) - len(changed)
         freed = len(changed) if not owner else 0
         pending = len(changed) if owner and owner != k + 1 else 0
