@@ -413,21 +413,23 @@ class Arena:
 
     def _apply_buffer(self, op, k, groups):
         """Apply P k's buffered remote frees, one span at a time (one retag per span).  The buffer
-        is first rewritten in group order; after each group its entries are zeroed in the same
-        checkpointed step, so a retry after a crash never applies one twice.  Frees found bad now
-        are counted (heap bad_frees) and logged, never applied.  Caller holds the heap lock and the
-        central locks of the classes in `groups`."""
+        is first rewritten in group order, the first group applied last in it; after each group the
+        buffer's count (rfree_n) drops below that group's entries in the same checkpointed step,
+        so a retry after a crash never applies one twice (one word written per group).  Frees
+        found bad now are counted (heap bad_frees) and logged, never applied.  Caller holds the
+        heap lock and the central locks of the classes in `groups`."""
         lay = self.lay
         sw = lay.slot_word(k)
         at = sw + L.SLOT_RFREE_AT
         if not groups:
             return 0
         order = [(key, hs) for key, hs in sorted(groups.items())]
-        flat = [h for _, hs in order for h in hs]
+        flat = [h for _, hs in reversed(order) for h in hs]
+        left = len(flat)
         op.wwords(at, flat)
-        op.w(sw + SL["rfree_n"], len(flat))
-        op.log.clear()  # checkpoint: the same frees, in group order
-        nbad, i = 0, 0
+        op.w(sw + SL["rfree_n"], left)
+        op.log.clear()  # checkpoint: the same frees, the first group to apply at the end
+        nbad = 0
         for (c, r), handles in order:
             if r < 0 or not self._group_holds(r, c, handles):
                 nbad += len(handles)  # no span holds them now: stale handles
@@ -441,8 +443,8 @@ class Arena:
                 nbad += self.central.apply_frees(op, c, r, handles, k)
             else:
                 nbad += len(handles)
-            op.wwords(at + i, [0] * len(handles))
-            i += len(handles)
+            left -= len(handles)
+            op.w(sw + SL["rfree_n"], left)
             op.log.clear()  # checkpoint
         if nbad:
             op.add(lay.heap_word() + H["bad_frees"], nbad)
