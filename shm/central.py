@@ -21,6 +21,7 @@ from operator import or_
 
 from . import layout as L
 from .errors import BadHandle, CorruptionError, DoubleFree
+from .locks import strided
 from .sizeclasses import CLASS_TO_ALLOCNPAGES, CLASS_TO_NOBJS, CLASS_TO_SIZE
 
 S = L.SPAN
@@ -117,24 +118,25 @@ class CentralList:
 
     def _span_bytes(self, r):
         off, stride, n, j0, size = self.starts(r)
-        return off, stride, bytes(self.mv[off : off + n * stride : stride]), j0, size
+        return off, stride, strided(self.mv, off, stride, n), j0, size
 
     def _gen_bytes(self, j0, stride, n):
         """The generation bytes of n objects, the first at granule j0, `stride` granules apart."""
-        off = self.lay.gmap_off + j0
-        return bytes(self.mv[off : off + n * stride : stride])
+        return strided(self.mv, self.lay.gmap_off + j0, stride, n)
 
-    def _place(self, op, c, r, alloc_count, nelems, keep_empty=False):
+    def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=()):
         """Put uncached span r where it belongs: full list, partial list, or back to the heap
-        (an empty span; with keep_empty it waits on the partial list for free_empty)."""
+        (an empty span; with keep_empty it waits on the partial list for free_empty).  The
+        caller's own writes `idxs`, `values` (none a word the placing reads) are logged with the
+        placing's first step, in one entry."""
         if alloc_count == 0 and not keep_empty:
-            op.add(self.cw(c) + C["nspans"], -1)
+            nw = self.cw(c) + C["nspans"]
+            op.wset([*idxs, nw], [*values, self.q[nw] - 1])
             op.acquire(L.LOCK_HEAP)
             self.heap.free_span(op, r)
-        elif alloc_count == nelems:
-            self.heap.list_push(op, self.head_w(c, L.LIST_FULL), r, L.LIST_FULL)
         else:
-            self.heap.list_push(op, self.head_w(c, L.LIST_PARTIAL), r, L.LIST_PARTIAL)
+            which = L.LIST_FULL if alloc_count == nelems else L.LIST_PARTIAL
+            self.heap.list_push(op, self.head_w(c, which), r, which, idxs, values)
 
     # --- a P takes and gives back spans -------------------------------------------------------
     def grow(self, op, c):
@@ -171,7 +173,7 @@ class CentralList:
             raise CorruptionError(f"{what} of span {r} by P {k}, but it is cached by {owner - 1}")
         off, stride, old, j0, size = self._span_bytes(r)
         new = old.translate(table)
-        op.wbytes(off, stride, new)
+        op.wstarts(off, stride, old, new)
         return old, new, j0, size
 
     def collect(self, op, c, r, k):
@@ -200,18 +202,25 @@ class CentralList:
         q, w = self.q, self.lay.span_word(r)
         # The P's local frees re-listed objects, each counted as a malloc to come (slot relists);
         # those still listed now never happened.
-        rel_w = self.lay.slot_word(k) + L.SLOT_RELISTS_AT + c
-        op.add(self.cw(c) + C["mallocs"], q[rel_w] - old.count(LISTED))
-        op.w(rel_w, 0)
+        sw, cw = self.lay.slot_word(k), self.cw(c)
+        rel_w = sw + L.SLOT_RELISTS_AT + c
+        listed = old.count(LISTED)
         n = new.count(ALLOC) + new.count(RFREED)  # a buffered free is live until applied
-        op.w(w + S["owner"], 0)
-        op.w(w + S["alloc_count"], n)
-        op.w(w + S["npending"], 0)
-        op.w(self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, 0)
-        op.add(self.cw(c) + C["ncached"], -1)
-        op.add(self.cw(c) + C["live"], n)
-        self._place(op, c, r, n, q[w + S["nelems"]], keep_empty)
-        return old.count(LISTED)
+        # Every word below is read before any is written, and none is one the placing reads: the
+        # span's fields, P k's slot, the class's counters, all logged in one entry.
+        idxs = (
+            cw + C["mallocs"],
+            rel_w,
+            w + S["owner"],
+            w + S["alloc_count"],
+            w + S["npending"],
+            sw + L.SLOT_CACHED_AT + c,
+            cw + C["ncached"],
+            cw + C["live"],
+        )
+        values = (q[idxs[0]] + q[rel_w] - listed, 0, 0, n, 0, 0, q[idxs[6]] - 1, q[idxs[7]] + n)
+        self._place(op, c, r, n, q[w + S["nelems"]], keep_empty, idxs, values)
+        return listed
 
     def free_empty(self, op, c):
         """Return every empty span of the partial list to the heap (they wait there when a
@@ -240,7 +249,7 @@ class CentralList:
         op.need(L.LOCK_CENTRAL(c), "CentralList.apply_frees")
         q, w = self.q, self.lay.span_word(r)
         off, stride, n, j0, size = self.starts(r)
-        old = bytes(self.mv[off : off + n * stride : stride])
+        old = strided(self.mv, off, stride, n)
         new = bytearray(old)
         gens = bytearray(self._gen_bytes(j0, stride, n))
         owner = q[w + S["owner"]]

@@ -89,30 +89,34 @@ class PageHeap:
         return r
 
     # --- intrusive doubly linked lists through span records ------------------------------------
-    def list_push(self, op, head_w, r, tag):
-        q, w = self.q, self.sw(r)
-        first = q[head_w]
-        op.w(w + S["next"], first)
-        op.w(w + S["prev"], 0)
-        op.w(w + S["list"], tag)
+    def list_push(self, op, head_w, r, tag, idxs=(), values=()):
+        """Push span r on the list at `head_w`.  The caller's own writes `idxs`, `values` (words
+        the push neither reads nor writes) go with the push's in one logged step (Op.wset)."""
+        w = self.sw(r)
+        first = self.q[head_w]
+        idxs = [*idxs, w + S["next"], w + S["prev"], w + S["list"], head_w]
+        values = [*values, first, 0, tag, r + 1]
         if first:
-            op.w(self.sw(first - 1) + S["prev"], r + 1)
-        op.w(head_w, r + 1)
+            idxs.append(self.sw(first - 1) + S["prev"])
+            values.append(r + 1)
+        op.wset(idxs, values)
 
     def list_remove(self, op, head_w, r):
         q, w = self.q, self.sw(r)
         nxt, prv = q[w + S["next"]], q[w + S["prev"]]
+        idxs = [w + S["next"], w + S["prev"], w + S["list"]]
+        values = [0, 0, L.LIST_NONE]
         if prv:
-            op.w(self.sw(prv - 1) + S["next"], nxt)
+            idxs.append(self.sw(prv - 1) + S["next"])
         else:
             if q[head_w] != r + 1:
                 raise CorruptionError(f"span {r} is not at the head of its list but has no prev")
-            op.w(head_w, nxt)
+            idxs.append(head_w)
+        values.append(nxt)
         if nxt:
-            op.w(self.sw(nxt - 1) + S["prev"], prv)
-        op.w(w + S["next"], 0)
-        op.w(w + S["prev"], 0)
-        op.w(w + S["list"], L.LIST_NONE)
+            idxs.append(self.sw(nxt - 1) + S["prev"])
+            values.append(prv)
+        op.wset(idxs, values)
 
     def bucket_w(self, npages):
         return self.hw + L.HEAP_BUCKETS_AT + min(npages, L.NBUCKETS - 1)

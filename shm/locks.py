@@ -35,6 +35,11 @@ it guards had not happened yet):
     word entry:   [1, word_index, old_value]
     bytes entry:  [2, byte_offset, stride, n, old bytes padded to 8]   (n bytes, `stride` apart)
     scatter entry: [3, n, n words of byte_offset << 8 | old byte]      (n single bytes anywhere)
+    words entry:   [4, n, n pairs of word_index, old_value]             (n words anywhere)
+
+A words entry guards every word an operation step writes at once (`Op.wset`): a dozen words for
+the price of one entry.  Its words are restored last first, so a word named twice gets the value
+it had before the step.
 """
 
 import fcntl
@@ -48,8 +53,17 @@ from . import layout as L
 from .errors import CorruptionError, LockUnavailable
 
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
-_W_ENTRY, _B_ENTRY, _S_ENTRY = 1, 2, 3
+_W_ENTRY, _B_ENTRY, _S_ENTRY, _V_ENTRY = 1, 2, 3, 4
 _CLEAN = array("Q", [0] * L.LOCK_WORDS)  # a lock word nobody holds
+
+
+def strided(mv, off, stride, n):
+    """The n bytes of `mv` from `off`, `stride` apart, touching no byte past the last one.  Up to
+    a stride of a few hundred, one contiguous copy then a bytes slice is faster (up to five times)
+    than a strided memoryview copy, which moves one byte at a time."""
+    if stride > 256 or n <= 0:
+        return bytes(mv[off : off + n * stride : stride])
+    return mv[off : off + (n - 1) * stride + 1].tobytes()[::stride]
 
 
 def _flock(ltype, start):
@@ -326,6 +340,10 @@ class UndoLog:
                 n = q[w + 1]
                 out.append((kind, None, q[w + 2 : w + 2 + n].tolist()))
                 pos += 16 + 8 * n
+            elif kind == _V_ENTRY:
+                n = q[w + 1]
+                out.append((kind, None, q[w + 2 : w + 2 + 2 * n].tolist()))
+                pos += 16 + 16 * n
             else:
                 raise CorruptionError(f"undo log entry of unknown kind {kind} at byte {pos}")
         return out
@@ -338,6 +356,9 @@ class UndoLog:
             elif kind == _S_ENTRY:
                 for x in b:
                     mv[x >> 8] = x & 0xFF
+            elif kind == _V_ENTRY:
+                for j in range(len(b) - 2, -1, -2):
+                    q[b[j]] = b[j + 1]
             else:
                 off, stride = a
                 mv[off : off + len(b) * stride : stride] = b
@@ -405,17 +426,56 @@ class Op:
     def add(self, idx, delta):
         self.w(idx, self.q[idx] + delta)
 
+    def wset(self, idxs, values):
+        """Logged write of `values` at word indices `idxs`, all guarded by one log entry (a words
+        entry): the entry is complete, and counted in log_used, before the first word is written,
+        so a process killed anywhere in between leaves the old words or a full entry to restore
+        them.  The caller computes every value before any is written: none may depend on another
+        word of the same call."""
+        q = self.q
+        n = len(idxs)
+        log = self.log
+        u = q[log.used_w]
+        size = 16 + 16 * n
+        if u + size > L.LOG_BYTES:
+            raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
+        entry = [_V_ENTRY, n, *idxs, *idxs]
+        entry[3::2] = map(q.__getitem__, idxs)  # each word's old value, after its index
+        entry[2::2] = idxs
+        e = (log.base + u) >> 3
+        q[e : e + 2 + 2 * n] = array("Q", entry)
+        q[log.used_w] = u + size
+        for i, v in zip(idxs, values):
+            q[i] = v
+
     def wwords(self, idx, values):
         """Logged write of consecutive words (one log entry)."""
         self.wbytes(idx * 8, 1, struct.pack(f"<{len(values)}Q", *values))
 
-    def wbytes(self, off, stride, new):
+    def wbytes(self, off, stride, new, old=None):
+        """Logged write of the bytes `new`, `stride` apart from `off`.  `old`: the bytes there now,
+        when the caller has just read them under the lock (saves reading them again)."""
         n = len(new)
-        view = self.mv[off : off + n * stride : stride]
-        old = bytes(view)
+        if old is None:
+            old = strided(self.mv, off, stride, n)
         if old != new:
             self.log.add_bytes(off, stride, old)
-            view[:] = new
+            self.mv[off : off + n * stride : stride] = new
+
+    def wstarts(self, off, stride, old, new):
+        """wbytes of a small span's object-start bytes in the allocation map, `old` just read.
+        The bytes between two starts are 0 for the span's whole life and nobody writes them (a
+        free checks its byte is a start's state first), so the run is stored whole, its gaps 0:
+        one contiguous store, up to four times faster than a strided one while the gaps are short.
+        The log keeps the starts only, as wbytes does."""
+        if old != new:
+            self.log.add_bytes(off, stride, old)
+            if stride > 64:
+                self.mv[off : off + len(new) * stride : stride] = new
+                return
+            run = bytearray((len(new) - 1) * stride + 1)
+            run[::stride] = new
+            self.mv[off : off + len(run)] = run
 
     def wscatter(self, offs, values):
         """Logged write of single bytes at byte offsets `offs` (one log entry for all)."""

@@ -354,3 +354,35 @@ def forking_victim(endpoint, where, how, ready, results):
             signal.pause()
     results.put((child, heap.slot))
     _stop_inside(heap, where, ready)
+
+
+def stuck_in_batched_write(arena_name, written, ready, results):
+    """A P allocates ten 64-byte blocks, keeps five, then flushes its cache -- and stops forever
+    INSIDE the flush, in the middle of uncache_span's batched write (Op.wset): its log entry
+    complete, the first `written` of its words stored.  Puts (word indices, new values) on
+    `results` first.  The test SIGKILLs us there."""
+    from shm import Arena, ProcessCache
+    from shm.locks import Op
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    blocks = [p.alloc(64) for _ in range(10)]
+    for b in blocks[::2]:
+        p.free(b)
+    real = Op.wset
+
+    def wset(self, idxs, values):
+        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
+            for j, v in enumerate(values):
+                if j == written:
+                    results.put((list(idxs), list(values)))
+                    ready.set()
+                    while True:
+                        signal.pause()
+                yield v
+
+        real(self, idxs, stored())
+
+    Op.wset = wset
+    p.flush()
+    time.sleep(60)  # not reached

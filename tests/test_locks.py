@@ -11,7 +11,7 @@ import pytest
 from support import assert_healthy, metadata_bytes
 
 from shm import Arena, BadHandle, LockUnavailable, ProcessCache, layout
-from shm.locks import holder_alive, my_start, ofd_trylock
+from shm.locks import UndoLog, holder_alive, my_start, ofd_trylock
 
 
 def test_undo_log_rolls_back_a_failed_operation(arena):
@@ -215,3 +215,89 @@ def test_a_forked_childs_descriptors_are_new_descriptions(arena):
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_a_words_entry_rolls_back_every_word_it_guards(arena):
+    """Op.wset logs several words in one entry, a word named twice included; an operation that
+    raises after it leaves every word as it was."""
+    p = ProcessCache(arena)
+    hw = arena.lay.heap_word()
+    a, b = hw + layout.HEAP["bad_frees"], hw + layout.HEAP["large_mallocs"]
+    before = metadata_bytes(arena)
+    old = arena.q[a], arena.q[b]
+    seen = {}
+
+    def batch(op):
+        op.acquire(layout.LOCK_HEAP)
+        op.wset([a, b, a], [old[0] + 7, old[1] + 8, old[0] + 9])
+        seen["words"] = arena.q[a], arena.q[b]
+        seen["log"] = op.log.entries()
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        arena.run(p.slot, batch)
+    assert seen["words"] == (old[0] + 9, old[1] + 8)  # the last write of a word wins
+    assert seen["log"] == [(4, None, [a, old[0], b, old[1], a, old[0]])]
+    assert (arena.q[a], arena.q[b]) == old
+    assert metadata_bytes(arena) == before
+    assert_healthy(arena, p)
+    p.close()
+
+
+def test_a_half_written_words_entry_is_ignored(arena):
+    """A writer killed while it filled a words entry never advanced log_used, so it had stored
+    none of the words the entry guards: the repair must not 'restore' the entry's values."""
+    p = ProcessCache(arena)
+    hw = arena.lay.heap_word()
+    a = hw + layout.HEAP["bad_frees"]
+    old = arena.q[a]
+    actor = arena.daemon_actor
+    log = arena.lay.slot_log_off(actor) // 8
+    arena.q[log : log + 4] = array("Q", [4, 1, a, old + 1234])  # the entry, its count not advanced
+    _stop_inside(arena, actor, layout.LOCK_HEAP, _dead_pid(), 0)
+    repairs = arena.repairs
+    b = p.alloc(100_000)  # takes the heap lock: repairs the dead operation first
+    assert arena.repairs == repairs + 1
+    assert arena.q[a] == old
+    p.free(b)
+    assert_healthy(arena, p)
+    p.close()
+
+
+@pytest.mark.parametrize("written", [0, 3])
+def test_sigkill_inside_a_batched_write_is_rolled_back(make_arena, written):
+    """The victim dies inside Op.wset during a flush: its words entry is complete and `written`
+    of the words it guards are stored, the rest not.  The next process to take the lock rolls
+    every one back (Locks.repair), and the dead P's reclaim flushes its cache once."""
+    import multiprocessing as mp
+
+    import mpworkers
+    from support import DEADLINE
+
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    victim = ctx.Process(target=mpworkers.stuck_in_batched_write, args=(arena.name, written, ready, out))
+    victim.start()
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    idxs, values = out.get(timeout=DEADLINE)
+    slot = next(k for k in arena.registry.active_slots() if arena.registry.pid(k) == victim.pid)
+    entry = [e for e in UndoLog(arena, slot).entries() if e[0] == 4][-1][2]
+    assert entry[0::2] == idxs
+    # Half done: the first `written` words hold their new values, the others their old ones.
+    assert [arena.q[i] for i in idxs[:written]] == values[:written]
+    assert [arena.q[i] for i in idxs[written:]] == entry[1::2][written:]
+    assert any(o != v for o, v in zip(entry[1::2][written:], values[written:]))
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(DEADLINE)
+    repairs = arena.repairs
+    assert arena.locks.repair(slot)  # what the next taker of the victim's locks runs
+    assert arena.repairs == repairs + 1
+    assert [arena.q[i] for i in idxs] == entry[1::2]  # every word as before the write
+    b = main.alloc(64)  # central[64 B], which the victim died holding, works on
+    assert arena.repairs == repairs + 1
+    main.free(b)
+    snap = assert_healthy(arena, main)  # reclaims the victim: its cache flushed again, once
+    assert snap["heap_objects"] == 5  # the five blocks it kept
+    main.close()
