@@ -355,9 +355,10 @@ class Arena:
             op.acquire(L.LOCK_HEAP)  # large spans, and emptied small spans go back to the heap
             # Told only once every lock is held (a flush that cannot take one changes nothing),
             # and logged, so that a rolled-back flush does not make the P drop its lists.
+            gens = [self.lay.slot_word(k) + SL["flush_gen"] for k in slots]
+            op.wset(gens, [q[g] + 1 for g in gens])
             for k in slots:
                 sw = self.lay.slot_word(k)
-                op.add(sw + SL["flush_gen"], 1)
                 if actor != k and q[sw + SL["stop"]] == L.STOP_RUN:
                     q[sw + SL["stop"]] = L.STOP_RESYNC
             for k in slots:
@@ -464,7 +465,7 @@ class Arena:
             return False
         lo = L.make_handle(q[w + S["start"]] * PAGE, 0)
         hi = L.make_handle((q[w + S["start"]] + q[w + S["npages"]]) * PAGE, 0)
-        return all(lo <= h < hi for h in handles)
+        return lo <= min(handles) and max(handles) < hi
 
     def free_empty_spans(self, actor=None):
         """Give the heap back every empty span waiting on a partial list.  Returns how many."""

@@ -275,11 +275,12 @@ class CentralList:
         pending = len(changed) if owner and owner != k + 1 else 0
         # Only the objects freed: the owner's fast path writes the others meanwhile.
         if changed:  # their map bytes and their generation bytes, in one log entry
-            goff = self.lay.gmap_off + j0
-            op.wscatter(
-                [off + i * stride for i in changed] + [goff + i * stride for i in changed],
-                [new[i] for i in changed] + [gens[i] for i in changed],
-            )
+            offs = [off + i * stride for i in changed]
+            to_gen = self.lay.gmap_off - self.lay.amap_off
+            offs += [o + to_gen for o in offs]
+            values = [new[i] for i in changed]
+            values += [gens[i] for i in changed]
+            op.wscatter(offs, values)
         if pending:
             op.add(w + S["npending"], pending)
         if freed:

@@ -55,6 +55,7 @@ from .errors import CorruptionError, LockUnavailable
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
 _W_ENTRY, _B_ENTRY, _S_ENTRY, _V_ENTRY = 1, 2, 3, 4
 _CLEAN = array("Q", [0] * L.LOCK_WORDS)  # a lock word nobody holds
+_LOG_BYTES = L.LOG_BYTES
 
 
 def strided(mv, off, stride, n):
@@ -298,15 +299,15 @@ class UndoLog:
 
     def add_bytes(self, off, stride, old):
         n = len(old)
-        u = self.q[self.used_w]
-        size = 32 + (n + 7) // 8 * 8
-        if u + size > L.LOG_BYTES:
-            raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
-        w = (self.base + u) // 8
         q = self.q
+        u = q[self.used_w]
+        size = 32 + ((n + 7) & -8)
+        if u + size > _LOG_BYTES:
+            raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
+        b = self.base + u
+        w = b >> 3
         q[w], q[w + 1], q[w + 2], q[w + 3] = _B_ENTRY, off, stride, n
-        b = self.base + u + 32
-        self.mv[b : b + n] = old
+        self.mv[b + 32 : b + 32 + n] = old
         q[self.used_w] = u + size
 
     def add_scatter(self, packed):
@@ -314,7 +315,7 @@ class UndoLog:
         n = len(packed)
         u = self.q[self.used_w]
         size = 16 + 8 * n
-        if u + size > L.LOG_BYTES:
+        if u + size > _LOG_BYTES:
             raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
         w = (self.base + u) // 8
         q = self.q
@@ -416,7 +417,7 @@ class Op:
         if old != value:
             log = self.log  # UndoLog.add_word, inlined: the hottest write of every slow path
             u = q[log.used_w]
-            if u + 24 > L.LOG_BYTES:
+            if u + 24 > _LOG_BYTES:
                 raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
             e = (log.base + u) >> 3
             q[e], q[e + 1], q[e + 2] = _W_ENTRY, idx, old
@@ -437,7 +438,7 @@ class Op:
         log = self.log
         u = q[log.used_w]
         size = 16 + 16 * n
-        if u + size > L.LOG_BYTES:
+        if u + size > _LOG_BYTES:
             raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
         entry = [_V_ENTRY, n, *idxs, *idxs]
         entry[3::2] = map(q.__getitem__, idxs)  # each word's old value, after its index
