@@ -159,10 +159,11 @@ def connected_worker(endpoint, cmds, results):
             results.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def stuck_applying_frees(arena_name, ready, results):
+def stuck_applying_frees(arena_name, ready, results, nth=1):
     """Two Ps in one process: the first allocates, the second frees every block (a remote free)
     until its buffer fills and is applied -- and stops forever INSIDE that batch's operation,
-    after the first span's frees were written.  The test SIGKILLs us there."""
+    after the `nth` span's frees were written (the spans before it checkpointed).  The test
+    SIGKILLs us there."""
     from shm import Arena, ProcessCache, layout
     from shm.central import CentralList
 
@@ -172,8 +173,13 @@ def stuck_applying_frees(arena_name, ready, results):
     blocks = [owner.alloc(64) for _ in range(n)]
     real = CentralList.apply_frees
 
+    calls = []
+
     def apply_frees(self, op, c, r, handles, k):
         bad = real(self, op, c, r, handles, k)
+        calls.append(r)
+        if len(calls) < nth:
+            return bad
         results.put((n, layout.RFREE_CAP))
         ready.set()
         while True:

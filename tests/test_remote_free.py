@@ -132,23 +132,29 @@ def test_closing_applies_the_buffer(arena):
 
 
 @pytest.mark.slow
-def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_arena):
-    """The victim dies inside its batch's operation (central and heap locks held, one span's
-    frees written).  The next taker of the lock rolls that span back; the reclaim applies the
-    whole batch exactly once."""
+@pytest.mark.parametrize("nth", [1, 2])
+def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_arena, nth):
+    """The victim dies inside its batch's operation (central and heap locks held, the `nth`
+    span's frees written; with nth 2 the first span's were checkpointed, the buffer's count
+    dropped below them).  The next taker of the lock rolls that span back; the reclaim applies
+    the rest of the batch, so every free is applied exactly once."""
     import multiprocessing as mp
 
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
     ready, out = mp.get_context("spawn").Event(), mp.get_context("spawn").Queue()
     victim = mp.get_context("spawn").Process(
-        target=mpworkers.stuck_applying_frees, args=(arena.name, ready, out)
+        target=mpworkers.stuck_applying_frees, args=(arena.name, ready, out, nth)
     )
     victim.start()
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     n_alloc, n_buffered = out.get(timeout=DEADLINE)
     dirty = [lid for lid in range(layout.NLOCKS) if arena.q[arena.lay.lock_word(lid)]]
     assert dirty, "the victim should hold a dirty lock"
+    mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == victim.pid]
+    left = max(arena.q[arena.lay.slot_word(k) + layout.SLOT["rfree_n"]] for k in mine)
+    # The first span's frees checkpointed: the count no longer holds them (nth 1: nothing yet).
+    assert (left == n_buffered) if nth == 1 else (0 < left < n_buffered)
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(DEADLINE)
     repairs = arena.repairs
