@@ -181,6 +181,51 @@ def child_init():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def start_daemon(endpoint, max_heap, log_path, extra=(), env=None, preexec_fn=None, ping_ms=200):
+    """`python -m service daemon` of this tree on `endpoint`, its output in `log_path`, in a
+    session of its own (a Ctrl-C in the terminal does not reach it); returns the Popen once it
+    answers a ping.  RuntimeError with the log's tail if it exits or stays silent for 30 s."""
+    import client
+
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "daemon",
+        "--endpoint",
+        endpoint,
+        "--max-heap",
+        str(max_heap),
+        *extra,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping(endpoint, ping_ms)
+            return proc
+        except client.DaemonUnavailable:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                try:
+                    with open(log_path, errors="replace") as f:
+                        tail = f.read()[-4000:]
+                except OSError:
+                    tail = ""
+                raise RuntimeError(f"the daemon did not start (exit {proc.poll()}):\n{tail}") from None
+            time.sleep(0.05)
+
+
 class Session:
     """with Session(max_heap="2G", extra=("--retain", "0")) as s: s.endpoint, s.tmp, s.prefix, s.spawn(...), s.ray_init()."""
 
@@ -216,35 +261,10 @@ class Session:
     def start_daemon(self):
         import client
 
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "daemon",
-            "--endpoint",
-            self.endpoint,
-            "--max-heap",
-            str(self.max_heap),
-            *self.extra,
-        ]
-        # Its own session: Ctrl-C in the terminal does not reach it; close() stops it.
-        with open(os.path.join(self.tmp, "daemon.log"), "wb") as log:
-            self.daemon = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                info = client.ping(self.endpoint, 200)
-                self.arena = info.get("arena")
-                return
-            except client.DaemonUnavailable:
-                if self.daemon.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the daemon did not start (exit {self.daemon.poll()}):\n{self.daemon_log()}"
-                    ) from None
-                time.sleep(0.05)
+        self.daemon = start_daemon(
+            self.endpoint, self.max_heap, os.path.join(self.tmp, "daemon.log"), self.extra
+        )
+        self.arena = client.ping(self.endpoint, 200).get("arena")
 
     def daemon_log(self, tail=4000):
         try:

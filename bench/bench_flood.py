@@ -99,7 +99,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import child_init, cpu_model, fmt_num, git_revision, md_table, stop_pool  # noqa: E402
+from _benchlib import child_init, cpu_model, fmt_num, git_revision, md_table, start_daemon, stop_pool  # noqa: E402
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -407,8 +407,6 @@ class Daemon:
     """`python -m service daemon` in its own session, its log in `tmp`."""
 
     def __init__(self, transport, tmp, cpus=None, extra=()):
-        import client
-
         self.transport = transport
         self.name = f"shmalloc-bench-flood-{os.getpid()}-{transport}"
         self.endpoint = (
@@ -417,42 +415,15 @@ class Daemon:
             else f"tcp://127.0.0.1:{_free_port()}"
         )
         self.logpath = os.path.join(tmp, f"daemon-{transport}.log")
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "daemon",
-            "--endpoint",
+        self.proc = start_daemon(
             self.endpoint,
-            "--max-heap",
             "512M",
-            "--name",
-            self.name,
-            *extra,
-        ]
-        with open(self.logpath, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # Before exec: every thread the daemon starts inherits it.
-                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping(self.endpoint, 300)
-                return
-            except client.DaemonUnavailable:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the {transport} daemon did not start (exit {self.proc.poll()}):\n{self.log()[-3000:]}"
-                    ) from None
-                time.sleep(0.05)
+            self.logpath,
+            ("--name", self.name, *extra),
+            # Before exec: every thread the daemon starts inherits it.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+            ping_ms=300,
+        )
 
     def log(self):
         try:

@@ -84,7 +84,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import cpu_model, git_revision, stop_pool  # noqa: E402 - beside this script
+from _benchlib import cpu_model, git_revision, start_daemon, stop_pool  # noqa: E402 - beside this script
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -341,48 +341,19 @@ class Session:
             raise
 
     def _start_daemon(self, max_heap, nice):
-        import client
-
         env = dict(os.environ)
-        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         if self.cooperative:
             env[NO_MEMBARRIER] = "1"
         else:
             env.pop(NO_MEMBARRIER, None)
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "daemon",
-            "--endpoint",
+        self.daemon = start_daemon(
             self.endpoint,
-            "--max-heap",
             max_heap,
-            "--name",
-            self.arena,
-        ]
-        # Its own session: a Ctrl-C in the terminal does not reach it; close() stops it.
-        with open(os.path.join(self.tmp, "daemon.log"), "wb") as log:
-            self.daemon = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=(lambda: os.nice(nice)) if nice else None,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping(self.endpoint, 200)
-                return
-            except client.DaemonUnavailable:
-                if self.daemon.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the daemon did not start (exit {self.daemon.poll()}):\n{self.daemon_log()}"
-                    ) from None
-                time.sleep(0.05)
+            os.path.join(self.tmp, "daemon.log"),
+            ("--name", self.arena),
+            env=env,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        )
 
     def daemon_sched(self):
         """(ns on a CPU, ns runnable but waiting for one, involuntary context switches) of the
