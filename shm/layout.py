@@ -69,7 +69,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 10
+VERSION = 11
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -173,6 +173,7 @@ DERIVED = (
     "pagemap_off",
     "amap_off",
     "amap_bytes",
+    "gmap_off",
     "heap_off",
 )
 

@@ -32,6 +32,23 @@ def test_layout_mismatch_refused(arena):
     other.close()
 
 
+def test_the_header_names_every_region_and_an_attacher_checks_it(arena):
+    """Every region offset and size the layout computes is a header word written at creation,
+    and one that disagrees with the layout is refused by an attacher."""
+    from shm import Arena
+
+    derived = [k for k in vars(arena.lay) if k.endswith(("_off", "_bytes")) and k in layout.HDR]
+    assert set(derived) <= set(layout.DERIVED), "a region in the header that nobody writes"
+    for k in layout.DERIVED:
+        assert arena.q[layout.HDR[k]] == getattr(arena.lay, k) != 0, k
+    for k in ("gmap_off", "amap_off"):
+        arena.q[layout.HDR[k]] += 8
+        with pytest.raises(LayoutMismatch, match=k):
+            Arena.attach(arena.name)
+        arena.q[layout.HDR[k]] -= 8
+    Arena.attach(arena.name).close()
+
+
 def test_check_names_corruption(arena):
     p = ProcessCache(arena)
     b = p.alloc(64)
