@@ -12,6 +12,7 @@
 """
 
 import importlib.util
+import math
 import os
 import platform
 import shlex
@@ -102,6 +103,14 @@ def fmt_ratio(x):
 
 def median(xs):
     return statistics.median(xs) if xs else None
+
+
+def pct(xs, p):
+    """Nearest-rank percentile (p in 0..1) of `xs`; None when empty."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[max(1, math.ceil(p * len(xs))) - 1]
 
 
 def ratio(a, b):

@@ -79,7 +79,6 @@ and noisy, and the flood competes for their CPUs: read the CPU table beside the 
 
 import argparse
 import collections
-import math
 import multiprocessing as mp
 import os
 import random
@@ -99,7 +98,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import child_init, cpu_model, fmt_num, git_revision, md_table, start_daemon, stop_pool  # noqa: E402
+from _benchlib import child_init, cpu_model, fmt_num, git_revision, md_table, pct, start_daemon, stop_pool  # noqa: E402
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -618,14 +617,6 @@ def run_cell(sess, cell, args, log):
 
 # ---------------------------------------------------------------------------------------------
 # figures and output
-
-
-def pct(xs, p):
-    """Nearest-rank percentile."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[max(1, math.ceil(p * len(xs))) - 1]
 
 
 def median(xs):

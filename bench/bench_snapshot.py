@@ -84,7 +84,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import cpu_model, git_revision, start_daemon, stop_pool  # noqa: E402 - beside this script
+from _benchlib import cpu_model, git_revision, md_table, pct, start_daemon, stop_pool  # noqa: E402 - beside this script
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -451,14 +451,6 @@ def take_snapshots(endpoint, rate, deadline_ms, count=None, until=None):
     return out
 
 
-def pct(xs, p):
-    """Nearest-rank percentile."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[max(1, math.ceil(p * len(xs))) - 1]
-
-
 def med(xs):
     return pct(xs, 0.5)
 
@@ -581,12 +573,6 @@ def ms(ns, digits=3):
 
 def us(ns):
     return "–" if ns is None else f"{ns / 1e3:,.1f}".replace(",", " ")
-
-
-def md_table(headers, rows):
-    out = ["| " + " | ".join(headers) + " |", "|---|" + "|".join("---:" for _ in headers[1:]) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
 
 
 def protocols_seen(run):
