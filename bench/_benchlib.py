@@ -105,6 +105,21 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def recv_from(conn, proc, timeout=60):
+    """The next message of a child process on `conn`: ("error", traceback) raised here as a
+    RuntimeError, and so are the child's death and `timeout` seconds of silence."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.2):
+        if not proc.is_alive():
+            raise RuntimeError(f"child pid {proc.pid} died (exit {proc.exitcode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from child pid {proc.pid} within {timeout} s")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"child pid {proc.pid} failed:\n{msg[1]}")
+    return msg
+
+
 def pct(xs, p):
     """Nearest-rank percentile (p in 0..1) of `xs`; None when empty."""
     if not xs:

@@ -98,7 +98,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import child_init, cpu_model, fmt_num, git_revision, md_table, pct, start_daemon, stop_pool  # noqa: E402
+from _benchlib import (  # noqa: E402
+    child_init,
+    cpu_model,
+    fmt_num,
+    git_revision,
+    md_table,
+    pct,
+    recv_from,
+    start_daemon,
+    stop_pool,
+)
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -493,17 +503,7 @@ class Session:
 
 
 def _recv(conn, proc, timeout=60):
-    """The next message of a child; its error, or its death, raised here."""
-    deadline = time.monotonic() + timeout
-    while not conn.poll(0.2):
-        if not proc.is_alive():
-            raise RuntimeError(f"child pid {proc.pid} died (exit {proc.exitcode})")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no answer from child pid {proc.pid} within {timeout} s")
-    msg = conn.recv()
-    if msg[0] == "error":
-        raise RuntimeError(f"child pid {proc.pid} failed:\n{msg[1]}")
-    return msg
+    return recv_from(conn, proc, timeout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import cpu_model, git_revision, md_table, pct, start_daemon, stop_pool  # noqa: E402 - beside this script
+from _benchlib import cpu_model, git_revision, md_table, pct, recv_from, start_daemon, stop_pool  # noqa: E402 - beside this script
 
 MIXED = (16, 64, 200, 1000, 5000, 40000)
 LIVE_PER_SIZE = 8
@@ -400,17 +400,7 @@ class Session:
 
 
 def _recv(conn, proc, timeout=120):
-    """The next message of a worker; its error, or its death, raised here."""
-    deadline = time.monotonic() + timeout
-    while not conn.poll(0.2):
-        if not proc.is_alive():
-            raise RuntimeError(f"worker pid {proc.pid} died (exit {proc.exitcode})")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no answer from worker pid {proc.pid} within {timeout} s")
-    msg = conn.recv()
-    if msg[0] == "error":
-        raise RuntimeError(f"worker pid {proc.pid} failed:\n{msg[1]}")
-    return msg
+    return recv_from(conn, proc, timeout)
 
 
 # ---------------------------------------------------------------------------------------------
