@@ -312,7 +312,7 @@ class Daemon:
             self.adopted = True
             arena.locks.wait_s = LOCK_WAIT_S
             repaired, dead = [], []
-            for k in range(arena.lay.nslots + 2):
+            for k in arena.registry.actors():
                 try:
                     if arena.locks.repair(k):
                         repaired.append(k)

@@ -41,6 +41,33 @@ SL = L.SLOT
 PAGE = L.PAGE_SIZE
 
 
+def _merged(ranges):
+    """(offset, bytes) ranges as sorted, disjoint [start, end) runs of whole OS pages (what
+    posix_fallocate reserves for them)."""
+    runs = []
+    for off, n in sorted(ranges):
+        lo, hi = off // L.OS_PAGE * L.OS_PAGE, -(-(off + n) // L.OS_PAGE) * L.OS_PAGE
+        if runs and lo <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], hi)
+        else:
+            runs.append([lo, hi])
+    return [tuple(r) for r in runs]
+
+
+def _minus(start, end, runs):
+    """The parts of [start, end) outside the sorted disjoint `runs`."""
+    out = []
+    for lo, hi in runs:
+        if hi <= start or lo >= end:
+            continue
+        if lo > start:
+            out.append((start, lo))
+        start = max(start, hi)
+    if start < end:
+        out.append((start, end))
+    return out
+
+
 def unlink_segment(name):
     """Remove /dev/shm/<name> without the resource tracker (which never tracked it).
     Returns False when it did not exist."""
@@ -191,15 +218,16 @@ class Arena:
         lay = L.Layout(heap_max, nslots)
         shm = _open_segment(name, True, lay.total_bytes)
         try:
-            # The heap's pages and their table entries are reserved as they are committed
-            # (PageHeap); the fixed regions, now.  A full /dev/shm fails here, not later.
+            # The heap's pages and their table entries are reserved as they are committed, the
+            # span records as they come into use (PageHeap), a worker's slot at its first claim
+            # (Registry.claim); the fixed regions, now.  A full /dev/shm fails here, not later.
             fixed = lay.fixed_ranges()
             reserve(
                 shm._fd,
                 fixed,
                 f"the arena's {sum(n for _, n in fixed)} bytes of fixed regions",
-                f"give /dev/shm more room, or make fewer than {nslots} P slots (--slots: each holds "
-                f"a {L.LOG_BYTES >> 10} KiB undo log)",
+                f"give /dev/shm more room (the {nslots} worker slots, {lay.slot_words * L.WORD >> 10} KiB "
+                "each with its undo log, are reserved as workers first claim them, not now)",
             )
             arena = cls(shm, lay)
             lay.write_header(arena.q, time.time_ns())
@@ -628,18 +656,34 @@ class Arena:
                 return total * PAGE
             total += pages
 
+    def reserved_ranges(self):
+        """[(offset, bytes)] of what is reserved whole, written or not: the fixed regions, every
+        P slot ever claimed (Registry.claim) and the span table's pages under the records in
+        use (PageHeap.reserve_records; a page reserved ahead of records_high is not listed)."""
+        lay = self.lay
+        out = lay.fixed_ranges() + [lay.slot_range(k) for k in self.registry.claimed()]
+        return out + [lay.record_pages(self.heap.hget("records_high"))]
+
     def resident(self):
         """Resident bytes of the segment: "total" (st_blocks), "amap" (the allocation map),
-        "meta" (every region before it) and "heap" (the rest).  tmpfs reports a page that
+        "meta" (every region before it) and "heap" (the rest); and, parts of "meta", "slots"
+        (the P slots' region) and "spans" (the span table).  tmpfs reports a page that
         posix_fallocate reserved and nobody wrote as a hole to SEEK_DATA, though st_blocks counts
-        it: so the fixed regions, reserved whole at creation, count whole; the rest of the
-        metadata counts the pages written (SEEK_DATA/SEEK_HOLE, page by page); the heap's share is
-        what they leave, and so includes the map entries reserved for committed pages but not
-        yet written."""
+        it: so what is reserved whole (reserved_ranges: the fixed regions, the claimed slots with
+        their undo logs, the span table's pages in use) counts whole; the rest of the metadata
+        counts the pages written (SEEK_DATA/SEEK_HOLE, page by page); the heap's share is what
+        they leave, and so includes the map entries reserved for committed pages but not yet
+        written."""
         lay, fd = self.lay, self.fd
-        fixed = lay.fixed_ranges()
-        parts = {"amap": 0, "meta": sum(n for _, n in fixed)}
-        bounds = (("meta", 0, lay.amap_off), ("amap", lay.amap_off, lay.heap_off))
+        whole = _merged(self.reserved_ranges())
+        parts = dict.fromkeys(("amap", "meta", "slots", "spans"), 0)
+        bounds = (
+            ("meta", 0, lay.amap_off),
+            ("amap", lay.amap_off, lay.heap_off),
+            ("slots", lay.slots_off, lay.spans_off),
+            ("spans", lay.spans_off, lay.pagemap_off),
+        )
+        runs = list(whole)  # then every run of written pages outside them
         pos = 0
         while pos < lay.heap_off:
             try:
@@ -647,11 +691,11 @@ class Arena:
             except OSError:  # ENXIO: no data past pos
                 break
             end = os.lseek(fd, start, os.SEEK_HOLE)
+            runs += _minus(start, end, whole)
+            pos = end
+        for start, end in runs:
             for part, lo, hi in bounds:
                 parts[part] += max(0, min(end, hi) - max(start, lo))
-            for lo, n in fixed:  # counted whole already
-                parts["meta"] -= max(0, min(end, lo + n) - max(start, lo))
-            pos = end
         parts["total"] = os.fstat(fd).st_blocks * 512
         parts["heap"] = parts["total"] - parts["amap"] - parts["meta"]
         return parts

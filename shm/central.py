@@ -349,12 +349,14 @@ class CentralList:
         q, lay, bad = self.q, self.lay, []
         # Central lists and caches.
         owner_of = {}
-        for k in range(lay.nslots):
+        for k in arena.registry.claimed():
             for c in range(L.NCLASS):
                 v = q[lay.slot_word(k) + L.SLOT_CACHED_AT + c]
                 if v:
                     owner_of[v - 1] = (k, c)
-        buffered = {L.handle_granule(h)[0] for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
+        buffered = {
+            L.handle_granule(h)[0] for k in arena.registry.claimed() for h in arena.buffered_frees(k) if h
+        }
         for c in range(1, L.NCLASS):
             cw = lay.central_word(c)
             on_list = {}
@@ -472,7 +474,7 @@ class CentralList:
             )
         amap.release()
         # A buffered free has not bumped its object's generation yet (it does when applied).
-        for k in range(lay.nslots):
+        for k in self.arena.registry.claimed():
             for h in self.arena.buffered_frees(k):
                 j, gen = L.handle_granule(h)
                 if h and (not 0 <= j < lay.amap_bytes or self.mv[lay.gmap_off + j] != gen):

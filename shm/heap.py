@@ -4,7 +4,11 @@ The heap is `heap_max` bytes at `heap_off` in the segment, reserved sparse.  Pag
 are committed with os.posix_fallocate, which fails with ENOSPC on a full tmpfs -- a clean
 OutOfMemory -- where touching an uncommitted page of a full tmpfs, even to read it, would kill the
 process with SIGBUS.  A commit reserves the pages together with every table entry that describes
-them (allocation map, page map, span records: Layout.page_tables), before anything is written.
+them (allocation map, generation map, page map: Layout.page_tables), before anything is written.
+The span table is reserved by use instead: records [0, records_high) lie in reserved OS pages,
+and an operation that may raise records_high into a new page reserves it first
+(reserve_records) -- a heap of a few large spans holds a few pages of records, whatever its
+size.
 A span allocation commits its range again only when its pages were released (MADV_REMOVE, which
 gives back the allocation-map pages that describe only them too): committed_pages is a high-water
 mark, and pages below it are committed unless their free span says `released`, so no code path
@@ -122,6 +126,29 @@ class PageHeap:
         return self.hw + L.HEAP_BUCKETS_AT + min(npages, L.NBUCKETS - 1)
 
     # --- span records -------------------------------------------------------------------
+    def reserve_records(self, n):
+        """Reserve the span table's OS pages up to record records_high + n - 1 (at most
+        nrecords; less the UNUSED records waiting in free_record), so that the next n records
+        new_record takes lie in reserved pages.  No
+        system call unless they reach past the pages records [0, records_high) hold (the
+        reserved high-water mark, derived: HEAP records_high).  Called before the operation
+        that may take them writes anything, so a full /dev/shm is OutOfMemory with the heap
+        unchanged; the pages are never given back."""
+        lay, q = self.lay, self.q
+        r = q[self.hw + H["free_record"]]
+        while r and n:  # an UNUSED record below records_high is taken first
+            n -= 1
+            r = q[self.sw(r - 1) + S["next"]]
+        high = q[self.hw + H["records_high"]]
+        want = min(high + n, lay.nrecords)
+        have = max(lay.record_pages(high)[1], self._records_reserved)
+        off, size = lay.record_pages(want)
+        if size > have:
+            reserve(self.arena.fd, [(off + have, size - have)], f"{size - have} bytes of span records")
+            self._records_reserved = size  # this process's note: the derived mark may lag it
+
+    _records_reserved = 0  # bytes of the span table this process reserved past the derived mark
+
     def new_record(self, op):
         q, hw = self.q, self.hw
         r = q[hw + H["free_record"]] - 1
@@ -131,6 +158,9 @@ class PageHeap:
             r = q[hw + H["records_high"]]
             if r >= self.lay.nrecords:
                 raise CorruptionError("span table exhausted (more spans than pages)")
+            # The callers reserved it before writing (reserve_records): a no-op then.  Should one
+            # not have, an OutOfMemory here still rolls the whole operation back.
+            self.reserve_records(1)
             op.w(hw + H["records_high"], r + 1)
         w = self.sw(r)
         for name in (
@@ -362,6 +392,9 @@ class PageHeap:
         if npages <= 0:
             raise CorruptionError(f"alloc_span of {npages} pages")
         f = self._find_free(npages)
+        # The records this may take -- a growth's, the rest of a split -- reserved before anything
+        # is written: a full /dev/shm is OutOfMemory here, the heap untouched.
+        self.reserve_records(2 if f < 0 else int(self.q[self.sw(f) + S["npages"]] > npages))
         if f < 0 and self._merge_run(op, npages):
             f = self._find_free(npages)
         if f < 0:
@@ -429,7 +462,9 @@ class PageHeap:
         keeps its place and its age.  With `freed_before` (a time.monotonic_ns()), only spans
         freed before it: a span freed a moment ago is likely to be taken again at once (a
         producer and a consumer passing blocks of one size), and releasing it would make that
-        allocation commit, fault in and zero its pages again.  Returns the pages released.
+        allocation commit, fault in and zero its pages again.  Returns the pages released.  A
+        split needs a span record: when /dev/shm has no room for the page of records it would
+        reach, the step stops there (giving memory back never fails for want of memory).
 
         Each span is marked released and checkpointed BEFORE its madvise: a crash in between
         leaves pages marked released that are still there (harmless: they are committed again
@@ -447,6 +482,11 @@ class PageHeap:
                 break  # the oldest is too young: so is every span after it
             start, n = q[w + S["start"]], q[w + S["npages"]]
             k = min(n, budget)
+            if k < n:  # a split takes a record: reserved first, or no split on a full /dev/shm
+                try:
+                    self.reserve_records(1)
+                except OutOfMemory:
+                    break
             self.list_remove(op, self.bucket_w(n), r)
             if k == n:  # the whole span
                 self.idle_remove(op, r)

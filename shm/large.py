@@ -207,7 +207,9 @@ class LargeObjects:
         arena = self.arena
         q, lay, bad = self.q, self.lay, []
         committed = q[self.hw + H["committed_pages"]]
-        buffered = {L.handle_granule(h)[0] for k in range(lay.nslots) for h in arena.buffered_frees(k) if h}
+        buffered = {
+            L.handle_granule(h)[0] for k in arena.registry.claimed() for h in arena.buffered_frees(k) if h
+        }
         amap = self.mv[lay.amap_off : lay.amap_off + committed * PAGE // 8]
         for rec in records:
             if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != 0:

@@ -2,9 +2,14 @@
 
 The arena is ONE `multiprocessing.shared_memory` segment, reserved at its full size with
 ftruncate (sparse on tmpfs: untouched pages cost nothing).  A page is committed with
-posix_fallocate before anything touches it: the fixed regions (header to P slots, and the two
-preambles after) when the arena is created, the heap's pages with their entries in the per-page
-tables (Layout.page_tables) as the heap grows -- see PageHeap.  Every integer field is an unsigned
+posix_fallocate before anything touches it: the fixed regions (header to heap metadata, the
+daemon's and the registry's actor slots, and the span table's and page map's preambles) when the
+arena is created; a worker's P slot, its undo log with it, when it is first claimed (Registry.claim:
+slots [0, HDR slots_high) are the reserved ones, and only they are ever read); the span table's
+OS pages as the records in use reach them (PageHeap.new_record: records [0, records_high)); the
+heap's pages with their entries in the per-page tables (Layout.page_tables) as the heap grows --
+see PageHeap.  None of these is ever given back but the heap pages and the tables released with
+them.  Every integer field is an unsigned
 64-bit little-endian word, addressed as an index into a `memoryview.cast('Q')` of the whole
 segment; only the allocation and generation maps are bytes.  Regions, in order, each starting on an 8 KiB
 boundary:
@@ -15,8 +20,10 @@ boundary:
     central_off   central       REGION preamble, then per size class c (0..66): CENTRAL_* words
     heapmeta_off  heapmeta      REGION preamble, HEAP_* words, free-span bucket heads
     slots_off     P slots       per slot (nslots workers, then the daemon's actor slot and the
-                                registry's actor slot): SLOT_* words, then the undo log
-    spans_off     span table    REGION preamble, then nrecords records of SPAN_* words
+                                registry's actor slot): SLOT_* words, then the undo log; a
+                                worker's slot is reserved, and touched, from its first claim on
+    spans_off     span table    REGION preamble, then nrecords records of SPAN_* words, the OS
+                                pages under records [0, records_high) reserved
     pagemap_off   page map      REGION preamble, then one word per heap page: record index+1
     amap_off      alloc map     one byte per 8-byte granule of the heap: byte j is granule j (the
                                 heap's bytes [8j, 8j + 8)), no preamble
@@ -69,7 +76,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 11
+VERSION = 12
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -158,6 +165,11 @@ HDR = _words(
     "closed_by",  # pid of the process that closed it (daemon or `shmalloc cleanup --force`)
     "kept_by",  # pid of a daemon that stopped and kept the arena for its live workers, 0 = none;
     # the daemon that adopts it next logs it and clears it
+    "slots_high",  # worker slots ever claimed: slots [0, slots_high) are reserved (their words and
+    # undo log, Layout.slot_range), the others never touched -- every reader of slot words stays
+    # below it (Registry.claimed).  A claim takes the lowest free slot, reserving a new one first;
+    # under the registry lock, through the registry actor's undo log; never lowered, and a slot is
+    # never given back to the OS (a rolled-back raise leaves a reserved slot above it: harmless)
 )
 HEADER_WORDS = 64
 # Header words derived from (heap_max, nslots): written at creation, checked by every attacher.
@@ -251,7 +263,13 @@ HEAP = _words(
     #   == sum of npages over the released FREE spans (figures)
     "nrecords_used",  # records in state FREE or INUSE
     #   == FREE and INUSE records among the first records_high
-    "records_high",  # records ever touched (bump pointer into the span table)
+    "records_high",  # records ever touched (bump pointer into the span table).  The OS pages
+    #   holding records [0, records_high) are reserved (PageHeap.reserve_records, before the
+    #   operation that raises it writes anything): derived, no word of its own -- a reservation
+    #   is idempotent and never given back, so one made by an operation that was rolled back
+    #   or killed is only made again.  Records of released spans stay in use, and UNUSED
+    #   records are reused (free_record), never given back: the table's resident size is its
+    #   high-water mark
     "free_record",  # record index+1 of the first UNUSED record below records_high
     "large_mallocs",  # large objects allocated; cumulative
     #   + every P's lg_relists - LISTED large spans == the slow walk's (figures)
@@ -429,11 +447,8 @@ class Layout:
             # without knowing whether the page was released, and free spans keep theirs at
             # their ends; one word per 8 KiB page is 0.1% of the heap.
             (self.pagemap_off + PREAMBLE * WORD, WORD, False),
-            # Span records: indexed by record, not page, but no more are ever in use than pages
-            # are committed (spans tile the committed heap), so records [0, committed) are
-            # reserved with the pages that raise the high-water mark; kept, as records of
-            # released spans stay in use.
-            (self.spans_off + PREAMBLE * WORD, SPAN_WORDS * WORD, False),
+            # (The span table is indexed by record, not page: its pages are reserved as records
+            # come into use -- PageHeap.reserve_records -- not with the heap pages.)
         )
         self.region_bytes = {
             "locks": self.central_off - self.lock_off,
@@ -483,11 +498,29 @@ class Layout:
             "pagemap": self.pagemap_off,
         }
 
-    # What is reserved (posix_fallocate) before it is touched: see PageHeap.
+    # What is reserved (posix_fallocate) before it is touched: see PageHeap and Registry.claim.
     def fixed_ranges(self):
-        """[(offset, bytes)] of the fixed regions -- header, locks, central, heap metadata, P slots
-        with their undo logs, the span table's and page map's preambles -- reserved at creation."""
-        return [(0, self.spans_off), (self.spans_off, PREAMBLE * WORD), (self.pagemap_off, PREAMBLE * WORD)]
+        """[(offset, bytes)] of the fixed regions -- header, locks, central, heap metadata, the
+        daemon's and the registry's actor slots with their undo logs, the span table's and page
+        map's preambles -- reserved at creation.  A worker's slot is reserved at its first claim
+        (slot_range), the span records as they come into use (record_pages)."""
+        actors = self.slot_word(self.nslots) * WORD
+        return [
+            (0, self.slots_off),
+            (actors, 2 * self.slot_words * WORD),
+            (self.spans_off, PREAMBLE * WORD),
+            (self.pagemap_off, PREAMBLE * WORD),
+        ]
+
+    def slot_range(self, k):
+        """(offset, bytes) of P slot k: its words and its undo log."""
+        return self.slot_word(k) * WORD, self.slot_words * WORD
+
+    def record_pages(self, nrecords):
+        """(offset, bytes) of the span table's OS pages that records [0, nrecords) touch, the
+        preamble's page included: what a table of `nrecords` records in use holds reserved."""
+        end = self.span_word(nrecords) * WORD
+        return self.spans_off, -(-end // OS_PAGE) * OS_PAGE - self.spans_off
 
     def page_meta(self, start, npages, released=False):
         """[(offset, bytes)] of every table's entries for heap pages [start, start + npages)

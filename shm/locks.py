@@ -252,7 +252,7 @@ class Locks:
                 bad.append(
                     f"lock {lid} is dirty (actor {q[lay.lock_word(lid)] - 1} died mid-operation, not repaired)"
                 )
-        for k in range(lay.nslots + 2):
+        for k in self.arena.registry.actors():  # a slot never claimed holds no log (nor pages)
             if q[lay.slot_word(k) + L.SLOT["log_used"]]:
                 bad.append(f"actor {k} has an undo log of {q[lay.slot_word(k) + L.SLOT['log_used']]} bytes")
         return bad

@@ -10,6 +10,13 @@ after flushing its cache (Arena.reclaim).
 Slot words (layout.SLOT) written here, all under the registry lock: state, pid, gen, claimed_ns,
 token (a fresh random secret per claim, zeroed at give-back),
 and, at claim, every per-P word reset to its idle value.
+
+A worker's slot -- its words and its 64 KiB undo log -- is reserved (posix_fallocate) when it is
+first claimed, before anything of it is written, and HDR slots_high raised past it: slots
+[0, slots_high) are the ones ever claimed (a claim takes the lowest free slot), and every reader
+of slot words stays below it (`claimed`).  A slot above it was never touched: a read of its
+pages would make tmpfs allocate them, and on a full /dev/shm is SIGBUS.  The daemon's and the
+registry's actor slots (nslots, nslots+1) are reserved with the arena.
 """
 
 import os
@@ -18,6 +25,7 @@ import time
 from . import layout as L
 from . import world
 from .errors import CorruptionError, NoFreeSlot
+from .heap import reserve
 from .locks import ofd_held_elsewhere, ofd_trylock, ofd_unlock
 
 SL = L.SLOT
@@ -37,21 +45,34 @@ class Registry:
         """File byte locked by the live owner of slot k for its whole life."""
         return self.lay.slots_off + k
 
+    def claimed(self):
+        """The worker slots ever claimed, range(HDR slots_high): the only ones whose pages are
+        reserved, so the only ones a reader may touch (a slot above is FREE, idle and zero)."""
+        return range(self.q[L.HDR["slots_high"]])
+
+    def actors(self):
+        """Every actor whose slot is reserved: the claimed worker slots, then the daemon's and
+        the registry's (an undo log may only be non-empty in one of these)."""
+        return [*self.claimed(), self.lay.nslots, self.lay.nslots + 1]
+
     def state(self, k):
+        """SLOT_* of slot k; SLOT_FREE for a slot never claimed (nothing of it is read)."""
+        if not 0 <= k < self.q[L.HDR["slots_high"]]:
+            return L.SLOT_FREE
         return self.q[self.lay.slot_word(k) + SL["state"]]
 
     def pid(self, k):
-        return self.q[self.lay.slot_word(k) + SL["pid"]]
+        return self.q[self.lay.slot_word(k) + SL["pid"]] if k in self.claimed() else 0
 
     def token(self, k):
         """The secret of slot k's current claim (0 while FREE): see layout.SLOT["token"]."""
-        return self.q[self.lay.slot_word(k) + SL["token"]]
+        return self.q[self.lay.slot_word(k) + SL["token"]] if k in self.claimed() else 0
 
     def active_slots(self):
-        # Every slot's state word in one strided read: the daemon asks this of requests it may
-        # refuse, so it must stay cheap.
+        # Every claimed slot's state word in one strided read: the daemon asks this of requests
+        # it may refuse, so it must stay cheap.
         stride, first = self.lay.slot_words, self.lay.slot_word(0) + SL["state"]
-        states = self.q[first : first + self.lay.nslots * stride : stride].tolist()
+        states = self.q[first : first + len(self.claimed()) * stride : stride].tolist()
         return [k for k, st in enumerate(states) if st == L.SLOT_ACTIVE]
 
     def alive(self, k):
@@ -81,7 +102,10 @@ class Registry:
         """Every FREE slot is idle (caches nothing, buffers nothing, owes no undo log) and every
         ACTIVE one names a pid.  Returns the problems (Arena.check_all)."""
         bad = []
-        for k in range(self.lay.nslots):
+        high = self.q[L.HDR["slots_high"]]
+        if high > self.lay.nslots:
+            bad.append(f"slots_high {high} is past the {self.lay.nslots} worker slots")
+        for k in self.claimed():
             st = self.state(k)
             if st == L.SLOT_FREE and not self.is_idle(k):
                 bad.append(f"slot {k} is FREE but still caches spans or holds buffered work")
@@ -101,13 +125,26 @@ class Registry:
             q = self.q
             if q[L.HDR["closed"]]:
                 raise world.closed_error(arena)  # closed for good: no new P (world.close_for_good)
-            for k in range(self.lay.nslots):
+            high = q[L.HDR["slots_high"]]
+            for k in range(min(high + 1, self.lay.nslots)):
                 sw = self.lay.slot_word(k)
-                if q[sw + SL["state"]] != L.SLOT_FREE:
+                if k == high:
+                    # Never claimed: FREE, idle and untouched.  Reserve it whole before anything
+                    # of it is written; a full /dev/shm is OutOfMemory with the registry as it was.
+                    reserve(
+                        arena.fd,
+                        [self.lay.slot_range(k)],
+                        f"P slot {k} ({self.lay.slot_words * L.WORD >> 10} KiB with its undo log)",
+                        "free space in /dev/shm, or close a worker to reuse its slot",
+                    )
+                    if not ofd_trylock(arena.fd, self.liveness_byte(k)):
+                        continue
+                    op.w(L.HDR["slots_high"], k + 1)
+                elif q[sw + SL["state"]] != L.SLOT_FREE:
                     continue
-                if not ofd_trylock(arena.fd, self.liveness_byte(k)):
+                elif not ofd_trylock(arena.fd, self.liveness_byte(k)):
                     continue  # given back, but its old owner's lock is still draining
-                if not self.is_idle(k):
+                elif not self.is_idle(k):
                     ofd_unlock(arena.fd, self.liveness_byte(k))
                     raise CorruptionError(f"slot {k} is FREE but still caches spans or holds buffered work")
                 now = time.time_ns()

@@ -78,7 +78,7 @@ FIELDS = (
     ("frees", "objects", "counter", "Objects ever freed."),
     ("mspan_sys", "bytes", "gauge", "Span-table bytes ever touched (records_high records)."),
     ("mspan_inuse", "bytes", "gauge", "Span-table bytes of records in use (free and in-use spans)."),
-    ("mcache_sys", "bytes", "gauge", "P-slot bytes (caches and their undo logs) reserved for workers."),
+    ("mcache_sys", "bytes", "gauge", "P-slot bytes (caches, undo logs) of the slots ever claimed."),
     ("mcache_inuse", "bytes", "gauge", "P-slot bytes of slots held by a worker."),
     (
         "gc_sys",
@@ -150,7 +150,7 @@ def _sys_parts(arena, committed_pages, records_high, records_used, nactive):
         heap_sys=heap_sys,
         mspan_sys=records_high * SPAN_BYTES,
         mspan_inuse=records_used * SPAN_BYTES,
-        mcache_sys=lay.nslots * slot_bytes,
+        mcache_sys=len(arena.registry.claimed()) * slot_bytes,  # reserved at first claim
         mcache_inuse=nactive * slot_bytes,
         gc_sys=heap_sys // 4,  # the allocation map and the generation map
         other_sys=other,
@@ -239,7 +239,7 @@ def read_stats_slow(arena, records=None):
     large_mallocs, large_total = q[hw + H["large_mallocs"]], q[hw + H["large_total_bytes"]]
     # Objects the Ps re-listed by local frees were counted as mallocs to come (slot relists), as
     # were the large spans they keep; those still listed below never happened.
-    for k in range(lay.nslots):
+    for k in arena.registry.claimed():
         sw = lay.slot_word(k)
         rel = q[sw + L.SLOT_RELISTS_AT : sw + L.SLOT_RELISTS_AT + L.NCLASS].tolist()
         for c in range(1, L.NCLASS):
@@ -381,6 +381,6 @@ def check_figures(arena, records):
     # Figures: the fast read must equal the slow walk whenever no P caches a span.
     slow = read_stats_slow(arena, records)
     bad = identities(slow)
-    if all(quiet_slot(arena, k) for k in range(arena.lay.nslots)):
+    if all(quiet_slot(arena, k) for k in arena.registry.claimed()):
         bad += ["fast != slow: " + d for d in diff(read_stats(arena), slow)]
     return bad

@@ -319,7 +319,7 @@ class StopTheWorld:
         q = arena.q
         q[L.HDR["stopped_epoch"]] = 0
         closed = q[L.HDR["closed"]]  # closed for good during the pause: every stop stays CLOSED
-        for k in range(arena.lay.nslots):
+        for k in arena.registry.claimed():  # a P claimed during the pause is below slots_high too
             sw = arena.lay.slot_word(k)
             if k in self.live or (
                 q[sw + SL["stop_epoch"]] == self.epoch and q[sw + SL["stop"]] == L.STOP_PARK

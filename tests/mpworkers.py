@@ -392,3 +392,30 @@ def stuck_in_batched_write(arena_name, written, ready, results):
     Op.wset = wset
     p.flush()
     time.sleep(60)  # not reached
+
+
+def stuck_in_claim(arena_name, where, ready):
+    """Attach and claim a P slot never claimed before -- and stop forever INSIDE the claim, the
+    registry lock held: `where` "reserved" right after the slot's pages were reserved, before
+    anything of it is written; "written" after the claim's first words (the token is drawn
+    after them).  The test SIGKILLs us there."""
+    from shm import Arena, ProcessCache, registry
+
+    def stop_here():
+        ready.set()
+        while True:
+            signal.pause()
+
+    arena = Arena.attach(arena_name)
+    if where == "reserved":
+        real = registry.reserve
+
+        def reserve(*a):
+            real(*a)
+            stop_here()
+
+        registry.reserve = reserve
+    else:
+        registry.os.urandom = lambda n: stop_here()
+    ProcessCache(arena)
+    time.sleep(60)  # not reached

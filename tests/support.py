@@ -123,7 +123,7 @@ def metadata_bytes(arena):
     lay = arena.lay
     parts = [os.pread(arena.fd, lay.slots_off, 0)]
     control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns")]  # P control, not heap state
-    for k in range(lay.nslots + 2):
+    for k in arena.registry.actors():  # the slots never claimed were never touched
         w = lay.slot_word(k)
         words = list(arena.q[w : w + L.SLOT_HEAD_WORDS])
         for i in control:
@@ -134,16 +134,18 @@ def metadata_bytes(arena):
 
 
 def unreserved(arena):
-    """The ranges the allocator may touch that tmpfs had not reserved: the fixed regions, the
-    pages of every span not released with every table entry over them, and a released span's
-    entries in the tables kept (layout.Layout.page_tables).  Found by reserving each range again
+    """The ranges the allocator may touch that tmpfs had not reserved: the fixed regions, every
+    claimed P slot, the span table's pages under records [0, records_high), the pages of every
+    span not released with every table entry over them, and a released span's entries in the
+    tables kept (layout.Layout.page_tables).  Found by reserving each range again
     (posix_fallocate) and watching the segment's st_blocks: a reserved range adds nothing.  Run
     on a quiet arena.  A page touched without a reservation counts as reserved: this finds the
     reservations missing where nothing was written yet."""
     from shm import layout as L
 
     lay, fd, page = arena.lay, arena.fd, L.PAGE_SIZE
-    need = list(lay.fixed_ranges())
+    need = list(lay.fixed_ranges()) + [lay.slot_range(k) for k in arena.registry.claimed()]
+    need.append(lay.record_pages(arena.heap.hget("records_high")))
     for rec in arena.heap.span_records():
         s, n = rec["start"], rec["npages"]
         if rec["state"] == L.SPAN_FREE and rec["released"]:

@@ -128,6 +128,8 @@ def test_check_names_a_free_slot_that_still_holds_work(arena):
     """Registry.check, run by check_all: a slot given back must be idle."""
     from shm import layout
 
+    for p in [ProcessCache(arena) for _ in range(4)]:
+        p.close()  # slots 0..3 claimed, then given back
     sw = arena.lay.slot_word(3)
     assert arena.registry.state(3) == layout.SLOT_FREE and arena.check_all() == []
     arena.q[sw + layout.SLOT["rfree_n"]] = 1

@@ -142,7 +142,16 @@ FULL_SHM = textwrap.dedent("""
             assert os.listdir("/dev/shm") == ["filler"], os.listdir("/dev/shm")  # nothing left behind
             print("CREATE-OOM", free, e, flush=True)
             continue
-        p = ProcessCache(a)
+        before = os.pread(a.fd, a.lay.spans_off, 0)  # pread: reads a hole without filling it
+        try:
+            p = ProcessCache(a)  # its claim reserves slot 0 and its undo log
+        except OutOfMemory as e:
+            assert "/dev/shm is full" in str(e) and "P slot 0" in str(e), e
+            assert os.pread(a.fd, a.lay.spans_off, 0) == before  # the registry as it was
+            assert a.registry.active_slots() == [] and a.check_all() == []
+            print("CLAIM-OOM", free, flush=True)
+            a.destroy()
+            continue
         n1 = fill_and_free(a, p)
         released = a.scavenge()
         leave_free(released // 3 + free % 65536)  # room for part of what was given back
@@ -190,23 +199,26 @@ def test_real_full_dev_shm_is_out_of_memory_not_sigbus(tmp_path, size):
     idle pages were given back and the room they left taken."""
     out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", size, 4, ",".join(map(str, LEVELS)))
     levels = [line.split() for line in out if line.startswith("LEVEL")]
-    assert len(levels) + sum(line.startswith("CREATE-OOM") for line in out) == len(LEVELS), out
+    assert len(levels) + sum(line.startswith(("CREATE-OOM", "CLAIM-OOM")) for line in out) == len(LEVELS), out
     assert len(levels) >= 20, out
     got = [int(lv[2]) for lv in levels]
     assert got == sorted(got) and got[0] == 0 and got[-1] > 0, out  # more room, more blocks
     assert any(int(lv[3]) > 0 and int(lv[4]) > 0 for lv in levels), out  # released pages reused
 
 
-def test_arena_creation_on_a_too_small_dev_shm(tmp_path):
-    """An arena whose fixed regions (64 P slots and their undo logs: 4.6 MiB) do not fit in /dev/shm
-    is refused with OutOfMemory at creation, and no segment is left behind; so at every level below
-    the fixed regions of a 4-slot arena."""
-    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", 16, 64, "3000000")
-    assert out[0].startswith("CREATE-OOM 3000000") and "fixed regions" in out[0], out
-    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", 16, 4, "0,4096,200000,400000,458000")
+def test_arena_creation_and_first_claim_on_a_too_small_dev_shm(tmp_path):
+    """An arena whose fixed regions (176 KiB whatever its slot count: the worker slots are
+    reserved at their first claim) do not fit in /dev/shm is refused with OutOfMemory at creation,
+    and no segment is left behind; with room for them but not for a slot (68 KiB with its undo
+    log), the first claim is OutOfMemory naming /dev/shm and the slot, the registry unchanged;
+    with room for both, a 64-slot arena on a 3 MiB /dev/shm works."""
+    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", 16, 64, "0,4096,100000,170000,185000,240000,600000")
     assert [line.split()[:2] for line in out] == [
-        ["CREATE-OOM", n] for n in ("0", "4096", "200000", "400000", "458000")
+        *(["CREATE-OOM", n] for n in ("0", "4096", "100000", "170000")),
+        *(["CLAIM-OOM", n] for n in ("185000", "240000")),
+        ["LEVEL", "600000"],
     ], out
+    assert all("fixed regions" in line for line in out[:4]), out
 
 
 def test_release_and_reuse_of_idle_pages(arena):
@@ -234,19 +246,20 @@ def test_release_and_reuse_of_idle_pages(arena):
 DAEMON_ON_SMALL_SHM = textwrap.dedent("""
     import os, subprocess, sys
     sock = os.path.join(sys.argv[1], "d.sock")
-    cmd = [sys.executable, "-m", "service", "daemon", "--endpoint", "ipc://" + sock, "--max-heap", "1M"]
+    cmd = [sys.executable, "-m", "service", "daemon", "--endpoint", "ipc://" + sock, "--max-heap", sys.argv[2]]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     print("EXIT", r.returncode, os.listdir("/dev/shm"), os.path.exists(sock))
     print(r.stdout, r.stderr)
 """)
 
 
-def test_daemon_refuses_to_start_on_a_dev_shm_too_small_for_its_slots(tmp_path):
-    """--max-heap fits, the 64 P slots' undo logs do not: the daemon says so and leaves nothing."""
-    out = run_on_small_dev_shm(tmp_path, DAEMON_ON_SMALL_SHM, "3m", tmp_path)
+def test_daemon_refuses_to_start_on_a_dev_shm_too_small_for_its_fixed_regions(tmp_path):
+    """--max-heap fits (it is reserved sparse), the fixed regions (176 KiB) do not: on a 160 KiB
+    /dev/shm the daemon says so and leaves nothing."""
+    out = run_on_small_dev_shm(tmp_path, DAEMON_ON_SMALL_SHM, "160k", tmp_path, "64K")
     assert out[0] == "EXIT 2 [] False", out
     text = "\n".join(out)
-    assert "/dev/shm is full" in text and "fixed regions" in text and "--slots" in text, out
+    assert "/dev/shm is full" in text and "fixed regions" in text, out
 
 
 def resident(arena):
@@ -280,9 +293,8 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     # The heap pages and their allocation map went (one map byte per 8 heap bytes) ...
     assert before - after >= released + released // 8 - 2 * page, (before, after, released)
     # ... and what stays is the fixed regions and the kept tables' entries, to the OS page.
-    kept = lay.fixed_ranges() + [
-        r for r in lay.page_meta(0, committed) if r not in lay.page_meta(0, committed, True)
-    ]
+    kept = lay.fixed_ranges() + [lay.slot_range(p.slot), lay.record_pages(arena.heap.hget("records_high"))]
+    kept += [r for r in lay.page_meta(0, committed) if r not in lay.page_meta(0, committed, True)]
     assert after <= sum(n + 2 * page for _, n in kept), (after, kept)
     snap = assert_healthy(arena, p)
     assert snap["heap_released"] == released
