@@ -13,9 +13,10 @@ with a pattern and verified before it is freed:
   refill half   allocate the same volume again, from the same distribution
 
 At each step: heap_sys, heap_inuse, heap_alloc, the segment's resident bytes (st_blocks), the
-resident metadata (every region but the heap: SEEK_DATA), heap_inuse/heap_alloc and
-resident/heap_alloc.  The refill's growth of heap_sys says whether freed room is reused (partly
-used spans before fresh ones, as Go's mcentral prefers them).
+resident metadata (every region but the heap: what is reserved whole, and SEEK_DATA elsewhere),
+heap_inuse/heap_alloc and resident/heap_alloc; then two parts of the metadata, the span table and
+the P slots.  The refill's growth of heap_sys says whether freed room is reused (partly used spans
+before fresh ones, as Go's mcentral prefers them).
 
 Two daemons, the scavenger off (--retain 100%: it keeps every idle page) and on (the default
 --retain), run round robin in the same run (a fresh daemon each round, the order swapped every
@@ -148,6 +149,19 @@ def table(rows):
     )
 
 
+def meta_parts(rows):
+    """Two parts of the metadata, per step: the span table (its pages under the records in use)
+    and the P slots (the slots ever claimed, with their undo logs) -- Arena.resident, which counts
+    st_blocks' reserved-but-unwritten pages that SEEK_DATA does not see -- each against
+    heap_inuse."""
+    out = []
+    for step, s, r in rows:
+        inuse = s["heap_inuse"]
+        pct = [f"{r[part] / inuse * 100:.2f}%" if inuse else "-" for part in ("spans", "slots")]
+        out.append((step, f"{r['spans'] >> 10} KiB", pct[0], f"{r['slots'] >> 10} KiB", pct[1]))
+    return md_table(["step", "span table", "of heap_inuse", "P slots", "of heap_inuse"], out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=200, help="MiB of blocks per fill")
@@ -170,6 +184,8 @@ def main():
         flags = " ".join(extra) or "(default --retain)"
         print(f"\nscavenger {name} {flags}, last round; longest step hold {hold / 1e6:.3f} ms\n")
         print(table(rows))
+        print()
+        print(meta_parts(rows))
     print("\nratios\n")
     out = []
     for name, _ in CONFIGS:
