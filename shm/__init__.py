@@ -13,12 +13,14 @@ The structures (Go's nouns in Python's spelling):
     PageHeap      heap.py     pages -> spans, free-span buckets, page map, growth with
                               posix_fallocate, release with MADV_REMOVE in bounded
                               steps, oldest idle span first (the idle list)     (Go: mheap)
-    Span          layout.SPAN one record per span in the span table             (Go: mspan)
+    Span          layout.SPAN one record per span in the span table, its pages reserved as
+                              records come into use                         (Go: mspan)
     CentralList   central.py  per size class: partial and full spans, counters  (Go: mcentral)
     LargeObjects  large.py    objects over 32 KiB: a span each, owned by the P that allocated
                               it until a flush, kept in that P's large cache  (Go: pageCache)
     ProcessCache  cache.py    per P: one cached span and a free list per class  (Go: mcache)
-    Registry      registry.py the P slots: claim, give back, liveness by an OFD lock (Go: allp)
+    Registry      registry.py the P slots: claim (a slot's pages reserved at its first),
+                              give back, liveness by an OFD lock            (Go: allp)
     StopTheWorld  world.py    both halves of the stop: the P's park, the daemon's stop (the
                               `inside` word + membarrier)                 (Go: stopTheWorld);
                               close_for_good: an arena closed for good (STOP_CLOSED)
@@ -30,7 +32,8 @@ Each structure checks itself (mimalloc style); `Arena.check_all` runs them all o
 and returns the problems (`Arena.check` raises CorruptionError):
 
     Locks.check                 lock words clean, undo logs empty
-    Registry.check              a FREE slot is idle, an ACTIVE one names its pid
+    Registry.check              a FREE slot is idle, an ACTIVE one names its pid (claimed
+                                slots only: slots_high)
     PageHeap.check(records)     spans tile the committed heap, page map, free buckets, counters
     CentralList.check(records)  central lists, P caches, class counters, small spans' object bytes
     LargeObjects.check(records) large spans' start bytes, owners and P lists

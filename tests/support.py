@@ -144,8 +144,7 @@ def unreserved(arena):
     from shm import layout as L
 
     lay, fd, page = arena.lay, arena.fd, L.PAGE_SIZE
-    need = list(lay.fixed_ranges()) + [lay.slot_range(k) for k in arena.registry.claimed()]
-    need.append(lay.record_pages(arena.heap.hget("records_high")))
+    need = arena.reserved_ranges()  # fixed regions, claimed slots, the span table's pages in use
     for rec in arena.heap.span_records():
         s, n = rec["start"], rec["npages"]
         if rec["state"] == L.SPAN_FREE and rec["released"]:

@@ -183,12 +183,13 @@ def run_on_small_dev_shm(tmp_path, script, tmpfs_size, *args):
     return r.stdout.splitlines()
 
 
-# Bytes left free in a 3 MiB tmpfs, 24 levels: from less than an arena's fixed regions (450 KiB
-# for 4 slots) through its first growth of the heap (1 MiB of pages and 145 KiB of their table
-# entries) at 18 levels spaced unevenly -- so that the reservation that fails is the heap pages'
-# at some, their allocation map's, page map's or span records' at others -- then 6 with room
-# for one growth.
-LEVELS = [300_000 + i * 75_000 + (i * 7 % 16) * 4096 for i in range(18)]
+# Bytes left free in a 3 MiB tmpfs, 24 levels: from less than an arena's fixed regions (176 KiB),
+# through room for them but not for the first claim's slot (68 KiB with its undo log), through
+# the heap's first growth (a page of span records, 1 MiB of pages and 257 KiB of their table
+# entries) at 18 levels spaced unevenly -- so that the reservation that fails is the records',
+# the heap pages', their allocation map's, generation map's or page map's at others -- then 6
+# with room for one growth.
+LEVELS = [100_000 + i * 85_000 + (i * 7 % 16) * 4096 for i in range(18)]
 LEVELS += [1_700_000 + i * 190_000 + (i * 5 % 16) * 4096 for i in range(6)]
 
 
@@ -200,6 +201,7 @@ def test_real_full_dev_shm_is_out_of_memory_not_sigbus(tmp_path, size):
     out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", size, 4, ",".join(map(str, LEVELS)))
     levels = [line.split() for line in out if line.startswith("LEVEL")]
     assert len(levels) + sum(line.startswith(("CREATE-OOM", "CLAIM-OOM")) for line in out) == len(LEVELS), out
+    assert [line.split()[0] for line in out[:2]] == ["CREATE-OOM", "CLAIM-OOM"], out
     assert len(levels) >= 20, out
     got = [int(lv[2]) for lv in levels]
     assert got == sorted(got) and got[0] == 0 and got[-1] > 0, out  # more room, more blocks
