@@ -23,13 +23,14 @@ from shm.errors import LockUnavailable, ShmallocError
 from .logs import event
 
 
-def set_realtime(on):
-    """This thread SCHED_FIFO (priority 1) or back to SCHED_OTHER.  False where not permitted."""
+def set_realtime(on, pid=0):
+    """This thread (or process `pid`'s main thread) SCHED_FIFO (priority 1) or back to
+    SCHED_OTHER.  False where not permitted, or when `pid` is gone."""
     try:
         if on:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
         else:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
         return True
     except (OSError, AttributeError):
         return False
@@ -83,6 +84,7 @@ class StoppedWorld:
             "stuck": [],  # LockUnavailable.describe() of every lock not taken in time
         }
         self.realtime = self.d.realtime_pause and set_realtime(True)
+        self.boosted = {}  # slot -> pid of a P lent our priority while we wait for it (_lend)
         try:
             live = stw.begin(epoch)
             self.world["stuck"] += stw.stuck
@@ -139,6 +141,7 @@ class StoppedWorld:
                 )
                 per_p[k].update(state=state, park_ns=at if 0 <= at <= now - t0 else now - t0)
                 waiting.discard(k)
+            self._lend(waiting - {k for k, _ in found}, per_p, rounds)
             # First, while the others are still on their way; all the Ps stopped in this round
             # in one operation, so each lock is taken once for them all.
             self._flush(sorted(confirmed), per_p)
@@ -149,6 +152,7 @@ class StoppedWorld:
                     self._send_stop(k, stop)  # registered or re-bound during the pause
             time.sleep(pause)
             pause = min(pause * 2, 200e-6)
+        self._unlend()
         for k in list(per_p):
             if per_p[k]["state"] == "dead":
                 try:
@@ -177,6 +181,30 @@ class StoppedWorld:
                 deadline_ms=self.deadline_ms,
             )
         return self.world
+
+    def _lend(self, inside, per_p, rounds):
+        """Lend our real-time priority to the Ps still inside a call after the first round: on
+        a machine with more busy processes than cores the scheduler may have preempted one in
+        the middle of its call, and the world waits until it runs again -- milliseconds.  At
+        SCHED_FIFO it runs at once, finishes the call, and parks at its next one (or goes on
+        with its own code: the next round finds it stopped and takes the priority back, within
+        one poll interval).  Priority inheritance, as a lock would do it for its holder.  Only
+        where our own pause is real-time (CAP_SYS_NICE), and only for the P's main thread."""
+        if not self.realtime or rounds < 2:
+            return
+        stw = self.d.stw
+        for k in inside - self.boosted.keys():
+            pid = per_p[k]["pid"]
+            # A P of the cooperative protocol may be outside, at its own work: not it.
+            if pid and stw.fast(k) and set_realtime(True, pid):
+                self.boosted[k] = pid
+        for k in self.boosted.keys() - inside:
+            self._unlend(k)
+
+    def _unlend(self, k=None):
+        """Take the lent priority back from P k (None: from every P that has it)."""
+        for j in list(self.boosted) if k is None else [k]:
+            set_realtime(False, self.boosted.pop(j))
 
     def _flush(self, ks, per_p):
         """Flush the caches of the stopped Ps `ks` now (Go: flushmcache).  Their spans go back to
@@ -221,6 +249,7 @@ class StoppedWorld:
         # The pause ends when the stop bytes clear, before the parked Ps wake (on a busy machine
         # the kernel may run them before it returns to us: their time, not the pause's), and
         # before this thread gives up its real-time priority (which lets others run first).
+        self._unlend()  # before any P resumes
         pause_ns = self.d.stw.end(w.get("flushed", ())) - w["t0"]
         if self.realtime:
             set_realtime(False)

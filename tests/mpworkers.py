@@ -126,6 +126,33 @@ def stuck_worker(endpoint, ready, release, results):
     heap.close()
 
 
+def preempted_worker(endpoint, ready, results):
+    """Connect, then sit INSIDE the allocator until the daemon lends it its real-time priority
+    (a call the scheduler preempted, as the daemon sees it), and only then leave it.  Reports
+    (policy while inside, policy after the pause) -- or ("never lent", ...) past the deadline."""
+    import os
+    import time
+
+    import client
+
+    heap = client.connect(endpoint)
+    b = heap.alloc(100)
+    heap.free(b)
+    with heap._lock:
+        heap._enter()
+        ready.set()
+        end = time.monotonic() + 15
+        while os.sched_getscheduler(0) != os.SCHED_FIFO and time.monotonic() < end:
+            pass  # busy: a call in progress, as far as anyone can tell
+        inside = os.sched_getscheduler(0)
+        heap._leave()
+    b = heap.alloc(100)  # parks until the pause ends
+    after = os.sched_getscheduler(0)
+    heap.free(b)
+    results.put((inside, after))
+    heap.close()
+
+
 def connected_worker(endpoint, cmds, results):
     """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("verify",
     handle, size: the block still holds its pattern) / ("close",).  Answers every command on

@@ -173,6 +173,35 @@ def test_a_parked_worker_goes_on_when_the_daemon_dies_unreaped(start_daemon):
     os.unlink(d.sock_path())
 
 
+def _may_go_realtime():
+    from service.pause import set_realtime
+
+    return set_realtime(True) and set_realtime(False)
+
+
+@needs_membarrier
+@pytest.mark.skipif(not _may_go_realtime(), reason="SCHED_FIFO not permitted here (CAP_SYS_NICE)")
+def test_a_worker_caught_inside_a_call_is_lent_the_pause_priority_and_gives_it_back(start_daemon):
+    """A P the scheduler preempted in the middle of a call holds the world up until it runs
+    again.  The daemon, real-time for its pause, lends the P its priority while it waits, and
+    takes it back before anyone resumes.  The worker leaves its call only once it sees
+    SCHED_FIFO: without the loan the snapshot would end at its deadline, not consistent."""
+    d = start_daemon(extra=("--park-deadline-ms", "30000"))
+    ready, out = SPAWN.Event(), SPAWN.Queue()
+    w = SPAWN.Process(target=mpworkers.preempted_worker, args=(d.endpoint, ready, out))
+    w.start()
+    assert ready.wait(DEADLINE)
+    snap = client.stats(d.endpoint, deadline_ms=10000, slow=True, timeout_ms=int(DEADLINE * 1000))
+    inside, after = out.get(timeout=DEADLINE)
+    w.join(DEADLINE)
+    assert w.exitcode == 0
+    assert inside == os.SCHED_FIFO, "the daemon never lent the P inside a call its priority"
+    assert after == os.SCHED_OTHER, "the P kept the real-time priority after the pause"
+    assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
+    (p,) = snap["per_p"]
+    assert p["state"] in ("stopped", "parked"), p
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["membarrier", "cooperative"])
 def test_snapshots_as_fast_as_the_daemon_allows_while_workers_free_across_processes(
