@@ -288,7 +288,10 @@ class CentralList:
             op.w(w + S["alloc_count"], cnt - freed)
             op.add(self.cw(c) + C["live"], -freed)
             self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
-            self._place(op, c, r, cnt - freed, q[w + S["nelems"]])
+            # Emptied, it waits on the partial list: in a producer -> consumer pipeline the
+            # producer takes it again at its next refill, with no page-heap operation on either
+            # side.  The daemon gives it back each second if nobody did (Arena.free_empty_spans).
+            self._place(op, c, r, cnt - freed, q[w + S["nelems"]], keep_empty=True)
         return bad
 
     def free_object(self, op, c, r, h, k):

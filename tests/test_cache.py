@@ -36,6 +36,11 @@ def test_every_size_class_and_large(arena):
         assert bytes(p.view(b.handle, b.size)) == pattern(b.handle, b.size)
         p.free(b)
     snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0
+    # The spans emptied by frees of objects the P no longer cached wait on their partial lists
+    # for the next allocation of their class (the daemon gives them back each second).
+    assert arena.free_empty_spans() > 0
+    snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
     assert snap["mallocs"] == snap["frees"] == len(blocks)
     p.close()
@@ -133,7 +138,8 @@ def test_double_free_across_two_processes_caches(arena):
             p.free(b.handle)
     assert metadata_bytes(arena) == before
     p2.free(neighbour)
-    p2.flush()  # p2's buffered frees applied: the span is empty now and back in the heap
+    p2.flush()  # p2's buffered frees applied: the span is empty now, on its partial list
+    assert arena.free_empty_spans() == 1  # and back in the heap, as the daemon does each second
     with pytest.raises(DoubleFree, match="span went back to the heap"):
         p1.free(neighbour.handle)  # its generation byte outlives the span: still a double free
     assert_healthy(arena, p1, p2)
