@@ -64,6 +64,8 @@ LARGE_CACHE_SPANS = 8  # freed large spans a P keeps, at most: each is charged a
 # budget below, because a snapshot gives every one of them back to the page heap during its pause
 LARGE_CACHE_MAX = 256 << 20  # bytes of freed large spans a P keeps for reuse, at most (and at most
 # a quarter of the heap); a free past it goes back to the page heap
+LARGE_PENDING_SPANS = L.RFREE_CAP  # large spans other Ps freed that a P leaves waiting for its next
+# large allocations, at most (and at most LARGE_CACHE_MAX bytes): one remote-free buffer's worth
 
 
 class Block(tuple):
@@ -444,7 +446,7 @@ class ProcessCache:
 
             def collect(op):
                 op.acquire(L.LOCK_HEAP)
-                return arena.large.collect_pending(op, k, room, self._lmin)
+                return arena.large.collect_pending(op, k, room, self._lmin, self._lcap, LARGE_PENDING_SPANS)
 
             kept, gone = arena.run(k, collect)
             for g in gone:

@@ -105,11 +105,13 @@ class PageHeap:
             values.append(r + 1)
         op.wset(idxs, values)
 
-    def list_remove(self, op, head_w, r):
+    def list_remove(self, op, head_w, r, idxs=(), values=()):
+        """Take span r off the list at `head_w`; the caller's own writes go with it in one step,
+        as in list_push."""
         q, w = self.q, self.sw(r)
         nxt, prv = q[w + S["next"]], q[w + S["prev"]]
-        idxs = [w + S["next"], w + S["prev"], w + S["list"]]
-        values = [0, 0, L.LIST_NONE]
+        idxs = [*idxs, w + S["next"], w + S["prev"], w + S["list"]]
+        values = [*values, 0, 0, L.LIST_NONE]
         if prv:
             idxs.append(self.sw(prv - 1) + S["next"])
         else:

@@ -11,8 +11,9 @@ next/prev, tag LIST_LARGE, under the heap lock) -- until a flush:
               page count, counted as a malloc optimistically (slot words lg_relists and
               lg_relist_pages, folded into the heap figures at flush) -- Go's nmalloc trick
     PENDING   freed by another P (its buffered free, applied under the heap lock), and counted
-              freed then; P k gives its pages back to the heap at its next large slow path, or
-              its flusher does (lg_pending)
+              freed then; on P k's pending list (lg_pend_head) until P k's next large slow paths
+              take it back into the large cache or give its pages back to the heap, or a flush
+              of a leaving P does (collect_pending, flush)
     ALLOC     allocated, owned by nobody (its P was flushed); freed under the heap lock
 
 Heap counters (layout.HEAP large_*) count an owned span as live until it is freed (under the heap
@@ -42,14 +43,25 @@ class LargeObjects:
     def head_w(self, k):
         return self.lay.slot_word(k) + SL["lg_head"]
 
-    def owned(self, k):
-        """Records of the large spans P k owns (a read; caller holds the heap lock or k is quiet)."""
+    def pend_w(self, k):
+        return self.lay.slot_word(k) + SL["lg_pend_head"]
+
+    def _list(self, head_w):
         q, out = self.q, []
-        r = q[self.head_w(k)] - 1
+        r = q[head_w] - 1
         while r >= 0:
             out.append(r)
             r = q[self.lay.span_word(r) + S["next"]] - 1
         return out
+
+    def pending(self, k):
+        """Records of P k's spans that other Ps freed (PENDING), newest first."""
+        return self._list(self.pend_w(k))
+
+    def owned(self, k):
+        """Records of the large spans P k owns, PENDING ones included (a read; caller holds the
+        heap lock or k is quiet)."""
+        return self._list(self.head_w(k)) + self.pending(k)
 
     def alloc(self, op, npages, k):
         """A new large span of `npages` pages owned by P k (k = -1: owned by nobody).  Returns
@@ -77,7 +89,13 @@ class LargeObjects:
         npages = q[w + S["npages"]]
         owner = q[w + S["owner"]]
         if owner:
-            self.heap.list_remove(op, self.head_w(owner - 1), r)
+            if q[w + S["list"]] == L.LIST_LPENDING:
+                sw = self.lay.slot_word(owner - 1)
+                idxs = [sw + SL["lg_pending"], sw + SL["lg_pend_pages"]]
+                values = [q[idxs[0]] - 1, q[idxs[1]] - npages]
+                self.heap.list_remove(op, self.pend_w(owner - 1), r, idxs, values)
+            else:
+                self.heap.list_remove(op, self.head_w(owner - 1), r)
             op.w(w + S["owner"], 0)
         op.wbyte(self.lay.amap_byte(h), L.FREE)
         if was_live:
@@ -119,52 +137,80 @@ class LargeObjects:
             if j == k:
                 self._give_back(op, r, h, was_live=True)
                 return True
-            # Freed now, in the figures too; only its pages wait for the owner to give them back.
+            # Freed now, in the figures too; only its pages wait for the owner to take them back
+            # (into its large cache) or give them back to the heap, on its pending list.
+            npages = q[w + S["npages"]]
             op.wbyte(self.lay.amap_byte(h), L.PENDING)
-            op.add(self.hw + H["large_live"], -1)
-            op.add(self.hw + H["large_live_pages"], -q[w + S["npages"]])
-            op.add(self.lay.slot_word(j) + SL["lg_pending"], 1)
+            sj, hw = self.lay.slot_word(j), self.hw
+            idxs = [
+                hw + H["large_live"],
+                hw + H["large_live_pages"],
+                sj + SL["lg_pending"],
+                sj + SL["lg_pend_pages"],
+            ]
+            values = [q[idxs[0]] - 1, q[idxs[1]] - npages, q[idxs[2]] + 1, q[idxs[3]] + npages]
+            self.heap.list_remove(op, self.head_w(j), r)
+            self.heap.list_push(op, self.pend_w(j), r, L.LIST_LPENDING, idxs, values)
             return False
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
-    def collect_pending(self, op, k, room=0, least=0):
-        """P k takes back the spans other Ps freed (PENDING): as many as `room` pages allow (each
-        charged at least `least`) become LISTED, for its large cache (counted live again, and as a malloc to come, as a local free
-        counts them), the rest go back to the heap.  Returns ([(handle, pages) relisted],
+    def collect_pending(self, op, k, room=0, least=0, keep_pages=0, keep_spans=0):
+        """P k takes back the spans other Ps freed (PENDING), newest first: as many as `room`
+        pages allow (each charged at least `least`) become LISTED, for its large cache (counted
+        live again, and as a malloc to come, as a local free counts them).  Of the rest, up to
+        `keep_spans` spans and `keep_pages` pages stay PENDING for its next large slow paths; the
+        others go back to the heap, the oldest first.  Returns ([(handle, pages) relisted],
         [handles given back]).  Checkpoints after each span: call it before anything else in the
         operation.  A producer whose blocks a consumer frees so allocates them again without a
-        lock, as it would have had it freed them itself."""
+        lock, as it would have had it freed them itself, and without the page heap."""
         op.need(L.LOCK_HEAP, "LargeObjects.collect_pending")
         q, kept, gone = self.q, [], []
-        if not q[self.lay.slot_word(k) + SL["lg_pending"]]:
+        sw = self.lay.slot_word(k)
+        if not q[sw + SL["lg_pending"]]:
             return kept, gone
-        for r in self.owned(k):
-            h = self.base(r)
-            if self.mv[self.lay.amap_byte(h)] != L.PENDING:
-                continue
+        hw = self.hw
+        for r in self.pending(k):
             npages = q[self.lay.span_word(r) + S["npages"]]
             charge = max(npages, least)
-            if charge <= room:
-                room -= charge
-                op.wbyte(self.lay.amap_byte(h), L.LISTED)
-                op.add(self.hw + H["large_live"], 1)
-                op.add(self.hw + H["large_live_pages"], npages)
-                op.add(self.hw + H["large_mallocs"], 1)
-                op.add(self.hw + H["large_total_bytes"], npages * PAGE)
-                kept.append((h, npages))
-            else:
+            if charge > room:
+                break
+            room -= charge
+            h = self.base(r)
+            if self.mv[self.lay.amap_byte(h)] != L.PENDING:
+                raise CorruptionError(f"large span {r} on P {k}'s pending list is not PENDING")
+            op.wbyte(self.lay.amap_byte(h), L.LISTED)
+            idxs = [
+                hw + H["large_live"],
+                hw + H["large_live_pages"],
+                hw + H["large_mallocs"],
+                hw + H["large_total_bytes"],
+                sw + SL["lg_pending"],
+                sw + SL["lg_pend_pages"],
+            ]
+            deltas = (1, npages, 1, npages * PAGE, -1, -npages)
+            values = [q[i] + d for i, d in zip(idxs, deltas)]
+            self.heap.list_remove(op, self.pend_w(k), r, idxs, values)
+            self.heap.list_push(op, self.head_w(k), r, L.LIST_LARGE)
+            kept.append((h, npages))
+            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+        # Too many left waiting: the oldest go back to the heap.
+        if q[sw + SL["lg_pending"]] > keep_spans or q[sw + SL["lg_pend_pages"]] > keep_pages:
+            for r in reversed(self.pending(k)):
+                if q[sw + SL["lg_pending"]] <= keep_spans and q[sw + SL["lg_pend_pages"]] <= keep_pages:
+                    break
+                h = self.base(r)
                 self._give_back(op, r, h, was_live=False)
                 gone.append(h)
-            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
-        op.w(self.lay.slot_word(k) + SL["lg_pending"], 0)
+                op.log.clear()  # checkpoint
         return kept, gone
 
     def flush(self, op, k, disown=True):
         """Flush P k's large cache (Go: the pageCache flush): fold its optimistic mallocs into the
-        heap figures and give back every span it keeps LISTED or another P freed.  `disown`: also
-        disown the spans still allocated (the P is leaving or dead); a snapshot leaves them owned
-        -- they are live in the heap figures either way, and the P frees them without a lock
-        later.  Checkpoints after each span.  Returns the spans handled."""
+        heap figures and give back every span it keeps LISTED.  `disown` (the P is leaving or
+        dead): also give back the spans other Ps freed (PENDING) and disown the spans still
+        allocated; a snapshot leaves both with the P -- the figures count the first freed and
+        the others live either way, and the P takes them back without a lock later.
+        Checkpoints after each span.  Returns the spans handled."""
         op.need(L.LOCK_HEAP, "LargeObjects.flush")
         q, sw = self.q, self.lay.slot_word(k)
         rel, rel_pages = q[sw + SL["lg_relists"]], q[sw + SL["lg_relist_pages"]]
@@ -190,12 +236,15 @@ class LargeObjects:
             elif b == L.LISTED:
                 self._give_back(op, r, h, was_live=True, optimistic=True)
             elif b == L.PENDING:
+                # Freed already, in the figures too: a snapshot leaves it for its owner to take
+                # back (up to 256 of them wait there: not the pause's work).
+                if not disown:
+                    continue
                 self._give_back(op, r, h, was_live=False)
             else:
                 raise CorruptionError(f"large span {r} on P {k}'s list has object byte {b}")
             op.log.clear()  # checkpoint
             n += 1
-        op.w(sw + SL["lg_pending"], 0)
         return n
 
     # --- the structure's own check (Arena.check_all) -------------------------------------------
@@ -211,6 +260,22 @@ class LargeObjects:
             L.handle_granule(h)[0] for k in arena.registry.claimed() for h in arena.buffered_frees(k) if h
         }
         amap = self.mv[lay.amap_off : lay.amap_off + committed * PAGE // 8]
+        lists: dict = {}
+
+        def on_list(k, pending):
+            """The records on P k's pending list (`pending`) or its list of the others."""
+            if (k, pending) not in lists:
+                lists[k, pending] = set(self.pending(k) if pending else self._list(self.head_w(k)))
+            return lists[k, pending]
+
+        for k in range(lay.nslots):
+            sw, pend = lay.slot_word(k), self.pending(k)
+            pages = sum(q[lay.span_word(r) + S["npages"]] for r in pend)
+            if (q[sw + SL["lg_pending"]], q[sw + SL["lg_pend_pages"]]) != (len(pend), pages):
+                bad.append(
+                    f"P {k}: lg_pending {q[sw + SL['lg_pending']]}, lg_pend_pages "
+                    f"{q[sw + SL['lg_pend_pages']]}, but its pending list holds {len(pend)} spans of {pages} pages"
+                )
         for rec in records:
             if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != 0:
                 continue
@@ -224,12 +289,12 @@ class LargeObjects:
                 )
             elif k >= 0 and (
                 b0 not in (L.TAG0 + k, L.LISTED, L.PENDING, L.RFREED)
-                or rec["list"] != L.LIST_LARGE
-                or rec["r"] not in self.owned(k)
+                or rec["list"] != (L.LIST_LPENDING if b0 == L.PENDING else L.LIST_LARGE)
+                or rec["r"] not in on_list(k, b0 == L.PENDING)
             ):
                 bad.append(
                     f"large span {rec['r']} owned by P {k}: start byte {b0}, list {rec['list']}, "
-                    "want TAG(k), LISTED or PENDING on P k's list"
+                    "want TAG(k) or LISTED on P k's list, PENDING on its pending list"
                 )
         amap.release()
         return bad

@@ -329,6 +329,11 @@ SLOT = _words(
     #   every INUSE large span with owner k+1 is on it, list LIST_LARGE, its
     #   start byte TAG(k), LISTED, PENDING or RFREED (LargeObjects.check)
     "lg_pending",  # large spans of this P another P freed (PENDING); under the heap lock
+    #   == the spans on lg_pend_head's list (LargeObjects.check)
+    "lg_pend_head",  # record index+1 of the first of those PENDING spans, linked through the
+    #   records' next/prev, tag LIST_LPENDING, newest first; under the heap lock.  Kept apart
+    #   from lg_head so that taking them back walks them alone, not every live span the P owns
+    "lg_pend_pages",  # pages of the spans on that list; under the heap lock
     "token",  # 64 random bits drawn at claim, 0 while FREE: the P's proof of its slot on the
     #   control channel (register, heartbeat, unregister, admin ops) -- only a process that
     #   can map the arena can read it; under the registry lock
@@ -382,7 +387,9 @@ SPAN = _words(
 SPAN_WORDS = 16
 SPAN_UNUSED, SPAN_FREE, SPAN_INUSE = 0, 1, 2
 LIST_NONE, LIST_PARTIAL, LIST_FULL, LIST_HEAPFREE, LIST_UNUSED, LIST_LARGE = 0, 1, 2, 3, 4, 5
-# LIST_LARGE: a large span owned by a P, on that P's lg_head list (heap lock)
+LIST_LPENDING = 6
+# LIST_LARGE: a large span owned by a P, on that P's lg_head list (heap lock); LIST_LPENDING: one
+# another P freed (PENDING), on its owner's lg_pend_head list (heap lock)
 
 REGION_MAGIC = {
     "locks": 0x4B434F4C,  # "LOCK"

@@ -30,7 +30,16 @@ from .locks import ofd_held_elsewhere, ofd_trylock, ofd_unlock
 
 SL = L.SLOT
 # Slot words a FREE slot must hold at zero: anything else is a cache or buffer nobody flushed.
-_MUST_BE_ZERO = ("log_used", "rfree_n", "lg_head", "lg_relists", "lg_relist_pages", "lg_pending")
+_MUST_BE_ZERO = (
+    "log_used",
+    "rfree_n",
+    "lg_head",
+    "lg_relists",
+    "lg_relist_pages",
+    "lg_pending",
+    "lg_pend_head",
+    "lg_pend_pages",
+)
 
 
 class Registry:

@@ -243,6 +243,43 @@ def stuck_flushing_large(arena_name, ready):
     time.sleep(60)  # not reached
 
 
+def stuck_in_pending_list(arena_name, where, handles, ready):
+    """Stop forever in the middle of a step that moves a large span between a P's lists, after
+    the span left one list and before it is on the other.  `where`: "free" -- free the large
+    blocks whose handles come on `handles` (another P's) and apply them: stuck marking one
+    PENDING; "collect" -- allocate three large blocks, send their handles, wait until another
+    P freed them (PENDING for us), then allocate: stuck taking one back."""
+    from shm import Arena, ProcessCache
+    from shm import layout as L
+    from shm.heap import PageHeap
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    real = PageHeap.list_push
+    tag = L.LIST_LPENDING if where == "free" else L.LIST_LARGE
+
+    def list_push(self, op, head_w, r, t, *a, **kw):
+        if t == tag:
+            ready.set()
+            while True:
+                signal.pause()
+        return real(self, op, head_w, r, t, *a, **kw)
+
+    if where == "free":
+        for h in handles.get(timeout=120):
+            p.free(h)
+        PageHeap.list_push = list_push
+        p.flush()
+    else:
+        blocks = [p.alloc(100_000) for _ in range(3)]
+        handles.put([b.handle for b in blocks])
+        while not arena.q[arena.lay.slot_word(p.slot) + L.SLOT["lg_pending"]]:
+            time.sleep(0.001)
+        PageHeap.list_push = list_push
+        p.alloc(100_000)
+    time.sleep(60)  # not reached
+
+
 def fill_and_free(endpoint, seed, nbytes, filled, go, results):
     """Connect, allocate random sizes from 1 B to 32 KiB until `nbytes`, each block filled with
     its pattern; set `filled`; on `go`, verify every block and free it; close."""

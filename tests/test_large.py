@@ -75,6 +75,11 @@ def test_a_large_block_freed_by_another_p_goes_back_through_its_owner(arena):
         with pytest.raises(DoubleFree):
             p.free(b)
     assert metadata_bytes(arena) == before
+    assert [arena.large.base(r) for r in arena.large.pending(owner.slot)] == [layout.next_handle(b.handle)]
+    pages_w = arena.lay.slot_word(owner.slot) + SL["lg_pend_pages"]
+    arena.q[pages_w] += 1  # the check holds the count and the pages to the list
+    assert any("pending list holds 1 spans" in x for x in arena.check_all(["large"]))
+    arena.q[pages_w] -= 1
     c = owner.alloc(300_000)  # a large slow path: the PENDING span goes into the owner's cache
     assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
     assert arena.mv[off] == layout.LISTED
@@ -124,6 +129,49 @@ def test_sigkill_while_flushing_the_large_cache_is_rolled_back(make_arena):
     # It kept one of its three large blocks allocated; the two it freed are free again, counted
     # once (the rolled-back span was settled again by the reclaim); plus main's own pair.
     assert snap["heap_objects"] == 1 and snap["large_mallocs"] == 4 and snap["large_frees"] == 3
+    main.close()
+
+
+@pytest.mark.parametrize("where", ["free", "collect"])
+def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(make_arena, where):
+    """A span another P freed moves from its owner's list to the owner's pending list (marked
+    PENDING), and back when the owner takes it again.  A process killed between the two halves
+    of either move leaves nothing half done."""
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    ctx = mp.get_context("spawn")
+    ready, handles = ctx.Event(), ctx.Queue()
+    victim = ctx.Process(target=mpworkers.stuck_in_pending_list, args=(arena.name, where, handles, ready))
+    victim.start()
+    if where == "free":
+        blocks = [main.alloc(100_000) for _ in range(3)]
+        for b in blocks:
+            b.buf[:] = pattern(b.handle, b.size)
+        handles.put([b.handle for b in blocks[:2]])
+        kept = blocks[2]
+    else:
+        hs = handles.get(timeout=DEADLINE)
+        for h in hs:
+            main.free(h)
+        main.flush()  # applied: PENDING for the victim
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    assert arena.q[arena.lay.lock_word(layout.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(DEADLINE)
+    repairs = arena.repairs
+    b = main.alloc(200_000)  # takes the heap lock the victim died in
+    assert arena.repairs == repairs + 1
+    main.free(b)
+    snap = assert_healthy(arena, main)  # the victim reclaimed: its buffer applied once
+    if where == "free":
+        assert bytes(main.view(kept.handle, kept.size)) == pattern(kept.handle, kept.size)
+        main.free(kept)
+        assert snap["large_frees"] == 3 and snap["heap_objects"] == 1  # b, and the two it freed
+    else:
+        assert snap["large_frees"] == 4 and snap["heap_objects"] == 0  # its three, and b
+    assert snap["bad_frees"] == 0
+    snap = assert_healthy(arena, main)
+    assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
     main.close()
 
 

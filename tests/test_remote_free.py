@@ -10,7 +10,7 @@ import mpworkers
 import pytest
 from support import DEADLINE, assert_healthy, metadata_bytes, pattern
 
-from shm import DoubleFree, ProcessCache, identities, layout, read_stats_slow
+from shm import DoubleFree, ProcessCache, cache, identities, layout, read_stats_slow
 from shm import stats as shm_stats
 
 SL = layout.SLOT
@@ -170,19 +170,39 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
 
 
 def test_many_large_blocks_freed_by_another_process_go_back_in_bounded_steps(make_arena):
-    """More PENDING large spans than one undo log could roll back: the owner's next large slow
-    path gives them all back, a checkpoint after each."""
+    """More PENDING large spans than one undo log could roll back.  The owner's next large slow
+    path takes a cache's worth back, leaves one remote-free buffer's worth waiting for its next
+    allocations, and gives the oldest others back to the heap, a checkpoint after each; a
+    snapshot's flush leaves the waiting ones alone; closing gives them back."""
     arena = make_arena(heap_max=1 << 30, nslots=4)
     owner, freer = ProcessCache(arena), ProcessCache(arena)
-    blocks = [owner.alloc(300_000) for _ in range(layout.RFREE_CAP)]
+    n = 2 * layout.RFREE_CAP
+    blocks = [owner.alloc(300_000) for _ in range(n)]
     for b in blocks:
         freer.free(b)
     freer.flush()  # applied: every span PENDING for its owner
-    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == len(blocks)
+    sw = arena.lay.slot_word(owner.slot)
+    assert arena.q[sw + SL["lg_pending"]] == n
+    order = [arena.large.base(r) for r in arena.large.pending(owner.slot)]  # newest first
     b = owner.alloc(2 << 20)  # a large slow path: collects them
-    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
+    kept = sum(len(v) for v in owner._lcache.values())
+    assert kept == cache.LARGE_CACHE_SPANS
+    assert arena.q[sw + SL["lg_pending"]] == cache.LARGE_PENDING_SPANS
+    waiting = {arena.large.base(r) for r in arena.large.pending(owner.slot)}
+    assert waiting == set(order[kept : kept + cache.LARGE_PENDING_SPANS]), "the oldest went back"
+    # A snapshot's flush (the daemon's: live blocks stay owned) leaves the waiting spans.
+    arena.flush_slots([owner.slot, freer.slot], keep_empty=True, disown=False)
+    assert arena.q[sw + SL["lg_pending"]] == cache.LARGE_PENDING_SPANS
+    snap = arena.read_stats()
+    assert identities(snap) == [] and arena.check_all() == []
+    assert shm_stats.diff(snap, read_stats_slow(arena)) == []
+    assert snap["large_frees"] == n and snap["bad_frees"] == 0
+    again = owner.alloc(300_000)  # the newest waiting span, taken back into the cache
+    assert again.handle in waiting
+    owner.free(again)
     owner.free(b)
-    snap = assert_healthy(arena, owner, freer)
-    assert snap["heap_objects"] == 0 and snap["large_frees"] == len(blocks) + 1
-    owner.close()
+    owner.close()  # gives back every span it still had
+    assert arena.q[sw + SL["lg_pending"]] == 0 and arena.q[sw + SL["lg_pend_head"]] == 0
+    snap = assert_healthy(arena, freer)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == n + 2
     freer.close()
