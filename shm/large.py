@@ -268,7 +268,7 @@ class LargeObjects:
                 lists[k, pending] = set(self.pending(k) if pending else self._list(self.head_w(k)))
             return lists[k, pending]
 
-        for k in range(lay.nslots):
+        for k in arena.registry.claimed():
             sw, pend = lay.slot_word(k), self.pending(k)
             pages = sum(q[lay.span_word(r) + S["npages"]] for r in pend)
             if (q[sw + SL["lg_pending"]], q[sw + SL["lg_pend_pages"]]) != (len(pend), pages):
