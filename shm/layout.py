@@ -69,7 +69,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 11
+VERSION = 12
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -82,32 +82,30 @@ NCLASS = sc.NUM_SIZE_CLASSES
 FREE, ALLOC, PENDING, LISTED, RFREED, TAG0 = 0, 1, 2, 3, 4, 16
 MAX_SLOTS = 255 - TAG0  # tags must fit in a byte
 
-# Handles (see the module docstring): (HANDLE_G0 + granule) << GEN_BITS | generation.
+# Handles (see the module docstring): (index << GEN_BITS) | generation, the index naming one byte
+# of the maps: fine, HANDLE_G0 + (offset >> 3), or coarse, Layout.handle_c0 + (offset >> 7).
 GEN_BITS = 8
 GEN_MASK = (1 << GEN_BITS) - 1
-HANDLE_G0 = PAGE_SIZE >> 3  # granules per page: handle >> (GEN_BITS + 10) is page + 1
+HANDLE_G0 = PAGE_SIZE >> 3  # granules per page: a fine index >> 10 is its page + 1
 HANDLE_MIN = HANDLE_G0 << GEN_BITS
-HANDLE_PAGE_SHIFT = GEN_BITS + PAGE_SHIFT - 3  # handle >> this == page + 1
+FINE, COARSE = 8, 128  # bytes of heap per map byte, in the two parts of each map
+FINE_PER_PAGE, COARSE_PER_PAGE = PAGE_SIZE // FINE, PAGE_SIZE // COARSE  # map bytes per heap page
+FINE_PAGE_SHIFT, COARSE_PAGE_SHIFT = PAGE_SHIFT - 3, PAGE_SHIFT - 7  # index -> page, in each part
+# A size class is coarse when its objects are a whole number of 128-byte grains (and so start on
+# one); a large object (class 0) always is.  The rest are fine.
+CLASS_COARSE = tuple(c == 0 or sc.CLASS_TO_SIZE[c] % COARSE == 0 for c in range(NCLASS))
+CLASS_GRAIN = tuple(COARSE if coarse else FINE for coarse in CLASS_COARSE)
 
 
-def make_handle(off, gen):
-    """The handle of the object at heap byte offset `off` (8-aligned) with generation `gen`."""
-    return (HANDLE_G0 + (off >> 3)) << GEN_BITS | gen
-
-
-def handle_granule(h):
-    """(granule, generation) a handle names; the granule may be out of range (caller checks)."""
+def handle_index(h):
+    """(map byte index, generation) a handle names: the index counts from the first byte of the
+    maps' fine part, through their coarse part (no range check: the caller checks)."""
     return (h >> GEN_BITS) - HANDLE_G0, h & GEN_MASK
 
 
 def next_handle(h):
     """The handle the same object gets once h is freed: its generation bumped, mod 256."""
     return h + 1 if h & GEN_MASK != GEN_MASK else h - GEN_MASK
-
-
-def handle_offset(h):
-    """Heap byte offset of the object a handle names (no check)."""
-    return ((h >> GEN_BITS) - HANDLE_G0) << 3
 
 
 # Region preamble: magic, version, bytes; data starts 8 words in.
@@ -158,6 +156,7 @@ HDR = _words(
     "closed_by",  # pid of the process that closed it (daemon or `shmalloc cleanup --force`)
     "kept_by",  # pid of a daemon that stopped and kept the arena for its live workers, 0 = none;
     # the daemon that adopts it next logs it and clears it
+    "finemap_off",  # byte offset of the fine-map table
 )
 HEADER_WORDS = 64
 # Header words derived from (heap_max, nslots): written at creation, checked by every attacher.
@@ -168,6 +167,7 @@ DERIVED = (
     "lock_off",
     "central_off",
     "heapmeta_off",
+    "finemap_off",
     "slots_off",
     "spans_off",
     "pagemap_off",
@@ -270,6 +270,8 @@ HEAP = _words(
     "released_total",  # pages ever given back with MADV_REMOVE (scavenger and release); cumulative
     #   >= released_pages (figures: released_bytes >= heap_released)
     "scavenged_pages",  # of which by the background scavenger; cumulative
+    "fine_map_pages",  # OS pages of the maps' fine part whose flag is set in the fine-map table
+    #   == the set flags (PageHeap.check); each flag stands for one OS page of each map
 )
 HEAP_BUCKETS_AT = 24  # word index of bucket heads: bucket n (1..127) = free spans of n pages,
 NBUCKETS = 129  # bucket 128 = free spans of 128 pages or more; each a record index+1
@@ -370,6 +372,7 @@ REGION_MAGIC = {
     "locks": 0x4B434F4C,  # "LOCK"
     "central": 0x4C544E43,  # "CNTL"
     "heapmeta": 0x50414548,  # "HEAP"
+    "finemap": 0x50414D46,  # "FMAP"
     "spans": 0x4E415053,  # "SPAN"
     "pagemap": 0x50414D50,  # "PMAP"
 }
@@ -399,6 +402,17 @@ class Layout:
         off = _up(off + (PREAMBLE + NCLASS * CENTRAL_WORDS) * WORD)
         self.heapmeta_off = off
         off = _up(off + (PREAMBLE + HEAPMETA_WORDS) * WORD)
+        # The maps' two parts (module docstring): the fine part, a byte per 8 heap bytes, then
+        # the coarse part, a byte per 128; handle indexes run through both in that order.
+        self.fine_bytes = heap_max // FINE
+        self.amap_bytes = self.fine_bytes + heap_max // COARSE  # either map, both parts
+        self.handle_c0 = HANDLE_G0 + self.fine_bytes  # the first coarse index
+        # Fine-map table: a byte per OS page of the maps' fine part (the last one may hold the
+        # first coarse bytes too), 1 = that OS page of both maps is reserved (PageHeap).
+        self.fine_os_pages = -(-self.fine_bytes // OS_PAGE)
+        self.finemap_off = off
+        self.finemap_flags = off + PREAMBLE * WORD  # byte offset of page 0's flag
+        off = _up(self.finemap_flags + self.fine_os_pages)
         self.slots_off = off
         off = _up(off + (nslots + 2) * self.slot_words * WORD)
         self.spans_off = off
@@ -406,7 +420,6 @@ class Layout:
         self.pagemap_off = off
         off = _up(off + (PREAMBLE + self.heap_pages) * WORD)
         self.amap_off = off
-        self.amap_bytes = heap_max // 8
         off = _up(off + self.amap_bytes)
         self.gmap_off = off  # same indexing as the alloc map, amap_bytes long
         off = _up(off + self.amap_bytes)
@@ -416,15 +429,16 @@ class Layout:
         # given back with its pages): PageHeap reserves a table's entries with the pages they
         # describe before anything touches them (a write -- or a read -- of an unreserved page of
         # a full tmpfs is SIGBUS), and releases them with the pages when the last column says so.
-        # Another per-page or per-granule table is one more line here.
+        # Another per-page table is one more line here.  The maps' fine parts are not: they are
+        # reserved by the fine-map table's OS page, for the spans of fine classes only (PageHeap).
         self.page_tables = (
-            # Allocation map: 1024 bytes per page, zero while the page is free (FREE), so given
-            # back with it -- what a released span keeps is only the OS pages it shares.
-            (self.amap_off, PAGE_SIZE // 8, True),
-            # Generation map: 1024 bytes per page, given back with its pages too (else what object
-            # starts once touched would stay resident for good); the heap writes a fresh non-zero
-            # generation over a released range's entries when it commits it again (PageHeap).
-            (self.gmap_off, PAGE_SIZE // 8, True),
+            # Allocation map's coarse part: 64 bytes per page, zero while the page is free (FREE),
+            # so given back with it -- what a released span keeps is only the OS pages it shares.
+            (self.amap_off + self.fine_bytes, COARSE_PER_PAGE, True),
+            # Generation map's coarse part: 64 bytes per page, given back with its pages too (else
+            # what object starts once touched would stay resident for good); the heap writes a
+            # fresh non-zero generation over a released range's entries when it commits it again.
+            (self.gmap_off + self.fine_bytes, COARSE_PER_PAGE, True),
             # Page map: kept.  Any handle's lookup (a free, a view) reads its page's entry
             # without knowing whether the page was released, and free spans keep theirs at
             # their ends; one word per 8 KiB page is 0.1% of the heap.
@@ -438,7 +452,8 @@ class Layout:
         self.region_bytes = {
             "locks": self.central_off - self.lock_off,
             "central": self.heapmeta_off - self.central_off,
-            "heapmeta": self.slots_off - self.heapmeta_off,
+            "heapmeta": self.finemap_off - self.heapmeta_off,
+            "finemap": self.slots_off - self.finemap_off,
             "spans": self.pagemap_off - self.spans_off,
             "pagemap": self.amap_off - self.pagemap_off,
         }
@@ -468,17 +483,66 @@ class Layout:
 
     def amap_byte(self, h):
         """Byte offset in the segment of handle h's allocation-map byte (no range check)."""
-        return self.amap_off + handle_granule(h)[0]
+        return self.amap_off + (h >> GEN_BITS) - HANDLE_G0
 
     def gmap_byte(self, h):
         """Byte offset in the segment of handle h's generation byte (no range check)."""
-        return self.gmap_off + handle_granule(h)[0]
+        return self.gmap_off + (h >> GEN_BITS) - HANDLE_G0
+
+    # Handles and map indexes (module docstring): j = a map byte's index, fine below fine_bytes.
+    def span_index(self, start, c):
+        """(map index of page `start`'s first byte, heap bytes per map byte) for a span of class
+        `c` (0: a large object) starting at heap page `start`."""
+        if CLASS_COARSE[c]:
+            return self.fine_bytes + start * COARSE_PER_PAGE, COARSE
+        return start * FINE_PER_PAGE, FINE
+
+    def make_handle(self, off, gen, c):
+        """The handle of the object of class `c` (0: large) at heap byte offset `off`."""
+        if CLASS_COARSE[c]:
+            return (self.handle_c0 + (off >> 7)) << GEN_BITS | gen
+        return (HANDLE_G0 + (off >> 3)) << GEN_BITS | gen
+
+    def index_offset(self, j):
+        """Heap byte offset that map index j describes (no range check)."""
+        f = self.fine_bytes
+        return j << 3 if j < f else (j - f) << 7
+
+    def index_page(self, j):
+        """Heap page that map index j describes (no range check)."""
+        f = self.fine_bytes
+        return j >> FINE_PAGE_SHIFT if j < f else (j - f) >> COARSE_PAGE_SHIFT
+
+    def handle_offset(self, h):
+        """Heap byte offset of the object a handle names (no check)."""
+        return self.index_offset((h >> GEN_BITS) - HANDLE_G0)
+
+    def handle_page(self, h):
+        """Heap page of the object a handle names (no check)."""
+        return self.index_page((h >> GEN_BITS) - HANDLE_G0)
+
+    def fine_pages(self, start, npages, inside=False):
+        """range of the fine-map OS pages (the fine-map table's entries) holding the fine bytes of
+        heap pages [start, start + npages): every one that holds some, or with `inside` only
+        those that hold nothing else (and no coarse byte)."""
+        lo, hi = start * FINE_PER_PAGE, (start + npages) * FINE_PER_PAGE
+        if inside:
+            return range(-(-lo // OS_PAGE), min(hi, self.fine_bytes) // OS_PAGE)
+        return range(lo // OS_PAGE, -(-hi // OS_PAGE))
+
+    def fine_ranges(self, pages):
+        """[(offset, bytes)] of fine-map OS pages `pages` (a range) in both maps."""
+        if not pages:
+            return []
+        n = len(pages) * OS_PAGE
+        return [(self.amap_off + pages.start * OS_PAGE, n), (self.gmap_off + pages.start * OS_PAGE, n)]
 
     def region_offsets(self):
         return {
             "locks": self.lock_off,
             "central": self.central_off,
             "heapmeta": self.heapmeta_off,
+            "finemap": self.finemap_off,
             "spans": self.spans_off,
             "pagemap": self.pagemap_off,
         }
@@ -498,14 +562,15 @@ class Layout:
 
     def released_meta(self, start, npages):
         """[(offset, bytes)] of the OS pages that lie wholly inside the entries of heap pages
-        [start, start + npages) of the tables given back with their pages: what a release of
-        those pages gives back too, and never a byte that describes another page."""
+        [start, start + npages) of the tables given back with their pages, and of the maps' fine
+        parts: what a release of those pages gives back too, and never a byte that describes
+        another page."""
         out = []
         for off, n in self.page_meta(start, npages, released=True):
             lo, hi = -(-off // OS_PAGE) * OS_PAGE, (off + n) // OS_PAGE * OS_PAGE
             if hi > lo:
                 out.append((lo, hi - lo))
-        return out
+        return out + self.fine_ranges(self.fine_pages(start, npages, inside=True))
 
     # Header I/O.
     def write_header(self, q, now_ns):

@@ -24,7 +24,7 @@ def reused(p, size):
     b = p.alloc(size)
     p.free(b)
     again = p.alloc(size)
-    assert layout.handle_offset(again.handle) == layout.handle_offset(b.handle), "the address is reused"
+    assert again.handle >> layout.GEN_BITS == b.handle >> layout.GEN_BITS, "the address is reused"
     assert again.handle == layout.next_handle(b.handle) != b.handle
     again.buf[:] = pattern(again.handle, size)
     return b.handle, again
@@ -64,7 +64,7 @@ def test_a_stale_free_from_another_process_fails_at_the_call(arena):
     assert viewed[0] == "BadHandle" and "stale" in viewed[1]
     assert buffered == [], "the stale free never reached B's remote-free buffer"
     more = [a.alloc(64) for _ in range(300)]
-    assert all(layout.handle_offset(m.handle) != layout.handle_offset(again.handle) for m in more)
+    assert all(m.handle >> layout.GEN_BITS != again.handle >> layout.GEN_BITS for m in more)
     assert bytes(a.view(again))[:64] == pattern(again.handle, 64)
     for m in more + [again]:
         a.free(m)
@@ -104,7 +104,7 @@ def test_a_second_free_after_the_span_went_back_to_the_heap_is_a_double_free(are
     other.free(b)
     other.flush()  # applied: the span is empty (or the large span PENDING for p)
     p.flush()  # p gives back what it cached: the span goes back to the page heap
-    assert arena.heap.span_of_page(layout.handle_offset(b.handle) >> layout.PAGE_SHIFT) < 0
+    assert arena.heap.span_of_page(arena.lay.handle_page(b.handle)) < 0
     before = metadata_bytes(arena)
     for q in (p, other):
         with pytest.raises(DoubleFree, match="span went back to the heap"):
@@ -124,7 +124,7 @@ def test_one_address_gets_256_distinct_handles_before_one_repeats(arena):
         b = p.alloc(64)
         seen.append(b.handle)
         p.free(b)
-    assert len({layout.handle_offset(h) for h in seen}) == 1
+    assert len({h >> layout.GEN_BITS for h in seen}) == 1
     assert len(set(seen[:256])) == 256, "the last 255 handles of an address all differ from its current one"
     assert seen[256] == seen[0]  # 8 bits: the 257th reuse wraps
     assert_healthy(arena, p)
@@ -146,7 +146,7 @@ def test_random_ints_and_every_wrong_generation_raise_bad_handle(arena):
                 with pytest.raises(BadHandle):
                     q.view(h)
     rng = random.Random(7)
-    top = layout.make_handle(arena.lay.heap_max, 0) * 2
+    top = (layout.HANDLE_G0 + arena.lay.amap_bytes) << (layout.GEN_BITS + 1)
     for _ in range(2000):
         h = rng.randrange(-top, top)
         if h in {b.handle for b in live}:
@@ -221,7 +221,7 @@ def test_a_handle_from_before_a_release_never_matches_after_it(arena, size):
     p.flush()  # the span goes back to the page heap
     assert arena.scavenge() > 0  # and its pages, with their maps, to the OS
     blocks = [p.alloc(size) for _ in range(2 * arena.lay.heap_max // max(size, 8192) // 4)]
-    again = next(b for b in blocks if layout.handle_offset(b.handle) == layout.handle_offset(first.handle))
+    again = next(b for b in blocks if b.handle >> layout.GEN_BITS == first.handle >> layout.GEN_BITS)
     assert again.handle != first.handle and again.handle & layout.GEN_MASK != 0
     again.buf[:] = pattern(again.handle, again.size)
     for call in (p.free, p.view):

@@ -273,12 +273,16 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     arena.free_empty_spans()
     committed = arena.heap.hget("committed_pages")
     assert committed * L.PAGE_SIZE >= 56 << 20 and arena.read_stats_slow()["heap_objects"] == 0
-    before = resident(arena)
+    before, fine = resident(arena), arena.heap.hget("fine_map_pages")
+    assert fine >= 20_000 * 16 // (8 * page)  # the 16 B blocks' fine-map pages, of both maps
     released = arena.scavenge()
     after = resident(arena)
     assert released == committed * L.PAGE_SIZE
-    # The heap pages and their allocation map went (one map byte per 8 heap bytes) ...
-    assert before - after >= released + released // 8 - 2 * page, (before, after, released)
+    # The heap pages went, with their maps' coarse parts (a byte each per 128 heap bytes) and
+    # every OS page of their fine parts ...
+    assert arena.heap.hget("fine_map_pages") == 0
+    gone = released + released // 64 + 2 * fine * page
+    assert before - after >= gone - 2 * page, (before, after, gone)
     # ... and what stays is the fixed regions and the kept tables' entries, to the OS page.
     kept = lay.fixed_ranges() + [
         r for r in lay.page_meta(0, committed) if r not in lay.page_meta(0, committed, True)
@@ -294,7 +298,8 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     snap = assert_healthy(arena, p)
     assert snap["heap_released"] < released and snap["heap_objects"] == len(again)
     inuse = snap["heap_inuse"]
-    assert resident(arena) - after >= inuse + inuse // 8 - 8 * page  # pages and their map
+    fine = 2 * page * arena.heap.hget("fine_map_pages")
+    assert fine > 0 and resident(arena) - after >= inuse + inuse // 64 + fine - 8 * page  # pages, maps
     assert unreserved(arena) == []
     assert len({b.handle for b in again}) == len(again)
     for b in again:

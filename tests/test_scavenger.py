@@ -35,7 +35,7 @@ def free_spans(arena):
 
 
 def page_of(arena, block):
-    return L.handle_offset(block.handle) // PAGE
+    return arena.lay.handle_page(block.handle)
 
 
 def heap_word(arena, name):
@@ -62,7 +62,7 @@ def test_a_span_freed_after_the_cutoff_is_left_alone(arena):
     old = {s for s, (_, rel) in free_spans(arena).items() if not rel}
     before = idle_pages(arena)
     pages, _ = arena.scavenge_step(max_pages=1 << 20, max_spans=64, freed_before=cutoff)
-    young = L.handle_offset(a.handle) // PAGE
+    young = arena.lay.handle_page(a.handle)
     assert free_spans(arena)[young] == (MIB // PAGE, 0), "a's span, freed after the cutoff, was released"
     assert pages == before - MIB // PAGE < before, "only the spans freed before the cutoff go"
     pages, _ = arena.scavenge_step(max_pages=1 << 20, max_spans=64)
