@@ -693,24 +693,30 @@ class Arena:
         """Bytes of metadata reserved in tmpfs, by part: "fixed" (the regions reserved at
         creation), "fine" (the OS pages of the maps' fine parts the fine-map table says are
         reserved), "coarse" (the maps' coarse parts over the committed heap, less the OS pages
-        given back with released spans) and "pages" (the other per-page tables over the committed
-        heap: page map, span records).  Computed from the layout, the heap's counters and the
-        span table, as PageHeap reserves and releases them; tests hold it to st_blocks."""
+        given back with released spans), "pagemap" (the page map over the committed heap) and
+        "tables" (the other per-page tables: span records).  Computed from the layout, the heap's
+        counters and the span table, as PageHeap reserves and releases them (tests hold it to
+        st_blocks)."""
         lay, q, os_page = self.lay, self.q, L.OS_PAGE
         committed = q[lay.heap_word() + H["committed_pages"]]
         released = [
             rec for rec in self.heap.span_records() if rec["state"] == L.SPAN_FREE and rec["released"]
         ]
-        coarse = {lay.amap_off + lay.fine_bytes, lay.gmap_off + lay.fine_bytes}
-        out = {"fixed": sum(n for _, n in lay.fixed_ranges()), "pages": 0, "coarse": 0}
+        name = {
+            lay.amap_off + lay.fine_bytes: "coarse",
+            lay.gmap_off + lay.fine_bytes: "coarse",
+            lay.pagemap_off + L.PREAMBLE * L.WORD: "pagemap",
+        }
+        out = dict.fromkeys(("fixed", "fine", "coarse", "pagemap", "tables"), 0)
+        out["fixed"] = sum(n for _, n in lay.fixed_ranges())
+        out["fine"] = 2 * os_page * q[lay.heap_word() + H["fine_map_pages"]]
         for base, per, given_back in lay.page_tables:
-            n = (-(-(base + committed * per) // os_page) - base // os_page) * os_page
+            end = base + committed * per
+            n = (-(-end // os_page) - base // os_page) * os_page
             if given_back:
-                end = base + committed * per
                 for rec in released:
                     n -= sum(b for o, b in lay.released_meta(rec["start"], rec["npages"]) if base <= o < end)
-            out["coarse" if base in coarse else "pages"] += n
-        out["fine"] = 2 * os_page * q[lay.heap_word() + H["fine_map_pages"]]
+            out[name.get(base, "tables")] += n
         return out
 
     # --- statistics (stats.py) ------------------------------------------------------------

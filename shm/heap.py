@@ -350,13 +350,20 @@ class PageHeap:
             f"{len(fresh) * 2 * L.OS_PAGE} bytes of allocation and generation map",
         )
         if self.q[self.hw + H["releases"]]:
-            g = bytes((self._epoch_gen(),)) * L.OS_PAGE
-            for p in fresh:  # the fine bytes only: the last OS page may hold coarse ones too
-                a = lay.gmap_off + p * L.OS_PAGE
-                n = min(L.OS_PAGE, lay.fine_bytes - p * L.OS_PAGE)
-                mv[a : a + n] = g[:n]
+            self._regenerate_fine(fresh)
         op.wbytes(flags + pages.start, 1, b"\x01" * len(old), old)
         op.add(self.hw + H["fine_map_pages"], len(fresh))
+
+    def _regenerate_fine(self, pages):
+        """Write the release epoch's generation over the fine generation bytes of fine-map OS
+        pages `pages` (not over the coarse bytes the last one may hold).  No undo entry: no span
+        of a fine class lies there, and any value is a valid generation."""
+        lay, mv = self.lay, self.arena.mv
+        g = bytes((self._epoch_gen(),)) * L.OS_PAGE
+        for p in pages:
+            a = lay.gmap_off + p * L.OS_PAGE
+            n = min(L.OS_PAGE, lay.fine_bytes - p * L.OS_PAGE)
+            mv[a : a + n] = g[:n]
 
     def _forget_fine(self, op, start, npages):
         """Clear the fine-map flags of the OS pages a release of heap pages [start, start +

@@ -348,3 +348,124 @@ def test_a_free_next_to_released_pages_works_on_a_full_dev_shm(arena, monkeypatc
         p.free(x)
     assert_healthy(arena, p)
     p.close()
+
+
+# --- the maps' fine and coarse parts ----------------------------------------------------------
+def os_pages(ranges):
+    """The OS page numbers (of the segment) that `ranges` [(offset, bytes)] touch."""
+    from shm import layout as L
+
+    return {p for off, n in ranges for p in range(off // L.OS_PAGE, -(-(off + n) // L.OS_PAGE))}
+
+
+def reserved_by_the_books(arena):
+    """The OS pages the allocator says it reserved, nothing having been released: the fixed
+    regions, the committed heap pages with every per-page table's entries over them, and the
+    fine-map pages whose flag is set (both maps)."""
+    lay = arena.lay
+    committed = arena.heap.hget("committed_pages")
+    flags = bytes(arena.mv[lay.finemap_flags : lay.finemap_flags + lay.fine_os_pages])
+    fine = [r for p, f in enumerate(flags) if f for r in lay.fine_ranges(range(p, p + 1))]
+    heap = [(lay.heap_off, committed * 8192)]
+    return os_pages(lay.fixed_ranges() + lay.page_meta(0, committed) + heap + fine)
+
+
+def fill(p, nbytes, sizes):
+    """Blocks from `sizes()` until `nbytes`, each filled with its pattern."""
+    blocks, total = [], 0
+    while total < nbytes:
+        b = p.alloc(sizes())
+        b.buf[:] = pattern(b.handle, b.size)
+        blocks.append(b)
+        total += b.size
+    return blocks
+
+
+def test_blocks_of_coarse_classes_reserve_nothing_of_the_fine_map(make_arena):
+    """Blocks of coarse classes (sizes a multiple of 128) and large ones only: not one OS page of
+    either map's fine part is reserved or written, and what tmpfs holds is exactly what the
+    allocator's books say -- the checks and the slow walk read nothing else either."""
+    import random
+
+    from shm import layout as L
+
+    arena = make_arena(heap_max=64 << 20, nslots=4)
+    lay = arena.lay
+    p = ProcessCache(arena)
+    rnd = random.Random(3)
+    blocks = fill(p, 24 << 20, lambda: rnd.choice([128, 256, 640, 1024, 3072, 8192, 32768, 40_000, 300_000]))
+    snap = assert_healthy(arena, p)  # check_all and the slow walk, before st_blocks is read
+    assert arena.heap.hget("fine_map_pages") == 0 and snap["gc_sys"] == 2 * snap["heap_sys"] // 128
+    assert os.fstat(arena.fd).st_blocks * 512 == len(reserved_by_the_books(arena)) * L.OS_PAGE
+    for base in (lay.amap_off, lay.gmap_off):
+        try:
+            data = os.lseek(arena.fd, base, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past it at all
+            data = lay.total_bytes
+        assert data >= base + lay.fine_bytes, "a byte of a map's fine part was written"
+    assert arena.metadata()["fine"] == 0
+    for b in blocks:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
+    p.close()
+
+
+def test_maps_and_page_map_cost_at_most_3_percent_of_heap_inuse(make_arena):
+    """A seeded fill of random sizes 1 B..32 KiB (bench/bench_memory.py's workload, 40 MiB):
+    the two maps (fine and coarse parts) and the page map hold at most 3% of heap_inuse in tmpfs,
+    counted from the allocator's books, which st_blocks agrees with to the OS page."""
+    import random
+
+    from shm import layout as L
+
+    arena = make_arena(heap_max=64 << 20, nslots=4)
+    p = ProcessCache(arena)
+    rnd = random.Random(1)
+    blocks = fill(p, 40 << 20, lambda: rnd.randint(1, 32 << 10))
+    snap = assert_healthy(arena, p)
+    assert os.fstat(arena.fd).st_blocks * 512 == len(reserved_by_the_books(arena)) * L.OS_PAGE
+    meta = arena.metadata()
+    assert meta["fine"] > 0 and meta["fine"] + meta["coarse"] == snap["gc_sys"]
+    maps = meta["fine"] + meta["coarse"] + meta["pagemap"]
+    assert maps <= 0.03 * snap["heap_inuse"], (meta, snap["heap_inuse"])
+    for b in blocks:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
+    p.close()
+
+
+def test_a_full_dev_shm_at_a_fine_span_placement(arena, monkeypatch):
+    """The heap has room, but /dev/shm none for the fine-map pages a span of a fine class needs:
+    OutOfMemory and the arena unchanged; a coarse class still allocates; once there is room the
+    pages are reserved and the class works."""
+    lay = arena.lay
+    p = ProcessCache(arena)
+    keep = p.alloc(100_000)  # the heap's first growth: the next spans need no commit
+    keep.buf[:] = pattern(keep.handle, keep.size)
+    before, real, calls = metadata_bytes(arena), os.posix_fallocate, []
+
+    def no_room_for_fine(fd, off, n):
+        calls.append(off)
+        if any(base <= off < base + lay.fine_bytes for base in (lay.amap_off, lay.gmap_off)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, off, n)
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room_for_fine)
+    with pytest.raises(OutOfMemory, match="/dev/shm is full: cannot commit .* allocation and generation map"):
+        p.alloc(64)
+    assert calls, "the fine-map pages were never asked for"
+    assert metadata_bytes(arena) == before and arena.heap.hget("fine_map_pages") == 0
+    coarse = p.alloc(1024)
+    coarse.buf[:] = pattern(coarse.handle, coarse.size)
+    monkeypatch.undo()
+    fine = [p.alloc(64) for _ in range(300)]
+    for b in fine:
+        b.buf[:] = pattern(b.handle, b.size)
+    assert unreserved(arena) == [] and arena.heap.hget("fine_map_pages") > 0
+    for b in [keep, coarse, *fine]:
+        assert bytes(b.buf[: b.size]) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
+    p.close()
