@@ -14,7 +14,11 @@ with a pattern and verified before it is freed:
 
 At each step: heap_sys, heap_inuse, heap_alloc, the segment's resident bytes (st_blocks), the
 resident metadata (every region but the heap: SEEK_DATA), heap_inuse/heap_alloc and
-resident/heap_alloc.  The refill's growth of heap_sys says whether freed room is reused (partly
+resident/heap_alloc; then the metadata tmpfs holds reserved (Arena.metadata: the allocator's
+books, which the tests hold to st_blocks), split into the allocation and generation maps' fine
+parts (a byte each per 8 heap bytes, for the small classes whose size is no multiple of 128),
+their coarse parts (per 128), the page map with the span records, and the fixed regions, each as
+a share of heap_inuse.  The refill's growth of heap_sys says whether freed room is reused (partly
 used spans before fresh ones, as Go's mcentral prefers them).
 
 Two daemons, the scavenger off (--retain 100%: it keeps every idle page) and on (the default
@@ -92,6 +96,7 @@ def one_run(extra, mb, seed, settle_s):
         def sample(step):
             snap = heap.stats()
             res = arena.resident()
+            res["books"] = arena.metadata()
             rows.append((step, snap, res))
 
         try:
@@ -114,6 +119,40 @@ def one_run(extra, mb, seed, settle_s):
         finally:
             arena.close()
     return rows, {k: p99(v) for k, v in lat.items()}, hold
+
+
+def pct(n, of):
+    return f"{n / of * 100:.2f}%" if of else "-"
+
+
+def meta_table(rows):
+    """The reserved metadata by part, each as a share of heap_inuse."""
+    out = []
+    for step, s, r in rows:
+        m, inuse = r["books"], s["heap_inuse"]
+        out.append(
+            (
+                step,
+                mib(inuse),
+                pct(m["fine"], inuse),
+                pct(m["coarse"], inuse),
+                pct(m["pagemap"] + m["tables"], inuse),
+                pct(m["fixed"], inuse),
+                pct(sum(m.values()), inuse),
+            )
+        )
+    return md_table(
+        [
+            "step",
+            "heap_inuse",
+            "maps, fine",
+            "maps, coarse",
+            "page map + span records",
+            "fixed regions",
+            "all",
+        ],
+        out,
+    )
 
 
 def table(rows):
@@ -170,6 +209,8 @@ def main():
         flags = " ".join(extra) or "(default --retain)"
         print(f"\nscavenger {name} {flags}, last round; longest step hold {hold / 1e6:.3f} ms\n")
         print(table(rows))
+        print("\nmetadata reserved, as a share of heap_inuse\n")
+        print(meta_table(rows))
     print("\nratios\n")
     out = []
     for name, _ in CONFIGS:

@@ -4,7 +4,8 @@ The arena is ONE `multiprocessing.shared_memory` segment, reserved at its full s
 ftruncate (sparse on tmpfs: untouched pages cost nothing).  A page is committed with
 posix_fallocate before anything touches it: the fixed regions (header to P slots, and the two
 preambles after) when the arena is created, the heap's pages with their entries in the per-page
-tables (Layout.page_tables) as the heap grows -- see PageHeap.  Every integer field is an unsigned
+tables (Layout.page_tables) as the heap grows, and the OS pages of the maps' fine parts when a
+span of a fine class is placed over them -- see PageHeap.  Every integer field is an unsigned
 64-bit little-endian word, addressed as an index into a `memoryview.cast('Q')` of the whole
 segment; only the allocation and generation maps are bytes.  Regions, in order, each starting on an 8 KiB
 boundary:
@@ -14,20 +15,36 @@ boundary:
     lock_off      locks         REGION preamble, then per lock: dirty actor+1, dirty pid, its start
     central_off   central       REGION preamble, then per size class c (0..66): CENTRAL_* words
     heapmeta_off  heapmeta      REGION preamble, HEAP_* words, free-span bucket heads
+    finemap_off   fine-map tab  REGION preamble, then a byte per OS page of the maps' fine part
+                                (per 32 KiB of heap): 1 = that OS page of both maps is reserved
     slots_off     P slots       per slot (nslots workers, then the daemon's actor slot and the
                                 registry's actor slot): SLOT_* words, then the undo log
     spans_off     span table    REGION preamble, then nrecords records of SPAN_* words
     pagemap_off   page map      REGION preamble, then one word per heap page: record index+1
-    amap_off      alloc map     one byte per 8-byte granule of the heap: byte j is granule j (the
-                                heap's bytes [8j, 8j + 8)), no preamble
-    gmap_off      gen map       one byte per granule, indexed as the alloc map: the generation of
+    amap_off      alloc map     no preamble; two parts, one after the other:
+                                  fine    heap_max/8 bytes: byte j is the heap's bytes [8j, 8j + 8)
+                                  coarse  heap_max/128 bytes: byte j is the heap's bytes
+                                          [128j, 128j + 128)
+    gmap_off      gen map       the same two parts, indexed as the alloc map: the generation of
                                 the object that starts there (below)
     heap_off      heap pages    heap_max bytes, committed in chunks with posix_fallocate
 
 Each preamble is [magic, version, bytes] so a reader refuses a region that is not what it
 expects (`Arena.attach` checks them all).
 
-Allocation-map byte values (one byte per 8-byte granule; only object starts are ever non-zero):
+The two parts.  A size class is coarse when its object size is a multiple of 128 (every class
+from 128 B on but 144..240, 288..480 bar 384, 576 and 704), and a large object always is: its
+objects start on 128-byte grains, so a byte per grain names each start.  The other classes are
+fine, and use the fine part, a byte per 8 bytes.  A span's object bytes live in the part of its
+class only; the other part's bytes over its pages stay 0 and are never read.  The coarse parts
+are per-page tables, reserved with the pages they describe and given back with them
+(Layout.page_tables).  The fine parts are not: they are reserved an OS page at a time (32 KiB
+of heap) when a span of a fine class is placed over that page, their flags in the fine-map table
+say which, and a release gives back the fine-map OS pages that describe only released pages
+(PageHeap).  So the maps cost 2/128 of the committed heap plus 1/4 of the heap in fine spans,
+rounded up to 32 KiB, instead of 1/4 of all of it.
+
+Allocation-map byte values (one byte per grain; only object starts are ever non-zero):
 
     0            FREE        not allocated, not in any P's local list
     1            ALLOC       allocated, span not cached by any P (or a large object)
@@ -40,11 +57,19 @@ Allocation-map byte values (one byte per 8-byte granule; only object starts are 
                              so a retag may overwrite it -- the buffered free stays authoritative
     16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
 
-Handles.  A block's handle is a plain int that names its granule and its generation:
+Handles.  A block's handle is a plain int that names its map byte and its generation:
 
-    handle = (HANDLE_G0 + j) << 8 | gen        j = the block's heap byte offset >> 3
+    handle = (HANDLE_G0 + j) << 8 | gen        fine:   j = off >> 3
+                                               coarse: j = heap_max/8 + (off >> 7)
 
-`gen` is the generation-map byte of the granule.  It is bumped (mod 256) each time the object
+with `off` the block's heap byte offset: the index HANDLE_G0 + j is fine below handle_c0 =
+HANDLE_G0 + heap_max/8 (a Layout attribute: it depends on heap_max), coarse from it.  Since the
+two parts lie one after the other in the order of their indexes, amap_off + j is the
+allocation-map byte of either (gmap_off + j its generation byte): one formula, and the fast
+path's map views, indexed by handle >> 8, need no branch.  Going the other way does: a fine index
+gives off = j << 3 and page j >> 10, a coarse one off = (j - heap_max/8) << 7 and page
+(j - heap_max/8) >> 6 (Layout.handle_offset, handle_page).  `gen` is the generation-map byte of
+the object's map byte.  It is bumped (mod 256) each time the object
 there becomes free -- a local free (LISTED), a free applied under a lock (FREE or PENDING) --
 and never otherwise: not when its span goes back to the page heap, not at a retag, not while a
 remote free waits in a buffer (RFREED).  So the live handle of an allocated object carries its
@@ -53,13 +78,16 @@ handle it last had (so a second free of that handle says DoubleFree even after i
 to the heap); and the 255 handles an address had before its current one all differ from it.  A
 stale handle (its block freed and the address reused) is refused by free() and view() with
 BadHandle unless its address was freed a multiple of 256 times since (the byte wrapped): with
-probability at least 255/256.  The generation map is given back to the OS with the pages it
-describes, like the alloc map (else what object starts once touched would stay resident); when
-released pages are committed again their generation bytes are all set to one non-zero value that
-changes with every release (PageHeap._commit), so a handle from before the release -- most often
+probability at least 255/256.  A stale handle of the other part (its span's pages reused by a span
+of a class of the other part) is refused as well, without its map byte being read.  The
+generation map is given back to the OS with the pages it describes, like the alloc map (else what
+object starts once touched would stay resident); when released pages are committed again their
+coarse generation bytes are all set to one non-zero value that changes with every release
+(PageHeap._commit), and so are a fine-map OS page's when it is reserved afresh after anything was
+ever released (PageHeap._reserve_fine), so a handle from before the release -- most often
 generation 0, an address's first -- is refused unless it happens to carry that value.
 HANDLE_G0 (one page of granules) keeps every handle >= HANDLE_MIN (never 0) and lets the fast path
-find a page from a handle with one shift; handles of the first 32 MiB of the heap fit in one
+find a fine handle's page with one shift; fine handles of the first 32 MiB of the heap fit in one
 30-bit digit of a Python int, which keeps the fast path's arithmetic on them cheap.
 """
 
