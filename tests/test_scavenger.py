@@ -71,6 +71,38 @@ def test_a_span_freed_after_the_cutoff_is_left_alone(arena):
     p.close()
 
 
+def test_a_release_keeps_the_fine_map_page_a_live_fine_span_shares(arena):
+    """A fine span on page 0 and a large block after it, freed and released: the fine-map OS
+    pages wholly inside the released pages go back (flags cleared), the one that also describes
+    page 0 stays (a release never gives back a byte that describes another page), and the fine
+    blocks keep their bytes and generations."""
+    from support import unreserved
+
+    p = ProcessCache(arena)
+    fine = [p.alloc(64) for _ in range(10)]
+    for b in fine:
+        b.buf[:] = pattern(b.handle, b.size)
+    big = p.alloc(MIB)
+    assert page_of(arena, fine[0]) == 0 and page_of(arena, big) == 1
+    p.free(big)
+    p.flush()  # the large span back to the heap; the fine span's blocks stay allocated
+    flags = arena.lay.finemap_flags
+    assert arena.mv[flags] == 1
+    assert arena.scavenge() >= MIB
+    assert arena.mv[flags] == 1, "the fine-map page of page 0 was given back"
+    assert bytes(arena.mv[flags + 1 : flags + arena.lay.fine_os_pages]).count(1) == 0
+    assert arena.heap.hget("fine_map_pages") == 1
+    assert unreserved(arena) == []
+    other = ProcessCache(arena)
+    for b in fine:
+        assert bytes(other.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        other.free(b)
+    snap = assert_healthy(arena, p, other)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    p.close()
+    other.close()
+
+
 def test_steps_release_the_spans_idle_longest_first(arena):
     p = ProcessCache(arena)
     a, sep1, c, sep2 = (p.alloc(MIB), p.alloc(64), p.alloc(MIB), p.alloc(MIB))
