@@ -565,14 +565,15 @@ class Arena:
         self.run(actor, op_free)
 
     def _live_over(self, r, off):
-        """Does a live object of in-use span r (read in its own part of the maps) cover heap byte
-        offset `off`?  No lock: the answer picks an error message."""
+        """Does an allocated object of in-use span r (read in its own part of the maps) cover heap
+        byte offset `off`?  One freed and its free still buffered (RFREED) does not.  No lock:
+        the answer picks an error message."""
         q, lay, w = self.q, self.lay, self.lay.span_word(r)
         c, start = q[w + S["sizeclass"]], q[w + S["start"]]
         j0, grain = lay.span_index(start, c)
         i = (off - start * PAGE) // CLASS_TO_SIZE[c] if c else 0
         b = self.mv[lay.amap_off + j0 + i * (CLASS_TO_SIZE[c] // grain if c else 0)]
-        return b == L.ALLOC or b >= L.TAG0 or b == L.RFREED
+        return b == L.ALLOC or b >= L.TAG0
 
     def _gen_readable(self, j):
         """May map byte j be read though no span holds its page?  A coarse byte of the committed

@@ -365,15 +365,24 @@ class PageHeap:
             n = min(L.OS_PAGE, lay.fine_bytes - p * L.OS_PAGE)
             mv[a : a + n] = g[:n]
 
+    FORGET_CHUNK = 4096  # fine-map flags cleared per checkpoint (a 4 KiB undo entry)
+
     def _forget_fine(self, op, start, npages):
         """Clear the fine-map flags of the OS pages a release of heap pages [start, start +
-        npages) gives back (Layout.released_meta): logged, before the release's checkpoint."""
+        npages) gives back (Layout.released_meta), and checkpoint: the caller's writes go with
+        the first chunk of flags, each later chunk is a checkpoint of its own (a flag cleared
+        over a page not yet given back only makes the next fine span reserve it again), so the
+        undo log stays bounded however long the release."""
         pages = self.lay.fine_pages(start, npages, inside=True)
-        if pages:
-            flags = self.lay.finemap_flags
-            old = bytes(self.arena.mv[flags + pages.start : flags + pages.stop])
-            op.wbytes(flags + pages.start, 1, bytes(len(old)), old)
-            op.add(self.hw + H["fine_map_pages"], -sum(old))
+        flags = self.lay.finemap_flags
+        for lo in range(pages.start, pages.stop, self.FORGET_CHUNK):
+            hi = min(lo + self.FORGET_CHUNK, pages.stop)
+            old = bytes(self.arena.mv[flags + lo : flags + hi])
+            if any(old):
+                op.wbytes(flags + lo, 1, bytes(len(old)), old)
+                op.add(self.hw + H["fine_map_pages"], -sum(old))
+            op.log.clear()  # checkpoint
+        op.log.clear()  # checkpoint (a release with no fine-map page wholly inside it)
 
     def _punch(self, start, npages):
         """Give heap pages [start, start + npages) back to the OS (MADV_REMOVE punches them out of
@@ -518,8 +527,7 @@ class PageHeap:
             op.add(hw + H["releases"], 1)
             if background:
                 op.add(hw + H["scavenged_pages"], k)
-            self._forget_fine(op, start + n - k, k)
-            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+            self._forget_fine(op, start + n - k, k)  # and checkpoint: a bounded undo log
             self._punch(start + n - k, k)
             budget -= k
             done += k

@@ -103,6 +103,34 @@ def test_a_release_keeps_the_fine_map_page_a_live_fine_span_shares(arena):
     other.close()
 
 
+def test_a_long_release_clears_fine_map_flags_a_chunk_per_checkpoint(arena, monkeypatch):
+    """The flags a release clears are logged a chunk at a time, each chunk a checkpoint (one
+    flag per chunk here): the undo log stays bounded however much is released, and the table,
+    the count and a reuse agree afterwards."""
+    from shm.heap import PageHeap
+
+    monkeypatch.setattr(PageHeap, "FORGET_CHUNK", 1)
+    p = ProcessCache(arena)
+    blocks = [p.alloc(16) for _ in range(40_000)]  # 80 one-page spans: 20 fine-map pages
+    assert arena.heap.hget("fine_map_pages") >= 20
+    for b in blocks:
+        p.free(b)
+    p.flush()
+    arena.free_empty_spans()
+    pages, _ = arena.scavenge_step(max_pages=1 << 20, max_spans=64)
+    assert pages > 0 and arena.heap.hget("fine_map_pages") == 0
+    assert not any(arena.mv[arena.lay.finemap_flags : arena.lay.finemap_flags + arena.lay.fine_os_pages])
+    again = [p.alloc(16) for _ in range(5000)]
+    for b in again:
+        b.buf[:] = pattern(b.handle, b.size)
+    assert arena.heap.hget("fine_map_pages") > 0
+    for b in again:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
+    p.close()
+
+
 def test_steps_release_the_spans_idle_longest_first(arena):
     p = ProcessCache(arena)
     a, sep1, c, sep2 = (p.alloc(MIB), p.alloc(64), p.alloc(MIB), p.alloc(MIB))
