@@ -533,30 +533,28 @@ class Arena:
             if r < 0 or L.CLASS_COARSE[c] != coarse:  # no span holds it in h's part of the maps
                 big = self._large_span_over(page) if r < 0 and coarse else -1
                 if big >= 0:
+                    self._double_free(h, j, gen, big)
                     raise BadHandle(
                         f"handle {h} is inside a large block of "
                         f"{self.q[self.lay.span_word(big) + S['npages']] * PAGE} bytes but not at its start"
                     )
-                live_over = r >= 0 and self._live_over(r, self.lay.index_offset(j))
-                readable = not live_over and self._gen_readable(j)
-                if readable and self.mv[self.lay.gmap_off + j] == (gen + 1) & L.GEN_MASK:
-                    raise DoubleFree(
-                        f"double free: block {h} is already free (and its span went back to the heap)"
-                    )
                 if r >= 0:
+                    self._double_free(h, j, gen, r)
                     raise BadHandle(
                         f"handle {h} is stale: its block's pages now hold blocks of "
                         f"{CLASS_TO_SIZE[c] if c else self.q[self.lay.span_word(r) + S['npages']] * PAGE} bytes"
                     )
+                self._double_free(h, j, gen)
                 raise BadHandle(
                     f"handle {h} is not a live block: no span holds it (never allocated, "
                     "or freed and its span returned to the heap)"
                 )
-            c = self.q[self.lay.span_word(r) + S["sizeclass"]]
             op.acquire(L.LOCK_HEAP if c == 0 else L.LOCK_CENTRAL(c))
             r2 = self.heap.span_of_page(page)
             if r2 != r or self.q[self.lay.span_word(r) + S["sizeclass"]] != c:
                 raise Retry()  # the span changed before we got its lock
+            if not self._object_at(r, self.lay.index_offset(j))[0]:
+                self._double_free(h, j, gen, r)  # else free_object or free says what it is
             if c == 0:
                 self.large.free(op, r, h, actor)
             else:
@@ -564,16 +562,27 @@ class Arena:
 
         self.run(actor, op_free)
 
-    def _live_over(self, r, off):
-        """Does an allocated object of in-use span r (read in its own part of the maps) cover heap
-        byte offset `off`?  One freed and its free still buffered (RFREED) does not.  No lock:
-        the answer picks an error message."""
+    def _object_at(self, r, off):
+        """(an object of in-use span r starts at heap byte offset `off`, the object of r over
+        `off` is allocated), read in the span's own part of the maps.  A block freed whose free
+        is still buffered (RFREED) counts as free."""
         q, lay, w = self.q, self.lay, self.lay.span_word(r)
         c, start = q[w + S["sizeclass"]], q[w + S["start"]]
+        size, n = (CLASS_TO_SIZE[c], q[w + S["nelems"]]) if c else (q[w + S["npages"]] * PAGE, 1)
         j0, grain = lay.span_index(start, c)
-        i = (off - start * PAGE) // CLASS_TO_SIZE[c] if c else 0
-        b = self.mv[lay.amap_off + j0 + i * (CLASS_TO_SIZE[c] // grain if c else 0)]
-        return b == L.ALLOC or b >= L.TAG0
+        i, rem = divmod(off - start * PAGE, size)
+        b = self.mv[lay.amap_off + j0 + i * (size // grain)] if 0 <= i < n else L.FREE
+        return rem == 0 and 0 <= i < n, b == L.ALLOC or b >= L.TAG0
+
+    def _double_free(self, h, j, gen, r=-1):
+        """Raise DoubleFree if h is the last handle of its map byte, freed (the byte's generation
+        is one past h's), and no allocated object of span r (-1: none holds the page) covers its
+        address: freeing a handle twice is a double free whatever was made of its memory since,
+        as long as nobody else holds it.  No lock needed: it only picks the error."""
+        if r >= 0 and self._object_at(r, self.lay.index_offset(j))[1]:
+            return
+        if self._gen_readable(j) and self.mv[self.lay.gmap_off + j] == (gen + 1) & L.GEN_MASK:
+            raise DoubleFree(f"double free: block {h} is already free (and its span went back to the heap)")
 
     def _gen_readable(self, j):
         """May map byte j be read though no span holds its page?  A coarse byte of the committed

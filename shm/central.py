@@ -168,7 +168,7 @@ class CentralList:
 
     def _retag(self, op, c, r, k, table, what):
         """Translate the object-start bytes of span r, which P k must cache, with `table`.
-        Caller holds central lock c.  Returns (old bytes, new bytes, first granule, size)."""
+        Caller holds central lock c.  Returns (old bytes, new bytes, first map index, size)."""
         op.need(L.LOCK_CENTRAL(c), f"CentralList.{what}")
         owner = self.q[self.lay.span_word(r) + S["owner"]]
         if owner != k + 1:
