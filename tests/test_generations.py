@@ -117,11 +117,12 @@ def test_a_second_free_after_the_span_went_back_to_the_heap_is_a_double_free(are
     other.close()
 
 
-def test_one_address_gets_256_distinct_handles_before_one_repeats(arena):
+@pytest.mark.parametrize("size", [64, 128, 100_000])  # fine, coarse, large: each fast free wraps
+def test_one_address_gets_256_distinct_handles_before_one_repeats(arena, size):
     p = ProcessCache(arena)
     seen = []
     for _ in range(257):
-        b = p.alloc(64)
+        b = p.alloc(size)
         seen.append(b.handle)
         p.free(b)
     assert len({h >> layout.GEN_BITS for h in seen}) == 1
