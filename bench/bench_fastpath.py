@@ -202,19 +202,21 @@ def replica(pieces=(), lock=False):
     ns = dict(vars(cache))  # the module's globals: Block, the size-class tables, _handle, ...
     exec(compile(replica_source(pieces, lock), "<replica of shm/cache.py>", "exec"), ns)
     heap = 1 << 26  # a 64 MiB heap, as the real arena below
+    lay = L.Layout(heap, 1)  # the maps' two parts, as ProcessCache indexes them
     amap_off = ((L.SLOT_RFREE_AT + L.RFREE_CAP) * 8 + L.PAGE_SIZE - 1) & -L.PAGE_SIZE
-    gmap_off = amap_off + heap // 8
-    buf = mmap.mmap(-1, gmap_off + heap // 8)  # anonymous, MAP_SHARED; the heap itself is never
+    gmap_off = amap_off + lay.amap_bytes
+    buf = mmap.mmap(-1, gmap_off + lay.amap_bytes)  # anonymous, MAP_SHARED; the heap itself is never
     mv = memoryview(buf)  # touched by the fast path: not mapped
     q = mv.cast("Q")
     size, nobjs = CLASS_TO_SIZE[C64], CLASS_TO_NOBJS[C64]
     lists = [[] for _ in range(L.NCLASS)]
-    lists[C64] = [L.make_handle(i * size, 0) for i in range(nobjs - 1, -1, -1)]  # pop(): ascending
+    lists[C64] = [lay.make_handle(i * size, 0, C64) for i in range(nobjs - 1, -1, -1)]  # pop(): ascending
     g0 = L.HANDLE_G0  # the maps as ProcessCache views them: indexed by handle >> GEN_BITS
-    amap = mv[amap_off - g0 : amap_off + heap // 8]
+    amap = mv[amap_off - g0 : amap_off + lay.amap_bytes]
     for h in lists[C64]:
         amap[h >> L.GEN_BITS] = L.LISTED
-    pclass = bytearray((heap >> L.PAGE_SHIFT) + 1)
+    pages = heap >> L.PAGE_SHIFT
+    pclass = bytearray(pages + 1) + bytes((cache._COARSE,)) * (pages // 16 + 2)
     pclass[1 : 1 + CLASS_TO_ALLOCNPAGES[C64]] = bytes([C64]) * CLASS_TO_ALLOCNPAGES[C64]
     SL = L.SLOT
 
@@ -225,9 +227,11 @@ def replica(pieces=(), lock=False):
         _buf=buf,
         _lists=lists,
         _amap=amap,
-        _gmap=mv[gmap_off - g0 : gmap_off + heap // 8],
+        _gmap=mv[gmap_off - g0 : gmap_off + lay.amap_bytes],
         _tag=L.TAG0,
         _pclass=pclass,
+        _cpclass=bytearray(pages),
+        arena=types.SimpleNamespace(lay=lay),
         _relists=q[L.SLOT_RELISTS_AT : L.SLOT_RELISTS_AT + L.NCLASS],
         _lcache={},
         _lnp={},

@@ -14,9 +14,13 @@ with a pattern and verified before it is freed:
 
 At each step: heap_sys, heap_inuse, heap_alloc, the segment's resident bytes (st_blocks), the
 resident metadata (every region but the heap: what is reserved whole, and SEEK_DATA elsewhere),
-heap_inuse/heap_alloc and resident/heap_alloc; then two parts of the metadata, the span table and
-the P slots.  The refill's growth of heap_sys says whether freed room is reused (partly used spans
-before fresh ones, as Go's mcentral prefers them).
+heap_inuse/heap_alloc and resident/heap_alloc; then the metadata tmpfs holds reserved
+(Arena.metadata: the allocator's books, which the tests hold to st_blocks), split into the
+allocation and generation maps' fine parts (a byte each per 8 heap bytes, for the small classes
+whose size is no multiple of 128), their coarse parts (per 128), the page map, the span records
+in use, the P slots ever claimed and the fixed regions, each as a share of heap_inuse.  The
+refill's growth of heap_sys says whether freed room is reused (partly used spans before fresh
+ones, as Go's mcentral prefers them).
 
 Two daemons, the scavenger off (--retain 100%: it keeps every idle page) and on (the default
 --retain), run round robin in the same run (a fresh daemon each round, the order swapped every
@@ -93,6 +97,7 @@ def one_run(extra, mb, seed, settle_s):
         def sample(step):
             snap = heap.stats()
             res = arena.resident()
+            res["books"] = arena.metadata()
             rows.append((step, snap, res))
 
         try:
@@ -115,6 +120,44 @@ def one_run(extra, mb, seed, settle_s):
         finally:
             arena.close()
     return rows, {k: p99(v) for k, v in lat.items()}, hold
+
+
+def pct(n, of):
+    return f"{n / of * 100:.2f}%" if of else "-"
+
+
+def meta_table(rows):
+    """The reserved metadata by part, each as a share of heap_inuse."""
+    out = []
+    for step, s, r in rows:
+        m, inuse = r["books"], s["heap_inuse"]
+        out.append(
+            (
+                step,
+                mib(inuse),
+                pct(m["fine"], inuse),
+                pct(m["coarse"], inuse),
+                pct(m["pagemap"], inuse),
+                pct(m["spans"], inuse),
+                pct(m["slots"], inuse),
+                pct(m["fixed"], inuse),
+                pct(sum(m.values()), inuse),
+            )
+        )
+    return md_table(
+        [
+            "step",
+            "heap_inuse",
+            "maps, fine",
+            "maps, coarse",
+            "page map",
+            "span records",
+            "P slots",
+            "fixed regions",
+            "all",
+        ],
+        out,
+    )
 
 
 def table(rows):
@@ -149,19 +192,6 @@ def table(rows):
     )
 
 
-def meta_parts(rows):
-    """Two parts of the metadata, per step: the span table (its pages under the records in use)
-    and the P slots (the slots ever claimed, with their undo logs) -- Arena.resident, which counts
-    st_blocks' reserved-but-unwritten pages that SEEK_DATA does not see -- each against
-    heap_inuse."""
-    out = []
-    for step, s, r in rows:
-        inuse = s["heap_inuse"]
-        pct = [f"{r[part] / inuse * 100:.2f}%" if inuse else "-" for part in ("spans", "slots")]
-        out.append((step, f"{r['spans'] >> 10} KiB", pct[0], f"{r['slots'] >> 10} KiB", pct[1]))
-    return md_table(["step", "span table", "of heap_inuse", "P slots", "of heap_inuse"], out)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=200, help="MiB of blocks per fill")
@@ -184,8 +214,8 @@ def main():
         flags = " ".join(extra) or "(default --retain)"
         print(f"\nscavenger {name} {flags}, last round; longest step hold {hold / 1e6:.3f} ms\n")
         print(table(rows))
-        print()
-        print(meta_parts(rows))
+        print("\nmetadata reserved, as a share of heap_inuse\n")
+        print(meta_table(rows))
     print("\nratios\n")
     out = []
     for name, _ in CONFIGS:

@@ -47,11 +47,13 @@ and returns the problems (`Arena.check` raises CorruptionError):
 identities each check holds a counter to are written where the counter is declared (layout.py,
 stats.FIELDS).
 
-Object states are one byte per 8-byte granule of the heap (the allocation map, layout.py):
+Object states are one byte per grain of the heap (the allocation map, layout.py: 8-byte grains
+in its fine part for the small classes whose size is no multiple of 128, 128-byte grains in its
+coarse part for the others and large objects):
 FREE, ALLOC (span uncached), PENDING (freed by a non-owner, applied), LISTED (in the owner's
 list), RFREED (freed by a non-owner, its free still buffered), TAG(k) (allocated, span cached by
 P k).  Whole-span state changes are one bytes.translate.  A parallel map holds each object's
-generation, bumped when it is freed; a handle is its granule and its generation (layout.py), so a
+generation, bumped when it is freed; a handle is its map byte and its generation (layout.py), so a
 stale handle -- its block freed and the address reused -- frees and views nothing.
 
 Every call, fast or slow, first sets the P's `inside` byte, then reads its stop byte (world.py).

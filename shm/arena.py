@@ -425,10 +425,10 @@ class Arena:
         sw = lay.slot_word(k)
         n = q[sw + SL["rfree_n"]]
         pm, hmax, sw0 = lay.pagemap_word(), lay.heap_max, lay.span_word(0)
-        pages, shift = {}, L.HANDLE_PAGE_SHIFT
+        pages, page_of = {}, lay.handle_page
         for h in q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + n].tolist():
             if h:  # 0: applied by an earlier, interrupted pass (no handle is 0)
-                pages.setdefault((h >> shift) - 1, []).append(h)
+                pages.setdefault(page_of(h), []).append(h)
         groups, sc = {}, S["sizeclass"]
         for page, hs in pages.items():
             r = q[pm + page] - 1 if 0 <= page < hmax >> L.PAGE_SHIFT else -1
@@ -491,8 +491,8 @@ class Arena:
         q, w = self.q, self.lay.span_word(r)
         if q[w + S["state"]] != L.SPAN_INUSE or q[w + S["sizeclass"]] != c:
             return False
-        lo = L.make_handle(q[w + S["start"]] * PAGE, 0)
-        hi = L.make_handle((q[w + S["start"]] + q[w + S["npages"]]) * PAGE, 0)
+        lo = self.lay.make_handle(q[w + S["start"]] * PAGE, 0, c)
+        hi = self.lay.make_handle((q[w + S["start"]] + q[w + S["npages"]]) * PAGE, 0, c)
         return lo <= min(handles) and max(handles) < hi
 
     def free_empty_spans(self, actor=None):
@@ -529,60 +529,98 @@ class Arena:
 
     # --- any process's free of any handle (the slow path) ---------------------------------------
     def check_handle(self, h):
-        """(handle, granule, generation) of a handle that names a granule of the heap; BadHandle
+        """(handle, map index, generation) of a handle that names a byte of the maps; BadHandle
         otherwise (layout.py: what a handle is)."""
         if h.__class__ is not int:
             try:
                 h = h.__index__()
             except AttributeError:
                 raise BadHandle(f"a handle is an int, got {type(h).__name__}") from None
-        j, gen = L.handle_granule(h)
+        j, gen = L.handle_index(h)
         if not 0 <= j < self.lay.amap_bytes:
             raise BadHandle(
                 f"handle {h} is out of range: handles of this arena lie in "
-                f"[{L.HANDLE_MIN}, {L.make_handle(self.lay.heap_max, 0)})"
+                f"[{L.HANDLE_MIN}, {(L.HANDLE_G0 + self.lay.amap_bytes) << L.GEN_BITS})"
             )
         return h, j, gen
 
     def addr(self, h):
         """Byte offset in the segment of the memory of the block a handle names (no check:
         view() is the checked way in)."""
-        return self.lay.heap_off + L.handle_offset(h)
+        return self.lay.heap_off + self.lay.handle_offset(h)
 
     def free(self, h, actor):
         """Free handle h on behalf of `actor` (a P slot, or the daemon's).  The fast path of
         ProcessCache handles its own cached spans; everything else comes here."""
         h, j, gen = self.check_handle(h)
-        page = j >> (L.PAGE_SHIFT - 3)
+        page, coarse = self.lay.index_page(j), j >= self.lay.fine_bytes
 
         def op_free(op):
             r = self.heap.span_of_page(page)
-            if r < 0:
-                big = self._large_span_over(page)
+            c = self.q[self.lay.span_word(r) + S["sizeclass"]] if r >= 0 else -1
+            if r < 0 or L.CLASS_COARSE[c] != coarse:  # no span holds it in h's part of the maps
+                big = self._large_span_over(page) if r < 0 and coarse else -1
                 if big >= 0:
+                    self._double_free(h, j, gen, big)
                     raise BadHandle(
                         f"handle {h} is inside a large block of "
                         f"{self.q[self.lay.span_word(big) + S['npages']] * PAGE} bytes but not at its start"
                     )
-                if self.mv[self.lay.gmap_off + j] == (gen + 1) & L.GEN_MASK:
-                    raise DoubleFree(
-                        f"double free: block {h} is already free (and its span went back to the heap)"
+                if r >= 0:
+                    self._double_free(h, j, gen, r)
+                    raise BadHandle(
+                        f"handle {h} is stale: its block's pages now hold blocks of "
+                        f"{CLASS_TO_SIZE[c] if c else self.q[self.lay.span_word(r) + S['npages']] * PAGE} bytes"
                     )
+                self._double_free(h, j, gen)
                 raise BadHandle(
                     f"handle {h} is not a live block: no span holds it (never allocated, "
                     "or freed and its span returned to the heap)"
                 )
-            c = self.q[self.lay.span_word(r) + S["sizeclass"]]
             op.acquire(L.LOCK_HEAP if c == 0 else L.LOCK_CENTRAL(c))
             r2 = self.heap.span_of_page(page)
             if r2 != r or self.q[self.lay.span_word(r) + S["sizeclass"]] != c:
                 raise Retry()  # the span changed before we got its lock
+            if not self._object_at(r, self.lay.index_offset(j))[0]:
+                self._double_free(h, j, gen, r)  # else free_object or free says what it is
             if c == 0:
                 self.large.free(op, r, h, actor)
             else:
                 self.central.free_object(op, c, r, h, actor)
 
         self.run(actor, op_free)
+
+    def _object_at(self, r, off):
+        """(an object of in-use span r starts at heap byte offset `off`, the object of r over
+        `off` is allocated), read in the span's own part of the maps.  A block freed whose free
+        is still buffered (RFREED) counts as free."""
+        q, lay, w = self.q, self.lay, self.lay.span_word(r)
+        c, start = q[w + S["sizeclass"]], q[w + S["start"]]
+        size, n = (CLASS_TO_SIZE[c], q[w + S["nelems"]]) if c else (q[w + S["npages"]] * PAGE, 1)
+        j0, grain = lay.span_index(start, c)
+        i, rem = divmod(off - start * PAGE, size)
+        b = self.mv[lay.amap_off + j0 + i * (size // grain)] if 0 <= i < n else L.FREE
+        return rem == 0 and 0 <= i < n, b == L.ALLOC or b >= L.TAG0
+
+    def _double_free(self, h, j, gen, r=-1):
+        """Raise DoubleFree if h is the last handle of its map byte, freed (the byte's generation
+        is one past h's), and no allocated object of span r (-1: none holds the page) covers its
+        address: freeing a handle twice is a double free whatever was made of its memory since,
+        as long as nobody else holds it.  No lock needed: it only picks the error."""
+        if r >= 0 and self._object_at(r, self.lay.index_offset(j))[1]:
+            return
+        if self._gen_readable(j) and self.mv[self.lay.gmap_off + j] == (gen + 1) & L.GEN_MASK:
+            raise DoubleFree(f"double free: block {h} is already free (and its span went back to the heap)")
+
+    def _gen_readable(self, j):
+        """May map byte j be read though no span holds its page?  A coarse byte of the committed
+        heap, or a fine byte the fine-map table says is reserved (else a read could fault a page
+        in; a released page's coarse byte may fault one in too, as it always could: an error
+        path only)."""
+        lay = self.lay
+        if j < lay.fine_bytes:
+            return self.mv[lay.finemap_flags + j // L.OS_PAGE] == 1
+        return lay.index_page(j) < self.q[lay.heap_word() + H["committed_pages"]]
 
     def _large_span_over(self, page):
         """The in-use large span whose interior holds `page`, or -1.  The page map names only a
@@ -603,20 +641,25 @@ class Arena:
     def block_capacity(self, h):
         """Usable bytes of the live object at handle h (no lock: a read of stable fields)."""
         h, j, gen = self.check_handle(h)
-        r = self.heap.span_of_page(j >> (L.PAGE_SHIFT - 3))
-        # The map byte is read only within an in-use span: elsewhere it may not be reserved.
-        b = self.mv[self.lay.amap_off + j] if r >= 0 else L.FREE
+        lay = self.lay
+        r = self.heap.span_of_page(lay.index_page(j))
+        w = lay.span_word(r)
+        c = self.q[w + S["sizeclass"]] if r >= 0 else 0
+        # The map byte is read only within an in-use span, in the part its class uses: elsewhere
+        # it may not be reserved.
+        if r >= 0 and (j >= lay.fine_bytes) != L.CLASS_COARSE[c]:
+            raise BadHandle(f"handle {h} is stale: its block's pages now hold blocks of another size")
+        b = self.mv[lay.amap_off + j] if r >= 0 else L.FREE
         if not (b == L.ALLOC or b >= L.TAG0):
             raise BadHandle(f"handle {h} is not a live block (already freed, or never allocated)")
-        w = self.lay.span_word(r)
-        c = self.q[w + S["sizeclass"]]
+        off = lay.index_offset(j) - self.q[w + S["start"]] * PAGE
         if c == 0:
             size = self.q[w + S["npages"]] * PAGE
-            if j << 3 != self.q[w + S["start"]] * PAGE:
+            if off:
                 raise BadHandle(f"handle {h} is not at the start of a block")
         else:
             size = CLASS_TO_SIZE[c]
-            if ((j << 3) - self.q[w + S["start"]] * PAGE) % size:
+            if off % size:
                 raise BadHandle(f"handle {h} is not at the start of a block")
         if self.mv[self.lay.gmap_off + j] != gen:
             raise BadHandle(f"handle {h} is stale: its block was freed and the memory reused")
@@ -699,6 +742,38 @@ class Arena:
         parts["total"] = os.fstat(fd).st_blocks * 512
         parts["heap"] = parts["total"] - parts["amap"] - parts["meta"]
         return parts
+
+    def metadata(self):
+        """Bytes of metadata reserved in tmpfs, by part: "fixed" (the regions reserved at
+        creation), "slots" (the worker P slots ever claimed, with their undo logs), "spans" (the
+        span table's OS pages under the records in use), "fine" (the OS pages of the maps' fine
+        parts the fine-map table says are reserved), "coarse" (the maps' coarse parts over the
+        committed heap, less the OS pages given back with released spans) and "pagemap" (the page
+        map over the committed heap).  Computed from the layout, the heap's counters and the span
+        table, as the allocator reserves and releases them (tests hold it to st_blocks)."""
+        lay, q, os_page = self.lay, self.q, L.OS_PAGE
+        committed = q[lay.heap_word() + H["committed_pages"]]
+        released = [
+            rec for rec in self.heap.span_records() if rec["state"] == L.SPAN_FREE and rec["released"]
+        ]
+        name = {
+            lay.amap_off + lay.fine_bytes: "coarse",
+            lay.gmap_off + lay.fine_bytes: "coarse",
+            lay.pagemap_off + L.PREAMBLE * L.WORD: "pagemap",
+        }
+        out = dict.fromkeys(("fixed", "slots", "spans", "fine", "coarse", "pagemap"), 0)
+        out["fixed"] = sum(n for _, n in lay.fixed_ranges())
+        out["slots"] = sum(lay.slot_range(k)[1] for k in self.registry.claimed())
+        out["spans"] = lay.record_pages(self.heap.hget("records_high"))[1]
+        out["fine"] = 2 * os_page * q[lay.heap_word() + H["fine_map_pages"]]
+        for base, per, given_back in lay.page_tables:
+            end = base + committed * per
+            n = (-(-end // os_page) - base // os_page) * os_page
+            if given_back:
+                for rec in released:
+                    n -= sum(b for o, b in lay.released_meta(rec["start"], rec["npages"]) if base <= o < end)
+            out[name[base]] += n
+        return out
 
     # --- statistics (stats.py) ------------------------------------------------------------
     def flush_all(self, stopped=(), actor=None, keep_empty=False):

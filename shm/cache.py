@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 
 SL = L.SLOT
 S = L.SPAN
-_LARGE = 255  # pclass value of a large span's first page
+_LARGE = 255  # cpclass value of a large span's first page
+_COARSE = 255  # pclass value past the fine pages: a coarse handle, whose page cpclass holds
 _CLOSED = bytearray(b"\x03")  # stop byte of a closed or forked cache: every call takes the slow path
 _CLOSED_W = L.HDR["closed"]  # header word: the arena was closed for good (shm/world.py)
 _SHARED = bytearray(b"\x04")  # stop byte of a cache in shared mode: every call takes the locked path
@@ -146,15 +147,19 @@ class ProcessCache:
         self.shared = False
         self._tag = tag(k)
         self._lists: list[list[int]] = [[] for _ in range(L.NCLASS)]  # LISTED handles, by class
-        # page + 1 (handle >> HANDLE_PAGE_SHIFT) -> class of a span we cache (_LARGE)
-        self._pclass = bytearray(lay.heap_pages + 1)
+        # Class of a span we cache, by page.  pclass: fine index >> 10 (page + 1) -> class, then
+        # _COARSE where coarse indexes land (index >> 10 of each, heap_pages + 1 on): the fast
+        # path finds a fine handle's class with one shift and one subscript, and goes to
+        # cpclass for a coarse one: (index - handle_c0) >> 6 (page) -> class, or _LARGE.
+        self._pclass = bytearray(lay.heap_pages + 1) + bytes((_COARSE,)) * (lay.heap_pages // 16 + 2)
+        self._cpclass = bytearray(lay.heap_pages)
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
         self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
         self._lcached = [0]  # pages charged for the large spans in _lcache (_charge)
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lmin = self._lcap // LARGE_CACHE_SPANS  # the least a cached span is charged
         self._lock = threading.Lock()
-        # The allocation and generation maps, indexed by handle >> GEN_BITS: each view starts
+        # The allocation and generation maps (both parts), indexed by handle >> GEN_BITS: each view starts
         # HANDLE_G0 bytes early (bytes of the region before, never read: every handle the fast
         # path reads them for is >= HANDLE_MIN) and ends with the map (IndexError past it).
         g0 = L.HANDLE_G0
@@ -178,8 +183,9 @@ class ProcessCache:
         """Make `self.alloc` and `self.free`: closures over everything they touch (a cell read
         is several times cheaper than an attribute lookup)."""
         lists, amap, gmap, tag_k = self._lists, self._amap, self._gmap, self._tag
-        pclass, relists, lcache, lnp, lcached, lcap, lmin = (
+        pclass, cpclass, relists, lcache, lnp, lcached, lcap, lmin = (
             self._pclass,
+            self._cpclass,
             self._relists,
             self._lcache,
             self._lnp,
@@ -193,8 +199,9 @@ class ProcessCache:
         slow_alloc, slow_free = self._slow_alloc, self._slow_free
         s2c, c2s, B, MAXS = SIZE_TO_CLASS, CLASS_TO_SIZE, Block, MAX_SMALL_SIZE
         LISTED, ALLOC, RFREED, TAG0, RCAP = L.LISTED, L.ALLOC, L.RFREED, L.TAG0, L.RFREE_CAP
-        LARGE, PSHIFT, PMASK = _LARGE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
-        GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, PSHIFT - 3
+        LARGE, COARSE, PSHIFT, PMASK = _LARGE, _COARSE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
+        GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, L.FINE_PAGE_SHIFT
+        C0, CPS = self.arena.lay.handle_c0, L.COARSE_PAGE_SHIFT
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
@@ -231,14 +238,28 @@ class ProcessCache:
                 pass
             return slow_alloc(size)
 
-        def free_large(h, i, g):
-            """The rest of free() for a large block of ours: into the large cache if it fits
-            (True), else False (the slow path gives it back to the page heap).  Out of free()'s
-            body so that its hot jumps stay short (CPython 3.11 specializes a comparison only
-            when the jump after it needs no EXTENDED_ARG)."""
+        def free_coarse(h, i, g):
+            """The rest of free() for a block of ours of a coarse class or a large one: True when
+            done, else False (the slow path).  Out of free()'s body so that a fine block's path
+            pays nothing for it, and its hot jumps stay short (CPython 3.11 specializes a
+            comparison only when the jump after it needs no EXTENDED_ARG)."""
+            c = cpclass[(i - C0) >> CPS]
+            ins = inside
+            if c != LARGE:
+                ins[0] = 1
+                try:
+                    if not stop[0]:
+                        h = h + 1 if g != GM else h - GM
+                        gmap[i] = h & GM  # first: a crash after it leaks the block, never reuses h
+                        relists[c] += 1  # a crash here over-counts, never under
+                        amap[i] = LISTED
+                        lists[c].append(h)
+                        return True
+                finally:
+                    ins[0] = 0
+                return False
             npg = lnp.get(i, 0)
             if npg and lcached[0] + (npg if npg > lmin else lmin) <= lcap:
-                ins = inside
                 ins[0] = 1
                 try:
                     if not stop[0]:
@@ -271,7 +292,7 @@ class ProcessCache:
                     b = amap[i] if i >= G0 else 0  # the views start HANDLE_G0 bytes early
                     if b == tag_k and gmap[i] == (g := h & GM):
                         c = pclass[i >> GPS]
-                        if c != LARGE:
+                        if c != COARSE:
                             ins = inside
                             ins[0] = 1
                             try:
@@ -289,7 +310,7 @@ class ProcessCache:
                                 return
                             finally:
                                 ins[0] = 0
-                        elif free_large(h, i, g):
+                        elif free_coarse(h, i, g):
                             return
                     elif (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
                         ins = inside
@@ -329,7 +350,7 @@ class ProcessCache:
                 b = amap[i] if i >= G0 and gmap[i] == h & GM else 0
             except IndexError:
                 b = 0
-            d = (i - G0) << 3
+            d = (i - G0) << 3 if i < C0 else (i - C0) << 7
             if b != ALLOC and b < TAG0:
                 cap = capacity(h)  # raises with the reason
             else:
@@ -467,7 +488,7 @@ class ProcessCache:
 
             h = arena.run(k, alloc)
             self._lnp[h >> L.GEN_BITS] = npg
-            self._pclass[h >> L.HANDLE_PAGE_SHIFT] = _LARGE
+            self._cpclass[arena.lay.handle_page(h)] = _LARGE
         self._amap[h >> L.GEN_BITS] = self._tag
         return Block((h, size, npg << L.PAGE_SHIFT, self))
 
@@ -489,7 +510,7 @@ class ProcessCache:
         b = self._amap[i]
         if b == self._tag:
             h2 = L.next_handle(h)
-            c = self._pclass[h >> L.HANDLE_PAGE_SHIFT]
+            c = self._class_of(i)
             if c != _LARGE:
                 self._gmap[i] = h2 & L.GEN_MASK
                 self._relists[c] += 1
@@ -517,6 +538,11 @@ class ProcessCache:
             return
         self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
 
+    def _class_of(self, i):
+        """The class of the span we cache that holds index i (handle >> GEN_BITS), or _LARGE."""
+        c = self._pclass[i >> L.FINE_PAGE_SHIFT]
+        return c if c != _COARSE else self._cpclass[(i - self.arena.lay.handle_c0) >> L.COARSE_PAGE_SHIFT]
+
     def _refill(self, c):
         """The list of class c is empty (Go: mcache.refill).  Collect what was freed in our
         span of class c; if nothing was, uncache it and cache another span.  Caller holds the
@@ -538,7 +564,10 @@ class ProcessCache:
         r, lst = arena.run(k, refill)
         w = arena.lay.span_word(r)
         start, npages = arena.q[w + S["start"]], arena.q[w + S["npages"]]
-        self._pclass[start + 1 : start + 1 + npages] = bytes((c,)) * npages
+        if L.CLASS_COARSE[c]:
+            self._cpclass[start : start + npages] = bytes((c,)) * npages
+        else:
+            self._pclass[start + 1 : start + 1 + npages] = bytes((c,)) * npages
         self._lists[c][:] = lst
         return self._lists[c].pop()
 

@@ -109,19 +109,21 @@ class CentralList:
 
     def starts(self, r):
         """(byte offset in the segment of the first object-start byte, stride, nelems, first
-        granule, object size) of span r.  The generation bytes are at the same offset from
-        gmap_off as the object-start bytes from amap_off."""
+        map index, object size) of span r: in the maps' fine part for a fine class, in their
+        coarse part for a coarse one (layout.py), `stride` map bytes apart.  The generation
+        bytes are at the same offset from gmap_off as the object-start bytes from amap_off."""
         q, w = self.q, self.lay.span_word(r)
-        size = CLASS_TO_SIZE[q[w + S["sizeclass"]]]
-        j0 = q[w + S["start"]] * (L.PAGE_SIZE >> 3)
-        return self.lay.amap_off + j0, size // 8, q[w + S["nelems"]], j0, size
+        c = q[w + S["sizeclass"]]
+        size = CLASS_TO_SIZE[c]
+        j0, grain = self.lay.span_index(q[w + S["start"]], c)
+        return self.lay.amap_off + j0, size // grain, q[w + S["nelems"]], j0, size
 
     def _span_bytes(self, r):
         off, stride, n, j0, size = self.starts(r)
         return off, stride, strided(self.mv, off, stride, n), j0, size
 
     def _gen_bytes(self, j0, stride, n):
-        """The generation bytes of n objects, the first at granule j0, `stride` granules apart."""
+        """The generation bytes of n objects, the first at map index j0, `stride` bytes apart."""
         return strided(self.mv, self.lay.gmap_off + j0, stride, n)
 
     def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=()):
@@ -166,7 +168,7 @@ class CentralList:
 
     def _retag(self, op, c, r, k, table, what):
         """Translate the object-start bytes of span r, which P k must cache, with `table`.
-        Caller holds central lock c.  Returns (old bytes, new bytes, first granule, size)."""
+        Caller holds central lock c.  Returns (old bytes, new bytes, first map index, size)."""
         op.need(L.LOCK_CENTRAL(c), f"CentralList.{what}")
         owner = self.q[self.lay.span_word(r) + S["owner"]]
         if owner != k + 1:
@@ -185,7 +187,7 @@ class CentralList:
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
         # Highest address first, so list.pop() hands out ascending addresses.
-        n, stride = len(new), size // 8
+        n, stride = len(new), size // L.CLASS_GRAIN[c]
         listed = new[::-1].translate(IS_LISTED)
         g0 = L.HANDLE_G0 + j0
         slots = compress(
@@ -300,8 +302,13 @@ class CentralList:
         op.need(L.LOCK_CENTRAL(c), "CentralList.free_object")
         q, w = self.q, self.lay.span_word(r)
         off, stride, n, j0, size = self.starts(r)
-        j, gen = L.handle_granule(h)
+        j, gen = L.handle_index(h)
         i, rem = divmod(j - j0, stride)
+        if (j < self.lay.fine_bytes) != (j0 < self.lay.fine_bytes):
+            raise BadHandle(
+                f"handle {h} is stale: its block's pages now hold blocks of {size} bytes, "
+                "a size class of the other map part"
+            )
         if rem or not 0 <= i < n:
             raise BadHandle(
                 f"handle {h} is inside a block of {size} bytes but not at its start"
@@ -338,11 +345,11 @@ class CentralList:
 
     # --- the structure's own check (Arena.check_all) -------------------------------------------
     def object_bytes(self, rec):
-        """The allocation-map bytes of a small span's object starts (`rec`: a span_records() dict)."""
+        """The allocation-map bytes of a small span's object starts (`rec`: a span_records() dict),
+        read in the map part its class uses (the other part may not be reserved there)."""
         c = rec["sizeclass"]
-        size = CLASS_TO_SIZE[c]
-        off = self.lay.amap_off + rec["start"] * PAGE // 8
-        stride = size // 8
+        j0, grain = self.lay.span_index(rec["start"], c)
+        off, stride = self.lay.amap_off + j0, CLASS_TO_SIZE[c] // grain
         return bytes(self.mv[off : off + rec["nelems"] * stride : stride])
 
     def check(self, records):
@@ -358,7 +365,7 @@ class CentralList:
                 if v:
                     owner_of[v - 1] = (k, c)
         buffered = {
-            L.handle_granule(h)[0] for k in arena.registry.claimed() for h in arena.buffered_frees(k) if h
+            L.handle_index(h)[0] for k in arena.registry.claimed() for h in arena.buffered_frees(k) if h
         }
         for c in range(1, L.NCLASS):
             cw = lay.central_word(c)
@@ -384,9 +391,10 @@ class CentralList:
                 alloc = allocated(b)
                 rfreed = b.count(L.RFREED)
                 if rfreed:
-                    j0, stride = rec["start"] * PAGE // 8, CLASS_TO_SIZE[c] // 8
+                    j0, grain = lay.span_index(rec["start"], c)
+                    stride = CLASS_TO_SIZE[c] // grain
                     lost = [
-                        L.make_handle((j0 + i * stride) * 8, 0)
+                        (L.HANDLE_G0 + j0 + i * stride) << L.GEN_BITS
                         for i, x in enumerate(b)
                         if x == L.RFREED and j0 + i * stride not in buffered
                     ]
@@ -443,12 +451,12 @@ class CentralList:
         (object_bytes) and large spans' one start byte, whose value LargeObjects.check judges.
         Every handle waiting in a remote-free buffer carries its object's generation.  Returns the
         problems."""
-        q, lay, bad = self.q, self.lay, []
-        lo = lay.amap_off
-        hi = lo + q[lay.heap_word() + H["committed_pages"]] * PAGE // 8
-        amap = self.mv[lo:hi]
-        # The map pages given back with released spans are skipped, not read (a read would
-        # fault them in again, and SIGBUS on a full /dev/shm): they describe free pages only.
+        q, lay, mv, bad = self.q, self.lay, self.mv, []
+        # What is read: the coarse part over the committed heap, less the OS pages given back with
+        # released spans, and the fine part only where the fine-map table says it is reserved.  A
+        # read of anything else would fault a page in again (SIGBUS on a full /dev/shm).
+        lo = lay.amap_off + lay.fine_bytes
+        hi = lo + q[lay.heap_word() + H["committed_pages"]] * L.COARSE_PER_PAGE
         gone = sorted(
             g
             for rec in records
@@ -456,17 +464,26 @@ class CentralList:
             for g in lay.released_meta(rec["start"], rec["npages"])
             if lo <= g[0] < hi
         )
-        nonzero, at = 0, 0
+        flags = bytes(mv[lay.finemap_flags : lay.finemap_flags + lay.fine_os_pages])
+        read = [
+            (lay.amap_off + p * L.OS_PAGE, lay.amap_off + min((p + 1) * L.OS_PAGE, lay.fine_bytes))
+            for p, f in enumerate(flags)
+            if f
+        ]
+        at = lo
         for off, n in [*gone, (hi, 0)]:
-            seg = bytes(amap[at : off - lo])
+            read.append((at, off))
+            at = off + n
+        nonzero = 0
+        for a, b in read:
+            seg = bytes(mv[a:b])
             nonzero += len(seg) - seg.count(0)
-            at = off - lo + n
         starts_nonzero = 0
         for rec in records:
             if rec["state"] != L.SPAN_INUSE:
                 continue
             if rec["sizeclass"] == 0:
-                starts_nonzero += amap[rec["start"] * PAGE // 8] != 0
+                starts_nonzero += mv[lay.amap_off + lay.span_index(rec["start"], 0)[0]] != 0
             else:
                 b = self.object_bytes(rec)
                 starts_nonzero += len(b) - b.count(0)
@@ -475,11 +492,10 @@ class CentralList:
                 f"allocation map has {nonzero} non-zero bytes, object starts account for {starts_nonzero} "
                 "(a byte set outside an object start, or in a free span)"
             )
-        amap.release()
         # A buffered free has not bumped its object's generation yet (it does when applied).
         for k in self.arena.registry.claimed():
             for h in self.arena.buffered_frees(k):
-                j, gen = L.handle_granule(h)
+                j, gen = L.handle_index(h)
                 if h and (not 0 <= j < lay.amap_bytes or self.mv[lay.gmap_off + j] != gen):
                     bad.append(f"P {k}'s remote-free buffer holds handle {h}, not its object's generation")
         return bad

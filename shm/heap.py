@@ -352,9 +352,69 @@ class PageHeap:
             # ever hands out: a handle from before the release would match again.  One byte that
             # changes with every release (never 0) over the whole range instead.  No undo entry:
             # the pages are free and nobody's, and any value is a valid generation there.
-            g = 1 + self.q[self.hw + H["releases"]] % L.GEN_MASK
-            a = lay.gmap_off + start * (PAGE // 8)
-            self.arena.mv[a : a + npages * (PAGE // 8)] = bytes((g,)) * (npages * (PAGE // 8))
+            n = npages * L.COARSE_PER_PAGE
+            a = lay.gmap_off + lay.fine_bytes + start * L.COARSE_PER_PAGE
+            self.arena.mv[a : a + n] = bytes((self._epoch_gen(),)) * n
+
+    def _epoch_gen(self):
+        """The generation written over map entries reserved again after a release: one value
+        that changes with every release, never 0."""
+        return 1 + self.q[self.hw + H["releases"]] % L.GEN_MASK
+
+    def _reserve_fine(self, op, start, npages):
+        """Reserve the fine-map OS pages (both maps) over heap pages [start, start + npages), for a
+        span of a fine class, before anything touches them; OutOfMemory, nothing changed, when
+        /dev/shm is full.  A page reserved afresh may have been given back since a fine handle
+        of it was made (its bytes read 0, most handles' first generation), so once anything was
+        ever released the release epoch's generation is written over its generation bytes
+        before its flag is set: the flag (logged) says the page is reserved and its bytes
+        valid.  A crash in between leaves the flag clear and the work done again next time."""
+        lay, mv = self.lay, self.arena.mv
+        pages = lay.fine_pages(start, npages)
+        flags = lay.finemap_flags
+        old = bytes(mv[flags + pages.start : flags + pages.stop])
+        if all(old):
+            return
+        fresh = [p for p, f in zip(pages, old) if not f]  # a few: a fine span is at most 3 pages
+        reserve(
+            self.arena.fd,
+            [r for p in fresh for r in lay.fine_ranges(range(p, p + 1))],
+            f"{len(fresh) * 2 * L.OS_PAGE} bytes of allocation and generation map",
+        )
+        if self.q[self.hw + H["releases"]]:
+            self._regenerate_fine(fresh)
+        op.wbytes(flags + pages.start, 1, b"\x01" * len(old), old)
+        op.add(self.hw + H["fine_map_pages"], len(fresh))
+
+    def _regenerate_fine(self, pages):
+        """Write the release epoch's generation over the fine generation bytes of fine-map OS
+        pages `pages` (not over the coarse bytes the last one may hold).  No undo entry: no span
+        of a fine class lies there, and any value is a valid generation."""
+        lay, mv = self.lay, self.arena.mv
+        g = bytes((self._epoch_gen(),)) * L.OS_PAGE
+        for p in pages:
+            a = lay.gmap_off + p * L.OS_PAGE
+            n = min(L.OS_PAGE, lay.fine_bytes - p * L.OS_PAGE)
+            mv[a : a + n] = g[:n]
+
+    FORGET_CHUNK = 4096  # fine-map flags cleared per checkpoint (a 4 KiB undo entry)
+
+    def _forget_fine(self, op, start, npages):
+        """Clear the fine-map flags of the OS pages a release of heap pages [start, start +
+        npages) gives back (Layout.released_meta), and checkpoint: the caller's writes go with
+        the first chunk of flags, each later chunk is a checkpoint of its own (a flag cleared
+        over a page not yet given back only makes the next fine span reserve it again), so the
+        undo log stays bounded however long the release."""
+        pages = self.lay.fine_pages(start, npages, inside=True)
+        flags = self.lay.finemap_flags
+        for lo in range(pages.start, pages.stop, self.FORGET_CHUNK):
+            hi = min(lo + self.FORGET_CHUNK, pages.stop)
+            old = bytes(self.arena.mv[flags + lo : flags + hi])
+            if any(old):
+                op.wbytes(flags + lo, 1, bytes(len(old)), old)
+                op.add(self.hw + H["fine_map_pages"], -sum(old))
+            op.log.clear()  # checkpoint
+        op.log.clear()  # checkpoint (a release with no fine-map page wholly inside it)
 
     def _punch(self, start, npages):
         """Give heap pages [start, start + npages) back to the OS (MADV_REMOVE punches them out of
@@ -407,6 +467,8 @@ class PageHeap:
         q, hw = self.q, self.hw
         fw = self.sw(f)
         fstart, fn, frel = q[fw + S["start"]], q[fw + S["npages"]], q[fw + S["released"]]
+        if sizeclass and not L.CLASS_COARSE[sizeclass]:
+            self._reserve_fine(op, fstart, npages)
         if frel:
             # Pages of a free span that was never released are committed already (they lie below
             # committed_pages): only released ones are committed again.
@@ -507,7 +569,7 @@ class PageHeap:
             op.add(hw + H["releases"], 1)
             if background:
                 op.add(hw + H["scavenged_pages"], k)
-            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+            self._forget_fine(op, start + n - k, k)  # and checkpoint: a bounded undo log
             self._punch(start + n - k, k)
             budget -= k
             done += k
@@ -572,6 +634,19 @@ class PageHeap:
                 want_list = L.LIST_HEAPFREE
                 if rec["list"] != want_list:
                     bad.append(f"free span {rec['r']} is not on a heap free list")
+        # The fine-map table: its count, and every fine span's fine-map pages reserved.
+        flags = bytes(self.arena.mv[lay.finemap_flags : lay.finemap_flags + lay.fine_os_pages])
+        if flags.count(1) != len(flags) - flags.count(0) or flags.count(1) != q[hw + H["fine_map_pages"]]:
+            bad.append(
+                f"fine-map table holds {flags.count(1)} flags (and {len(flags) - flags.count(0) - flags.count(1)} "
+                f"bytes neither 0 nor 1), heap fine_map_pages says {q[hw + H['fine_map_pages']]}"
+            )
+        for rec in records:
+            c = rec["sizeclass"]
+            if rec["state"] == L.SPAN_INUSE and c and not L.CLASS_COARSE[c]:
+                pages = lay.fine_pages(rec["start"], rec["npages"])
+                if not all(flags[pages.start : pages.stop]):
+                    bad.append(f"span {rec['r']} (class {c}) lies on fine-map pages not reserved ({pages})")
         if inuse_pages != q[hw + H["inuse_pages"]]:
             bad.append(f"heap inuse_pages {q[hw + H['inuse_pages']]} != pages of in-use spans {inuse_pages}")
         if q[hw + H["nrecords_used"]] != len(records):

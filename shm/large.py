@@ -107,9 +107,10 @@ class LargeObjects:
         self.heap.free_span(op, r)
 
     def base(self, r):
-        """The handle of span r's object, with the generation it has now."""
-        off = self.q[self.lay.span_word(r) + S["start"]] * PAGE
-        return L.make_handle(off, self.mv[self.lay.gmap_off + (off >> 3)])
+        """The handle of span r's object, with the generation it has now (a large object's map
+        bytes are in the maps' coarse part)."""
+        j = self.lay.span_index(self.q[self.lay.span_word(r) + S["start"]], 0)[0]
+        return (L.HANDLE_G0 + j) << L.GEN_BITS | self.mv[self.lay.gmap_off + j]
 
     def free(self, op, r, h, k, buffered=False):
         """Free large object h (span r) now, on behalf of P k (-1: no P): validates first and
@@ -118,8 +119,10 @@ class LargeObjects:
         P and was only marked PENDING for it."""
         op.need(L.LOCK_HEAP, "LargeObjects.free")
         q, w = self.q, self.lay.span_word(r)
-        at, gen = L.handle_granule(h)
-        if at != q[w + S["start"]] * (PAGE >> 3):
+        at, gen = L.handle_index(h)
+        if at < self.lay.fine_bytes:
+            raise BadHandle(f"handle {h} is stale: its block's pages now hold a large block")
+        if at != self.lay.span_index(q[w + S["start"]], 0)[0]:
             raise BadHandle(
                 f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes but not at its start"
             )
@@ -255,11 +258,9 @@ class LargeObjects:
         problems."""
         arena = self.arena
         q, lay, bad = self.q, self.lay, []
-        committed = q[self.hw + H["committed_pages"]]
         buffered = {
-            L.handle_granule(h)[0] for k in arena.registry.claimed() for h in arena.buffered_frees(k) if h
+            L.handle_index(h)[0] for k in arena.registry.claimed() for h in arena.buffered_frees(k) if h
         }
-        amap = self.mv[lay.amap_off : lay.amap_off + committed * PAGE // 8]
         lists: dict = {}
 
         def on_list(k, pending):
@@ -279,9 +280,10 @@ class LargeObjects:
         for rec in records:
             if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != 0:
                 continue
-            b0 = amap[rec["start"] * PAGE // 8]
+            j = lay.span_index(rec["start"], 0)[0]
+            b0 = self.mv[lay.amap_off + j]
             k = rec["owner"] - 1
-            if b0 == L.RFREED and rec["start"] * PAGE // 8 not in buffered:
+            if b0 == L.RFREED and j not in buffered:
                 bad.append(f"large span {rec['r']} is RFREED but in no P's remote-free buffer")
             if k < 0 and (b0 not in (L.ALLOC, L.RFREED) or rec["list"] != L.LIST_NONE):
                 bad.append(
@@ -296,5 +298,4 @@ class LargeObjects:
                     f"large span {rec['r']} owned by P {k}: start byte {b0}, list {rec['list']}, "
                     "want TAG(k) or LISTED on P k's list, PENDING on its pending list"
                 )
-        amap.release()
         return bad

@@ -3,13 +3,14 @@
 The arena is ONE `multiprocessing.shared_memory` segment, reserved at its full size with
 ftruncate (sparse on tmpfs: untouched pages cost nothing).  A page is committed with
 posix_fallocate before anything touches it: the fixed regions (header to heap metadata, the
-daemon's and the registry's actor slots, and the span table's and page map's preambles) when the
-arena is created; a worker's P slot, its undo log with it, when it is first claimed (Registry.claim:
-slots [0, HDR slots_high) are the reserved ones, and only they are ever read); the span table's
-OS pages as the records in use reach them (PageHeap.new_record: records [0, records_high)); the
-heap's pages with their entries in the per-page tables (Layout.page_tables) as the heap grows --
-see PageHeap.  None of these is ever given back but the heap pages and the tables released with
-them.  Every integer field is an unsigned
+fine-map table, the daemon's and the registry's actor slots, and the span table's and page map's
+preambles) when the arena is created; a worker's P slot, its undo log with it, when it is first
+claimed (Registry.claim: slots [0, HDR slots_high) are the reserved ones, and only they are ever
+read); the span table's OS pages as the records in use reach them (PageHeap.new_record: records
+[0, records_high)); the heap's pages with their entries in the per-page tables
+(Layout.page_tables) as the heap grows; and the OS pages of the maps' fine parts when a span of a
+fine class is placed over them -- see PageHeap.  None of these is ever given back but the heap
+pages and the tables released with them.  Every integer field is an unsigned
 64-bit little-endian word, addressed as an index into a `memoryview.cast('Q')` of the whole
 segment; only the allocation and generation maps are bytes.  Regions, in order, each starting on an 8 KiB
 boundary:
@@ -19,22 +20,38 @@ boundary:
     lock_off      locks         REGION preamble, then per lock: dirty actor+1, dirty pid, its start
     central_off   central       REGION preamble, then per size class c (0..66): CENTRAL_* words
     heapmeta_off  heapmeta      REGION preamble, HEAP_* words, free-span bucket heads
+    finemap_off   fine-map tab  REGION preamble, then a byte per OS page of the maps' fine part
+                                (per 32 KiB of heap): 1 = that OS page of both maps is reserved
     slots_off     P slots       per slot (nslots workers, then the daemon's actor slot and the
                                 registry's actor slot): SLOT_* words, then the undo log; a
                                 worker's slot is reserved, and touched, from its first claim on
     spans_off     span table    REGION preamble, then nrecords records of SPAN_* words, the OS
                                 pages under records [0, records_high) reserved
     pagemap_off   page map      REGION preamble, then one word per heap page: record index+1
-    amap_off      alloc map     one byte per 8-byte granule of the heap: byte j is granule j (the
-                                heap's bytes [8j, 8j + 8)), no preamble
-    gmap_off      gen map       one byte per granule, indexed as the alloc map: the generation of
+    amap_off      alloc map     no preamble; two parts, one after the other:
+                                  fine    heap_max/8 bytes: byte j is the heap's bytes [8j, 8j + 8)
+                                  coarse  heap_max/128 bytes: byte j is the heap's bytes
+                                          [128j, 128j + 128)
+    gmap_off      gen map       the same two parts, indexed as the alloc map: the generation of
                                 the object that starts there (below)
     heap_off      heap pages    heap_max bytes, committed in chunks with posix_fallocate
 
 Each preamble is [magic, version, bytes] so a reader refuses a region that is not what it
 expects (`Arena.attach` checks them all).
 
-Allocation-map byte values (one byte per 8-byte granule; only object starts are ever non-zero):
+The two parts.  A size class is coarse when its object size is a multiple of 128 (every class
+from 128 B on but 144..240, 288..480 bar 384, 576 and 704), and a large object always is: its
+objects start on 128-byte grains, so a byte per grain names each start.  The other classes are
+fine, and use the fine part, a byte per 8 bytes.  A span's object bytes live in the part of its
+class only; the other part's bytes over its pages stay 0 and are never read.  The coarse parts
+are per-page tables, reserved with the pages they describe and given back with them
+(Layout.page_tables).  The fine parts are not: they are reserved an OS page at a time (32 KiB
+of heap) when a span of a fine class is placed over that page, their flags in the fine-map table
+say which, and a release gives back the fine-map OS pages that describe only released pages
+(PageHeap).  So the maps cost 2/128 of the committed heap plus 1/4 of the heap in fine spans,
+rounded up to 32 KiB, instead of 1/4 of all of it.
+
+Allocation-map byte values (one byte per grain; only object starts are ever non-zero):
 
     0            FREE        not allocated, not in any P's local list
     1            ALLOC       allocated, span not cached by any P (or a large object)
@@ -47,11 +64,19 @@ Allocation-map byte values (one byte per 8-byte granule; only object starts are 
                              so a retag may overwrite it -- the buffered free stays authoritative
     16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
 
-Handles.  A block's handle is a plain int that names its granule and its generation:
+Handles.  A block's handle is a plain int that names its map byte and its generation:
 
-    handle = (HANDLE_G0 + j) << 8 | gen        j = the block's heap byte offset >> 3
+    handle = (HANDLE_G0 + j) << 8 | gen        fine:   j = off >> 3
+                                               coarse: j = heap_max/8 + (off >> 7)
 
-`gen` is the generation-map byte of the granule.  It is bumped (mod 256) each time the object
+with `off` the block's heap byte offset: the index HANDLE_G0 + j is fine below handle_c0 =
+HANDLE_G0 + heap_max/8 (a Layout attribute: it depends on heap_max), coarse from it.  Since the
+two parts lie one after the other in the order of their indexes, amap_off + j is the
+allocation-map byte of either (gmap_off + j its generation byte): one formula, and the fast
+path's map views, indexed by handle >> 8, need no branch.  Going the other way does: a fine index
+gives off = j << 3 and page j >> 10, a coarse one off = (j - heap_max/8) << 7 and page
+(j - heap_max/8) >> 6 (Layout.handle_offset, handle_page).  `gen` is the generation-map byte of
+the object's map byte.  It is bumped (mod 256) each time the object
 there becomes free -- a local free (LISTED), a free applied under a lock (FREE or PENDING) --
 and never otherwise: not when its span goes back to the page heap, not at a retag, not while a
 remote free waits in a buffer (RFREED).  So the live handle of an allocated object carries its
@@ -60,13 +85,16 @@ handle it last had (so a second free of that handle says DoubleFree even after i
 to the heap); and the 255 handles an address had before its current one all differ from it.  A
 stale handle (its block freed and the address reused) is refused by free() and view() with
 BadHandle unless its address was freed a multiple of 256 times since (the byte wrapped): with
-probability at least 255/256.  The generation map is given back to the OS with the pages it
-describes, like the alloc map (else what object starts once touched would stay resident); when
-released pages are committed again their generation bytes are all set to one non-zero value that
-changes with every release (PageHeap._commit), so a handle from before the release -- most often
+probability at least 255/256.  A stale handle of the other part (its span's pages reused by a span
+of a class of the other part) is refused as well, without its map byte being read.  The
+generation map is given back to the OS with the pages it describes, like the alloc map (else what
+object starts once touched would stay resident); when released pages are committed again their
+coarse generation bytes are all set to one non-zero value that changes with every release
+(PageHeap._commit), and so are a fine-map OS page's when it is reserved afresh after anything was
+ever released (PageHeap._reserve_fine), so a handle from before the release -- most often
 generation 0, an address's first -- is refused unless it happens to carry that value.
 HANDLE_G0 (one page of granules) keeps every handle >= HANDLE_MIN (never 0) and lets the fast path
-find a page from a handle with one shift; handles of the first 32 MiB of the heap fit in one
+find a fine handle's page with one shift; fine handles of the first 32 MiB of the heap fit in one
 30-bit digit of a Python int, which keeps the fast path's arithmetic on them cheap.
 """
 
@@ -76,7 +104,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 12
+VERSION = 13
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -89,32 +117,30 @@ NCLASS = sc.NUM_SIZE_CLASSES
 FREE, ALLOC, PENDING, LISTED, RFREED, TAG0 = 0, 1, 2, 3, 4, 16
 MAX_SLOTS = 255 - TAG0  # tags must fit in a byte
 
-# Handles (see the module docstring): (HANDLE_G0 + granule) << GEN_BITS | generation.
+# Handles (see the module docstring): (index << GEN_BITS) | generation, the index naming one byte
+# of the maps: fine, HANDLE_G0 + (offset >> 3), or coarse, Layout.handle_c0 + (offset >> 7).
 GEN_BITS = 8
 GEN_MASK = (1 << GEN_BITS) - 1
-HANDLE_G0 = PAGE_SIZE >> 3  # granules per page: handle >> (GEN_BITS + 10) is page + 1
+HANDLE_G0 = PAGE_SIZE >> 3  # granules per page: a fine index >> 10 is its page + 1
 HANDLE_MIN = HANDLE_G0 << GEN_BITS
-HANDLE_PAGE_SHIFT = GEN_BITS + PAGE_SHIFT - 3  # handle >> this == page + 1
+FINE, COARSE = 8, 128  # bytes of heap per map byte, in the two parts of each map
+FINE_PER_PAGE, COARSE_PER_PAGE = PAGE_SIZE // FINE, PAGE_SIZE // COARSE  # map bytes per heap page
+FINE_PAGE_SHIFT, COARSE_PAGE_SHIFT = PAGE_SHIFT - 3, PAGE_SHIFT - 7  # index -> page, in each part
+# A size class is coarse when its objects are a whole number of 128-byte grains (and so start on
+# one); a large object (class 0) always is.  The rest are fine.
+CLASS_COARSE = tuple(c == 0 or sc.CLASS_TO_SIZE[c] % COARSE == 0 for c in range(NCLASS))
+CLASS_GRAIN = tuple(COARSE if coarse else FINE for coarse in CLASS_COARSE)
 
 
-def make_handle(off, gen):
-    """The handle of the object at heap byte offset `off` (8-aligned) with generation `gen`."""
-    return (HANDLE_G0 + (off >> 3)) << GEN_BITS | gen
-
-
-def handle_granule(h):
-    """(granule, generation) a handle names; the granule may be out of range (caller checks)."""
+def handle_index(h):
+    """(map byte index, generation) a handle names: the index counts from the first byte of the
+    maps' fine part, through their coarse part (no range check: the caller checks)."""
     return (h >> GEN_BITS) - HANDLE_G0, h & GEN_MASK
 
 
 def next_handle(h):
     """The handle the same object gets once h is freed: its generation bumped, mod 256."""
     return h + 1 if h & GEN_MASK != GEN_MASK else h - GEN_MASK
-
-
-def handle_offset(h):
-    """Heap byte offset of the object a handle names (no check)."""
-    return ((h >> GEN_BITS) - HANDLE_G0) << 3
 
 
 # Region preamble: magic, version, bytes; data starts 8 words in.
@@ -170,6 +196,7 @@ HDR = _words(
     # below it (Registry.claimed).  A claim takes the lowest free slot, reserving a new one first;
     # under the registry lock, through the registry actor's undo log; never lowered, and a slot is
     # never given back to the OS (a rolled-back raise leaves a reserved slot above it: harmless)
+    "finemap_off",  # byte offset of the fine-map table
 )
 HEADER_WORDS = 64
 # Header words derived from (heap_max, nslots): written at creation, checked by every attacher.
@@ -180,6 +207,7 @@ DERIVED = (
     "lock_off",
     "central_off",
     "heapmeta_off",
+    "finemap_off",
     "slots_off",
     "spans_off",
     "pagemap_off",
@@ -288,6 +316,8 @@ HEAP = _words(
     "released_total",  # pages ever given back with MADV_REMOVE (scavenger and release); cumulative
     #   >= released_pages (figures: released_bytes >= heap_released)
     "scavenged_pages",  # of which by the background scavenger; cumulative
+    "fine_map_pages",  # OS pages of the maps' fine part whose flag is set in the fine-map table
+    #   == the set flags (PageHeap.check); each flag stands for one OS page of each map
 )
 HEAP_BUCKETS_AT = 24  # word index of bucket heads: bucket n (1..127) = free spans of n pages,
 NBUCKETS = 129  # bucket 128 = free spans of 128 pages or more; each a record index+1
@@ -395,6 +425,7 @@ REGION_MAGIC = {
     "locks": 0x4B434F4C,  # "LOCK"
     "central": 0x4C544E43,  # "CNTL"
     "heapmeta": 0x50414548,  # "HEAP"
+    "finemap": 0x50414D46,  # "FMAP"
     "spans": 0x4E415053,  # "SPAN"
     "pagemap": 0x50414D50,  # "PMAP"
 }
@@ -424,6 +455,17 @@ class Layout:
         off = _up(off + (PREAMBLE + NCLASS * CENTRAL_WORDS) * WORD)
         self.heapmeta_off = off
         off = _up(off + (PREAMBLE + HEAPMETA_WORDS) * WORD)
+        # The maps' two parts (module docstring): the fine part, a byte per 8 heap bytes, then
+        # the coarse part, a byte per 128; handle indexes run through both in that order.
+        self.fine_bytes = heap_max // FINE
+        self.amap_bytes = self.fine_bytes + heap_max // COARSE  # either map, both parts
+        self.handle_c0 = HANDLE_G0 + self.fine_bytes  # the first coarse index
+        # Fine-map table: a byte per OS page of the maps' fine part (the last one may hold the
+        # first coarse bytes too), 1 = that OS page of both maps is reserved (PageHeap).
+        self.fine_os_pages = -(-self.fine_bytes // OS_PAGE)
+        self.finemap_off = off
+        self.finemap_flags = off + PREAMBLE * WORD  # byte offset of page 0's flag
+        off = _up(self.finemap_flags + self.fine_os_pages)
         self.slots_off = off
         off = _up(off + (nslots + 2) * self.slot_words * WORD)
         self.spans_off = off
@@ -431,7 +473,6 @@ class Layout:
         self.pagemap_off = off
         off = _up(off + (PREAMBLE + self.heap_pages) * WORD)
         self.amap_off = off
-        self.amap_bytes = heap_max // 8
         off = _up(off + self.amap_bytes)
         self.gmap_off = off  # same indexing as the alloc map, amap_bytes long
         off = _up(off + self.amap_bytes)
@@ -441,15 +482,16 @@ class Layout:
         # given back with its pages): PageHeap reserves a table's entries with the pages they
         # describe before anything touches them (a write -- or a read -- of an unreserved page of
         # a full tmpfs is SIGBUS), and releases them with the pages when the last column says so.
-        # Another per-page or per-granule table is one more line here.
+        # Another per-page table is one more line here.  The maps' fine parts are not: they are
+        # reserved by the fine-map table's OS page, for the spans of fine classes only (PageHeap).
         self.page_tables = (
-            # Allocation map: 1024 bytes per page, zero while the page is free (FREE), so given
-            # back with it -- what a released span keeps is only the OS pages it shares.
-            (self.amap_off, PAGE_SIZE // 8, True),
-            # Generation map: 1024 bytes per page, given back with its pages too (else what object
-            # starts once touched would stay resident for good); the heap writes a fresh non-zero
-            # generation over a released range's entries when it commits it again (PageHeap).
-            (self.gmap_off, PAGE_SIZE // 8, True),
+            # Allocation map's coarse part: 64 bytes per page, zero while the page is free (FREE),
+            # so given back with it -- what a released span keeps is only the OS pages it shares.
+            (self.amap_off + self.fine_bytes, COARSE_PER_PAGE, True),
+            # Generation map's coarse part: 64 bytes per page, given back with its pages too (else
+            # what object starts once touched would stay resident for good); the heap writes a
+            # fresh non-zero generation over a released range's entries when it commits it again.
+            (self.gmap_off + self.fine_bytes, COARSE_PER_PAGE, True),
             # Page map: kept.  Any handle's lookup (a free, a view) reads its page's entry
             # without knowing whether the page was released, and free spans keep theirs at
             # their ends; one word per 8 KiB page is 0.1% of the heap.
@@ -460,7 +502,8 @@ class Layout:
         self.region_bytes = {
             "locks": self.central_off - self.lock_off,
             "central": self.heapmeta_off - self.central_off,
-            "heapmeta": self.slots_off - self.heapmeta_off,
+            "heapmeta": self.finemap_off - self.heapmeta_off,
+            "finemap": self.slots_off - self.finemap_off,
             "spans": self.pagemap_off - self.spans_off,
             "pagemap": self.amap_off - self.pagemap_off,
         }
@@ -490,17 +533,66 @@ class Layout:
 
     def amap_byte(self, h):
         """Byte offset in the segment of handle h's allocation-map byte (no range check)."""
-        return self.amap_off + handle_granule(h)[0]
+        return self.amap_off + (h >> GEN_BITS) - HANDLE_G0
 
     def gmap_byte(self, h):
         """Byte offset in the segment of handle h's generation byte (no range check)."""
-        return self.gmap_off + handle_granule(h)[0]
+        return self.gmap_off + (h >> GEN_BITS) - HANDLE_G0
+
+    # Handles and map indexes (module docstring): j = a map byte's index, fine below fine_bytes.
+    def span_index(self, start, c):
+        """(map index of page `start`'s first byte, heap bytes per map byte) for a span of class
+        `c` (0: a large object) starting at heap page `start`."""
+        if CLASS_COARSE[c]:
+            return self.fine_bytes + start * COARSE_PER_PAGE, COARSE
+        return start * FINE_PER_PAGE, FINE
+
+    def make_handle(self, off, gen, c):
+        """The handle of the object of class `c` (0: large) at heap byte offset `off`."""
+        if CLASS_COARSE[c]:
+            return (self.handle_c0 + (off >> 7)) << GEN_BITS | gen
+        return (HANDLE_G0 + (off >> 3)) << GEN_BITS | gen
+
+    def index_offset(self, j):
+        """Heap byte offset that map index j describes (no range check)."""
+        f = self.fine_bytes
+        return j << 3 if j < f else (j - f) << 7
+
+    def index_page(self, j):
+        """Heap page that map index j describes (no range check)."""
+        f = self.fine_bytes
+        return j >> FINE_PAGE_SHIFT if j < f else (j - f) >> COARSE_PAGE_SHIFT
+
+    def handle_offset(self, h):
+        """Heap byte offset of the object a handle names (no check)."""
+        return self.index_offset((h >> GEN_BITS) - HANDLE_G0)
+
+    def handle_page(self, h):
+        """Heap page of the object a handle names (no check)."""
+        return self.index_page((h >> GEN_BITS) - HANDLE_G0)
+
+    def fine_pages(self, start, npages, inside=False):
+        """range of the fine-map OS pages (the fine-map table's entries) holding the fine bytes of
+        heap pages [start, start + npages): every one that holds some, or with `inside` only
+        those that hold nothing else (and no coarse byte)."""
+        lo, hi = start * FINE_PER_PAGE, (start + npages) * FINE_PER_PAGE
+        if inside:
+            return range(-(-lo // OS_PAGE), min(hi, self.fine_bytes) // OS_PAGE)
+        return range(lo // OS_PAGE, -(-hi // OS_PAGE))
+
+    def fine_ranges(self, pages):
+        """[(offset, bytes)] of fine-map OS pages `pages` (a range) in both maps."""
+        if not pages:
+            return []
+        n = len(pages) * OS_PAGE
+        return [(self.amap_off + pages.start * OS_PAGE, n), (self.gmap_off + pages.start * OS_PAGE, n)]
 
     def region_offsets(self):
         return {
             "locks": self.lock_off,
             "central": self.central_off,
             "heapmeta": self.heapmeta_off,
+            "finemap": self.finemap_off,
             "spans": self.spans_off,
             "pagemap": self.pagemap_off,
         }
@@ -538,14 +630,15 @@ class Layout:
 
     def released_meta(self, start, npages):
         """[(offset, bytes)] of the OS pages that lie wholly inside the entries of heap pages
-        [start, start + npages) of the tables given back with their pages: what a release of
-        those pages gives back too, and never a byte that describes another page."""
+        [start, start + npages) of the tables given back with their pages, and of the maps' fine
+        parts: what a release of those pages gives back too, and never a byte that describes
+        another page."""
         out = []
         for off, n in self.page_meta(start, npages, released=True):
             lo, hi = -(-off // OS_PAGE) * OS_PAGE, (off + n) // OS_PAGE * OS_PAGE
             if hi > lo:
                 out.append((lo, hi - lo))
-        return out
+        return out + self.fine_ranges(self.fine_pages(start, npages, inside=True))
 
     # Header I/O.
     def write_header(self, q, now_ns):

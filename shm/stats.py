@@ -84,7 +84,9 @@ FIELDS = (
         "gc_sys",
         "bytes",
         "gauge",
-        "Allocation- and generation-map bytes covering the committed heap (one byte each per 8 heap bytes).",
+        "Allocation- and generation-map bytes reserved: their coarse parts over the committed heap (a byte "
+        "each per 128 heap bytes), and the OS pages of their fine parts reserved for spans of small classes "
+        "(a byte each per 8 heap bytes).",
     ),
     (
         "other_sys",
@@ -134,7 +136,7 @@ META_FIELDS = (
 COUNTERS = tuple(f[0] for f in FIELDS if f[2] == "counter")
 
 
-def _sys_parts(arena, committed_pages, records_high, records_used, nactive):
+def _sys_parts(arena, committed_pages, records_high, records_used, nactive, fine_map_pages):
     lay = arena.lay
     slot_bytes = lay.slot_words * 8
     heap_sys = committed_pages * PAGE
@@ -152,7 +154,7 @@ def _sys_parts(arena, committed_pages, records_high, records_used, nactive):
         mspan_inuse=records_used * SPAN_BYTES,
         mcache_sys=len(arena.registry.claimed()) * slot_bytes,  # reserved at first claim
         mcache_inuse=nactive * slot_bytes,
-        gc_sys=heap_sys // 4,  # the allocation map and the generation map
+        gc_sys=2 * (committed_pages * L.COARSE_PER_PAGE + fine_map_pages * L.OS_PAGE),  # both maps
         other_sys=other,
     )
 
@@ -165,6 +167,7 @@ def _assemble(
     records_high,
     records_used,
     nactive,
+    fine_map_pages,
     mallocs_c,
     live_c,
     large_mallocs,
@@ -172,7 +175,7 @@ def _assemble(
     large_live_pages,
     large_total_bytes,
 ):
-    d = _sys_parts(arena, committed, records_high, records_used, nactive)
+    d = _sys_parts(arena, committed, records_high, records_used, nactive, fine_map_pages)
     d["sys"] = d["heap_sys"] + d["mspan_sys"] + d["mcache_sys"] + d["gc_sys"] + d["other_sys"]
     d["heap_inuse"] = inuse_pages * PAGE
     d["heap_idle"] = d["heap_sys"] - d["heap_inuse"]
@@ -219,6 +222,7 @@ def read_stats(arena):
         hg("records_high"),
         hg("nrecords_used"),
         len(arena.registry.active_slots()),
+        hg("fine_map_pages"),
         mallocs_c,
         live_c,
         hg("large_mallocs"),
@@ -257,7 +261,7 @@ def read_stats_slow(arena, records=None):
         inuse_pages += rec["npages"]
         c = rec["sizeclass"]
         if c == 0:
-            b = amap[lay.amap_off + rec["start"] * PAGE // 8]
+            b = amap[lay.amap_off + lay.span_index(rec["start"], 0)[0]]
             if b == L.ALLOC or b >= L.TAG0:
                 large_live += 1
                 large_live_pages += rec["npages"]
@@ -270,6 +274,7 @@ def read_stats_slow(arena, records=None):
         if rec["owner"]:
             mallocs_c[c] -= b.count(L.LISTED)
     committed = q[hw + H["committed_pages"]]
+    flags = bytes(amap[lay.finemap_flags : lay.finemap_flags + lay.fine_os_pages])
     return _assemble(
         arena,
         committed,
@@ -278,6 +283,7 @@ def read_stats_slow(arena, records=None):
         q[hw + H["records_high"]],
         len(records),
         len(arena.registry.active_slots()),
+        len(flags) - flags.count(0),  # the fine-map table, counted
         mallocs_c,
         live_c,
         large_mallocs,

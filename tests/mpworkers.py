@@ -23,7 +23,9 @@ def arena_worker(arena_name, idx, n_ops, seed, inbox, outbox, results, progress=
 def stuck_in_critical_section(arena_name, where, ready):
     """Attach, then stop forever INSIDE an operation -- locks held, undo log half full -- at
     `where` ("heap": after a large allocation's writes; "central": after a refill's collect;
-    "release": after a free span's heap pages were given back, before its allocation map).
+    "release": after a free span's heap pages were given back, before its allocation map;
+    "fine": after the fine-map pages of a span of a fine class were reserved afresh, their
+    generations and flags written, the pages having been given back before).
     The test SIGKILLs us there."""
     from shm import Arena, ProcessCache
 
@@ -51,6 +53,20 @@ def _stop_inside(p, where, ready):
 
         PageHeap.alloc_span = alloc_span
         p.alloc(100_000)
+    elif where == "fine":
+        p.free(p.alloc(1 << 20))
+        p.flush()
+        p.arena.scavenge(p.slot)  # every idle page given back, with its fine-map pages
+        real = PageHeap._reserve_fine
+
+        def reserve_fine(self, op, start, npages):
+            before = self.hget("fine_map_pages")
+            real(self, op, start, npages)
+            if self.hget("fine_map_pages") != before:
+                stop_here()
+
+        PageHeap._reserve_fine = reserve_fine
+        p.alloc(160)
     elif where == "release":
         p.free(p.alloc(1 << 20))
         p.flush()  # the span goes back to the page heap, free

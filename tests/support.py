@@ -136,8 +136,9 @@ def metadata_bytes(arena):
 def unreserved(arena):
     """The ranges the allocator may touch that tmpfs had not reserved: the fixed regions, every
     claimed P slot, the span table's pages under records [0, records_high), the pages of every
-    span not released with every table entry over them, and a released span's entries in the
-    tables kept (layout.Layout.page_tables).  Found by reserving each range again
+    span not released with every table entry over them, a released span's entries in the tables
+    kept (layout.Layout.page_tables), and the maps' fine-part OS pages over every span of a fine
+    class.  Found by reserving each range again
     (posix_fallocate) and watching the segment's st_blocks: a reserved range adds nothing.  Run
     on a quiet arena.  A page touched without a reservation counts as reserved: this finds the
     reservations missing where nothing was written yet."""
@@ -151,6 +152,8 @@ def unreserved(arena):
             need += [(base + s * per, n * per) for base, per, given_back in lay.page_tables if not given_back]
         else:
             need += [(lay.heap_off + s * page, n * page), *lay.page_meta(s, n)]
+        if rec["state"] == L.SPAN_INUSE and rec["sizeclass"] and not L.CLASS_COARSE[rec["sizeclass"]]:
+            need += lay.fine_ranges(lay.fine_pages(s, n))
     missing = []
     for off, n in need:
         before = os.fstat(fd).st_blocks

@@ -79,12 +79,13 @@ def test_cross_process_cache_free_goes_pending_then_collected(arena):
 BAD = [
     ("below the heap", lambda a, b: layout.HANDLE_MIN - 1, BadHandle),
     ("zero", lambda a, b: 0, BadHandle),
-    ("past the heap", lambda a, b: layout.make_handle(a.lay.heap_max, 0), BadHandle),
+    ("past the heap", lambda a, b: (layout.HANDLE_G0 + a.lay.amap_bytes) << layout.GEN_BITS, BadHandle),
     ("negative", lambda a, b: -8, BadHandle),
     ("wrong generation", lambda a, b: b["small"].handle ^ 0x55, BadHandle),
     ("inside a small block", lambda a, b: b["small"].handle + (1 << layout.GEN_BITS), BadHandle),
     ("inside a large block", lambda a, b: b["large"].handle + (512 << layout.GEN_BITS), BadHandle),
-    ("never allocated page", lambda a, b: layout.make_handle(a.lay.heap_max - 8192, 0), BadHandle),
+    ("never allocated page", lambda a, b: a.lay.make_handle(a.lay.heap_max - 8192, 0, 0), BadHandle),
+    ("never allocated page, fine", lambda a, b: a.lay.make_handle(a.lay.heap_max - 8192, 0, 1), BadHandle),
     ("free object", lambda a, b: b["freed"], DoubleFree),
     ("freed large", lambda a, b: b["freed_large"], DoubleFree),
     ("stale (reused)", lambda a, b: b["stale"], BadHandle),
@@ -109,7 +110,7 @@ def test_bad_handles_change_nothing(arena, what, make, exc, who):
         s = p1.alloc(size)
         p1.free(s)
         blocks[key + "_again"] = again = p1.alloc(size)  # the same address, reused
-        assert layout.handle_offset(again.handle) == layout.handle_offset(s.handle)
+        assert arena.lay.handle_offset(again.handle) == arena.lay.handle_offset(s.handle)
         blocks[key] = s.handle
     before = metadata_bytes(arena)
     with pytest.raises(exc) as err:

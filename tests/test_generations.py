@@ -24,7 +24,7 @@ def reused(p, size):
     b = p.alloc(size)
     p.free(b)
     again = p.alloc(size)
-    assert layout.handle_offset(again.handle) == layout.handle_offset(b.handle), "the address is reused"
+    assert again.handle >> layout.GEN_BITS == b.handle >> layout.GEN_BITS, "the address is reused"
     assert again.handle == layout.next_handle(b.handle) != b.handle
     again.buf[:] = pattern(again.handle, size)
     return b.handle, again
@@ -64,7 +64,7 @@ def test_a_stale_free_from_another_process_fails_at_the_call(arena):
     assert viewed[0] == "BadHandle" and "stale" in viewed[1]
     assert buffered == [], "the stale free never reached B's remote-free buffer"
     more = [a.alloc(64) for _ in range(300)]
-    assert all(layout.handle_offset(m.handle) != layout.handle_offset(again.handle) for m in more)
+    assert all(m.handle >> layout.GEN_BITS != again.handle >> layout.GEN_BITS for m in more)
     assert bytes(a.view(again))[:64] == pattern(again.handle, 64)
     for m in more + [again]:
         a.free(m)
@@ -104,7 +104,7 @@ def test_a_second_free_after_the_span_went_back_to_the_heap_is_a_double_free(are
     other.free(b)
     other.flush()  # applied: the span is empty (or the large span PENDING for p)
     p.flush()  # p gives back what it cached: the span goes back to the page heap
-    assert arena.heap.span_of_page(layout.handle_offset(b.handle) >> layout.PAGE_SHIFT) < 0
+    assert arena.heap.span_of_page(arena.lay.handle_page(b.handle)) < 0
     before = metadata_bytes(arena)
     for q in (p, other):
         with pytest.raises(DoubleFree, match="span went back to the heap"):
@@ -117,14 +117,15 @@ def test_a_second_free_after_the_span_went_back_to_the_heap_is_a_double_free(are
     other.close()
 
 
-def test_one_address_gets_256_distinct_handles_before_one_repeats(arena):
+@pytest.mark.parametrize("size", [64, 128, 100_000])  # fine, coarse, large: each fast free wraps
+def test_one_address_gets_256_distinct_handles_before_one_repeats(arena, size):
     p = ProcessCache(arena)
     seen = []
     for _ in range(257):
-        b = p.alloc(64)
+        b = p.alloc(size)
         seen.append(b.handle)
         p.free(b)
-    assert len({layout.handle_offset(h) for h in seen}) == 1
+    assert len({h >> layout.GEN_BITS for h in seen}) == 1
     assert len(set(seen[:256])) == 256, "the last 255 handles of an address all differ from its current one"
     assert seen[256] == seen[0]  # 8 bits: the 257th reuse wraps
     assert_healthy(arena, p)
@@ -146,7 +147,7 @@ def test_random_ints_and_every_wrong_generation_raise_bad_handle(arena):
                 with pytest.raises(BadHandle):
                     q.view(h)
     rng = random.Random(7)
-    top = layout.make_handle(arena.lay.heap_max, 0) * 2
+    top = (layout.HANDLE_G0 + arena.lay.amap_bytes) << (layout.GEN_BITS + 1)
     for _ in range(2000):
         h = rng.randrange(-top, top)
         if h in {b.handle for b in live}:
@@ -221,7 +222,7 @@ def test_a_handle_from_before_a_release_never_matches_after_it(arena, size):
     p.flush()  # the span goes back to the page heap
     assert arena.scavenge() > 0  # and its pages, with their maps, to the OS
     blocks = [p.alloc(size) for _ in range(2 * arena.lay.heap_max // max(size, 8192) // 4)]
-    again = next(b for b in blocks if layout.handle_offset(b.handle) == layout.handle_offset(first.handle))
+    again = next(b for b in blocks if b.handle >> layout.GEN_BITS == first.handle >> layout.GEN_BITS)
     assert again.handle != first.handle and again.handle & layout.GEN_MASK != 0
     again.buf[:] = pattern(again.handle, again.size)
     for call in (p.free, p.view):
@@ -232,4 +233,127 @@ def test_a_handle_from_before_a_release_never_matches_after_it(arena, size):
         p.free(b)
     snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0
+    p.close()
+
+
+# --- the maps' two parts (shm/layout.py) -------------------------------------------------------
+def part(arena, h):
+    """'coarse' or 'fine': the part of the maps handle h indexes."""
+    return "coarse" if h >> layout.GEN_BITS >= arena.lay.handle_c0 else "fine"
+
+
+def test_every_class_lands_in_its_part_of_the_maps(make_arena):
+    """A block of every size class, and large ones: a coarse class's (object size a multiple of
+    128) and a large block's handle index the coarse part, a fine class's the fine part; addr,
+    view and free -- by the owner and by another P -- find the same bytes; the slow walk equals
+    the fast figures."""
+    from shm.sizeclasses import CLASS_TO_SIZE, SIZE_TO_CLASS
+
+    arena = make_arena(heap_max=64 << 20, nslots=4)
+    lay = arena.lay
+    p, other = ProcessCache(arena), ProcessCache(arena)
+    sizes = [CLASS_TO_SIZE[c] for c in range(1, layout.NCLASS)] + [32769, 100_000, 1 << 20]
+    fine = [8, 16, 32, 48, 64, 80, 96, 112, 144, 160, 176, 192, 208, 224, 240, 288, 320, 352, 416, 448, 480]
+    assert [s for s in sizes[:-3] if not layout.CLASS_COARSE[SIZE_TO_CLASS[(s + 7) >> 3]]] == fine + [
+        576,
+        704,
+    ]
+    blocks = [p.alloc(s) for s in sizes for _ in range(3)]
+    for b in blocks:
+        want = "coarse" if b.size > 32768 or b.size % 128 == 0 else "fine"
+        assert part(arena, b.handle) == want, (b.size, b.handle)
+        assert arena.addr(b.handle) == lay.heap_off + lay.handle_offset(b.handle)
+        b.buf[:] = pattern(b.handle, b.size)
+        start = arena.addr(b.handle)
+        assert bytes(arena.mv[start : start + b.size]) == pattern(b.handle, b.size)
+        assert bytes(other.view(b.handle, b.size)) == pattern(b.handle, b.size)
+    assert len({lay.handle_offset(b.handle) for b in blocks}) == len(blocks)
+    snap = assert_healthy(arena, p, other)  # check_all: fast == slow, every map byte accounted
+    assert snap["heap_objects"] == len(blocks)
+    for i, b in enumerate(blocks):
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        (p if i % 2 else other).free(b)  # the owner's local free, or another P's buffered one
+    snap = assert_healthy(arena, p, other)
+    assert snap["heap_objects"] == 0 and snap["frees"] == len(blocks) and snap["bad_frees"] == 0
+    p.close()
+    other.close()
+
+
+def span_page(arena, h):
+    return arena.lay.handle_page(h)
+
+
+@pytest.mark.parametrize("old,new", [(128, 64), (64, 128), (64, 40_000)])
+def test_a_stale_handle_of_the_other_part_is_refused(arena, old, new):
+    """A span of one part given back to the heap and its pages reused by a span of the other
+    (coarse 128 B blocks, fine 64 B ones, a large block): the old handles -- the stale one and
+    the last one, freed -- free and view nothing, whichever P tries, and the arena is unchanged."""
+    p, other = ProcessCache(arena), ProcessCache(arena)
+    first = p.alloc(old)
+    p.free(first)
+    last = p.alloc(old)
+    assert last.handle == layout.next_handle(first.handle)
+    p.free(last)
+    p.flush()  # the empty span goes back to the page heap
+    page = span_page(arena, first.handle)
+    assert arena.heap.span_of_page(page) < 0
+    got = []
+    while not any(span_page(arena, b.handle) == page for b in got):
+        got.append(p.alloc(new))
+    assert part(arena, got[-1].handle) != part(arena, first.handle)
+    for b in got:
+        b.buf[:] = pattern(b.handle, b.size)
+    before = metadata_bytes(arena)
+    for q in (p, other):
+        for h in (first.handle, last.handle):
+            for call in (q.free, q.view):
+                with pytest.raises(BadHandle, match="stale") as err:
+                    call(h)
+                assert err.type is BadHandle
+    assert metadata_bytes(arena) == before
+    for b in got:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p, other)["heap_objects"] == 0
+    p.close()
+    other.close()
+
+
+@pytest.mark.parametrize("epoch", [True, False], ids=["as shipped", "epoch write disabled"])
+def test_a_fine_handle_from_before_its_fine_map_page_was_given_back(arena, monkeypatch, epoch):
+    """A fine block's first handle (generation 0), its span freed and its pages -- with the OS page
+    of the fine map over them -- given back: when a fine span is placed there again, the fine-map
+    page is reserved afresh (it reads 0) and the release epoch's generation written over it, so
+    the old handle is refused.  Without that write the old handle would free the new block: the
+    second case shows the write is what refuses it."""
+    from shm.heap import PageHeap
+
+    if not epoch:
+        monkeypatch.setattr(PageHeap, "_regenerate_fine", lambda self, pages: None)
+    p = ProcessCache(arena)
+    first = p.alloc(64)
+    assert part(arena, first.handle) == "fine" and first.handle & layout.GEN_MASK == 0
+    p.free(first)
+    p.flush()
+    assert arena.scavenge() > 0
+    assert arena.heap.hget("fine_map_pages") == 0, "the fine-map page went with the pages"
+    assert arena.mv[arena.lay.finemap_flags + span_page(arena, first.handle) * 1024 // layout.OS_PAGE] == 0
+    blocks = []
+    while not blocks or blocks[-1].handle >> layout.GEN_BITS != first.handle >> layout.GEN_BITS:
+        blocks.append(p.alloc(64))
+    again = blocks[-1]
+    assert arena.heap.hget("fine_map_pages") > 0
+    if not epoch:
+        assert again.handle == first.handle  # the fresh page read 0: the old handle matches
+        p.free(first.handle)  # ... and frees the new block
+        return
+    assert again.handle != first.handle
+    again.buf[:] = pattern(again.handle, again.size)
+    for call in (p.free, p.view):
+        with pytest.raises(BadHandle):
+            call(first.handle)
+    assert bytes(again.buf) == pattern(again.handle, again.size)
+    for b in blocks:
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
     p.close()

@@ -183,7 +183,7 @@ def run_on_small_dev_shm(tmp_path, script, tmpfs_size, *args):
     return r.stdout.splitlines()
 
 
-# Bytes left free in a 3 MiB tmpfs, 24 levels: from less than an arena's fixed regions (176 KiB),
+# Bytes left free in a 3 MiB tmpfs, 24 levels: from less than an arena's fixed regions (~180 KiB),
 # through room for them but not for the first claim's slot (68 KiB with its undo log), through
 # the heap's first growth (a page of span records, 1 MiB of pages and 257 KiB of their table
 # entries) at 18 levels spaced unevenly -- so that the reservation that fails is the records',
@@ -209,15 +209,15 @@ def test_real_full_dev_shm_is_out_of_memory_not_sigbus(tmp_path, size):
 
 
 def test_arena_creation_and_first_claim_on_a_too_small_dev_shm(tmp_path):
-    """An arena whose fixed regions (176 KiB whatever its slot count: the worker slots are
+    """An arena whose fixed regions (about 180 KiB whatever its slot count: the worker slots are
     reserved at their first claim) do not fit in /dev/shm is refused with OutOfMemory at creation,
     and no segment is left behind; with room for them but not for a slot (68 KiB with its undo
     log), the first claim is OutOfMemory naming /dev/shm and the slot, the registry unchanged;
     with room for both, a 64-slot arena on a 3 MiB /dev/shm works."""
-    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", 16, 64, "0,4096,100000,170000,185000,240000,600000")
+    out = run_on_small_dev_shm(tmp_path, FULL_SHM, "3m", 16, 64, "0,4096,100000,170000,200000,250000,600000")
     assert [line.split()[:2] for line in out] == [
         *(["CREATE-OOM", n] for n in ("0", "4096", "100000", "170000")),
-        *(["CLAIM-OOM", n] for n in ("185000", "240000")),
+        *(["CLAIM-OOM", n] for n in ("200000", "250000")),
         ["LEVEL", "600000"],
     ], out
     assert all("fixed regions" in line for line in out[:4]), out
@@ -288,12 +288,16 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     arena.free_empty_spans()
     committed = arena.heap.hget("committed_pages")
     assert committed * L.PAGE_SIZE >= 56 << 20 and arena.read_stats_slow()["heap_objects"] == 0
-    before = resident(arena)
+    before, fine = resident(arena), arena.heap.hget("fine_map_pages")
+    assert fine >= 20_000 * 16 // (8 * page)  # the 16 B blocks' fine-map pages, of both maps
     released = arena.scavenge()
     after = resident(arena)
     assert released == committed * L.PAGE_SIZE
-    # The heap pages and their allocation map went (one map byte per 8 heap bytes) ...
-    assert before - after >= released + released // 8 - 2 * page, (before, after, released)
+    # The heap pages went, with their maps' coarse parts (a byte each per 128 heap bytes) and
+    # every OS page of their fine parts ...
+    assert arena.heap.hget("fine_map_pages") == 0
+    gone = released + released // 64 + 2 * fine * page
+    assert before - after >= gone - 2 * page, (before, after, gone)
     # ... and what stays is the fixed regions and the kept tables' entries, to the OS page.
     kept = lay.fixed_ranges() + [lay.slot_range(p.slot), lay.record_pages(arena.heap.hget("records_high"))]
     kept += [r for r in lay.page_meta(0, committed) if r not in lay.page_meta(0, committed, True)]
@@ -308,7 +312,8 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     snap = assert_healthy(arena, p)
     assert snap["heap_released"] < released and snap["heap_objects"] == len(again)
     inuse = snap["heap_inuse"]
-    assert resident(arena) - after >= inuse + inuse // 8 - 8 * page  # pages and their map
+    fine = 2 * page * arena.heap.hget("fine_map_pages")
+    assert fine > 0 and resident(arena) - after >= inuse + inuse // 64 + fine - 8 * page  # pages, maps
     assert unreserved(arena) == []
     assert len({b.handle for b in again}) == len(again)
     for b in again:
@@ -356,4 +361,129 @@ def test_a_free_next_to_released_pages_works_on_a_full_dev_shm(arena, monkeypatc
         assert bytes(x.buf) == pattern(x.handle, x.size)
         p.free(x)
     assert_healthy(arena, p)
+    p.close()
+
+
+# --- the maps' fine and coarse parts ----------------------------------------------------------
+def os_pages(ranges):
+    """The OS page numbers (of the segment) that `ranges` [(offset, bytes)] touch."""
+    from shm import layout as L
+
+    return {p for off, n in ranges for p in range(off // L.OS_PAGE, -(-(off + n) // L.OS_PAGE))}
+
+
+def reserved_by_the_books(arena):
+    """The OS pages the allocator says it reserved, nothing having been released: the fixed
+    regions, the claimed P slots and the span table's pages in use (Arena.reserved_ranges), the
+    committed heap pages with every per-page table's entries over them, and the fine-map pages
+    whose flag is set (both maps)."""
+    lay = arena.lay
+    committed = arena.heap.hget("committed_pages")
+    flags = bytes(arena.mv[lay.finemap_flags : lay.finemap_flags + lay.fine_os_pages])
+    fine = [r for p, f in enumerate(flags) if f for r in lay.fine_ranges(range(p, p + 1))]
+    heap = [(lay.heap_off, committed * 8192)]
+    return os_pages(arena.reserved_ranges() + lay.page_meta(0, committed) + heap + fine)
+
+
+def fill(p, nbytes, sizes):
+    """Blocks from `sizes()` until `nbytes`, each filled with its pattern."""
+    blocks, total = [], 0
+    while total < nbytes:
+        b = p.alloc(sizes())
+        b.buf[:] = pattern(b.handle, b.size)
+        blocks.append(b)
+        total += b.size
+    return blocks
+
+
+def test_blocks_of_coarse_classes_reserve_nothing_of_the_fine_map(make_arena):
+    """Blocks of coarse classes (sizes a multiple of 128) and large ones only: not one OS page of
+    either map's fine part is reserved or written, and what tmpfs holds is exactly what the
+    allocator's books say -- the checks and the slow walk read nothing else either."""
+    import random
+
+    from shm import layout as L
+
+    arena = make_arena(heap_max=64 << 20, nslots=4)
+    lay = arena.lay
+    p = ProcessCache(arena)
+    rnd = random.Random(3)
+    blocks = fill(p, 24 << 20, lambda: rnd.choice([128, 256, 640, 1024, 3072, 8192, 32768, 40_000, 300_000]))
+    snap = assert_healthy(arena, p)  # check_all and the slow walk, before st_blocks is read
+    assert arena.heap.hget("fine_map_pages") == 0 and snap["gc_sys"] == 2 * snap["heap_sys"] // 128
+    assert os.fstat(arena.fd).st_blocks * 512 == len(reserved_by_the_books(arena)) * L.OS_PAGE
+    for base in (lay.amap_off, lay.gmap_off):
+        try:
+            data = os.lseek(arena.fd, base, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past it at all
+            data = lay.total_bytes
+        assert data >= base + lay.fine_bytes, "a byte of a map's fine part was written"
+    assert arena.metadata()["fine"] == 0
+    for b in blocks:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
+    p.close()
+
+
+def test_per_page_metadata_costs_at_most_3_percent_of_heap_inuse(make_arena):
+    """A seeded fill of random sizes 1 B..32 KiB (bench/bench_memory.py's workload, 40 MiB):
+    the two maps (fine and coarse parts), the page map and the span records hold at most 3% of
+    heap_inuse in tmpfs -- and so does all the metadata, the fixed regions and the claimed P
+    slots included -- counted from the allocator's books, which st_blocks agrees with to the OS
+    page."""
+    import random
+
+    from shm import layout as L
+
+    arena = make_arena(heap_max=64 << 20, nslots=4)
+    p = ProcessCache(arena)
+    rnd = random.Random(1)
+    blocks = fill(p, 40 << 20, lambda: rnd.randint(1, 32 << 10))
+    snap = assert_healthy(arena, p)
+    assert os.fstat(arena.fd).st_blocks * 512 == len(reserved_by_the_books(arena)) * L.OS_PAGE
+    meta = arena.metadata()
+    assert meta["fine"] > 0 and meta["fine"] + meta["coarse"] == snap["gc_sys"]
+    per_page = meta["fine"] + meta["coarse"] + meta["pagemap"] + meta["spans"]
+    assert per_page <= 0.03 * snap["heap_inuse"], (meta, snap["heap_inuse"])
+    assert sum(meta.values()) <= 0.03 * snap["heap_inuse"], (meta, snap["heap_inuse"])
+    for b in blocks:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
+    p.close()
+
+
+def test_a_full_dev_shm_at_a_fine_span_placement(arena, monkeypatch):
+    """The heap has room, but /dev/shm none for the fine-map pages a span of a fine class needs:
+    OutOfMemory and the arena unchanged; a coarse class still allocates; once there is room the
+    pages are reserved and the class works."""
+    lay = arena.lay
+    p = ProcessCache(arena)
+    keep = p.alloc(100_000)  # the heap's first growth: the next spans need no commit
+    keep.buf[:] = pattern(keep.handle, keep.size)
+    before, real, calls = metadata_bytes(arena), os.posix_fallocate, []
+
+    def no_room_for_fine(fd, off, n):
+        calls.append(off)
+        if any(base <= off < base + lay.fine_bytes for base in (lay.amap_off, lay.gmap_off)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, off, n)
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room_for_fine)
+    with pytest.raises(OutOfMemory, match="/dev/shm is full: cannot commit .* allocation and generation map"):
+        p.alloc(64)
+    assert calls, "the fine-map pages were never asked for"
+    assert metadata_bytes(arena) == before and arena.heap.hget("fine_map_pages") == 0
+    coarse = p.alloc(1024)
+    coarse.buf[:] = pattern(coarse.handle, coarse.size)
+    monkeypatch.undo()
+    fine = [p.alloc(64) for _ in range(300)]
+    for b in fine:
+        b.buf[:] = pattern(b.handle, b.size)
+    assert unreserved(arena) == [] and arena.heap.hget("fine_map_pages") > 0
+    for b in [keep, coarse, *fine]:
+        assert bytes(b.buf[: b.size]) == pattern(b.handle, b.size)
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
     p.close()

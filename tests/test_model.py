@@ -15,8 +15,10 @@ SIZES = st.one_of(st.integers(1, 512), st.integers(513, 32768), st.integers(3276
 
 
 class AllocatorModel(RuleBasedStateMachine):
-    """Two Ps on one small arena; the model is a dict handle -> (size, capacity) and, per
-    address, the last handle it had: a block's handle is the next generation of that one."""
+    """Two Ps on one small arena; the model is a dict handle -> (size, capacity) and, per map
+    index (an address, in the maps' fine part for a fine class, in their coarse part for a coarse
+    class or a large block), the last handle it had: a block's handle is the next generation of
+    that one."""
 
     def __init__(self):
         super().__init__()
@@ -24,9 +26,10 @@ class AllocatorModel(RuleBasedStateMachine):
         self.ps = [ProcessCache(self.arena), ProcessCache(self.arena)]
         self.live = {}  # handle -> (size, capacity)
         self.freed = set()  # handles freed: stale (or a double free) for good
-        self.last = {}  # heap offset -> the last handle a block there had
-        # Addresses whose pages may have been released since their last handle (their generation
-        # is then the one PageHeap._commit writes), and whether a fresh address may have been.
+        self.last = {}  # map index (handle >> GEN_BITS) -> the last handle a block there had
+        # Indexes whose pages may have been released since their last handle (their generation
+        # is then the one the heap writes when it reserves them again), and whether a fresh
+        # index may have been.
         self.regen, self.fresh_regen = set(), False
         self.mallocs = self.frees = 0
         self.prev = None
@@ -43,17 +46,20 @@ class AllocatorModel(RuleBasedStateMachine):
         except OutOfMemory:
             return
         assert b.handle not in self.live, "handed out a live block twice"
-        off = layout.handle_offset(b.handle)
+        lay = self.arena.lay
+        coarse = size > 32768 or layout.CLASS_COARSE[SIZE_TO_CLASS[(size + 7) >> 3]]
+        assert (b.handle >> layout.GEN_BITS >= lay.handle_c0) == coarse, "a handle in the wrong part"
+        off, i = lay.handle_offset(b.handle), b.handle >> layout.GEN_BITS
         for h, (_sz, cap) in self.live.items():
-            o = layout.handle_offset(h)
+            o = lay.handle_offset(h)
             assert off + b.capacity <= o or o + cap <= off, "blocks overlap"
-        # A fresh address has generation 0; a reused one the generation after its last handle's;
+        # A fresh index has generation 0; a reused one the generation after its last handle's;
         # one whose pages were released and committed again, the generation written then.
-        if off in self.last and off not in self.regen:
-            assert b.handle == layout.next_handle(self.last[off])
-        elif off not in self.last and not self.fresh_regen:
+        if i in self.last and i not in self.regen:
+            assert b.handle == layout.next_handle(self.last[i])
+        elif i not in self.last and not self.fresh_regen:
             assert b.handle & 255 == 0
-        self.regen.discard(off)
+        self.regen.discard(i)
         if size <= 32768:
             assert b.capacity == CLASS_TO_SIZE[SIZE_TO_CLASS[(size + 7) >> 3]]
         b.buf[:] = pattern(b.handle, size)
@@ -69,7 +75,7 @@ class AllocatorModel(RuleBasedStateMachine):
         assert bytes(self.ps[p].view(h, size)) == pattern(h, size), "block contents changed"
         self.ps[p].free(h)
         self.freed.add(h)
-        self.last[layout.handle_offset(h)] = h
+        self.last[h >> layout.GEN_BITS] = h
         self.frees += 1
 
     @precondition(lambda self: self.freed)
@@ -79,10 +85,11 @@ class AllocatorModel(RuleBasedStateMachine):
         nothing: DoubleFree when it is its address's last handle and no live block covers the
         address, plain BadHandle (stale) when a live block starts there."""
         h = data.draw(st.sampled_from(sorted(self.freed)))
-        off = layout.handle_offset(h)
+        lay, i = self.arena.lay, h >> layout.GEN_BITS
+        off = lay.handle_offset(h)
         covered = [
             o
-            for o, cap in ((layout.handle_offset(x), c) for x, (_s, c) in self.live.items())
+            for o, cap in ((lay.handle_offset(x), c) for x, (_s, c) in self.live.items())
             if o <= off < o + cap
         ]
         before = metadata_bytes(self.arena)
@@ -91,16 +98,19 @@ class AllocatorModel(RuleBasedStateMachine):
         assert metadata_bytes(self.arena) == before
         if covered == [off]:
             assert err.type is BadHandle and "stale" in str(err.value)
-        elif not covered and how == "free" and self.last[off] == h and off not in self.regen:
+        elif not covered and how == "free" and self.last[i] == h and i not in self.regen:
             assert err.type is DoubleFree
 
     @precondition(lambda self: self.live)
-    @rule(data=st.data(), delta=st.sampled_from([1, 8, 16, -8]))
+    @rule(data=st.data(), delta=st.sampled_from([1, 8, 16, -8, 256]))
     def bad_interior_free(self, data, delta):
+        """A handle a few bytes into a live block (in the maps' fine part, whatever the block's
+        part), or one index on in its own part, or another generation, frees nothing."""
         h = data.draw(st.sampled_from(sorted(self.live)))
+        lay = self.arena.lay
         bad = (
-            layout.make_handle(layout.handle_offset(h) + delta, h & layout.GEN_MASK)
-            if delta % 8 == 0
+            lay.make_handle(lay.handle_offset(h) + delta, h & layout.GEN_MASK, 1)
+            if delta in (8, 16, -8)
             else h + delta
         )
         if bad in self.live:
@@ -135,8 +145,8 @@ class AllocatorModel(RuleBasedStateMachine):
         self._released()
 
     def _released(self):
-        live = {layout.handle_offset(h) for h in self.live}
-        self.regen |= {off for off in self.last if off not in live}
+        live = {h >> layout.GEN_BITS for h in self.live}
+        self.regen |= {i for i in self.last if i not in live}
         self.fresh_regen = True
 
     @rule(pages=st.integers(1, 40), keep=st.integers(0, 64), spans=st.integers(1, 3))

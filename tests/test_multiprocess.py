@@ -124,7 +124,7 @@ def test_sigkill_mid_run_survivors_finish_and_cache_is_reclaimed(make_arena):
     main.close()
 
 
-@pytest.mark.parametrize("where", ["heap", "central", "release"])
+@pytest.mark.parametrize("where", ["heap", "central", "release", "fine"])
 def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
     """The victim dies holding a lock, its undo log half full.  The next process to take that
     lock finds it dirty, rolls the dead operation back, and goes on; check() passes."""
@@ -137,6 +137,7 @@ def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     from shm import layout as L
 
+    fine_pages = arena.heap.hget("fine_map_pages")
     dirty = [lid for lid in range(L.NLOCKS) if arena.q[arena.lay.lock_word(lid)]]
     assert dirty, "the victim should hold a dirty lock"
     os.kill(victim.pid, signal.SIGKILL)
@@ -147,9 +148,12 @@ def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
     b = ProcessCache(arena).alloc(64) if where == "central" else main.alloc(100_000)
     assert arena.repairs == repairs + 1, "the dead operation was not rolled back"
     assert all(arena.q[arena.lay.lock_word(lid)] == 0 for lid in dirty)
-    if where == "release":  # the span stays marked released, and is committed again for reuse
+    if where == "fine":  # the flags it set are cleared again; blocks of the class work
+        assert arena.heap.hget("fine_map_pages") < fine_pages
+        assert arena.check_all(parts=("heap",)) == []
+    if where in ("release", "fine"):  # the span stays marked released, and is committed again for reuse
         assert arena.read_stats_slow()["heap_released"] > 0
-        blocks = [main.alloc(100_000) for _ in range(20)]
+        blocks = [main.alloc(100_000) for _ in range(20)] + [main.alloc(160) for _ in range(200)]
         for x in blocks:
             x.buf[:] = pattern(x.handle, x.size)
         for x in blocks:

@@ -81,9 +81,10 @@ def records_to_page_end(arena):
     return (end - lay.span_word(high) * L.WORD) // (L.SPAN_WORDS * L.WORD)
 
 
-@pytest.mark.parametrize("size", [100_000, 64])
+@pytest.mark.parametrize("size", [100_000, 128])
 def test_a_new_record_page_on_a_full_dev_shm_is_out_of_memory_and_changes_nothing(arena, monkeypatch, size):
-    """Allocations of 2-page spans (or a 64 B class's) take a record each, with /dev/shm full
+    """Allocations of 2-page spans (or a 128 B class's: a coarse class, whose map entries come
+    with the pages, where a fine class's span reserves its fine map first) take a record each, with /dev/shm full
     from the moment the heap has grown once: they succeed while records fit in the table's
     reserved pages, and the one whose record would reach a new page is OutOfMemory naming
     /dev/shm and the records, the arena unchanged -- never SIGBUS.  Once there is room, the
