@@ -17,7 +17,7 @@ state changes of a whole span are one `bytes.translate` over its object-start by
 """
 
 from itertools import compress
-from operator import or_
+from operator import add, or_
 
 from . import layout as L
 from .errors import BadHandle, CorruptionError, DoubleFree
@@ -89,6 +89,58 @@ def _apply_table(j, k):
 _UNCACHED_T = _apply_table(-1, 0)
 _OWN_T = [_apply_table(j, j) for j in range(L.MAX_SLOTS + 1)]  # cached by the P that freed
 _OTHER_T = [_apply_table(j, -1) for j in range(L.MAX_SLOTS + 1)]  # cached by another P
+IS_RFREED = bytes(1 if v == RFREED else 0 for v in range(256))
+_IS_LAST_GEN = bytes(1 if v == L.GEN_MASK else 0 for v in range(256))
+_RFREED_B = bytes((RFREED,))
+
+
+def handle_steps(j0, stride):
+    """(base, step) of the handles of a span whose first object-start byte is granule j0, the
+    next ones `stride` granules apart: object i's handle at generation g is base + i * step + g
+    (g < step, so a handle between two objects leaves a remainder no generation has)."""
+    base = L.make_handle(j0 << 3, 0)
+    return base, L.make_handle((j0 + stride) << 3, 0) - base
+
+
+def bumped(gens, mask):
+    """Generation bytes `gens` with the generation of every object whose `mask` byte is 1 (the
+    others 0) moved on by one, modulo 256: the generations after those objects were freed.  Byte
+    arithmetic on two integers, not a loop: a byte that wraps (255 + 1) would carry into the next
+    one, so that carry is taken back."""
+    m = int.from_bytes(mask, "little")
+    wraps = int.from_bytes(gens.translate(_IS_LAST_GEN), "little") & m
+    return (int.from_bytes(gens, "little") + m - (wraps << 8)).to_bytes(len(gens), "little")
+
+
+def freed(old, gens, j0, stride, handles, table):
+    """Buffered frees `handles` (of one span) applied to its object-start bytes `old` and their
+    generation bytes `gens` (one per object, the first object at granule j0, `stride` granules
+    apart), each object byte going to table[byte] (_BAD: the free is bad).  A free is good when
+    its object is still the one the handle named (same generation) and table says so; a handle
+    named twice is applied once.  Returns (new bytes, new generations, objects freed: None when
+    they are every RFREED object, else their indices).
+
+    A group that names a good part of the span's objects is first checked in bulk, the common
+    case: the handles are exactly those of the RFREED objects at their generations (one P freed
+    them all, and every hint held).  Else, or for a few handles, each handle is judged."""
+    n = len(old)
+    base, step = handle_steps(j0, stride)
+    if len(handles) * 8 >= n:
+        mask = old.translate(IS_RFREED)
+        expect = map(add, compress(range(base, base + n * step, step), mask), compress(gens, mask))
+        if sorted(handles) == list(expect):
+            return old.replace(_RFREED_B, bytes((table[RFREED],))), bumped(gens, mask), None
+    new, gens, changed = bytearray(old), bytearray(gens), []
+    # h - base = i * step + generation for the handle of object i: one divmod gives both, and
+    # a handle between two objects leaves a "generation" of 256 or more, which no byte is.
+    gm = L.GEN_MASK
+    for h in handles:
+        i, gen = divmod(h - base, step)
+        if 0 <= i < n and gens[i] == gen and (b := table[new[i]]) != _BAD:
+            new[i] = b
+            gens[i] = (gen + 1) & gm
+            changed.append(i)
+    return bytes(new), bytes(gens), changed
 
 
 class CentralList:
@@ -120,9 +172,13 @@ class CentralList:
         off, stride, n, j0, size = self.starts(r)
         return off, stride, strided(self.mv, off, stride, n), j0, size
 
+    def gen_start(self, j0):
+        """Byte offset in the segment of the generation byte of the object at granule j0."""
+        return self.lay.gmap_off + j0
+
     def _gen_bytes(self, j0, stride, n):
         """The generation bytes of n objects, the first at granule j0, `stride` granules apart."""
-        return strided(self.mv, self.lay.gmap_off + j0, stride, n)
+        return strided(self.mv, self.gen_start(j0), stride, n)
 
     def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=()):
         """Put uncached span r where it belongs: full list, partial list, or back to the heap
@@ -164,23 +220,38 @@ class CentralList:
         op.add(self.cw(c) + C["ncached"], 1)
         return r, self.collect(op, c, r, k)
 
-    def _retag(self, op, c, r, k, table, what):
-        """Translate the object-start bytes of span r, which P k must cache, with `table`.
-        Caller holds central lock c.  Returns (old bytes, new bytes, first granule, size)."""
+    def _retag(self, op, c, r, k, table, what, frees=()):
+        """Translate the object-start bytes of span r, which P k must cache, with `table`.  First
+        apply `frees`, groups of buffered frees of objects of span r (each group one P's), as
+        apply_frees would: in the same run, written once.  Caller holds central lock c, and P k
+        is the caller or stopped.  Returns (old bytes, new bytes, first granule, size, frees found
+        bad in each group)."""
         op.need(L.LOCK_CENTRAL(c), f"CentralList.{what}")
         owner = self.q[self.lay.span_word(r) + S["owner"]]
         if owner != k + 1:
             raise CorruptionError(f"{what} of span {r} by P {k}, but it is cached by {owner - 1}")
         off, stride, old, j0, size = self._span_bytes(r)
-        new = old.translate(table)
+        bad = []
+        if frees:
+            mid, gens = old, self._gen_bytes(j0, stride, len(old))
+            new_gens = gens
+            # P k's table: a free by P k makes its object FREE, one by another P PENDING, which
+            # the uncache that follows makes FREE as well.
+            for handles in frees:
+                mid, new_gens, changed = freed(mid, new_gens, j0, stride, handles, _OWN_T[k])
+                bad.append(0 if changed is None else len(handles) - len(changed))
+            op.wbytes(self.gen_start(j0), stride, new_gens, gens)
+            new = mid.translate(table)
+        else:
+            new = old.translate(table)
         op.wstarts(off, stride, old, new)
-        return old, new, j0, size
+        return old, new, j0, size, bad
 
     def collect(self, op, c, r, k):
         """Re-list every free or PENDING object of span r (cached by P k) into P k's cache.
         Counts the newly listed objects as mallocs, optimistically (Go's cacheSpan).  Returns their
         handles, each with its object's generation (bumped when it was freed)."""
-        old, new, j0, size = self._retag(op, c, r, k, CACHE_T[k], "collect")
+        old, new, j0, size, _ = self._retag(op, c, r, k, CACHE_T[k], "collect")
         w = self.lay.span_word(r)
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
@@ -194,11 +265,14 @@ class CentralList:
         )
         return list(map(or_, slots, compress(self._gen_bytes(j0, stride, n)[::-1], listed)))
 
-    def uncache_span(self, op, c, r, k, keep_empty=False):
+    def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), idxs=(), values=()):
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
-        uncounted, PENDING frees merged, and the span placed by its allocated count.  Returns
-        the number of listed objects uncounted."""
-        old, new, _, _ = self._retag(op, c, r, k, UNCACHE_T[k], "uncache_span")
+        uncounted, PENDING frees merged, and the span placed by its allocated count.  `frees`:
+        groups of buffered frees of objects of span r (each from one P's remote-free buffer),
+        applied first in the same retag (_retag).  `idxs`, `values`: the caller's own word writes,
+        logged with ours (words none of this reads).  Returns (listed objects uncounted, [frees
+        found bad in each group])."""
+        old, new, _, _, bad = self._retag(op, c, r, k, UNCACHE_T[k], "uncache_span", frees)
         q, w = self.q, self.lay.span_word(r)
         # The P's local frees re-listed objects, each counted as a malloc to come (slot relists);
         # those still listed now never happened.
@@ -209,6 +283,7 @@ class CentralList:
         # Every word below is read before any is written, and none is one the placing reads: the
         # span's fields, P k's slot, the class's counters, all logged in one entry.
         idxs = (
+            *idxs,
             cw + C["mallocs"],
             rel_w,
             w + S["owner"],
@@ -218,9 +293,10 @@ class CentralList:
             cw + C["ncached"],
             cw + C["live"],
         )
-        values = (q[idxs[0]] + q[rel_w] - listed, 0, 0, n, 0, 0, q[idxs[6]] - 1, q[idxs[7]] + n)
+        nc, live = cw + C["ncached"], cw + C["live"]
+        values = (*values, q[cw + C["mallocs"]] + q[rel_w] - listed, 0, 0, n, 0, 0, q[nc] - 1, q[live] + n)
         self._place(op, c, r, n, q[w + S["nelems"]], keep_empty, idxs, values)
-        return listed
+        return listed, bad
 
     def free_empty(self, op, c):
         """Return every empty span of the partial list to the heap (they wait there when a
@@ -245,13 +321,13 @@ class CentralList:
         cache when it freed them (Go has no such thing; tcmalloc's transfer cache and mimalloc's
         delayed frees do).  Each was a live object when P k buffered it; one that no longer is --
         a double free split across processes -- is skipped, never applied twice.  Returns the
-        number skipped.  One retag of the span's bytes for the whole group."""
+        number skipped.  One retag of the span's bytes for the whole group.  Caller: P k itself,
+        or the flusher of a stopped or dead P k."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.apply_frees")
         q, w = self.q, self.lay.span_word(r)
         off, stride, n, j0, size = self.starts(r)
         old = strided(self.mv, off, stride, n)
-        new = bytearray(old)
-        gens = bytearray(self._gen_bytes(j0, stride, n))
+        gens = self._gen_bytes(j0, stride, n)
         owner = q[w + S["owner"]]
         # What each object byte becomes (BAD_T: the free is bad).  RFREED: our hint held, nobody
         # could hand the object out.  ALLOC or TAG(owner): the hint was overwritten by a retag,
@@ -260,36 +336,41 @@ class CentralList:
         # handle's generation: a free applied bumps it, so a second buffered free of the same
         # handle, or a late one that meets the object allocated again, is bad.
         table = _UNCACHED_T if not owner else (_OWN_T if owner == k + 1 else _OTHER_T)[owner - 1]
-        changed = []
-        # h - base = i * step + generation for the handle of object i: one divmod gives both, and
-        # a handle between two objects leaves a "generation" of 256 or more, which no byte is.
-        base, step, gm = (L.HANDLE_G0 + j0) << L.GEN_BITS, stride << L.GEN_BITS, L.GEN_MASK
-        for h in handles:
-            i, gen = divmod(h - base, step)
-            if 0 <= i < n and gens[i] == gen and (b := table[new[i]]) != _BAD:
-                new[i] = b
-                gens[i] = (gen + 1) & gm
-                changed.append(i)
-        bad = len(handles) - len(changed)
-        freed = len(changed) if not owner else 0
-        pending = len(changed) if owner and owner != k + 1 else 0
-        # Only the objects freed: the owner's fast path writes the others meanwhile.
-        if changed:  # their map bytes and their generation bytes, in one log entry
+        new, new_gens, changed = freed(old, gens, j0, stride, handles, table)
+        nfreed = len(handles) if changed is None else len(changed)
+        if not nfreed:
+            return len(handles)
+        if owner and owner != k + 1:
+            # Only the objects freed, in one log entry: the owner runs, and its fast path writes
+            # the others (and their generations) meanwhile.
+            if changed is None:
+                changed = list(compress(range(n), old.translate(IS_RFREED)))
             offs = [off + i * stride for i in changed]
             to_gen = self.lay.gmap_off - self.lay.amap_off
             offs += [o + to_gen for o in offs]
-            values = [new[i] for i in changed]
-            values += [gens[i] for i in changed]
-            op.wscatter(offs, values)
-        if pending:
-            op.add(w + S["npending"], pending)
-        if freed:
+            op.wscatter(offs, [new[i] for i in changed] + [new_gens[i] for i in changed])
+            op.add(w + S["npending"], nfreed)
+            return len(handles) - nfreed
+        # Nobody else writes these bytes now (an uncached span's are written under our lock, P k's
+        # own by P k, which is us or stopped) but for another P's RFREED hint over an allocated
+        # object, which a retag may overwrite (see the table above): each run written whole.
+        op.wstarts(off, stride, old, new)
+        op.wbytes(self.gen_start(j0), stride, new_gens, gens)
+        if not owner:
             cnt = q[w + S["alloc_count"]]
-            op.w(w + S["alloc_count"], cnt - freed)
-            op.add(self.cw(c) + C["live"], -freed)
+            cw = self.cw(c)
             self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
-            self._place(op, c, r, cnt - freed, q[w + S["nelems"]])
-        return bad
+            self._place(
+                op,
+                c,
+                r,
+                cnt - nfreed,
+                n,
+                False,
+                (w + S["alloc_count"], cw + C["live"]),
+                (cnt - nfreed, q[cw + C["live"]] - nfreed),
+            )
+        return len(handles) - nfreed
 
     def free_object(self, op, c, r, h, k):
         """Free object `h` of span r (class c) on behalf of P k (-1: no P).  Validates first,
