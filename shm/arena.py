@@ -21,6 +21,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_left, bisect_right
+from itertools import compress
 from multiprocessing import shared_memory
 
 from . import layout as L
@@ -319,7 +320,8 @@ class Arena:
     def cached_spans(self, k):
         """[(class, span record)] of the small spans P k caches."""
         at = self.lay.slot_word(k) + L.SLOT_CACHED_AT
-        return [(c, v - 1) for c, v in enumerate(self.q[at : at + L.NCLASS].tolist()) if v and c]
+        v = self.q[at : at + L.NCLASS].tolist()
+        return [(c, v[c] - 1) for c in compress(range(1, L.NCLASS), v[1:])]
 
     def buffered_frees(self, k):
         """The handles in P k's remote-free buffer, not yet applied (0 = applied already)."""
@@ -370,13 +372,14 @@ class Arena:
                 if actor != k and q[sw + SL["stop"]] == L.STOP_RUN:
                     q[sw + SL["stop"]] = L.STOP_RESYNC
             # The frees buffered in a span that one of these Ps caches are applied by that span's
-            # uncache below (`folded`: record -> [(P, handles)]), the others first.
+            # uncache below (`folded`: record -> [(P, handles)]), the others first.  A cached
+            # span is in use, of its class; the uncache judges each handle against it.
             folded, left = {}, {}
             for k in slots:
                 keep = sorted(
                     (at[r][0], (c, r))
                     for (c, r), hs in buffers[k].items()
-                    if r in at and at[r][1] == c and cached(*at[r][1:], r) and self._group_holds(r, c, hs)
+                    if r in at and at[r][1] == c and cached(*at[r][1:], r)
                 )
                 nbad[k] = self._apply_buffer(op, k, buffers[k], [key for _, key in keep])
                 left[k] = 0
@@ -472,7 +475,9 @@ class Arena:
         order = sorted((hs[0], key) for key, hs in groups.items() if key not in keep)
         flat = kept + [h for _, key in order for h in groups[key]]
         left = len(flat)
-        op.wwords(sw + L.SLOT_RFREE_AT, flat)  # no write when the buffer is in this order already
+        at = sw + L.SLOT_RFREE_AT
+        if self.q[at : at + self.q[n_w]].tolist() != flat:
+            op.wwords(at, flat)
         op.w(n_w, left)
         op.log.clear()  # checkpoint: the same frees, the first group to apply at the end
         nbad = 0
@@ -509,13 +514,14 @@ class Arena:
             )
 
     def _group_holds(self, r, c, handles):
-        """Under the locks: span r is in use, of class c, and holds every handle of the group."""
+        """Under the locks: span r is in use, of class c, and holds every handle of the group
+        (ascending, as _buffer_groups makes them)."""
         q, w = self.q, self.lay.span_word(r)
         if q[w + S["state"]] != L.SPAN_INUSE or q[w + S["sizeclass"]] != c:
             return False
         lo = L.make_handle(q[w + S["start"]] * PAGE, 0)
         hi = L.make_handle((q[w + S["start"]] + q[w + S["npages"]]) * PAGE, 0)
-        return lo <= min(handles) and max(handles) < hi
+        return lo <= handles[0] and handles[-1] < hi
 
     def free_empty_spans(self, actor=None):
         """Give the heap back every empty span waiting on a partial list.  Returns how many."""

@@ -17,7 +17,7 @@ state changes of a whole span are one `bytes.translate` over its object-start by
 """
 
 from itertools import compress
-from operator import add, or_
+from operator import or_, sub
 
 from . import layout as L
 from .errors import BadHandle, CorruptionError, DoubleFree
@@ -28,6 +28,9 @@ S = L.SPAN
 C = L.CENTRAL
 H = L.HEAP
 PAGE = L.PAGE_SIZE
+_OWNER, _ALLOC_COUNT, _NPENDING = S["owner"], S["alloc_count"], S["npending"]
+_MALLOCS, _NCACHED, _LIVE = C["mallocs"], C["ncached"], C["live"]
+_NEXT, _PREV, _LIST, _PARTIAL, _FULL = S["next"], S["prev"], S["list"], C["partial"], C["full"]
 FREE, ALLOC, PENDING, LISTED, RFREED = L.FREE, L.ALLOC, L.PENDING, L.LISTED, L.RFREED
 
 
@@ -113,7 +116,7 @@ def bumped(gens, mask):
 
 
 def freed(old, gens, j0, stride, handles, table):
-    """Buffered frees `handles` (of one span) applied to its object-start bytes `old` and their
+    """Buffered frees `handles` (of one span, ascending) applied to its object-start bytes `old` and their
     generation bytes `gens` (one per object, the first object at granule j0, `stride` granules
     apart), each object byte going to table[byte] (_BAD: the free is bad).  A free is good when
     its object is still the one the handle named (same generation) and table says so; a handle
@@ -127,9 +130,20 @@ def freed(old, gens, j0, stride, handles, table):
     base, step = handle_steps(j0, stride)
     if len(handles) * 8 >= n:
         mask = old.translate(IS_RFREED)
-        expect = map(add, compress(range(base, base + n * step, step), mask), compress(gens, mask))
-        if sorted(handles) == list(expect):
-            return old.replace(_RFREED_B, bytes((table[RFREED],))), bumped(gens, mask), None
+        if mask.count(1) == len(handles):
+            # Handle minus its object's handle at generation 0, object by object: the generation
+            # bytes, if every handle names an RFREED object at its generation.
+            at = range(base, base + n * step, step)
+            if len(handles) < n:
+                at, want = compress(at, mask), bytes(compress(gens, mask))
+            else:
+                want = gens
+            try:
+                good = bytes(map(sub, handles, at)) == want
+            except ValueError:  # a difference outside 0..255: not a generation
+                good = False
+            if good:
+                return old.replace(_RFREED_B, bytes((table[RFREED],))), bumped(gens, mask), None
     new, gens, changed = bytearray(old), bytearray(gens), []
     # h - base = i * step + generation for the handle of object i: one divmod gives both, and
     # a handle between two objects leaves a "generation" of 256 or more, which no byte is.
@@ -167,10 +181,6 @@ class CentralList:
         size = CLASS_TO_SIZE[q[w + S["sizeclass"]]]
         j0 = q[w + S["start"]] * (L.PAGE_SIZE >> 3)
         return self.lay.amap_off + j0, size // 8, q[w + S["nelems"]], j0, size
-
-    def _span_bytes(self, r):
-        off, stride, n, j0, size = self.starts(r)
-        return off, stride, strided(self.mv, off, stride, n), j0, size
 
     def gen_start(self, j0):
         """Byte offset in the segment of the generation byte of the object at granule j0."""
@@ -226,21 +236,22 @@ class CentralList:
         apply_frees would: in the same run, written once.  Caller holds central lock c, and P k
         is the caller or stopped.  Returns (old bytes, new bytes, first granule, size, frees found
         bad in each group)."""
-        op.need(L.LOCK_CENTRAL(c), f"CentralList.{what}")
-        owner = self.q[self.lay.span_word(r) + S["owner"]]
+        op.need(L.LOCK_CENTRAL(c), what)
+        owner = self.q[self.lay.span_word(r) + _OWNER]
         if owner != k + 1:
             raise CorruptionError(f"{what} of span {r} by P {k}, but it is cached by {owner - 1}")
-        off, stride, old, j0, size = self._span_bytes(r)
+        off, stride, n, j0, size = self.starts(r)
+        old = strided(self.mv, off, stride, n)
         bad = []
         if frees:
-            mid, gens = old, self._gen_bytes(j0, stride, len(old))
-            new_gens = gens
+            mid = old
+            gens = new_gens = self._gen_bytes(j0, stride, n)
             # P k's table: a free by P k makes its object FREE, one by another P PENDING, which
             # the uncache that follows makes FREE as well.
             for handles in frees:
                 mid, new_gens, changed = freed(mid, new_gens, j0, stride, handles, _OWN_T[k])
                 bad.append(0 if changed is None else len(handles) - len(changed))
-            op.wbytes(self.gen_start(j0), stride, new_gens, gens)
+            op.wrun(self.gen_start(j0), stride, gens, new_gens)
             new = mid.translate(table)
         else:
             new = old.translate(table)
@@ -251,7 +262,7 @@ class CentralList:
         """Re-list every free or PENDING object of span r (cached by P k) into P k's cache.
         Counts the newly listed objects as mallocs, optimistically (Go's cacheSpan).  Returns their
         handles, each with its object's generation (bumped when it was freed)."""
-        old, new, j0, size, _ = self._retag(op, c, r, k, CACHE_T[k], "collect")
+        old, new, j0, size, _ = self._retag(op, c, r, k, CACHE_T[k], "CentralList.collect")
         w = self.lay.span_word(r)
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
@@ -272,30 +283,56 @@ class CentralList:
         applied first in the same retag (_retag).  `idxs`, `values`: the caller's own word writes,
         logged with ours (words none of this reads).  Returns (listed objects uncounted, [frees
         found bad in each group])."""
-        old, new, _, _, bad = self._retag(op, c, r, k, UNCACHE_T[k], "uncache_span", frees)
-        q, w = self.q, self.lay.span_word(r)
-        # The P's local frees re-listed objects, each counted as a malloc to come (slot relists);
-        # those still listed now never happened.
-        sw, cw = self.lay.slot_word(k), self.cw(c)
-        rel_w = sw + L.SLOT_RELISTS_AT + c
+        if L.LOCK_CENTRAL(c) not in op.held:
+            op.need(L.LOCK_CENTRAL(c), "CentralList.uncache_span")
+        q, lay, mv = self.q, self.lay, self.mv
+        w = lay.span_word(r)
+        if q[w + _OWNER] != k + 1:
+            raise CorruptionError(
+                f"uncache_span of span {r} by P {k}, but it is cached by {q[w + _OWNER] - 1}"
+            )
+        off, stride, n, j0, _ = self.starts(r)
+        old = mid = strided(mv, off, stride, n)
+        bad = []
+        if frees:
+            goff = self.gen_start(j0)
+            gens = new_gens = strided(mv, goff, stride, n)
+            table = _OWN_T[k]
+            for handles in frees:
+                mid, new_gens, changed = freed(mid, new_gens, j0, stride, handles, table)
+                bad.append(0 if changed is None else len(handles) - len(changed))
+            op.wrun(goff, stride, gens, new_gens)
+        new = mid.translate(UNCACHE_T[k])
+        op.wstarts(off, stride, old, new)
+        sw, cw = lay.slot_word(k), lay.central_word(c)
+        rel_w, mal, nc, live = sw + L.SLOT_RELISTS_AT + c, cw + _MALLOCS, cw + _NCACHED, cw + _LIVE
         listed = old.count(LISTED)
-        n = new.count(ALLOC) + new.count(RFREED)  # a buffered free is live until applied
-        # Every word below is read before any is written, and none is one the placing reads: the
-        # span's fields, P k's slot, the class's counters, all logged in one entry.
+        na = new.count(ALLOC) + new.count(RFREED)  # a buffered free is live until applied
         idxs = (
             *idxs,
-            cw + C["mallocs"],
+            mal,
             rel_w,
-            w + S["owner"],
-            w + S["alloc_count"],
-            w + S["npending"],
+            w + _OWNER,
+            w + _ALLOC_COUNT,
+            w + _NPENDING,
             sw + L.SLOT_CACHED_AT + c,
-            cw + C["ncached"],
-            cw + C["live"],
+            nc,
+            live,
         )
-        nc, live = cw + C["ncached"], cw + C["live"]
-        values = (*values, q[cw + C["mallocs"]] + q[rel_w] - listed, 0, 0, n, 0, 0, q[nc] - 1, q[live] + n)
-        self._place(op, c, r, n, q[w + S["nelems"]], keep_empty, idxs, values)
+        values = (*values, q[mal] + q[rel_w] - listed, 0, 0, na, 0, 0, q[nc] - 1, q[live] + na)
+        if na == 0 and not keep_empty:
+            self._place(op, c, r, 0, n, False, idxs, values)
+            return listed, bad
+        which = L.LIST_FULL if na == n else L.LIST_PARTIAL
+        head_w = cw + (_FULL if na == n else _PARTIAL)
+        first = q[head_w]
+        if first:
+            op.wset(
+                (*idxs, w + _NEXT, w + _PREV, w + _LIST, head_w, lay.span_word(first - 1) + _PREV),
+                (*values, first, 0, which, r + 1, r + 1),
+            )
+        else:
+            op.wset((*idxs, w + _NEXT, w + _PREV, w + _LIST, head_w), (*values, first, 0, which, r + 1))
         return listed, bad
 
     def free_empty(self, op, c):
@@ -355,7 +392,7 @@ class CentralList:
         # own by P k, which is us or stopped) but for another P's RFREED hint over an allocated
         # object, which a retag may overwrite (see the table above): each run written whole.
         op.wstarts(off, stride, old, new)
-        op.wbytes(self.gen_start(j0), stride, new_gens, gens)
+        op.wrun(self.gen_start(j0), stride, gens, new_gens)
         if not owner:
             cnt = q[w + S["alloc_count"]]
             cw = self.cw(c)
