@@ -192,6 +192,52 @@ def stuck_applying_frees(arena_name, ready, results, nth=1):
     time.sleep(60)  # not reached
 
 
+def stuck_folding_frees(arena_name, ready, results, where):
+    """Two Ps in one process: the owner allocates 100 blocks of 64 B (one span, which it caches),
+    the freer frees the first 60 (buffered, hinted RFREED in a span the owner caches).  Then both
+    are flushed in one operation, as a pause flushes them, and we stop forever INSIDE the step
+    that uncaches the owner's span and applies the freer's frees with it: after its generation
+    bytes were written (`where` "generations"), or after the whole step, before its checkpoint
+    ("step").  Puts (the freed handles, the freer's slot) on `results` first.  The test SIGKILLs
+    us there."""
+    from shm import Arena, ProcessCache
+    from shm.central import CentralList
+    from shm.locks import Op
+
+    arena = Arena.attach(arena_name)
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(64) for _ in range(100)]
+    for b in blocks[:60]:
+        freer.free(b)
+    results.put(([b.handle for b in blocks[:60]], freer.slot))
+
+    def stop():
+        ready.set()
+        while True:
+            signal.pause()
+
+    if where == "generations":
+        real_wrun = Op.wrun
+
+        def wrun(self, *args):
+            real_wrun(self, *args)
+            stop()
+
+        Op.wrun = wrun
+    else:
+        real_uncache = CentralList.uncache_span
+
+        def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), *args):
+            got = real_uncache(self, op, c, r, k, keep_empty, frees, *args)
+            if frees:
+                stop()
+            return got
+
+        CentralList.uncache_span = uncache_span
+    arena.flush_slots([owner.slot, freer.slot], keep_empty=True)
+    time.sleep(60)  # not reached
+
+
 def stuck_flushing_large(arena_name, ready):
     """Allocate three large blocks, free two (kept in the P's large cache), then flush -- and
     stop forever INSIDE the flush, after the first span went back to the heap."""

@@ -169,6 +169,106 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     main.close()
 
 
+def _heap_state(arena):
+    """Every span record (but its freed_ns, a clock reading) and every byte from the page map to
+    the heap: the object and generation bytes included."""
+    lay, q = arena.lay, arena.q
+    high = q[lay.heap_word() + layout.HEAP["records_high"]]
+    cut = layout.SPAN["freed_ns"]
+    spans = [q[lay.span_word(r) : lay.span_word(r) + cut].tolist() for r in range(high)]
+    return spans, os.pread(arena.fd, lay.heap_off - lay.pagemap_off, lay.pagemap_off)
+
+
+def _fold_scenario(arena):
+    """An owner caching a 64 B span, two freers freeing parts of it (their frees buffered in the
+    owner's span), one of them a double free whose hint was lost and which the owner freed too."""
+    owner, a, b = ProcessCache(arena), ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(64) for _ in range(100)]
+    for i, blk in enumerate(blocks[:70]):
+        (a if i % 3 else b).free(blk)
+    victim = owner.alloc(64)
+    a.free(victim)
+    arena.mv[arena.lay.amap_byte(victim.handle)] = layout.TAG0 + owner.slot  # the hint is lost...
+    owner.free(victim)  # ...so the owner's own free goes through: LISTED
+    return owner, a, b
+
+
+def test_a_flush_applies_the_frees_buffered_in_a_span_it_uncaches_with_that_uncache(
+    make_arena, caplog, monkeypatch
+):
+    """Flushed together, the owner's span is uncached and both freers' frees in it applied in the
+    same step (apply_frees is not called); the result is the one of applying the buffers first:
+    the same object and generation bytes, span records and figures; the bad free counted once,
+    logged, and not applied."""
+    from shm.central import CentralList
+
+    calls, real = [], CentralList.apply_frees
+
+    def apply_frees(self, *args):
+        calls.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(CentralList, "apply_frees", apply_frees)
+    folded, first = make_arena(), make_arena()
+    out = {}
+    for arena in (folded, first):
+        owner, a, b = _fold_scenario(arena)
+        calls.clear()
+        if arena is first:
+            arena.apply_buffered_frees(a.slot)
+            arena.apply_buffered_frees(b.slot)
+            assert len(calls) == 2
+        with caplog.at_level("WARNING", logger="shmalloc.arena"):
+            arena.flush_slots([owner.slot, a.slot, b.slot], keep_empty=True)
+        if arena is folded:
+            assert calls == [], "the frees were applied by the uncache, not by apply_frees"
+        assert "found bad when applied" in caplog.text
+        caplog.clear()
+        out[arena] = (_heap_state(arena), read_stats_slow(arena))
+        snap = assert_healthy(arena, owner, a, b)
+        assert snap["bad_frees"] == 1 and snap["heap_objects"] == 30
+        for p in (owner, a, b):
+            p.close()
+    assert out[folded][0] == out[first][0]
+    assert shm_stats.diff(out[folded][1], out[first][1]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["generations", "step"])
+def test_sigkill_inside_an_uncache_that_applies_buffered_frees_rolls_back(make_arena, where):
+    """The flusher dies inside the step that uncaches a span and applies the frees another P
+    buffered in it (its generations written, or the whole step before its checkpoint).  The next
+    taker of the lock rolls the step back -- generations, object bytes, the buffer's count as
+    before -- and the reclaim applies every buffered free once."""
+    import multiprocessing as mp
+
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    victim = ctx.Process(target=mpworkers.stuck_folding_frees, args=(arena.name, ready, out, where))
+    victim.start()
+    handles, freer = out.get(timeout=DEADLINE)
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    gens = [arena.mv[arena.lay.gmap_byte(h)] for h in handles]
+    assert gens == [(h + 1) & layout.GEN_MASK for h in handles]  # half done: generations moved on
+    rfree_n = arena.lay.slot_word(freer) + SL["rfree_n"]
+    assert arena.q[rfree_n] == (len(handles) if where == "generations" else 0)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(DEADLINE)
+    repairs = arena.repairs
+    b = main.alloc(64)  # takes central[64 B], which the victim died holding
+    assert arena.repairs == repairs + 1
+    assert [arena.mv[arena.lay.gmap_byte(h)] for h in handles] == [h & layout.GEN_MASK for h in handles]
+    assert {arena.mv[arena.lay.amap_byte(h)] for h in handles} == {layout.RFREED}
+    assert arena.q[rfree_n] == len(handles)
+    main.free(b)
+    snap = assert_healthy(arena, main)  # reclaims the victim's Ps: the buffer applied now, once
+    assert snap["heap_objects"] == 100 - len(handles) and snap["bad_frees"] == 0
+    assert snap["frees"] == len(handles) + 1
+    main.close()
+
+
 def test_many_large_blocks_freed_by_another_process_go_back_in_bounded_steps(make_arena):
     """More PENDING large spans than one undo log could roll back: the owner's next large slow
     path gives them all back, a checkpoint after each."""
