@@ -320,7 +320,7 @@ class Arena:
     def cached_spans(self, k):
         """[(class, span record)] of the small spans P k caches."""
         at = self.lay.slot_word(k) + L.SLOT_CACHED_AT
-        v = self.q[at : at + L.NCLASS].tolist()
+        v = self.q[at : at + L.NCLASS]
         return [(c, v[c] - 1) for c in compress(range(1, L.NCLASS), v[1:])]
 
     def buffered_frees(self, k):
@@ -386,24 +386,29 @@ class Arena:
                 for _, (c, r) in keep:
                     folded.setdefault(r, []).append((k, buffers[k][c, r]))
                     left[k] += len(buffers[k][c, r])
+            uncache, log = self.central.uncache_span, op.log
             for c, k, r in work:
                 if not cached(c, k, r):
                     continue  # a retry after a repair: already done
-                frees = folded.pop(r, ())
-                # Each buffer's count drops below the frees applied here in the same step.
-                for j, hs in frees:
-                    left[j] -= len(hs)
-                idxs = [lay.slot_word(j) + SL["rfree_n"] for j, _ in frees]
-                listed, bads = self.central.uncache_span(
-                    op, c, r, k, keep_empty, [hs for _, hs in frees], idxs, [left[j] for j, _ in frees]
-                )
-                if any(bads):
-                    op.add(bad_w, sum(bads))
-                    for (j, _), bad in zip(frees, bads):
-                        nbad[j] += bad
-                out[k][0] += 1
-                out[k][1] += listed
-                op.log.clear()  # checkpoint
+                frees = folded.pop(r, None)
+                if frees is None:
+                    listed, _ = uncache(op, c, r, k, keep_empty)
+                else:
+                    # Each buffer's count drops below the frees applied here in the same step.
+                    for j, hs in frees:
+                        left[j] -= len(hs)
+                    idxs = [lay.slot_word(j) + SL["rfree_n"] for j, _ in frees]
+                    listed, bads = uncache(
+                        op, c, r, k, keep_empty, [hs for _, hs in frees], idxs, [left[j] for j, _ in frees]
+                    )
+                    if any(bads):
+                        op.add(bad_w, sum(bads))
+                        for (j, _), bad in zip(frees, bads):
+                            nbad[j] += bad
+                o = out[k]
+                o[0] += 1
+                o[1] += listed
+                log.clear()  # checkpoint
             if folded:
                 raise CorruptionError(
                     f"buffered frees in spans {sorted(folded)} were kept for an uncache that did not come"
