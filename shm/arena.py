@@ -476,9 +476,10 @@ class Arena:
         n_w, bad_w = sw + SL["rfree_n"], lay.heap_word() + H["bad_frees"]
         if not groups:
             return 0
-        kept = [h for key in reversed(keep) for h in groups[key]]
         order = sorted((hs[0], key) for key, hs in groups.items() if key not in keep)
-        flat = kept + [h for _, key in order for h in groups[key]]
+        flat = []
+        for key in (*reversed(keep), *(key for _, key in order)):
+            flat += groups[key]
         left = len(flat)
         at = sw + L.SLOT_RFREE_AT
         if self.q[at : at + self.q[n_w]].tolist() != flat:

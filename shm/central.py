@@ -94,6 +94,7 @@ _OWN_T = [_apply_table(j, j) for j in range(L.MAX_SLOTS + 1)]  # cached by the P
 _OTHER_T = [_apply_table(j, -1) for j in range(L.MAX_SLOTS + 1)]  # cached by another P
 IS_RFREED = bytes(1 if v == RFREED else 0 for v in range(256))
 _IS_LAST_GEN = bytes(1 if v == L.GEN_MASK else 0 for v in range(256))
+_NEXT_GEN = bytes((v + 1) & L.GEN_MASK for v in range(256))
 _RFREED_B = bytes((RFREED,))
 
 
@@ -143,7 +144,8 @@ def freed(old, gens, j0, stride, handles, table):
             except ValueError:  # a difference outside 0..255: not a generation
                 good = False
             if good:
-                return old.replace(_RFREED_B, bytes((table[RFREED],))), bumped(gens, mask), None
+                new_gens = gens.translate(_NEXT_GEN) if len(handles) == n else bumped(gens, mask)
+                return old.replace(_RFREED_B, bytes((table[RFREED],))), new_gens, None
     new, gens, changed = bytearray(old), bytearray(gens), []
     # h - base = i * step + generation for the handle of object i: one divmod gives both, and
     # a handle between two objects leaves a "generation" of 256 or more, which no byte is.
@@ -394,19 +396,16 @@ class CentralList:
         op.wstarts(off, stride, old, new)
         op.wrun(self.gen_start(j0), stride, gens, new_gens)
         if not owner:
-            cnt = q[w + S["alloc_count"]]
-            cw = self.cw(c)
-            self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
-            self._place(
-                op,
-                c,
-                r,
-                cnt - nfreed,
-                n,
-                False,
-                (w + S["alloc_count"], cw + C["live"]),
-                (cnt - nfreed, q[cw + C["live"]] - nfreed),
-            )
+            cnt, cw = q[w + _ALLOC_COUNT], self.cw(c)
+            idxs, values = [w + _ALLOC_COUNT, cw + _LIVE], [cnt - nfreed, q[cw + _LIVE] - nfreed]
+            head = self.head_w(c, q[w + S["list"]])
+            if cnt == nfreed:  # empty: off its list in the placing's first step, to the heap
+                more = self.heap.list_remove_words(head, r)
+                idxs += more[0]
+                values += more[1]
+            else:
+                self.heap.list_remove(op, head, r)
+            self._place(op, c, r, cnt - nfreed, n, False, idxs, values)
         return len(handles) - nfreed
 
     def free_object(self, op, c, r, h, k):

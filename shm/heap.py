@@ -102,9 +102,9 @@ class PageHeap:
         op.wset(idxs, values)
 
     def list_remove(self, op, head_w, r):
-        op.wset(*self._list_remove_words(head_w, r))
+        op.wset(*self.list_remove_words(head_w, r))
 
-    def _list_remove_words(self, head_w, r):
+    def list_remove_words(self, head_w, r):
         """(word indices, values) of list_remove(head_w, r), to be written in one step."""
         q, w = self.q, self.sw(r)
         nxt, prv = q[w + S["next"]], q[w + S["prev"]]
@@ -221,7 +221,7 @@ class PageHeap:
         its record too.  One step: the words of each part are distinct but for r's own list
         links, which the drop writes last."""
         w = self.sw(r)
-        idxs, values = self._list_remove_words(self.bucket_w(self.q[w + S["npages"]]), r)
+        idxs, values = self.list_remove_words(self.bucket_w(self.q[w + S["npages"]]), r)
         if not self.q[w + S["released"]]:
             more = self._idle_remove_words(r)
             idxs += more[0]
