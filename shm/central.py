@@ -30,7 +30,6 @@ H = L.HEAP
 PAGE = L.PAGE_SIZE
 _OWNER, _ALLOC_COUNT, _NPENDING = S["owner"], S["alloc_count"], S["npending"]
 _MALLOCS, _NCACHED, _LIVE = C["mallocs"], C["ncached"], C["live"]
-_NEXT, _PREV, _LIST, _PARTIAL, _FULL = S["next"], S["prev"], S["list"], C["partial"], C["full"]
 FREE, ALLOC, PENDING, LISTED, RFREED = L.FREE, L.ALLOC, L.PENDING, L.LISTED, L.RFREED
 
 
@@ -235,9 +234,10 @@ class CentralList:
     def _retag(self, op, c, r, k, table, what, frees=()):
         """Translate the object-start bytes of span r, which P k must cache, with `table`.  First
         apply `frees`, groups of buffered frees of objects of span r (each group one P's), as
-        apply_frees would: in the same run, written once.  Caller holds central lock c, and P k
-        is the caller or stopped.  Returns (old bytes, new bytes, first granule, size, frees found
-        bad in each group)."""
+        apply_frees would, in the same run written once, and their generations moved on in one
+        run too (nobody else writes either: P k is the caller or stopped).  Caller holds central
+        lock c.  Returns (old bytes, new bytes, first granule, size, frees found bad in each
+        group)."""
         op.need(L.LOCK_CENTRAL(c), what)
         owner = self.q[self.lay.span_word(r) + _OWNER]
         if owner != k + 1:
@@ -282,30 +282,12 @@ class CentralList:
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
         uncounted, PENDING frees merged, and the span placed by its allocated count.  `frees`:
         groups of buffered frees of objects of span r (each from one P's remote-free buffer),
-        applied first in the same retag (_retag).  `idxs`, `values`: the caller's own word writes,
+        applied first, in the same retag (_retag).  `idxs`, `values`: the caller's own word writes,
         logged with ours (words none of this reads).  Returns (listed objects uncounted, [frees
         found bad in each group])."""
-        if L.LOCK_CENTRAL(c) not in op.held:
-            op.need(L.LOCK_CENTRAL(c), "CentralList.uncache_span")
-        q, lay, mv = self.q, self.lay, self.mv
-        w = lay.span_word(r)
-        if q[w + _OWNER] != k + 1:
-            raise CorruptionError(
-                f"uncache_span of span {r} by P {k}, but it is cached by {q[w + _OWNER] - 1}"
-            )
-        off, stride, n, j0, _ = self.starts(r)
-        old = mid = strided(mv, off, stride, n)
-        bad = []
-        if frees:
-            goff = self.gen_start(j0)
-            gens = new_gens = strided(mv, goff, stride, n)
-            table = _OWN_T[k]
-            for handles in frees:
-                mid, new_gens, changed = freed(mid, new_gens, j0, stride, handles, table)
-                bad.append(0 if changed is None else len(handles) - len(changed))
-            op.wrun(goff, stride, gens, new_gens)
-        new = mid.translate(UNCACHE_T[k])
-        op.wstarts(off, stride, old, new)
+        old, new, _, _, bad = self._retag(op, c, r, k, UNCACHE_T[k], "CentralList.uncache_span", frees)
+        q, lay = self.q, self.lay
+        w, n = lay.span_word(r), len(old)
         sw, cw = lay.slot_word(k), lay.central_word(c)
         rel_w, mal, nc, live = sw + L.SLOT_RELISTS_AT + c, cw + _MALLOCS, cw + _NCACHED, cw + _LIVE
         listed = old.count(LISTED)
@@ -322,19 +304,7 @@ class CentralList:
             live,
         )
         values = (*values, q[mal] + q[rel_w] - listed, 0, 0, na, 0, 0, q[nc] - 1, q[live] + na)
-        if na == 0 and not keep_empty:
-            self._place(op, c, r, 0, n, False, idxs, values)
-            return listed, bad
-        which = L.LIST_FULL if na == n else L.LIST_PARTIAL
-        head_w = cw + (_FULL if na == n else _PARTIAL)
-        first = q[head_w]
-        if first:
-            op.wset(
-                (*idxs, w + _NEXT, w + _PREV, w + _LIST, head_w, lay.span_word(first - 1) + _PREV),
-                (*values, first, 0, which, r + 1, r + 1),
-            )
-        else:
-            op.wset((*idxs, w + _NEXT, w + _PREV, w + _LIST, head_w), (*values, first, 0, which, r + 1))
+        self._place(op, c, r, na, n, keep_empty, idxs, values)
         return listed, bad
 
     def free_empty(self, op, c):
