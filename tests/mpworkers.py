@@ -20,6 +20,13 @@ def arena_worker(arena_name, idx, n_ops, seed, inbox, outbox, results, progress=
     results.put(res)
 
 
+def stop_forever(ready):
+    """Tell the test we are where it wants us (`ready`), and wait there for its SIGKILL."""
+    ready.set()
+    while True:
+        signal.pause()
+
+
 def stuck_in_critical_section(arena_name, where, ready):
     """Attach, then stop forever INSIDE an operation -- locks held, undo log half full -- at
     `where` ("heap": after a large allocation's writes; "central": after a refill's collect;
@@ -36,17 +43,12 @@ def _stop_inside(p, where, ready):
     from shm.central import CentralList
     from shm.heap import PageHeap
 
-    def stop_here():
-        ready.set()
-        while True:
-            signal.pause()
-
     if where == "heap":
         real = PageHeap.alloc_span
 
         def alloc_span(self, op, *a):
             r = real(self, op, *a)
-            stop_here()
+            stop_forever(ready)
             return r
 
         PageHeap.alloc_span = alloc_span
@@ -61,7 +63,7 @@ def _stop_inside(p, where, ready):
 
             def madvise(self, *a):
                 self.mm.madvise(*a)
-                stop_here()
+                stop_forever(ready)
 
         p.arena.mmap = Madvise(p.arena.mmap)
         p.arena.scavenge(p.slot)
@@ -70,7 +72,7 @@ def _stop_inside(p, where, ready):
 
         def collect(self, op, c, r, k):
             got = real_collect(self, op, c, r, k)
-            stop_here()
+            stop_forever(ready)
             return got
 
         CentralList.collect = collect
@@ -181,9 +183,7 @@ def stuck_applying_frees(arena_name, ready, results, nth=1):
         if len(calls) < nth:
             return bad
         results.put((n, layout.RFREE_CAP))
-        ready.set()
-        while True:
-            signal.pause()
+        stop_forever(ready)
         return bad  # not reached
 
     CentralList.apply_frees = apply_frees
@@ -211,17 +211,12 @@ def stuck_folding_frees(arena_name, ready, results, where):
         freer.free(b)
     results.put(([b.handle for b in blocks[:60]], freer.slot))
 
-    def stop():
-        ready.set()
-        while True:
-            signal.pause()
-
     if where == "generations":
         real_wrun = Op.wrun
 
         def wrun(self, *args):
             real_wrun(self, *args)
-            stop()
+            stop_forever(ready)
 
         Op.wrun = wrun
     else:
@@ -230,7 +225,7 @@ def stuck_folding_frees(arena_name, ready, results, where):
         def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), *args):
             got = real_uncache(self, op, c, r, k, keep_empty, frees, *args)
             if frees:
-                stop()
+                stop_forever(ready)
             return got
 
         CentralList.uncache_span = uncache_span
@@ -253,9 +248,7 @@ def stuck_flushing_large(arena_name, ready):
 
     def give_back(self, op, *a, **kw):
         real(self, op, *a, **kw)
-        ready.set()
-        while True:
-            signal.pause()
+        stop_forever(ready)
 
     LargeObjects._give_back = give_back
     p.flush()
@@ -300,9 +293,7 @@ def stuck_scavenging(arena_name, ready):
     def insert_free(self, op, r):
         real(self, op, r)
         if self.q[self.sw(r) + L.SPAN["released"]]:
-            ready.set()
-            while True:
-                signal.pause()
+            stop_forever(ready)
 
     PageHeap._insert_free = insert_free
     arena.scavenge_step(max_pages=16, keep_pages=0)
@@ -351,9 +342,7 @@ def stuck_in_fast_free(arena_name, before, ready, results):
 
         def line(frame, event, arg):
             if event == "line" and frame.f_lineno == target:
-                ready.set()
-                while True:
-                    signal.pause()
+                stop_forever(ready)
             return line
 
         return line
@@ -372,9 +361,7 @@ def stuck_closing(arena_name, ready):
 
     def first_then_stop():
         yield slots[0]
-        ready.set()
-        while True:
-            signal.pause()
+        stop_forever(ready)
 
     arena.registry.active_slots = lambda: first_then_stop()
     world.close_for_good(arena, layout.CLOSED_FORCED)
@@ -428,9 +415,7 @@ def stuck_in_batched_write(arena_name, written, ready, results):
             for j, v in enumerate(values):
                 if j == written:
                     results.put((list(idxs), list(values)))
-                    ready.set()
-                    while True:
-                        signal.pause()
+                    stop_forever(ready)
                 yield v
 
         real(self, idxs, stored())

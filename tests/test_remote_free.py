@@ -8,7 +8,7 @@ import signal
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, metadata_bytes, pattern
+from support import DEADLINE, assert_healthy, metadata_bytes, pattern, spawn_victim
 
 from shm import DoubleFree, ProcessCache, identities, layout, read_stats_slow
 from shm import stats as shm_stats
@@ -138,15 +138,9 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     span's frees written; with nth 2 the first span's were checkpointed, the buffer's count
     dropped below them).  The next taker of the lock rolls that span back; the reclaim applies
     the rest of the batch, so every free is applied exactly once."""
-    import multiprocessing as mp
-
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
-    ready, out = mp.get_context("spawn").Event(), mp.get_context("spawn").Queue()
-    victim = mp.get_context("spawn").Process(
-        target=mpworkers.stuck_applying_frees, args=(arena.name, ready, out, nth)
-    )
-    victim.start()
+    victim, ready, out = spawn_victim(mpworkers.stuck_applying_frees, arena.name, nth)
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     n_alloc, n_buffered = out.get(timeout=DEADLINE)
     dirty = [lid for lid in range(layout.NLOCKS) if arena.q[arena.lay.lock_word(lid)]]
@@ -240,14 +234,9 @@ def test_sigkill_inside_an_uncache_that_applies_buffered_frees_rolls_back(make_a
     buffered in it (its generations written, or the whole step before its checkpoint).  The next
     taker of the lock rolls the step back -- generations, object bytes, the buffer's count as
     before -- and the reclaim applies every buffered free once."""
-    import multiprocessing as mp
-
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
-    ctx = mp.get_context("spawn")
-    ready, out = ctx.Event(), ctx.Queue()
-    victim = ctx.Process(target=mpworkers.stuck_folding_frees, args=(arena.name, ready, out, where))
-    victim.start()
+    victim, ready, out = spawn_victim(mpworkers.stuck_folding_frees, arena.name, where)
     handles, freer = out.get(timeout=DEADLINE)
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     gens = [arena.mv[arena.lay.gmap_byte(h)] for h in handles]
