@@ -116,9 +116,9 @@ def bumped(gens, mask):
 
 
 def freed(old, gens, j0, stride, handles, table):
-    """Buffered frees `handles` (of one span, ascending) applied to its object-start bytes `old` and their
-    generation bytes `gens` (one per object, the first object at granule j0, `stride` granules
-    apart), each object byte going to table[byte] (_BAD: the free is bad).  A free is good when
+    """Buffered frees `handles` (of one span, ascending) applied to its object-start bytes `old`
+    and their generation bytes `gens` (one per object, the first object at granule j0, `stride`
+    granules apart), each object byte going to table[byte] (_BAD: the free is bad).  A free is good when
     its object is still the one the handle named (same generation) and table says so; a handle
     named twice is applied once.  Returns (new bytes, new generations, objects freed: None when
     they are every RFREED object, else their indices).
@@ -126,25 +126,27 @@ def freed(old, gens, j0, stride, handles, table):
     A group that names a good part of the span's objects is first checked in bulk, the common
     case: the handles are exactly those of the RFREED objects at their generations (one P freed
     them all, and every hint held).  Else, or for a few handles, each handle is judged."""
-    n = len(old)
+    n, m = len(old), len(handles)
     base, step = handle_steps(j0, stride)
-    if len(handles) * 8 >= n:
-        mask = old.translate(IS_RFREED)
-        if mask.count(1) == len(handles):
-            # Handle minus its object's handle at generation 0, object by object: the generation
-            # bytes, if every handle names an RFREED object at its generation.
-            at = range(base, base + n * step, step)
-            if len(handles) < n:
+    if m * 8 >= n:
+        # Handle minus its object's handle at generation 0, object by object: the generation
+        # bytes, if every handle names an RFREED object at its generation.
+        at = range(base, base + n * step, step)
+        if m == n:  # every object named: every one must be RFREED
+            mask, want = None, gens if old.count(RFREED) == n else None
+        else:
+            mask = old.translate(IS_RFREED)
+            if mask.count(1) == m:
                 at, want = compress(at, mask), bytes(compress(gens, mask))
             else:
-                want = gens
-            try:
-                good = bytes(map(sub, handles, at)) == want
-            except ValueError:  # a difference outside 0..255: not a generation
-                good = False
-            if good:
-                new_gens = gens.translate(_NEXT_GEN) if len(handles) == n else bumped(gens, mask)
-                return old.replace(_RFREED_B, bytes((table[RFREED],))), new_gens, None
+                want = None
+        try:
+            good = want is not None and bytes(map(sub, handles, at)) == want
+        except ValueError:  # a difference outside 0..255: not a generation
+            good = False
+        if good:
+            new_gens = gens.translate(_NEXT_GEN) if mask is None else bumped(gens, mask)
+            return old.replace(_RFREED_B, bytes((table[RFREED],))), new_gens, None
     new, gens, changed = bytearray(old), bytearray(gens), []
     # h - base = i * step + generation for the handle of object i: one divmod gives both, and
     # a handle between two objects leaves a "generation" of 256 or more, which no byte is.

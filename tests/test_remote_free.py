@@ -8,6 +8,8 @@ import signal
 
 import mpworkers
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import DEADLINE, assert_healthy, metadata_bytes, pattern, spawn_victim
 
 from shm import DoubleFree, ProcessCache, identities, layout, read_stats_slow
@@ -161,6 +163,51 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     assert snap["frees"] == n_buffered + 1
     other.close()
     main.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.sampled_from([1, 8, 13, 128, 512]),
+    data=st.data(),
+)
+def test_a_group_of_buffered_frees_is_judged_as_one_handle_at_a_time_would(n, data):
+    """central.freed checks a dense group in bulk: its result -- object bytes, generations,
+    frees applied -- is the one of judging each handle in turn, whatever the group holds: a
+    stale generation, a handle between two objects or past the last, one named twice, an object
+    no longer RFREED, a generation about to wrap."""
+    from shm.central import _BAD, _UNCACHED_T, freed, handle_steps
+
+    j0, stride = 4096, 8
+    states = st.sampled_from([layout.RFREED] * 4 + [layout.FREE, layout.ALLOC, layout.LISTED])
+    old = bytes(data.draw(st.lists(states, min_size=n, max_size=n)))
+    if data.draw(st.booleans()):  # every object freed by one P (but maybe one): the whole span named
+        old = bytes([layout.RFREED]) * n
+        if data.draw(st.booleans()):
+            old = old[:-1] + bytes([data.draw(states)])
+    gens = bytes(data.draw(st.lists(st.sampled_from([0, 1, 254, 255]), min_size=n, max_size=n)))
+    base, step = handle_steps(j0, stride)
+    every = [base + i * step + gens[i] for i in range(n)]
+    good = [h for h, b in zip(every, old) if b == layout.RFREED]
+    odd = st.one_of(
+        st.sampled_from(good or [base]).map(lambda h: h ^ 1),  # another generation
+        st.integers(0, n).map(lambda i: base + i * step + step // 2),  # between objects, or past
+        st.sampled_from(good or [base]),  # named twice
+        st.sampled_from(every),  # an object at its generation, in whatever state it is
+    )
+    extra = data.draw(st.lists(odd, max_size=3))
+    handles = sorted(good + extra) if data.draw(st.booleans()) else sorted(good)
+    if data.draw(st.booleans()):
+        handles = every  # the whole span named, whatever its objects' states
+    new, new_gens, changed = freed(old, gens, j0, stride, handles, _UNCACHED_T)
+    want, want_gens, done = bytearray(old), bytearray(gens), []
+    for h in handles:
+        i, gen = divmod(h - base, step)
+        if 0 <= i < n and want_gens[i] == gen and _UNCACHED_T[want[i]] != _BAD:
+            want[i] = _UNCACHED_T[want[i]]
+            want_gens[i] = (gen + 1) & layout.GEN_MASK
+            done.append(i)
+    assert bytes(new) == bytes(want) and bytes(new_gens) == bytes(want_gens)
+    assert (len(handles) if changed is None else len(changed)) == len(done)
 
 
 def _heap_state(arena):
