@@ -337,8 +337,8 @@ class Arena:
     def flush_slots(self, slots, actor=None, keep_empty=False, disown=True):
         """Flush the caches of `slots` in ONE operation (Go: flushallmcaches): every P's buffered
         remote frees are applied, then every small span it caches is uncached and every large
-        span it owns settled (large.py: `disown` for a P that leaves).  The frees a P buffered in
-        a span it caches itself are applied by that span's uncache, in the same retag.  Each
+        span it owns settled (large.py: `disown` for a P that leaves).  The frees buffered in a
+        span one of these Ps caches are applied by that span's uncache, in the same retag.  Each
         central lock involved is taken once, in order, then the heap lock; the undo log is
         checkpointed after each span -- the state between two spans is a consistent one, so a
         crash rolls back at most the span in flight.  Each P is first told (flush_gen, and its

@@ -118,10 +118,10 @@ def bumped(gens, mask):
 def freed(old, gens, j0, stride, handles, table):
     """Buffered frees `handles` (of one span, ascending) applied to its object-start bytes `old`
     and their generation bytes `gens` (one per object, the first object at granule j0, `stride`
-    granules apart), each object byte going to table[byte] (_BAD: the free is bad).  A free is good when
-    its object is still the one the handle named (same generation) and table says so; a handle
-    named twice is applied once.  Returns (new bytes, new generations, objects freed: None when
-    they are every RFREED object, else their indices).
+    granules apart), each object byte going to table[byte] (_BAD: the free is bad).  A free is
+    good when its object is still the one the handle named (same generation) and table says so;
+    a handle named twice is applied once.  Returns (new bytes, new generations, objects freed:
+    None when they are every RFREED object, else their indices).
 
     A group that names a good part of the span's objects is first checked in bulk, the common
     case: the handles are exactly those of the RFREED objects at their generations (one P freed
@@ -291,9 +291,13 @@ class CentralList:
         q, lay = self.q, self.lay
         w, n = lay.span_word(r), len(old)
         sw, cw = lay.slot_word(k), lay.central_word(c)
+        # The P's local frees re-listed objects, each counted as a malloc to come (slot relists);
+        # those still listed now never happened.
         rel_w, mal, nc, live = sw + L.SLOT_RELISTS_AT + c, cw + _MALLOCS, cw + _NCACHED, cw + _LIVE
         listed = old.count(LISTED)
         na = new.count(ALLOC) + new.count(RFREED)  # a buffered free is live until applied
+        # Every word below is read before any is written, and none is one the placing reads: the
+        # span's fields, P k's slot, the class's counters, all logged in one entry.
         idxs = (
             *idxs,
             mal,
