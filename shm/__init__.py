@@ -90,9 +90,10 @@ Freeing (ProcessCache.free):
 Snapshots (driven by the daemon's stop-the-world, world.py; Arena.update_stats in one process):
   1. Every live P is stopped -- from the daemon's side when it is outside the allocator, by
      waiting when it is inside a call -- and every dead P is reclaimed.
-  2. FIRST flush every cache (Arena.flush_slots: apply every remote-free buffer, uncache every
-     span, settle every large cache; empty spans return to the heap, which changes heap figures
-     -- why it must come first, golang/go#38712).
+  2. FIRST flush every cache (Arena.flush_slots: apply every remote-free buffer -- the frees in
+     a span a stopped P caches within that span's uncache --, uncache every span, settle every
+     large cache; empty spans return to the heap, which changes heap figures -- why it must come
+     first, golang/go#38712).
   3. Then read the figures (read_stats); read_stats_slow recomputes them from the ground truth.
 
 Crashes: a P killed outside an operation leaves only its cache, which the daemon flushes.  A P

@@ -20,6 +20,8 @@ import platform
 import threading
 import time
 import weakref
+from bisect import bisect_left, bisect_right
+from itertools import compress
 from multiprocessing import shared_memory
 
 from . import layout as L
@@ -346,7 +348,8 @@ class Arena:
     def cached_spans(self, k):
         """[(class, span record)] of the small spans P k caches."""
         at = self.lay.slot_word(k) + L.SLOT_CACHED_AT
-        return [(c, v - 1) for c, v in enumerate(self.q[at : at + L.NCLASS].tolist()) if v and c]
+        v = self.q[at : at + L.NCLASS]
+        return [(c, v[c] - 1) for c in compress(range(1, L.NCLASS), v[1:])]
 
     def buffered_frees(self, k):
         """The handles in P k's remote-free buffer, not yet applied (0 = applied already)."""
@@ -362,20 +365,27 @@ class Arena:
     def flush_slots(self, slots, actor=None, keep_empty=False, disown=True):
         """Flush the caches of `slots` in ONE operation (Go: flushallmcaches): every P's buffered
         remote frees are applied, then every small span it caches is uncached and every large
-        span it owns settled (large.py: `disown` for a P that leaves).  Each central lock involved is taken once, in order, then
-        the heap lock; the undo log is checkpointed after each span -- the state between two
-        spans is a consistent one, so a crash rolls back at most the span in flight.  Each P is
-        first told (flush_gen, and its stop byte if it is running) to drop its local lists at its
-        next call, before any of its spans leaves its cache.  Returns {slot: (spans, listed objects
-        uncounted)}."""
+        span it owns settled (large.py: `disown` for a P that leaves).  The frees buffered in a
+        span one of these Ps caches are applied by that span's uncache, in the same retag.  Each
+        central lock involved is taken once, in order, then the heap lock; the undo log is
+        checkpointed after each span -- the state between two spans is a consistent one, so a
+        crash rolls back at most the span in flight.  Each P is first told (flush_gen, and its
+        stop byte if it is running) to drop its local lists at its next call, before any of its
+        spans leaves its cache.  Returns {slot: (spans, listed objects uncounted)}."""
         actor = self.daemon_actor if actor is None else actor
         work = sorted((c, k, r) for k in slots for c, r in self.cached_spans(k))
+        at = {r: (i, c, k) for i, (c, k, r) in enumerate(work)}
         buffers = {k: self._buffer_groups(k) for k in slots}
-        q = self.q
+        q, lay = self.q, self.lay
         classes = {c for c, _, _ in work}
         for groups in buffers.values():
             classes |= {c for c, _ in groups}
         out = {k: [0, 0] for k in slots}
+        nbad = dict.fromkeys(slots, 0)
+        bad_w = lay.heap_word() + H["bad_frees"]
+
+        def cached(c, k, r):
+            return q[lay.slot_word(k) + L.SLOT_CACHED_AT + c] - 1 == r
 
         def flush(op):
             for c in sorted(classes - {0}):
@@ -383,24 +393,60 @@ class Arena:
             op.acquire(L.LOCK_HEAP)  # large spans, and emptied small spans go back to the heap
             # Told only once every lock is held (a flush that cannot take one changes nothing),
             # and logged, so that a rolled-back flush does not make the P drop its lists.
-            gens = [self.lay.slot_word(k) + SL["flush_gen"] for k in slots]
+            gens = [lay.slot_word(k) + SL["flush_gen"] for k in slots]
             op.wset(gens, [q[g] + 1 for g in gens])
             for k in slots:
-                sw = self.lay.slot_word(k)
+                sw = lay.slot_word(k)
                 if actor != k and q[sw + SL["stop"]] == L.STOP_RUN:
                     q[sw + SL["stop"]] = L.STOP_RESYNC
+            # The frees buffered in a span that one of these Ps caches are applied by that span's
+            # uncache below (`folded`: record -> [(P, handles)]), the others first.  A cached
+            # span is in use, of its class; the uncache judges each handle against it.
+            folded, left = {}, {}
             for k in slots:
-                self._apply_buffer(op, k, buffers[k])
+                keep = sorted(
+                    (at[r][0], (c, r))
+                    for (c, r), hs in buffers[k].items()
+                    if r in at and at[r][1] == c and cached(*at[r][1:], r)
+                )
+                nbad[k] = self._apply_buffer(op, k, buffers[k], [key for _, key in keep])
+                left[k] = 0
+                for _, (c, r) in keep:
+                    folded.setdefault(r, []).append((k, buffers[k][c, r]))
+                    left[k] += len(buffers[k][c, r])
+            uncache, log = self.central.uncache_span, op.log
             for c, k, r in work:
-                if q[self.lay.slot_word(k) + L.SLOT_CACHED_AT + c] - 1 != r:
+                if not cached(c, k, r):
                     continue  # a retry after a repair: already done
-                out[k][0] += 1
-                out[k][1] += self.central.uncache_span(op, c, r, k, keep_empty)
-                op.log.clear()  # checkpoint
+                frees = folded.pop(r, None)
+                if frees is None:
+                    listed, _ = uncache(op, c, r, k, keep_empty)
+                else:
+                    # Each buffer's count drops below the frees applied here in the same step.
+                    for j, hs in frees:
+                        left[j] -= len(hs)
+                    idxs = [lay.slot_word(j) + SL["rfree_n"] for j, _ in frees]
+                    listed, bads = uncache(
+                        op, c, r, k, keep_empty, [hs for _, hs in frees], idxs, [left[j] for j, _ in frees]
+                    )
+                    if any(bads):
+                        op.add(bad_w, sum(bads))
+                        for (j, _), bad in zip(frees, bads):
+                            nbad[j] += bad
+                o = out[k]
+                o[0] += 1
+                o[1] += listed
+                log.clear()  # checkpoint
+            if folded:
+                raise CorruptionError(
+                    f"buffered frees in spans {sorted(folded)} were kept for an uncache that did not come"
+                )
             for k in slots:
                 out[k][0] += self.large.flush(op, k, disown)
 
         self.run(actor, flush)
+        for k, n in nbad.items():
+            self._warn_bad(k, n)
         return {k: tuple(v) for k, v in out.items()}
 
     def apply_buffered_frees(self, k, actor=None):
@@ -415,85 +461,105 @@ class Arena:
             op.acquire(L.LOCK_HEAP)
             return self._apply_buffer(op, k, groups)
 
-        return self.run(k if actor is None else actor, apply)
+        nbad = self.run(k if actor is None else actor, apply)
+        self._warn_bad(k, nbad)
+        return nbad
 
     def _buffer_groups(self, k):
         """P k's buffered frees grouped by the span that holds them, read without a lock:
-        {(class, record): [handle, ...]}; class -1 for handles no span holds.  _apply_buffer
-        re-checks every group under the locks."""
+        {(class, record): [handle, ...] ascending}; class -1 for handles no span holds.  The
+        handles are sorted, then taken a page at a time (one page-map read per page, not per
+        handle).  _apply_buffer re-checks every group under the locks."""
         q, lay = self.q, self.lay
         sw = lay.slot_word(k)
-        n = q[sw + SL["rfree_n"]]
-        pm, hmax, sw0 = lay.pagemap_word(), lay.heap_max, lay.span_word(0)
-        pages, page_of = {}, lay.handle_page
-        for h in q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + n].tolist():
-            if h:  # 0: applied by an earlier, interrupted pass (no handle is 0)
-                pages.setdefault(page_of(h), []).append(h)
-        groups, sc = {}, S["sizeclass"]
-        for page, hs in pages.items():
-            r = q[pm + page] - 1 if 0 <= page < hmax >> L.PAGE_SHIFT else -1
+        hs = sorted(q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + q[sw + SL["rfree_n"]]].tolist())
+        pm, npages, sw0 = lay.pagemap_word(), lay.heap_max >> L.PAGE_SHIFT, lay.span_word(0)
+        groups, sc, shift = {}, S["sizeclass"], L.PAGE_SHIFT
+        first_coarse, page_of = lay.handle_c0 << L.GEN_BITS, lay.handle_page
+        i, n = bisect_right(hs, 0), len(hs)  # 0: applied by an earlier, interrupted pass (no handle is 0)
+        while i < n:
+            page = page_of(hs[i])
+            # The first handle past this page in the same part of the maps (class 1 is fine,
+            # class 0 -- large -- coarse): every coarse handle sorts after every fine one.
+            nxt = lay.make_handle((page + 1) << shift, 0, 0 if hs[i] >= first_coarse else 1)
+            j = bisect_left(hs, nxt, i + 1)
+            r = q[pm + page] - 1 if 0 <= page < npages else -1
             key = (q[sw0 + r * L.SPAN_WORDS + sc], r) if r >= 0 else (-1, -1)
             g = groups.get(key)
             if g is None:
-                groups[key] = hs
+                groups[key] = hs[i:j]
             else:
-                g += hs
+                g += hs[i:j]
+            i = j
         return groups
 
-    def _apply_buffer(self, op, k, groups):
-        """Apply P k's buffered remote frees, one span at a time (one retag per span).  The buffer
-        is first rewritten in group order, the first group applied last in it; after each group the
-        buffer's count (rfree_n) drops below that group's entries in the same checkpointed step,
-        so a retry after a crash never applies one twice (one word written per group).  Frees
-        found bad now are counted (heap bad_frees) and logged, never applied.  Caller holds the
-        heap lock and the central locks of the classes in `groups`."""
+    def _apply_buffer(self, op, k, groups, keep=()):
+        """Apply P k's buffered remote frees, one span at a time (one retag per span), but for the
+        groups `keep` (keys of `groups`, in the order the caller applies them later).  The buffer
+        is first rewritten in group order: the groups kept at its start, the first to apply at
+        their end; then the others, ascending, applied from the last.  After each group
+        the buffer's count (rfree_n) drops below that group's entries in the same checkpointed
+        step, so a retry after a crash never applies one twice (one word written per group): it
+        ends at the kept groups' count.  Frees found bad now are counted (heap bad_frees, in the
+        same step) and returned, never applied.  Caller holds the heap lock and the central locks
+        of the classes in `groups`."""
         lay = self.lay
         sw = lay.slot_word(k)
-        at = sw + L.SLOT_RFREE_AT
+        n_w, bad_w = sw + SL["rfree_n"], lay.heap_word() + H["bad_frees"]
         if not groups:
             return 0
-        order = [(key, hs) for key, hs in sorted(groups.items())]
-        flat = [h for _, hs in reversed(order) for h in hs]
+        order = sorted((hs[0], key) for key, hs in groups.items() if key not in keep)
+        flat = []
+        for key in (*reversed(keep), *(key for _, key in order)):
+            flat += groups[key]
         left = len(flat)
-        op.wwords(at, flat)
-        op.w(sw + SL["rfree_n"], left)
+        at = sw + L.SLOT_RFREE_AT
+        if self.q[at : at + self.q[n_w]].tolist() != flat:
+            op.wwords(at, flat)
+        op.w(n_w, left)
         op.log.clear()  # checkpoint: the same frees, the first group to apply at the end
         nbad = 0
-        for (c, r), handles in order:
+        for _, (c, r) in reversed(order):
+            handles = groups[c, r]
             if r < 0 or not self._group_holds(r, c, handles):
-                nbad += len(handles)  # no span holds them now: stale handles
+                bad = len(handles)  # no span holds them now: stale handles
             elif c == 0:
+                bad = 0
                 for h in handles:
                     try:
                         self.large.free(op, r, h, k, buffered=True)
                     except BadHandle:
-                        nbad += 1
+                        bad += 1
             elif L.LOCK_CENTRAL(c) in op.held:
-                nbad += self.central.apply_frees(op, c, r, handles, k)
+                bad = self.central.apply_frees(op, c, r, handles, k)
             else:
-                nbad += len(handles)
+                bad = len(handles)
             left -= len(handles)
-            op.w(sw + SL["rfree_n"], left)
+            op.w(n_w, left)
+            if bad:
+                op.add(bad_w, bad)
+                nbad += bad
             op.log.clear()  # checkpoint
+        return nbad
+
+    def _warn_bad(self, k, nbad):
         if nbad:
-            op.add(lay.heap_word() + H["bad_frees"], nbad)
             _log.warning(
                 "P %d: %d buffered free(s) found bad when applied (a double free across "
                 "processes, or a stale handle); skipped, counted in bad_frees",
                 k,
                 nbad,
             )
-        op.w(sw + SL["rfree_n"], 0)
-        return nbad
 
     def _group_holds(self, r, c, handles):
-        """Under the locks: span r is in use, of class c, and holds every handle of the group."""
+        """Under the locks: span r is in use, of class c, and holds every handle of the group
+        (ascending, as _buffer_groups makes them)."""
         q, w = self.q, self.lay.span_word(r)
         if q[w + S["state"]] != L.SPAN_INUSE or q[w + S["sizeclass"]] != c:
             return False
         lo = self.lay.make_handle(q[w + S["start"]] * PAGE, 0, c)
         hi = self.lay.make_handle((q[w + S["start"]] + q[w + S["npages"]]) * PAGE, 0, c)
-        return lo <= min(handles) and max(handles) < hi
+        return lo <= handles[0] and handles[-1] < hi
 
     def free_empty_spans(self, actor=None):
         """Give the heap back every empty span waiting on a partial list.  Returns how many."""

@@ -17,7 +17,7 @@ state changes of a whole span are one `bytes.translate` over its object-start by
 """
 
 from itertools import compress
-from operator import or_
+from operator import or_, sub
 
 from . import layout as L
 from .errors import BadHandle, CorruptionError, DoubleFree
@@ -28,6 +28,8 @@ S = L.SPAN
 C = L.CENTRAL
 H = L.HEAP
 PAGE = L.PAGE_SIZE
+_OWNER, _ALLOC_COUNT, _NPENDING = S["owner"], S["alloc_count"], S["npending"]
+_MALLOCS, _NCACHED, _LIVE = C["mallocs"], C["ncached"], C["live"]
 FREE, ALLOC, PENDING, LISTED, RFREED = L.FREE, L.ALLOC, L.PENDING, L.LISTED, L.RFREED
 
 
@@ -89,6 +91,72 @@ def _apply_table(j, k):
 _UNCACHED_T = _apply_table(-1, 0)
 _OWN_T = [_apply_table(j, j) for j in range(L.MAX_SLOTS + 1)]  # cached by the P that freed
 _OTHER_T = [_apply_table(j, -1) for j in range(L.MAX_SLOTS + 1)]  # cached by another P
+IS_RFREED = bytes(1 if v == RFREED else 0 for v in range(256))
+_IS_LAST_GEN = bytes(1 if v == L.GEN_MASK else 0 for v in range(256))
+_NEXT_GEN = bytes((v + 1) & L.GEN_MASK for v in range(256))
+_RFREED_B = bytes((RFREED,))
+
+
+def handle_steps(j0, stride):
+    """(base, step) of the handles of a span whose first object-start byte is map index j0, the
+    next ones `stride` map bytes apart (in either part of the maps: a handle is its index): object i's handle at generation g is base + i * step + g
+    (g < step, so a handle between two objects leaves a remainder no generation has)."""
+    return (L.HANDLE_G0 + j0) << L.GEN_BITS, stride << L.GEN_BITS
+
+
+def bumped(gens, mask):
+    """Generation bytes `gens` with the generation of every object whose `mask` byte is 1 (the
+    others 0) moved on by one, modulo 256: the generations after those objects were freed.  Byte
+    arithmetic on two integers, not a loop: a byte that wraps (255 + 1) would carry into the next
+    one, so that carry is taken back."""
+    m = int.from_bytes(mask, "little")
+    wraps = int.from_bytes(gens.translate(_IS_LAST_GEN), "little") & m
+    return (int.from_bytes(gens, "little") + m - (wraps << 8)).to_bytes(len(gens), "little")
+
+
+def freed(old, gens, j0, stride, handles, table):
+    """Buffered frees `handles` (of one span, ascending) applied to its object-start bytes `old`
+    and their generation bytes `gens` (one per object, the first object at granule j0, `stride`
+    granules apart), each object byte going to table[byte] (_BAD: the free is bad).  A free is
+    good when its object is still the one the handle named (same generation) and table says so;
+    a handle named twice is applied once.  Returns (new bytes, new generations, objects freed:
+    None when they are every RFREED object, else their indices).
+
+    A group that names a good part of the span's objects is first checked in bulk, the common
+    case: the handles are exactly those of the RFREED objects at their generations (one P freed
+    them all, and every hint held).  Else, or for a few handles, each handle is judged."""
+    n, m = len(old), len(handles)
+    base, step = handle_steps(j0, stride)
+    if m * 8 >= n:
+        # Handle minus its object's handle at generation 0, object by object: the generation
+        # bytes, if every handle names an RFREED object at its generation.
+        at = range(base, base + n * step, step)
+        if m == n:  # every object named: every one must be RFREED
+            mask, want = None, gens if old.count(RFREED) == n else None
+        else:
+            mask = old.translate(IS_RFREED)
+            if mask.count(1) == m:
+                at, want = compress(at, mask), bytes(compress(gens, mask))
+            else:
+                want = None
+        try:
+            good = want is not None and bytes(map(sub, handles, at)) == want
+        except ValueError:  # a difference outside 0..255: not a generation
+            good = False
+        if good:
+            new_gens = gens.translate(_NEXT_GEN) if mask is None else bumped(gens, mask)
+            return old.replace(_RFREED_B, bytes((table[RFREED],))), new_gens, None
+    new, gens, changed = bytearray(old), bytearray(gens), []
+    # h - base = i * step + generation for the handle of object i: one divmod gives both, and
+    # a handle between two objects leaves a "generation" of 256 or more, which no byte is.
+    gm = L.GEN_MASK
+    for h in handles:
+        i, gen = divmod(h - base, step)
+        if 0 <= i < n and gens[i] == gen and (b := table[new[i]]) != _BAD:
+            new[i] = b
+            gens[i] = (gen + 1) & gm
+            changed.append(i)
+    return bytes(new), bytes(gens), changed
 
 
 class CentralList:
@@ -118,13 +186,13 @@ class CentralList:
         j0, grain = self.lay.span_index(q[w + S["start"]], c)
         return self.lay.amap_off + j0, size // grain, q[w + S["nelems"]], j0, size
 
-    def _span_bytes(self, r):
-        off, stride, n, j0, size = self.starts(r)
-        return off, stride, strided(self.mv, off, stride, n), j0, size
+    def gen_start(self, j0):
+        """Byte offset in the segment of the generation byte of the object at granule j0."""
+        return self.lay.gmap_off + j0
 
     def _gen_bytes(self, j0, stride, n):
         """The generation bytes of n objects, the first at map index j0, `stride` bytes apart."""
-        return strided(self.mv, self.lay.gmap_off + j0, stride, n)
+        return strided(self.mv, self.gen_start(j0), stride, n)
 
     def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=()):
         """Put uncached span r where it belongs: full list, partial list, or back to the heap
@@ -166,23 +234,40 @@ class CentralList:
         op.add(self.cw(c) + C["ncached"], 1)
         return r, self.collect(op, c, r, k)
 
-    def _retag(self, op, c, r, k, table, what):
-        """Translate the object-start bytes of span r, which P k must cache, with `table`.
-        Caller holds central lock c.  Returns (old bytes, new bytes, first map index, size)."""
-        op.need(L.LOCK_CENTRAL(c), f"CentralList.{what}")
-        owner = self.q[self.lay.span_word(r) + S["owner"]]
+    def _retag(self, op, c, r, k, table, what, frees=()):
+        """Translate the object-start bytes of span r, which P k must cache, with `table`.  First
+        apply `frees`, groups of buffered frees of objects of span r (each group one P's), as
+        apply_frees would, in the same run written once, and their generations moved on in one
+        run too (nobody else writes either: P k is the caller or stopped).  Caller holds central
+        lock c.  Returns (old bytes, new bytes, first map index, size, frees found bad in each
+        group)."""
+        op.need(L.LOCK_CENTRAL(c), what)
+        owner = self.q[self.lay.span_word(r) + _OWNER]
         if owner != k + 1:
             raise CorruptionError(f"{what} of span {r} by P {k}, but it is cached by {owner - 1}")
-        off, stride, old, j0, size = self._span_bytes(r)
-        new = old.translate(table)
+        off, stride, n, j0, size = self.starts(r)
+        old = strided(self.mv, off, stride, n)
+        bad = []
+        if frees:
+            mid = old
+            gens = new_gens = self._gen_bytes(j0, stride, n)
+            # P k's table: a free by P k makes its object FREE, one by another P PENDING, which
+            # the uncache that follows makes FREE as well.
+            for handles in frees:
+                mid, new_gens, changed = freed(mid, new_gens, j0, stride, handles, _OWN_T[k])
+                bad.append(0 if changed is None else len(handles) - len(changed))
+            op.wrun(self.gen_start(j0), stride, gens, new_gens)
+            new = mid.translate(table)
+        else:
+            new = old.translate(table)
         op.wstarts(off, stride, old, new)
-        return old, new, j0, size
+        return old, new, j0, size, bad
 
     def collect(self, op, c, r, k):
         """Re-list every free or PENDING object of span r (cached by P k) into P k's cache.
         Counts the newly listed objects as mallocs, optimistically (Go's cacheSpan).  Returns their
         handles, each with its object's generation (bumped when it was freed)."""
-        old, new, j0, size = self._retag(op, c, r, k, CACHE_T[k], "collect")
+        old, new, j0, size, _ = self._retag(op, c, r, k, CACHE_T[k], "CentralList.collect")
         w = self.lay.span_word(r)
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
@@ -196,33 +281,38 @@ class CentralList:
         )
         return list(map(or_, slots, compress(self._gen_bytes(j0, stride, n)[::-1], listed)))
 
-    def uncache_span(self, op, c, r, k, keep_empty=False):
+    def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), idxs=(), values=()):
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
-        uncounted, PENDING frees merged, and the span placed by its allocated count.  Returns
-        the number of listed objects uncounted."""
-        old, new, _, _ = self._retag(op, c, r, k, UNCACHE_T[k], "uncache_span")
-        q, w = self.q, self.lay.span_word(r)
+        uncounted, PENDING frees merged, and the span placed by its allocated count.  `frees`:
+        groups of buffered frees of objects of span r (each from one P's remote-free buffer),
+        applied first, in the same retag (_retag).  `idxs`, `values`: the caller's own word writes,
+        logged with ours (words none of this reads).  Returns (listed objects uncounted, [frees
+        found bad in each group])."""
+        old, new, _, _, bad = self._retag(op, c, r, k, UNCACHE_T[k], "CentralList.uncache_span", frees)
+        q, lay = self.q, self.lay
+        w, n = lay.span_word(r), len(old)
+        sw, cw = lay.slot_word(k), lay.central_word(c)
         # The P's local frees re-listed objects, each counted as a malloc to come (slot relists);
         # those still listed now never happened.
-        sw, cw = self.lay.slot_word(k), self.cw(c)
-        rel_w = sw + L.SLOT_RELISTS_AT + c
+        rel_w, mal, nc, live = sw + L.SLOT_RELISTS_AT + c, cw + _MALLOCS, cw + _NCACHED, cw + _LIVE
         listed = old.count(LISTED)
-        n = new.count(ALLOC) + new.count(RFREED)  # a buffered free is live until applied
+        na = new.count(ALLOC) + new.count(RFREED)  # a buffered free is live until applied
         # Every word below is read before any is written, and none is one the placing reads: the
         # span's fields, P k's slot, the class's counters, all logged in one entry.
         idxs = (
-            cw + C["mallocs"],
+            *idxs,
+            mal,
             rel_w,
-            w + S["owner"],
-            w + S["alloc_count"],
-            w + S["npending"],
+            w + _OWNER,
+            w + _ALLOC_COUNT,
+            w + _NPENDING,
             sw + L.SLOT_CACHED_AT + c,
-            cw + C["ncached"],
-            cw + C["live"],
+            nc,
+            live,
         )
-        values = (q[idxs[0]] + q[rel_w] - listed, 0, 0, n, 0, 0, q[idxs[6]] - 1, q[idxs[7]] + n)
-        self._place(op, c, r, n, q[w + S["nelems"]], keep_empty, idxs, values)
-        return listed
+        values = (*values, q[mal] + q[rel_w] - listed, 0, 0, na, 0, 0, q[nc] - 1, q[live] + na)
+        self._place(op, c, r, na, n, keep_empty, idxs, values)
+        return listed, bad
 
     def free_empty(self, op, c):
         """Return every empty span of the partial list to the heap (they wait there when a
@@ -247,13 +337,13 @@ class CentralList:
         cache when it freed them (Go has no such thing; tcmalloc's transfer cache and mimalloc's
         delayed frees do).  Each was a live object when P k buffered it; one that no longer is --
         a double free split across processes -- is skipped, never applied twice.  Returns the
-        number skipped.  One retag of the span's bytes for the whole group."""
+        number skipped.  One retag of the span's bytes for the whole group.  Caller: P k itself,
+        or the flusher of a stopped or dead P k."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.apply_frees")
         q, w = self.q, self.lay.span_word(r)
         off, stride, n, j0, size = self.starts(r)
         old = strided(self.mv, off, stride, n)
-        new = bytearray(old)
-        gens = bytearray(self._gen_bytes(j0, stride, n))
+        gens = self._gen_bytes(j0, stride, n)
         owner = q[w + S["owner"]]
         # What each object byte becomes (BAD_T: the free is bad).  RFREED: our hint held, nobody
         # could hand the object out.  ALLOC or TAG(owner): the hint was overwritten by a retag,
@@ -262,39 +352,35 @@ class CentralList:
         # handle's generation: a free applied bumps it, so a second buffered free of the same
         # handle, or a late one that meets the object allocated again, is bad.
         table = _UNCACHED_T if not owner else (_OWN_T if owner == k + 1 else _OTHER_T)[owner - 1]
-        changed = []
-        # h - base = i * step + generation for the handle of object i: one divmod gives both, and
-        # a handle between two objects leaves a "generation" of 256 or more, which no byte is.
-        base, step, gm = (L.HANDLE_G0 + j0) << L.GEN_BITS, stride << L.GEN_BITS, L.GEN_MASK
-        for h in handles:
-            i, gen = divmod(h - base, step)
-            if 0 <= i < n and gens[i] == gen and (b := table[new[i]]) != _BAD:
-                new[i] = b
-                gens[i] = (gen + 1) & gm
-                changed.append(i)
-        bad = len(handles) - len(changed)
-        freed = len(changed) if not owner else 0
-        pending = len(changed) if owner and owner != k + 1 else 0
-        # Only the objects freed: the owner's fast path writes the others meanwhile.
-        if changed:  # their map bytes and their generation bytes, in one log entry
+        new, new_gens, changed = freed(old, gens, j0, stride, handles, table)
+        nfreed = len(handles) if changed is None else len(changed)
+        if not nfreed:
+            return len(handles)
+        if owner and owner != k + 1:
+            # Only the objects freed, in one log entry: the owner runs, and its fast path writes
+            # the others (and their generations) meanwhile.
+            if changed is None:
+                changed = list(compress(range(n), old.translate(IS_RFREED)))
             offs = [off + i * stride for i in changed]
             to_gen = self.lay.gmap_off - self.lay.amap_off
             offs += [o + to_gen for o in offs]
-            values = [new[i] for i in changed]
-            values += [gens[i] for i in changed]
-            op.wscatter(offs, values)
-        if pending:
-            op.add(w + S["npending"], pending)
-        if freed:
-            cnt = q[w + S["alloc_count"]]
-            op.w(w + S["alloc_count"], cnt - freed)
-            op.add(self.cw(c) + C["live"], -freed)
+            op.wscatter(offs, [new[i] for i in changed] + [new_gens[i] for i in changed])
+            op.add(w + S["npending"], nfreed)
+            return len(handles) - nfreed
+        # Nobody else writes these bytes now (an uncached span's are written under our lock, P k's
+        # own by P k, which is us or stopped) but for another P's RFREED hint over an allocated
+        # object, which a retag may overwrite (see the table above): each run written whole.
+        op.wstarts(off, stride, old, new)
+        op.wrun(self.gen_start(j0), stride, gens, new_gens)
+        if not owner:
+            cnt, cw = q[w + _ALLOC_COUNT], self.cw(c)
+            idxs, values = [w + _ALLOC_COUNT, cw + _LIVE], [cnt - nfreed, q[cw + _LIVE] - nfreed]
             self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
             # Emptied, it waits on the partial list: in a producer -> consumer pipeline the
             # producer takes it again at its next refill, with no page-heap operation on either
             # side.  The daemon gives it back each second if nobody did (Arena.free_empty_spans).
-            self._place(op, c, r, cnt - freed, q[w + S["nelems"]], keep_empty=True)
-        return bad
+            self._place(op, c, r, cnt - nfreed, n, True, idxs, values)
+        return len(handles) - nfreed
 
     def free_object(self, op, c, r, h, k):
         """Free object `h` of span r (class c) on behalf of P k (-1: no P).  Validates first,

@@ -106,8 +106,12 @@ class PageHeap:
         op.wset(idxs, values)
 
     def list_remove(self, op, head_w, r, idxs=(), values=()):
-        """Take span r off the list at `head_w`; the caller's own writes go with it in one step,
-        as in list_push."""
+        """Take span r off the list at `head_w`; the caller's own writes `idxs`, `values` go with
+        it in one step, as in list_push."""
+        op.wset(*self.list_remove_words(head_w, r, idxs, values))
+
+    def list_remove_words(self, head_w, r, idxs=(), values=()):
+        """(word indices, values) of list_remove(head_w, r), to be written in one step."""
         q, w = self.q, self.sw(r)
         nxt, prv = q[w + S["next"]], q[w + S["prev"]]
         idxs = [*idxs, w + S["next"], w + S["prev"], w + S["list"]]
@@ -122,7 +126,7 @@ class PageHeap:
         if nxt:
             idxs.append(self.sw(nxt - 1) + S["prev"])
             values.append(prv)
-        op.wset(idxs, values)
+        return idxs, values
 
     def bucket_w(self, npages):
         return self.hw + L.HEAP_BUCKETS_AT + min(npages, L.NBUCKETS - 1)
@@ -184,12 +188,19 @@ class PageHeap:
         return r
 
     def drop_record(self, op, r):
-        w = self.sw(r)
-        op.w(w + S["state"], L.SPAN_UNUSED)
-        op.w(w + S["list"], L.LIST_UNUSED)
-        op.w(w + S["next"], self.q[self.hw + H["free_record"]])
-        op.w(self.hw + H["free_record"], r + 1)
-        op.add(self.hw + H["nrecords_used"], -1)
+        op.wset(*self._drop_record_words(r))
+
+    def _drop_record_words(self, r):
+        """(word indices, values) of drop_record(r), to be written in one step."""
+        q, w, hw = self.q, self.sw(r), self.hw
+        fr, used = hw + H["free_record"], hw + H["nrecords_used"]
+        return [w + S["state"], w + S["list"], w + S["next"], fr, used], [
+            L.SPAN_UNUSED,
+            L.LIST_UNUSED,
+            q[fr],
+            r + 1,
+            q[used] - 1,
+        ]
 
     def set_pagemap(self, op, start, npages, value, ends_only=False):
         if ends_only:
@@ -201,36 +212,57 @@ class PageHeap:
     # --- the idle list: unreleased free spans, oldest first (the scavenger's order) -----------
     def idle_push(self, op, r):
         """Append FREE, unreleased span r to the idle list as freed now."""
+        op.wset(*self._idle_push_words(r))
+
+    def _idle_push_words(self, r):
+        """(word indices, values) of idle_push(r), to be written in one step."""
         q, w, tail_w = self.q, self.sw(r), self.hw + H["idle_tail"]
         last = q[tail_w]
-        op.w(w + S["freed_ns"], time.monotonic_ns())
-        op.w(w + S["idle_prev"], last)
-        op.w(w + S["idle_next"], 0)
-        op.w((self.sw(last - 1) + S["idle_next"]) if last else self.hw + H["idle_head"], r + 1)
-        op.w(tail_w, r + 1)
+        link = (self.sw(last - 1) + S["idle_next"]) if last else self.hw + H["idle_head"]
+        return (
+            (w + S["freed_ns"], w + S["idle_prev"], w + S["idle_next"], link, tail_w),
+            (time.monotonic_ns(), last, 0, r + 1, r + 1),
+        )
 
     def idle_remove(self, op, r, put=None):
         """Take span r off the idle list; `put` (a record) takes its place and its age."""
+        op.wset(*self._idle_remove_words(r, put))
+
+    def _idle_remove_words(self, r, put=None):
+        """(word indices, values) of idle_remove(r, put), to be written in one step."""
         q, w = self.q, self.sw(r)
         nxt, prv = q[w + S["idle_next"]], q[w + S["idle_prev"]]
         before, after = nxt, prv  # what the neighbours link to instead of r
+        idxs, values = [], []
         if put is not None:
             pw = self.sw(put)
-            op.w(pw + S["idle_next"], nxt)
-            op.w(pw + S["idle_prev"], prv)
-            op.w(pw + S["freed_ns"], q[w + S["freed_ns"]])
+            idxs = [pw + S["idle_next"], pw + S["idle_prev"], pw + S["freed_ns"]]
+            values = [nxt, prv, q[w + S["freed_ns"]]]
             before = after = put + 1
-        op.w((self.sw(prv - 1) + S["idle_next"]) if prv else self.hw + H["idle_head"], before)
-        op.w((self.sw(nxt - 1) + S["idle_prev"]) if nxt else self.hw + H["idle_tail"], after)
-        op.w(w + S["idle_next"], 0)
-        op.w(w + S["idle_prev"], 0)
+        idxs += (
+            (self.sw(prv - 1) + S["idle_next"]) if prv else self.hw + H["idle_head"],
+            (self.sw(nxt - 1) + S["idle_prev"]) if nxt else self.hw + H["idle_tail"],
+            w + S["idle_next"],
+            w + S["idle_prev"],
+        )
+        values += (before, after, 0, 0)
+        return idxs, values
 
-    def _take_free(self, op, r):
-        """Take FREE span r off its bucket and, if unreleased, the idle list."""
+    def _take_free(self, op, r, drop=False):
+        """Take FREE span r off its bucket and, if unreleased, the idle list; with `drop`, drop
+        its record too.  One step: the words of each part are distinct but for r's own list
+        links, which the drop writes last."""
         w = self.sw(r)
-        self.list_remove(op, self.bucket_w(self.q[w + S["npages"]]), r)
+        idxs, values = self.list_remove_words(self.bucket_w(self.q[w + S["npages"]]), r)
         if not self.q[w + S["released"]]:
-            self.idle_remove(op, r)
+            more = self._idle_remove_words(r)
+            idxs += more[0]
+            values += more[1]
+        if drop:
+            more = self._drop_record_words(r)
+            idxs += more[0]
+            values += more[1]
+        op.wset(idxs, values)
 
     # --- free spans ---------------------------------------------------------------------
     def _free_neighbour(self, start, npages, side, r=-1):
@@ -250,34 +282,44 @@ class PageHeap:
             return -1
         return n
 
-    def _insert_free(self, op, r):
+    def _insert_free(self, op, r, released=None, idxs=(), values=()):
         """Make record r (start, npages, released set) a FREE span, coalescing neighbours of the
         same released state.  A released and an unreleased span stay apart: merging them would
         commit the released pages again (or release pages just freed), undoing the scavenger's
-        work or the freer's; alloc_span merges such a run only when nothing else fits."""
+        work or the freer's; alloc_span merges such a run only when nothing else fits.
+        `released`: the value r's `released` is to take (None: the one it has).  The caller's
+        own writes `idxs`, `values` (words this neither reads nor writes otherwise) go with the
+        last step's, in one entry."""
         q = self.q
         w = self.sw(r)
         start, npages = q[w + S["start"]], q[w + S["npages"]]
-        released = q[w + S["released"]]
+        if released is None:
+            released = q[w + S["released"]]
         for side in (-1, +1):
             n = self._free_neighbour(start, npages, side, r)
             if n < 0 or q[self.sw(n) + S["released"]] != released:
                 continue
             ns, nn = q[self.sw(n) + S["start"]], q[self.sw(n) + S["npages"]]
-            self._take_free(op, n)
-            self.drop_record(op, n)
+            self._take_free(op, n, drop=True)
             start, npages = min(start, ns), npages + nn
-        op.w(w + S["start"], start)
-        op.w(w + S["npages"], npages)
-        op.w(w + S["state"], L.SPAN_FREE)
-        op.w(w + S["sizeclass"], 0)
-        op.w(w + S["released"], released)
-        self.set_pagemap(op, start, npages, r + 1, ends_only=True)
-        self.list_push(op, self.bucket_w(npages), r, L.LIST_HEAPFREE)
+        # r's fields, its page-map ends, its bucket and the idle list: one step, one entry.
+        idxs = (
+            *idxs,
+            w + S["start"],
+            w + S["npages"],
+            w + S["state"],
+            w + S["sizeclass"],
+            w + S["released"],
+            self.pm + start,
+            self.pm + start + npages - 1,
+        )
+        values = (*values, start, npages, L.SPAN_FREE, 0, released, r + 1, r + 1)
         if released:
-            op.w(w + S["freed_ns"], time.monotonic_ns())
+            idxs, values = (*idxs, w + S["freed_ns"]), (*values, time.monotonic_ns())
         else:
-            self.idle_push(op, r)
+            more = self._idle_push_words(r)
+            idxs, values = (*idxs, *more[0]), (*values, *more[1])
+        self.list_push(op, self.bucket_w(npages), r, L.LIST_HEAPFREE, idxs, values)
 
     MERGE_PIECES = 64  # at most this many free spans merged for one allocation (undo log room)
 
@@ -306,9 +348,7 @@ class PageHeap:
                             if q[nw + S["released"]]:
                                 self._commit(q[nw + S["start"]], q[nw + S["npages"]])
                                 op.add(self.hw + H["released_pages"], -q[nw + S["npages"]])
-                            self._take_free(op, n)
-                            if n != f:
-                                self.drop_record(op, n)
+                            self._take_free(op, n, drop=n != f)
                         op.w(fw + S["npages"], total)
                         op.w(fw + S["released"], 0)
                         self._insert_free(op, f)
@@ -511,11 +551,9 @@ class PageHeap:
             raise CorruptionError(f"free_span of span {r} in state {q[w + S['state']]}")
         if q[w + S["list"]] != L.LIST_NONE or q[w + S["owner"]]:
             raise CorruptionError(f"free_span of span {r} still on a list or cached")
-        op.add(self.hw + H["inuse_pages"], -q[w + S["npages"]])
-        op.w(w + S["released"], 0)
-        op.w(w + S["nelems"], 0)
+        inuse = self.hw + H["inuse_pages"]
         # Interior page-map entries may keep pointing at r: lookups check state and range.
-        self._insert_free(op, r)
+        self._insert_free(op, r, 0, (inuse, w + S["nelems"]), (q[inuse] - q[w + S["npages"]], 0))
 
     def scavenge(self, op, max_pages, keep_pages=0, max_spans=8, background=False, freed_before=None):
         """One bounded step of giving idle pages back to the OS (MADV_REMOVE punches them out

@@ -215,34 +215,30 @@ class LargeObjects:
         the others live either way, and the P takes them back without a lock later.
         Checkpoints after each span.  Returns the spans handled."""
         op.need(L.LOCK_HEAP, "LargeObjects.flush")
-        q, sw = self.q, self.lay.slot_word(k)
-        rel, rel_pages = q[sw + SL["lg_relists"]], q[sw + SL["lg_relist_pages"]]
+        q, mv, lay, sw = self.q, self.mv, self.lay, self.lay.slot_word(k)
+        rel_w, pages_w = sw + SL["lg_relists"], sw + SL["lg_relist_pages"]
+        rel, rel_pages = q[rel_w], q[pages_w]
         if rel or rel_pages:
-            op.add(self.hw + H["large_mallocs"], rel)
-            op.add(self.hw + H["large_total_bytes"], rel_pages * PAGE)
-            op.w(sw + SL["lg_relists"], 0)
-            op.w(sw + SL["lg_relist_pages"], 0)
+            mal, total = self.hw + H["large_mallocs"], self.hw + H["large_total_bytes"]
+            op.wset((mal, total, rel_w, pages_w), (q[mal] + rel, q[total] + rel_pages * PAGE, 0, 0))
             op.log.clear()  # checkpoint
-        n = 0
-        for r in self.owned(k):
-            h = self.base(r)
-            b = self.mv[self.lay.amap_byte(h)]
-            if b == L.TAG0 + k or b == L.RFREED:
+        n, mine, start = 0, L.TAG0 + k, S["start"]
+        # A snapshot (not `disown`) leaves the pending list alone: no work per span on it.
+        for r in self.owned(k) if disown else self._list(self.head_w(k)):
+            b = mv[lay.amap_off + lay.span_index(q[lay.span_word(r) + start], 0)[0]]
+            if (b == mine or b == L.RFREED) and not disown:
                 # Still allocated (RFREED: freed by another P whose buffer is not applied yet;
-                # it stays RFREED, and the buffer frees it unowned).
-                if not disown:
-                    continue
+                # it stays RFREED, and the buffer frees it unowned), and it stays owned.
+                continue
+            h = self.base(r)
+            if b == mine or b == L.RFREED:
                 self.heap.list_remove(op, self.head_w(k), r)
                 op.w(self.lay.span_word(r) + S["owner"], 0)
                 if b != L.RFREED:
                     op.wbyte(self.lay.amap_byte(h), L.ALLOC)
             elif b == L.LISTED:
                 self._give_back(op, r, h, was_live=True, optimistic=True)
-            elif b == L.PENDING:
-                # Freed already, in the figures too: a snapshot leaves it for its owner to take
-                # back (up to 256 of them wait there: not the pause's work).
-                if not disown:
-                    continue
+            elif b == L.PENDING:  # freed already, in the figures too; on the pending list
                 self._give_back(op, r, h, was_live=False)
             else:
                 raise CorruptionError(f"large span {r} on P {k}'s list has object byte {b}")

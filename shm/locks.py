@@ -48,6 +48,7 @@ import struct
 import threading
 import time
 from array import array
+from operator import itemgetter
 
 from . import layout as L
 from .errors import CorruptionError, LockUnavailable
@@ -441,7 +442,7 @@ class Op:
         if u + size > _LOG_BYTES:
             raise CorruptionError("undo log overflow: one operation wrote more than LOG_BYTES")
         entry = [_V_ENTRY, n, *idxs, *idxs]
-        entry[3::2] = map(q.__getitem__, idxs)  # each word's old value, after its index
+        entry[3::2] = itemgetter(*idxs)(q) if n > 1 else map(q.__getitem__, idxs)  # old values
         entry[2::2] = idxs
         e = (log.base + u) >> 3
         q[e : e + 2 + 2 * n] = array("Q", entry)
@@ -477,6 +478,22 @@ class Op:
             run = bytearray((len(new) - 1) * stride + 1)
             run[::stride] = new
             self.mv[off : off + len(run)] = run
+
+    def wrun(self, off, stride, old, new):
+        """wbytes of bytes `stride` apart that nobody else writes now, nor any byte between them
+        (`old`: the bytes there now, just read): the run from the first to the last is read,
+        patched and stored whole -- one contiguous store, where a strided one moves a byte at a
+        time, up to four times slower.  The log keeps the bytes written only, as wbytes does."""
+        if old != new:
+            self.log.add_bytes(off, stride, old)
+            mv = self.mv
+            if stride > 64:
+                mv[off : off + len(new) * stride : stride] = new
+                return
+            end = off + (len(new) - 1) * stride + 1
+            run = bytearray(mv[off:end])
+            run[::stride] = new
+            mv[off:end] = run
 
     def wscatter(self, offs, values):
         """Logged write of single bytes at byte offsets `offs` (one log entry for all)."""

@@ -20,6 +20,13 @@ def arena_worker(arena_name, idx, n_ops, seed, inbox, outbox, results, progress=
     results.put(res)
 
 
+def stop_forever(ready):
+    """Tell the test we are where it wants us (`ready`), and wait there for its SIGKILL."""
+    ready.set()
+    while True:
+        signal.pause()
+
+
 def stuck_in_critical_section(arena_name, where, ready):
     """Attach, then stop forever INSIDE an operation -- locks held, undo log half full -- at
     `where` ("heap": after a large allocation's writes; "central": after a refill's collect;
@@ -38,17 +45,12 @@ def _stop_inside(p, where, ready):
     from shm.central import CentralList
     from shm.heap import PageHeap
 
-    def stop_here():
-        ready.set()
-        while True:
-            signal.pause()
-
     if where == "heap":
         real = PageHeap.alloc_span
 
         def alloc_span(self, op, *a):
             r = real(self, op, *a)
-            stop_here()
+            stop_forever(ready)
             return r
 
         PageHeap.alloc_span = alloc_span
@@ -63,7 +65,7 @@ def _stop_inside(p, where, ready):
             before = self.hget("fine_map_pages")
             real(self, op, start, npages)
             if self.hget("fine_map_pages") != before:
-                stop_here()
+                stop_forever(ready)
 
         PageHeap._reserve_fine = reserve_fine
         p.alloc(160)
@@ -77,7 +79,7 @@ def _stop_inside(p, where, ready):
 
             def madvise(self, *a):
                 self.mm.madvise(*a)
-                stop_here()
+                stop_forever(ready)
 
         p.arena.mmap = Madvise(p.arena.mmap)
         p.arena.scavenge(p.slot)
@@ -86,7 +88,7 @@ def _stop_inside(p, where, ready):
 
         def collect(self, op, c, r, k):
             got = real_collect(self, op, c, r, k)
-            stop_here()
+            stop_forever(ready)
             return got
 
         CentralList.collect = collect
@@ -224,14 +226,53 @@ def stuck_applying_frees(arena_name, ready, results, nth=1):
         if len(calls) < nth:
             return bad
         results.put((n, layout.RFREE_CAP))
-        ready.set()
-        while True:
-            signal.pause()
+        stop_forever(ready)
         return bad  # not reached
 
     CentralList.apply_frees = apply_frees
     for b in blocks:
         freer.free(b)  # the last one applies the full buffer first
+    time.sleep(60)  # not reached
+
+
+def stuck_folding_frees(arena_name, ready, results, where):
+    """Two Ps in one process: the owner allocates 100 blocks of 64 B (one span, which it caches),
+    the freer frees the first 60 (buffered, hinted RFREED in a span the owner caches).  Then both
+    are flushed in one operation, as a pause flushes them, and we stop forever INSIDE the step
+    that uncaches the owner's span and applies the freer's frees with it: after its generation
+    bytes were written (`where` "generations"), or after the whole step, before its checkpoint
+    ("step").  Puts (the freed handles, the freer's slot) on `results` first.  The test SIGKILLs
+    us there."""
+    from shm import Arena, ProcessCache
+    from shm.central import CentralList
+    from shm.locks import Op
+
+    arena = Arena.attach(arena_name)
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(64) for _ in range(100)]
+    for b in blocks[:60]:
+        freer.free(b)
+    results.put(([b.handle for b in blocks[:60]], freer.slot))
+
+    if where == "generations":
+        real_wrun = Op.wrun
+
+        def wrun(self, *args):
+            real_wrun(self, *args)
+            stop_forever(ready)
+
+        Op.wrun = wrun
+    else:
+        real_uncache = CentralList.uncache_span
+
+        def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), *args):
+            got = real_uncache(self, op, c, r, k, keep_empty, frees, *args)
+            if frees:
+                stop_forever(ready)
+            return got
+
+        CentralList.uncache_span = uncache_span
+    arena.flush_slots([owner.slot, freer.slot], keep_empty=True)
     time.sleep(60)  # not reached
 
 
@@ -250,9 +291,7 @@ def stuck_flushing_large(arena_name, ready):
 
     def give_back(self, op, *a, **kw):
         real(self, op, *a, **kw)
-        ready.set()
-        while True:
-            signal.pause()
+        stop_forever(ready)
 
     LargeObjects._give_back = give_back
     p.flush()
@@ -334,9 +373,7 @@ def stuck_scavenging(arena_name, ready):
     def insert_free(self, op, r):
         real(self, op, r)
         if self.q[self.sw(r) + L.SPAN["released"]]:
-            ready.set()
-            while True:
-                signal.pause()
+            stop_forever(ready)
 
     PageHeap._insert_free = insert_free
     arena.scavenge_step(max_pages=16, keep_pages=0)
@@ -385,9 +422,7 @@ def stuck_in_fast_free(arena_name, before, ready, results):
 
         def line(frame, event, arg):
             if event == "line" and frame.f_lineno == target:
-                ready.set()
-                while True:
-                    signal.pause()
+                stop_forever(ready)
             return line
 
         return line
@@ -406,9 +441,7 @@ def stuck_closing(arena_name, ready):
 
     def first_then_stop():
         yield slots[0]
-        ready.set()
-        while True:
-            signal.pause()
+        stop_forever(ready)
 
     arena.registry.active_slots = lambda: first_then_stop()
     world.close_for_good(arena, layout.CLOSED_FORCED)
@@ -462,9 +495,7 @@ def stuck_in_batched_write(arena_name, written, ready, results):
             for j, v in enumerate(values):
                 if j == written:
                     results.put((list(idxs), list(values)))
-                    ready.set()
-                    while True:
-                        signal.pause()
+                    stop_forever(ready)
                 yield v
 
         real(self, idxs, stored())

@@ -28,6 +28,7 @@ __all__ = [
     "metadata_bytes",
     "unreserved",
     "settle",
+    "spawn_victim",
     "assert_healthy",
     "resident",
 ]
@@ -161,6 +162,19 @@ def unreserved(arena):
         if os.fstat(fd).st_blocks != before:
             missing.append((off, n))
     return missing
+
+
+def spawn_victim(target, name, *args):
+    """Start target(name, ready, out, *args) in a spawned process (a fresh interpreter): a victim
+    that puts what the test needs on `out` and sets `ready` where it stops for the test's SIGKILL
+    (mpworkers.stop_forever).  Returns (process, ready, out)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=target, args=(name, ready, out, *args))
+    proc.start()
+    return proc, ready, out
 
 
 def settle(arena, *caches):

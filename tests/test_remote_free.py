@@ -8,7 +8,9 @@ import signal
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, metadata_bytes, pattern
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import DEADLINE, assert_healthy, metadata_bytes, pattern, spawn_victim
 
 from shm import DoubleFree, ProcessCache, cache, identities, layout, read_stats_slow
 from shm import stats as shm_stats
@@ -138,15 +140,9 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     span's frees written; with nth 2 the first span's were checkpointed, the buffer's count
     dropped below them).  The next taker of the lock rolls that span back; the reclaim applies
     the rest of the batch, so every free is applied exactly once."""
-    import multiprocessing as mp
-
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
-    ready, out = mp.get_context("spawn").Event(), mp.get_context("spawn").Queue()
-    victim = mp.get_context("spawn").Process(
-        target=mpworkers.stuck_applying_frees, args=(arena.name, ready, out, nth)
-    )
-    victim.start()
+    victim, ready, out = spawn_victim(mpworkers.stuck_applying_frees, arena.name, nth)
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     n_alloc, n_buffered = out.get(timeout=DEADLINE)
     dirty = [lid for lid in range(layout.NLOCKS) if arena.q[arena.lay.lock_word(lid)]]
@@ -166,6 +162,146 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     assert snap["heap_objects"] == n_alloc - n_buffered and snap["bad_frees"] == 0
     assert snap["frees"] == n_buffered + 1
     other.close()
+    main.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.sampled_from([1, 8, 13, 128, 512]),
+    data=st.data(),
+)
+def test_a_group_of_buffered_frees_is_judged_as_one_handle_at_a_time_would(n, data):
+    """central.freed checks a dense group in bulk: its result -- object bytes, generations,
+    frees applied -- is the one of judging each handle in turn, whatever the group holds: a
+    stale generation, a handle between two objects or past the last, one named twice, an object
+    no longer RFREED, a generation about to wrap."""
+    from shm.central import _BAD, _UNCACHED_T, freed, handle_steps
+
+    j0, stride = 4096, 8
+    states = st.sampled_from([layout.RFREED] * 4 + [layout.FREE, layout.ALLOC, layout.LISTED])
+    old = bytes(data.draw(st.lists(states, min_size=n, max_size=n)))
+    if data.draw(st.booleans()):  # every object freed by one P (but maybe one): the whole span named
+        old = bytes([layout.RFREED]) * n
+        if data.draw(st.booleans()):
+            old = old[:-1] + bytes([data.draw(states)])
+    gens = bytes(data.draw(st.lists(st.sampled_from([0, 1, 254, 255]), min_size=n, max_size=n)))
+    base, step = handle_steps(j0, stride)
+    every = [base + i * step + gens[i] for i in range(n)]
+    good = [h for h, b in zip(every, old) if b == layout.RFREED]
+    odd = st.one_of(
+        st.sampled_from(good or [base]).map(lambda h: h ^ 1),  # another generation
+        st.integers(0, n).map(lambda i: base + i * step + step // 2),  # between objects, or past
+        st.sampled_from(good or [base]),  # named twice
+        st.sampled_from(every),  # an object at its generation, in whatever state it is
+    )
+    extra = data.draw(st.lists(odd, max_size=3))
+    handles = sorted(good + extra) if data.draw(st.booleans()) else sorted(good)
+    if data.draw(st.booleans()):
+        handles = every  # the whole span named, whatever its objects' states
+    new, new_gens, changed = freed(old, gens, j0, stride, handles, _UNCACHED_T)
+    want, want_gens, done = bytearray(old), bytearray(gens), []
+    for h in handles:
+        i, gen = divmod(h - base, step)
+        if 0 <= i < n and want_gens[i] == gen and _UNCACHED_T[want[i]] != _BAD:
+            want[i] = _UNCACHED_T[want[i]]
+            want_gens[i] = (gen + 1) & layout.GEN_MASK
+            done.append(i)
+    assert bytes(new) == bytes(want) and bytes(new_gens) == bytes(want_gens)
+    assert (len(handles) if changed is None else len(changed)) == len(done)
+
+
+def _heap_state(arena):
+    """Every span record (but its freed_ns, a clock reading) and every byte from the page map to
+    the heap: the object and generation bytes included."""
+    lay, q = arena.lay, arena.q
+    high = q[lay.heap_word() + layout.HEAP["records_high"]]
+    cut = layout.SPAN["freed_ns"]
+    spans = [q[lay.span_word(r) : lay.span_word(r) + cut].tolist() for r in range(high)]
+    return spans, os.pread(arena.fd, lay.heap_off - lay.pagemap_off, lay.pagemap_off)
+
+
+def _fold_scenario(arena):
+    """An owner caching a 64 B span, two freers freeing parts of it (their frees buffered in the
+    owner's span), one of them a double free whose hint was lost and which the owner freed too."""
+    owner, a, b = ProcessCache(arena), ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(64) for _ in range(100)]
+    for i, blk in enumerate(blocks[:70]):
+        (a if i % 3 else b).free(blk)
+    victim = owner.alloc(64)
+    a.free(victim)
+    arena.mv[arena.lay.amap_byte(victim.handle)] = layout.TAG0 + owner.slot  # the hint is lost...
+    owner.free(victim)  # ...so the owner's own free goes through: LISTED
+    return owner, a, b
+
+
+def test_a_flush_applies_the_frees_buffered_in_a_span_it_uncaches_with_that_uncache(
+    make_arena, caplog, monkeypatch
+):
+    """Flushed together, the owner's span is uncached and both freers' frees in it applied in the
+    same step (apply_frees is not called); the result is the one of applying the buffers first:
+    the same object and generation bytes, span records and figures; the bad free counted once,
+    logged, and not applied."""
+    from shm.central import CentralList
+
+    calls, real = [], CentralList.apply_frees
+
+    def apply_frees(self, *args):
+        calls.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(CentralList, "apply_frees", apply_frees)
+    folded, first = make_arena(), make_arena()
+    out = {}
+    for arena in (folded, first):
+        owner, a, b = _fold_scenario(arena)
+        calls.clear()
+        if arena is first:
+            arena.apply_buffered_frees(a.slot)
+            arena.apply_buffered_frees(b.slot)
+            assert len(calls) == 2
+        with caplog.at_level("WARNING", logger="shmalloc.arena"):
+            arena.flush_slots([owner.slot, a.slot, b.slot], keep_empty=True)
+        if arena is folded:
+            assert calls == [], "the frees were applied by the uncache, not by apply_frees"
+        assert "found bad when applied" in caplog.text
+        caplog.clear()
+        out[arena] = (_heap_state(arena), read_stats_slow(arena))
+        snap = assert_healthy(arena, owner, a, b)
+        assert snap["bad_frees"] == 1 and snap["heap_objects"] == 30
+        for p in (owner, a, b):
+            p.close()
+    assert out[folded][0] == out[first][0]
+    assert shm_stats.diff(out[folded][1], out[first][1]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["generations", "step"])
+def test_sigkill_inside_an_uncache_that_applies_buffered_frees_rolls_back(make_arena, where):
+    """The flusher dies inside the step that uncaches a span and applies the frees another P
+    buffered in it (its generations written, or the whole step before its checkpoint).  The next
+    taker of the lock rolls the step back -- generations, object bytes, the buffer's count as
+    before -- and the reclaim applies every buffered free once."""
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    victim, ready, out = spawn_victim(mpworkers.stuck_folding_frees, arena.name, where)
+    handles, freer = out.get(timeout=DEADLINE)
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    gens = [arena.mv[arena.lay.gmap_byte(h)] for h in handles]
+    assert gens == [(h + 1) & layout.GEN_MASK for h in handles]  # half done: generations moved on
+    rfree_n = arena.lay.slot_word(freer) + SL["rfree_n"]
+    assert arena.q[rfree_n] == (len(handles) if where == "generations" else 0)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(DEADLINE)
+    repairs = arena.repairs
+    b = main.alloc(64)  # takes central[64 B], which the victim died holding
+    assert arena.repairs == repairs + 1
+    assert [arena.mv[arena.lay.gmap_byte(h)] for h in handles] == [h & layout.GEN_MASK for h in handles]
+    assert {arena.mv[arena.lay.amap_byte(h)] for h in handles} == {layout.RFREED}
+    assert arena.q[rfree_n] == len(handles)
+    main.free(b)
+    snap = assert_healthy(arena, main)  # reclaims the victim's Ps: the buffer applied now, once
+    assert snap["heap_objects"] == 100 - len(handles) and snap["bad_frees"] == 0
+    assert snap["frees"] == len(handles) + 1
     main.close()
 
 
