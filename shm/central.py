@@ -159,6 +159,11 @@ def freed(old, gens, j0, stride, handles, table):
     return bytes(new), bytes(gens), changed
 
 
+EMPTY_KEEP = 4  # spans a batch of remote frees empties that wait for the next refill of their
+# class, at most per class (a producer -> consumer pipeline takes them back at once; more would
+# only wait for the daemon's tick, which gives them all back in one operation)
+
+
 class CentralList:
     """The central lists of every size class of one attached arena."""
 
@@ -206,6 +211,9 @@ class CentralList:
             self.heap.free_span(op, r)
         else:
             which = L.LIST_FULL if alloc_count == nelems else L.LIST_PARTIAL
+            if alloc_count == 0:  # an empty span waits: counted (nempty)
+                ew = self.cw(c) + C["nempty"]
+                idxs, values = [*idxs, ew], [*values, self.q[ew] + 1]
             self.heap.list_push(op, self.head_w(c, which), r, which, idxs, values)
 
     # --- a P takes and gives back spans -------------------------------------------------------
@@ -223,8 +231,11 @@ class CentralList:
         head = q[self.head_w(c, L.LIST_PARTIAL)]
         if head:
             r = head - 1
-            self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r)
-            op.add(self.cw(c) + C["live"], -q[self.lay.span_word(r) + S["alloc_count"]])
+            cnt, cw = q[self.lay.span_word(r) + S["alloc_count"]], self.cw(c)
+            live, empty = cw + C["live"], cw + C["nempty"]
+            self.heap.list_remove(
+                op, self.head_w(c, L.LIST_PARTIAL), r, [live, empty], [q[live] - cnt, q[empty] - (cnt == 0)]
+            )
         else:
             r = self.grow(op, c)
         w = self.lay.span_word(r)
@@ -324,7 +335,8 @@ class CentralList:
             w = self.lay.span_word(r)
             nxt = q[w + S["next"]] - 1
             if q[w + S["alloc_count"]] == 0:
-                self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r)
+                ew = self.cw(c) + C["nempty"]
+                self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r, [ew], [q[ew] - 1])
                 self._place(op, c, r, 0, q[w + S["nelems"]])
                 op.log.clear()  # checkpoint: each span freed is a consistent state
                 n += 1
@@ -376,10 +388,12 @@ class CentralList:
             cnt, cw = q[w + _ALLOC_COUNT], self.cw(c)
             idxs, values = [w + _ALLOC_COUNT, cw + _LIVE], [cnt - nfreed, q[cw + _LIVE] - nfreed]
             self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
-            # Emptied, it waits on the partial list: in a producer -> consumer pipeline the
-            # producer takes it again at its next refill, with no page-heap operation on either
-            # side.  The daemon gives it back each second if nobody did (Arena.free_empty_spans).
-            self._place(op, c, r, cnt - nfreed, n, True, idxs, values)
+            # Emptied, it waits on the partial list -- EMPTY_KEEP of them at most: in a producer
+            # -> consumer pipeline the producer takes it again at its next refill, with no
+            # page-heap operation on either side.  The daemon gives back the ones nobody took
+            # each second (Arena.free_empty_spans); the others go back to the heap now.
+            keep = q[cw + C["nempty"]] < EMPTY_KEEP
+            self._place(op, c, r, cnt - nfreed, n, keep, idxs, values)
         return len(handles) - nfreed
 
     def free_object(self, op, c, r, h, k):
@@ -467,7 +481,7 @@ class CentralList:
                     if q[w + S["prev"]] != prev + 1:
                         bad.append(f"class {c} {name} list: span {r} prev link broken")
                     prev, r = r, q[w + S["next"]] - 1
-            live = nspans = ncached = 0
+            live = nspans = ncached = nempty = 0
             for rec in records:
                 if rec["state"] != L.SPAN_INUSE or rec["sizeclass"] != c:
                     continue
@@ -503,6 +517,7 @@ class CentralList:
                 else:
                     allowed = {L.FREE, L.ALLOC, L.RFREED}
                     live += rec["alloc_count"]
+                    nempty += rec["alloc_count"] == 0
                     if alloc + rfreed != rec["alloc_count"]:  # a buffered free is live until applied
                         bad.append(
                             f"span {r} (class {c}): alloc_count {rec['alloc_count']} != allocated objects "
@@ -524,6 +539,10 @@ class CentralList:
                 )
             if nspans != q[cw + C["nspans"]]:
                 bad.append(f"class {c}: central nspans {q[cw + C['nspans']]} != in-use spans {nspans}")
+            if nempty != q[cw + C["nempty"]]:
+                bad.append(
+                    f"class {c}: central nempty {q[cw + C['nempty']]} != empty uncached spans {nempty}"
+                )
             if ncached != q[cw + C["ncached"]]:
                 bad.append(f"class {c}: central ncached {q[cw + C['ncached']]} != cached spans {ncached}")
         for r, (k, c) in owner_of.items():

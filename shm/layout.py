@@ -104,7 +104,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 13
+VERSION = 14
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -276,6 +276,9 @@ CENTRAL = _words(
     #   == INUSE spans of class c with owner != 0
     "bad_frees",  # buffered cross-process frees found bad only when applied (a double free
     #   split across processes); counted, logged, never applied; cumulative
+    "nempty",  # uncached spans of this class with no object allocated, waiting on the partial
+    #   list for the next refill (a batch of remote frees emptied them, or a flush kept them)
+    #   == the uncached INUSE spans of class c with alloc_count 0
 )
 CENTRAL_WORDS = 8
 
