@@ -65,6 +65,9 @@ LARGE_CACHE_SPANS = 8  # freed large spans a P keeps, at most: each is charged a
 # budget below, because a snapshot gives every one of them back to the page heap during its pause
 LARGE_CACHE_MAX = 256 << 20  # bytes of freed large spans a P keeps for reuse, at most (and at most
 # a quarter of the heap); a free past it goes back to the page heap
+LARGE_RFREE_BATCH = 8  # frees of another P's large blocks a P buffers, at most, before it applies
+# its buffer: a consumer that frees 4 MiB blocks would otherwise hold a gigabyte back from their
+# producer (who then grows the heap for more) until 256 of them are buffered
 LARGE_PENDING_SPANS = L.RFREE_CAP  # large spans other Ps freed that a P leaves waiting for its next
 # large allocations, at most (and at most LARGE_CACHE_MAX bytes): one remote-free buffer's worth
 
@@ -155,7 +158,8 @@ class ProcessCache:
         self._cpclass = bytearray(lay.heap_pages)
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
         self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
-        self._lcached = [0]  # pages charged for the large spans in _lcache (_charge)
+        self._lcached = [0]
+        self._rlarge = 0  # frees of large blocks in our remote-free buffer, about (slow path)  # pages charged for the large spans in _lcache (_charge)
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lmin = self._lcap // LARGE_CACHE_SPANS  # the least a cached span is charged
         self._lock = threading.Lock()
@@ -202,6 +206,7 @@ class ProcessCache:
         LARGE, COARSE, PSHIFT, PMASK = _LARGE, _COARSE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
         GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, L.FINE_PAGE_SHIFT
         C0, CPS = self.arena.lay.handle_c0, L.COARSE_PAGE_SHIFT
+        CPM, SW, SC = (1 << CPS) - 1, L.SPAN_WORDS, S["sizeclass"]
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
@@ -313,6 +318,14 @@ class ProcessCache:
                         elif free_coarse(h, i, g):
                             return
                     elif (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
+                        # A large block starts a page of the maps' coarse part: its free takes
+                        # the slow path, which bounds how many such frees wait (LARGE_RFREE_BATCH).
+                        if (
+                            i >= C0
+                            and not (i - C0) & CPM
+                            and q[sw0 + (q[pm + ((i - C0) >> CPS)] - 1) * SW + SC] == 0
+                        ):
+                            return slow_free(h)
                         ins = inside
                         ins[0] = 1
                         try:
@@ -532,11 +545,26 @@ class ProcessCache:
             if self._rfree_n[0] >= L.RFREE_CAP:
                 self.arena.apply_buffered_frees(self.slot)
             n = self._rfree_n[0]
+            if n < self._rlarge:  # applied meanwhile (a flush): count afresh
+                self._rlarge = 0
             self._rbuf[n] = h
             self._rfree_n[0] = n + 1
             self._amap[i] = L.RFREED
+            if self._is_large(i):
+                self._rlarge += 1
+                if self._rlarge >= LARGE_RFREE_BATCH:
+                    self.arena.apply_buffered_frees(self.slot)
+                    self._rlarge = 0
             return
         self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
+
+    def _is_large(self, i):
+        """Does index i (handle >> GEN_BITS, checked) start a large block (of any P)?"""
+        lay = self.arena.lay
+        if i < lay.handle_c0 or (i - lay.handle_c0) & ((1 << L.COARSE_PAGE_SHIFT) - 1):
+            return False
+        r = self.arena.heap.span_of_page(lay.index_page(i - L.HANDLE_G0))
+        return r >= 0 and self.arena.q[lay.span_word(r) + S["sizeclass"]] == 0
 
     def _class_of(self, i):
         """The class of the span we cache that holds index i (handle >> GEN_BITS), or _LARGE."""

@@ -379,3 +379,26 @@ def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
     producer.close()
     consumer.close()
+
+
+def test_frees_of_another_ps_large_blocks_wait_in_batches_of_a_few(arena):
+    """A P buffers at most LARGE_RFREE_BATCH frees of other Ps' large blocks before it applies
+    its buffer: the owner gets its pages back a few at a time, not once 256 frees have waited
+    (a gigabyte of 4 MiB blocks).  Small blocks freed alongside wait as before."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    n = 2 * cache.LARGE_RFREE_BATCH + 3
+    large = [owner.alloc(100_000) for _ in range(n)]
+    small = [owner.alloc(4096) for _ in range(40)]  # every other one starts a page: not large
+    sw, ow = arena.lay.slot_word(freer.slot), arena.lay.slot_word(owner.slot)
+    for b in small:
+        freer.free(b.handle)
+    assert arena.q[sw + SL["rfree_n"]] == len(small)
+    for j, b in enumerate(large, 1):
+        freer.free(b.handle)
+        applied = j // cache.LARGE_RFREE_BATCH * cache.LARGE_RFREE_BATCH
+        assert arena.q[ow + SL["lg_pending"]] == applied, j
+    assert arena.q[sw + SL["rfree_n"]] == n - applied  # the small ones went with the first batch
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
