@@ -475,14 +475,27 @@ class ProcessCache:
         npg = (size + L.PAGE_SIZE - 1) >> L.PAGE_SHIFT
         lst = self._lcache.get(npg)
         if not lst and arena.q[self._sw + SL["lg_pending"]]:
-            # Other Ps freed some of our large blocks: take them back into the large cache.
-            room = self._lcap - self._lcached[0]
+            # Other Ps freed some of our large blocks: take them back into the large cache --
+            # making room in it first if blocks of other sizes fill it (the P moved on to
+            # another size: they would keep out the ones it wants now until a flush).
+            charge = max(npg, self._lmin)
+            stale = []
+            if self._lcap - self._lcached[0] < charge:
+                stale = [(n, h) for n, hs in self._lcache.items() if n != npg for h in hs]
+            room = self._lcap - self._lcached[0] + sum(max(n, self._lmin) for n, _ in stale)
 
             def collect(op):
                 op.acquire(L.LOCK_HEAP)
-                return arena.large.collect_pending(op, k, room, self._lmin, self._lcap, LARGE_PENDING_SPANS)
+                arena.large.give_back_listed(op, k, [h for _, h in stale])
+                return arena.large.collect_pending(
+                    op, k, room, self._lmin, self._lcap, LARGE_PENDING_SPANS, npg
+                )
 
             kept, gone = arena.run(k, collect)
+            for n, g in stale:
+                self._lcache[n].remove(g)
+                self._lnp.pop(g >> L.GEN_BITS, None)
+                self._lcached[0] -= max(n, self._lmin)
             for g in gone:
                 self._lnp.pop(g >> L.GEN_BITS, None)
             for g, n in kept:

@@ -157,9 +157,26 @@ class LargeObjects:
             return False
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
-    def collect_pending(self, op, k, room=0, least=0, keep_pages=0, keep_spans=0):
-        """P k takes back the spans other Ps freed (PENDING), newest first: as many as `room`
-        pages allow (each charged at least `least`) become LISTED, for its large cache (counted
+    def give_back_listed(self, op, k, handles):
+        """Give back to the heap the spans of `handles`, LISTED in P k's large cache (the P
+        makes room in it for blocks of another size).  Checkpoints after each span."""
+        op.need(L.LOCK_HEAP, "LargeObjects.give_back_listed")
+        lay = self.lay
+        for h in handles:
+            r = self.heap.span_of_page(lay.handle_page(h))
+            if (
+                r < 0
+                or self.q[lay.span_word(r) + S["owner"]] != k + 1
+                or self.base(r) != h
+                or self.mv[lay.amap_byte(h)] != L.LISTED
+            ):
+                raise CorruptionError(f"large block {h} is not in P {k}'s large cache")
+            self._give_back(op, r, h, was_live=True, optimistic=True)
+            op.log.clear()  # checkpoint
+
+    def collect_pending(self, op, k, room=0, least=0, keep_pages=0, keep_spans=0, want=0):
+        """P k takes back the spans other Ps freed (PENDING), those of `want` pages first, newest
+        first: as many as `room` pages allow (each charged at least `least`) become LISTED, for its large cache (counted
         live again, and as a malloc to come, as a local free counts them).  Of the rest, up to
         `keep_spans` spans and `keep_pages` pages stay PENDING for its next large slow paths; the
         others go back to the heap, the oldest first.  Returns ([(handle, pages) relisted],
@@ -171,12 +188,14 @@ class LargeObjects:
         sw = self.lay.slot_word(k)
         if not q[sw + SL["lg_pending"]]:
             return kept, gone
-        hw = self.hw
-        for r in self.pending(k):
-            npages = q[self.lay.span_word(r) + S["npages"]]
+        hw, pending = self.hw, self.pending(k)
+        size = {r: q[self.lay.span_word(r) + S["npages"]] for r in pending}
+        # Spans of the size the P wants first, newest first; then the others.
+        for r in [r for r in pending if size[r] == want] + [r for r in pending if size[r] != want]:
+            npages = size[r]
             charge = max(npages, least)
             if charge > room:
-                break
+                continue
             room -= charge
             h = self.base(r)
             if self.mv[self.lay.amap_byte(h)] != L.PENDING:

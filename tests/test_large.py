@@ -218,3 +218,30 @@ def test_the_large_cache_keeps_at_most_eight_spans(make_arena):
     snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0 and snap["large_frees"] == 20
     p.close()
+
+
+def test_a_cache_full_of_another_size_makes_room_for_the_size_taken_back(arena):
+    """A P whose large cache is full of spans of one size, and which now wants another, gives
+    the stale ones back to the heap when it takes back the spans of the new size that another
+    P freed -- it would otherwise allocate every one from the page heap until a flush."""
+    from shm import cache
+
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    old = [owner.alloc(100_000) for _ in range(cache.LARGE_CACHE_SPANS)]
+    for b in old:
+        owner.free(b)  # LISTED: the cache is full
+    assert sum(len(v) for v in owner._lcache.values()) == cache.LARGE_CACHE_SPANS
+    new = owner.alloc(300_000)
+    freer.free(new.handle)
+    freer.flush()  # applied: PENDING for its owner
+    again = owner.alloc(300_000)  # takes it back, making room
+    assert again.handle == layout.next_handle(new.handle), "the span another P freed, reused"
+    pages = -(-300_000 // layout.PAGE_SIZE)
+    assert not any(owner._lcache.get(n) for n in owner._lcache if n != pages), owner._lcache
+    again.buf[:] = pattern(again.handle, again.size)
+    assert bytes(again.buf) == pattern(again.handle, again.size)
+    owner.free(again)
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
