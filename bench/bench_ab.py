@@ -1,6 +1,7 @@
-"""A/B of the fast path of two source trees, in ONE process: the 64 B alloc+free pair.
+"""A/B of the fast path of two source trees, in ONE process: the 64 B alloc+free pair (or
+--size bytes: 4096 for a class whose blocks are multiples of 128 bytes, 1048576 for a large one).
 
-    python bench/bench_ab.py A_TREE B_TREE [--rounds 40] [--n 20000] [--high]
+    python bench/bench_ab.py A_TREE B_TREE [--rounds 40] [--n 20000] [--high] [--size 64]
 
 Each tree's `shm` package is imported under a name of its own (shm_a, shm_b: shm imports only
 itself, relatively), each makes an arena (256 MiB heap, as bench_alloc.py's) and a
@@ -30,15 +31,15 @@ def load(name, tree):
     return mod
 
 
-def pairs(p, n, by_handle):
+def pairs(p, n, by_handle, size=64):
     alloc, free = p.alloc, p.free
     t = time.perf_counter_ns()
     if by_handle:
         for _ in range(n):
-            free(alloc(64)[0])
+            free(alloc(size)[0])
     else:
         for _ in range(n):
-            free(alloc(64))
+            free(alloc(size))
     return (time.perf_counter_ns() - t) / n
 
 
@@ -49,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--high", action="store_true")
+    ap.add_argument("--size", type=int, default=64, help="bytes a block (default 64)")
     args = ap.parse_args(argv)
     sides = {}
     for key, tree in (("a", args.a_tree), ("b", args.b_tree)):
@@ -56,7 +58,7 @@ def main(argv=None):
         arena = shm.Arena.create(f"shmalloc-ab-{uuid.uuid4().hex[:8]}", 256 << 20, 4)
         p = shm.ProcessCache(arena)
         pad = p.alloc(40 << 20) if args.high else None
-        pairs(p, args.n // 4, False)  # warm-up: the closures specialize
+        pairs(p, args.n // 4, False, args.size)  # warm-up: the closures specialize
         sides[key] = (arena, p, pad)
     try:
         times = {(k, by): [] for k in sides for by in (False, True)}
@@ -64,9 +66,9 @@ def main(argv=None):
             order = ["a", "b"] if r % 2 == 0 else ["b", "a"]
             for by in (False, True):
                 for k in order:
-                    times[k, by].append(pairs(sides[k][1], args.n, by))
+                    times[k, by].append(pairs(sides[k][1], args.n, by, args.size))
         print(
-            f"A = {args.a_tree}\nB = {args.b_tree}\n64 B pairs, {args.rounds} rounds of {args.n}, ns per pair"
+            f"A = {args.a_tree}\nB = {args.b_tree}\n{args.size} B pairs, {args.rounds} rounds of {args.n}, ns per pair"
         )
         for by, label in ((False, "free(block)"), (True, "free(handle)")):
             a, b = times["a", by], times["b", by]
