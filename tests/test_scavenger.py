@@ -318,10 +318,9 @@ def wait_for(what, cond, seconds):
 
 @pytest.mark.slow
 def test_memory_comes_back_by_itself_within_10_s(start_daemon):
-    # The fixed regions are sized by --slots (a 64 KiB undo log each: 4.6 MB for the default 64),
-    # not by the heap; at this test's 48 MB fill they would be what is measured, so 8 slots.
-    # The default --retain: 5% of the peak.
-    d = start_daemon(extra=("--slots", "8"))
+    # The daemon's defaults: 64 slots (reserved as workers claim them, not at creation) and the
+    # default --retain, 5% of the peak.
+    d = start_daemon()
     peak = fill_then_free(d, 2, 24 * MIB)
     t0 = time.monotonic()
     now = {}
