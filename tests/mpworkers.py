@@ -298,7 +298,7 @@ def stuck_flushing_large(arena_name, ready):
     time.sleep(60)  # not reached
 
 
-def stuck_in_pending_list(arena_name, where, handles, ready):
+def stuck_in_pending_list(arena_name, ready, handles, where):
     """Stop forever in the middle of a step that moves a large span between a P's lists, after
     the span left one list and before it is on the other.  `where`: "free" -- free the large
     blocks whose handles come on `handles` (another P's) and apply them: stuck marking one
@@ -315,9 +315,7 @@ def stuck_in_pending_list(arena_name, where, handles, ready):
 
     def list_push(self, op, head_w, r, t, *a, **kw):
         if t == tag:
-            ready.set()
-            while True:
-                signal.pause()
+            stop_forever(ready)
         return real(self, op, head_w, r, t, *a, **kw)
 
     if where == "free":
@@ -332,7 +330,6 @@ def stuck_in_pending_list(arena_name, where, handles, ready):
             time.sleep(0.001)
         PageHeap.list_push = list_push
         p.alloc(100_000)
-    time.sleep(60)  # not reached
 
 
 def fill_and_free(endpoint, seed, nbytes, filled, go, results):

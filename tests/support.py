@@ -177,6 +177,18 @@ def spawn_victim(target, name, *args):
     return proc, ready, out
 
 
+def kill_and_repair(arena, victim, take):
+    """SIGKILL `victim`, stopped inside an operation with a lock held dirty, and reap it; then
+    run `take` -- a call that takes the lock it died in -- and check that exactly one repair
+    rolled the dead operation back.  Returns what `take` returned."""
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(DEADLINE)
+    repairs = arena.repairs
+    out = take()
+    assert arena.repairs == repairs + 1, "the dead operation was not rolled back"
+    return out
+
+
 def settle(arena, *caches):
     """Flush the given caches (we are their only thread) and read the figures."""
     return arena.update_stats(stopped=[c.slot for c in caches])

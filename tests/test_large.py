@@ -3,12 +3,10 @@ when it frees it (a pair of any size takes no lock), given back by a flush, free
 through PENDING; the cache's bound; a process killed while its large cache is flushed."""
 
 import multiprocessing as mp
-import os
-import signal
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, metadata_bytes, pattern
+from support import DEADLINE, assert_healthy, kill_and_repair, metadata_bytes, pattern, spawn_victim
 
 from shm import BadHandle, DoubleFree, ProcessCache, layout
 
@@ -119,11 +117,7 @@ def test_sigkill_while_flushing_the_large_cache_is_rolled_back(make_arena):
     victim.start()
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     assert arena.q[arena.lay.lock_word(layout.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    repairs = arena.repairs
-    b = main.alloc(100_000)  # takes the heap lock the victim died in
-    assert arena.repairs == repairs + 1
+    b = kill_and_repair(arena, victim, lambda: main.alloc(100_000))  # takes the heap lock
     main.free(b)
     snap = assert_healthy(arena, main)  # the victim reclaimed: its cache flushed, once
     # It kept one of its three large blocks allocated; the two it freed are free again, counted
@@ -139,10 +133,7 @@ def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(
     of either move leaves nothing half done."""
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
-    ctx = mp.get_context("spawn")
-    ready, handles = ctx.Event(), ctx.Queue()
-    victim = ctx.Process(target=mpworkers.stuck_in_pending_list, args=(arena.name, where, handles, ready))
-    victim.start()
+    victim, ready, handles = spawn_victim(mpworkers.stuck_in_pending_list, arena.name, where)
     if where == "free":
         blocks = [main.alloc(100_000) for _ in range(3)]
         for b in blocks:
@@ -156,11 +147,7 @@ def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(
         main.flush()  # applied: PENDING for the victim
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     assert arena.q[arena.lay.lock_word(layout.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    repairs = arena.repairs
-    b = main.alloc(200_000)  # takes the heap lock the victim died in
-    assert arena.repairs == repairs + 1
+    b = kill_and_repair(arena, victim, lambda: main.alloc(200_000))  # takes the heap lock
     main.free(b)
     snap = assert_healthy(arena, main)  # the victim reclaimed: its buffer applied once
     if where == "free":

@@ -9,7 +9,7 @@ import signal
 
 import mpworkers
 import pytest
-from support import pattern
+from support import kill_and_repair, pattern
 
 from shm import ProcessCache, identities, stats
 
@@ -140,13 +140,11 @@ def test_sigkill_inside_a_critical_section_is_rolled_back(make_arena, where):
     fine_pages = arena.heap.hget("fine_map_pages")
     dirty = [lid for lid in range(L.NLOCKS) if arena.q[arena.lay.lock_word(lid)]]
     assert dirty, "the victim should hold a dirty lock"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    repairs = arena.repairs
     # Take the same lock the victim died in: a large alloc needs the heap lock, a fresh 64 B
     # refill of another P needs central[64 B].
-    b = ProcessCache(arena).alloc(64) if where == "central" else main.alloc(100_000)
-    assert arena.repairs == repairs + 1, "the dead operation was not rolled back"
+    b = kill_and_repair(
+        arena, victim, lambda: ProcessCache(arena).alloc(64) if where == "central" else main.alloc(100_000)
+    )
     assert all(arena.q[arena.lay.lock_word(lid)] == 0 for lid in dirty)
     if where == "fine":  # the flags it set are cleared again; blocks of the class work
         assert arena.heap.hget("fine_map_pages") < fine_pages

@@ -4,13 +4,12 @@ each lock, flushed by every snapshot first; bad frees found late are counted and
 twice; a process killed while applying its batch is rolled back and the batch applied once."""
 
 import os
-import signal
 
 import mpworkers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import DEADLINE, assert_healthy, metadata_bytes, pattern, spawn_victim
+from support import DEADLINE, assert_healthy, kill_and_repair, metadata_bytes, pattern, spawn_victim
 
 from shm import DoubleFree, ProcessCache, cache, identities, layout, read_stats_slow
 from shm import stats as shm_stats
@@ -151,12 +150,8 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     left = max(arena.q[arena.lay.slot_word(k) + layout.SLOT["rfree_n"]] for k in mine)
     # The first span's frees checkpointed: the count no longer holds them (nth 1: nothing yet).
     assert (left == n_buffered) if nth == 1 else (0 < left < n_buffered)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    repairs = arena.repairs
     other = ProcessCache(arena)
-    b = other.alloc(64)  # takes central[64 B], which the victim died holding
-    assert arena.repairs == repairs + 1
+    b = kill_and_repair(arena, victim, lambda: other.alloc(64))  # takes central[64 B]
     other.free(b)
     snap = assert_healthy(arena, main, other)  # reclaims the victim: its batch applied now, once
     assert snap["heap_objects"] == n_alloc - n_buffered and snap["bad_frees"] == 0
@@ -290,11 +285,7 @@ def test_sigkill_inside_an_uncache_that_applies_buffered_frees_rolls_back(make_a
     assert gens == [(h + 1) & layout.GEN_MASK for h in handles]  # half done: generations moved on
     rfree_n = arena.lay.slot_word(freer) + SL["rfree_n"]
     assert arena.q[rfree_n] == (len(handles) if where == "generations" else 0)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    repairs = arena.repairs
-    b = main.alloc(64)  # takes central[64 B], which the victim died holding
-    assert arena.repairs == repairs + 1
+    b = kill_and_repair(arena, victim, lambda: main.alloc(64))  # takes central[64 B]
     assert [arena.mv[arena.lay.gmap_byte(h)] for h in handles] == [h & layout.GEN_MASK for h in handles]
     assert {arena.mv[arena.lay.amap_byte(h)] for h in handles} == {layout.RFREED}
     assert arena.q[rfree_n] == len(handles)

@@ -5,11 +5,10 @@ never read."""
 
 import errno
 import os
-import signal
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, metadata_bytes, pattern, unreserved
+from support import DEADLINE, assert_healthy, kill_and_repair, metadata_bytes, pattern, unreserved
 
 from shm import OutOfMemory, ProcessCache
 from shm import layout as L
@@ -220,11 +219,8 @@ def test_sigkill_inside_a_claim_leaves_a_consistent_arena(make_arena, where):
     assert arena.q[arena.lay.lock_word(L.LOCK_REGISTRY)] == arena.registry_actor + 1
     high = arena.q[L.HDR["slots_high"]]
     assert high == (0 if where == "reserved" else 1)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    repairs = arena.repairs
-    p = ProcessCache(arena)
-    assert arena.repairs == repairs + 1 and p.slot == 0
+    p = kill_and_repair(arena, victim, lambda: ProcessCache(arena))  # a claim: the registry lock
+    assert p.slot == 0
     assert list(arena.registry.claimed()) == [0] and arena.registry.active_slots() == [0]
     b = p.alloc(3000)
     b.buf[:] = pattern(b.handle, b.size)

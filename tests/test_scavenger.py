@@ -11,7 +11,7 @@ import time
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, pattern, resident
+from support import DEADLINE, assert_healthy, kill_and_repair, pattern, resident
 from test_daemon import finish_workers, observe, run_cli, start_workers
 
 import client
@@ -264,11 +264,7 @@ def test_sigkill_inside_a_scavenger_step_is_rolled_back(make_arena):
     victim.start()
     assert ready.wait(DEADLINE), "victim never reached its step"
     assert arena.q[arena.lay.lock_word(L.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    repairs = arena.repairs
-    b = main.alloc(2 * MIB)  # takes the heap lock the victim died in
-    assert arena.repairs == repairs + 1, "the dead step was not rolled back"
+    b = kill_and_repair(arena, victim, lambda: main.alloc(2 * MIB))  # takes the heap lock
     assert heap_word(arena, "released_pages") == 0, "its half-done release was undone"
     b.buf[:] = pattern(b.handle, b.size)
     assert bytes(b.buf) == pattern(b.handle, b.size)
