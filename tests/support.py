@@ -3,6 +3,7 @@ daemon as the README starts it, a byte image of an arena's metadata.  The fixtur
 are in conftest.py.  tests/ is on sys.path through pyproject's [tool.pytest.ini_options]
 pythonpath, so `spawn` children import this module and mpworkers.py by name too."""
 
+import errno
 import os
 import shutil
 import signal
@@ -175,6 +176,20 @@ def spawn_victim(target, name, *args):
     proc = ctx.Process(target=target, args=(name, ready, out, *args))
     proc.start()
     return proc, ready, out
+
+
+def full_after(monkeypatch, n):
+    """posix_fallocate works `n` more times, then /dev/shm is full (ENOSPC).  Returns the calls."""
+    real, calls = os.posix_fallocate, []
+
+    def fallocate(fd, off, size):
+        calls.append((off, size))
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, off, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    return calls
 
 
 def kill_and_repair(arena, victim, take):

@@ -209,6 +209,20 @@ def test_check_names_a_buffered_free_whose_generation_moved(arena):
     freer.close()
 
 
+def refused_then_freed(arena, p, first, again, blocks):
+    """The stale handle `first` is refused by free and view, the block `again` now at its
+    address keeps its pattern, and every block of `blocks` frees; then P p closes."""
+    again.buf[:] = pattern(again.handle, again.size)
+    for call in (p.free, p.view):
+        with pytest.raises(BadHandle):
+            call(first.handle)
+    assert bytes(again.buf) == pattern(again.handle, again.size)
+    for b in blocks:
+        p.free(b)
+    assert assert_healthy(arena, p)["heap_objects"] == 0
+    p.close()
+
+
 @pytest.mark.parametrize("size", [64, 100_000])
 def test_a_handle_from_before_a_release_never_matches_after_it(arena, size):
     """The generation map is given back with the pages it describes (it reads zero then), and a
@@ -224,16 +238,7 @@ def test_a_handle_from_before_a_release_never_matches_after_it(arena, size):
     blocks = [p.alloc(size) for _ in range(2 * arena.lay.heap_max // max(size, 8192) // 4)]
     again = next(b for b in blocks if b.handle >> layout.GEN_BITS == first.handle >> layout.GEN_BITS)
     assert again.handle != first.handle and again.handle & layout.GEN_MASK != 0
-    again.buf[:] = pattern(again.handle, again.size)
-    for call in (p.free, p.view):
-        with pytest.raises(BadHandle):
-            call(first.handle)
-    assert bytes(again.buf) == pattern(again.handle, again.size)
-    for b in blocks:
-        p.free(b)
-    snap = assert_healthy(arena, p)
-    assert snap["heap_objects"] == 0
-    p.close()
+    refused_then_freed(arena, p, first, again, blocks)
 
 
 # --- the maps' two parts (shm/layout.py) -------------------------------------------------------
@@ -348,12 +353,4 @@ def test_a_fine_handle_from_before_its_fine_map_page_was_given_back(arena, monke
         p.free(first.handle)  # ... and frees the new block
         return
     assert again.handle != first.handle
-    again.buf[:] = pattern(again.handle, again.size)
-    for call in (p.free, p.view):
-        with pytest.raises(BadHandle):
-            call(first.handle)
-    assert bytes(again.buf) == pattern(again.handle, again.size)
-    for b in blocks:
-        p.free(b)
-    assert assert_healthy(arena, p)["heap_objects"] == 0
-    p.close()
+    refused_then_freed(arena, p, first, again, blocks)

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from support import assert_healthy, metadata_bytes, pattern, settle, unreserved
+from support import assert_healthy, full_after, metadata_bytes, pattern, settle, unreserved
 
 from shm import OutOfMemory, ProcessCache
 
@@ -70,15 +70,7 @@ def test_a_commit_that_fails_part_way_changes_nothing(arena, monkeypatch, fail_a
     p = ProcessCache(arena)
     keep = p.alloc(64)
     before = metadata_bytes(arena)
-    real, calls = os.posix_fallocate, []
-
-    def full_at(fd, off, n):
-        calls.append((off, n))
-        if len(calls) > fail_at:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, off, n)
-
-    monkeypatch.setattr(os, "posix_fallocate", full_at)
+    full_after(monkeypatch, fail_at)
     with pytest.raises(OutOfMemory, match="/dev/shm is full"):
         p.alloc(5 << 20)
     assert metadata_bytes(arena) == before

@@ -3,12 +3,11 @@ it is touched"): span records as spans come into use, a worker's P slot at its f
 reservation that fails is an OutOfMemory with the arena unchanged; a slot never claimed is
 never read."""
 
-import errno
 import os
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, kill_and_repair, metadata_bytes, pattern, unreserved
+from support import DEADLINE, assert_healthy, full_after, kill_and_repair, metadata_bytes, pattern, unreserved
 
 from shm import OutOfMemory, ProcessCache
 from shm import layout as L
@@ -26,20 +25,6 @@ def reserved_bytes(arena, off, n):
         os.posix_fallocate(fd, p, page)
         held += page * (os.fstat(fd).st_blocks == before)
     return held
-
-
-def full_after(monkeypatch, n):
-    """posix_fallocate works `n` more times, then /dev/shm is full (ENOSPC).  Returns the calls."""
-    real, calls = os.posix_fallocate, []
-
-    def fallocate(fd, off, size):
-        calls.append((off, size))
-        if len(calls) > n:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, off, size)
-
-    monkeypatch.setattr(os, "posix_fallocate", fallocate)
-    return calls
 
 
 def test_a_heap_of_few_spans_reserves_few_record_pages(make_arena):
