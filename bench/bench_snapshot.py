@@ -6,6 +6,7 @@ it meets a snapshot.
                                    [--snapshots 100] [--rate 20] [--latency-seconds 20]
                                    [--cooperative | --compare] [--quick]
                                    [--sizes 16,64,200,1000,5000,40000] [--live 8] [--daemon-nice 0]
+                                   [--no-ragged-flush]
 
 A private daemon (`--max-heap 512M`, its own temp dir, endpoint and arena name) and a pool of
 worker processes (multiprocessing, spawn), started once per stop protocol.  For each cell
@@ -31,7 +32,9 @@ Behaviours (what each worker does between and around its allocator calls):
   spin     (not in the default list) connected, never calls the allocator, pure Python nonstop
 
 Per cell: median, p99 and max of the daemon's `pause_ns` (from the stop request to the moment the
-stop words clear), the medians of its parts `park_ns` (until every P was stopped; each P's cache
+stop words clear), the p99 of `ragged_stop_max_ns` (the longest any one P was stopped alone in
+the ragged round before the pause, its own flush included: what a P pays besides the pause;
+--no-ragged-flush starts the daemon without that round), the medians of its parts `park_ns` (until every P was stopped; each P's cache
 is flushed as soon as it is, so this includes the earlier flushes) and `flush_ns`, how many
 snapshots ran, how many came back `consistent: false`, and the workers' allocations per second.
 Every snapshot's `stop_protocol` is checked against the protocol asked for.  With 100 snapshots a
@@ -40,7 +43,8 @@ Snapshots slower than --slow-ms (default 1 ms) are listed afterwards with the st
 in them ("stopped": stopped from the daemon's side, outside any call; "parked": the P parked
 itself at its next call, having been caught inside one or stopped cooperatively; "late": did not
 stop before the deadline) and when each stopped, by the daemon's clock.  A second table says, per
-cell, the states the Ps were stopped in, the spans flushed per P, when the last P was stopped, and
+cell, the states the Ps were stopped in, the spans flushed per P in the pause, when the last P
+was stopped, the ragged round's length and how many Ps it flushed, and
 the daemon main thread's CPU time, run-queue wait and preemptions per snapshot (/proc): whether a
 slow pause waited for a P, for the flush, or for a CPU.  --daemon-nice -10 (root) starts the
 daemon ahead of the workers, to tell the last apart.
@@ -73,6 +77,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -315,7 +320,15 @@ class Session:
     removes all of it (workers, daemon, its arena, the temp dir) whatever happened."""
 
     def __init__(
-        self, cooperative, pool_size, blas_threads, sizes, live_per_size, daemon_nice=0, max_heap="512M"
+        self,
+        cooperative,
+        pool_size,
+        blas_threads,
+        sizes,
+        live_per_size,
+        daemon_nice=0,
+        max_heap="512M",
+        daemon_args=(),
     ):
         self.cooperative = cooperative
         self.tmp = tempfile.mkdtemp(prefix="shmalloc-bench-snap-")
@@ -324,7 +337,7 @@ class Session:
         self.daemon = None
         self.pool = []  # (Process, Connection)
         try:
-            self._start_daemon(max_heap, daemon_nice)
+            self._start_daemon(max_heap, daemon_nice, daemon_args)
             ctx = mp.get_context("spawn")
             for _ in range(pool_size):
                 parent, child = ctx.Pipe()
@@ -340,7 +353,7 @@ class Session:
             self.close()
             raise
 
-    def _start_daemon(self, max_heap, nice):
+    def _start_daemon(self, max_heap, nice, extra):
         env = dict(os.environ)
         if self.cooperative:
             env[NO_MEMBARRIER] = "1"
@@ -350,7 +363,7 @@ class Session:
             self.endpoint,
             max_heap,
             os.path.join(self.tmp, "daemon.log"),
-            ("--name", self.arena),
+            ("--name", self.arena, *extra),
             env=env,
             preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
@@ -413,6 +426,9 @@ def _keep(snap):
         "pause": snap["pause_ns"],
         "park": snap["park_ns"],
         "flush": snap["flush_ns"],
+        "ragged": snap.get("ragged_ns", 0),
+        "ragged_n": snap.get("ragged_flushed", 0),
+        "ragged_stop": snap.get("ragged_stop_max_ns", 0),
         "consistent": bool(snap["consistent"]),
         "num_p": snap["num_p"],
         "protocol": snap.get("stop_protocol", "?"),
@@ -535,7 +551,15 @@ def run_latency_cell(sess, args, log):
 def run_protocol(cooperative, args, log):
     name = "cooperative" if cooperative else "membarrier"
     log(f"{name}: starting the daemon and {max(args.workers)} worker processes")
-    sess = Session(cooperative, max(args.workers), args.blas_threads, args.sizes, args.live, args.daemon_nice)
+    sess = Session(
+        cooperative,
+        max(args.workers),
+        args.blas_threads,
+        args.sizes,
+        args.live,
+        args.daemon_nice,
+        daemon_args=("--no-ragged-flush",) if args.no_ragged_flush else (),
+    )
     try:
         cells = []
         for b in args.behaviours:
@@ -597,12 +621,13 @@ def report(run, args, out):
     verdict = {}
     for c in run["cells"]:
         if "skip" in c:
-            rows.append([c["behaviour"], c["n"], f"skipped: {c['skip']}", "", "", "", "", "", "", ""])
+            rows.append([c["behaviour"], c["n"], f"skipped: {c['skip']}", "", "", "", "", "", "", "", ""])
             continue
         snaps = c["snaps"]
         pauses = [s["pause"] for s in snaps]
         p99 = pct(pauses, 0.99)
-        verdict.setdefault(c["behaviour"], []).append((c["n"], p99))
+        alone = pct([s["ragged_stop"] for s in snaps], 0.99)
+        verdict.setdefault(c["behaviour"], []).append((c["n"], p99, alone))
         bad = sum(not s["consistent"] for s in snaps)
         rows.append(
             [
@@ -611,6 +636,7 @@ def report(run, args, out):
                 ms(med(pauses)),
                 ms(p99),
                 ms(max(pauses)),
+                ms(alone),
                 ms(med([s["park"] for s in snaps])),
                 ms(med([s["flush"] for s in snaps])),
                 len(snaps),
@@ -626,6 +652,7 @@ def report(run, args, out):
                 "pause median ms",
                 "p99 ms",
                 "max ms",
+                "one P alone p99 ms",
                 "park median ms",
                 "flush median ms",
                 "snapshots",
@@ -653,6 +680,8 @@ def report(run, args, out):
                 f"{sum(spans) / max(1, len(spans)):.1f}",
                 ms(med(last)),
                 ms(pct(last, 0.99)),
+                ms(med([s["ragged"] for s in snaps])),
+                f"{statistics.mean(s['ragged_n'] for s in snaps) / c['n']:.2f}",
                 ms(sched[0]) if sched else "–",
                 ms(sched[1]) if sched else "–",
                 f"{sched[2]:.2f}" if sched else "–",
@@ -674,6 +703,8 @@ def report(run, args, out):
                 "spans/P",
                 "last P stopped median ms",
                 "p99 ms",
+                "ragged round median ms",
+                "flushed in it, per P",
                 "daemon CPU ms",
                 "daemon run-queue wait ms",
                 "daemon preempted",
@@ -684,10 +715,11 @@ def report(run, args, out):
     out("")
     for b, cells in verdict.items():
         worst = max(cells, key=lambda t: t[1])
-        over = [f"{n} workers {p / 1e6:.2f} ms" for n, p in cells if p > 1_000_000]
+        over = [f"{n} workers {p / 1e6:.2f} ms" for n, p, _ in cells if p > 1_000_000]
         out(
             f"- {b}: worst p99 {worst[1] / 1e6:.3f} ms ({worst[0]} workers): target p99 <= 1 ms "
             + ("met" if not over else "NOT met (" + ", ".join(over) + ")")
+            + f"; a P stopped alone in the ragged round: worst p99 {max(a for _, _, a in cells) / 1e6:.3f} ms"
         )
     out("")
 
@@ -879,6 +911,11 @@ def main(argv=None):
         default=0,
         help="start the daemon with this nice increment (negative: a higher priority than "
         "the workers; needs the privilege); default 0, the workers' priority",
+    )
+    ap.add_argument(
+        "--no-ragged-flush",
+        action="store_true",
+        help="start the daemon with --no-ragged-flush (every cache flushed inside the pause)",
     )
     ap.add_argument("--blas-threads", type=int, default=1, help="BLAS/OpenMP threads per worker (default 1)")
     g = ap.add_mutually_exclusive_group()

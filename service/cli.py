@@ -150,6 +150,11 @@ def build_parser():
         action="store_true",
         help="do not run the stop-the-world pause SCHED_FIFO (it does so by default where permitted)",
     )
+    d.add_argument(
+        "--no-ragged-flush",
+        action="store_true",
+        help="flush every cache inside the pause, not each P alone before it (the ragged round)",
+    )
     d.add_argument("--log-format", choices=("text", "json"), default="text")
     d.add_argument("-v", "--verbose", action="store_true", help="log every snapshot")
 

@@ -55,7 +55,7 @@ from shm.world import StopTheWorld, close_for_good
 from .handlers import answer
 from .intake import REFUSALS, Budgets, Intake
 from .logs import event, setup_logging
-from .pause import StoppedWorld, not_quiet, set_realtime
+from .pause import StoppedWorld, lend_priority, not_quiet, set_realtime
 from .scavenger import DEFAULT_RETAIN, Scavenger, parse_retain
 from .security import LogLimiter, check_segment, endpoint_id, prepare_dir
 
@@ -148,6 +148,7 @@ class Daemon:
         metrics_interval=5.0,
         slow_snapshot_ms=50,
         realtime_pause=True,
+        ragged_flush=True,
         min_stop_interval_ms=5,
         insecure=False,
         curve_server_key=None,
@@ -172,6 +173,8 @@ class Daemon:
         # The pause runs SCHED_FIFO where the daemon may (CAP_SYS_NICE): a flush preempted by a
         # busy worker lengthens every other worker's wait.  Checked once at start.
         self.realtime_pause = realtime_pause and set_realtime(True) and set_realtime(False)
+        # Each P's cache flushed alone before the stop, while the others run (service/pause.py).
+        self.ragged_flush = ragged_flush
         self.metrics_addr = metrics_addr
         self.metrics_interval = metrics_interval
         self.routes = {}  # slot -> zmq routing id of its P's control socket
@@ -238,6 +241,7 @@ class Daemon:
             metrics=self.metrics.url if self.metrics else "-",
             stop_protocol=self.stw.protocol,
             realtime_pause=self.realtime_pause,
+            ragged_flush=self.ragged_flush,
             retain=self.retain,
         )
         if not self.stw.asymmetric:
@@ -357,6 +361,8 @@ class Daemon:
             arena.q[L.HDR["endpoint_id"]] = endpoint_id(self.endpoint)
             ofd_lock(arena.fd, DAEMON_LOCK_BYTE)
         arena.locks.wait_s = LOCK_WAIT_S
+        if self.realtime_pause:
+            arena.locks.lend = lend_priority
         arena.q[L.HDR["daemon_pid"]] = os.getpid()
         return arena
 
@@ -967,6 +973,7 @@ def run(args):
             metrics_interval=args.metrics_interval,
             slow_snapshot_ms=args.slow_snapshot_ms,
             realtime_pause=not args.no_realtime_pause,
+            ragged_flush=not args.no_ragged_flush,
             min_stop_interval_ms=args.min_stop_interval_ms,
             insecure=args.insecure,
             curve_server_key=args.curve_server_key,

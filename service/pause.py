@@ -22,6 +22,8 @@ from shm.errors import LockUnavailable, ShmallocError
 
 from .logs import event
 
+RAGGED_WAIT_NS = 100_000  # how long the ragged round waits for a P caught inside a call
+
 
 def set_realtime(on, pid=0):
     """This thread (or process `pid`'s main thread) SCHED_FIFO (priority 1) or back to
@@ -34,6 +36,16 @@ def set_realtime(on, pid=0):
         return True
     except (OSError, AttributeError):
         return False
+
+
+def lend_priority(pid):
+    """Run process `pid` (its main thread) SCHED_FIFO, as the pause does, until the callable
+    returned is called: for the holder of an arena lock the daemon waits for (Locks.lend),
+    which on a machine with more busy processes than cores may be waiting for a CPU in the
+    middle of its operation.  None where it cannot (no pid, our own, not permitted)."""
+    if not pid or pid == os.getpid() or not set_realtime(True, pid):
+        return None
+    return lambda: set_realtime(False, pid)
 
 
 def not_quiet(world):
@@ -68,30 +80,92 @@ class StoppedWorld:
 
     def __enter__(self):
         arena, stw = self.d.arena, self.d.stw
-        t0 = time.perf_counter_ns()
-        self.t0_mono = time.monotonic_ns()
-        epoch = arena.q[L.HDR["epoch"]] + 1
-        self.world = {
-            "epoch": epoch,
-            "t0": t0,
-            "parked": [],
-            "late": [],
-            "per_p": {},
-            "park_ns": 0,
-            "flush_ns": 0,
-            "flushed": set(),
-            "unflushed": set(),  # stopped Ps whose flush could not take its locks in time
-            "stuck": [],  # LockUnavailable.describe() of every lock not taken in time
-        }
         self.realtime = self.d.realtime_pause and set_realtime(True)
         self.boosted = {}  # slot -> pid of a P lent our priority while we wait for it (_lend)
         try:
+            ragged = self._ragged_round()
+            t0 = time.perf_counter_ns()
+            self.t0_mono = time.monotonic_ns()
+            epoch = arena.q[L.HDR["epoch"]] + 1
+            self.world = {
+                "epoch": epoch,
+                "t0": t0,
+                "parked": [],
+                "late": [],
+                "per_p": {},
+                "park_ns": 0,
+                "flush_ns": 0,
+                "flushed": set(),
+                "unflushed": set(),  # stopped Ps whose flush could not take its locks in time
+                "stuck": [],  # LockUnavailable.describe() of every lock not taken in time
+                **ragged,
+            }
             live = stw.begin(epoch)
             self.world["stuck"] += stw.stuck
             return self._stop_everyone(epoch, t0, live)
         except BaseException:
-            self.__exit__(None, None, None)
+            if hasattr(self, "world"):
+                self.__exit__(None, None, None)
+            elif self.realtime:  # failed in the ragged round, which resumed its P itself
+                set_realtime(False)
             raise
+
+    def _ragged_round(self):
+        """Before the stop, flush the Ps one at a time while the others run (Go's forEachP, a
+        ragged barrier): each P is stopped alone -- from our side, as the stop does it -- its
+        cache flushed, and it is resumed at once.  The stop that follows then flushes only the
+        Ps that made an allocator call since (Arena.flushed_clean): with workers that compute,
+        sleep or wait between their calls, almost none, and the pause is no longer the sum of
+        every P's flush.  What it costs each P is its own flush, once per snapshot, whatever
+        the number of Ps.  A P caught inside a call is not waited for beyond RAGGED_WAIT_NS:
+        the stop takes it.  Only with the membarrier protocol (a cooperative P stops only by
+        itself), and not with --no-ragged-flush.  Returns the snapshot's ragged_* figures."""
+        d, arena, stw = self.d, self.d.arena, self.d.stw
+        out = {"ragged_ns": 0, "ragged_flushed": 0, "ragged_stop_max_ns": 0}
+        if not d.ragged_flush or not stw.asymmetric:
+            return out
+        q, t = arena.q, time.perf_counter_ns()
+        for k in arena.registry.active_slots():  # read without the registry lock: a hint
+            if not stw.fast(k) or arena.flushed_clean(k):
+                continue
+            pid, flushed = arena.registry.pid(k), ()
+            t1 = time.perf_counter_ns()
+            try:
+                if stw.begin(q[L.HDR["epoch"]] + 1, only=(k,)) and self._stopped_alone(k, pid):
+                    arena.flush_slots([k], arena.daemon_actor, keep_empty=True, disown=False)
+                    flushed = (k,)
+            except LockUnavailable:  # rolled back, its cache untouched: the stop flushes it
+                pass
+            finally:
+                stopped_ns = stw.end(flushed) - t1
+            if flushed:
+                q[L.HDR["flush_count"]] += 1
+                out["ragged_flushed"] += 1
+                out["ragged_stop_max_ns"] = max(out["ragged_stop_max_ns"], stopped_ns)
+        out["ragged_ns"] = time.perf_counter_ns() - t
+        return out
+
+    def _stopped_alone(self, k, pid):
+        """Wait for P k, asked alone to stop, a short while at most: True once it is.  A P
+        caught inside a call is lent our priority (it may be waiting for a CPU in the middle of
+        it) and polled without sleeping: it parks at its next call, in microseconds."""
+        stw, deadline, undo = self.d.stw, time.perf_counter_ns() + RAGGED_WAIT_NS, None
+        try:
+            while True:
+                state = stw.poll(k, pid)
+                if state in ("stopped", "parked") and stw.confirm([k]):
+                    return True
+                if state == "left" or time.perf_counter_ns() > deadline:
+                    return False
+                if undo is None:
+                    undo = (self.realtime and lend_priority(pid)) or False
+                if undo:
+                    os.sched_yield()
+                else:
+                    time.sleep(10e-6)
+        finally:
+            if undo:
+                undo()
 
     def _stop_everyone(self, epoch, t0, live):
         d, arena, stw = self.d, self.d.arena, self.d.stw
@@ -141,7 +215,8 @@ class StoppedWorld:
                 )
                 per_p[k].update(state=state, park_ns=at if 0 <= at <= now - t0 else now - t0)
                 waiting.discard(k)
-            self._lend(waiting - {k for k, _ in found}, per_p, rounds)
+            busy = any(not arena.flushed_clean(k) for k in confirmed)
+            self._lend(waiting - {k for k, _ in found}, per_p, rounds, busy)
             # First, while the others are still on their way; all the Ps stopped in this round
             # in one operation, so each lock is taken once for them all.
             self._flush(sorted(confirmed), per_p)
@@ -182,15 +257,16 @@ class StoppedWorld:
             )
         return self.world
 
-    def _lend(self, inside, per_p, rounds):
-        """Lend our real-time priority to the Ps still inside a call after the first round: on
+    def _lend(self, inside, per_p, rounds, flushing=False):
+        """Lend our real-time priority to the Ps still inside a call after the first round (in
+        the first already when a flush is about to keep us busy: they finish meanwhile): on
         a machine with more busy processes than cores the scheduler may have preempted one in
         the middle of its call, and the world waits until it runs again -- milliseconds.  At
         SCHED_FIFO it runs at once, finishes the call, and parks at its next one (or goes on
         with its own code: the next round finds it stopped and takes the priority back, within
         one poll interval).  Priority inheritance, as a lock would do it for its holder.  Only
         where our own pause is real-time (CAP_SYS_NICE), and only for the P's main thread."""
-        if not self.realtime or rounds < 2:
+        if not self.realtime or (rounds < 2 and not flushing):
             return
         stw = self.d.stw
         for k in inside - self.boosted.keys():
@@ -213,6 +289,13 @@ class StoppedWorld:
         if not ks:
             return
         arena, w = self.d.arena, self.world
+        # A P that made no call since its last flush (the ragged round's, or the last
+        # snapshot's) holds nothing a flush would change: it counts as flushed as it is.
+        clean = [k for k in ks if arena.flushed_clean(k)]
+        w["flushed"].update(clean)
+        ks = [k for k in ks if k not in clean]
+        if not ks:
+            return
         if w["stuck"]:  # one lock already failed us: do not wait for it again in this pause
             w["unflushed"].update(ks)
             return
@@ -267,5 +350,8 @@ class StoppedWorld:
             "per_p": [w["per_p"][k] for k in sorted(w["per_p"])],
             "taken_ns": time.time_ns(),
             "stop_protocol": self.d.stw.protocol,
+            "ragged_ns": w["ragged_ns"],
+            "ragged_flushed": w["ragged_flushed"],
+            "ragged_stop_max_ns": w["ragged_stop_max_ns"],
         }
         return False

@@ -88,6 +88,9 @@ Freeing (ProcessCache.free):
      object no longer carries its generation is skipped and counted in bad_frees.
 
 Snapshots (driven by the daemon's stop-the-world, world.py; Arena.update_stats in one process):
+  0. Beforehand (the ragged round, service/pause.py) each P is stopped alone, flushed and
+     resumed while the others run; step 2 then skips a P that made no call since its last
+     flush (Arena.flushed_clean: its slot's synced_gen, written by the P at every resync).
   1. Every live P is stopped -- from the daemon's side when it is outside the allocator, by
      waiting when it is inside a call -- and every dead P is reclaimed.
   2. FIRST flush every cache (Arena.flush_slots: apply every remote-free buffer -- the frees in

@@ -357,6 +357,15 @@ class Arena:
         n = self.q[sw + SL["rfree_n"]]
         return self.q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + n].tolist()
 
+    def flushed_clean(self, k):
+        """Has P k made no allocator call since its cache was last flushed?  Then that flush left
+        its cache as a flush leaves it (no small span, no buffered free, no large span LISTED,
+        nothing to fold), and flushing it again would change nothing: every call after a flush
+        first drops the P's local lists, and says so (slot synced_gen) before it does anything
+        else.  Exact when P k is stopped; a hint otherwise."""
+        sw = self.lay.slot_word(k)
+        return self.q[sw + SL["synced_gen"]] != self.q[sw + SL["flush_gen"]]
+
     def flush_cache(self, k, actor=None):
         """Flush P k's cache (Go: mcache.releaseAll).  Precondition: P k is stopped, dead, or is
         the caller itself (actor == k).  Returns (spans, listed objects uncounted)."""

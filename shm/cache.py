@@ -176,7 +176,7 @@ class ProcessCache:
         self._rbuf = arena.words(sw + L.SLOT_RFREE_AT, L.RFREE_CAP)
         self._rfree_n = arena.words(sw + SL["rfree_n"], 1)
         self._lgrel = arena.words(sw + SL["lg_relists"], 2)  # lg_relists, lg_relist_pages
-        self._flush_gen = arena.q[sw + SL["flush_gen"]]
+        self._flush_gen = arena.q[sw + SL["synced_gen"]] = arena.q[sw + SL["flush_gen"]]
         self._dead = False  # closed, or inherited through fork(): view() refuses
         self.parks = 0
         _CACHES.add(self)
@@ -441,7 +441,10 @@ class ProcessCache:
         else:
             self._lnp.clear()
         self._lcached[0] = 0
-        self._flush_gen = self.arena.q[self._sw + SL["flush_gen"]]
+        # Said in the slot before this call does anything: from here on the cache may hold what
+        # the next flush must give back (Arena.flushed_clean).
+        q = self.arena.q
+        self._flush_gen = q[self._sw + SL["synced_gen"]] = q[self._sw + SL["flush_gen"]]
 
     def closed_or_forked(self):
         return self._closed or os.getpid() != self.pid

@@ -104,7 +104,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 14
+VERSION = 15
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -338,6 +338,9 @@ SLOT = _words(
     "stop_epoch",  # epoch of that request; written by the daemon before `stop`
     "parked",  # epoch the P parked for; written by the P (or the daemon if it is dead)
     "flush_gen",  # bumped by the daemon each time it flushes this P's cache while parked
+    "synced_gen",  # the flush_gen the P last dropped its local lists for; written by the P (and
+    #   at claim).  != flush_gen: the P made no allocator call since its cache was last
+    #   flushed (every call after a flush resyncs first), so that flush left nothing to redo
     "heartbeat_ns",  # time.time_ns() of the P's last control-thread heartbeat
     "claimed_ns",  # time.time_ns() at claim
     "log_used",  # undo log: bytes of entries committed to the log (see locks.py)

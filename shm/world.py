@@ -25,6 +25,9 @@ The daemon (StopTheWorld):
 
     stop := PARK for every live P;  membarrier();  then for each P: inside == 0 -> stopped
 
+(or for one P alone, `begin(epoch, only=...)`: the daemon's ragged round flushes each P so
+before the pause, each with an epoch of its own).
+
 Why this is correct.  It is Dekker's handshake: each side stores its own word, then loads the
 other's.  Both x86 and arm64 may let a store sit in a store buffer while a later load to another
 address goes ahead, so each side needs a full barrier between its store and its load -- or one
@@ -223,9 +226,10 @@ class StopTheWorld:
         """Can P k be judged stopped from its `inside` word?"""
         return self.asymmetric and self.arena.q[self.arena.lay.slot_word(k) + SL["barrier"]] == 1
 
-    def begin(self, epoch):
-        """Take the resume lock, ask every live P to stop, and issue the barrier.  Returns the
-        live Ps.  A P claimed after this reads `stopped_epoch` and starts stopped."""
+    def begin(self, epoch, only=None):
+        """Take the resume lock, ask every live P to stop (with `only`, the live Ps among those),
+        and issue the barrier.  Returns the Ps asked.  A P claimed after this reads
+        `stopped_epoch` and starts stopped."""
         arena = self.arena
         q = arena.q
         self._take_resume_lock(L.resume_lock_byte(epoch))  # parked Ps sleep on it until end()
@@ -246,6 +250,8 @@ class StopTheWorld:
                 live = arena.registry.active_slots()
             finally:
                 arena.locks.raw_release(L.LOCK_REGISTRY)
+        if only is not None:
+            live = [k for k in live if k in only]
         # A P whose cache an earlier flush emptied and which has not run since still owes a
         # resync: PARK overwrites its RESYNC, so remember it for end().
         self.owed = set()

@@ -124,7 +124,8 @@ def metadata_bytes(arena):
 
     lay = arena.lay
     parts = [os.pread(arena.fd, lay.slots_off, 0)]
-    control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns")]  # P control, not heap state
+    # P control, not heap state (a call that raises may still resync first: synced_gen)
+    control = [L.SLOT[n] for n in ("stop", "parked", "heartbeat_ns", "synced_gen")]
     for k in arena.registry.actors():  # the slots never claimed were never touched
         w = lay.slot_word(k)
         words = list(arena.q[w : w + L.SLOT_HEAD_WORDS])

@@ -37,10 +37,13 @@ def close_worker(w, cmds, res):
 
 
 @needs_membarrier
-def test_an_idle_worker_is_stopped_and_flushed_without_its_help(start_daemon):
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged round", "--no-ragged-flush"])
+def test_an_idle_worker_is_stopped_and_flushed_without_its_help(start_daemon, ragged):
     """The worker's main thread sits in a queue read: never inside the allocator.  The daemon
-    stops it from its own side -- no STOP message, no GIL -- and flushes its cache."""
-    d = start_daemon()
+    stops it from its own side -- no STOP message, no GIL -- and flushes its cache: in the
+    ragged round before the pause (stopped alone), so that the pause finds it made no call
+    since and has nothing left to flush; or, without that round, in the pause."""
+    d = start_daemon(extra=() if ragged else ("--no-ragged-flush",))
     w, cmds, res, slot = connect_worker(d)
     cmds.put(("alloc", 64))
     kind, h = res.get(timeout=DEADLINE)
@@ -48,12 +51,27 @@ def test_an_idle_worker_is_stopped_and_flushed_without_its_help(start_daemon):
     assert snap["stop_protocol"] == "membarrier"
     assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
     (p,) = snap["per_p"]
-    assert p["state"] == "stopped" and p["cached_spans"] >= 1, p
+    assert p["state"] == "stopped", p
+    if ragged:
+        assert snap["ragged_flushed"] == 1 and snap["ragged_stop_max_ns"] > 0, snap
+        assert p["cached_spans"] == 0, p  # the ragged round took them: nothing left to redo
+    else:
+        assert snap["ragged_flushed"] == 0 and snap["ragged_ns"] == 0, snap
+        assert p["cached_spans"] >= 1, p
     assert snap["heap_objects"] == 1
+    # A second snapshot: the worker made no call since, so neither the round nor the pause
+    # flushes it again.
+    again = client.stats(d.endpoint, slow=True)
+    assert again["consistent"] and again["slow_equal"] and again["ragged_flushed"] == 0
+    assert [p["cached_spans"] for p in again["per_p"]] == [0]
     # Its local lists were flushed under it: its next calls resync and hand out nothing twice.
     cmds.put(("alloc", 64))
     kind2, h2 = res.get(timeout=DEADLINE)
     assert kind2 == "ok" and h2 != h
+    snap = client.stats(d.endpoint, slow=True)  # it called since: flushed again, in one place
+    assert snap["consistent"] and snap["slow_equal"] and snap["heap_objects"] == 2
+    assert snap["ragged_flushed"] == (1 if ragged else 0)
+    assert [p["cached_spans"] for p in snap["per_p"]] == [0 if ragged else 1]
     cmds.put(("free", h))
     assert res.get(timeout=DEADLINE)[0] == "ok"
     cmds.put(("free", h2))

@@ -77,6 +77,19 @@ EXTRA_KEYS = (
         "Time spent flushing caches, all of it before anything was read (it overlaps the wait for the later Ps).",
     ),
     (
+        "ragged_ns",
+        "ns",
+        "Time of the ragged round before the pause (not part of pause_ns): each P that made an "
+        "allocator call since its last flush stopped alone, flushed and resumed while the others "
+        "ran; 0 without it (the cooperative protocol, --no-ragged-flush).",
+    ),
+    ("ragged_flushed", "count", "Ps whose cache the ragged round flushed."),
+    (
+        "ragged_stop_max_ns",
+        "ns",
+        "The longest any one P was stopped in the ragged round (its own stop, flush included).",
+    ),
+    (
         "stop_protocol",
         "str",
         '"membarrier": Ps outside the allocator stopped from the daemon\'s side; "cooperative": '
