@@ -55,7 +55,7 @@ from shm.world import StopTheWorld, close_for_good
 from .handlers import answer
 from .intake import REFUSALS, Budgets, Intake
 from .logs import event, setup_logging
-from .pause import StoppedWorld, lend_priority, not_quiet, set_realtime
+from .pause import StoppedWorld, not_quiet, set_realtime
 from .scavenger import DEFAULT_RETAIN, Scavenger, parse_retain
 from .security import LogLimiter, check_segment, endpoint_id, prepare_dir
 
@@ -361,8 +361,6 @@ class Daemon:
             arena.q[L.HDR["endpoint_id"]] = endpoint_id(self.endpoint)
             ofd_lock(arena.fd, DAEMON_LOCK_BYTE)
         arena.locks.wait_s = LOCK_WAIT_S
-        if self.realtime_pause:
-            arena.locks.lend = lend_priority
         arena.q[L.HDR["daemon_pid"]] = os.getpid()
         return arena
 

@@ -40,9 +40,9 @@ def set_realtime(on, pid=0):
 
 def lend_priority(pid):
     """Run process `pid` (its main thread) SCHED_FIFO, as the pause does, until the callable
-    returned is called: for the holder of an arena lock the daemon waits for (Locks.lend),
-    which on a machine with more busy processes than cores may be waiting for a CPU in the
-    middle of its operation.  None where it cannot (no pid, our own, not permitted)."""
+    returned is called.  Only ever for a P whose stop byte says PARK: it parks (sleeps) at its
+    next call, so it cannot keep a CPU at that priority -- a running P lent it could, for as
+    long as it runs.  None where it cannot (no pid, our own, not permitted)."""
     if not pid or pid == os.getpid() or not set_realtime(True, pid):
         return None
     return lambda: set_realtime(False, pid)

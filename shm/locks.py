@@ -161,10 +161,6 @@ class Locks:
         # poll for at most that long, then raise LockUnavailable (the daemon, whose control loop
         # must keep answering).
         self.wait_s = None
-        # None, or f(pid) -> a callable that takes back what it lent: run the holder (pid, as
-        # its dirty word names it) of a lock a bounded waiter waits for ahead of others (the
-        # daemon's real-time priority, service/pause.py).
-        self.lend = None
 
     def after_fork(self):
         """In a forked child: another thread of the parent may have held an in-process lock at
@@ -193,20 +189,14 @@ class Locks:
             deadline = time.monotonic() + STRANDED_GRACE_S
         else:
             deadline = time.monotonic() + self.wait_s
-        # A bounded waiter (the daemon) polls often: it waits for a holder that is short, but
-        # that may be waiting for a CPU, which `lend` (where set) gives it until we have the lock.
-        pause, most, undo = 50e-6, (5e-3 if self.wait_s is None else 200e-6), None
-        try:
-            while not ofd_trylock(fd, off):
-                if time.monotonic() > deadline:
-                    raise self.unavailable(lid)
-                if undo is None and self.lend is not None:
-                    undo = self.lend(self.holder(lid)[0]) or False
-                time.sleep(pause)
-                pause = min(pause * 2, most)
-        finally:
-            if undo:
-                undo()
+        # A bounded waiter (the daemon, in a pause) polls often: the holders it waits for are
+        # short, and a long sleep after the lock went free would lengthen the pause.
+        pause, most = 50e-6, (5e-3 if self.wait_s is None else 200e-6)
+        while not ofd_trylock(fd, off):
+            if time.monotonic() > deadline:
+                raise self.unavailable(lid)
+            time.sleep(pause)
+            pause = min(pause * 2, most)
 
     def holder(self, lid):
         """(pid, start time) the dirty word of `lid` names; pid 0 when it is clean."""

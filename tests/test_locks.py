@@ -2,7 +2,6 @@
 operations still fitting their bounded log; who holds a lock (the dirty word's pid and start
 time), a stranded lock, the daemon's bounded waits, and a forked child's own descriptions."""
 
-import contextlib
 import os
 import signal
 import time
@@ -127,11 +126,9 @@ def test_a_lock_held_for_a_dead_holder_is_stranded_and_never_waited_for(make_are
         keeper.close()
 
 
-@contextlib.contextmanager
-def heap_lock_held_elsewhere(make_arena):
-    """(arena, its P with a live 64 B block, let_go): the heap lock is held by another
-    description of the segment, its dirty word naming this (live) process; let_go() ends that
-    holder's operation.  The block is freed and the arena checked on the way out."""
+def test_a_bounded_wait_gives_up_and_changes_nothing(make_arena):
+    """The daemon's waits are bounded (Locks.wait_s): a lock a live process holds past the bound
+    raises LockUnavailable, not stranded, and the operation is rolled back."""
     arena = make_arena()
     other = Arena.attach(arena.name)
     try:
@@ -139,51 +136,20 @@ def heap_lock_held_elsewhere(make_arena):
         keep = p.alloc(64)
         other.locks.raw_acquire(layout.LOCK_HEAP)
         _stop_inside(other, other.daemon_actor, layout.LOCK_HEAP, os.getpid(), my_start(os.getpid()))
-        w = arena.lay.lock_word(layout.LOCK_HEAP)
-
-        def let_go():
-            arena.q[w : w + layout.LOCK_WORDS] = array("Q", [0] * layout.LOCK_WORDS)
-            other.locks.raw_release(layout.LOCK_HEAP)
-
-        yield arena, p, let_go
-        arena.locks.wait_s = arena.locks.lend = None
-        p._drop_local()  # a flush may have emptied its cache under it
-        p.free(keep)
-        assert_healthy(arena, p)
-        p.close()
-    finally:
-        other.close()
-
-
-def test_a_bounded_wait_gives_up_and_changes_nothing(make_arena):
-    """The daemon's waits are bounded (Locks.wait_s): a lock a live process holds past the bound
-    raises LockUnavailable, not stranded, and the operation is rolled back."""
-    with heap_lock_held_elsewhere(make_arena) as (arena, p, let_go):
         arena.locks.wait_s = 0.05
         before = metadata_bytes(arena)
         with pytest.raises(LockUnavailable, match="not taken within") as e:
             arena.flush_cache(p.slot, p.slot)
         assert not e.value.stranded and e.value.holder_pid == os.getpid()
         assert metadata_bytes(arena) == before
-        let_go()
-
-
-def test_a_bounded_waiter_lends_the_holder_its_priority_until_it_has_the_lock(make_arena):
-    """A holder preempted in the middle of its operation keeps the daemon waiting until the
-    scheduler comes back to it.  So the daemon lends it its real-time priority (Locks.lend,
-    called with the pid the dirty word names) while it waits, and takes it back once it has the
-    lock."""
-    with heap_lock_held_elsewhere(make_arena) as (arena, p, let_go):
-        events = []
-
-        def lend(pid):
-            events.append(("lend", pid))
-            let_go()  # the holder, given a CPU, ends its operation
-            return lambda: events.append(("taken back", pid))
-
-        arena.locks.wait_s, arena.locks.lend = 5.0, lend
-        arena.flush_cache(p.slot, p.slot)
-        assert events == [("lend", os.getpid()), ("taken back", os.getpid())]
+        w = arena.lay.lock_word(layout.LOCK_HEAP)
+        arena.q[w : w + layout.LOCK_WORDS] = array("Q", [0] * layout.LOCK_WORDS)
+        other.locks.raw_release(layout.LOCK_HEAP)
+        p.free(keep)
+        assert_healthy(arena, p)
+        p.close()
+    finally:
+        other.close()
 
 
 def test_a_forked_child_holds_none_of_its_parents_locks(arena):
