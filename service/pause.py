@@ -25,12 +25,19 @@ from .logs import event
 RAGGED_WAIT_NS = 100_000  # how long the ragged round waits for a P caught inside a call
 
 
+PAUSE_PRIORITY = 2  # SCHED_FIFO priority of the daemon's pause (and scavenger steps)
+LENT_PRIORITY = 1  # ... and of a P it waits for: below the pause's, so that a lent P, which runs
+# its own code once its call returns, never keeps the daemon from the CPU it needs to take the
+# priority back (two lent Ps computing at the daemon's own priority would, on two cores)
+
+
 def set_realtime(on, pid=0):
-    """This thread (or process `pid`'s main thread) SCHED_FIFO (priority 1) or back to
-    SCHED_OTHER.  False where not permitted, or when `pid` is gone."""
+    """This thread SCHED_FIFO at PAUSE_PRIORITY (or process `pid`'s main thread at LENT_PRIORITY),
+    or back to SCHED_OTHER.  False where not permitted, or when `pid` is gone."""
     try:
         if on:
-            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
+            prio = LENT_PRIORITY if pid else PAUSE_PRIORITY
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(prio))
         else:
             os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
         return True
@@ -39,7 +46,7 @@ def set_realtime(on, pid=0):
 
 
 def lend_priority(pid):
-    """Run process `pid` (its main thread) SCHED_FIFO, as the pause does, until the callable
+    """Run process `pid` (its main thread) SCHED_FIFO (LENT_PRIORITY) until the callable
     returned is called.  Only ever for a P whose stop byte says PARK: it parks (sleeps) at its
     next call, so it cannot keep a CPU at that priority -- a running P lent it could, for as
     long as it runs.  None where it cannot (no pid, our own, not permitted)."""
