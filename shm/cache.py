@@ -205,7 +205,15 @@ class ProcessCache:
         LISTED, ALLOC, RFREED, TAG0, RCAP = L.LISTED, L.ALLOC, L.RFREED, L.TAG0, L.RFREE_CAP
         LARGE, COARSE, PSHIFT, PMASK = _LARGE, _COARSE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
         GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, L.FINE_PAGE_SHIFT
-        C0, CPS = self.arena.lay.handle_c0, L.COARSE_PAGE_SHIFT
+        arena = self.arena
+        C0, CPS = arena.lay.handle_c0, L.COARSE_PAGE_SHIFT
+        q, mv, pm, sw0, capacity = (
+            arena.q,
+            arena.mv,
+            arena.lay.pagemap_word(),
+            arena.lay.span_word(0),
+            arena.block_capacity,
+        )
         CPM, SW, SC = (1 << CPS) - 1, L.SPAN_WORDS, S["sizeclass"]
 
         def alloc(size):
@@ -289,8 +297,15 @@ class ProcessCache:
             DoubleFree for anything that is not a live block (a stale handle, whose block was
             freed since, included); nothing changes then."""
             cls = block.__class__
-            # A Block of another Heap goes to _handle, which refuses one of another arena.
-            h = block[0] if cls is B and block[3] is self else block if cls is int else _handle(block, self)
+            # A Block of another P of this arena (a consumer freeing a producer's Block) is read
+            # here too; one of another arena goes to _handle, which refuses it.
+            h = (
+                block[0]
+                if cls is B and (block[3] is self or block[3].arena is arena)
+                else block
+                if cls is int
+                else _handle(block, self)
+            )
             if get_ident() == owner:
                 i = h >> GB
                 try:
@@ -341,14 +356,6 @@ class ProcessCache:
                     pass
             slow_free(h)
 
-        arena = self.arena
-        q, mv, pm, sw0, capacity = (
-            arena.q,
-            arena.mv,
-            arena.lay.pagemap_word(),
-            arena.lay.span_word(0),
-            arena.block_capacity,
-        )
         SC, START, NPAGES, SPAN_WORDS = S["sizeclass"], S["start"], S["npages"], L.SPAN_WORDS
         hb = arena.lay.heap_off
 

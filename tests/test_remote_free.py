@@ -44,6 +44,27 @@ def test_a_remote_free_is_buffered_hinted_and_applied_in_one_batch(arena):
     freer.close()
 
 
+def test_a_block_of_another_p_is_freed_on_the_fast_path(arena, monkeypatch):
+    """A consumer freeing the producer's Block (not its int handle) reads the handle in the fast
+    path: _handle, the path of foreign objects, is not taken; the free is buffered and hinted."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(64) for _ in range(3)]
+
+    def no_handle(block, p):
+        raise AssertionError("a Block of this arena went through _handle")
+
+    monkeypatch.setattr(cache, "_handle", no_handle)
+    for b in blocks:
+        freer.free(b)
+    assert buffered(arena, freer) == [b.handle for b in blocks]
+    assert {arena.mv[arena.lay.amap_byte(b.handle)] for b in blocks} == {layout.RFREED}
+    monkeypatch.undo()
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
 def test_a_second_free_of_a_buffered_block_fails_at_once_and_changes_nothing(arena):
     owner, freer, third = ProcessCache(arena), ProcessCache(arena), ProcessCache(arena)
     small, large = owner.alloc(100), owner.alloc(100_000)
