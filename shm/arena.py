@@ -32,7 +32,7 @@ from .heap import PageHeap, reserve
 from .large import LargeObjects
 from .locks import Locks, Op, Retry
 from .registry import Registry
-from .sizeclasses import CLASS_TO_SIZE
+from .sizeclasses import CLASS_TO_ALLOCNPAGES, CLASS_TO_SIZE
 
 _log = logging.getLogger("shmalloc.arena")
 
@@ -41,6 +41,7 @@ H = L.HEAP
 C = L.CENTRAL
 SL = L.SLOT
 PAGE = L.PAGE_SIZE
+_SMALL_SPAN_PAGES = max(CLASS_TO_ALLOCNPAGES)  # the longest small span, in pages
 
 
 def _merged(ranges):
@@ -468,23 +469,38 @@ class Arena:
     def _buffer_groups(self, k):
         """P k's buffered frees grouped by the span that holds them, read without a lock:
         {(class, record): [handle, ...] ascending}; class -1 for handles no span holds.  The
-        handles are sorted, then taken a page at a time (one page-map read per page, not per
-        handle).  _apply_buffer re-checks every group under the locks."""
+        handles are sorted, then taken a span at a time -- the span the page map names for the
+        first handle's page, when its every page from there on names it too (one read of its
+        page-map words, where a page at a time cost a read and a bisection per page: a 4 KiB
+        class's span has 16) -- else a page at a time.  A live object's page names its span, which
+        stays in use while the object is buffered, so a good handle is grouped with its span
+        whatever the unlocked reads meet.  _apply_buffer re-checks every group under the locks."""
         q, lay = self.q, self.lay
         sw = lay.slot_word(k)
         hs = sorted(q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + q[sw + SL["rfree_n"]]].tolist())
         pm, npages, sw0 = lay.pagemap_word(), lay.heap_max >> L.PAGE_SHIFT, lay.span_word(0)
-        groups, sc, shift = {}, S["sizeclass"], L.PAGE_SHIFT
+        groups, sc, start, np_, shift = {}, S["sizeclass"], S["start"], S["npages"], L.PAGE_SHIFT
         first_coarse, page_of = lay.handle_c0 << L.GEN_BITS, lay.handle_page
+        top = q[lay.heap_word() + H["committed_pages"]]  # page-map words past it may be unreserved
         i, n = bisect_right(hs, 0), len(hs)  # 0: applied by an earlier, interrupted pass (no handle is 0)
         while i < n:
             page = page_of(hs[i])
-            # The first handle past this page in the same part of the maps (class 1 is fine,
-            # class 0 -- large -- coarse): every coarse handle sorts after every fine one.
-            nxt = lay.make_handle((page + 1) << shift, 0, 0 if hs[i] >= first_coarse else 1)
-            j = bisect_left(hs, nxt, i + 1)
             r = q[pm + page] - 1 if 0 <= page < npages else -1
-            key = (q[sw0 + r * L.SPAN_WORDS + sc], r) if r >= 0 else (-1, -1)
+            end = page + 1
+            if r >= 0:
+                w = sw0 + r * L.SPAN_WORDS
+                key = (q[w + sc], r)
+                e = q[w + start] + q[w + np_]  # the span's end, if the record is the page's span
+                # Taken whole when every later page of it names it too (a small span's pages all do).
+                rest = e - end if end < e <= min(page + _SMALL_SPAN_PAGES, top) else 0
+                if rest and q[pm + end : pm + e].tolist() == [r + 1] * rest:
+                    end = e
+            else:
+                key = (-1, -1)
+            # The first handle past the span (or page) in the same part of the maps (class 1 is
+            # fine, class 0 -- large -- coarse): every coarse handle sorts after every fine one.
+            nxt = lay.make_handle(end << shift, 0, 0 if hs[i] >= first_coarse else 1)
+            j = bisect_left(hs, nxt, i + 1)
             g = groups.get(key)
             if g is None:
                 groups[key] = hs[i:j]

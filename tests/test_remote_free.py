@@ -414,3 +414,52 @@ def test_frees_of_another_ps_large_blocks_wait_in_batches_of_a_few(arena):
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
     owner.close()
     freer.close()
+
+
+def test_buffered_frees_are_grouped_a_span_at_a_time_as_a_page_at_a_time_would(arena):
+    """_buffer_groups takes a small span's handles at once when every page of it names it in
+    the page map, a page at a time otherwise (a large span maps its ends only): the groups are
+    the ones a lookup of each handle's span gives, the page map's word changed or not."""
+    import random
+
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(4096) for _ in range(70)]  # 16-page spans of 32
+    blocks += [owner.alloc(size) for size in (100, 3000, 100_000, 40_000, 100_000)]
+    order = blocks[:]
+    random.Random(7).shuffle(order)
+    for b in order:
+        freer.free(b.handle)
+    lay, heap = arena.lay, arena.heap
+
+    def by_lookup():
+        want = {}
+        for b in blocks:
+            r = heap.span_of_page(lay.handle_page(b.handle))
+            key = (arena.q[lay.span_word(r) + layout.SPAN["sizeclass"]], r)
+            want.setdefault(key, []).append(b.handle)
+        return {key: sorted(hs) for key, hs in want.items()}
+
+    want = by_lookup()
+    assert sum(len(hs) > 30 for hs in want.values()) == 2  # two whole 4 KiB spans
+    assert arena._buffer_groups(freer.slot) == want
+    # A page-map word inside a 4 KiB span that names no span: its pages go one at a time, each
+    # grouped by its own word (the broken page alone under no span), the others still with theirs.
+    (c, r), hs = max(want.items(), key=lambda kv: len(kv[1]))
+    w = lay.span_word(r)
+    start, npages = arena.q[w + layout.SPAN["start"]], arena.q[w + layout.SPAN["npages"]]
+    pm = lay.pagemap_word() + start + npages // 2
+    arena.q[pm] = 0
+    got = arena._buffer_groups(freer.slot)
+    arena.q[pm] = r + 1
+    lost = [h for h in hs if lay.handle_page(h) == start + npages // 2]
+    assert lost and got[-1, -1] == lost
+    assert sorted(got[c, r] + lost) == hs
+    assert {k: v for k, v in got.items() if k not in ((c, r), (-1, -1))} == {
+        k: v for k, v in want.items() if k != (c, r)
+    }
+    for b in blocks:
+        assert arena.mv[lay.amap_byte(b.handle)] == layout.RFREED
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
