@@ -160,8 +160,21 @@ def freed(old, gens, j0, stride, handles, table):
 
 
 EMPTY_KEEP = 4  # spans a batch of remote frees empties that wait for the next refill of their
-# class, at most per class (a producer -> consumer pipeline takes them back at once; more would
-# only wait for the daemon's tick, which gives them all back in one operation)
+# class, at most per class, or more in a class whose spans hold few objects (EMPTY_KEEP_C): a
+# producer -> consumer pipeline takes them back at once; more would only wait for the daemon's
+# tick, which gives them all back in one operation
+EMPTY_KEEP_BYTES = 1 << 20  # bytes of such spans a class keeps, at most, past EMPTY_KEEP spans
+# As many as one full batch of remote frees can empty (RFREE_CAP objects: a 4 KiB consumer's batch
+# empties 8 spans of 32), within EMPTY_KEEP_BYTES, and EMPTY_KEEP at least: by class.
+EMPTY_KEEP_C = tuple(
+    max(
+        EMPTY_KEEP,
+        min(L.RFREE_CAP // CLASS_TO_NOBJS[c], EMPTY_KEEP_BYTES // (CLASS_TO_ALLOCNPAGES[c] * PAGE)),
+    )
+    if c
+    else 0
+    for c in range(L.NCLASS)
+)
 
 
 class CentralList:
@@ -388,11 +401,11 @@ class CentralList:
             cnt, cw = q[w + _ALLOC_COUNT], self.cw(c)
             idxs, values = [w + _ALLOC_COUNT, cw + _LIVE], [cnt - nfreed, q[cw + _LIVE] - nfreed]
             self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
-            # Emptied, it waits on the partial list -- EMPTY_KEEP of them at most: in a producer
-            # -> consumer pipeline the producer takes it again at its next refill, with no
-            # page-heap operation on either side.  The daemon gives back the ones nobody took
+            # Emptied, it waits on the partial list -- EMPTY_KEEP_C[c] of them at most: in a
+            # producer -> consumer pipeline the producer takes it again at its next refill, with
+            # no page-heap operation on either side.  The daemon gives back the ones nobody took
             # each second (Arena.free_empty_spans); the others go back to the heap now.
-            keep = q[cw + C["nempty"]] < EMPTY_KEEP
+            keep = q[cw + C["nempty"]] < EMPTY_KEEP_C[c]
             self._place(op, c, r, cnt - nfreed, n, keep, idxs, values)
         return len(handles) - nfreed
 

@@ -357,15 +357,18 @@ def test_many_large_blocks_freed_by_another_process_go_back_in_bounded_steps(mak
 
 
 def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
-    """A consumer's batch of remote frees empties the producer's spans: EMPTY_KEEP of them wait
-    on the partial list (counted in nempty) and the producer's next refills take them without the
-    page heap; the others go back to the heap at once."""
-    from shm.central import EMPTY_KEEP
+    """A consumer's batch of remote frees empties the producer's spans: EMPTY_KEEP_C[c] of them
+    wait on the partial list (counted in nempty) and the producer's next refills take them without
+    the page heap; the others go back to the heap at once.  For 4 KiB blocks, 32 a span, that is
+    the 8 spans a whole batch empties (1 MiB)."""
+    from shm.central import EMPTY_KEEP_C
     from shm.sizeclasses import CLASS_TO_NOBJS, SIZE_TO_CLASS
 
     producer, consumer = ProcessCache(arena), ProcessCache(arena)
     c = SIZE_TO_CLASS[4096 >> 3]
-    nspans = EMPTY_KEEP + 3
+    keep = EMPTY_KEEP_C[c]
+    assert keep == layout.RFREE_CAP // CLASS_TO_NOBJS[c] == 8
+    nspans = keep + 3
     blocks = [producer.alloc(4096) for _ in range(nspans * CLASS_TO_NOBJS[c])]
     producer.flush()  # every span uncached, full
     cw = arena.lay.central_word(c)
@@ -373,14 +376,14 @@ def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
     for b in blocks:
         consumer.free(b.handle)
     consumer.flush()  # the batch applied: every span emptied
-    assert arena.q[cw + layout.CENTRAL["nempty"]] == EMPTY_KEEP
-    assert arena.q[cw + layout.CENTRAL["nspans"]] == spans - (nspans - EMPTY_KEEP)
+    assert arena.q[cw + layout.CENTRAL["nempty"]] == keep
+    assert arena.q[cw + layout.CENTRAL["nspans"]] == spans - (nspans - keep)
     assert arena.check_all() == []
     arena.q[cw + layout.CENTRAL["nempty"]] += 1  # the check holds the count to the spans
     assert any("nempty" in x for x in arena.check_all(["central"]))
     arena.q[cw + layout.CENTRAL["nempty"]] -= 1
     grows = arena.heap.hget("grows")
-    again = [producer.alloc(4096) for _ in range(EMPTY_KEEP * CLASS_TO_NOBJS[c])]
+    again = [producer.alloc(4096) for _ in range(keep * CLASS_TO_NOBJS[c])]
     assert arena.heap.hget("grows") == grows and arena.q[cw + layout.CENTRAL["nempty"]] == 0
     for b in again:
         b.buf[:] = pattern(b.handle, b.size)
