@@ -96,6 +96,10 @@ class PageHeap:
     def list_push(self, op, head_w, r, tag, idxs=(), values=()):
         """Push span r on the list at `head_w`.  The caller's own writes `idxs`, `values` (words
         the push neither reads nor writes) go with the push's in one logged step (Op.wset)."""
+        op.wset(*self.list_push_words(head_w, r, tag, idxs, values))
+
+    def list_push_words(self, head_w, r, tag, idxs=(), values=()):
+        """(word indices, values) of list_push(head_w, r, tag), to be written in one step."""
         w = self.sw(r)
         first = self.q[head_w]
         idxs = [*idxs, w + S["next"], w + S["prev"], w + S["list"], head_w]
@@ -103,7 +107,14 @@ class PageHeap:
         if first:
             idxs.append(self.sw(first - 1) + S["prev"])
             values.append(r + 1)
-        op.wset(idxs, values)
+        return idxs, values
+
+    def list_move(self, op, from_w, to_w, r, tag, idxs=(), values=()):
+        """Move span r from the list at `from_w` to the one at `to_w` (another list) in one step:
+        list_remove's words, then list_push's, whose values for r's own links win (Op.wset writes
+        in order); the caller's `idxs`, `values` go with them."""
+        idxs, values = self.list_remove_words(from_w, r, idxs, values)
+        op.wset(*self.list_push_words(to_w, r, tag, idxs, values))
 
     def list_remove(self, op, head_w, r, idxs=(), values=()):
         """Take span r off the list at `head_w`; the caller's own writes `idxs`, `values` go with

@@ -131,19 +131,22 @@ class LargeObjects:
         if b == L.RFREED and buffered:
             b = L.TAG0 + owner - 1 if owner else L.ALLOC  # our hint held (central.apply_frees)
         judge(h, b, self.mv[self.lay.gmap_byte(h)], gen, f"large block {h}")
-        op.wbyte(self.lay.gmap_byte(h), (gen + 1) & L.GEN_MASK)  # freed now: its next handle
+        gen_b, next_gen = self.lay.gmap_byte(h), (gen + 1) & L.GEN_MASK  # freed now: its next handle
         if b == L.ALLOC and not owner:
+            op.wbyte(gen_b, next_gen)
             self._give_back(op, r, h, was_live=True)
             return True
         if b >= L.TAG0 and owner == b - L.TAG0 + 1:
             j = b - L.TAG0
             if j == k:
+                op.wbyte(gen_b, next_gen)
                 self._give_back(op, r, h, was_live=True)
                 return True
             # Freed now, in the figures too; only its pages wait for the owner to take them back
-            # (into its large cache) or give them back to the heap, on its pending list.
+            # (into its large cache) or give them back to the heap, on its pending list.  Its two
+            # map bytes are one log entry, its move and the counters one step.
             npages = q[w + S["npages"]]
-            op.wbyte(self.lay.amap_byte(h), L.PENDING)
+            op.wscatter((gen_b, self.lay.amap_byte(h)), (next_gen, L.PENDING))
             sj, hw = self.lay.slot_word(j), self.hw
             idxs = [
                 hw + H["large_live"],
@@ -152,8 +155,7 @@ class LargeObjects:
                 sj + SL["lg_pend_pages"],
             ]
             values = [q[idxs[0]] - 1, q[idxs[1]] - npages, q[idxs[2]] + 1, q[idxs[3]] + npages]
-            self.heap.list_remove(op, self.head_w(j), r)
-            self.heap.list_push(op, self.pend_w(j), r, L.LIST_LPENDING, idxs, values)
+            self.heap.list_move(op, self.head_w(j), self.pend_w(j), r, L.LIST_LPENDING, idxs, values)
             return False
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
@@ -211,8 +213,7 @@ class LargeObjects:
             ]
             deltas = (1, npages, 1, npages * PAGE, -1, -npages)
             values = [q[i] + d for i, d in zip(idxs, deltas)]
-            self.heap.list_remove(op, self.pend_w(k), r, idxs, values)
-            self.heap.list_push(op, self.head_w(k), r, L.LIST_LARGE)
+            self.heap.list_move(op, self.pend_w(k), self.head_w(k), r, L.LIST_LARGE, idxs, values)
             kept.append((h, npages))
             op.log.clear()  # checkpoint: any number of spans, a bounded undo log
         # Too many left waiting: the oldest go back to the heap.

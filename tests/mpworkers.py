@@ -299,36 +299,47 @@ def stuck_flushing_large(arena_name, ready):
 
 
 def stuck_in_pending_list(arena_name, ready, handles, where):
-    """Stop forever in the middle of a step that moves a large span between a P's lists, after
-    the span left one list and before it is on the other.  `where`: "free" -- free the large
-    blocks whose handles come on `handles` (another P's) and apply them: stuck marking one
-    PENDING; "collect" -- allocate three large blocks, send their handles, wait until another
-    P freed them (PENDING for us), then allocate: stuck taking one back."""
+    """Stop forever in the middle of a step that moves a large span between a P's lists (one
+    Op.wset, PageHeap.list_move): its log entry complete, half of its words stored -- the span
+    off one list, maybe not yet on the other.  `where`: "free" -- free the large blocks whose
+    handles come on `handles` (another P's) and apply them: stuck marking one PENDING;
+    "collect" -- allocate three large blocks, send their handles, wait until another P freed
+    them (PENDING for us), then allocate: stuck taking one back."""
     from shm import Arena, ProcessCache
     from shm import layout as L
     from shm.heap import PageHeap
+    from shm.locks import Op
 
     arena = Arena.attach(arena_name)
     p = ProcessCache(arena)
-    real = PageHeap.list_push
+    real_move, real_wset = PageHeap.list_move, Op.wset
     tag = L.LIST_LPENDING if where == "free" else L.LIST_LARGE
 
-    def list_push(self, op, head_w, r, t, *a, **kw):
+    def half_wset(self, idxs, values):
+        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
+            for j, v in enumerate(values):
+                if j == len(idxs) // 2:
+                    stop_forever(ready)
+                yield v
+
+        real_wset(self, idxs, stored())
+
+    def list_move(self, op, from_w, to_w, r, t, *a, **kw):
         if t == tag:
-            stop_forever(ready)
-        return real(self, op, head_w, r, t, *a, **kw)
+            Op.wset = half_wset
+        return real_move(self, op, from_w, to_w, r, t, *a, **kw)
 
     if where == "free":
         for h in handles.get(timeout=120):
             p.free(h)
-        PageHeap.list_push = list_push
+        PageHeap.list_move = list_move
         p.flush()
     else:
         blocks = [p.alloc(100_000) for _ in range(3)]
         handles.put([b.handle for b in blocks])
         while not arena.q[arena.lay.slot_word(p.slot) + L.SLOT["lg_pending"]]:
             time.sleep(0.001)
-        PageHeap.list_push = list_push
+        PageHeap.list_move = list_move
         p.alloc(100_000)
 
 

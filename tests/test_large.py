@@ -129,8 +129,8 @@ def test_sigkill_while_flushing_the_large_cache_is_rolled_back(make_arena):
 @pytest.mark.parametrize("where", ["free", "collect"])
 def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(make_arena, where):
     """A span another P freed moves from its owner's list to the owner's pending list (marked
-    PENDING), and back when the owner takes it again.  A process killed between the two halves
-    of either move leaves nothing half done."""
+    PENDING), and back when the owner takes it again, each move one logged step.  A process
+    killed half way through the step of either move leaves nothing half done."""
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
     victim, ready, handles = spawn_victim(mpworkers.stuck_in_pending_list, arena.name, where)
