@@ -42,6 +42,8 @@ C = L.CENTRAL
 SL = L.SLOT
 PAGE = L.PAGE_SIZE
 _SMALL_SPAN_PAGES = max(CLASS_TO_ALLOCNPAGES)  # the longest small span, in pages
+LARGE_GROUP = (0, -1)  # Arena._buffer_groups' key of the buffered frees of large blocks
+LARGE_STEP = 8  # buffered frees of large blocks applied in one checkpointed step, at most
 
 
 def _merged(ranges):
@@ -468,7 +470,9 @@ class Arena:
 
     def _buffer_groups(self, k):
         """P k's buffered frees grouped by the span that holds them, read without a lock:
-        {(class, record): [handle, ...] ascending}; class -1 for handles no span holds.  The
+        {(class, record): [handle, ...] ascending}; class -1 for handles no span holds, and one
+        group LARGE_GROUP for every handle on a large span's page (_apply_buffer looks each up
+        under the heap lock, LARGE_STEP of them a step).  The
         handles are sorted, then taken a span at a time -- the span the page map names for the
         first handle's page, when its every page from there on names it too (one read of its
         page-map words, where a page at a time cost a read and a bisection per page: a 4 KiB
@@ -490,11 +494,14 @@ class Arena:
             if r >= 0:
                 w = sw0 + r * L.SPAN_WORDS
                 key = (q[w + sc], r)
-                e = q[w + start] + q[w + np_]  # the span's end, if the record is the page's span
-                # Taken whole when every later page of it names it too (a small span's pages all do).
-                rest = e - end if end < e <= min(page + _SMALL_SPAN_PAGES, top) else 0
-                if rest and q[pm + end : pm + e].tolist() == [r + 1] * rest:
-                    end = e
+                if key[0] == 0:
+                    key = LARGE_GROUP  # large blocks: one group, each found under the heap lock
+                else:
+                    e = q[w + start] + q[w + np_]  # the span's end, if the record is the page's span
+                    # Taken whole when every later page of it names it too (a small span's all do).
+                    rest = e - end if end < e <= min(page + _SMALL_SPAN_PAGES, top) else 0
+                    if rest and q[pm + end : pm + e].tolist() == [r + 1] * rest:
+                        end = e
             else:
                 key = (-1, -1)
             # The first handle past the span (or page) in the same part of the maps (class 1 is
@@ -517,8 +524,9 @@ class Arena:
         the buffer's count (rfree_n) drops below that group's entries in the same checkpointed
         step, so a retry after a crash never applies one twice (one word written per group): it
         ends at the kept groups' count.  Frees found bad now are counted (heap bad_frees, in the
-        same step) and returned, never applied.  Caller holds the heap lock and the central locks
-        of the classes in `groups`."""
+        same step) and returned, never applied.  The frees of large blocks (LARGE_GROUP) go
+        LARGE_STEP a step, the count dropping below each step's in it.  Caller holds the heap lock
+        and the central locks of the classes in `groups`."""
         lay = self.lay
         sw = lay.slot_word(k)
         n_w, bad_w = sw + SL["rfree_n"], lay.heap_word() + H["bad_frees"]
@@ -537,15 +545,21 @@ class Arena:
         nbad = 0
         for _, (c, r) in reversed(order):
             handles = groups[c, r]
+            if (c, r) == LARGE_GROUP:
+                # From its end, LARGE_STEP frees a step: the undo log stays bounded (a large free
+                # may give its span back to the heap), and a crash loses no step already taken.
+                for j in range(len(handles), 0, -LARGE_STEP):
+                    part = handles[max(0, j - LARGE_STEP) : j]
+                    bad = self._free_large(op, k, part)
+                    left -= len(part)
+                    op.w(n_w, left)
+                    if bad:
+                        op.add(bad_w, bad)
+                        nbad += bad
+                    op.log.clear()  # checkpoint
+                continue
             if r < 0 or not self._group_holds(r, c, handles):
                 bad = len(handles)  # no span holds them now: stale handles
-            elif c == 0:
-                bad = 0
-                for h in handles:
-                    try:
-                        self.large.free(op, r, h, k, buffered=True)
-                    except BadHandle:
-                        bad += 1
             elif L.LOCK_CENTRAL(c) in op.held:
                 bad = self.central.apply_frees(op, c, r, handles, k)
             else:
@@ -557,6 +571,22 @@ class Arena:
                 nbad += bad
             op.log.clear()  # checkpoint
         return nbad
+
+    def _free_large(self, op, k, handles):
+        """Apply P k's buffered frees `handles` of large blocks, each block found from its page
+        under the heap lock (held).  Returns how many were bad (no large span starts there now, or
+        its block is not the one the handle named), none of them applied."""
+        q, lay, heap, bad = self.q, self.lay, self.heap, 0
+        for h in handles:
+            r = heap.span_of_page(lay.handle_page(h))
+            if r < 0 or q[lay.span_word(r) + S["sizeclass"]] != 0:
+                bad += 1
+                continue
+            try:
+                self.large.free(op, r, h, k, buffered=True)
+            except BadHandle:
+                bad += 1
+        return bad
 
     def _warn_bad(self, k, nbad):
         if nbad:

@@ -235,6 +235,33 @@ def stuck_applying_frees(arena_name, ready, results, nth=1):
     time.sleep(60)  # not reached
 
 
+def stuck_applying_large_frees(arena_name, ready, handles, nth):
+    """Free the large blocks whose handles come on `handles` (another P's), every one buffered
+    (the bound of such frees a buffer holds lifted), then flush -- and stop forever INSIDE the
+    flush, right after the `nth` of them was applied (arena.LARGE_STEP a step: the steps before
+    it checkpointed, the buffer's count below them).  The test SIGKILLs us there."""
+    from shm import Arena, ProcessCache, cache
+    from shm.large import LargeObjects
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    cache.LARGE_RFREE_BATCH = 1 << 20
+    real, calls = LargeObjects.free, []
+
+    def free(self, *a, **kw):
+        res = real(self, *a, **kw)
+        calls.append(res)
+        if len(calls) == nth:
+            stop_forever(ready)
+        return res
+
+    for h in handles.get(timeout=120):
+        p.free(h)
+    LargeObjects.free = free
+    p.flush()
+    time.sleep(60)  # not reached
+
+
 def stuck_folding_frees(arena_name, ready, results, where):
     """Two Ps in one process: the owner allocates 100 blocks of 64 B (one span, which it caches),
     the freer frees the first 60 (buffered, hinted RFREED in a span the owner caches).  Then both

@@ -9,6 +9,7 @@ import pytest
 from support import DEADLINE, assert_healthy, kill_and_repair, metadata_bytes, pattern, spawn_victim
 
 from shm import BadHandle, DoubleFree, ProcessCache, layout
+from shm.arena import LARGE_STEP
 
 SL, PAGE = layout.SLOT, layout.PAGE_SIZE
 
@@ -157,6 +158,37 @@ def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(
     else:
         assert snap["large_frees"] == 4 and snap["heap_objects"] == 0  # its three, and b
     assert snap["bad_frees"] == 0
+    snap = assert_healthy(arena, main)
+    assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
+    main.close()
+
+
+@pytest.mark.parametrize("nth", [3, LARGE_STEP + 2])
+def test_sigkill_while_applying_frees_of_large_blocks_rolls_back_one_step(make_arena, nth):
+    """A P's buffered frees of another P's large blocks are applied LARGE_STEP a step, each step
+    checkpointed with the buffer's count below it.  A process killed inside a step (the `nth`
+    free applied) loses that step only: it is rolled back, and the reclaim applies it and the
+    rest -- every free once, the owner's blocks intact."""
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    victim, ready, handles = spawn_victim(mpworkers.stuck_applying_large_frees, arena.name, nth)
+    n = 2 * LARGE_STEP + 4
+    blocks = [main.alloc(100_000) for _ in range(n + 1)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    kept = blocks.pop()
+    handles.put([b.handle for b in blocks])
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    assert arena.q[arena.lay.lock_word(layout.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
+    (k,) = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == victim.pid]
+    left = arena.q[arena.lay.slot_word(k) + layout.SLOT["rfree_n"]]
+    assert left == n - (nth - 1) // LARGE_STEP * LARGE_STEP  # the steps before nth's: applied
+    b = kill_and_repair(arena, victim, lambda: main.alloc(200_000))  # takes the heap lock
+    main.free(b)
+    snap = assert_healthy(arena, main)  # the victim reclaimed: its buffer applied, once
+    assert snap["large_frees"] == n + 1 and snap["heap_objects"] == 1 and snap["bad_frees"] == 0
+    assert bytes(main.view(kept.handle, kept.size)) == pattern(kept.handle, kept.size)
+    main.free(kept)
     snap = assert_healthy(arena, main)
     assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
     main.close()

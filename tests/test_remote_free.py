@@ -421,9 +421,12 @@ def test_frees_of_another_ps_large_blocks_wait_in_batches_of_a_few(arena):
 
 def test_buffered_frees_are_grouped_a_span_at_a_time_as_a_page_at_a_time_would(arena):
     """_buffer_groups takes a small span's handles at once when every page of it names it in
-    the page map, a page at a time otherwise (a large span maps its ends only): the groups are
-    the ones a lookup of each handle's span gives, the page map's word changed or not."""
+    the page map, a page at a time otherwise: the groups are the ones a lookup of each handle's
+    span gives, the page map's word changed or not; every large block's in one group
+    (LARGE_GROUP, each looked up again under the heap lock when applied)."""
     import random
+
+    from shm.arena import LARGE_GROUP
 
     owner, freer = ProcessCache(arena), ProcessCache(arena)
     blocks = [owner.alloc(4096) for _ in range(70)]  # 16-page spans of 32
@@ -439,11 +442,12 @@ def test_buffered_frees_are_grouped_a_span_at_a_time_as_a_page_at_a_time_would(a
         for b in blocks:
             r = heap.span_of_page(lay.handle_page(b.handle))
             key = (arena.q[lay.span_word(r) + layout.SPAN["sizeclass"]], r)
-            want.setdefault(key, []).append(b.handle)
+            want.setdefault(key if key[0] else LARGE_GROUP, []).append(b.handle)
         return {key: sorted(hs) for key, hs in want.items()}
 
     want = by_lookup()
     assert sum(len(hs) > 30 for hs in want.values()) == 2  # two whole 4 KiB spans
+    assert len(want[LARGE_GROUP]) == 3
     assert arena._buffer_groups(freer.slot) == want
     # A page-map word inside a 4 KiB span that names no span: its pages go one at a time, each
     # grouped by its own word (the broken page alone under no span), the others still with theirs.
