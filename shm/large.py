@@ -118,20 +118,24 @@ class LargeObjects:
         buffer, which marked the object RFREED.  Returns False when the object is owned by another
         P and was only marked PENDING for it."""
         op.need(L.LOCK_HEAP, "LargeObjects.free")
-        q, w = self.q, self.lay.span_word(r)
+        q, lay = self.q, self.lay
+        w = lay.span_word(r)
         at, gen = L.handle_index(h)
-        if at < self.lay.fine_bytes:
+        if at < lay.fine_bytes:
             raise BadHandle(f"handle {h} is stale: its block's pages now hold a large block")
-        if at != self.lay.span_index(q[w + S["start"]], 0)[0]:
+        if at != lay.span_index(q[w + S["start"]], 0)[0]:
             raise BadHandle(
                 f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes but not at its start"
             )
-        b = self.mv[self.lay.amap_byte(h)]
+        gen_b = lay.gmap_off + at
+        b, g = self.mv[lay.amap_off + at], self.mv[gen_b]
         owner = q[w + S["owner"]]
         if b == L.RFREED and buffered:
             b = L.TAG0 + owner - 1 if owner else L.ALLOC  # our hint held (central.apply_frees)
-        judge(h, b, self.mv[self.lay.gmap_byte(h)], gen, f"large block {h}")
-        gen_b, next_gen = self.lay.gmap_byte(h), (gen + 1) & L.GEN_MASK  # freed now: its next handle
+        if g != gen or (b != L.ALLOC and b < L.TAG0):  # not the live block h names
+            judge(h, b, g, gen, f"large block {h}")  # raises, saying why
+            raise CorruptionError(f"large block {h}: judged live, object byte {b}, generation {g}")
+        next_gen = (gen + 1) & L.GEN_MASK  # freed now: its next handle
         if b == L.ALLOC and not owner:
             op.wbyte(gen_b, next_gen)
             self._give_back(op, r, h, was_live=True)
@@ -146,7 +150,7 @@ class LargeObjects:
             # (into its large cache) or give them back to the heap, on its pending list.  Its two
             # map bytes are one log entry, its move and the counters one step.
             npages = q[w + S["npages"]]
-            op.wscatter((gen_b, self.lay.amap_byte(h)), (next_gen, L.PENDING))
+            op.wscatter((gen_b, lay.amap_off + at), (next_gen, L.PENDING))
             sj, hw = self.lay.slot_word(j), self.hw
             idxs = [
                 hw + H["large_live"],
