@@ -242,6 +242,7 @@ def replica(pieces=(), lock=False):
         _rbuf=q[L.SLOT_RFREE_AT : L.SLOT_RFREE_AT + L.RFREE_CAP],
         _rfree_n=q[SL["rfree_n"] : SL["rfree_n"] + 1],
         _lgrel=q[SL["lg_relists"] : SL["lg_relists"] + 2],
+        _rlarge=[0],
         owner_thread=_thread.get_ident(),
         _shm_stop=mv[SL["stop"] * 8 : SL["stop"] * 8 + 1],
         _inside=mv[SL["inside"] * 8 : SL["inside"] * 8 + 1],

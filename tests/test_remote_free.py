@@ -470,3 +470,40 @@ def test_buffered_frees_are_grouped_a_span_at_a_time_as_a_page_at_a_time_would(a
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
     owner.close()
     freer.close()
+
+
+def test_frees_of_another_ps_large_blocks_take_the_fast_path_but_every_batchth(arena, monkeypatch):
+    """The fast path buffers a free of another P's large block and counts it: the
+    LARGE_RFREE_BATCH-th takes the slow path, which applies the buffer; a flush that applied the
+    buffer meanwhile starts the count afresh."""
+    slow = []
+    real = ProcessCache._slow_free
+
+    def counted(self, h):
+        slow.append(h)
+        return real(self, h)
+
+    monkeypatch.setattr(ProcessCache, "_slow_free", counted)  # bound by the caches made next
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    batch = cache.LARGE_RFREE_BATCH
+    blocks = [owner.alloc(100_000) for _ in range(3 + 2 * batch)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    sw, ow = arena.lay.slot_word(freer.slot), arena.lay.slot_word(owner.slot)
+    for b in blocks[:3]:
+        freer.free(b)
+    assert slow == [] and buffered(arena, freer) == [b.handle for b in blocks[:3]]
+    freer.flush()  # applied: PENDING for the owner
+    assert arena.q[ow + SL["lg_pending"]] == 3 and arena.q[sw + SL["rfree_n"]] == 0
+    rest = blocks[3:]
+    for j, b in enumerate(rest, 1):
+        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        freer.free(b)
+        assert len(slow) == j // batch, j  # the count started afresh after the flush
+        assert arena.q[ow + SL["lg_pending"]] == 3 + j // batch * batch
+        assert arena.q[sw + SL["rfree_n"]] == j % batch
+    assert slow == [rest[batch - 1].handle, rest[-1].handle]
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == len(blocks) and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
