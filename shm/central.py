@@ -212,22 +212,32 @@ class CentralList:
         """The generation bytes of n objects, the first at map index j0, `stride` bytes apart."""
         return strided(self.mv, self.gen_start(j0), stride, n)
 
-    def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=()):
+    def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=(), from_w=None):
         """Put uncached span r where it belongs: full list, partial list, or back to the heap
         (an empty span; with keep_empty it waits on the partial list for free_empty).  The
         caller's own writes `idxs`, `values` (none a word the placing reads) are logged with the
-        placing's first step, in one entry."""
+        placing's first step, in one entry.  `from_w`: the head word of the list r is on now, if
+        any: it leaves it in that step too (PageHeap.list_move), or first when it stays there."""
+        heap = self.heap
         if alloc_count == 0 and not keep_empty:
+            if from_w is not None:
+                idxs, values = heap.list_remove_words(from_w, r, idxs, values)
             nw = self.cw(c) + C["nspans"]
             op.wset([*idxs, nw], [*values, self.q[nw] - 1])
             op.acquire(L.LOCK_HEAP)
-            self.heap.free_span(op, r)
+            heap.free_span(op, r)
         else:
             which = L.LIST_FULL if alloc_count == nelems else L.LIST_PARTIAL
             if alloc_count == 0:  # an empty span waits: counted (nempty)
                 ew = self.cw(c) + C["nempty"]
                 idxs, values = [*idxs, ew], [*values, self.q[ew] + 1]
-            self.heap.list_push(op, self.head_w(c, which), r, which, idxs, values)
+            to_w = self.head_w(c, which)
+            if from_w is not None and from_w != to_w:
+                heap.list_move(op, from_w, to_w, r, which, idxs, values)
+                return
+            if from_w is not None:  # back on the list it was on: its head, as a push puts it
+                heap.list_remove(op, from_w, r)
+            heap.list_push(op, to_w, r, which, idxs, values)
 
     # --- a P takes and gives back spans -------------------------------------------------------
     def grow(self, op, c):
@@ -400,13 +410,12 @@ class CentralList:
         if not owner:
             cnt, cw = q[w + _ALLOC_COUNT], self.cw(c)
             idxs, values = [w + _ALLOC_COUNT, cw + _LIVE], [cnt - nfreed, q[cw + _LIVE] - nfreed]
-            self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
             # Emptied, it waits on the partial list -- EMPTY_KEEP_C[c] of them at most: in a
             # producer -> consumer pipeline the producer takes it again at its next refill, with
             # no page-heap operation on either side.  The daemon gives back the ones nobody took
             # each second (Arena.free_empty_spans); the others go back to the heap now.
             keep = q[cw + C["nempty"]] < EMPTY_KEEP_C[c]
-            self._place(op, c, r, cnt - nfreed, n, keep, idxs, values)
+            self._place(op, c, r, cnt - nfreed, n, keep, idxs, values, self.head_w(c, q[w + S["list"]]))
         return len(handles) - nfreed
 
     def free_object(self, op, c, r, h, k):
@@ -438,12 +447,10 @@ class CentralList:
             if owner:
                 raise CorruptionError(f"span {r} is cached by P {owner - 1} but object {h} is ALLOC")
             op.wbyte(boff, FREE)
-            cnt = q[w + S["alloc_count"]]
-            op.w(w + S["alloc_count"], cnt - 1)
-            op.add(self.cw(c) + C["live"], -1)
-            lst = q[w + S["list"]]
-            self.heap.list_remove(op, self.head_w(c, lst), r)
-            self._place(op, c, r, cnt - 1, q[w + S["nelems"]])
+            cnt, live = q[w + S["alloc_count"]], self.cw(c) + C["live"]
+            from_w = self.head_w(c, q[w + S["list"]])
+            idxs, values = [w + S["alloc_count"], live], [cnt - 1, q[live] - 1]
+            self._place(op, c, r, cnt - 1, q[w + S["nelems"]], False, idxs, values, from_w)
             return
         j = b - L.TAG0
         if owner != j + 1:

@@ -204,19 +204,23 @@ def connected_worker(endpoint, cmds, results):
             results.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def stuck_applying_frees(arena_name, ready, results, nth=1):
+def stuck_applying_frees(arena_name, ready, results, nth=1, moving=False):
     """Two Ps in one process: the first allocates, the second frees every block (a remote free)
     until its buffer fills and is applied -- and stops forever INSIDE that batch's operation,
-    after the `nth` span's frees were written (the spans before it checkpointed).  The test
-    SIGKILLs us there."""
+    after the `nth` span's frees were written (the spans before it checkpointed); with `moving`,
+    half way through the step that moves the first span the batch emptied from the full list to
+    the partial one (PageHeap.list_move: its log entry complete, half of its words stored).  The
+    test SIGKILLs us there."""
     from shm import Arena, ProcessCache, layout
     from shm.central import CentralList
+    from shm.heap import PageHeap
+    from shm.locks import Op
 
     arena = Arena.attach(arena_name)
     owner, freer = ProcessCache(arena), ProcessCache(arena)
     n = layout.RFREE_CAP + 1
     blocks = [owner.alloc(64) for _ in range(n)]
-    real = CentralList.apply_frees
+    real, real_move, real_wset = CentralList.apply_frees, PageHeap.list_move, Op.wset
 
     calls = []
 
@@ -229,7 +233,25 @@ def stuck_applying_frees(arena_name, ready, results, nth=1):
         stop_forever(ready)
         return bad  # not reached
 
-    CentralList.apply_frees = apply_frees
+    def half_wset(self, idxs, values):
+        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
+            for j, v in enumerate(values):
+                if j == len(idxs) // 2:
+                    results.put((n, layout.RFREE_CAP))
+                    stop_forever(ready)
+                yield v
+
+        real_wset(self, idxs, stored())
+
+    def list_move(self, op, from_w, to_w, r, tag, *a):
+        if tag == layout.LIST_PARTIAL:
+            Op.wset = half_wset
+        return real_move(self, op, from_w, to_w, r, tag, *a)
+
+    if moving:
+        PageHeap.list_move = list_move
+    else:
+        CentralList.apply_frees = apply_frees
     for b in blocks:
         freer.free(b)  # the last one applies the full buffer first
     time.sleep(60)  # not reached
