@@ -303,6 +303,8 @@ class CentralList:
         handles, each with its object's generation (bumped when it was freed)."""
         old, new, j0, size, _ = self._retag(op, c, r, k, CACHE_T[k], "CentralList.collect")
         w = self.lay.span_word(r)
+        if new == old and LISTED not in new and not self.q[w + _NPENDING]:
+            return []  # nothing freed, nothing listed: the refill of a span handed out whole
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
         # Highest address first, so list.pop() hands out ascending addresses.
