@@ -250,22 +250,20 @@ class CentralList:
     def cache_span(self, op, c, k):
         """Give P k a span of class c with a free object; returns (record, handles listed)."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.cache_span")
-        q = self.q
+        q, cw = self.q, self.cw(c)
         head = q[self.head_w(c, L.LIST_PARTIAL)]
+        r = head - 1 if head else self.grow(op, c)
+        w, nc = self.lay.span_word(r), cw + C["ncached"]
+        # Cached by P k: its owner, count and slot word, and the class's count, in one step with
+        # the span's leaving the partial list.
+        idxs = [w + _OWNER, w + _ALLOC_COUNT, self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, nc]
+        values = [k + 1, 0, r + 1, q[nc] + 1]
         if head:
-            r = head - 1
-            cnt, cw = q[self.lay.span_word(r) + S["alloc_count"]], self.cw(c)
-            live, empty = cw + C["live"], cw + C["nempty"]
-            self.heap.list_remove(
-                op, self.head_w(c, L.LIST_PARTIAL), r, [live, empty], [q[live] - cnt, q[empty] - (cnt == 0)]
-            )
+            cnt, live, empty = q[w + _ALLOC_COUNT], cw + C["live"], cw + C["nempty"]
+            idxs, values = [*idxs, live, empty], [*values, q[live] - cnt, q[empty] - (cnt == 0)]
+            self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r, idxs, values)
         else:
-            r = self.grow(op, c)
-        w = self.lay.span_word(r)
-        op.w(w + S["owner"], k + 1)
-        op.w(w + S["alloc_count"], 0)
-        op.w(self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, r + 1)
-        op.add(self.cw(c) + C["ncached"], 1)
+            op.wset(idxs, values)
         return r, self.collect(op, c, r, k)
 
     def _retag(self, op, c, r, k, table, what, frees=()):
