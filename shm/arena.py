@@ -545,31 +545,26 @@ class Arena:
         nbad = 0
         for _, (c, r) in reversed(order):
             handles = groups[c, r]
-            if (c, r) == LARGE_GROUP:
-                # From its end, LARGE_STEP frees a step: the undo log stays bounded (a large free
-                # may give its span back to the heap), and a crash loses no step already taken.
-                for j in range(len(handles), 0, -LARGE_STEP):
-                    part = handles[max(0, j - LARGE_STEP) : j]
+            large = (c, r) == LARGE_GROUP
+            # Large blocks LARGE_STEP a step, from the group's end: the undo log stays bounded (a
+            # large free may give its span back to the heap), and a crash loses that step only.
+            steps = range(len(handles), 0, -LARGE_STEP) if large else (len(handles),)
+            for j in steps:
+                part = handles[max(0, j - LARGE_STEP) : j] if large else handles
+                if large:
                     bad = self._free_large(op, k, part)
-                    left -= len(part)
-                    op.w(n_w, left)
-                    if bad:
-                        op.add(bad_w, bad)
-                        nbad += bad
-                    op.log.clear()  # checkpoint
-                continue
-            if r < 0 or not self._group_holds(r, c, handles):
-                bad = len(handles)  # no span holds them now: stale handles
-            elif L.LOCK_CENTRAL(c) in op.held:
-                bad = self.central.apply_frees(op, c, r, handles, k)
-            else:
-                bad = len(handles)
-            left -= len(handles)
-            op.w(n_w, left)
-            if bad:
-                op.add(bad_w, bad)
-                nbad += bad
-            op.log.clear()  # checkpoint
+                elif r < 0 or not self._group_holds(r, c, part):
+                    bad = len(part)  # no span holds them now: stale handles
+                elif L.LOCK_CENTRAL(c) in op.held:
+                    bad = self.central.apply_frees(op, c, r, part, k)
+                else:
+                    bad = len(part)
+                left -= len(part)
+                op.w(n_w, left)
+                if bad:
+                    op.add(bad_w, bad)
+                    nbad += bad
+                op.log.clear()  # checkpoint
         return nbad
 
     def _free_large(self, op, k, handles):
