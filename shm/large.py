@@ -194,32 +194,38 @@ class LargeObjects:
         sw = self.lay.slot_word(k)
         if not q[sw + SL["lg_pending"]]:
             return kept, gone
-        hw, pending = self.hw, self.pending(k)
-        size = {r: q[self.lay.span_word(r) + S["npages"]] for r in pending}
-        # Spans of the size the P wants first, newest first; then the others.
-        for r in [r for r in pending if size[r] == want] + [r for r in pending if size[r] != want]:
-            npages = size[r]
-            charge = max(npages, least)
-            if charge > room:
-                continue
-            room -= charge
-            h = self.base(r)
-            if self.mv[self.lay.amap_byte(h)] != L.PENDING:
-                raise CorruptionError(f"large span {r} on P {k}'s pending list is not PENDING")
-            op.wbyte(self.lay.amap_byte(h), L.LISTED)
-            idxs = [
-                hw + H["large_live"],
-                hw + H["large_live_pages"],
-                hw + H["large_mallocs"],
-                hw + H["large_total_bytes"],
-                sw + SL["lg_pending"],
-                sw + SL["lg_pend_pages"],
-            ]
-            deltas = (1, npages, 1, npages * PAGE, -1, -npages)
-            values = [q[i] + d for i, d in zip(idxs, deltas)]
-            self.heap.list_move(op, self.pend_w(k), self.head_w(k), r, L.LIST_LARGE, idxs, values)
-            kept.append((h, npages))
-            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+        hw, lay, pend_w, head_w = self.hw, self.lay, self.pend_w(k), self.head_w(k)
+        idxs = [
+            hw + H["large_live"],
+            hw + H["large_live_pages"],
+            hw + H["large_mallocs"],
+            hw + H["large_total_bytes"],
+            sw + SL["lg_pending"],
+            sw + SL["lg_pend_pages"],
+        ]
+        # Spans of the size the P wants first, newest first; then the others.  The list is walked
+        # from its head only as far as `room` may still take a span (each is charged `least` at
+        # least): a producer's pending list holds a window's worth, and it takes a few.
+        for wanted in (True, False):
+            r = q[pend_w] - 1
+            while r >= 0 and room >= max(least, 1):
+                w = lay.span_word(r)
+                nxt, npages = q[w + S["next"]] - 1, q[w + S["npages"]]
+                charge = max(npages, least)
+                if (npages == want) == wanted and charge <= room:
+                    room -= charge
+                    h = self.base(r)
+                    if self.mv[lay.amap_byte(h)] != L.PENDING:
+                        raise CorruptionError(f"large span {r} on P {k}'s pending list is not PENDING")
+                    op.wbyte(lay.amap_byte(h), L.LISTED)
+                    deltas = (1, npages, 1, npages * PAGE, -1, -npages)
+                    values = [q[i] + d for i, d in zip(idxs, deltas)]
+                    self.heap.list_move(op, pend_w, head_w, r, L.LIST_LARGE, idxs, values)
+                    kept.append((h, npages))
+                    op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+                elif wanted and npages == want:
+                    break  # the size wanted no longer fits: nor will the next of that size
+                r = nxt
         # Too many left waiting: the oldest go back to the heap.
         if q[sw + SL["lg_pending"]] > keep_spans or q[sw + SL["lg_pend_pages"]] > keep_pages:
             for r in reversed(self.pending(k)):

@@ -264,3 +264,46 @@ def test_a_cache_full_of_another_size_makes_room_for_the_size_taken_back(arena):
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
     owner.close()
     freer.close()
+
+
+@pytest.mark.parametrize(
+    "room, least, want",
+    [(100, 0, 5), (14, 0, 7), (20, 6, 5), (9, 0, 9), (4, 0, 5), (21, 0, 0), (23, 0, 7), (30, 8, 7)],
+)
+def test_taking_back_pending_spans_takes_the_size_wanted_first_as_room_allows(arena, room, least, want):
+    """collect_pending, against a plain model of its rule: the spans of `want` pages first, then
+    the others, each in the pending list's order (newest first), each taken if its charge
+    (its pages, `least` at least) fits what is left of `room`.  It walks the list only as far
+    as a span may still fit; the result is the rule's."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    sizes = [5, 7, 5, 5, 7, 9, 5, 7, 5, 5]  # pages: every block large
+    blocks = [owner.alloc(n * layout.PAGE_SIZE - 100) for n in sizes]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    for b in blocks:
+        freer.free(b.handle)
+    freer.flush()  # applied: every span PENDING on the owner's pending list
+    lay, k = arena.lay, owner.slot
+    pending = arena.large.pending(k)
+    npages = {r: arena.q[lay.span_word(r) + layout.SPAN["npages"]] for r in pending}
+    left, want_kept = room, []
+    for r in [r for r in pending if npages[r] == want] + [r for r in pending if npages[r] != want]:
+        if max(npages[r], least) <= left:
+            left -= max(npages[r], least)
+            want_kept.append((arena.large.base(r), npages[r]))
+
+    def collect(op):
+        op.acquire(layout.LOCK_HEAP)
+        return arena.large.collect_pending(op, k, room, least, 1 << 30, 1 << 30, want)
+
+    kept, gone = arena.run(k, collect)
+    assert kept == want_kept and gone == []
+    assert [r for r in pending if (arena.large.base(r), npages[r]) not in kept] == arena.large.pending(k)
+    for h, _ in kept:
+        assert arena.mv[lay.amap_byte(h)] == layout.LISTED
+    assert arena.check_all(["large"]) == []
+    owner._drop_local()  # its cache does not know the spans taken back behind its back
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == len(blocks) and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
