@@ -97,7 +97,8 @@ class Strip(ast.NodeTransformer):
         if "block" in self.pieces:
             stmts["cls = block.__class__"] = ("block", None)
             stmts[
-                "h = block[0] if cls is B and block[3] is self else block if cls is int else _handle(block, self)"
+                "h = block[0] if cls is B and (block[3] is self or block[3].arena is arena) "
+                "else block if cls is int else _handle(block, self)"
             ] = (
                 "block",
                 "h = block",
@@ -231,7 +232,7 @@ def replica(pieces=(), lock=False):
         _tag=L.TAG0,
         _pclass=pclass,
         _cpclass=bytearray(pages),
-        arena=types.SimpleNamespace(lay=lay),
+        arena=types.SimpleNamespace(lay=lay, q=q, mv=mv, block_capacity=slow),
         _relists=q[L.SLOT_RELISTS_AT : L.SLOT_RELISTS_AT + L.NCLASS],
         _lcache={},
         _lnp={},
@@ -241,6 +242,7 @@ def replica(pieces=(), lock=False):
         _rbuf=q[L.SLOT_RFREE_AT : L.SLOT_RFREE_AT + L.RFREE_CAP],
         _rfree_n=q[SL["rfree_n"] : SL["rfree_n"] + 1],
         _lgrel=q[SL["lg_relists"] : SL["lg_relists"] + 2],
+        _rlarge=[0],
         owner_thread=_thread.get_ident(),
         _shm_stop=mv[SL["stop"] * 8 : SL["stop"] * 8 + 1],
         _inside=mv[SL["inside"] * 8 : SL["inside"] * 8 + 1],

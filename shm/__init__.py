@@ -80,8 +80,10 @@ Freeing (ProcessCache.free):
      handle to the P's remote-free
      buffer and store RFREED (a second free now fails at once).  Done: no lock.  A full buffer
      is applied in one operation (Arena.apply_buffered_frees): under the central locks involved,
-     span uncached -> FREE (an empty span goes back to the heap), span cached by another P ->
-     PENDING, merged by that P's next collect; a free found bad then is counted (bad_frees).
+     span uncached -> FREE (an empty span waits on its partial list, EMPTY_KEEP_C[c] a class at
+     most, or goes back to the heap), span cached by another P -> PENDING, merged by that P's
+     next collect; a free found bad then is counted (bad_frees).  So is a buffer holding
+     LARGE_RFREE_BATCH frees of large blocks: each goes to its owner's pending list.
   3. Anything else is no live block: Arena.free raises BadHandle (a stale handle, or no block)
      or DoubleFree (the block's last handle, and it is free) and changes nothing.  A free applied
      under a lock (a buffered one, or Arena.free) bumps the generation too; a buffered free whose

@@ -32,7 +32,7 @@ from .heap import PageHeap, reserve
 from .large import LargeObjects
 from .locks import Locks, Op, Retry
 from .registry import Registry
-from .sizeclasses import CLASS_TO_SIZE
+from .sizeclasses import CLASS_TO_ALLOCNPAGES, CLASS_TO_SIZE
 
 _log = logging.getLogger("shmalloc.arena")
 
@@ -41,6 +41,9 @@ H = L.HEAP
 C = L.CENTRAL
 SL = L.SLOT
 PAGE = L.PAGE_SIZE
+_SMALL_SPAN_PAGES = max(CLASS_TO_ALLOCNPAGES)  # the longest small span, in pages
+LARGE_GROUP = (0, -1)  # Arena._buffer_groups' key of the buffered frees of large blocks
+LARGE_STEP = 8  # buffered frees of large blocks applied in one checkpointed step, at most
 
 
 def _merged(ranges):
@@ -476,24 +479,44 @@ class Arena:
 
     def _buffer_groups(self, k):
         """P k's buffered frees grouped by the span that holds them, read without a lock:
-        {(class, record): [handle, ...] ascending}; class -1 for handles no span holds.  The
-        handles are sorted, then taken a page at a time (one page-map read per page, not per
-        handle).  _apply_buffer re-checks every group under the locks."""
+        {(class, record): [handle, ...] ascending}; class -1 for handles no span holds, and one
+        group LARGE_GROUP for every handle on a large span's page (_apply_buffer looks each up
+        under the heap lock, LARGE_STEP of them a step).  The
+        handles are sorted, then taken a span at a time -- the span the page map names for the
+        first handle's page, when its every page from there on names it too (one read of its
+        page-map words, where a page at a time cost a read and a bisection per page: a 4 KiB
+        class's span has 16) -- else a page at a time.  A live object's page names its span, which
+        stays in use while the object is buffered, so a good handle is grouped with its span
+        whatever the unlocked reads meet.  _apply_buffer re-checks every group under the locks."""
         q, lay = self.q, self.lay
         sw = lay.slot_word(k)
         hs = sorted(q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + q[sw + SL["rfree_n"]]].tolist())
         pm, npages, sw0 = lay.pagemap_word(), lay.heap_max >> L.PAGE_SHIFT, lay.span_word(0)
-        groups, sc, shift = {}, S["sizeclass"], L.PAGE_SHIFT
+        groups, sc, start, np_, shift = {}, S["sizeclass"], S["start"], S["npages"], L.PAGE_SHIFT
         first_coarse, page_of = lay.handle_c0 << L.GEN_BITS, lay.handle_page
+        top = q[lay.heap_word() + H["committed_pages"]]  # page-map words past it may be unreserved
         i, n = bisect_right(hs, 0), len(hs)  # 0: applied by an earlier, interrupted pass (no handle is 0)
         while i < n:
             page = page_of(hs[i])
-            # The first handle past this page in the same part of the maps (class 1 is fine,
-            # class 0 -- large -- coarse): every coarse handle sorts after every fine one.
-            nxt = lay.make_handle((page + 1) << shift, 0, 0 if hs[i] >= first_coarse else 1)
-            j = bisect_left(hs, nxt, i + 1)
             r = q[pm + page] - 1 if 0 <= page < npages else -1
-            key = (q[sw0 + r * L.SPAN_WORDS + sc], r) if r >= 0 else (-1, -1)
+            end = page + 1
+            if r >= 0:
+                w = sw0 + r * L.SPAN_WORDS
+                key = (q[w + sc], r)
+                if key[0] == 0:
+                    key = LARGE_GROUP  # large blocks: one group, each found under the heap lock
+                else:
+                    e = q[w + start] + q[w + np_]  # the span's end, if the record is the page's span
+                    # Taken whole when every later page of it names it too (a small span's all do).
+                    rest = e - end if end < e <= min(page + _SMALL_SPAN_PAGES, top) else 0
+                    if rest and q[pm + end : pm + e].tolist() == [r + 1] * rest:
+                        end = e
+            else:
+                key = (-1, -1)
+            # The first handle past the span (or page) in the same part of the maps (class 1 is
+            # fine, class 0 -- large -- coarse): every coarse handle sorts after every fine one.
+            nxt = lay.make_handle(end << shift, 0, 0 if hs[i] >= first_coarse else 1)
+            j = bisect_left(hs, nxt, i + 1)
             g = groups.get(key)
             if g is None:
                 groups[key] = hs[i:j]
@@ -510,8 +533,9 @@ class Arena:
         the buffer's count (rfree_n) drops below that group's entries in the same checkpointed
         step, so a retry after a crash never applies one twice (one word written per group): it
         ends at the kept groups' count.  Frees found bad now are counted (heap bad_frees, in the
-        same step) and returned, never applied.  Caller holds the heap lock and the central locks
-        of the classes in `groups`."""
+        same step) and returned, never applied.  The frees of large blocks (LARGE_GROUP) go
+        LARGE_STEP a step, the count dropping below each step's in it.  Caller holds the heap lock
+        and the central locks of the classes in `groups`."""
         lay = self.lay
         sw = lay.slot_word(k)
         n_w, bad_w = sw + SL["rfree_n"], lay.heap_word() + H["bad_frees"]
@@ -530,26 +554,43 @@ class Arena:
         nbad = 0
         for _, (c, r) in reversed(order):
             handles = groups[c, r]
-            if r < 0 or not self._group_holds(r, c, handles):
-                bad = len(handles)  # no span holds them now: stale handles
-            elif c == 0:
-                bad = 0
-                for h in handles:
-                    try:
-                        self.large.free(op, r, h, k, buffered=True)
-                    except BadHandle:
-                        bad += 1
-            elif L.LOCK_CENTRAL(c) in op.held:
-                bad = self.central.apply_frees(op, c, r, handles, k)
-            else:
-                bad = len(handles)
-            left -= len(handles)
-            op.w(n_w, left)
-            if bad:
-                op.add(bad_w, bad)
-                nbad += bad
-            op.log.clear()  # checkpoint
+            large = (c, r) == LARGE_GROUP
+            # Large blocks LARGE_STEP a step, from the group's end: the undo log stays bounded (a
+            # large free may give its span back to the heap), and a crash loses that step only.
+            steps = range(len(handles), 0, -LARGE_STEP) if large else (len(handles),)
+            for j in steps:
+                part = handles[max(0, j - LARGE_STEP) : j] if large else handles
+                if large:
+                    bad = self._free_large(op, k, part)
+                elif r < 0 or not self._group_holds(r, c, part):
+                    bad = len(part)  # no span holds them now: stale handles
+                elif L.LOCK_CENTRAL(c) in op.held:
+                    bad = self.central.apply_frees(op, c, r, part, k)
+                else:
+                    bad = len(part)
+                left -= len(part)
+                op.w(n_w, left)
+                if bad:
+                    op.add(bad_w, bad)
+                    nbad += bad
+                op.log.clear()  # checkpoint
         return nbad
+
+    def _free_large(self, op, k, handles):
+        """Apply P k's buffered frees `handles` of large blocks, each block found from its page
+        under the heap lock (held).  Returns how many were bad (no large span starts there now, or
+        its block is not the one the handle named), none of them applied."""
+        q, lay, heap, bad = self.q, self.lay, self.heap, 0
+        for h in handles:
+            r = heap.span_of_page(lay.handle_page(h))
+            if r < 0 or q[lay.span_word(r) + S["sizeclass"]] != 0:
+                bad += 1
+                continue
+            try:
+                self.large.free(op, r, h, k, buffered=True)
+            except BadHandle:
+                bad += 1
+        return bad
 
     def _warn_bad(self, k, nbad):
         if nbad:

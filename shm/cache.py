@@ -158,8 +158,9 @@ class ProcessCache:
         self._cpclass = bytearray(lay.heap_pages)
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
         self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
-        self._lcached = [0]
-        self._rlarge = 0  # frees of large blocks in our remote-free buffer, about (slow path)  # pages charged for the large spans in _lcache (_charge)
+        self._lcached = [0]  # pages charged for the large spans in _lcache (_charge)
+        # Frees of large blocks in our remote-free buffer, about (fewer when a flush applied it).
+        self._rlarge = [0]
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lmin = self._lcap // LARGE_CACHE_SPANS  # the least a cached span is charged
         self._lock = threading.Lock()
@@ -197,7 +198,7 @@ class ProcessCache:
             self._lcap,
             self._lmin,
         )
-        rbuf, rfree_n, lgrel = self._rbuf, self._rfree_n, self._lgrel
+        rbuf, rfree_n, lgrel, rlarge = self._rbuf, self._rfree_n, self._lgrel, self._rlarge
         owner, get_ident = self.owner_thread, _thread.get_ident
         stop, inside = self._shm_stop, self._inside  # cells: _set_stop() swaps them
         slow_alloc, slow_free = self._slow_alloc, self._slow_free
@@ -205,7 +206,15 @@ class ProcessCache:
         LISTED, ALLOC, RFREED, TAG0, RCAP = L.LISTED, L.ALLOC, L.RFREED, L.TAG0, L.RFREE_CAP
         LARGE, COARSE, PSHIFT, PMASK = _LARGE, _COARSE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
         GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, L.FINE_PAGE_SHIFT
-        C0, CPS = self.arena.lay.handle_c0, L.COARSE_PAGE_SHIFT
+        arena = self.arena
+        C0, CPS = arena.lay.handle_c0, L.COARSE_PAGE_SHIFT
+        q, mv, pm, sw0, capacity = (
+            arena.q,
+            arena.mv,
+            arena.lay.pagemap_word(),
+            arena.lay.span_word(0),
+            arena.block_capacity,
+        )
         CPM, SW, SC = (1 << CPS) - 1, L.SPAN_WORDS, S["sizeclass"]
 
         def alloc(size):
@@ -284,13 +293,39 @@ class ProcessCache:
                     ins[0] = 0
             return False
 
+        def free_large_remote(h, i):
+            """The rest of free() for another P's large block (live, h its handle): buffered as a
+            small one is, and counted (rlarge); the LARGE_RFREE_BATCH-th takes the slow path,
+            which applies the buffer.  Out of free()'s body, as free_coarse is."""
+            ins = inside
+            ins[0] = 1
+            try:
+                n = rfree_n[0]
+                c = rlarge[0] if n >= rlarge[0] else 0  # fewer buffered: a flush applied them
+                if c + 1 < LARGE_RFREE_BATCH and n < RCAP and not stop[0]:
+                    rbuf[n] = h
+                    rfree_n[0] = n + 1
+                    amap[i] = RFREED  # a second free now fails at once
+                    rlarge[0] = c + 1
+                    return
+            finally:
+                ins[0] = 0
+            slow_free(h)
+
         def free(block):
             """Free a Block or an int handle allocated by any process.  BadHandle or
             DoubleFree for anything that is not a live block (a stale handle, whose block was
             freed since, included); nothing changes then."""
             cls = block.__class__
-            # A Block of another Heap goes to _handle, which refuses one of another arena.
-            h = block[0] if cls is B and block[3] is self else block if cls is int else _handle(block, self)
+            # A Block of another P of this arena (a consumer freeing a producer's Block) is read
+            # here too; one of another arena goes to _handle, which refuses it.
+            h = (
+                block[0]
+                if cls is B and (block[3] is self or block[3].arena is arena)
+                else block
+                if cls is int
+                else _handle(block, self)
+            )
             if get_ident() == owner:
                 i = h >> GB
                 try:
@@ -318,14 +353,14 @@ class ProcessCache:
                         elif free_coarse(h, i, g):
                             return
                     elif (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
-                        # A large block starts a page of the maps' coarse part: its free takes
-                        # the slow path, which bounds how many such frees wait (LARGE_RFREE_BATCH).
+                        # A large block starts a page of the maps' coarse part: its free is
+                        # counted, so that few such frees wait (LARGE_RFREE_BATCH).
                         if (
                             i >= C0
                             and not (i - C0) & CPM
                             and q[sw0 + (q[pm + ((i - C0) >> CPS)] - 1) * SW + SC] == 0
                         ):
-                            return slow_free(h)
+                            return free_large_remote(h, i)
                         ins = inside
                         ins[0] = 1
                         try:
@@ -341,14 +376,6 @@ class ProcessCache:
                     pass
             slow_free(h)
 
-        arena = self.arena
-        q, mv, pm, sw0, capacity = (
-            arena.q,
-            arena.mv,
-            arena.lay.pagemap_word(),
-            arena.lay.span_word(0),
-            arena.block_capacity,
-        )
         SC, START, NPAGES, SPAN_WORDS = S["sizeclass"], S["start"], S["npages"], L.SPAN_WORDS
         hb = arena.lay.heap_off
 
@@ -560,17 +587,17 @@ class ProcessCache:
         if b == L.ALLOC or b >= L.TAG0:
             if self._rfree_n[0] >= L.RFREE_CAP:
                 self.arena.apply_buffered_frees(self.slot)
-            n = self._rfree_n[0]
-            if n < self._rlarge:  # applied meanwhile (a flush): count afresh
-                self._rlarge = 0
+            n, rlarge = self._rfree_n[0], self._rlarge
+            if n < rlarge[0]:  # applied meanwhile (a flush): count afresh
+                rlarge[0] = 0
             self._rbuf[n] = h
             self._rfree_n[0] = n + 1
             self._amap[i] = L.RFREED
             if self._is_large(i):
-                self._rlarge += 1
-                if self._rlarge >= LARGE_RFREE_BATCH:
+                rlarge[0] += 1
+                if rlarge[0] >= LARGE_RFREE_BATCH:
                     self.arena.apply_buffered_frees(self.slot)
-                    self._rlarge = 0
+                    rlarge[0] = 0
             return
         self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
 

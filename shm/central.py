@@ -160,8 +160,21 @@ def freed(old, gens, j0, stride, handles, table):
 
 
 EMPTY_KEEP = 4  # spans a batch of remote frees empties that wait for the next refill of their
-# class, at most per class (a producer -> consumer pipeline takes them back at once; more would
-# only wait for the daemon's tick, which gives them all back in one operation)
+# class, at most per class, or more in a class whose spans hold few objects (EMPTY_KEEP_C): a
+# producer -> consumer pipeline takes them back at once; more would only wait for the daemon's
+# tick, which gives them all back in one operation
+EMPTY_KEEP_BYTES = 1 << 20  # bytes of such spans a class keeps, at most, past EMPTY_KEEP spans
+# As many as one full batch of remote frees can empty (RFREE_CAP objects: a 4 KiB consumer's batch
+# empties 8 spans of 32), within EMPTY_KEEP_BYTES, and EMPTY_KEEP at least: by class.
+EMPTY_KEEP_C = tuple(
+    max(
+        EMPTY_KEEP,
+        min(L.RFREE_CAP // CLASS_TO_NOBJS[c], EMPTY_KEEP_BYTES // (CLASS_TO_ALLOCNPAGES[c] * PAGE)),
+    )
+    if c
+    else 0
+    for c in range(L.NCLASS)
+)
 
 
 class CentralList:
@@ -199,22 +212,32 @@ class CentralList:
         """The generation bytes of n objects, the first at map index j0, `stride` bytes apart."""
         return strided(self.mv, self.gen_start(j0), stride, n)
 
-    def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=()):
+    def _place(self, op, c, r, alloc_count, nelems, keep_empty=False, idxs=(), values=(), from_w=None):
         """Put uncached span r where it belongs: full list, partial list, or back to the heap
         (an empty span; with keep_empty it waits on the partial list for free_empty).  The
         caller's own writes `idxs`, `values` (none a word the placing reads) are logged with the
-        placing's first step, in one entry."""
+        placing's first step, in one entry.  `from_w`: the head word of the list r is on now, if
+        any: it leaves it in that step too (PageHeap.list_move), or first when it stays there."""
+        heap = self.heap
         if alloc_count == 0 and not keep_empty:
+            if from_w is not None:
+                idxs, values = heap.list_remove_words(from_w, r, idxs, values)
             nw = self.cw(c) + C["nspans"]
             op.wset([*idxs, nw], [*values, self.q[nw] - 1])
             op.acquire(L.LOCK_HEAP)
-            self.heap.free_span(op, r)
+            heap.free_span(op, r)
         else:
             which = L.LIST_FULL if alloc_count == nelems else L.LIST_PARTIAL
             if alloc_count == 0:  # an empty span waits: counted (nempty)
                 ew = self.cw(c) + C["nempty"]
                 idxs, values = [*idxs, ew], [*values, self.q[ew] + 1]
-            self.heap.list_push(op, self.head_w(c, which), r, which, idxs, values)
+            to_w = self.head_w(c, which)
+            if from_w is not None and from_w != to_w:
+                heap.list_move(op, from_w, to_w, r, which, idxs, values)
+                return
+            if from_w is not None:  # back on the list it was on: its head, as a push puts it
+                heap.list_remove(op, from_w, r)
+            heap.list_push(op, to_w, r, which, idxs, values)
 
     # --- a P takes and gives back spans -------------------------------------------------------
     def grow(self, op, c):
@@ -227,22 +250,20 @@ class CentralList:
     def cache_span(self, op, c, k):
         """Give P k a span of class c with a free object; returns (record, handles listed)."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.cache_span")
-        q = self.q
+        q, cw = self.q, self.cw(c)
         head = q[self.head_w(c, L.LIST_PARTIAL)]
+        r = head - 1 if head else self.grow(op, c)
+        w, nc = self.lay.span_word(r), cw + C["ncached"]
+        # Cached by P k: its owner, count and slot word, and the class's count, in one step with
+        # the span's leaving the partial list.
+        idxs = [w + _OWNER, w + _ALLOC_COUNT, self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, nc]
+        values = [k + 1, 0, r + 1, q[nc] + 1]
         if head:
-            r = head - 1
-            cnt, cw = q[self.lay.span_word(r) + S["alloc_count"]], self.cw(c)
-            live, empty = cw + C["live"], cw + C["nempty"]
-            self.heap.list_remove(
-                op, self.head_w(c, L.LIST_PARTIAL), r, [live, empty], [q[live] - cnt, q[empty] - (cnt == 0)]
-            )
+            cnt, live, empty = q[w + _ALLOC_COUNT], cw + C["live"], cw + C["nempty"]
+            idxs, values = [*idxs, live, empty], [*values, q[live] - cnt, q[empty] - (cnt == 0)]
+            self.heap.list_remove(op, self.head_w(c, L.LIST_PARTIAL), r, idxs, values)
         else:
-            r = self.grow(op, c)
-        w = self.lay.span_word(r)
-        op.w(w + S["owner"], k + 1)
-        op.w(w + S["alloc_count"], 0)
-        op.w(self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, r + 1)
-        op.add(self.cw(c) + C["ncached"], 1)
+            op.wset(idxs, values)
         return r, self.collect(op, c, r, k)
 
     def _retag(self, op, c, r, k, table, what, frees=()):
@@ -280,6 +301,8 @@ class CentralList:
         handles, each with its object's generation (bumped when it was freed)."""
         old, new, j0, size, _ = self._retag(op, c, r, k, CACHE_T[k], "CentralList.collect")
         w = self.lay.span_word(r)
+        if new == old and LISTED not in new and not self.q[w + _NPENDING]:
+            return []  # nothing freed, nothing listed: the refill of a span handed out whole
         op.add(self.cw(c) + C["mallocs"], old.count(FREE) + old.count(PENDING))
         op.w(w + S["npending"], 0)
         # Highest address first, so list.pop() hands out ascending addresses.
@@ -387,13 +410,12 @@ class CentralList:
         if not owner:
             cnt, cw = q[w + _ALLOC_COUNT], self.cw(c)
             idxs, values = [w + _ALLOC_COUNT, cw + _LIVE], [cnt - nfreed, q[cw + _LIVE] - nfreed]
-            self.heap.list_remove(op, self.head_w(c, q[w + S["list"]]), r)
-            # Emptied, it waits on the partial list -- EMPTY_KEEP of them at most: in a producer
-            # -> consumer pipeline the producer takes it again at its next refill, with no
-            # page-heap operation on either side.  The daemon gives back the ones nobody took
+            # Emptied, it waits on the partial list -- EMPTY_KEEP_C[c] of them at most: in a
+            # producer -> consumer pipeline the producer takes it again at its next refill, with
+            # no page-heap operation on either side.  The daemon gives back the ones nobody took
             # each second (Arena.free_empty_spans); the others go back to the heap now.
-            keep = q[cw + C["nempty"]] < EMPTY_KEEP
-            self._place(op, c, r, cnt - nfreed, n, keep, idxs, values)
+            keep = q[cw + C["nempty"]] < EMPTY_KEEP_C[c]
+            self._place(op, c, r, cnt - nfreed, n, keep, idxs, values, self.head_w(c, q[w + S["list"]]))
         return len(handles) - nfreed
 
     def free_object(self, op, c, r, h, k):
@@ -425,12 +447,10 @@ class CentralList:
             if owner:
                 raise CorruptionError(f"span {r} is cached by P {owner - 1} but object {h} is ALLOC")
             op.wbyte(boff, FREE)
-            cnt = q[w + S["alloc_count"]]
-            op.w(w + S["alloc_count"], cnt - 1)
-            op.add(self.cw(c) + C["live"], -1)
-            lst = q[w + S["list"]]
-            self.heap.list_remove(op, self.head_w(c, lst), r)
-            self._place(op, c, r, cnt - 1, q[w + S["nelems"]])
+            cnt, live = q[w + S["alloc_count"]], self.cw(c) + C["live"]
+            from_w = self.head_w(c, q[w + S["list"]])
+            idxs, values = [w + S["alloc_count"], live], [cnt - 1, q[live] - 1]
+            self._place(op, c, r, cnt - 1, q[w + S["nelems"]], False, idxs, values, from_w)
             return
         j = b - L.TAG0
         if owner != j + 1:

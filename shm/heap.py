@@ -37,6 +37,7 @@ from .errors import CorruptionError, OutOfMemory
 
 S = L.SPAN
 H = L.HEAP
+_SW, _NEXT, _PREV, _LIST = L.SPAN_WORDS, S["next"], S["prev"], S["list"]
 PAGE = L.PAGE_SIZE
 GROW_PAGES = 128  # commit at least 1 MiB at a time
 
@@ -64,10 +65,11 @@ class PageHeap:
         self.lay = arena.lay
         self.hw = arena.lay.heap_word()
         self.pm = arena.lay.pagemap_word()
+        self.s0 = arena.lay.span_word(0)  # span r's first word: s0 + r * SPAN_WORDS
 
     # --- small accessors ----------------------------------------------------------------
     def sw(self, r):
-        return self.lay.span_word(r)
+        return self.s0 + r * _SW
 
     def field(self, r, name):
         return self.q[self.lay.span_word(r) + S[name]]
@@ -96,14 +98,26 @@ class PageHeap:
     def list_push(self, op, head_w, r, tag, idxs=(), values=()):
         """Push span r on the list at `head_w`.  The caller's own writes `idxs`, `values` (words
         the push neither reads nor writes) go with the push's in one logged step (Op.wset)."""
-        w = self.sw(r)
+        op.wset(*self.list_push_words(head_w, r, tag, idxs, values))
+
+    def list_push_words(self, head_w, r, tag, idxs=(), values=()):
+        """(word indices, values) of list_push(head_w, r, tag), to be written in one step."""
+        s0 = self.s0
+        w = s0 + r * _SW
         first = self.q[head_w]
-        idxs = [*idxs, w + S["next"], w + S["prev"], w + S["list"], head_w]
+        idxs = [*idxs, w + _NEXT, w + _PREV, w + _LIST, head_w]
         values = [*values, first, 0, tag, r + 1]
         if first:
-            idxs.append(self.sw(first - 1) + S["prev"])
+            idxs.append(s0 + (first - 1) * _SW + _PREV)
             values.append(r + 1)
-        op.wset(idxs, values)
+        return idxs, values
+
+    def list_move(self, op, from_w, to_w, r, tag, idxs=(), values=()):
+        """Move span r from the list at `from_w` to the one at `to_w` (another list) in one step:
+        list_remove's words, then list_push's, whose values for r's own links win (Op.wset writes
+        in order); the caller's `idxs`, `values` go with them."""
+        idxs, values = self.list_remove_words(from_w, r, idxs, values)
+        op.wset(*self.list_push_words(to_w, r, tag, idxs, values))
 
     def list_remove(self, op, head_w, r, idxs=(), values=()):
         """Take span r off the list at `head_w`; the caller's own writes `idxs`, `values` go with
@@ -112,19 +126,20 @@ class PageHeap:
 
     def list_remove_words(self, head_w, r, idxs=(), values=()):
         """(word indices, values) of list_remove(head_w, r), to be written in one step."""
-        q, w = self.q, self.sw(r)
-        nxt, prv = q[w + S["next"]], q[w + S["prev"]]
-        idxs = [*idxs, w + S["next"], w + S["prev"], w + S["list"]]
+        q, s0 = self.q, self.s0
+        w = s0 + r * _SW
+        nxt, prv = q[w + _NEXT], q[w + _PREV]
+        idxs = [*idxs, w + _NEXT, w + _PREV, w + _LIST]
         values = [*values, 0, 0, L.LIST_NONE]
         if prv:
-            idxs.append(self.sw(prv - 1) + S["next"])
+            idxs.append(s0 + (prv - 1) * _SW + _NEXT)
         else:
             if q[head_w] != r + 1:
                 raise CorruptionError(f"span {r} is not at the head of its list but has no prev")
             idxs.append(head_w)
         values.append(nxt)
         if nxt:
-            idxs.append(self.sw(nxt - 1) + S["prev"])
+            idxs.append(s0 + (nxt - 1) * _SW + _PREV)
             values.append(prv)
         return idxs, values
 

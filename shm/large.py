@@ -118,32 +118,39 @@ class LargeObjects:
         buffer, which marked the object RFREED.  Returns False when the object is owned by another
         P and was only marked PENDING for it."""
         op.need(L.LOCK_HEAP, "LargeObjects.free")
-        q, w = self.q, self.lay.span_word(r)
+        q, lay = self.q, self.lay
+        w = lay.span_word(r)
         at, gen = L.handle_index(h)
-        if at < self.lay.fine_bytes:
+        if at < lay.fine_bytes:
             raise BadHandle(f"handle {h} is stale: its block's pages now hold a large block")
-        if at != self.lay.span_index(q[w + S["start"]], 0)[0]:
+        if at != lay.span_index(q[w + S["start"]], 0)[0]:
             raise BadHandle(
                 f"handle {h} is inside a large block of {q[w + S['npages']] * PAGE} bytes but not at its start"
             )
-        b = self.mv[self.lay.amap_byte(h)]
+        gen_b = lay.gmap_off + at
+        b, g = self.mv[lay.amap_off + at], self.mv[gen_b]
         owner = q[w + S["owner"]]
         if b == L.RFREED and buffered:
             b = L.TAG0 + owner - 1 if owner else L.ALLOC  # our hint held (central.apply_frees)
-        judge(h, b, self.mv[self.lay.gmap_byte(h)], gen, f"large block {h}")
-        op.wbyte(self.lay.gmap_byte(h), (gen + 1) & L.GEN_MASK)  # freed now: its next handle
+        if g != gen or (b != L.ALLOC and b < L.TAG0):  # not the live block h names
+            judge(h, b, g, gen, f"large block {h}")  # raises, saying why
+            raise CorruptionError(f"large block {h}: judged live, object byte {b}, generation {g}")
+        next_gen = (gen + 1) & L.GEN_MASK  # freed now: its next handle
         if b == L.ALLOC and not owner:
+            op.wbyte(gen_b, next_gen)
             self._give_back(op, r, h, was_live=True)
             return True
         if b >= L.TAG0 and owner == b - L.TAG0 + 1:
             j = b - L.TAG0
             if j == k:
+                op.wbyte(gen_b, next_gen)
                 self._give_back(op, r, h, was_live=True)
                 return True
             # Freed now, in the figures too; only its pages wait for the owner to take them back
-            # (into its large cache) or give them back to the heap, on its pending list.
+            # (into its large cache) or give them back to the heap, on its pending list.  Its two
+            # map bytes are one log entry, its move and the counters one step.
             npages = q[w + S["npages"]]
-            op.wbyte(self.lay.amap_byte(h), L.PENDING)
+            op.wscatter((gen_b, lay.amap_off + at), (next_gen, L.PENDING))
             sj, hw = self.lay.slot_word(j), self.hw
             idxs = [
                 hw + H["large_live"],
@@ -152,8 +159,7 @@ class LargeObjects:
                 sj + SL["lg_pend_pages"],
             ]
             values = [q[idxs[0]] - 1, q[idxs[1]] - npages, q[idxs[2]] + 1, q[idxs[3]] + npages]
-            self.heap.list_remove(op, self.head_w(j), r)
-            self.heap.list_push(op, self.pend_w(j), r, L.LIST_LPENDING, idxs, values)
+            self.heap.list_move(op, self.head_w(j), self.pend_w(j), r, L.LIST_LPENDING, idxs, values)
             return False
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
@@ -188,33 +194,38 @@ class LargeObjects:
         sw = self.lay.slot_word(k)
         if not q[sw + SL["lg_pending"]]:
             return kept, gone
-        hw, pending = self.hw, self.pending(k)
-        size = {r: q[self.lay.span_word(r) + S["npages"]] for r in pending}
-        # Spans of the size the P wants first, newest first; then the others.
-        for r in [r for r in pending if size[r] == want] + [r for r in pending if size[r] != want]:
-            npages = size[r]
-            charge = max(npages, least)
-            if charge > room:
-                continue
-            room -= charge
-            h = self.base(r)
-            if self.mv[self.lay.amap_byte(h)] != L.PENDING:
-                raise CorruptionError(f"large span {r} on P {k}'s pending list is not PENDING")
-            op.wbyte(self.lay.amap_byte(h), L.LISTED)
-            idxs = [
-                hw + H["large_live"],
-                hw + H["large_live_pages"],
-                hw + H["large_mallocs"],
-                hw + H["large_total_bytes"],
-                sw + SL["lg_pending"],
-                sw + SL["lg_pend_pages"],
-            ]
-            deltas = (1, npages, 1, npages * PAGE, -1, -npages)
-            values = [q[i] + d for i, d in zip(idxs, deltas)]
-            self.heap.list_remove(op, self.pend_w(k), r, idxs, values)
-            self.heap.list_push(op, self.head_w(k), r, L.LIST_LARGE)
-            kept.append((h, npages))
-            op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+        hw, lay, pend_w, head_w = self.hw, self.lay, self.pend_w(k), self.head_w(k)
+        idxs = [
+            hw + H["large_live"],
+            hw + H["large_live_pages"],
+            hw + H["large_mallocs"],
+            hw + H["large_total_bytes"],
+            sw + SL["lg_pending"],
+            sw + SL["lg_pend_pages"],
+        ]
+        # Spans of the size the P wants first, newest first; then the others.  The list is walked
+        # from its head only as far as `room` may still take a span (each is charged `least` at
+        # least): a producer's pending list holds a window's worth, and it takes a few.
+        for wanted in (True, False):
+            r = q[pend_w] - 1
+            while r >= 0 and room >= max(least, 1):
+                w = lay.span_word(r)
+                nxt, npages = q[w + S["next"]] - 1, q[w + S["npages"]]
+                charge = max(npages, least)
+                if (npages == want) == wanted and charge <= room:
+                    room -= charge
+                    h = self.base(r)
+                    if self.mv[lay.amap_byte(h)] != L.PENDING:
+                        raise CorruptionError(f"large span {r} on P {k}'s pending list is not PENDING")
+                    op.wbyte(lay.amap_byte(h), L.LISTED)
+                    deltas = (1, npages, 1, npages * PAGE, -1, -npages)
+                    values = [q[i] + d for i, d in zip(idxs, deltas)]
+                    self.heap.list_move(op, pend_w, head_w, r, L.LIST_LARGE, idxs, values)
+                    kept.append((h, npages))
+                    op.log.clear()  # checkpoint: any number of spans, a bounded undo log
+                elif wanted and npages == want:
+                    break  # the size wanted no longer fits: nor will the next of that size
+                r = nxt
         # Too many left waiting: the oldest go back to the heap.
         if q[sw + SL["lg_pending"]] > keep_spans or q[sw + SL["lg_pend_pages"]] > keep_pages:
             for r in reversed(self.pending(k)):

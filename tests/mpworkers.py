@@ -204,19 +204,23 @@ def connected_worker(endpoint, cmds, results):
             results.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def stuck_applying_frees(arena_name, ready, results, nth=1):
+def stuck_applying_frees(arena_name, ready, results, nth=1, moving=False):
     """Two Ps in one process: the first allocates, the second frees every block (a remote free)
     until its buffer fills and is applied -- and stops forever INSIDE that batch's operation,
-    after the `nth` span's frees were written (the spans before it checkpointed).  The test
-    SIGKILLs us there."""
+    after the `nth` span's frees were written (the spans before it checkpointed); with `moving`,
+    half way through the step that moves the first span the batch emptied from the full list to
+    the partial one (PageHeap.list_move: its log entry complete, half of its words stored).  The
+    test SIGKILLs us there."""
     from shm import Arena, ProcessCache, layout
     from shm.central import CentralList
+    from shm.heap import PageHeap
+    from shm.locks import Op
 
     arena = Arena.attach(arena_name)
     owner, freer = ProcessCache(arena), ProcessCache(arena)
     n = layout.RFREE_CAP + 1
     blocks = [owner.alloc(64) for _ in range(n)]
-    real = CentralList.apply_frees
+    real, real_move, real_wset = CentralList.apply_frees, PageHeap.list_move, Op.wset
 
     calls = []
 
@@ -229,9 +233,54 @@ def stuck_applying_frees(arena_name, ready, results, nth=1):
         stop_forever(ready)
         return bad  # not reached
 
-    CentralList.apply_frees = apply_frees
+    def half_wset(self, idxs, values):
+        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
+            for j, v in enumerate(values):
+                if j == len(idxs) // 2:
+                    results.put((n, layout.RFREE_CAP))
+                    stop_forever(ready)
+                yield v
+
+        real_wset(self, idxs, stored())
+
+    def list_move(self, op, from_w, to_w, r, tag, *a):
+        if tag == layout.LIST_PARTIAL:
+            Op.wset = half_wset
+        return real_move(self, op, from_w, to_w, r, tag, *a)
+
+    if moving:
+        PageHeap.list_move = list_move
+    else:
+        CentralList.apply_frees = apply_frees
     for b in blocks:
         freer.free(b)  # the last one applies the full buffer first
+    time.sleep(60)  # not reached
+
+
+def stuck_applying_large_frees(arena_name, ready, handles, nth):
+    """Free the large blocks whose handles come on `handles` (another P's), every one buffered
+    (the bound of such frees a buffer holds lifted), then flush -- and stop forever INSIDE the
+    flush, right after the `nth` of them was applied (arena.LARGE_STEP a step: the steps before
+    it checkpointed, the buffer's count below them).  The test SIGKILLs us there."""
+    from shm import Arena, ProcessCache, cache
+    from shm.large import LargeObjects
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    cache.LARGE_RFREE_BATCH = 1 << 20
+    real, calls = LargeObjects.free, []
+
+    def free(self, *a, **kw):
+        res = real(self, *a, **kw)
+        calls.append(res)
+        if len(calls) == nth:
+            stop_forever(ready)
+        return res
+
+    for h in handles.get(timeout=120):
+        p.free(h)
+    LargeObjects.free = free
+    p.flush()
     time.sleep(60)  # not reached
 
 
@@ -299,36 +348,47 @@ def stuck_flushing_large(arena_name, ready):
 
 
 def stuck_in_pending_list(arena_name, ready, handles, where):
-    """Stop forever in the middle of a step that moves a large span between a P's lists, after
-    the span left one list and before it is on the other.  `where`: "free" -- free the large
-    blocks whose handles come on `handles` (another P's) and apply them: stuck marking one
-    PENDING; "collect" -- allocate three large blocks, send their handles, wait until another
-    P freed them (PENDING for us), then allocate: stuck taking one back."""
+    """Stop forever in the middle of a step that moves a large span between a P's lists (one
+    Op.wset, PageHeap.list_move): its log entry complete, half of its words stored -- the span
+    off one list, maybe not yet on the other.  `where`: "free" -- free the large blocks whose
+    handles come on `handles` (another P's) and apply them: stuck marking one PENDING;
+    "collect" -- allocate three large blocks, send their handles, wait until another P freed
+    them (PENDING for us), then allocate: stuck taking one back."""
     from shm import Arena, ProcessCache
     from shm import layout as L
     from shm.heap import PageHeap
+    from shm.locks import Op
 
     arena = Arena.attach(arena_name)
     p = ProcessCache(arena)
-    real = PageHeap.list_push
+    real_move, real_wset = PageHeap.list_move, Op.wset
     tag = L.LIST_LPENDING if where == "free" else L.LIST_LARGE
 
-    def list_push(self, op, head_w, r, t, *a, **kw):
+    def half_wset(self, idxs, values):
+        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
+            for j, v in enumerate(values):
+                if j == len(idxs) // 2:
+                    stop_forever(ready)
+                yield v
+
+        real_wset(self, idxs, stored())
+
+    def list_move(self, op, from_w, to_w, r, t, *a, **kw):
         if t == tag:
-            stop_forever(ready)
-        return real(self, op, head_w, r, t, *a, **kw)
+            Op.wset = half_wset
+        return real_move(self, op, from_w, to_w, r, t, *a, **kw)
 
     if where == "free":
         for h in handles.get(timeout=120):
             p.free(h)
-        PageHeap.list_push = list_push
+        PageHeap.list_move = list_move
         p.flush()
     else:
         blocks = [p.alloc(100_000) for _ in range(3)]
         handles.put([b.handle for b in blocks])
         while not arena.q[arena.lay.slot_word(p.slot) + L.SLOT["lg_pending"]]:
             time.sleep(0.001)
-        PageHeap.list_push = list_push
+        PageHeap.list_move = list_move
         p.alloc(100_000)
 
 

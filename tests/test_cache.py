@@ -76,6 +76,59 @@ def test_cross_process_cache_free_goes_pending_then_collected(arena):
     p2.close()
 
 
+def test_a_refill_collects_what_was_freed_in_the_span_it_caches_and_nothing_else(arena):
+    """A refill first collects the span the P caches: the objects freed in it meanwhile (here by
+    another P: PENDING) come back listed; a span handed out whole, nothing freed in it, yields
+    nothing and is left unwritten (that collect writes no undo-log entry)."""
+    from shm.central import CentralList
+    from shm.sizeclasses import CLASS_TO_NOBJS, SIZE_TO_CLASS
+
+    c = SIZE_TO_CLASS[4096 >> 3]
+    p, other = ProcessCache(arena), ProcessCache(arena)
+    first = p.alloc(4096)
+    ((r,),) = [(r,) for cc, r in arena.cached_spans(p.slot) if cc == c]
+    blocks = [first] + [p.alloc(4096) for _ in range(CLASS_TO_NOBJS[c] - 1)]  # r handed out whole
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    collected = []
+    real = CentralList.collect
+
+    def collect(self, op, c_, r_, k):
+        used = op.log.used()
+        got = real(self, op, c_, r_, k)
+        collected.append((r_, len(got), op.log.used() - used))
+        return got
+
+    CentralList.collect = collect
+    try:
+        blocks.append(p.alloc(4096))  # a refill: r yields nothing, a new span is cached
+        assert collected[0] == (r, 0, 0) and collected[1][0] != r and collected[1][1] > 0
+        newr = collected[1][0]
+        blocks += [p.alloc(4096) for _ in range(len(p._lists[c]))]  # the new span handed out whole
+        for b in blocks[CLASS_TO_NOBJS[c] :]:
+            b.buf[:] = pattern(b.handle, b.size)
+        freed = blocks[-3:]
+        for b in freed:
+            assert bytes(other.view(b.handle, b.size)) == pattern(b.handle, b.size)
+            other.free(b)  # in the span p caches: PENDING once applied
+        other.flush()
+        del blocks[-3:]
+        collected.clear()
+        again = p.alloc(4096)  # a refill: the three come back
+        assert collected == [(newr, 3, collected[0][2])] and collected[0][2] > 0
+        assert again.handle in [layout.next_handle(b.handle) for b in freed]
+    finally:
+        CentralList.collect = real
+    for b in blocks:
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+    p.free(again)
+    snap = assert_healthy(arena, p, other)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    p.close()
+    other.close()
+
+
 BAD = [
     ("below the heap", lambda a, b: layout.HANDLE_MIN - 1, BadHandle),
     ("zero", lambda a, b: 0, BadHandle),

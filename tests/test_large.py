@@ -9,6 +9,7 @@ import pytest
 from support import DEADLINE, assert_healthy, kill_and_repair, metadata_bytes, pattern, spawn_victim
 
 from shm import BadHandle, DoubleFree, ProcessCache, layout
+from shm.arena import LARGE_STEP
 
 SL, PAGE = layout.SLOT, layout.PAGE_SIZE
 
@@ -129,8 +130,8 @@ def test_sigkill_while_flushing_the_large_cache_is_rolled_back(make_arena):
 @pytest.mark.parametrize("where", ["free", "collect"])
 def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(make_arena, where):
     """A span another P freed moves from its owner's list to the owner's pending list (marked
-    PENDING), and back when the owner takes it again.  A process killed between the two halves
-    of either move leaves nothing half done."""
+    PENDING), and back when the owner takes it again, each move one logged step.  A process
+    killed half way through the step of either move leaves nothing half done."""
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
     victim, ready, handles = spawn_victim(mpworkers.stuck_in_pending_list, arena.name, where)
@@ -157,6 +158,37 @@ def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(
     else:
         assert snap["large_frees"] == 4 and snap["heap_objects"] == 0  # its three, and b
     assert snap["bad_frees"] == 0
+    snap = assert_healthy(arena, main)
+    assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
+    main.close()
+
+
+@pytest.mark.parametrize("nth", [3, LARGE_STEP + 2])
+def test_sigkill_while_applying_frees_of_large_blocks_rolls_back_one_step(make_arena, nth):
+    """A P's buffered frees of another P's large blocks are applied LARGE_STEP a step, each step
+    checkpointed with the buffer's count below it.  A process killed inside a step (the `nth`
+    free applied) loses that step only: it is rolled back, and the reclaim applies it and the
+    rest -- every free once, the owner's blocks intact."""
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    victim, ready, handles = spawn_victim(mpworkers.stuck_applying_large_frees, arena.name, nth)
+    n = 2 * LARGE_STEP + 4
+    blocks = [main.alloc(100_000) for _ in range(n + 1)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    kept = blocks.pop()
+    handles.put([b.handle for b in blocks])
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    assert arena.q[arena.lay.lock_word(layout.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
+    (k,) = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == victim.pid]
+    left = arena.q[arena.lay.slot_word(k) + layout.SLOT["rfree_n"]]
+    assert left == n - (nth - 1) // LARGE_STEP * LARGE_STEP  # the steps before nth's: applied
+    b = kill_and_repair(arena, victim, lambda: main.alloc(200_000))  # takes the heap lock
+    main.free(b)
+    snap = assert_healthy(arena, main)  # the victim reclaimed: its buffer applied, once
+    assert snap["large_frees"] == n + 1 and snap["heap_objects"] == 1 and snap["bad_frees"] == 0
+    assert bytes(main.view(kept.handle, kept.size)) == pattern(kept.handle, kept.size)
+    main.free(kept)
     snap = assert_healthy(arena, main)
     assert snap["heap_objects"] == 0 and snap["heap_inuse"] == 0
     main.close()
@@ -230,5 +262,48 @@ def test_a_cache_full_of_another_size_makes_room_for_the_size_taken_back(arena):
     owner.free(again)
     snap = assert_healthy(arena, owner, freer)
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
+@pytest.mark.parametrize(
+    "room, least, want",
+    [(100, 0, 5), (14, 0, 7), (20, 6, 5), (9, 0, 9), (4, 0, 5), (21, 0, 0), (23, 0, 7), (30, 8, 7)],
+)
+def test_taking_back_pending_spans_takes_the_size_wanted_first_as_room_allows(arena, room, least, want):
+    """collect_pending, against a plain model of its rule: the spans of `want` pages first, then
+    the others, each in the pending list's order (newest first), each taken if its charge
+    (its pages, `least` at least) fits what is left of `room`.  It walks the list only as far
+    as a span may still fit; the result is the rule's."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    sizes = [5, 7, 5, 5, 7, 9, 5, 7, 5, 5]  # pages: every block large
+    blocks = [owner.alloc(n * layout.PAGE_SIZE - 100) for n in sizes]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    for b in blocks:
+        freer.free(b.handle)
+    freer.flush()  # applied: every span PENDING on the owner's pending list
+    lay, k = arena.lay, owner.slot
+    pending = arena.large.pending(k)
+    npages = {r: arena.q[lay.span_word(r) + layout.SPAN["npages"]] for r in pending}
+    left, want_kept = room, []
+    for r in [r for r in pending if npages[r] == want] + [r for r in pending if npages[r] != want]:
+        if max(npages[r], least) <= left:
+            left -= max(npages[r], least)
+            want_kept.append((arena.large.base(r), npages[r]))
+
+    def collect(op):
+        op.acquire(layout.LOCK_HEAP)
+        return arena.large.collect_pending(op, k, room, least, 1 << 30, 1 << 30, want)
+
+    kept, gone = arena.run(k, collect)
+    assert kept == want_kept and gone == []
+    assert [r for r in pending if (arena.large.base(r), npages[r]) not in kept] == arena.large.pending(k)
+    for h, _ in kept:
+        assert arena.mv[lay.amap_byte(h)] == layout.LISTED
+    assert arena.check_all(["large"]) == []
+    owner._drop_local()  # its cache does not know the spans taken back behind its back
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == len(blocks) and snap["bad_frees"] == 0
     owner.close()
     freer.close()

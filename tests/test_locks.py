@@ -11,7 +11,7 @@ import pytest
 from support import assert_healthy, metadata_bytes
 
 from shm import Arena, BadHandle, LockUnavailable, ProcessCache, layout
-from shm.central import EMPTY_KEEP
+from shm.central import EMPTY_KEEP_C
 from shm.locks import UndoLog, holder_alive, my_start, ofd_trylock
 
 
@@ -49,9 +49,9 @@ def test_huge_block_fits_the_undo_log(make_arena):
     for b in small:
         p.free(b)
     arena.flush_all(stopped=[p.slot], keep_empty=True)
-    # The spans its buffered frees emptied: EMPTY_KEEP wait for a refill, the others went back to
-    # the heap at once; and the one it cached, kept by the flush.
-    assert arena.free_empty_spans() == EMPTY_KEEP + 1
+    # The spans its buffered frees emptied: EMPTY_KEEP_C (4 for 8-byte blocks) wait for a refill,
+    # the others went back to the heap at once; and the one it cached, kept by the flush.
+    assert arena.free_empty_spans() == EMPTY_KEEP_C[1] + 1 == 5
     assert bytes(p.view(big.handle)[-8:]) == b"lastpage"
     p.free(big)
     snap = assert_healthy(arena, p)

@@ -44,6 +44,27 @@ def test_a_remote_free_is_buffered_hinted_and_applied_in_one_batch(arena):
     freer.close()
 
 
+def test_a_block_of_another_p_is_freed_on_the_fast_path(arena, monkeypatch):
+    """A consumer freeing the producer's Block (not its int handle) reads the handle in the fast
+    path: _handle, the path of foreign objects, is not taken; the free is buffered and hinted."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(64) for _ in range(3)]
+
+    def no_handle(block, p):
+        raise AssertionError("a Block of this arena went through _handle")
+
+    monkeypatch.setattr(cache, "_handle", no_handle)
+    for b in blocks:
+        freer.free(b)
+    assert buffered(arena, freer) == [b.handle for b in blocks]
+    assert {arena.mv[arena.lay.amap_byte(b.handle)] for b in blocks} == {layout.RFREED}
+    monkeypatch.undo()
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
 def test_a_second_free_of_a_buffered_block_fails_at_once_and_changes_nothing(arena):
     owner, freer, third = ProcessCache(arena), ProcessCache(arena), ProcessCache(arena)
     small, large = owner.alloc(100), owner.alloc(100_000)
@@ -133,15 +154,19 @@ def test_closing_applies_the_buffer(arena):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nth", [1, 2])
+@pytest.mark.parametrize("nth", [1, 2, "moving"])
 def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_arena, nth):
     """The victim dies inside its batch's operation (central and heap locks held, the `nth`
     span's frees written; with nth 2 the first span's were checkpointed, the buffer's count
-    dropped below them).  The next taker of the lock rolls that span back; the reclaim applies
-    the rest of the batch, so every free is applied exactly once."""
+    dropped below them; "moving": half way through the step that moves the first span the batch
+    emptied from the full list to the partial one).  The next taker of the lock rolls that span
+    back; the reclaim applies the rest of the batch, so every free is applied exactly once."""
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
-    victim, ready, out = spawn_victim(mpworkers.stuck_applying_frees, arena.name, nth)
+    moving = nth == "moving"
+    victim, ready, out = spawn_victim(
+        mpworkers.stuck_applying_frees, arena.name, 1 if moving else nth, moving
+    )
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     n_alloc, n_buffered = out.get(timeout=DEADLINE)
     dirty = [lid for lid in range(layout.NLOCKS) if arena.q[arena.lay.lock_word(lid)]]
@@ -149,7 +174,7 @@ def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_aren
     mine = [k for k in arena.registry.active_slots() if arena.registry.pid(k) == victim.pid]
     left = max(arena.q[arena.lay.slot_word(k) + layout.SLOT["rfree_n"]] for k in mine)
     # The first span's frees checkpointed: the count no longer holds them (nth 1: nothing yet).
-    assert (left == n_buffered) if nth == 1 else (0 < left < n_buffered)
+    assert (left == n_buffered) if nth in (1, "moving") else (0 < left < n_buffered)
     other = ProcessCache(arena)
     b = kill_and_repair(arena, victim, lambda: other.alloc(64))  # takes central[64 B]
     other.free(b)
@@ -336,15 +361,18 @@ def test_many_large_blocks_freed_by_another_process_go_back_in_bounded_steps(mak
 
 
 def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
-    """A consumer's batch of remote frees empties the producer's spans: EMPTY_KEEP of them wait
-    on the partial list (counted in nempty) and the producer's next refills take them without the
-    page heap; the others go back to the heap at once."""
-    from shm.central import EMPTY_KEEP
+    """A consumer's batch of remote frees empties the producer's spans: EMPTY_KEEP_C[c] of them
+    wait on the partial list (counted in nempty) and the producer's next refills take them without
+    the page heap; the others go back to the heap at once.  For 4 KiB blocks, 32 a span, that is
+    the 8 spans a whole batch empties (1 MiB)."""
+    from shm.central import EMPTY_KEEP_C
     from shm.sizeclasses import CLASS_TO_NOBJS, SIZE_TO_CLASS
 
     producer, consumer = ProcessCache(arena), ProcessCache(arena)
     c = SIZE_TO_CLASS[4096 >> 3]
-    nspans = EMPTY_KEEP + 3
+    keep = EMPTY_KEEP_C[c]
+    assert keep == layout.RFREE_CAP // CLASS_TO_NOBJS[c] == 8
+    nspans = keep + 3
     blocks = [producer.alloc(4096) for _ in range(nspans * CLASS_TO_NOBJS[c])]
     producer.flush()  # every span uncached, full
     cw = arena.lay.central_word(c)
@@ -352,14 +380,14 @@ def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
     for b in blocks:
         consumer.free(b.handle)
     consumer.flush()  # the batch applied: every span emptied
-    assert arena.q[cw + layout.CENTRAL["nempty"]] == EMPTY_KEEP
-    assert arena.q[cw + layout.CENTRAL["nspans"]] == spans - (nspans - EMPTY_KEEP)
+    assert arena.q[cw + layout.CENTRAL["nempty"]] == keep
+    assert arena.q[cw + layout.CENTRAL["nspans"]] == spans - (nspans - keep)
     assert arena.check_all() == []
     arena.q[cw + layout.CENTRAL["nempty"]] += 1  # the check holds the count to the spans
     assert any("nempty" in x for x in arena.check_all(["central"]))
     arena.q[cw + layout.CENTRAL["nempty"]] -= 1
     grows = arena.heap.hget("grows")
-    again = [producer.alloc(4096) for _ in range(EMPTY_KEEP * CLASS_TO_NOBJS[c])]
+    again = [producer.alloc(4096) for _ in range(keep * CLASS_TO_NOBJS[c])]
     assert arena.heap.hget("grows") == grows and arena.q[cw + layout.CENTRAL["nempty"]] == 0
     for b in again:
         b.buf[:] = pattern(b.handle, b.size)
@@ -391,5 +419,95 @@ def test_frees_of_another_ps_large_blocks_wait_in_batches_of_a_few(arena):
     assert arena.q[sw + SL["rfree_n"]] == n - applied  # the small ones went with the first batch
     snap = assert_healthy(arena, owner, freer)
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
+def test_buffered_frees_are_grouped_a_span_at_a_time_as_a_page_at_a_time_would(arena):
+    """_buffer_groups takes a small span's handles at once when every page of it names it in
+    the page map, a page at a time otherwise: the groups are the ones a lookup of each handle's
+    span gives, the page map's word changed or not; every large block's in one group
+    (LARGE_GROUP, each looked up again under the heap lock when applied)."""
+    import random
+
+    from shm.arena import LARGE_GROUP
+
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(4096) for _ in range(70)]  # 16-page spans of 32
+    blocks += [owner.alloc(size) for size in (100, 3000, 100_000, 40_000, 100_000)]
+    order = blocks[:]
+    random.Random(7).shuffle(order)
+    for b in order:
+        freer.free(b.handle)
+    lay, heap = arena.lay, arena.heap
+
+    def by_lookup():
+        want = {}
+        for b in blocks:
+            r = heap.span_of_page(lay.handle_page(b.handle))
+            key = (arena.q[lay.span_word(r) + layout.SPAN["sizeclass"]], r)
+            want.setdefault(key if key[0] else LARGE_GROUP, []).append(b.handle)
+        return {key: sorted(hs) for key, hs in want.items()}
+
+    want = by_lookup()
+    assert sum(len(hs) > 30 for hs in want.values()) == 2  # two whole 4 KiB spans
+    assert len(want[LARGE_GROUP]) == 3
+    assert arena._buffer_groups(freer.slot) == want
+    # A page-map word inside a 4 KiB span that names no span: its pages go one at a time, each
+    # grouped by its own word (the broken page alone under no span), the others still with theirs.
+    (c, r), hs = max(want.items(), key=lambda kv: len(kv[1]))
+    w = lay.span_word(r)
+    start, npages = arena.q[w + layout.SPAN["start"]], arena.q[w + layout.SPAN["npages"]]
+    pm = lay.pagemap_word() + start + npages // 2
+    arena.q[pm] = 0
+    got = arena._buffer_groups(freer.slot)
+    arena.q[pm] = r + 1
+    lost = [h for h in hs if lay.handle_page(h) == start + npages // 2]
+    assert lost and got[-1, -1] == lost
+    assert sorted(got[c, r] + lost) == hs
+    assert {k: v for k, v in got.items() if k not in ((c, r), (-1, -1))} == {
+        k: v for k, v in want.items() if k != (c, r)
+    }
+    for b in blocks:
+        assert arena.mv[lay.amap_byte(b.handle)] == layout.RFREED
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
+def test_frees_of_another_ps_large_blocks_take_the_fast_path_but_every_batchth(arena, monkeypatch):
+    """The fast path buffers a free of another P's large block and counts it: the
+    LARGE_RFREE_BATCH-th takes the slow path, which applies the buffer; a flush that applied the
+    buffer meanwhile starts the count afresh."""
+    slow = []
+    real = ProcessCache._slow_free
+
+    def counted(self, h):
+        slow.append(h)
+        return real(self, h)
+
+    monkeypatch.setattr(ProcessCache, "_slow_free", counted)  # bound by the caches made next
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    batch = cache.LARGE_RFREE_BATCH
+    blocks = [owner.alloc(100_000) for _ in range(3 + 2 * batch)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    sw, ow = arena.lay.slot_word(freer.slot), arena.lay.slot_word(owner.slot)
+    for b in blocks[:3]:
+        freer.free(b)
+    assert slow == [] and buffered(arena, freer) == [b.handle for b in blocks[:3]]
+    freer.flush()  # applied: PENDING for the owner
+    assert arena.q[ow + SL["lg_pending"]] == 3 and arena.q[sw + SL["rfree_n"]] == 0
+    rest = blocks[3:]
+    for j, b in enumerate(rest, 1):
+        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        freer.free(b)
+        assert len(slow) == j // batch, j  # the count started afresh after the flush
+        assert arena.q[ow + SL["lg_pending"]] == 3 + j // batch * batch
+        assert arena.q[sw + SL["rfree_n"]] == j % batch
+    assert slow == [rest[batch - 1].handle, rest[-1].handle]
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == len(blocks) and snap["bad_frees"] == 0
     owner.close()
     freer.close()
