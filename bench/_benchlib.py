@@ -210,23 +210,13 @@ def start_daemon(endpoint, max_heap, log_path, extra=(), env=None, preexec_fn=No
     session of its own (a Ctrl-C in the terminal does not reach it); returns the Popen once it
     answers a ping.  RuntimeError with the log's tail if it exits or stays silent for 30 s."""
     import client
+    from service.demo import daemon_command
 
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "daemon",
-        "--endpoint",
-        endpoint,
-        "--max-heap",
-        str(max_heap),
-        *extra,
-    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd,
+            daemon_command(endpoint, max_heap, extra),
             cwd=REPO,
             env=env,
             stdout=log,

@@ -129,8 +129,9 @@ def drain(q, heap):
         n += 1
 
 
-def start_daemon(endpoint, max_heap, extra=()):
-    cmd = [
+def daemon_command(endpoint, max_heap, extra=()):
+    """The command line of a `shmalloc daemon` of this interpreter on `endpoint`."""
+    return [
         sys.executable,
         "-m",
         "service",
@@ -141,7 +142,10 @@ def start_daemon(endpoint, max_heap, extra=()):
         str(max_heap),
         *extra,
     ]
-    proc = subprocess.Popen(cmd)
+
+
+def start_daemon(endpoint, max_heap, extra=()):
+    proc = subprocess.Popen(daemon_command(endpoint, max_heap, extra))
     import client
 
     deadline = time.monotonic() + 20

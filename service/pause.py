@@ -45,16 +45,6 @@ def set_realtime(on, pid=0):
         return False
 
 
-def lend_priority(pid):
-    """Run process `pid` (its main thread) SCHED_FIFO (LENT_PRIORITY) until the callable
-    returned is called.  Only ever for a P whose stop byte says PARK: it parks (sleeps) at its
-    next call, so it cannot keep a CPU at that priority -- a running P lent it could, for as
-    long as it runs.  None where it cannot (no pid, our own, not permitted)."""
-    if not pid or pid == os.getpid() or not set_realtime(True, pid):
-        return None
-    return lambda: set_realtime(False, pid)
-
-
 def not_quiet(world):
     """Why the stopped `world` is not quiet enough to read or check (empty: it is): Ps that did
     not park, Ps whose flush could not take its locks, locks not taken in time or stranded."""
@@ -154,9 +144,10 @@ class StoppedWorld:
 
     def _stopped_alone(self, k, pid):
         """Wait for P k, asked alone to stop, a short while at most: True once it is.  A P
-        caught inside a call is lent our priority (it may be waiting for a CPU in the middle of
-        it) and polled without sleeping: it parks at its next call, in microseconds."""
-        stw, deadline, undo = self.d.stw, time.perf_counter_ns() + RAGGED_WAIT_NS, None
+        caught inside a call is lent our priority, as _lend does (it may be waiting for a CPU in
+        the middle of it), and polled without sleeping: it parks at its next call, in
+        microseconds."""
+        stw, deadline, lent = self.d.stw, time.perf_counter_ns() + RAGGED_WAIT_NS, None
         try:
             while True:
                 state = stw.poll(k, pid)
@@ -164,15 +155,15 @@ class StoppedWorld:
                     return True
                 if state == "left" or time.perf_counter_ns() > deadline:
                     return False
-                if undo is None:
-                    undo = (self.realtime and lend_priority(pid)) or False
-                if undo:
+                if lent is None:
+                    lent = bool(self.realtime and pid) and set_realtime(True, pid)
+                if lent:
                     os.sched_yield()
                 else:
                     time.sleep(10e-6)
         finally:
-            if undo:
-                undo()
+            if lent:
+                set_realtime(False, pid)
 
     def _stop_everyone(self, epoch, t0, live):
         d, arena, stw = self.d, self.d.arena, self.d.stw
@@ -222,11 +213,14 @@ class StoppedWorld:
                 )
                 per_p[k].update(state=state, park_ns=at if 0 <= at <= now - t0 else now - t0)
                 waiting.discard(k)
-            busy = any(not arena.flushed_clean(k) for k in confirmed)
-            self._lend(waiting - {k for k, _ in found}, per_p, rounds, busy)
+            # A P that made no call since its last flush (the ragged round's, or the last
+            # snapshot's) holds nothing a flush would change: it counts as flushed as it is.
+            clean = {k for k in confirmed if arena.flushed_clean(k)}
+            self.world["flushed"].update(clean)
+            self._lend(waiting - {k for k, _ in found}, per_p, rounds, bool(confirmed - clean))
             # First, while the others are still on their way; all the Ps stopped in this round
             # in one operation, so each lock is taken once for them all.
-            self._flush(sorted(confirmed), per_p)
+            self._flush(sorted(confirmed - clean), per_p)
             if not waiting or now > deadline:
                 break
             for k in d.serve_light():
@@ -272,7 +266,9 @@ class StoppedWorld:
         SCHED_FIFO it runs at once, finishes the call, and parks at its next one (or goes on
         with its own code: the next round finds it stopped and takes the priority back, within
         one poll interval).  Priority inheritance, as a lock would do it for its holder.  Only
-        where our own pause is real-time (CAP_SYS_NICE), and only for the P's main thread."""
+        where our own pause is real-time (CAP_SYS_NICE), only for the P's main thread, and only
+        for a P asked to stop: it parks at its next call, where a running P lent it could keep
+        a CPU at that priority for as long as it ran."""
         if not self.realtime or (rounds < 2 and not flushing):
             return
         stw = self.d.stw
@@ -296,13 +292,6 @@ class StoppedWorld:
         if not ks:
             return
         arena, w = self.d.arena, self.world
-        # A P that made no call since its last flush (the ragged round's, or the last
-        # snapshot's) holds nothing a flush would change: it counts as flushed as it is.
-        clean = [k for k in ks if arena.flushed_clean(k)]
-        w["flushed"].update(clean)
-        ks = [k for k in ks if k not in clean]
-        if not ks:
-            return
         if w["stuck"]:  # one lock already failed us: do not wait for it again in this pause
             w["unflushed"].update(ks)
             return

@@ -338,9 +338,10 @@ SLOT = _words(
     "stop_epoch",  # epoch of that request; written by the daemon before `stop`
     "parked",  # epoch the P parked for; written by the P (or the daemon if it is dead)
     "flush_gen",  # bumped by the daemon each time it flushes this P's cache while parked
-    "synced_gen",  # the flush_gen the P last dropped its local lists for; written by the P (and
-    #   at claim).  != flush_gen: the P made no allocator call since its cache was last
-    #   flushed (every call after a flush resyncs first), so that flush left nothing to redo
+    "synced_gen",  # the flush_gen the P last dropped its local lists for (or found at its
+    #   start); written by the P only.  != flush_gen: the P made no allocator call since its
+    #   cache was last flushed (every call after a flush resyncs first), so that flush left
+    #   nothing to redo -- before its start too, its cache is empty
     "heartbeat_ns",  # time.time_ns() of the P's last control-thread heartbeat
     "claimed_ns",  # time.time_ns() at claim
     "log_used",  # undo log: bytes of entries committed to the log (see locks.py)

@@ -164,7 +164,6 @@ class Registry:
                 op.w(sw + SL["token"], int.from_bytes(os.urandom(8), "little") or 1)
                 op.w(sw + SL["heartbeat_ns"], now)
                 op.w(sw + SL["parked"], 0)
-                op.w(sw + SL["synced_gen"], q[sw + SL["flush_gen"]])  # not flushed since: flush it
                 op.w(sw + SL["inside"], 0)
                 op.w(sw + SL["barrier"], 1 if barrier else 0)
                 # Claimed while the world is stopped: start stopped, so the new P's first call
