@@ -454,13 +454,14 @@ class PageHeap:
 
     FORGET_CHUNK = 4096  # fine-map flags cleared per checkpoint (a 4 KiB undo entry)
 
-    def _forget_fine(self, op, start, npages):
+    def _forget_fine(self, op, start, npages, piece=None):
         """Clear the fine-map flags of the OS pages a release of heap pages [start, start +
-        npages) gives back (Layout.released_meta), and checkpoint: the caller's writes go with
+        npages) gives back -- with `piece`, of those that describe a page of it
+        (Layout.released_meta) -- and checkpoint: the caller's writes go with
         the first chunk of flags, each later chunk is a checkpoint of its own (a flag cleared
         over a page not yet given back only makes the next fine span reserve it again), so the
         undo log stays bounded however long the release."""
-        pages = self.lay.fine_pages(start, npages, inside=True)
+        pages = self.lay.released_fine(start, npages, piece)
         flags = self.lay.finemap_flags
         for lo in range(pages.start, pages.stop, self.FORGET_CHUNK):
             hi = min(lo + self.FORGET_CHUNK, pages.stop)
@@ -471,14 +472,16 @@ class PageHeap:
             op.log.clear()  # checkpoint
         op.log.clear()  # checkpoint (a release with no fine-map page wholly inside it)
 
-    def _punch(self, start, npages):
+    def _punch(self, start, npages, span=None):
         """Give heap pages [start, start + npages) back to the OS (MADV_REMOVE punches them out of
-        tmpfs), with the OS pages of table entries that describe only them
-        (Layout.released_meta).  The caller has marked them released and checkpointed first."""
+        tmpfs), with the OS pages of table entries that describe only released pages: those of
+        `span` (start, npages: the released span they are part of; by default just them) that
+        describe one of them (Layout.released_meta).  The caller has marked them released and
+        checkpointed first."""
         mm = self.arena.mmap
-        for off, nbytes in [(self.lay.heap_off + start * PAGE, npages * PAGE)] + self.lay.released_meta(
-            start, npages
-        ):
+        span = span or (start, npages)
+        meta = self.lay.released_meta(*span, piece=(start, npages))
+        for off, nbytes in [(self.lay.heap_off + start * PAGE, npages * PAGE), *meta]:
             mm.madvise(mmap.MADV_REMOVE, off, nbytes)
 
     def grow(self, op, npages):
@@ -617,13 +620,16 @@ class PageHeap:
                 op.w(self.sw(t) + S["npages"], k)
             op.w(self.sw(t) + S["released"], 1)
             self._insert_free(op, t)  # joins a released neighbour
+            joined = (q[self.sw(t) + S["start"]], q[self.sw(t) + S["npages"]])
             op.add(hw + H["released_pages"], k)
             op.add(hw + H["released_total"], k)
             op.add(hw + H["releases"], 1)
             if background:
                 op.add(hw + H["scavenged_pages"], k)
-            self._forget_fine(op, start + n - k, k)  # and checkpoint: a bounded undo log
-            self._punch(start + n - k, k)
+            # The maps' OS pages across the piece's ends go too when the join makes them
+            # describe released pages only.
+            self._forget_fine(op, *joined, piece=(start + n - k, k))  # and checkpoint
+            self._punch(start + n - k, k, span=joined)
             budget -= k
             done += k
         return done

@@ -635,17 +635,32 @@ class Layout:
             (base + start * per, npages * per) for base, per, rel in self.page_tables if rel or not released
         ]
 
-    def released_meta(self, start, npages):
+    def released_meta(self, start, npages, piece=None):
         """[(offset, bytes)] of the OS pages that lie wholly inside the entries of heap pages
         [start, start + npages) of the tables given back with their pages, and of the maps' fine
         parts: what a release of those pages gives back too, and never a byte that describes
-        another page."""
+        another page.  With `piece` (start, npages: pages among them), only the OS pages that
+        describe a page of the piece: what releasing the piece gives back once it is joined to
+        the released pages around it -- the OS pages across its ends included, which describe
+        pages on both sides and so went with neither side's own release."""
+        outer = self.page_meta(start, npages, released=True)
+        inner = outer if piece is None else self.page_meta(*piece, released=True)
         out = []
-        for off, n in self.page_meta(start, npages, released=True):
-            lo, hi = -(-off // OS_PAGE) * OS_PAGE, (off + n) // OS_PAGE * OS_PAGE
+        for (off, n), (poff, pn) in zip(outer, inner, strict=True):
+            lo = max(-(-off // OS_PAGE), poff // OS_PAGE) * OS_PAGE
+            hi = min((off + n) // OS_PAGE, -(-(poff + pn) // OS_PAGE)) * OS_PAGE
             if hi > lo:
                 out.append((lo, hi - lo))
-        return out + self.fine_ranges(self.fine_pages(start, npages, inside=True))
+        return out + self.fine_ranges(self.released_fine(start, npages, piece))
+
+    def released_fine(self, start, npages, piece=None):
+        """range of the fine-map OS pages a release of heap pages [start, start + npages) gives
+        back -- with `piece`, those of them that describe a page of the piece (released_meta)."""
+        pages = self.fine_pages(start, npages, inside=True)
+        if piece is None:
+            return pages
+        near = self.fine_pages(*piece)
+        return range(max(pages.start, near.start), min(pages.stop, near.stop))
 
     # Header I/O.
     def write_header(self, q, now_ns):

@@ -14,6 +14,7 @@ import uuid
 import client
 from service.demo import pattern  # the one pattern, shared with the demo
 from shm import identities, read_stats_slow, stats
+from shm import layout as L
 
 __all__ = [
     "ROOT",
@@ -120,8 +121,6 @@ def metadata_bytes(arena):
     empty log keeps its last entries' bytes): a heap 'unchanged' check compares these.  Read
     with pread, which reads a page never reserved (or given back) as zeros without making
     tmpfs hold it, as a read through the mapping would."""
-    from shm import layout as L
-
     lay = arena.lay
     parts = [os.pread(arena.fd, lay.slots_off, 0)]
     # P control, not heap state (a call that raises may still resync first: synced_gen)
@@ -145,8 +144,6 @@ def unreserved(arena):
     (posix_fallocate) and watching the segment's st_blocks: a reserved range adds nothing.  Run
     on a quiet arena.  A page touched without a reservation counts as reserved: this finds the
     reservations missing where nothing was written yet."""
-    from shm import layout as L
-
     lay, fd, page = arena.lay, arena.fd, L.PAGE_SIZE
     need = arena.reserved_ranges()  # fixed regions, claimed slots, the span table's pages in use
     for rec in arena.heap.span_records():
@@ -227,3 +224,43 @@ def resident(name):
         return arena.resident()
     finally:
         arena.close()
+
+
+def os_pages(ranges):
+    """The OS page numbers (of the segment) that `ranges` [(offset, bytes)] touch."""
+    return {p for off, n in ranges for p in range(off // L.OS_PAGE, -(-(off + n) // L.OS_PAGE))}
+
+
+def kept_table_ranges(arena):
+    """[(offset, bytes)] of the entries, in the tables given back with their pages, of every heap
+    page not released (in use, or free and retained): all a release may leave of those tables.
+    Counted from the span records, not from what a release computes it gives back."""
+    lay = arena.lay
+    return [
+        (base + r["start"] * per, r["npages"] * per)
+        for r in arena.heap.span_records()
+        if not (r["state"] == L.SPAN_FREE and r["released"])
+        for base, per, given_back in lay.page_tables
+        if given_back
+    ]
+
+
+def reserved_by_the_books(arena):
+    """The OS pages the allocator says it holds reserved: the fixed regions, the claimed P slots
+    and the span table's pages in use (Arena.reserved_ranges); the tables kept for every
+    committed page (the page map); the heap pages not released, with their entries in the tables
+    given back with them (kept_table_ranges); and the fine-map pages whose flag is set (both
+    maps)."""
+    lay = arena.lay
+    committed = arena.heap.hget("committed_pages")
+    flags = bytes(arena.mv[lay.finemap_flags : lay.finemap_flags + lay.fine_os_pages])
+    fine = [r for p, f in enumerate(flags) if f for r in lay.fine_ranges(range(p, p + 1))]
+    kept = [
+        (base, committed * per) for base, per, given_back in lay.page_tables if not given_back
+    ] + kept_table_ranges(arena)
+    heap = [
+        (lay.heap_off + r["start"] * L.PAGE_SIZE, r["npages"] * L.PAGE_SIZE)
+        for r in arena.heap.span_records()
+        if not (r["state"] == L.SPAN_FREE and r["released"])
+    ]
+    return os_pages(arena.reserved_ranges() + kept + heap + fine)

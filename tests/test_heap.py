@@ -8,7 +8,15 @@ import sys
 import textwrap
 
 import pytest
-from support import assert_healthy, full_after, metadata_bytes, pattern, settle, unreserved
+from support import (
+    assert_healthy,
+    full_after,
+    metadata_bytes,
+    pattern,
+    reserved_by_the_books,
+    settle,
+    unreserved,
+)
 
 from shm import OutOfMemory, ProcessCache
 
@@ -357,26 +365,6 @@ def test_a_free_next_to_released_pages_works_on_a_full_dev_shm(arena, monkeypatc
 
 
 # --- the maps' fine and coarse parts ----------------------------------------------------------
-def os_pages(ranges):
-    """The OS page numbers (of the segment) that `ranges` [(offset, bytes)] touch."""
-    from shm import layout as L
-
-    return {p for off, n in ranges for p in range(off // L.OS_PAGE, -(-(off + n) // L.OS_PAGE))}
-
-
-def reserved_by_the_books(arena):
-    """The OS pages the allocator says it reserved, nothing having been released: the fixed
-    regions, the claimed P slots and the span table's pages in use (Arena.reserved_ranges), the
-    committed heap pages with every per-page table's entries over them, and the fine-map pages
-    whose flag is set (both maps)."""
-    lay = arena.lay
-    committed = arena.heap.hget("committed_pages")
-    flags = bytes(arena.mv[lay.finemap_flags : lay.finemap_flags + lay.fine_os_pages])
-    fine = [r for p, f in enumerate(flags) if f for r in lay.fine_ranges(range(p, p + 1))]
-    heap = [(lay.heap_off, committed * 8192)]
-    return os_pages(arena.reserved_ranges() + lay.page_meta(0, committed) + heap + fine)
-
-
 def fill(p, nbytes, sizes):
     """Blocks from `sizes()` until `nbytes`, each filled with its pattern."""
     blocks, total = [], 0
