@@ -165,7 +165,7 @@ EMPTY_KEEP = 4  # spans a batch of remote frees empties that wait for the next r
 # tick, which gives them all back in one operation
 EMPTY_KEEP_BYTES = 1 << 20  # bytes of such spans a class keeps, at most, past EMPTY_KEEP spans
 # As many as one full batch of remote frees can empty (RFREE_CAP objects: a 4 KiB consumer's batch
-# empties 8 spans of 32), within EMPTY_KEEP_BYTES, and EMPTY_KEEP at least: by class.
+# empties 4 spans of 64), within EMPTY_KEEP_BYTES, and EMPTY_KEEP at least: by class.
 EMPTY_KEEP_C = tuple(
     max(
         EMPTY_KEEP,

@@ -363,15 +363,15 @@ def test_many_large_blocks_freed_by_another_process_go_back_in_bounded_steps(mak
 def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
     """A consumer's batch of remote frees empties the producer's spans: EMPTY_KEEP_C[c] of them
     wait on the partial list (counted in nempty) and the producer's next refills take them without
-    the page heap; the others go back to the heap at once.  For 4 KiB blocks, 32 a span, that is
-    the 8 spans a whole batch empties (1 MiB)."""
+    the page heap; the others go back to the heap at once.  For 4 KiB blocks, 64 a span, that is
+    the 4 spans a whole batch empties (1 MiB)."""
     from shm.central import EMPTY_KEEP_C
     from shm.sizeclasses import CLASS_TO_NOBJS, SIZE_TO_CLASS
 
     producer, consumer = ProcessCache(arena), ProcessCache(arena)
     c = SIZE_TO_CLASS[4096 >> 3]
     keep = EMPTY_KEEP_C[c]
-    assert keep == layout.RFREE_CAP // CLASS_TO_NOBJS[c] == 8
+    assert keep == layout.RFREE_CAP // CLASS_TO_NOBJS[c] == 4
     nspans = keep + 3
     blocks = [producer.alloc(4096) for _ in range(nspans * CLASS_TO_NOBJS[c])]
     producer.flush()  # every span uncached, full
@@ -433,7 +433,7 @@ def test_buffered_frees_are_grouped_a_span_at_a_time_as_a_page_at_a_time_would(a
     from shm.arena import LARGE_GROUP
 
     owner, freer = ProcessCache(arena), ProcessCache(arena)
-    blocks = [owner.alloc(4096) for _ in range(70)]  # 16-page spans of 32
+    blocks = [owner.alloc(4096) for _ in range(140)]  # 32-page spans of 64
     blocks += [owner.alloc(size) for size in (100, 3000, 100_000, 40_000, 100_000)]
     order = blocks[:]
     random.Random(7).shuffle(order)

@@ -252,7 +252,7 @@ def test_spans_hold_enough_objects(c):
     the one holding the most."""
     gen = _load_generator()
     least, most = gen.MIN_SPAN_OBJECTS, gen.MAX_SPAN_PAGES
-    assert (least, most) == (32, 32)
+    assert (least, most) == (64, 32)
     size, go_pages, pages = sc.CLASS_TO_SIZE[c], GO_CLASS_TO_ALLOCNPAGES[c], sc.CLASS_TO_ALLOCNPAGES[c]
     fits = [n for n in range(go_pages, most + 1) if (n * 8192) % size <= n * 8192 // 8]
     if go_pages * 8192 // size >= least:

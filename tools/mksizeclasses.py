@@ -35,7 +35,7 @@ PAGE_SHIFT = 13
 PAGE_SIZE = 1 << PAGE_SHIFT
 LARGE_SIZE_DIV = 128
 NUM_SIZE_CLASSES = 67
-MIN_SPAN_OBJECTS = 32
+MIN_SPAN_OBJECTS = 64
 MAX_SPAN_PAGES = 32  # 256 KiB
 OUT = Path(__file__).resolve().parent.parent / "shm" / "sizeclasses.py"
 
