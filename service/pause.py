@@ -98,6 +98,7 @@ class StoppedWorld:
                 **ragged,
             }
             live = stw.begin(epoch)
+            epoch = self.world["epoch"] = stw.epoch  # it may skip a resume byte still held
             self.world["stuck"] += stw.stuck
             return self._stop_everyone(epoch, t0, live)
         except BaseException:

@@ -104,7 +104,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 15
+VERSION = 16
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -220,15 +220,17 @@ DERIVED = (
 # File bytes locked for a whole life rather than around a mutation (see service/daemon.py):
 DAEMON_LOCK_BYTE = 1  # held (write) by the daemon serving the arena, for its life
 RESUME_LOCK_BYTES = 16  # resume_lock_byte(epoch) is held (write) by the daemon while the world
-# is stopped for `epoch`; parked Ps wait for it with a read lock, so they
-# sleep in the kernel, not in a poll loop, and wake when the world resumes
-# -- or when the daemon dies.  Eight bytes in turn: a P still waking from
-# one pause never blocks the next (Linux does not queue lock waiters
-# fairly, so a re-taken byte could keep it asleep through the next pause).
+# is stopped for `epoch`; parked Ps wait for it with a read lock, so they sleep in the kernel,
+# not in a poll loop, and wake when the world resumes -- or when the daemon dies.
+RESUME_LOCKS = 64  # bytes in turn, from RESUME_LOCK_BYTES: a P woken from one stop holds its
+# byte's read lock until it runs again, so a stop takes the next epoch whose byte is free
+# (StopTheWorld.begin), and a P still waking never blocks it (a snapshot with 8 workers is 9
+# stops: 8 of the ragged round, then the pause).  Nor is a byte re-taken under a P still asleep
+# on it: Linux does not queue lock waiters fairly, and it could sleep through the next stop.
 
 
 def resume_lock_byte(epoch):
-    return RESUME_LOCK_BYTES + epoch % 8
+    return RESUME_LOCK_BYTES + epoch % RESUME_LOCKS
 
 
 # --- locks ----------------------------------------------------------------------------------

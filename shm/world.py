@@ -232,7 +232,7 @@ class StopTheWorld:
         `stopped_epoch` and starts stopped."""
         arena = self.arena
         q = arena.q
-        self._take_resume_lock(L.resume_lock_byte(epoch))  # parked Ps sleep on it until end()
+        epoch = self._take_resume_lock(epoch)  # parked Ps sleep on its byte until end()
         self.epoch = epoch
         q[L.HDR["epoch"]] = epoch
         q[L.HDR["stopped_epoch"]] = epoch
@@ -266,19 +266,28 @@ class StopTheWorld:
         self.live = live
         return live
 
-    def _take_resume_lock(self, byte):
-        """Parked Ps hold a read lock on the resume byte for an instant as they wake.  A daemon
-        (bounded waits: Locks.wait_s) waits that long at most; past it -- a P killed in that
-        instant, its description kept by a child forked from C -- the pause goes on without the
-        lock, and parked Ps, finding it free while the stop stands, poll (park) instead."""
-        arena = self.arena
-        wait_s = arena.locks.wait_s
+    def _take_resume_lock(self, epoch):
+        """Take the resume byte of `epoch`, or of the first epoch after it whose byte is free
+        (at most RESUME_LOCKS - 1 after it); returns the epoch taken.  Parked Ps hold a read
+        lock on the byte as they wake, from the instant the stop is lifted until each runs
+        again: on a machine with more busy processes than cores, milliseconds, which the next
+        stop would otherwise wait.  Epochs need only grow.  When every byte is held, the first
+        is waited for: a daemon (bounded waits: Locks.wait_s) waits that long at most; past it
+        -- a P killed holding it, its description kept by a child forked from C -- the pause
+        goes on without the lock, and parked Ps, finding it free while the stop stands, poll
+        (park) instead."""
+        fd = self.arena.fd
+        for e in range(epoch, epoch + L.RESUME_LOCKS):
+            if ofd_trylock(fd, L.resume_lock_byte(e)):
+                return e
+        wait_s = self.arena.locks.wait_s
         if wait_s is None:
-            ofd_lock(arena.fd, byte)
-            return
+            ofd_lock(fd, L.resume_lock_byte(epoch))
+            return epoch
         deadline = time.monotonic() + wait_s
-        while not ofd_trylock(arena.fd, byte) and time.monotonic() < deadline:
+        while not ofd_trylock(fd, L.resume_lock_byte(epoch)) and time.monotonic() < deadline:
             time.sleep(50e-6)
+        return epoch
 
     def poll(self, k, pid):
         """The state of P k (whose pid was `pid` at begin): None while it may still run."""
