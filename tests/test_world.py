@@ -81,6 +81,43 @@ def test_an_idle_worker_is_stopped_and_flushed_without_its_help(start_daemon, ra
     assert snap["heap_objects"] == 0 and snap["slow_equal"]
 
 
+@needs_membarrier
+def test_a_ragged_flush_that_cannot_take_its_lock_is_left_to_the_pause(start_daemon):
+    """Another process holds the central lock of the worker's class: the ragged round's flush
+    waits for it a short while only (RAGGED_LOCK_WAIT_S), rolls back and resumes the P with its
+    cache untouched; the pause then stops it and tries again, and, the lock still held, says so
+    (not consistent, the P unflushed, the lock stuck).  Released, the next snapshot is exact."""
+    from shm.sizeclasses import SIZE_TO_CLASS
+
+    d = start_daemon()
+    w, cmds, res, slot = connect_worker(d)
+    cmds.put(("alloc", 64))
+    kind, h = res.get(timeout=DEADLINE)
+    assert kind == "ok"
+    holder = Arena.attach(d.name)
+    c = SIZE_TO_CLASS[64 >> 3]
+    lid = layout.LOCK_CENTRAL(c)
+    holder.locks.raw_acquire(lid)
+    try:
+        snap = client.stats(d.endpoint)
+    finally:
+        holder.locks.raw_release(lid)
+        holder.close()
+    assert snap["ragged_flushed"] == 0 and snap["ragged_stop_max_ns"] > 0, snap
+    assert not snap["consistent"] and snap["unflushed"] == [slot], snap
+    assert [s["lock"] for s in snap["stuck_locks"]] == [f"central[{c}]"], snap["stuck_locks"]
+    (p,) = snap["per_p"]
+    assert p["state"] == "stopped" and p["cached_spans"] == 0, p
+    snap = client.stats(d.endpoint, slow=True)
+    assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
+    assert snap["ragged_flushed"] == 1 and snap["heap_objects"] == 1
+    cmds.put(("verify", h, 64))
+    assert res.get(timeout=DEADLINE) == ("ok", None)
+    cmds.put(("free", h))
+    assert res.get(timeout=DEADLINE)[0] == "ok"
+    close_worker(w, cmds, res)
+
+
 def test_without_membarrier_the_cooperative_protocol_parks_through_the_control_thread(
     start_daemon, monkeypatch
 ):
