@@ -87,7 +87,8 @@ EXTRA_KEYS = (
     (
         "ragged_stop_max_ns",
         "ns",
-        "The longest any one P was stopped in the ragged round (its own stop, flush included).",
+        "The longest any one P was stopped in the ragged round (its own stop, flush included;"
+        " or the flush tried and rolled back, the P left to the pause).",
     ),
     (
         "stop_protocol",
