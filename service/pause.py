@@ -25,8 +25,8 @@ from .logs import event
 RAGGED_WAIT_NS = 100_000  # how long the ragged round waits for a P caught inside a call
 RAGGED_LOCK_WAIT_S = 1e-3  # ... and for a lock its flush needs that another P holds (that P may
 # be waiting for a CPU, and the P stopped alone waits with it): past that the flush is rolled
-# back and left to the pause.  Waiting up to the daemon's bound (LOCK_WAIT_S) stopped a P alone for 2.4-3.1 ms
-# at p99 with 8 workers in tight loops on 2 cores; with this bound, 1.25-1.3 ms
+# back and left to the pause.  Waiting up to the daemon's bound (LOCK_WAIT_S) stopped a P alone
+# for 2.4-3.1 ms at p99 with 8 workers in tight loops on 2 cores; with this bound, 1.25-1.3 ms
 
 
 PAUSE_PRIORITY = 2  # SCHED_FIFO priority of the daemon's pause (and scavenger steps)
