@@ -59,8 +59,8 @@ _CLEAN = array("Q", [0] * L.LOCK_WORDS)  # a lock word nobody holds
 _LOG_BYTES = L.LOG_BYTES
 BOUNDED_POLL_S = 10e-6  # a bounded waiter's first poll interval, and half its longest: the
 # daemon's flush in a pause waits on a P's refill under the same lock; polled every 0.2 ms at
-# most, it waited 60-85 us a pause on average and the pause's p99 with 8 busy workers on 2 cores
-# was 1.5-3.5 ms; every 20 us, 30-40 us and 1.2-1.4 ms (a trylock is one fcntl, a microsecond)
+# most, the pause's p99 with 8 workers in tight loops on 2 cores was 1.5-3.5 ms, every 20 us
+# 1.2-1.4 ms (docs/PERFORMANCE.md; a trylock is one fcntl, a microsecond)
 
 
 def strided(mv, off, stride, n):

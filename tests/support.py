@@ -215,6 +215,13 @@ def assert_healthy(arena, *caches):
     return snap
 
 
+def verify_and_free(cache, blocks):
+    """Each block still holds its pattern (none overlapped another), then freed through `cache`."""
+    for b in blocks:
+        assert bytes(b.buf) == pattern(b.handle, b.size), f"block {b.handle} ({b.size} bytes) was overwritten"
+        cache.free(b)
+
+
 def resident(name):
     """Arena.resident() of /dev/shm/<name>, attached for the call."""
     from shm import Arena
@@ -231,16 +238,24 @@ def os_pages(ranges):
     return {p for off, n in ranges for p in range(off // L.OS_PAGE, -(-(off + n) // L.OS_PAGE))}
 
 
-def kept_table_ranges(arena):
-    """[(offset, bytes)] of the entries, in the tables given back with their pages, of every heap
-    page not released (in use, or free and retained): all a release may leave of those tables.
-    Counted from the span records, not from what a release computes it gives back."""
-    lay = arena.lay
+def unreleased_spans(arena):
+    """[(start page, npages)] of every span whose pages are committed: in use, or free and
+    retained (not released) -- from the span records."""
     return [
-        (base + r["start"] * per, r["npages"] * per)
+        (r["start"], r["npages"])
         for r in arena.heap.span_records()
         if not (r["state"] == L.SPAN_FREE and r["released"])
-        for base, per, given_back in lay.page_tables
+    ]
+
+
+def kept_table_ranges(arena):
+    """[(offset, bytes)] of the entries, in the tables given back with their pages, of every heap
+    page not released (unreleased_spans): all a release may leave of those tables.  Counted from
+    the span records, not from what a release computes it gives back."""
+    return [
+        (base + start * per, npages * per)
+        for start, npages in unreleased_spans(arena)
+        for base, per, given_back in arena.lay.page_tables
         if given_back
     ]
 
@@ -258,9 +273,5 @@ def reserved_by_the_books(arena):
     kept = [
         (base, committed * per) for base, per, given_back in lay.page_tables if not given_back
     ] + kept_table_ranges(arena)
-    heap = [
-        (lay.heap_off + r["start"] * L.PAGE_SIZE, r["npages"] * L.PAGE_SIZE)
-        for r in arena.heap.span_records()
-        if not (r["state"] == L.SPAN_FREE and r["released"])
-    ]
+    heap = [(lay.heap_off + start * L.PAGE_SIZE, n * L.PAGE_SIZE) for start, n in unreleased_spans(arena)]
     return os_pages(arena.reserved_ranges() + kept + heap + fine)

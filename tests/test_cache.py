@@ -4,7 +4,7 @@ another P, bad handles, double frees across caches, a closed cache, fork, thread
 import os
 
 import pytest
-from support import assert_healthy, metadata_bytes, pattern, settle
+from support import assert_healthy, metadata_bytes, pattern, settle, verify_and_free
 
 from shm import ArenaClosed, BadHandle, DoubleFree, ForkedHeap, ProcessCache, layout, read_stats_slow
 from shm.sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, NUM_SIZE_CLASSES
@@ -119,9 +119,7 @@ def test_a_refill_collects_what_was_freed_in_the_span_it_caches_and_nothing_else
         assert again.handle in [layout.next_handle(b.handle) for b in freed]
     finally:
         CentralList.collect = real
-    for b in blocks:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, blocks)
     p.free(again)
     snap = assert_healthy(arena, p, other)
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
@@ -270,9 +268,7 @@ def test_threads_sharing_one_cache_switch_it_to_shared_mode(arena):
                     mine.append(b)
                     with lock:
                         handed.append(b.handle)
-            for b in mine:
-                assert bytes(b.buf) == pattern(b.handle, b.size)
-                p.free(b)
+            verify_and_free(p, mine)
         except BaseException as e:  # reported below
             errors.append(e)
 

@@ -12,7 +12,7 @@ import signal
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, metadata_bytes, pattern
+from support import DEADLINE, assert_healthy, metadata_bytes, pattern, verify_and_free
 
 from shm import BadHandle, DoubleFree, ProcessCache, layout
 
@@ -316,9 +316,7 @@ def test_a_stale_handle_of_the_other_part_is_refused(arena, old, new):
                     call(h)
                 assert err.type is BadHandle
     assert metadata_bytes(arena) == before
-    for b in got:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, got)
     assert assert_healthy(arena, p, other)["heap_objects"] == 0
     p.close()
     other.close()

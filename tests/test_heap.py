@@ -16,6 +16,7 @@ from support import (
     reserved_by_the_books,
     settle,
     unreserved,
+    verify_and_free,
 )
 
 from shm import OutOfMemory, ProcessCache
@@ -281,9 +282,7 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     blocks = [p.alloc(1 << 20) for _ in range(56)] + [p.alloc(16) for _ in range(20_000)]
     for b in blocks:
         b.buf[:] = pattern(b.handle, b.size)
-    for b in blocks:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, blocks)
     snap = settle(arena, p)
     arena.free_empty_spans()
     committed = arena.heap.hget("committed_pages")
@@ -316,9 +315,7 @@ def test_release_gives_back_the_allocation_map_with_the_pages(make_arena):
     assert fine > 0 and resident(arena) - after >= inuse + inuse // 64 + fine - 8 * page  # pages, maps
     assert unreserved(arena) == []
     assert len({b.handle for b in again}) == len(again)
-    for b in again:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, again)
     snap = assert_healthy(arena, p)
     assert snap["heap_objects"] == 0
     p.close()
@@ -399,9 +396,7 @@ def test_blocks_of_coarse_classes_reserve_nothing_of_the_fine_map(make_arena):
             data = lay.total_bytes
         assert data >= base + lay.fine_bytes, "a byte of a map's fine part was written"
     assert arena.metadata()["fine"] == 0
-    for b in blocks:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, blocks)
     assert assert_healthy(arena, p)["heap_objects"] == 0
     p.close()
 
@@ -427,9 +422,7 @@ def test_per_page_metadata_costs_at_most_3_percent_of_heap_inuse(make_arena):
     per_page = meta["fine"] + meta["coarse"] + meta["pagemap"] + meta["spans"]
     assert per_page <= 0.03 * snap["heap_inuse"], (meta, snap["heap_inuse"])
     assert sum(meta.values()) <= 0.03 * snap["heap_inuse"], (meta, snap["heap_inuse"])
-    for b in blocks:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, blocks)
     assert assert_healthy(arena, p)["heap_objects"] == 0
     p.close()
 

@@ -9,7 +9,15 @@ import mpworkers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import DEADLINE, assert_healthy, kill_and_repair, metadata_bytes, pattern, spawn_victim
+from support import (
+    DEADLINE,
+    assert_healthy,
+    kill_and_repair,
+    metadata_bytes,
+    pattern,
+    spawn_victim,
+    verify_and_free,
+)
 
 from shm import DoubleFree, ProcessCache, cache, identities, layout, read_stats_slow
 from shm import stats as shm_stats
@@ -391,9 +399,7 @@ def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
     assert arena.heap.hget("grows") == grows and arena.q[cw + layout.CENTRAL["nempty"]] == 0
     for b in again:
         b.buf[:] = pattern(b.handle, b.size)
-    for b in again:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        producer.free(b)
+    verify_and_free(producer, again)
     snap = assert_healthy(arena, producer, consumer)
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
     producer.close()

@@ -7,7 +7,16 @@ import os
 
 import mpworkers
 import pytest
-from support import DEADLINE, assert_healthy, full_after, kill_and_repair, metadata_bytes, pattern, unreserved
+from support import (
+    DEADLINE,
+    assert_healthy,
+    full_after,
+    kill_and_repair,
+    metadata_bytes,
+    pattern,
+    unreserved,
+    verify_and_free,
+)
 
 from shm import OutOfMemory, ProcessCache
 from shm import layout as L
@@ -98,9 +107,7 @@ def test_a_new_record_page_on_a_full_dev_shm_is_out_of_memory_and_changes_nothin
     b.buf[:] = pattern(b.handle, b.size)
     keep.append(b)
     assert unreserved(arena) == []
-    for b in keep:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, keep)
     assert_healthy(arena, p)
     p.close()
 

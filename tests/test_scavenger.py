@@ -20,6 +20,7 @@ from support import (
     pattern,
     reserved_by_the_books,
     resident,
+    verify_and_free,
 )
 from test_daemon import finish_workers, observe, run_cli, start_workers
 
@@ -123,9 +124,7 @@ def test_a_span_released_in_pieces_gives_back_the_map_pages_across_their_ends(ar
     blocks = [p.alloc(16) for _ in range(20_000)] + [p.alloc(300_000) for _ in range(8)]
     for b in blocks:
         b.buf[:] = pattern(b.handle, b.size)
-    for b in blocks:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, blocks)
     p.flush()
     arena.free_empty_spans()
     steps = 0
@@ -164,9 +163,7 @@ def test_a_long_release_clears_fine_map_flags_a_chunk_per_checkpoint(arena, monk
     for b in again:
         b.buf[:] = pattern(b.handle, b.size)
     assert arena.heap.hget("fine_map_pages") > 0
-    for b in again:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, again)
     assert assert_healthy(arena, p)["heap_objects"] == 0
     p.close()
 
@@ -222,9 +219,7 @@ def test_a_long_span_goes_in_bounded_steps_down_to_the_kept_pages(arena):
     got = [p.alloc(s) for s in (3 * MIB, 2 * MIB, 40_000, 64)]
     for b in got:
         b.buf[:] = pattern(b.handle, b.size)
-    for b in got:
-        assert bytes(b.buf) == pattern(b.handle, b.size)
-        p.free(b)
+    verify_and_free(p, got)
     assert_healthy(arena, p)
     p.close()
 
