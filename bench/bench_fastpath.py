@@ -236,7 +236,6 @@ def replica(pieces=(), lock=False):
         _relists=q[L.SLOT_RELISTS_AT : L.SLOT_RELISTS_AT + L.NCLASS],
         _lcache={},
         _lnp={},
-        _lcached=[0],
         _lcap=(heap // 4) >> L.PAGE_SHIFT,
         _lmin=((heap // 4) >> L.PAGE_SHIFT) // 8,
         _rbuf=q[L.SLOT_RFREE_AT : L.SLOT_RFREE_AT + L.RFREE_CAP],

@@ -138,6 +138,7 @@ class ProcessCache:
     free: Callable[[Block | SupportsIndex], None]
     view: Callable[..., memoryview]  # (handle, size=None): a live block of any process
     _set_stop: Callable[[bytearray | memoryview, bytearray | memoryview], None]
+    _charged: Callable[..., int]  # (pages=0): the large cache's charge, after adding pages
 
     def __init__(self, arena: "Arena", slot: int | None = None) -> None:
         self.arena = arena
@@ -158,7 +159,6 @@ class ProcessCache:
         self._cpclass = bytearray(lay.heap_pages)
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
         self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
-        self._lcached = [0]  # pages charged for the large spans in _lcache (_charge)
         # Frees of large blocks in our remote-free buffer, about (fewer when a flush applied it).
         self._rlarge = [0]
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
@@ -188,16 +188,16 @@ class ProcessCache:
         """Make `self.alloc` and `self.free`: closures over everything they touch (a cell read
         is several times cheaper than an attribute lookup)."""
         lists, amap, gmap, tag_k = self._lists, self._amap, self._gmap, self._tag
-        pclass, cpclass, relists, lcache, lnp, lcached, lcap, lmin = (
+        pclass, cpclass, relists, lcache, lnp, lcap, lmin = (
             self._pclass,
             self._cpclass,
             self._relists,
             self._lcache,
             self._lnp,
-            self._lcached,
             self._lcap,
             self._lmin,
         )
+        lcached = 0  # pages charged for the large spans in lcache: at least lmin each (charged())
         rbuf, rfree_n, lgrel, rlarge = self._rbuf, self._rfree_n, self._lgrel, self._rlarge
         owner, get_ident = self.owner_thread, _thread.get_ident
         stop, inside = self._shm_stop, self._inside  # cells: _set_stop() swaps them
@@ -219,9 +219,10 @@ class ProcessCache:
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
+            nonlocal lcached
             try:
-                if 0 < size <= MAXS:
-                    if get_ident() == owner:
+                if size <= MAXS:
+                    if size > 0 and get_ident() == owner:
                         c = s2c[(size + 7) >> 3]
                         lst = lists[c]
                         if lst:
@@ -234,7 +235,7 @@ class ProcessCache:
                                     return B((h, size, c2s[c], self))
                             finally:
                                 ins[0] = 0
-                elif size > 0 and get_ident() == owner:
+                elif get_ident() == owner:
                     npg = (size + PMASK) >> PSHIFT
                     lst = lcache.get(npg)
                     if lst:
@@ -244,7 +245,7 @@ class ProcessCache:
                             if not stop[0]:
                                 h = lst.pop()
                                 amap[h >> GB] = tag_k
-                                lcached[0] -= npg if npg > lmin else lmin
+                                lcached -= npg if npg > lmin else lmin
                                 return B((h, size, npg << PSHIFT, self))
                         finally:
                             ins[0] = 0
@@ -252,45 +253,23 @@ class ProcessCache:
                 pass
             return slow_alloc(size)
 
-        def free_coarse(h, i, g):
-            """The rest of free() for a block of ours of a coarse class or a large one: True when
-            done, else False (the slow path).  Out of free()'s body so that a fine block's path
-            pays nothing for it, and its hot jumps stay short (CPython 3.11 specializes a
-            comparison only when the jump after it needs no EXTENDED_ARG)."""
-            c = cpclass[(i - C0) >> CPS]
+        def free_coarse(h, i, g, c):
+            """The rest of free() for a block of ours of coarse class c: True when done, else
+            False (the slow path).  Out of free()'s body, which it would lengthen past what
+            keeps its hot jumps short (CPython 3.11 specializes a comparison only when the
+            jump after it needs no EXTENDED_ARG)."""
             ins = inside
-            if c != LARGE:
-                ins[0] = 1
-                try:
-                    if not stop[0]:
-                        h = h + 1 if g != GM else h - GM
-                        gmap[i] = h & GM  # first: a crash after it leaks the block, never reuses h
-                        relists[c] += 1  # a crash here over-counts, never under
-                        amap[i] = LISTED
-                        lists[c].append(h)
-                        return True
-                finally:
-                    ins[0] = 0
-                return False
-            npg = lnp.get(i, 0)
-            if npg and lcached[0] + (npg if npg > lmin else lmin) <= lcap:
-                ins[0] = 1
-                try:
-                    if not stop[0]:
-                        h = h + 1 if g != GM else h - GM
-                        gmap[i] = h & GM
-                        lgrel[0] += 1
-                        lgrel[1] += npg
-                        amap[i] = LISTED
-                        lst = lcache.get(npg)
-                        if lst is None:
-                            lcache[npg] = [h]
-                        else:
-                            lst.append(h)
-                        lcached[0] += npg if npg > lmin else lmin
-                        return True
-                finally:
-                    ins[0] = 0
+            ins[0] = 1
+            try:
+                if not stop[0]:
+                    h = h + 1 if g != GM else h - GM
+                    gmap[i] = h & GM  # first: a crash after it leaks the block, never reuses h
+                    relists[c] += 1  # a crash here over-counts, never under
+                    amap[i] = LISTED
+                    lists[c].append(h)
+                    return True
+            finally:
+                ins[0] = 0
             return False
 
         def free_large_remote(h, i):
@@ -316,6 +295,7 @@ class ProcessCache:
             """Free a Block or an int handle allocated by any process.  BadHandle or
             DoubleFree for anything that is not a live block (a stale handle, whose block was
             freed since, included); nothing changes then."""
+            nonlocal lcached
             cls = block.__class__
             # A Block of another P of this arena (a consumer freeing a producer's Block) is read
             # here too; one of another arena goes to _handle, which refuses it.
@@ -330,45 +310,69 @@ class ProcessCache:
                 i = h >> GB
                 try:
                     b = amap[i] if i >= G0 else 0  # the views start HANDLE_G0 bytes early
-                    if b == tag_k and gmap[i] == (g := h & GM):
-                        c = pclass[i >> GPS]
-                        if c != COARSE:
-                            ins = inside
-                            ins[0] = 1
-                            try:
-                                if not stop[0]:
-                                    gmap[i] = g + 1  # first: a crash after it leaks the block, never reuses h
-                                    relists[c] += 1  # a crash here over-counts, never under
-                                    amap[i] = LISTED
-                                    lists[c].append(h + 1)
-                                    return
-                            except ValueError:  # generation 255: the next is 0 (h + 1 would carry)
-                                gmap[i] = 0
-                                relists[c] += 1
-                                amap[i] = LISTED
-                                lists[c].append(h - GM)
-                                return
-                            finally:
-                                ins[0] = 0
-                        elif free_coarse(h, i, g):
-                            return
-                    elif (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
-                        # A large block starts a page of the maps' coarse part: its free is
-                        # counted, so that few such frees wait (LARGE_RFREE_BATCH).
-                        if (
-                            i >= C0
-                            and not (i - C0) & CPM
-                            and q[sw0 + (q[pm + ((i - C0) >> CPS)] - 1) * SW + SC] == 0
-                        ):
-                            return free_large_remote(h, i)
+                    # Three branches, each body short enough that the jumps of the comparisons
+                    # before it need no EXTENDED_ARG (see free_coarse): a fine block of ours;
+                    # anything else but a coarse block of ours (another P's block, or bad);
+                    # a coarse block of ours -- a large one, or of a coarse class.
+                    if b == tag_k and (c := pclass[i >> GPS]) != COARSE and gmap[i] == (g := h & GM):
                         ins = inside
                         ins[0] = 1
                         try:
-                            n = rfree_n[0]
-                            if n < RCAP and not stop[0]:
-                                rbuf[n] = h
-                                rfree_n[0] = n + 1
-                                amap[i] = RFREED  # a second free now fails at once
+                            if not stop[0]:
+                                gmap[i] = g + 1  # first: a crash after it leaks the block, never reuses h
+                                relists[c] += 1  # a crash here over-counts, never under
+                                amap[i] = LISTED
+                                lists[c].append(h + 1)
+                                return
+                        except ValueError:  # generation 255: the next is 0 (h + 1 would carry)
+                            gmap[i] = 0
+                            relists[c] += 1
+                            amap[i] = LISTED
+                            lists[c].append(h - GM)
+                            return
+                        finally:
+                            ins[0] = 0
+                    elif b != tag_k or c != COARSE or gmap[i] != (g := h & GM):
+                        if (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
+                            # A large block starts a page of the maps' coarse part: its free is
+                            # counted, so that few such frees wait (LARGE_RFREE_BATCH).
+                            if (
+                                i >= C0
+                                and not (i - C0) & CPM
+                                and q[sw0 + (q[pm + ((i - C0) >> CPS)] - 1) * SW + SC] == 0
+                            ):
+                                return free_large_remote(h, i)
+                            ins = inside
+                            ins[0] = 1
+                            try:
+                                n = rfree_n[0]
+                                if n < RCAP and not stop[0]:
+                                    rbuf[n] = h
+                                    rfree_n[0] = n + 1
+                                    amap[i] = RFREED  # a second free now fails at once
+                                    return
+                            finally:
+                                ins[0] = 0
+                    elif (c := cpclass[(i - C0) >> CPS]) != LARGE:
+                        if free_coarse(h, i, g, c):
+                            return
+                    elif (npg := lnp.get(i, 0)) and lcached + (npg if npg > lmin else lmin) <= lcap:
+                        # Ours and large: into the large cache, within its bound.
+                        ins = inside
+                        ins[0] = 1
+                        try:
+                            if not stop[0]:
+                                h = h + 1 if g != GM else h - GM
+                                gmap[i] = h & GM  # first, as above
+                                lgrel[0] += 1
+                                lgrel[1] += npg
+                                amap[i] = LISTED
+                                lst = lcache.get(npg)
+                                if lst is None:
+                                    lcache[npg] = [h]
+                                else:
+                                    lst.append(h)
+                                lcached += npg if npg > lmin else lmin
                                 return
                         finally:
                             ins[0] = 0
@@ -411,7 +415,15 @@ class ProcessCache:
             nonlocal stop, inside
             stop, inside = stop_view, inside_view
 
+        def charged(pages=0):
+            """Add `pages` to the large cache's charge (the slow paths, under the P lock);
+            returns the charge."""
+            nonlocal lcached
+            lcached += pages
+            return lcached
+
         self.alloc, self.free, self.view, self._set_stop = alloc, free, view, set_stop
+        self._charged = charged
 
     # --- entering a call the slow way (under the P lock) ----------------------------------
     def _enter(self):
@@ -467,7 +479,7 @@ class ProcessCache:
                 del self._lnp[i]
         else:
             self._lnp.clear()
-        self._lcached[0] = 0
+        self._charged(-self._charged())
         # Said in the slot before this call does anything: from here on the cache may hold what
         # the next flush must give back (Arena.flushed_clean).
         q = self.arena.q
@@ -510,9 +522,9 @@ class ProcessCache:
             # another size: they would keep out the ones it wants now until a flush).
             charge = max(npg, self._lmin)
             stale = []
-            if self._lcap - self._lcached[0] < charge:
+            if self._lcap - self._charged() < charge:
                 stale = [(n, h) for n, hs in self._lcache.items() if n != npg for h in hs]
-            room = self._lcap - self._lcached[0] + sum(max(n, self._lmin) for n, _ in stale)
+            room = self._lcap - self._charged() + sum(max(n, self._lmin) for n, _ in stale)
 
             def collect(op):
                 op.acquire(L.LOCK_HEAP)
@@ -525,17 +537,17 @@ class ProcessCache:
             for n, g in stale:
                 self._lcache[n].remove(g)
                 self._lnp.pop(g >> L.GEN_BITS, None)
-                self._lcached[0] -= max(n, self._lmin)
+                self._charged(-max(n, self._lmin))
             for g in gone:
                 self._lnp.pop(g >> L.GEN_BITS, None)
             for g, n in kept:
                 self._lnp[g >> L.GEN_BITS] = n
                 self._lcache.setdefault(n, []).append(g)
-                self._lcached[0] += max(n, self._lmin)
+                self._charged(max(n, self._lmin))
             lst = self._lcache.get(npg)
         if lst:
             h = lst.pop()
-            self._lcached[0] -= max(npg, self._lmin)
+            self._charged(-max(npg, self._lmin))
         else:
 
             def alloc(op):
@@ -574,13 +586,13 @@ class ProcessCache:
                 self._lists[c].append(h2)
                 return
             npg = self._lnp.get(i, 0)
-            if npg and self._lcached[0] + max(npg, self._lmin) <= self._lcap:
+            if npg and self._charged() + max(npg, self._lmin) <= self._lcap:
                 self._gmap[i] = h2 & L.GEN_MASK
                 self._lgrel[0] += 1
                 self._lgrel[1] += npg
                 self._amap[i] = L.LISTED
                 self._lcache.setdefault(npg, []).append(h2)
-                self._lcached[0] += max(npg, self._lmin)
+                self._charged(max(npg, self._lmin))
                 return
             self._lnp.pop(i, None)
             return self.arena.free(h, self.slot)  # over the cache's bound: to the page heap
