@@ -356,24 +356,25 @@ class ProcessCache:
                     elif (c := cpclass[(i - C0) >> CPS]) != LARGE:
                         if free_coarse(h, i, g, c):
                             return
-                    elif (npg := lnp.get(i, 0)) and lcached + (npg if npg > lmin else lmin) <= lcap:
+                    elif (npg := lnp.get(i, 0)) and lcached + (ch := npg if npg > lmin else lmin) <= lcap:
                         # Ours and large: into the large cache, within its bound.
                         ins = inside
                         ins[0] = 1
                         try:
                             if not stop[0]:
-                                h = h + 1 if g != GM else h - GM
-                                gmap[i] = h & GM  # first, as above
+                                gmap[i] = g + 1  # first, as above
                                 lgrel[0] += 1
                                 lgrel[1] += npg
                                 amap[i] = LISTED
                                 lst = lcache.get(npg)
                                 if lst is None:
-                                    lcache[npg] = [h]
+                                    lcache[npg] = [h + 1]
                                 else:
-                                    lst.append(h)
-                                lcached += npg if npg > lmin else lmin
+                                    lst.append(h + 1)
+                                lcached += ch
                                 return
+                        except ValueError:  # generation 255 (nothing written): the slow path
+                            pass
                         finally:
                             ins[0] = 0
                 except IndexError:  # past the heap: the slow path says so
