@@ -1,5 +1,5 @@
-"""The daemon's side of a snapshot pause: stop every P, flush each cache as soon as its P is
-stopped, read, resume.  See shm/__init__.py for the allocator's overview.
+"""The daemon's side of a snapshot pause: stop every P, flush the stopped Ps' caches as soon as
+no P still awaited is inside a call, read, resume.  See shm/__init__.py for the allocator's overview.
 
 The handshake itself -- stop bytes, the `inside` words, membarrier, the resume lock -- is
 shm.world.StopTheWorld, both halves in one module.  This module holds what only the daemon has:
@@ -70,8 +70,8 @@ def stuck_locks(world):
 
 
 class StoppedWorld:
-    """Context manager: every live P stopped (or listed late), every dead P reclaimed, each
-    stopped P's cache flushed as soon as it is stopped.  Resumes everyone on exit, whatever
+    """Context manager: every live P stopped (or listed late), every dead P reclaimed, every
+    stopped P's cache flushed (_stop_everyone says when).  Resumes everyone on exit, whatever
     happened inside.  The handshake itself is shm.world.StopTheWorld; this class holds the
     deadline, the STOP messages of the cooperative protocol, and the bookkeeping."""
 
@@ -198,7 +198,7 @@ class StoppedWorld:
         for k in live:
             if not stw.fast(k):
                 self._send_stop(k, stop)
-        waiting = set(live)
+        waiting, stopped = set(live), set()  # stopped: confirmed, not flushed yet
         deadline = t0 + self.deadline_ms * 1_000_000
         pause, rounds = 10e-6, 0
         while waiting:
@@ -231,9 +231,17 @@ class StoppedWorld:
             clean = {k for k in confirmed if arena.flushed_clean(k)}
             self.world["flushed"].update(clean)
             self._lend(waiting - {k for k, _ in found}, per_p, rounds, bool(confirmed - clean))
-            # First, while the others are still on their way; all the Ps stopped in this round
-            # in one operation, so each lock is taken once for them all.
-            self._flush(sorted(confirmed - clean), per_p)
+            stopped |= confirmed - clean
+            # Flushed while the others are still on their way -- but only while none of them is
+            # inside a call: that P may need a lock the flush holds (a refill), and it would
+            # finish its call behind the flush, the next one behind the next flush (8 workers in
+            # tight loops on 2 cores: Ps parked 0.1 ms apart, one per flush).  A P inside a call
+            # parks microseconds after it runs; then they all go in one operation, each lock
+            # taken once for them all.  A cooperative P on its way through its control thread
+            # holds no lock: the flushes overlap its wait.
+            if stopped and (not waiting or now > deadline or not any(map(stw.inside, waiting))):
+                self._flush(sorted(stopped), per_p)
+                stopped.clear()
             if not waiting or now > deadline:
                 break
             for k in d.serve_light():

@@ -307,6 +307,11 @@ class StopTheWorld:
             return "stopped"
         return None
 
+    def inside(self, k):
+        """Is P k inside an allocator call, as far as its `inside` word says now (a hint: no
+        barrier)?"""
+        return bool(self.arena.q[self.arena.lay.slot_word(k) + SL["inside"]] & 0xFF)
+
     def confirm(self, ks):
         """Of the Ps `ks` that poll() found stopped, the ones that still are after one more
         barrier (their stop reads PARK, their inside 0).  The others must be polled again."""

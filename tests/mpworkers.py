@@ -171,6 +171,24 @@ def preempted_worker(endpoint, ready, results):
     heap.close()
 
 
+def held_inside_worker(endpoint, ready, go, results):
+    """Connect, then sit INSIDE the allocator (asleep, as a call waiting for a lock would) until
+    `go` is set, and only then leave it.  Reports the handle it allocated after (once the pause
+    that caught it inside ended)."""
+    import client
+
+    heap = client.connect(endpoint)
+    with heap._lock:
+        heap._enter()
+        ready.set()
+        go.wait(120)
+        heap._leave()
+    b = heap.alloc(100)  # parks until the pause ends
+    heap.free(b)
+    results.put(("ok", b.handle))
+    heap.close()
+
+
 def connected_worker(endpoint, cmds, results):
     """A P driven by the test through a queue: ("alloc", size) / ("free", handle) / ("verify",
     handle, size: the block still holds its pattern) / ("close",).  Answers every command on

@@ -4,6 +4,7 @@ protocol where membarrier is missing; a RUN written over a PARK; a daemon killed
 
 import os
 import signal
+import threading
 import time
 
 import mpworkers
@@ -119,6 +120,55 @@ def test_a_ragged_flush_that_cannot_take_its_lock_is_left_to_the_pause(start_dae
     cmds.put(("free", h))
     assert res.get(timeout=DEADLINE)[0] == "ok"
     close_worker(w, cmds, res)
+
+
+@needs_membarrier
+def test_no_stopped_p_is_flushed_while_a_p_the_pause_waits_for_is_inside_a_call(start_daemon):
+    """Worker A is idle with a cached span (stopped from the daemon's side at once); worker B
+    sits inside a call.  The pause waits for B before it flushes A: B may need a lock A's flush
+    would hold.  Once B leaves its call and parks, both are flushed and the snapshot is exact."""
+    d = start_daemon(extra=("--no-ragged-flush", "--park-deadline-ms", "60000"))
+    a, cmds, res, slot_a = connect_worker(d)
+    cmds.put(("alloc", 64))
+    kind, h = res.get(timeout=DEADLINE)
+    assert kind == "ok"
+    ready, go, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    b = SPAWN.Process(target=mpworkers.held_inside_worker, args=(d.endpoint, ready, go, out))
+    b.start()
+    assert ready.wait(DEADLINE)
+    arena = Arena.attach(d.name)
+    snaps = []
+    t = threading.Thread(
+        target=lambda: snaps.append(client.stats(d.endpoint, slow=True, timeout_ms=int(DEADLINE * 1000)))
+    )
+    t.start()
+    try:
+        cached = arena.lay.slot_word(slot_a) + layout.SLOT_CACHED_AT
+        stop_a = arena.lay.slot_word(slot_a) + SL["stop"]
+        end = time.monotonic() + DEADLINE
+        while arena.q[stop_a] != layout.STOP_PARK and time.monotonic() < end:
+            time.sleep(0.001)
+        assert arena.q[stop_a] == layout.STOP_PARK, "the pause never asked A to stop"
+        # A is outside any call: the pause judges it stopped within its first rounds, and
+        # flushed it there before.  Still cached a good while later: held back for B.
+        time.sleep(0.2)
+        assert any(arena.q[cached : cached + layout.NCLASS].tolist()), "A was flushed while B was inside"
+        assert t.is_alive(), "the snapshot ended with B inside a call"
+    finally:
+        go.set()
+        t.join(DEADLINE)
+        arena.close()
+    assert out.get(timeout=DEADLINE)[0] == "ok"
+    b.join(DEADLINE)
+    assert b.exitcode == 0
+    (snap,) = snaps
+    assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
+    states = {p["slot"]: p for p in snap["per_p"]}
+    assert states[slot_a]["state"] == "stopped" and states[slot_a]["cached_spans"] >= 1, states
+    assert snap["heap_objects"] == 1
+    cmds.put(("free", h))
+    assert res.get(timeout=DEADLINE)[0] == "ok"
+    close_worker(a, cmds, res)
 
 
 def test_without_membarrier_the_cooperative_protocol_parks_through_the_control_thread(

@@ -4,7 +4,7 @@ The daemon stops every live P -- from its own side for a P that is not inside an
 (its stop byte and a membarrier, shm/world.py), by waiting for the call to end for one that is,
 through a STOP message to the control thread where membarrier is missing -- FIRST flushes every
 cache into the central lists (golang/go#38712: local lists, large spans, buffered cross-process
-frees), each P's as soon as it is stopped, then reads every figure from the quiet arena; with
+frees), overlapping the wait for the last Ps, then reads every figure from the quiet arena; with
 `slow` it also recomputes them by walking every span and compares.  A P that does not stop within
 `deadline_ms` never makes the call hang: the snapshot comes back with `consistent` false and the
 late slots in `unflushed` -- never a silently inconsistent one; nor does a lock the daemon cannot
