@@ -281,7 +281,7 @@ class StoppedWorld:
 
     def _lend(self, inside, per_p, rounds, flushing=False):
         """Lend our real-time priority to the Ps still inside a call after the first round (in
-        the first already when a flush is about to keep us busy: they finish meanwhile): on
+        the first already when stopped Ps wait for a flush, which waits for these): on
         a machine with more busy processes than cores the scheduler may have preempted one in
         the middle of its call, and the world waits until it runs again -- milliseconds.  At
         SCHED_FIFO it runs at once, finishes the call, and parks at its next one (or goes on
