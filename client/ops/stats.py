@@ -69,7 +69,7 @@ EXTRA_KEYS = (
     (
         "park_ns",
         "ns",
-        "Part of the pause until every live P had parked (or the deadline); each P's cache is flushed as it parks, so this includes the flushes of the earlier ones.",
+        "Part of the pause until every live P had parked (or the deadline); the stopped Ps' caches are flushed meanwhile, once no P still awaited is inside a call, so this includes the flushes.",
     ),
     (
         "flush_ns",
