@@ -473,10 +473,11 @@ def free_stale_handle(arena_name, handle, results):
     results.put(out)
 
 
-def stuck_in_fast_free(arena_name, before, ready, results):
-    """Allocate a 64 B block, then free it on the fast path and stop forever just before the
-    statement `before` of ProcessCache's free closure (a line trace): the test SIGKILLs us
-    between two of the fast path's stores, with no lock held."""
+def stuck_in_fast_free(arena_name, before, ready, results, size=64, after=None):
+    """Allocate a block of `size` bytes, then free it on the fast path and stop forever just
+    before the statement `before` of ProcessCache's free closure (a line trace; its first one
+    past the line holding `after`, if given): the test SIGKILLs us between two of the fast
+    path's stores, with no lock held."""
     import inspect
     import sys
 
@@ -484,11 +485,12 @@ def stuck_in_fast_free(arena_name, before, ready, results):
 
     arena = Arena.attach(arena_name)
     p = ProcessCache(arena)
-    b = p.alloc(64)
-    p.free(p.alloc(64))  # a second block, freed whole: the list is not empty when we stop
+    b = p.alloc(size)
+    p.free(p.alloc(size))  # a second block, freed whole: the list is not empty when we stop
     code = p.free.__code__
     lines, first = inspect.getsourcelines(code)
-    target = first + next(i for i, line in enumerate(lines) if line.strip().startswith(before))
+    start = 0 if after is None else next(i for i, line in enumerate(lines) if after in line)
+    target = first + next(i for i, line in enumerate(lines) if i > start and line.strip().startswith(before))
     results.put((p.slot, b.handle))
 
     def trace(frame, event, arg):
