@@ -865,8 +865,9 @@ def report(args, runs, sess, out, t_start, load0):
         )
     out(
         "Anatomy of the observer's pauses: `park_ns` (until the worker was stopped -- the stopped "
-        "workers' caches are flushed before it ends, so this includes the flush; while the daemon waits for a worker caught "
-        "inside a call it answers the light ops waiting on its socket), `flush_ns`, the rest of the pause "
+        "workers' caches are flushed before it ends, so this includes the flush; while the daemon "
+        "waits for a worker caught inside a call it answers the light ops waiting on its socket), "
+        "`flush_ns`, the rest of the pause "
         "(reading the figures, resuming), and the state the worker was stopped in (stopped: from the "
         "daemon's side, between two calls; parked: caught inside a call, it parked itself). Beside them, "
         "the pause as the worker felt it: every batch of 112 pairs during which the worker parked (for any "

@@ -34,10 +34,11 @@ Behaviours (what each worker does between and around its allocator calls):
 Per cell: median, p99 and max of the daemon's `pause_ns` (from the stop request to the moment the
 stop words clear), the p99 of `ragged_stop_max_ns` (the longest any one P was stopped alone in
 the ragged round before the pause, its own flush included: what a P pays besides the pause;
---no-ragged-flush starts the daemon without that round), the medians of its parts `park_ns` (until every P was stopped; the stopped Ps'
-caches are flushed before it ends, once no P still awaited is inside a call, so this includes the flushes) and `flush_ns`, how many
-snapshots ran, how many came back `consistent: false`, and the workers' allocations per second.
-Every snapshot's `stop_protocol` is checked against the protocol asked for.  With 100 snapshots a
+--no-ragged-flush starts the daemon without that round), the medians of its parts `park_ns`
+(until every P was stopped; the stopped Ps' caches are flushed before it ends, once no P still
+awaited is inside a call, so this includes the flushes) and `flush_ns`, how many snapshots ran,
+how many came back `consistent: false`, and the workers' allocations per second.  Every
+snapshot's `stop_protocol` is checked against the protocol asked for.  With 100 snapshots a
 cell, p99 is the second largest pause (nearest rank): run with more --snapshots for a firmer tail.
 Snapshots slower than --slow-ms (default 1 ms) are listed afterwards with the state of every P
 in them ("stopped": stopped from the daemon's side, outside any call; "parked": the P parked

@@ -138,7 +138,7 @@ class ProcessCache:
     free: Callable[[Block | SupportsIndex], None]
     view: Callable[..., memoryview]  # (handle, size=None): a live block of any process
     _set_stop: Callable[[bytearray | memoryview, bytearray | memoryview], None]
-    _charged: Callable[..., int]  # (pages=0): the large cache's charge, after adding pages
+    _charged: Callable[..., int]  # (pages=0, reset=False): the large cache's charge, after adding pages
 
     def __init__(self, arena: "Arena", slot: int | None = None) -> None:
         self.arena = arena
@@ -416,11 +416,11 @@ class ProcessCache:
             nonlocal stop, inside
             stop, inside = stop_view, inside_view
 
-        def charged(pages=0):
-            """Add `pages` to the large cache's charge (the slow paths, under the P lock);
-            returns the charge."""
+        def charged(pages=0, reset=False):
+            """Add `pages` to the large cache's charge, or with `reset` set it to 0 (the slow
+            paths, under the P lock); returns the charge."""
             nonlocal lcached
-            lcached += pages
+            lcached = 0 if reset else lcached + pages
             return lcached
 
         self.alloc, self.free, self.view, self._set_stop = alloc, free, view, set_stop
@@ -480,7 +480,7 @@ class ProcessCache:
                 del self._lnp[i]
         else:
             self._lnp.clear()
-        self._charged(-self._charged())
+        self._charged(reset=True)
         # Said in the slot before this call does anything: from here on the cache may hold what
         # the next flush must give back (Arena.flushed_clean).
         q = self.arena.q

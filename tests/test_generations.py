@@ -162,15 +162,17 @@ def test_random_ints_and_every_wrong_generation_raise_bad_handle(arena):
     other.close()
 
 
-@pytest.mark.parametrize("before", ["relists[c] += 1", "amap[i] = LISTED", "lists[c].append(h + 1)"])
-def test_sigkill_between_the_generation_bump_and_the_rest_of_a_fast_free(make_arena, before):
-    """The victim dies inside a fast-path free after its generation store, at each later store.
-    The arena stays consistent (check passes after its reclaim) and the handle it was freeing
-    never names a live block again: its generation was bumped first."""
+def killed_inside_a_fast_free(make_arena, before, size=64, after=None):
+    """A victim P frees a block of `size` bytes on the fast path and is SIGKILLed just before
+    the statement `before` (mpworkers.stuck_in_fast_free), the block's generation already
+    bumped.  Returns (arena, a live P, the handle it was freeing, the snapshot after the
+    victim's reclaim -- the arena healthy, its slot free)."""
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
     ready, out = SPAWN.Event(), SPAWN.Queue()
-    victim = SPAWN.Process(target=mpworkers.stuck_in_fast_free, args=(arena.name, before, ready, out))
+    victim = SPAWN.Process(
+        target=mpworkers.stuck_in_fast_free, args=(arena.name, before, ready, out, size, after)
+    )
     victim.start()
     slot, h = out.get(timeout=DEADLINE)
     assert ready.wait(DEADLINE), "victim never reached the statement"
@@ -179,6 +181,15 @@ def test_sigkill_between_the_generation_bump_and_the_rest_of_a_fast_free(make_ar
     victim.join(DEADLINE)
     snap = assert_healthy(arena, main)  # reclaims the victim's slot
     assert slot not in arena.registry.active_slots()
+    return arena, main, h, snap
+
+
+@pytest.mark.parametrize("before", ["relists[c] += 1", "amap[i] = LISTED", "lists[c].append(h + 1)"])
+def test_sigkill_between_the_generation_bump_and_the_rest_of_a_fast_free(make_arena, before):
+    """The victim dies inside a fast-path free after its generation store, at each later store.
+    The arena stays consistent (check passes after its reclaim) and the handle it was freeing
+    never names a live block again: its generation was bumped first."""
+    arena, main, h, snap = killed_inside_a_fast_free(make_arena, before)
     # Killed before its LISTED store the block stays allocated (a dead P's blocks do); after it,
     # it is free.  Either way the old handle frees nothing.
     leaked = before == "relists[c] += 1" or before == "amap[i] = LISTED"
@@ -203,20 +214,7 @@ def test_sigkill_inside_a_large_blocks_fast_free(make_arena, before):
     allocated, after it it is free; the arena is consistent either way and the old handle frees
     nothing."""
     size = 1 << 20
-    arena = make_arena(heap_max=64 << 20, nslots=8)
-    main = ProcessCache(arena)
-    ready, out = SPAWN.Event(), SPAWN.Queue()
-    victim = SPAWN.Process(
-        target=mpworkers.stuck_in_fast_free, args=(arena.name, before, ready, out, size, "Ours and large")
-    )
-    victim.start()
-    slot, h = out.get(timeout=DEADLINE)
-    assert ready.wait(DEADLINE), "victim never reached the statement"
-    assert arena.mv[arena.lay.gmap_byte(h)] == layout.next_handle(h) & layout.GEN_MASK
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(DEADLINE)
-    snap = assert_healthy(arena, main)  # reclaims the victim's slot
-    assert slot not in arena.registry.active_slots()
+    arena, main, h, snap = killed_inside_a_fast_free(make_arena, before, size, "Ours and large")
     leaked = before in ("lgrel[0] += 1", "lgrel[1] += npg", "amap[i] = LISTED")
     assert snap["heap_objects"] == (1 if leaked else 0)
     # Two blocks allocated; the re-list counted ahead stays counted when the block did not
