@@ -464,7 +464,7 @@ class Arena:
     def apply_buffered_frees(self, k, actor=None):
         """P k applies its own remote-free buffer (it is full, or the P is closing)."""
         groups = self._buffer_groups(k)
-        if not groups:
+        if not groups and not self.q[self.lay.slot_word(k) + SL["rfree_n"]]:
             return 0
 
         def apply(op):
@@ -534,12 +534,24 @@ class Arena:
         step, so a retry after a crash never applies one twice (one word written per group): it
         ends at the kept groups' count.  Frees found bad now are counted (heap bad_frees, in the
         same step) and returned, never applied.  The frees of large blocks (LARGE_GROUP) go
-        LARGE_STEP a step, the count dropping below each step's in it.  Caller holds the heap lock
-        and the central locks of the classes in `groups`."""
+        LARGE_STEP a step, the count dropping below each step's in it; those whose owner took
+        them back since `groups` was read (their entries 0) are dropped with the 0s.  Caller holds
+        the heap lock and the central locks of the classes in `groups`."""
         lay = self.lay
         sw = lay.slot_word(k)
         n_w, bad_w = sw + SL["rfree_n"], lay.heap_word() + H["bad_frees"]
-        if not groups:
+        if LARGE_GROUP in groups:
+            # Their owners may have taken some back since the groups were read (take_back, under
+            # the heap lock we hold now): those entries are 0 in the buffer.
+            now = set(self.q[sw + L.SLOT_RFREE_AT : sw + L.SLOT_RFREE_AT + self.q[n_w]].tolist())
+            large = [h for h in groups[LARGE_GROUP] if h in now]
+            groups = (
+                {**groups, LARGE_GROUP: large}
+                if large
+                else {key: hs for key, hs in groups.items() if key != LARGE_GROUP}
+            )
+        if not groups:  # nothing left to apply: every entry 0 (taken back, or applied)
+            op.w(n_w, 0)
             return 0
         order = sorted((hs[0], key) for key, hs in groups.items() if key not in keep)
         flat = []

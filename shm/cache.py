@@ -65,9 +65,10 @@ LARGE_CACHE_SPANS = 8  # freed large spans a P keeps, at most: each is charged a
 # budget below, because a snapshot gives every one of them back to the page heap during its pause
 LARGE_CACHE_MAX = 256 << 20  # bytes of freed large spans a P keeps for reuse, at most (and at most
 # a quarter of the heap); a free past it goes back to the page heap
-LARGE_RFREE_BATCH = 8  # frees of another P's large blocks a P buffers, at most, before it applies
-# its buffer: a consumer that frees 4 MiB blocks would otherwise hold a gigabyte back from their
-# producer (who then grows the heap for more) until 256 of them are buffered
+LARGE_RFREE_BYTES = LARGE_CACHE_MAX  # bytes of other Ps' large blocks a P's remote-free buffer holds
+# frees of, at most (and at most a quarter of the heap), before it is applied.  Their owners take
+# them back out of it as they need them (LargeObjects.take_back); the bound is for an owner that
+# does not allocate again, whose pages would otherwise wait for 256 frees (a gigabyte of 4 MiB)
 LARGE_PENDING_SPANS = L.RFREE_CAP  # large spans other Ps freed that a P leaves waiting for its next
 # large allocations, at most (and at most LARGE_CACHE_MAX bytes): one remote-free buffer's worth
 
@@ -159,8 +160,12 @@ class ProcessCache:
         self._cpclass = bytearray(lay.heap_pages)
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
         self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
-        # Frees of large blocks in our remote-free buffer, about (fewer when a flush applied it).
-        self._rlarge = [0]
+        # Frees of large blocks in our remote-free buffer and their pages, about (fewer when a
+        # flush applied it): at _rlcap pages the buffer is applied.
+        self._rlarge = [0, 0]
+        self._rlcap = min(LARGE_RFREE_BYTES, lay.heap_max // 4) >> L.PAGE_SHIFT
+        self._rseen: dict[int, tuple[int, int]] = {}  # P -> (entries of its remote-free buffer we
+        # looked at, the last of them as read then)
         self._lcap = min(LARGE_CACHE_MAX, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._lmin = self._lcap // LARGE_CACHE_SPANS  # the least a cached span is charged
         self._lock = threading.Lock()
@@ -198,7 +203,13 @@ class ProcessCache:
             self._lmin,
         )
         lcached = 0  # pages charged for the large spans in lcache: at least lmin each (charged())
-        rbuf, rfree_n, lgrel, rlarge = self._rbuf, self._rfree_n, self._lgrel, self._rlarge
+        rbuf, rfree_n, lgrel, rlarge, rlcap = (
+            self._rbuf,
+            self._rfree_n,
+            self._lgrel,
+            self._rlarge,
+            self._rlcap,
+        )
         owner, get_ident = self.owner_thread, _thread.get_ident
         stop, inside = self._shm_stop, self._inside  # cells: _set_stop() swaps them
         slow_alloc, slow_free = self._slow_alloc, self._slow_free
@@ -207,6 +218,7 @@ class ProcessCache:
         LARGE, COARSE, PSHIFT, PMASK = _LARGE, _COARSE, L.PAGE_SHIFT, L.PAGE_SIZE - 1
         GB, GM, G0, GPS = L.GEN_BITS, L.GEN_MASK, L.HANDLE_G0, L.FINE_PAGE_SHIFT
         arena = self.arena
+        hint0, SLW = arena.lay.slot_word(0) + SL["lg_rhint"], arena.lay.slot_words
         C0, CPS = arena.lay.handle_c0, L.COARSE_PAGE_SHIFT
         q, mv, pm, sw0, capacity = (
             arena.q,
@@ -215,7 +227,7 @@ class ProcessCache:
             arena.lay.span_word(0),
             arena.block_capacity,
         )
-        CPM, SW, SC = (1 << CPS) - 1, L.SPAN_WORDS, S["sizeclass"]
+        CPM, SW, SC, NPG = (1 << CPS) - 1, L.SPAN_WORDS, S["sizeclass"], S["npages"]
 
         def alloc(size):
             """A Block of at least `size` bytes (not zeroed).  OutOfMemory when full."""
@@ -272,20 +284,26 @@ class ProcessCache:
                 ins[0] = 0
             return False
 
-        def free_large_remote(h, i):
-            """The rest of free() for another P's large block (live, h its handle): buffered as a
-            small one is, and counted (rlarge); the LARGE_RFREE_BATCH-th takes the slow path,
-            which applies the buffer.  Out of free()'s body, as free_coarse is."""
+        def free_large_remote(h, i, b, w):
+            """The rest of free() for another P's large block (live, h its handle, b its map
+            byte, w its span's record word): buffered as a small one is, and counted with its
+            pages (rlarge); the free that brings them to LARGE_RFREE_BYTES takes the slow path,
+            which applies the buffer.  Its owner, if it has one, is told (lg_rhint): it
+            may take the block back out of the buffer.  Out of free()'s body, as free_coarse is."""
             ins = inside
             ins[0] = 1
             try:
                 n = rfree_n[0]
-                c = rlarge[0] if n >= rlarge[0] else 0  # fewer buffered: a flush applied them
-                if c + 1 < LARGE_RFREE_BATCH and n < RCAP and not stop[0]:
+                c, p = rlarge if n >= rlarge[0] else (0, 0)  # fewer buffered: a flush applied them
+                npg = q[w + NPG]
+                if p + npg < rlcap and n < RCAP and not stop[0]:
                     rbuf[n] = h
                     rfree_n[0] = n + 1
                     amap[i] = RFREED  # a second free now fails at once
                     rlarge[0] = c + 1
+                    rlarge[1] = p + npg
+                    if b != ALLOC:
+                        q[hint0 + (b - TAG0) * SLW] = 1  # after RFREED: its owner looks for it
                     return
             finally:
                 ins[0] = 0
@@ -335,13 +353,13 @@ class ProcessCache:
                     elif b != tag_k or c != COARSE or gmap[i] != (g := h & GM):
                         if (b == ALLOC or b >= TAG0) and gmap[i] == h & GM:
                             # A large block starts a page of the maps' coarse part: its free is
-                            # counted, so that few such frees wait (LARGE_RFREE_BATCH).
+                            # counted, so that few such frees wait (rlarge).
                             if (
                                 i >= C0
                                 and not (i - C0) & CPM
-                                and q[sw0 + (q[pm + ((i - C0) >> CPS)] - 1) * SW + SC] == 0
+                                and q[(w := sw0 + (q[pm + ((i - C0) >> CPS)] - 1) * SW) + SC] == 0
                             ):
-                                return free_large_remote(h, i)
+                                return free_large_remote(h, i, b, w)
                             ins = inside
                             ins[0] = 1
                             try:
@@ -517,10 +535,13 @@ class ProcessCache:
             raise OutOfMemory(f"alloc of {size} bytes exceeds the whole heap ({arena.lay.heap_max} bytes)")
         npg = (size + L.PAGE_SIZE - 1) >> L.PAGE_SHIFT
         lst = self._lcache.get(npg)
-        if not lst and arena.q[self._sw + SL["lg_pending"]]:
-            # Other Ps freed some of our large blocks: take them back into the large cache --
-            # making room in it first if blocks of other sizes fill it (the P moved on to
-            # another size: they would keep out the ones it wants now until a flush).
+        q, sw = arena.q, self._sw
+        cands = self._freed_elsewhere(npg) if not lst and q[sw + SL["lg_rhint"]] else []
+        if not lst and (cands or q[sw + SL["lg_pending"]]):
+            # Other Ps freed some of our large blocks: take them back into the large cache, out
+            # of their remote-free buffers (cands) or our pending list -- making room in it
+            # first if blocks of other sizes fill it (the P moved on to another size: they
+            # would keep out the ones it wants now until a flush).
             charge = max(npg, self._lmin)
             stale = []
             if self._lcap - self._charged() < charge:
@@ -530,11 +551,21 @@ class ProcessCache:
             def collect(op):
                 op.acquire(L.LOCK_HEAP)
                 arena.large.give_back_listed(op, k, [h for _, h in stale])
-                return arena.large.collect_pending(
-                    op, k, room, self._lmin, self._lcap, LARGE_PENDING_SPANS, npg
+                taken = arena.large.take_back(op, k, cands, room, self._lmin)
+                left = room - sum(max(n, self._lmin) for _, n in taken)
+                kept, gone = arena.large.collect_pending(
+                    op, k, left, self._lmin, self._lcap, LARGE_PENDING_SPANS, npg
                 )
+                return taken + kept, gone
 
             kept, gone = arena.run(k, collect)
+            if cands:
+                # Ours that it had no room for: the next look reads their buffers from them.
+                taken, seen = {g for g, _ in kept}, self._rseen
+                for j, m, h in cands:
+                    if L.next_handle(h) not in taken and m < seen[j][0]:
+                        at = arena.lay.slot_word(j) + L.SLOT_RFREE_AT
+                        seen[j] = (m, q[at + m - 1] if m else 0)
             for n, g in stale:
                 self._lcache[n].remove(g)
                 self._lnp.pop(g >> L.GEN_BITS, None)
@@ -560,6 +591,39 @@ class ProcessCache:
             self._cpclass[arena.lay.handle_page(h)] = _LARGE
         self._amap[h >> L.GEN_BITS] = self._tag
         return Block((h, size, npg << L.PAGE_SHIFT, self))
+
+    def _freed_elsewhere(self, want):
+        """Our large blocks that other Ps freed, read from their remote-free buffers without a
+        lock (LargeObjects.take_back checks each under the heap lock): [(P, entry, handle)],
+        those of `want` pages first.  Clears our hint (lg_rhint) first: a P that buffers one
+        after we read its buffer sets it again.  Each buffer is read from where the last look
+        stopped, or from the first of ours that look had no room for: a buffer only grows until
+        it is applied, and one applied since (shorter, or its entry before that place no longer
+        the one read there, nor 0) is read from its start."""
+        arena, lay = self.arena, self.arena.lay
+        q, k, lnp, seen = arena.q, self.slot, self._lnp, self._rseen
+        q[self._sw + SL["lg_rhint"]] = 0
+        stride, first = lay.slot_words, lay.slot_word(0) + SL["rfree_n"]
+        counts = q[first : first + len(arena.registry.claimed()) * stride : stride].tolist()
+        cached = {h >> L.GEN_BITS for hs in self._lcache.values() for h in hs}
+        found = []
+        for j, n in enumerate(counts):
+            if not n or j == k:
+                continue
+            n = min(n, L.RFREE_CAP)
+            at = lay.slot_word(j) + L.SLOT_RFREE_AT
+            m0, last = seen.get(j, (0, 0))
+            if m0 > n or (m0 and q[at + m0 - 1] not in (last, 0)):
+                m0 = 0  # applied since
+            elif m0 == n:
+                continue
+            seen[j] = (n, q[at + n - 1])
+            for m, h in enumerate(q[at + m0 : at + n].tolist(), m0):
+                npg = lnp.get(h >> L.GEN_BITS)
+                if npg and h >> L.GEN_BITS not in cached:
+                    found.append((npg != want, j, m, h))
+        found.sort()
+        return [(j, m, h) for _, j, m, h in found]
 
     def _slow_free(self, h):
         with self._lock:
@@ -602,25 +666,31 @@ class ProcessCache:
                 self.arena.apply_buffered_frees(self.slot)
             n, rlarge = self._rfree_n[0], self._rlarge
             if n < rlarge[0]:  # applied meanwhile (a flush): count afresh
-                rlarge[0] = 0
+                rlarge[:] = [0, 0]
             self._rbuf[n] = h
             self._rfree_n[0] = n + 1
             self._amap[i] = L.RFREED
-            if self._is_large(i):
+            npg = self._large_pages(i)
+            if npg:
+                if b != L.ALLOC:  # its owner may take it back out of the buffer
+                    self.arena.q[self.arena.lay.slot_word(b - L.TAG0) + SL["lg_rhint"]] = 1
                 rlarge[0] += 1
-                if rlarge[0] >= LARGE_RFREE_BATCH:
+                rlarge[1] += npg
+                if rlarge[1] >= self._rlcap:
                     self.arena.apply_buffered_frees(self.slot)
-                    rlarge[0] = 0
+                    rlarge[:] = [0, 0]
             return
         self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
 
-    def _is_large(self, i):
-        """Does index i (handle >> GEN_BITS, checked) start a large block (of any P)?"""
-        lay = self.arena.lay
+    def _large_pages(self, i):
+        """The pages of the large block (of any P) index i starts (handle >> GEN_BITS, checked),
+        or 0 if it starts none."""
+        lay, q = self.arena.lay, self.arena.q
         if i < lay.handle_c0 or (i - lay.handle_c0) & ((1 << L.COARSE_PAGE_SHIFT) - 1):
-            return False
+            return 0
         r = self.arena.heap.span_of_page(lay.index_page(i - L.HANDLE_G0))
-        return r >= 0 and self.arena.q[lay.span_word(r) + S["sizeclass"]] == 0
+        w = lay.span_word(r)
+        return q[w + S["npages"]] if r >= 0 and q[w + S["sizeclass"]] == 0 else 0
 
     def _class_of(self, i):
         """The class of the span we cache that holds index i (handle >> GEN_BITS), or _LARGE."""

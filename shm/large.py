@@ -10,6 +10,9 @@ next/prev, tag LIST_LARGE, under the heap lock) -- until a flush:
     LISTED    freed by P k and kept in P k's large cache for the next allocation of the same
               page count, counted as a malloc optimistically (slot words lg_relists and
               lg_relist_pages, folded into the heap figures at flush) -- Go's nmalloc trick
+    RFREED    freed by another P, the free in that P's remote-free buffer: P k takes it back out
+              of the buffer at its next large slow path that wants one (take_back: LISTED, as a
+              local free makes it), else the buffer's apply makes it PENDING
     PENDING   freed by another P (its buffered free, applied under the heap lock), and counted
               freed then; on P k's pending list (lg_pend_head) until P k's next large slow paths
               take it back into the large cache or give its pages back to the heap, or a flush
@@ -179,6 +182,48 @@ class LargeObjects:
                 raise CorruptionError(f"large block {h} is not in P {k}'s large cache")
             self._give_back(op, r, h, was_live=True, optimistic=True)
             op.log.clear()  # checkpoint
+
+    def take_back(self, op, k, cands, room, least):
+        """P k takes back, out of the remote-free buffers of the Ps that freed them, large blocks
+        of its own still RFREED there, as many as `room` pages allow (each charged at least
+        `least`): each becomes LISTED for its large cache, counted as its local free counts one
+        (lg_relists), and its buffer entry 0 (an entry already applied), the three in one step.
+        mimalloc's owner collecting its thread-delayed frees: the Ps that freed them never take
+        the heap lock for them, and the P never waits for them on its pending list.
+        `cands`: (P j, entry m, handle) read from the buffers without a lock; each is checked
+        here, under the heap lock that every apply of a buffer holds, so no entry is applied by
+        both.  Returns [(next handle, pages)] taken.  Checkpoints after each span."""
+        op.need(L.LOCK_HEAP, "LargeObjects.take_back")
+        q, mv, lay, heap, out = self.q, self.mv, self.lay, self.heap, []
+        sw = lay.slot_word(k)
+        rel_w, pages_w = sw + SL["lg_relists"], sw + SL["lg_relist_pages"]
+        for j, m, h in cands:
+            sj = lay.slot_word(j)
+            if m >= q[sj + SL["rfree_n"]] or q[sj + L.SLOT_RFREE_AT + m] != h:
+                continue  # applied meanwhile: PENDING for us, or bad
+            at, gen = L.handle_index(h)
+            r = heap.span_of_page(lay.handle_page(h))
+            if r < 0:
+                continue
+            w = lay.span_word(r)
+            if (
+                q[w + S["sizeclass"]]
+                or q[w + S["owner"]] != k + 1
+                or lay.span_index(q[w + S["start"]], 0)[0] != at
+                or mv[lay.amap_off + at] != L.RFREED
+                or mv[lay.gmap_off + at] != gen
+            ):
+                continue  # not a block of ours still waiting in that buffer: the apply judges it
+            npages = q[w + S["npages"]]
+            charge = max(npages, least)
+            if charge > room:
+                continue
+            room -= charge
+            op.wset((sj + L.SLOT_RFREE_AT + m, rel_w, pages_w), (0, q[rel_w] + 1, q[pages_w] + npages))
+            op.wscatter((lay.gmap_off + at, lay.amap_off + at), ((gen + 1) & L.GEN_MASK, L.LISTED))
+            out.append((L.next_handle(h), npages))
+            op.log.clear()  # checkpoint
+        return out
 
     def collect_pending(self, op, k, room=0, least=0, keep_pages=0, keep_spans=0, want=0):
         """P k takes back the spans other Ps freed (PENDING), those of `want` pages first, newest

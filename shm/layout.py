@@ -61,7 +61,9 @@ Allocation-map byte values (one byte per grain; only object starts are ever non-
     4            RFREED      freed by a P that does not cache the span, its free still in that P's
                              remote-free buffer: still live in the counters, never handed out;
                              written without a lock (a hint that lets a second free fail at once),
-                             so a retag may overwrite it -- the buffered free stays authoritative
+                             so a retag may overwrite it -- the buffered free stays authoritative.
+                             A large block's owner may take it back out of that buffer (under
+                             the heap lock: the entry 0, the block LISTED; LargeObjects.take_back)
     16 + k       TAG(k)      allocated, span cached by P k: P k frees it with one byte store
 
 Handles.  A block's handle is a plain int that names its map byte and its generation:
@@ -104,7 +106,7 @@ import os
 from . import sizeclasses as sc
 from .errors import LayoutMismatch
 
-VERSION = 16
+VERSION = 17
 MAGIC = int.from_bytes(b"SHMALLOC", "little")
 WORD = 8
 ALIGN = sc.PAGE_SIZE
@@ -373,6 +375,9 @@ SLOT = _words(
     #   records' next/prev, tag LIST_LPENDING, newest first; under the heap lock.  Kept apart
     #   from lg_head so that taking them back walks them alone, not every live span the P owns
     "lg_pend_pages",  # pages of the spans on that list; under the heap lock
+    "lg_rhint",  # 1: another P buffered a free of one of this P's large blocks (RFREED) since
+    #   this P last looked; set by that P after its RFREED store, cleared by this P before it
+    #   looks (LargeObjects.take_back).  A hint: one lost leaves that free to the buffer's apply
     "token",  # 64 random bits drawn at claim, 0 while FREE: the P's proof of its slot on the
     #   control channel (register, heartbeat, unregister, admin ops) -- only a process that
     #   can map the arena can read it; under the registry lock

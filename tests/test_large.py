@@ -163,6 +163,33 @@ def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(
     main.close()
 
 
+@pytest.mark.parametrize("where", ["half", "bytes"])
+def test_sigkill_while_taking_large_blocks_back_rolls_back_one_step(make_arena, where):
+    """An owner takes its large blocks back out of the remote-free buffer of the P that freed
+    them, one checkpointed step a block: the buffer's entry 0, the block LISTED and counted as
+    its local free would be.  A process killed inside the step of the second block loses that
+    step only: the first is its own (given back when it is reclaimed); the second and third
+    still wait in the buffer, and that P's flush frees them -- every free once, none bad."""
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    victim, ready, handles = spawn_victim(mpworkers.stuck_taking_back, arena.name, where)
+    hs = handles.get(timeout=DEADLINE)
+    for h in hs:
+        assert bytes(main.view(h, 100_000)) == pattern(h, 100_000)
+        main.free(h)
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    assert arena.q[arena.lay.lock_word(layout.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
+    assert arena.buffered_frees(main.slot)[0] == 0  # the first block's step: done
+    b = kill_and_repair(arena, victim, lambda: main.alloc(200_000))  # takes the heap lock
+    assert arena.buffered_frees(main.slot) == [0, hs[1], hs[2]]  # the second's step rolled back
+    assert [arena.mv[arena.lay.amap_byte(h)] for h in hs] == [layout.LISTED, layout.RFREED, layout.RFREED]
+    main.free(b)
+    snap = assert_healthy(arena, main)  # the victim reclaimed, the buffer applied
+    assert snap["large_mallocs"] == 4 and snap["large_frees"] == 4 and snap["heap_objects"] == 0
+    assert snap["bad_frees"] == 0 and snap["heap_inuse"] == 0
+    main.close()
+
+
 @pytest.mark.parametrize("nth", [3, LARGE_STEP + 2])
 def test_sigkill_while_applying_frees_of_large_blocks_rolls_back_one_step(make_arena, nth):
     """A P's buffered frees of another P's large blocks are applied LARGE_STEP a step, each step

@@ -41,10 +41,14 @@ class AllocatorModel(RuleBasedStateMachine):
 
     @rule(p=st.integers(0, 1), size=SIZES)
     def alloc(self, p, size):
+        self._alloc(p, size)
+
+    def _alloc(self, p, size):
+        """P p allocates `size` bytes, checked against the model: the Block, or None when full."""
         try:
             b = self.ps[p].alloc(size)
         except OutOfMemory:
-            return
+            return None
         assert b.handle not in self.live, "handed out a live block twice"
         lay = self.arena.lay
         coarse = size > 32768 or layout.CLASS_COARSE[SIZE_TO_CLASS[(size + 7) >> 3]]
@@ -66,17 +70,36 @@ class AllocatorModel(RuleBasedStateMachine):
         self.live[b.handle] = (size, b.capacity)
         self.freed.discard(b.handle)  # 256 reuses of one address: its first handle comes back
         self.mallocs += 1
+        return b
 
     @precondition(lambda self: self.live)
     @rule(p=st.integers(0, 1), data=st.data())
     def free(self, p, data):
-        h = data.draw(st.sampled_from(sorted(self.live)))
+        self._free(p, data.draw(st.sampled_from(sorted(self.live))))
+
+    def _free(self, p, h):
         size, _ = self.live.pop(h)
         assert bytes(self.ps[p].view(h, size)) == pattern(h, size), "block contents changed"
         self.ps[p].free(h)
         self.freed.add(h)
         self.last[h >> layout.GEN_BITS] = h
         self.frees += 1
+
+    @rule(p=st.integers(0, 1), size=st.integers(32769, 300_000))
+    def hand_back(self, p, size):
+        """P p allocates a large block and the other P frees it (buffered, RFREED): P p's next
+        allocation of that size, its large cache holding none, takes that very block back out
+        of the other P's buffer (LargeObjects.take_back)."""
+        b = self._alloc(p, size)
+        if b is None:
+            return
+        h, freer = b.handle, self.ps[1 - p]
+        self._free(1 - p, h)
+        waiting = h in self.arena.buffered_frees(freer.slot) and not self.ps[p]._lcache.get(-(-size // PAGE))
+        c = self._alloc(p, size)
+        if waiting and c is not None:
+            assert c.handle == layout.next_handle(h), "the owner did not take its block back"
+            assert h not in self.arena.buffered_frees(freer.slot), "its free still waits in the buffer"
 
     @precondition(lambda self: self.freed)
     @rule(p=st.integers(0, 1), data=st.data(), how=st.sampled_from(["free", "view"]))

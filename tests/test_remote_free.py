@@ -19,7 +19,7 @@ from support import (
     verify_and_free,
 )
 
-from shm import DoubleFree, ProcessCache, cache, identities, layout, read_stats_slow
+from shm import BadHandle, DoubleFree, ProcessCache, cache, identities, layout, read_stats_slow
 from shm import stats as shm_stats
 
 SL = layout.SLOT
@@ -406,12 +406,23 @@ def test_spans_a_batch_empties_wait_for_the_next_refill_up_to_a_bound(arena):
     consumer.close()
 
 
-def test_frees_of_another_ps_large_blocks_wait_in_batches_of_a_few(arena):
-    """A P buffers at most LARGE_RFREE_BATCH frees of other Ps' large blocks before it applies
-    its buffer: the owner gets its pages back a few at a time, not once 256 frees have waited
-    (a gigabyte of 4 MiB blocks).  Small blocks freed alongside wait as before."""
+def large_batch(p, size):
+    """How many frees of other Ps' large blocks of `size` bytes P p buffers before it applies
+    its buffer: the one that brings their pages to its bound (LARGE_RFREE_BYTES, a quarter of
+    the heap at most) applies it."""
+    npg = -(-size // layout.PAGE_SIZE)
+    return -(-p._rlcap // npg)
+
+
+def test_frees_of_another_ps_large_blocks_wait_until_their_pages_reach_a_bound(arena):
+    """A P buffers frees of other Ps' large blocks until their pages reach LARGE_RFREE_BYTES (a
+    quarter of the heap at most), then applies its buffer: an owner that does not take them
+    back gets its pages back then, not once 256 frees have waited (a gigabyte of 4 MiB
+    blocks).  Small blocks freed alongside wait as before."""
     owner, freer = ProcessCache(arena), ProcessCache(arena)
-    n = 2 * cache.LARGE_RFREE_BATCH + 3
+    batch = large_batch(freer, 100_000)
+    assert 8 < batch < layout.RFREE_CAP // 2  # the bound is the pages', not the buffer's
+    n = 2 * batch + 3
     large = [owner.alloc(100_000) for _ in range(n)]
     small = [owner.alloc(4096) for _ in range(40)]  # every other one starts a page: not large
     sw, ow = arena.lay.slot_word(freer.slot), arena.lay.slot_word(owner.slot)
@@ -420,7 +431,7 @@ def test_frees_of_another_ps_large_blocks_wait_in_batches_of_a_few(arena):
     assert arena.q[sw + SL["rfree_n"]] == len(small)
     for j, b in enumerate(large, 1):
         freer.free(b.handle)
-        applied = j // cache.LARGE_RFREE_BATCH * cache.LARGE_RFREE_BATCH
+        applied = j // batch * batch
         assert arena.q[ow + SL["lg_pending"]] == applied, j
     assert arena.q[sw + SL["rfree_n"]] == n - applied  # the small ones went with the first batch
     snap = assert_healthy(arena, owner, freer)
@@ -483,9 +494,9 @@ def test_buffered_frees_are_grouped_a_span_at_a_time_as_a_page_at_a_time_would(a
 
 
 def test_frees_of_another_ps_large_blocks_take_the_fast_path_but_every_batchth(arena, monkeypatch):
-    """The fast path buffers a free of another P's large block and counts it: the
-    LARGE_RFREE_BATCH-th takes the slow path, which applies the buffer; a flush that applied the
-    buffer meanwhile starts the count afresh."""
+    """The fast path buffers a free of another P's large block and counts it with its pages:
+    the free that brings them to the bound takes the slow path, which applies the buffer; a
+    flush that applied the buffer meanwhile starts the count afresh."""
     slow = []
     real = ProcessCache._slow_free
 
@@ -495,7 +506,7 @@ def test_frees_of_another_ps_large_blocks_take_the_fast_path_but_every_batchth(a
 
     monkeypatch.setattr(ProcessCache, "_slow_free", counted)  # bound by the caches made next
     owner, freer = ProcessCache(arena), ProcessCache(arena)
-    batch = cache.LARGE_RFREE_BATCH
+    batch = large_batch(freer, 100_000)
     blocks = [owner.alloc(100_000) for _ in range(3 + 2 * batch)]
     for b in blocks:
         b.buf[:] = pattern(b.handle, b.size)
@@ -515,5 +526,102 @@ def test_frees_of_another_ps_large_blocks_take_the_fast_path_but_every_batchth(a
     assert slow == [rest[batch - 1].handle, rest[-1].handle]
     snap = assert_healthy(arena, owner, freer)
     assert snap["heap_objects"] == 0 and snap["large_frees"] == len(blocks) and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
+def test_an_owner_takes_its_large_blocks_back_out_of_the_buffer_of_the_p_that_freed_them(arena):
+    """Frees of another P's large blocks wait in the freer's buffer (RFREED), and tell their
+    owner (lg_rhint).  The owner's next large allocation that its cache cannot serve takes them
+    back out of that buffer (their entries 0), as its own frees would have put them in its
+    cache: no heap lock taken by the freer, no pending list, the old handles stale."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(100_000) for _ in range(4)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    hs = [b.handle for b in blocks[:3]]
+    hint = arena.lay.slot_word(owner.slot) + SL["lg_rhint"]
+    assert arena.q[hint] == 0
+    for h in hs:
+        assert bytes(freer.view(h, 100_000)) == pattern(h, 100_000)
+        freer.free(h)
+    assert buffered(arena, freer) == hs and arena.q[hint] == 1
+    c = owner.alloc(100_000)  # its large cache is empty: it looks in the other buffers
+    assert arena.q[hint] == 0 and arena.buffered_frees(freer.slot) == [0, 0, 0]
+    assert c.handle == layout.next_handle(hs[2])  # the last taken, on top of its cache
+    cached = sorted(h for lst in owner._lcache.values() for h in lst)
+    assert cached == sorted(layout.next_handle(h) for h in hs[:2])
+    assert [arena.mv[arena.lay.amap_byte(h)] for h in hs] == [layout.LISTED, layout.LISTED, owner._tag]
+    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
+    for h in hs:
+        with pytest.raises(BadHandle):  # stale: each was taken back, one handed out again
+            freer.free(h)
+    freer.flush()  # nothing left to apply: the buffer is emptied, nothing counted bad
+    assert arena.buffered_frees(freer.slot) == []
+    c.buf[:] = pattern(c.handle, c.size)
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["large_mallocs"] == 5 and snap["large_frees"] == 3 and snap["bad_frees"] == 0
+    verify_and_free(owner, [blocks[3], c])
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0
+    owner.close()
+    freer.close()
+
+
+def test_a_buffer_whose_every_entry_was_taken_back_is_emptied_when_full(make_arena):
+    """A freer's buffer whose large frees their owner all took back holds only zeros: when it is
+    full, the next free empties it (nothing to apply) and is buffered as the first."""
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    n = layout.RFREE_CAP + 3
+    assert large_batch(freer, 33_000) > n  # the pages' bound never applies the buffer here
+    handles = []
+    for _ in range(n):
+        b = owner.alloc(33_000)  # takes the last one freed back: the same block each time
+        b.buf[:] = pattern(b.handle, b.size)
+        handles.append(b.handle)
+        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        freer.free(b.handle)
+    assert len({h >> layout.GEN_BITS for h in handles}) == 1
+    assert all(layout.next_handle(a) == b for a, b in zip(handles, handles[1:]))  # a generation more
+    left = arena.buffered_frees(freer.slot)
+    assert left == [0, 0, handles[-1]]  # emptied at the 257th free, its first entry since
+    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["large_mallocs"] == n and snap["large_frees"] == n and snap["heap_objects"] == 0
+    assert snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
+
+
+def test_an_apply_skips_the_frees_their_owner_took_back_after_it_read_its_buffer(arena, monkeypatch):
+    """A P reads its buffer without a lock, then takes the locks to apply it: frees of large
+    blocks whose owner took them back in between (their entries 0 now) are not applied again
+    -- nothing counted bad, the blocks the owner's."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(100_000) for _ in range(3)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    hs = [b.handle for b in blocks]
+    for h in hs:
+        assert bytes(freer.view(h, 100_000)) == pattern(h, 100_000)
+        freer.free(h)
+    real, taken = arena._buffer_groups, []
+
+    def read_then_taken(k):
+        groups = real(k)
+        if k == freer.slot and not taken:
+            taken.append(owner.alloc(100_000))  # between the read and the locks
+        return groups
+
+    monkeypatch.setattr(arena, "_buffer_groups", read_then_taken)
+    freer.flush()
+    assert taken and taken[0].handle == layout.next_handle(hs[2])
+    assert arena.buffered_frees(freer.slot) == []
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["bad_frees"] == 0 and snap["large_frees"] == 3 and snap["heap_objects"] == 1
+    owner.free(taken[0])
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0
     owner.close()
     freer.close()
