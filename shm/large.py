@@ -187,19 +187,22 @@ class LargeObjects:
         """P k takes back, out of the remote-free buffers of the Ps that freed them, large blocks
         of its own still RFREED there, as many as `room` pages allow (each charged at least
         `least`): each becomes LISTED for its large cache, counted as its local free counts one
-        (lg_relists), and its buffer entry 0 (an entry already applied), the three in one step.
-        mimalloc's owner collecting its thread-delayed frees: the Ps that freed them never take
-        the heap lock for them, and the P never waits for them on its pending list.
-        `cands`: (P j, entry m, handle) read from the buffers without a lock; each is checked
-        here, under the heap lock that every apply of a buffer holds, so no entry is applied by
-        both.  Returns [(next handle, pages)] taken.  Checkpoints after each span."""
+        (lg_relists), and its buffer entry 0 (an entry already applied) -- all of them in one
+        step: at most LARGE_CACHE_SPANS blocks, two log entries.  mimalloc's owner collecting
+        its thread-delayed frees: the Ps that freed them never take the heap lock for them, and
+        the P never waits for them on its pending list.  `cands`: (P j, entry m, handle) read
+        from the buffers without a lock; each is checked here, under the heap lock that every
+        apply of a buffer holds, so no entry is applied by both.  Returns [(next handle, pages)]
+        taken."""
         op.need(L.LOCK_HEAP, "LargeObjects.take_back")
         q, mv, lay, heap, out = self.q, self.mv, self.lay, self.heap, []
         sw = lay.slot_word(k)
         rel_w, pages_w = sw + SL["lg_relists"], sw + SL["lg_relist_pages"]
+        entries, offs, values, pages = [], [], [], 0
         for j, m, h in cands:
             sj = lay.slot_word(j)
-            if m >= q[sj + SL["rfree_n"]] or q[sj + L.SLOT_RFREE_AT + m] != h:
+            e = sj + L.SLOT_RFREE_AT + m
+            if m >= q[sj + SL["rfree_n"]] or q[e] != h:
                 continue  # applied meanwhile: PENDING for us, or bad
             at, gen = L.handle_index(h)
             r = heap.span_of_page(lay.handle_page(h))
@@ -219,10 +222,16 @@ class LargeObjects:
             if charge > room:
                 continue
             room -= charge
-            op.wset((sj + L.SLOT_RFREE_AT + m, rel_w, pages_w), (0, q[rel_w] + 1, q[pages_w] + npages))
-            op.wscatter((lay.gmap_off + at, lay.amap_off + at), ((gen + 1) & L.GEN_MASK, L.LISTED))
+            entries.append(e)
+            offs += (lay.gmap_off + at, lay.amap_off + at)
+            values += ((gen + 1) & L.GEN_MASK, L.LISTED)
+            pages += npages
             out.append((L.next_handle(h), npages))
-            op.log.clear()  # checkpoint
+        if out:
+            op.wset(
+                (*entries, rel_w, pages_w), (*[0] * len(entries), q[rel_w] + len(out), q[pages_w] + pages)
+            )
+            op.wscatter(offs, values)
         return out
 
     def collect_pending(self, op, k, room=0, least=0, keep_pages=0, keep_spans=0, want=0):

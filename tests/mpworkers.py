@@ -413,10 +413,10 @@ def stuck_in_pending_list(arena_name, ready, handles, where):
 def stuck_taking_back(arena_name, ready, handles, where):
     """Allocate three large blocks (each filled with its pattern), send their handles, wait
     until another P has freed them all (in its buffer, RFREED), then allocate again: we take
-    them back out of its buffer (LargeObjects.take_back), one step a block -- and stop forever
-    inside the step of the second.  `where`: "half" -- its words entry complete, half of its
-    words stored (the buffer's entry 0, our count not yet); "bytes" -- its words stored, its
-    map bytes not yet.  The test SIGKILLs us there."""
+    them back out of its buffer (LargeObjects.take_back), all three in one step -- and stop
+    forever inside it.  `where`: "half" -- its words entry complete, half of its words stored
+    (the buffer's entries 0, our counts not yet); "bytes" -- its words stored, its map bytes not
+    yet.  The test SIGKILLs us there."""
     from service.demo import pattern
     from shm import Arena, ProcessCache
     from shm import layout as L
@@ -432,31 +432,27 @@ def stuck_taking_back(arena_name, ready, handles, where):
     while any(arena.mv[arena.lay.amap_byte(b.handle)] != L.RFREED for b in blocks):
         time.sleep(0.001)
     real_take, real_wset, real_scatter = LargeObjects.take_back, Op.wset, Op.wscatter
-    calls = {"take_back": 0, "wset": 0, "wscatter": 0}  # the step of the nth block: its nth of each
+    calls = {"take_back": 0}
 
     def take_back(self, *a, **kw):
         calls["take_back"] += 1
         return real_take(self, *a, **kw)
 
     def wset(self, idxs, values):
-        if calls["take_back"]:
-            calls["wset"] += 1
-            if where == "half" and calls["wset"] == 2:
+        if calls["take_back"] and where == "half":
 
-                def stored():  # wset stores word j once it has drawn value j: stop before drawing one
-                    for j, v in enumerate(values):
-                        if j == len(idxs) // 2:
-                            stop_forever(ready)
-                        yield v
+            def stored():  # wset stores word j once it has drawn value j: stop before drawing one
+                for j, v in enumerate(values):
+                    if j == len(idxs) // 2:
+                        stop_forever(ready)
+                    yield v
 
-                return real_wset(self, idxs, stored())
+            return real_wset(self, idxs, stored())
         return real_wset(self, idxs, values)
 
     def wscatter(self, offs, values):
-        if calls["take_back"]:
-            calls["wscatter"] += 1
-            if where == "bytes" and calls["wscatter"] == 2:
-                stop_forever(ready)
+        if calls["take_back"] and where == "bytes":
+            stop_forever(ready)
         return real_scatter(self, offs, values)
 
     LargeObjects.take_back, Op.wset, Op.wscatter = take_back, wset, wscatter

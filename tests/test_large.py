@@ -166,10 +166,10 @@ def test_sigkill_while_moving_a_span_to_or_from_the_pending_list_is_rolled_back(
 @pytest.mark.parametrize("where", ["half", "bytes"])
 def test_sigkill_while_taking_large_blocks_back_rolls_back_one_step(make_arena, where):
     """An owner takes its large blocks back out of the remote-free buffer of the P that freed
-    them, one checkpointed step a block: the buffer's entry 0, the block LISTED and counted as
-    its local free would be.  A process killed inside the step of the second block loses that
-    step only: the first is its own (given back when it is reclaimed); the second and third
-    still wait in the buffer, and that P's flush frees them -- every free once, none bad."""
+    them in one step: the buffer's entries 0, the blocks LISTED and counted as its local frees
+    would be.  A process killed inside that step (half its words stored, or all but its map
+    bytes) leaves none of it: the three frees still wait in the buffer, and that P's flush
+    frees them -- every free once, none bad."""
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
     victim, ready, handles = spawn_victim(mpworkers.stuck_taking_back, arena.name, where)
@@ -179,10 +179,10 @@ def test_sigkill_while_taking_large_blocks_back_rolls_back_one_step(make_arena, 
         main.free(h)
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     assert arena.q[arena.lay.lock_word(layout.LOCK_HEAP)], "the victim should hold the heap lock, dirty"
-    assert arena.buffered_frees(main.slot)[0] == 0  # the first block's step: done
+    assert arena.buffered_frees(main.slot)[0] == 0  # the step under way: the first entry 0
     b = kill_and_repair(arena, victim, lambda: main.alloc(200_000))  # takes the heap lock
-    assert arena.buffered_frees(main.slot) == [0, hs[1], hs[2]]  # the second's step rolled back
-    assert [arena.mv[arena.lay.amap_byte(h)] for h in hs] == [layout.LISTED, layout.RFREED, layout.RFREED]
+    assert arena.buffered_frees(main.slot) == hs  # the step rolled back
+    assert [arena.mv[arena.lay.amap_byte(h)] for h in hs] == [layout.RFREED] * 3
     main.free(b)
     snap = assert_healthy(arena, main)  # the victim reclaimed, the buffer applied
     assert snap["large_mallocs"] == 4 and snap["large_frees"] == 4 and snap["heap_objects"] == 0
