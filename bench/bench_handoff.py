@@ -1,6 +1,7 @@
 """Producer -> consumer hand-off of whole messages between two processes, shmalloc and its peers.
 
-    python bench/bench_handoff.py [--sizes 64,4K,256K,4M] [--rows ...] [--reps 3] [--seconds 1] [--quick]
+    python bench/bench_handoff.py [--sizes 64,4K,256K,4M] [--rows ...] [--reps 3] [--seconds 1]
+                                  [--time-reads] [--quick]
 
 A private daemon (`--max-heap 2G`) in a temp dir; one producer and one consumer process
 (multiprocessing, spawn), started once and driven by the parent.  Per message the producer
@@ -10,6 +11,8 @@ number compared) and releases it.  A wrong byte or a lost message stops the run.
 row, one size) runs for --seconds (default 1; --quick 0.2); its rate is messages / (the
 consumer's last release - the producer's start).  All cells are timed round robin within each
 repetition (the row order rotates); figures are medians of --reps (default 3; --quick 1).
+--time-reads also times each consumer's read alone (the same crc32 in every row) and prints it
+beside what the rest of a message costs: the row's own work and its waits.
 
 Flow control is the same for every Pipe row: the consumer acks every B messages (B =
 min(256, 16 MiB / size): 256, 256, 64, 4 for the default sizes) and the producer stays at most
@@ -292,11 +295,19 @@ def produce(st, row, size, seconds, cell):
     return {"t_start": t_start, "count": seq}
 
 
-def consume(st, row, size, cell):
+def consume(st, row, size, cell, time_reads=False):
     link = st.link
     _, crc = st.tail(size)
     B = batch_of(size)
-    crc32 = zlib.crc32
+    crc32, read_s = zlib.crc32, [0.0]
+    if time_reads:  # the read (crc32 over the message) timed alone, in every row alike
+
+        def crc32(data, _crc32=zlib.crc32, _pc=time.perf_counter):
+            t = _pc()
+            out = _crc32(data)
+            read_s[0] += _pc() - t
+            return out
+
     seq = 0
     if row.startswith("iceoryx2"):
         sub, listener, _, _, T, tick = st.iox_ports(size, "consumer", WINDOW_BATCHES * B)
@@ -319,7 +330,7 @@ def consume(st, row, size, cell):
                 mv.release()
                 smp.delete()
                 seq += 1
-        return {"t_end": time.perf_counter(), "count": seq}
+        return {"t_end": time.perf_counter(), "count": seq, "read_s": read_s[0]}
 
     recv_bytes, ack = link.recv_bytes, link.send_bytes
     st.ready(False)
@@ -378,7 +389,7 @@ def consume(st, row, size, cell):
         raise ValueError(row)
     t_end = time.perf_counter()
     ack(b"E")
-    return {"t_end": t_end, "count": seq}
+    return {"t_end": t_end, "count": seq, "read_s": read_s[0]}
 
 
 HANDLERS = {"produce": produce, "consume": consume, "ping": lambda st: os.getpid()}
@@ -454,9 +465,10 @@ def answer(ctl, timeout=600):
     return value
 
 
-def run_cell(ctls, row, size, seconds, cell):
+def run_cell(ctls, row, size, seconds, cell, time_reads=False):
+    """One cell: (messages a second, the consumer's seconds a message in its reads)."""
     prod, cons = ctls
-    call(cons, "consume", row=row, size=size, cell=cell)
+    call(cons, "consume", row=row, size=size, cell=cell, time_reads=time_reads)
     answer(cons)  # ready: its receiving end exists
     call(prod, "produce", row=row, size=size, seconds=seconds, cell=cell)
     answer(prod)  # ready
@@ -470,7 +482,7 @@ def run_cell(ctls, row, size, seconds, cell):
     p, c = res[prod], res[cons]
     if p["count"] != c["count"]:
         raise WorkerError(f"{row} {size}: {p['count']} messages sent, {c['count']} received")
-    return c["count"] / (c["t_end"] - p["t_start"])
+    return c["count"] / (c["t_end"] - p["t_start"]), c["read_s"] / max(c["count"], 1)
 
 
 def main(argv=None):
@@ -484,6 +496,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; --quick 1)")
     ap.add_argument("--seconds", type=float, default=None, help="one cell's run (default 1; --quick 0.2)")
     ap.add_argument("--max-heap", default="2G")
+    ap.add_argument(
+        "--time-reads",
+        action="store_true",
+        help="also time each consumer's read (crc32 over the message) alone and print it per row: "
+        "what is left of a message is the row's own work (the timer adds about 0.1 us a message)",
+    )
     ap.add_argument(
         "--quick", action="store_true", help="a smoke run of a few seconds (plus Ray's start if installed)"
     )
@@ -519,7 +537,7 @@ def main(argv=None):
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    rates = {}
+    rates, reads = {}, {}
     with Session(args.max_heap) as session:
         prefix, root = session.iceoryx2_config()
         iox_cfg = (prefix, root, session.prefix)
@@ -557,7 +575,8 @@ def main(argv=None):
                         rate = r["count"] / (r["t_end"] - r["t_start"])
                     else:
                         try:
-                            rate = run_cell(ctls, row, size, secs, cell)
+                            rate, read = run_cell(ctls, row, size, secs, cell, args.time_reads)
+                            reads.setdefault((size, row), []).append(read)
                         except WorkerError as e:
                             raise WorkerError(f"in the cell {row!r}, {fmt_size(size)}:\n{e}") from None
                     rates.setdefault((size, row), []).append(rate)
@@ -607,6 +626,22 @@ def main(argv=None):
                 else "within 1.5x of iceoryx2 up to 4 KiB, at least level (>= 1.0x) from 256 KiB"
             )
             print(f"target {a} vs {b}: {what}: met at {ok} of {len(sizes)} sizes")
+        print()
+    if args.time_reads:
+        print("the consumer's read (crc32 over the message) alone, µs a message, median of", reps)
+        print("-- and what the rest of the message costs, 1e6 / rate - read:")
+        print()
+        timed = [r for r in rows if r != "ray"]
+        line = []
+        for n in sizes:
+            cells = []
+            for r in timed:
+                read, rate = median(reads.get((n, r), [])), med.get((n, r))
+                cells.append(
+                    "-" if read is None or not rate else f"{read * 1e6:.2f} + {1e6 / rate - read * 1e6:.2f}"
+                )
+            line.append([fmt_size(n)] + cells)
+        print(md_table(["size"] + timed, line))
         print()
     print("every run (msg/s):")
     print()
