@@ -10,7 +10,8 @@ handles over a multiprocessing Pipe, the producer at most 4B messages ahead).  P
 producer times `heap.alloc(size)` with `block.buf` (alloc), the fill (2 slice assignments), and
 its waits for the consumer's acks; the consumer times `heap.view(handle, size)` (view), zlib.crc32
 over the message (read), `heap.free(handle)` (free, a cross-process free: the fast path and its
-share of the buffer's applies), and its waits in the Pipe's recv (recv).  Prints microseconds a
+share of the buffer's applies), the Pipe's recv of each batch but the first (recv: its waits
+too) and its acks (ack), its clock started when the first batch arrived.  Prints microseconds a
 message, each side's rate, and the median of --runs runs (perf_counter around each piece: the
 timer's own cost, about 0.1 us a call, is in every figure).
 """
@@ -74,13 +75,15 @@ def consumer(name, size, n, conn, ack, out):
     heap, pc = ProcessCache(arena), time.perf_counter
     B = min(256, (16 << 20) // size)
     view, free, crc = heap.view, heap.free, zlib.crc32(bytes(size - 8))
-    t_view = t_read = t_free = t_recv = 0.0
-    seq = 0
-    t0 = pc()
+    t_view = t_read = t_free = t_recv = t_ack = 0.0
+    seq, t0 = 0, None
     while True:
         a = pc()
         data = conn.recv_bytes()
-        t_recv += pc() - a
+        if t0 is None:
+            t0 = pc()  # from the first batch's arrival: the producer's start is not the consumer's
+        else:
+            t_recv += pc() - a
         if not data:
             break
         hs = array("Q")
@@ -100,12 +103,23 @@ def consumer(name, size, n, conn, ack, out):
             t_free += d - c
             seq += 1
             if seq % B == 0:
+                a = pc()
                 ack.send_bytes(b"a")
+                t_ack += pc() - a
     t1 = pc()
     if seq != n:
         raise AssertionError(f"{seq} messages of {n}")
     ack.send_bytes(b"E")
-    out.put({"consumer msg/s": n / (t1 - t0), "view": t_view, "read": t_read, "free": t_free, "recv": t_recv})
+    out.put(
+        {
+            "consumer msg/s": n / (t1 - t0),
+            "view": t_view,
+            "read": t_read,
+            "free": t_free,
+            "recv": t_recv,
+            "ack": t_ack,
+        }
+    )
     heap.close()
     arena.close()
 
@@ -156,7 +170,7 @@ def main():
     rows = []
     for side, pieces in (
         ("producer", ("alloc", "fill", "ack waits")),
-        ("consumer", ("view", "read", "free", "recv")),
+        ("consumer", ("view", "read", "free", "recv", "ack")),
     ):
         for piece in pieces:
             rows.append([side, piece, f"{median([r[piece] for r in runs]) / n * 1e6:.2f}"])
