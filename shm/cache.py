@@ -65,8 +65,8 @@ LARGE_CACHE_SPANS = 8  # freed large spans a P keeps, at most: each is charged a
 # budget below, because a snapshot gives every one of them back to the page heap during its pause
 LARGE_CACHE_MAX = 256 << 20  # bytes of freed large spans a P keeps for reuse, at most (and at most
 # a quarter of the heap); a free past it goes back to the page heap
-LARGE_RFREE_BYTES = LARGE_CACHE_MAX  # bytes of other Ps' large blocks a P's remote-free buffer holds
-# frees of, at most (and at most a quarter of the heap), before it is applied.  Their owners take
+LARGE_RFREE_BYTES = LARGE_CACHE_MAX  # bytes of other Ps' large blocks whose frees wait in a P's
+# remote-free buffer, about, at most (and at most a quarter of the heap), before it is applied.  Their owners take
 # them back out of it as they need them (LargeObjects.take_back); the bound is for an owner that
 # does not allocate again, whose pages would otherwise wait for 256 frees (a gigabyte of 4 MiB)
 LARGE_PENDING_SPANS = L.RFREE_CAP  # large spans other Ps freed that a P leaves waiting for its next
@@ -288,7 +288,7 @@ class ProcessCache:
             """The rest of free() for another P's large block (live, h its handle, b its map
             byte, w its span's record word): buffered as a small one is, and counted with its
             pages (rlarge); the free that brings them to LARGE_RFREE_BYTES takes the slow path,
-            which applies the buffer.  Its owner, if it has one, is told (lg_rhint): it
+            which applies the buffer if those still waiting (not taken back) reach it too.  Its owner, if it has one, is told (lg_rhint): it
             may take the block back out of the buffer.  Out of free()'s body, as free_coarse is."""
             ins = inside
             ins[0] = 1
@@ -677,8 +677,13 @@ class ProcessCache:
                 rlarge[0] += 1
                 rlarge[1] += npg
                 if rlarge[1] >= self._rlcap:
-                    self.arena.apply_buffered_frees(self.slot)
-                    rlarge[:] = [0, 0]
+                    # Their owners took some back (entries 0): count what still waits, about
+                    # (their mean size), and apply only if that reaches the bound.
+                    taken = self._rbuf[: n + 1].tolist().count(0)
+                    rlarge[1] = (rlarge[0] - min(taken, rlarge[0])) * rlarge[1] // rlarge[0]
+                    if rlarge[1] >= self._rlcap:
+                        self.arena.apply_buffered_frees(self.slot)
+                        rlarge[:] = [0, 0]
             return
         self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
 

@@ -625,3 +625,27 @@ def test_an_apply_skips_the_frees_their_owner_took_back_after_it_read_its_buffer
     assert snap["heap_objects"] == 0
     owner.close()
     freer.close()
+
+
+def test_frees_their_owner_took_back_do_not_count_toward_the_bound(arena):
+    """The pages' bound is on the frees still waiting in a buffer: the free that reaches it finds
+    the others taken back by their owner (entries 0), and the buffer is not applied -- it grows
+    while the owner keeps taking its blocks back, none of them sent to its pending list."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    n = 2 * large_batch(freer, 100_000) + 5  # past the bound twice
+    assert n < layout.RFREE_CAP
+    handles = []
+    for _ in range(n):
+        b = owner.alloc(100_000)  # takes the one freed last back: the same block each time
+        b.buf[:] = pattern(b.handle, b.size)
+        handles.append(b.handle)
+        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        freer.free(b.handle)
+    sw, ow = arena.lay.slot_word(freer.slot), arena.lay.slot_word(owner.slot)
+    assert arena.q[sw + SL["rfree_n"]] == n  # never applied
+    assert buffered(arena, freer) == [handles[-1]]  # the others taken back
+    assert arena.q[ow + SL["lg_pending"]] == 0
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["large_frees"] == n and snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
