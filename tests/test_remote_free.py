@@ -649,3 +649,34 @@ def test_frees_their_owner_took_back_do_not_count_toward_the_bound(arena):
     assert snap["large_frees"] == n and snap["heap_objects"] == 0 and snap["bad_frees"] == 0
     owner.close()
     freer.close()
+
+
+def test_an_owner_finds_its_blocks_in_a_buffer_applied_and_refilled_since_it_last_looked(arena):
+    """An owner reads each other P's buffer from where it last stopped; a buffer applied since and
+    refilled to that length again (its last entry read then is neither there nor 0 now) is read
+    from its start, so the block freed into it is taken back all the same."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    a = owner.alloc(100_000)
+    a.buf[:] = pattern(a.handle, a.size)
+    assert bytes(freer.view(a.handle, a.size)) == pattern(a.handle, a.size)
+    freer.free(a.handle)
+    a2 = owner.alloc(100_000)  # takes a back: its look stopped at the buffer's one entry
+    assert a2.handle == layout.next_handle(a.handle) and owner._rseen[freer.slot][0] == 1
+    freer.flush()  # the buffer applied (nothing left in it): empty
+    b = owner.alloc(100_000)
+    b.buf[:] = pattern(b.handle, b.size)
+    assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+    freer.free(b.handle)  # one entry again: the length the owner's last look stopped at
+    c = owner.alloc(100_000)
+    assert c.handle == layout.next_handle(b.handle), (
+        "the owner missed the block freed into the refilled buffer"
+    )
+    assert arena.buffered_frees(freer.slot) == [0]
+    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
+    a2.buf[:] = pattern(a2.handle, a2.size)
+    c.buf[:] = pattern(c.handle, c.size)
+    verify_and_free(owner, [a2, c])
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0 and snap["large_frees"] == 4
+    owner.close()
+    freer.close()
