@@ -66,9 +66,10 @@ LARGE_CACHE_SPANS = 8  # freed large spans a P keeps, at most: each is charged a
 LARGE_CACHE_MAX = 256 << 20  # bytes of freed large spans a P keeps for reuse, at most (and at most
 # a quarter of the heap); a free past it goes back to the page heap
 LARGE_RFREE_BYTES = LARGE_CACHE_MAX  # bytes of other Ps' large blocks whose frees wait in a P's
-# remote-free buffer, about, at most (and at most a quarter of the heap), before it is applied.  Their owners take
-# them back out of it as they need them (LargeObjects.take_back); the bound is for an owner that
-# does not allocate again, whose pages would otherwise wait for 256 frees (a gigabyte of 4 MiB)
+# remote-free buffer, about, at most (and at most a quarter of the heap), before it is applied.
+# Their owners take them back out of it as they need them (LargeObjects.take_back); the bound is
+# for an owner that does not allocate again, whose pages would otherwise wait for 256 frees (a
+# gigabyte of 4 MiB blocks)
 LARGE_PENDING_SPANS = L.RFREE_CAP  # large spans other Ps freed that a P leaves waiting for its next
 # large allocations, at most (and at most LARGE_CACHE_MAX bytes): one remote-free buffer's worth
 
@@ -288,8 +289,9 @@ class ProcessCache:
             """The rest of free() for another P's large block (live, h its handle, b its map
             byte, w its span's record word): buffered as a small one is, and counted with its
             pages (rlarge); the free that brings them to LARGE_RFREE_BYTES takes the slow path,
-            which applies the buffer if those still waiting (not taken back) reach it too.  Its owner, if it has one, is told (lg_rhint): it
-            may take the block back out of the buffer.  Out of free()'s body, as free_coarse is."""
+            which applies the buffer if those still waiting (not taken back) reach it too.  Its
+            owner, if it has one, is told (lg_rhint): it may take the block back out of the
+            buffer.  Out of free()'s body, as free_coarse is."""
             ins = inside
             ins[0] = 1
             try:
