@@ -160,8 +160,15 @@ class LargeObjects:
                 hw + H["large_live_pages"],
                 sj + SL["lg_pending"],
                 sj + SL["lg_pend_pages"],
+                hw + H["large_pending_frees"],
             ]
-            values = [q[idxs[0]] - 1, q[idxs[1]] - npages, q[idxs[2]] + 1, q[idxs[3]] + npages]
+            values = [
+                q[idxs[0]] - 1,
+                q[idxs[1]] - npages,
+                q[idxs[2]] + 1,
+                q[idxs[3]] + npages,
+                q[idxs[4]] + 1,
+            ]
             self.heap.list_move(op, self.head_w(j), self.pend_w(j), r, L.LIST_LPENDING, idxs, values)
             return False
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
@@ -228,8 +235,10 @@ class LargeObjects:
             pages += npages
             out.append((L.next_handle(h), npages))
         if out:
+            tb_w = self.hw + H["large_taken_back"]
             op.wset(
-                (*entries, rel_w, pages_w), (*[0] * len(entries), q[rel_w] + len(out), q[pages_w] + pages)
+                (*entries, rel_w, pages_w, tb_w),
+                (*[0] * len(entries), q[rel_w] + len(out), q[pages_w] + pages, q[tb_w] + len(out)),
             )
             op.wscatter(offs, values)
         return out

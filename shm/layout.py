@@ -323,6 +323,10 @@ HEAP = _words(
     "released_total",  # pages ever given back with MADV_REMOVE (scavenger and release); cumulative
     #   >= released_pages (figures: released_bytes >= heap_released)
     "scavenged_pages",  # of which by the background scavenger; cumulative
+    "large_taken_back",  # large objects their owner took back out of the remote-free buffer of the
+    #   P that freed them (LargeObjects.take_back); cumulative
+    "large_pending_frees",  # frees of another P's large objects applied to the owner's pending list
+    #   (PENDING) instead; cumulative.  Their sum <= large_frees (stats.identities)
     "fine_map_pages",  # OS pages of the maps' fine part whose flag is set in the fine-map table
     #   == the set flags (PageHeap.check); each flag stands for one OS page of each map
 )

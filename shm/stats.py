@@ -97,6 +97,21 @@ FIELDS = (
     ("large_mallocs", "objects", "counter", "Large objects (over 32 KiB) ever allocated."),
     ("large_frees", "objects", "counter", "Large objects ever freed."),
     ("large_bytes", "bytes", "gauge", "Bytes of live large spans."),
+    # large_taken_back + large_pending_frees <= large_frees
+    (
+        "large_taken_back",
+        "objects",
+        "counter",
+        "Large objects freed by another process that their owner took back out of that process's "
+        "remote-free buffer, for its own cache: reused without a lock on the freeing side or the page heap.",
+    ),
+    (
+        "large_pending_frees",
+        "objects",
+        "counter",
+        "Large objects freed by another process whose free reached their owner through its pending list "
+        "instead: the freeing process applied its buffer before the owner looked.",
+    ),
     (
         "bad_frees",
         "objects",
@@ -196,6 +211,8 @@ def _assemble(
     d["by_size"] = by_size
     q, hw = arena.q, arena.lay.heap_word()
     d["bad_frees"] = q[hw + H["bad_frees"]]
+    d["large_taken_back"] = q[hw + H["large_taken_back"]]
+    d["large_pending_frees"] = q[hw + H["large_pending_frees"]]
     d["released_bytes"] = q[hw + H["released_total"]] * PAGE
     d["scavenged_bytes"] = q[hw + H["scavenged_pages"]] * PAGE
     d["retain_target"] = q[L.HDR["retain_target"]]
@@ -333,6 +350,11 @@ def identities(s):
     want(
         s["heap_alloc"] == small + s["large_bytes"],
         f"heap_alloc {s['heap_alloc']} != sum by_size live bytes {small} + large_bytes {s['large_bytes']}",
+    )
+    want(
+        s["large_taken_back"] + s["large_pending_frees"] <= s["large_frees"],
+        f"large_taken_back {s['large_taken_back']} + large_pending_frees {s['large_pending_frees']} > "
+        f"large_frees {s['large_frees']}",
     )
     want(
         s["mallocs"] == sum(e["mallocs"] for e in by) + s["large_mallocs"],

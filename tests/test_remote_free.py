@@ -436,6 +436,7 @@ def test_frees_of_another_ps_large_blocks_wait_until_their_pages_reach_a_bound(a
     assert arena.q[sw + SL["rfree_n"]] == n - applied  # the small ones went with the first batch
     snap = assert_healthy(arena, owner, freer)
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    assert snap["large_taken_back"] == 0 and snap["large_pending_frees"] == n  # the owner never looked
     owner.close()
     freer.close()
 
@@ -561,6 +562,7 @@ def test_an_owner_takes_its_large_blocks_back_out_of_the_buffer_of_the_p_that_fr
     c.buf[:] = pattern(c.handle, c.size)
     snap = assert_healthy(arena, owner, freer)
     assert snap["large_mallocs"] == 5 and snap["large_frees"] == 3 and snap["bad_frees"] == 0
+    assert snap["large_taken_back"] == 3 and snap["large_pending_frees"] == 0
     verify_and_free(owner, [blocks[3], c])
     snap = assert_healthy(arena, owner, freer)
     assert snap["heap_objects"] == 0
@@ -647,6 +649,7 @@ def test_frees_their_owner_took_back_do_not_count_toward_the_bound(arena):
     assert arena.q[ow + SL["lg_pending"]] == 0
     snap = assert_healthy(arena, owner, freer)
     assert snap["large_frees"] == n and snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    assert snap["large_taken_back"] == n - 1 and snap["large_pending_frees"] == 1  # the last, at the flush
     owner.close()
     freer.close()
 

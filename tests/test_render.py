@@ -27,6 +27,7 @@ def make_snap(used=None, large=(3, 1, 2), taken_ns=T0, **meta):
     ]
     lm, lf, lpages = large
     s = {"by_size": by, "large_mallocs": lm, "large_frees": lf, "large_bytes": lpages * PAGE, "bad_frees": 0}
+    s.update(large_taken_back=lf // 2, large_pending_frees=lf - lf // 2)
     small_live = sum((e["mallocs"] - e["frees"]) * e["size"] for e in by)
     s["heap_alloc"] = small_live + s["large_bytes"]
     s["heap_inuse"] = 3 * 1024 * 1024  # 3.0 MiB
@@ -137,6 +138,14 @@ def test_inconsistent_snapshot_says_no_and_lists_unflushed():
     head = out.split("\n\n")[0]
     assert "consistent: NO (unflushed P slots: 2, 5)" in head
     assert "consistent: yes" not in out
+
+
+def test_more_large_frees_handed_back_than_made_breaks_an_identity():
+    s = make_snap()
+    assert identities(s) == []
+    s["large_taken_back"] = s["large_frees"] - s["large_pending_frees"] + 1
+    (bad,) = identities(s)
+    assert bad.startswith("large_taken_back")
 
 
 def test_broken_identity_is_listed():
