@@ -234,6 +234,19 @@ def panels() -> list[dict]:
         ),
         timeseries(
             lay,
+            "Large frees across processes",
+            "ops",
+            "Large objects freed by another process, per second: taken back by their owner out of the "
+            "freer's buffer (no lock on the freeing side, no page heap), or handed to it through its "
+            "pending list (the freer applied its buffer first).",
+            [
+                (r("shmalloc_large_taken_back_total"), "{{instance}} taken back"),
+                (r("shmalloc_large_pending_frees_total"), "{{instance}} pending list"),
+            ],
+            w=8,
+        ),
+        timeseries(
+            lay,
             "Snapshot pause",
             "s",
             "Stop-the-world time of a snapshot: park every P, flush every cache, read the stats.",
