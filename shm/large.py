@@ -202,7 +202,7 @@ class LargeObjects:
         apply of a buffer holds, so no entry is applied by both.  Returns [(next handle, pages)]
         taken."""
         op.need(L.LOCK_HEAP, "LargeObjects.take_back")
-        q, mv, lay, heap, out = self.q, self.mv, self.lay, self.heap, []
+        q, lay, out = self.q, self.lay, []
         sw = lay.slot_word(k)
         rel_w, pages_w = sw + SL["lg_relists"], sw + SL["lg_relist_pages"]
         entries, offs, values, pages = [], [], [], 0
@@ -211,17 +211,14 @@ class LargeObjects:
             e = sj + L.SLOT_RFREE_AT + m
             if m >= q[sj + SL["rfree_n"]] or q[e] != h:
                 continue  # applied meanwhile: PENDING for us, or bad
-            at, gen = L.handle_index(h)
-            r = heap.span_of_page(lay.handle_page(h))
-            if r < 0:
-                continue
+            r = self.heap.span_of_page(lay.handle_page(h))
             w = lay.span_word(r)
             if (
-                q[w + S["sizeclass"]]
+                r < 0
+                or q[w + S["sizeclass"]]
                 or q[w + S["owner"]] != k + 1
-                or lay.span_index(q[w + S["start"]], 0)[0] != at
-                or mv[lay.amap_off + at] != L.RFREED
-                or mv[lay.gmap_off + at] != gen
+                or self.base(r) != h
+                or self.mv[lay.amap_byte(h)] != L.RFREED
             ):
                 continue  # not a block of ours still waiting in that buffer: the apply judges it
             npages = q[w + S["npages"]]
@@ -230,8 +227,8 @@ class LargeObjects:
                 continue
             room -= charge
             entries.append(e)
-            offs += (lay.gmap_off + at, lay.amap_off + at)
-            values += ((gen + 1) & L.GEN_MASK, L.LISTED)
+            offs += (lay.gmap_off + L.handle_index(h)[0], lay.amap_byte(h))
+            values += (L.next_handle(h) & L.GEN_MASK, L.LISTED)
             pages += npages
             out.append((L.next_handle(h), npages))
         if out:

@@ -570,6 +570,20 @@ def test_an_owner_takes_its_large_blocks_back_out_of_the_buffer_of_the_p_that_fr
     freer.close()
 
 
+def hand_back_rounds(owner, freer, size, n):
+    """n rounds of: `owner` allocates `size` bytes (taking back the block `freer` freed last: the
+    same block each time) and fills it with its pattern, `freer` checks it and frees it.
+    Returns the handles, in order."""
+    handles = []
+    for _ in range(n):
+        b = owner.alloc(size)
+        b.buf[:] = pattern(b.handle, b.size)
+        handles.append(b.handle)
+        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        freer.free(b.handle)
+    return handles
+
+
 def test_a_buffer_whose_every_entry_was_taken_back_is_emptied_when_full(make_arena):
     """A freer's buffer whose large frees their owner all took back holds only zeros: when it is
     full, the next free empties it (nothing to apply) and is buffered as the first."""
@@ -577,13 +591,7 @@ def test_a_buffer_whose_every_entry_was_taken_back_is_emptied_when_full(make_are
     owner, freer = ProcessCache(arena), ProcessCache(arena)
     n = layout.RFREE_CAP + 3
     assert large_batch(freer, 33_000) > n  # the pages' bound never applies the buffer here
-    handles = []
-    for _ in range(n):
-        b = owner.alloc(33_000)  # takes the last one freed back: the same block each time
-        b.buf[:] = pattern(b.handle, b.size)
-        handles.append(b.handle)
-        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
-        freer.free(b.handle)
+    handles = hand_back_rounds(owner, freer, 33_000, n)
     assert len({h >> layout.GEN_BITS for h in handles}) == 1
     assert all(layout.next_handle(a) == b for a, b in zip(handles, handles[1:]))  # a generation more
     left = arena.buffered_frees(freer.slot)
@@ -636,13 +644,7 @@ def test_frees_their_owner_took_back_do_not_count_toward_the_bound(arena):
     owner, freer = ProcessCache(arena), ProcessCache(arena)
     n = 2 * large_batch(freer, 100_000) + 5  # past the bound twice
     assert n < layout.RFREE_CAP
-    handles = []
-    for _ in range(n):
-        b = owner.alloc(100_000)  # takes the one freed last back: the same block each time
-        b.buf[:] = pattern(b.handle, b.size)
-        handles.append(b.handle)
-        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
-        freer.free(b.handle)
+    handles = hand_back_rounds(owner, freer, 100_000, n)
     sw, ow = arena.lay.slot_word(freer.slot), arena.lay.slot_word(owner.slot)
     assert arena.q[sw + SL["rfree_n"]] == n  # never applied
     assert buffered(arena, freer) == [handles[-1]]  # the others taken back
