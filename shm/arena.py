@@ -331,11 +331,12 @@ class Arena:
             raise ArenaClosed(f"arena {self.name} is closed in this process")
 
     # --- operations (locks.py) -----------------------------------------------------------
-    def run(self, actor, fn):
-        """Run fn(op) as one crash-safe operation of `actor`; retried after repairs."""
+    def run(self, actor, fn, gate=None):
+        """Run fn(op) as one crash-safe operation of `actor`; retried after repairs.  `gate`:
+        the operation is the first of P `actor`'s call, which may start again (Op.acquire)."""
         self.check_open()
         while True:
-            op = Op(self, actor)
+            op = Op(self, actor, gate)
             try:
                 res = fn(op)
             except Retry:

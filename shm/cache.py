@@ -49,6 +49,7 @@ from . import layout as L
 from . import world
 from .central import tag
 from .errors import ArenaClosed, BadHandle, BadSize, BadSizeType, ForeignReference, ForkedHeap, OutOfMemory
+from .locks import Stopped
 from .sizeclasses import CLASS_TO_SIZE, MAX_SMALL_SIZE, SIZE_TO_CLASS
 
 if TYPE_CHECKING:
@@ -519,17 +520,20 @@ class ProcessCache:
         if size < 0:
             raise BadSize(f"alloc size must be >= 0, got {size}")
         with self._lock:
-            self._enter()
-            try:
-                if size > MAX_SMALL_SIZE:
-                    return self._alloc_large(size)
-                c = SIZE_TO_CLASS[(size + 7) >> 3] if size else 1  # malloc(0): a distinct, freeable block
-                lst = self._lists[c]
-                h = lst.pop() if lst else self._refill(c)
-                self._amap[h >> L.GEN_BITS] = self._tag
-                return Block((h, size, CLASS_TO_SIZE[c], self))
-            finally:
-                self._leave()
+            while True:
+                self._enter()
+                try:
+                    if size > MAX_SMALL_SIZE:
+                        return self._alloc_large(size)
+                    c = SIZE_TO_CLASS[(size + 7) >> 3] if size else 1  # malloc(0): a distinct, freeable block
+                    lst = self._lists[c]
+                    h = lst.pop() if lst else self._refill(c)
+                    self._amap[h >> L.GEN_BITS] = self._tag
+                    return Block((h, size, CLASS_TO_SIZE[c], self))
+                except Stopped:  # stopped while it waited for the refill's lock: park, resync, again
+                    continue
+                finally:
+                    self._leave()
 
     def _alloc_large(self, size):
         arena, k = self.arena, self.slot
@@ -722,7 +726,7 @@ class ProcessCache:
                 central.uncache_span(op, c, r, k)
             return central.cache_span(op, c, k)
 
-        r, lst = arena.run(k, refill)
+        r, lst = arena.run(k, refill, gate=(self._inside, self._shm_stop))  # Stopped: see Op.acquire
         w = arena.lay.span_word(r)
         start, npages = arena.q[w + S["start"]], arena.q[w + S["npages"]]
         if L.CLASS_COARSE[c]:

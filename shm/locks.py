@@ -152,6 +152,12 @@ class Retry(Exception):
     actor's operation rolled back, and the caller must run the operation again."""
 
 
+class Stopped(Exception):
+    """Internal: a P waited for its operation's first lock outside its call (Op, `gate`) and
+    found, once it held it, that it was stopped meanwhile: the lock was let go with nothing
+    written, and the P's call must start again -- it parks first (shm/world.py)."""
+
+
 class Locks:
     """The lock table of one attached arena (one file description)."""
 
@@ -380,9 +386,10 @@ class Op:
     """One crash-safe operation: two-phase locking plus an undo log.  Use through
     `Arena.run(actor, fn)`, which commits, rolls back on error, and retries after repairs."""
 
-    __slots__ = ("locks", "q", "mv", "actor", "log", "held", "pid", "start")
+    __slots__ = ("locks", "q", "mv", "actor", "log", "held", "pid", "start", "gate")
 
-    def __init__(self, arena, actor):
+    def __init__(self, arena, actor, gate=None):
+        self.gate = gate  # (inside, stop) byte views of the P whose call this is: see acquire()
         self.locks = arena.locks
         self.q = arena.q
         self.mv = arena.mv
@@ -398,7 +405,26 @@ class Op:
         if self.held and lid < self.held[-1]:
             raise CorruptionError(f"lock order violated: lock {lid} taken after lock {self.held[-1]}")
         locks = self.locks
-        locks.raw_acquire(lid)
+        if self.gate is None or self.held:
+            locks.raw_acquire(lid)
+        else:
+            # The first lock of an operation that is the first of its P's call (nothing written
+            # yet, in the arena or in the P's own lists): the P waits for it outside the call,
+            # its `inside` byte clear, so that a stop-the-world takes it as stopped meanwhile
+            # instead of waiting for the lock's holders and then for its own operation -- with
+            # many Ps refilling one class, a queue of them.  Once it holds the lock it is inside
+            # again and reads its stop byte (Dekker, as at the start of every call: the daemon's
+            # membarrier orders the two sides); stopped meanwhile -- and perhaps flushed -- it
+            # lets the lock go and the call starts again.
+            inside, stop = self.gate
+            inside[0] = 0
+            try:
+                locks.raw_acquire(lid)
+            finally:
+                inside[0] = 1
+            if stop[0] != L.STOP_RUN:
+                locks.raw_release(lid)
+                raise Stopped()
         w = locks.lay.lock_word(lid)
         d = self.q[w]
         if d:

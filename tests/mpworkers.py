@@ -656,3 +656,31 @@ def stuck_in_claim(arena_name, where, ready):
         registry.os.urandom = lambda n: stop_here()
     ProcessCache(arena)
     time.sleep(60)  # not reached
+
+
+def refill_behind_a_lock(arena_name, size, ready, go, results):
+    """Take a P of arena `arena_name` that caches a span of 1000-byte blocks (one allocated),
+    say so (slot, registered for membarrier); at `go`, allocate `size` bytes: the P's list of
+    that class is empty, so the call refills under the class's central lock, which the test
+    holds.  Reports the block's handle and how often the P parked meanwhile, keeps both blocks
+    filled with their handles' patterns, then, at the next `go`, verifies them, frees them and
+    closes."""
+    from service.demo import pattern
+    from shm import Arena, ProcessCache
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+    first = p.alloc(1000)
+    first.buf[:] = pattern(first.handle, first.size)
+    ready.put((p.slot, p.barrier))
+    go.get(timeout=120)
+    b = p.alloc(size)
+    b.buf[:] = pattern(b.handle, b.size)
+    results.put((b.handle, p.parks))
+    go.get(timeout=120)
+    ok = all(bytes(x.buf) == pattern(x.handle, x.size) for x in (first, b))
+    p.free(first)
+    p.free(b)
+    p.close()
+    arena.close()
+    results.put(ok)

@@ -14,6 +14,7 @@ from test_daemon import SPAWN, finish_workers, observe, start_workers
 
 import client
 from shm import Arena, ProcessCache, identities, layout, world
+from shm.sizeclasses import SIZE_TO_CLASS
 
 SL = layout.SLOT
 needs_membarrier = pytest.mark.skipif(
@@ -236,6 +237,68 @@ def test_poll_and_confirm_never_judge_a_running_p_stopped(arena):
     p.free(b)
     p.free(b2)
     p.close()
+
+
+def _waiting_for_lock(arena, lid):
+    """Does some open file description wait (blocked in F_OFD_SETLKW) for lock `lid` of
+    `arena`?  /proc/locks lists each waiter after a '->'."""
+    ino, byte = os.fstat(arena.fd).st_ino, arena.locks.byte(lid)
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if "->" in parts and parts[-3].endswith(f":{ino}") and parts[-2] == str(byte):
+                return True
+    return False
+
+
+@needs_membarrier
+def test_a_p_waiting_for_its_refills_lock_is_stopped_without_waiting_for_it(arena):
+    """A P whose refill waits for its class's central lock (other Ps refilling the same class
+    hold it, one after another) is not inside the allocator meanwhile: the daemon takes it as
+    stopped at once, as it does a P outside any call, and may flush its cache.  Once the P holds
+    the lock it reads its stop byte again, lets the lock go with nothing written, parks, and
+    starts its call again after the stop -- on the lists the flush left it."""
+    size = 64
+    lid = layout.LOCK_CENTRAL(SIZE_TO_CLASS[size // 8])
+    ready, go, results = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Queue()
+    child = SPAWN.Process(target=mpworkers.refill_behind_a_lock, args=(arena.name, size, ready, go, results))
+    child.start()
+    holder = Arena.attach(arena.name)  # another file description: the refills ahead of the P
+    try:
+        k, registered = ready.get(timeout=DEADLINE)
+        assert registered, "the child could not register for membarrier"
+        holder.locks.raw_acquire(lid)
+        go.put("alloc")
+        end = time.monotonic() + DEADLINE
+        while not _waiting_for_lock(arena, lid) and time.monotonic() < end:
+            time.sleep(0.001)
+        assert _waiting_for_lock(arena, lid), "the child never waited for the class's lock"
+        stw = world.StopTheWorld(arena, asymmetric=True)
+        assert stw.begin(1) == [k]
+        assert stw.poll(k, child.pid) == "stopped" and stw.confirm([k]) == [k]
+        holder.locks.raw_release(lid)  # the P takes it, finds itself stopped, lets it go, parks
+        end = time.monotonic() + DEADLINE
+        while arena.q[arena.lay.slot_word(k) + SL["parked"]] != stw.epoch and time.monotonic() < end:
+            time.sleep(0.001)
+        assert arena.q[arena.lay.slot_word(k) + SL["parked"]] == stw.epoch, "the P did not park"
+        # Flushed while it was stopped: its span of 1000-byte blocks goes back (the P's lists are
+        # stale from here, and it resyncs when it resumes).
+        assert arena.flush_slots([k], keep_empty=True)[k][0] == 1
+        stw.end({k})
+        handle, parks = results.get(timeout=DEADLINE)
+        assert parks == 1
+        go.put("free")
+        assert results.get(timeout=DEADLINE) is True, "a block lost its pattern"
+        child.join(DEADLINE)
+        assert child.exitcode == 0
+    finally:
+        holder.close()
+        if child.is_alive():
+            child.kill()
+            child.join(DEADLINE)
+    assert arena.check_all() == []
+    stats = arena.read_stats()
+    assert identities(stats) == [] and stats["heap_objects"] == 0
 
 
 def test_a_parked_worker_goes_on_when_the_daemon_dies_unreaped(start_daemon):
