@@ -462,8 +462,9 @@ class Arena:
             self._warn_bad(k, n)
         return {k: tuple(v) for k, v in out.items()}
 
-    def apply_buffered_frees(self, k, actor=None):
-        """P k applies its own remote-free buffer (it is full, or the P is closing)."""
+    def apply_buffered_frees(self, k, actor=None, gate=None):
+        """P k applies its own remote-free buffer (it is full, or the P is closing).  `gate`:
+        as for run()."""
         groups = self._buffer_groups(k)
         if not groups and not self.q[self.lay.slot_word(k) + SL["rfree_n"]]:
             return 0
@@ -474,7 +475,7 @@ class Arena:
             op.acquire(L.LOCK_HEAP)
             return self._apply_buffer(op, k, groups)
 
-        nbad = self.run(k if actor is None else actor, apply)
+        nbad = self.run(k if actor is None else actor, apply, gate)
         self._warn_bad(k, nbad)
         return nbad
 

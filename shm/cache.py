@@ -180,6 +180,9 @@ class ProcessCache:
         self._sw = sw = lay.slot_word(k)
         self._shm_stop = arena.view((sw + SL["stop"]) * 8, (sw + SL["stop"]) * 8 + 1)
         self._inside = arena.view((sw + SL["inside"]) * 8, (sw + SL["inside"]) * 8 + 1)
+        # A call's first operation may wait for its first lock outside the call (Op.acquire);
+        # the call starts again when it raises Stopped.
+        self._gate = (self._inside, self._shm_stop)
         self._relists = arena.words(sw + L.SLOT_RELISTS_AT, L.NCLASS)
         self._rbuf = arena.words(sw + L.SLOT_RFREE_AT, L.RFREE_CAP)
         self._rfree_n = arena.words(sw + SL["rfree_n"], 1)
@@ -530,7 +533,7 @@ class ProcessCache:
                     h = lst.pop() if lst else self._refill(c)
                     self._amap[h >> L.GEN_BITS] = self._tag
                     return Block((h, size, CLASS_TO_SIZE[c], self))
-                except Stopped:  # stopped while it waited for the refill's lock: park, resync, again
+                except Stopped:  # stopped while it waited for its first lock: park, resync, again
                     continue
                 finally:
                     self._leave()
@@ -543,7 +546,8 @@ class ProcessCache:
         lst = self._lcache.get(npg)
         q, sw = arena.q, self._sw
         cands = self._freed_elsewhere(npg) if not lst and q[sw + SL["lg_rhint"]] else []
-        if not lst and (cands or q[sw + SL["lg_pending"]]):
+        took = not lst and (cands or q[sw + SL["lg_pending"]])
+        if took:
             # Other Ps freed some of our large blocks: take them back into the large cache, out
             # of their remote-free buffers (cands) or our pending list -- making room in it
             # first if blocks of other sizes fill it (the P moved on to another size: they
@@ -592,7 +596,8 @@ class ProcessCache:
                 op.acquire(L.LOCK_HEAP)
                 return arena.large.alloc(op, npg, k)
 
-            h = arena.run(k, alloc)
+            # The call's first operation, unless it took blocks back first: it may start again.
+            h = arena.run(k, alloc, gate=None if took else self._gate)
             self._lnp[h >> L.GEN_BITS] = npg
             self._cpclass[arena.lay.handle_page(h)] = _LARGE
         self._amap[h >> L.GEN_BITS] = self._tag
@@ -633,11 +638,14 @@ class ProcessCache:
 
     def _slow_free(self, h):
         with self._lock:
-            self._enter()
-            try:
-                self._free_locked(h)
-            finally:
-                self._leave()
+            while True:
+                self._enter()
+                try:
+                    return self._free_locked(h)
+                except Stopped:  # stopped while it waited for its first lock: park, resync, again
+                    continue
+                finally:
+                    self._leave()
 
     def _free_locked(self, h):
         """free() with the P lock held and inside a call."""
@@ -669,7 +677,7 @@ class ProcessCache:
             return self.arena.free(h, self.slot)  # over the cache's bound: to the page heap
         if b == L.ALLOC or b >= L.TAG0:
             if self._rfree_n[0] >= L.RFREE_CAP:
-                self.arena.apply_buffered_frees(self.slot)
+                self.arena.apply_buffered_frees(self.slot, gate=self._gate)  # first: may start again
             n, rlarge = self._rfree_n[0], self._rlarge
             if n < rlarge[0]:  # applied meanwhile (a flush): count afresh
                 rlarge[:] = [0, 0]
@@ -726,7 +734,7 @@ class ProcessCache:
                 central.uncache_span(op, c, r, k)
             return central.cache_span(op, c, k)
 
-        r, lst = arena.run(k, refill, gate=(self._inside, self._shm_stop))  # Stopped: see Op.acquire
+        r, lst = arena.run(k, refill, gate=self._gate)  # the call's first operation: it may start again
         w = arena.lay.span_word(r)
         start, npages = arena.q[w + S["start"]], arena.q[w + S["npages"]]
         if L.CLASS_COARSE[c]:

@@ -21,11 +21,12 @@ The P (ProcessCache, every call, fast path or slow):
 and with s != RUN it clears `inside` and parks on the resume lock (PARK), or drops its local
 lists and writes RUN (RESYNC, still inside) and looks again.
 
-A refill (the call's first operation: nothing written yet) waits for its class's central lock
-outside the call: `inside := 0` while it waits, then `inside := 1; s := stop` once it holds the
-lock, the same handshake as a call's start, and with s != RUN it lets the lock go and the call
-starts again (shm/locks.py, Op.acquire).  Several Ps refilling one class queue for its lock; a
-stop would otherwise wait for each of them in turn to take it and finish its refill.
+A call whose first operation must take a lock -- a refill, an alloc of a large block none of
+whose size is cached, a free that finds its remote-free buffer full -- waits for that first lock
+outside the call, nothing written yet: `inside := 0` while it waits, then `inside := 1; s := stop`
+once it holds the lock, the same handshake as a call's start, and with s != RUN it lets the lock
+go and the call starts again (shm/locks.py, Op.acquire).  Several Ps refilling one class queue
+for its lock; a stop would otherwise wait for each of them in turn to take it and finish.
 
 The daemon (StopTheWorld):
 

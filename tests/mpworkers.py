@@ -658,29 +658,36 @@ def stuck_in_claim(arena_name, where, ready):
     time.sleep(60)  # not reached
 
 
-def refill_behind_a_lock(arena_name, size, ready, go, results):
+def call_behind_a_lock(arena_name, what, handles, ready, go, results):
     """Take a P of arena `arena_name` that caches a span of 1000-byte blocks (one allocated),
-    say so (slot, registered for membarrier); at `go`, allocate `size` bytes: the P's list of
-    that class is empty, so the call refills under the class's central lock, which the test
-    holds.  Reports the block's handle and how often the P parked meanwhile, keeps both blocks
-    filled with their handles' patterns, then, at the next `go`, verifies them, frees them and
-    closes."""
+    say so (slot, registered for membarrier); at `go`, make a call whose first operation takes
+    a lock the test holds: "refill", an alloc of 64 bytes (the list of its class is empty: a
+    refill, under that class's central lock); "large", an alloc of 40 000 bytes (none cached:
+    the heap lock); "apply", frees of `handles` (another P's 64-byte blocks) until one finds
+    the remote-free buffer full (an apply, under that class's central lock first).  Reports
+    how often the P parked meanwhile, keeps its blocks filled with their handles' patterns,
+    then, at the next `go`, verifies them, frees them and closes."""
     from service.demo import pattern
     from shm import Arena, ProcessCache
 
     arena = Arena.attach(arena_name)
     p = ProcessCache(arena)
-    first = p.alloc(1000)
-    first.buf[:] = pattern(first.handle, first.size)
+    mine = [p.alloc(1000)]
+    mine[0].buf[:] = pattern(mine[0].handle, mine[0].size)
     ready.put((p.slot, p.barrier))
     go.get(timeout=120)
-    b = p.alloc(size)
-    b.buf[:] = pattern(b.handle, b.size)
-    results.put((b.handle, p.parks))
+    if what == "apply":
+        for h in handles:
+            p.free(h)
+    else:
+        b = p.alloc(64 if what == "refill" else 40_000)
+        b.buf[:] = pattern(b.handle, b.size)
+        mine.append(b)
+    results.put(p.parks)
     go.get(timeout=120)
-    ok = all(bytes(x.buf) == pattern(x.handle, x.size) for x in (first, b))
-    p.free(first)
-    p.free(b)
+    ok = all(bytes(x.buf) == pattern(x.handle, x.size) for x in mine)
+    for x in mine:
+        p.free(x)
     p.close()
     arena.close()
     results.put(ok)

@@ -13,6 +13,7 @@ from support import DEADLINE
 from test_daemon import SPAWN, finish_workers, observe, start_workers
 
 import client
+from service.demo import pattern
 from shm import Arena, ProcessCache, identities, layout, world
 from shm.sizeclasses import SIZE_TO_CLASS
 
@@ -90,7 +91,6 @@ def test_a_ragged_flush_that_cannot_take_its_lock_is_left_to_the_pause(start_dae
     cache untouched; the pause then stops it and tries again, and, the lock still held, says so
     (not consistent, the P unflushed, the lock stuck).  Released, the next snapshot is exact."""
     from service.daemon import LOCK_WAIT_S
-    from shm.sizeclasses import SIZE_TO_CLASS
 
     d = start_daemon()
     w, cmds, res, slot = connect_worker(d)
@@ -252,41 +252,53 @@ def _waiting_for_lock(arena, lid):
 
 
 @needs_membarrier
-def test_a_p_waiting_for_its_refills_lock_is_stopped_without_waiting_for_it(arena):
-    """A P whose refill waits for its class's central lock (other Ps refilling the same class
-    hold it, one after another) is not inside the allocator meanwhile: the daemon takes it as
-    stopped at once, as it does a P outside any call, and may flush its cache.  Once the P holds
-    the lock it reads its stop byte again, lets the lock go with nothing written, parks, and
-    starts its call again after the stop -- on the lists the flush left it."""
-    size = 64
-    lid = layout.LOCK_CENTRAL(SIZE_TO_CLASS[size // 8])
+@pytest.mark.parametrize("what", ["refill", "large", "apply"])
+def test_a_p_waiting_for_its_calls_first_lock_is_stopped_without_waiting_for_it(arena, what):
+    """A P whose call waits for its first lock (other Ps refilling the same class hold it, one
+    after another) is not inside the allocator meanwhile: the daemon takes it as stopped at
+    once, as it does a P outside any call, and may flush its cache.  Once the P holds the lock
+    it reads its stop byte again, lets the lock go with nothing written, parks, and starts its
+    call again after the stop -- on the lists the flush left it.  For a refill, an alloc of a
+    large block, and a free that finds its remote-free buffer full."""
+    small = layout.LOCK_CENTRAL(SIZE_TO_CLASS[64 // 8])
+    lid = layout.LOCK_HEAP if what == "large" else small
+    producer = ProcessCache(arena)
+    given = [producer.alloc(64) for _ in range(layout.RFREE_CAP + 1)] if what == "apply" else []
+    for b in given:
+        b.buf[:] = pattern(b.handle, b.size)
     ready, go, results = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Queue()
-    child = SPAWN.Process(target=mpworkers.refill_behind_a_lock, args=(arena.name, size, ready, go, results))
+    child = SPAWN.Process(
+        target=mpworkers.call_behind_a_lock,
+        args=(arena.name, what, [b.handle for b in given], ready, go, results),
+    )
     child.start()
-    holder = Arena.attach(arena.name)  # another file description: the refills ahead of the P
+    holder = Arena.attach(arena.name)  # another file description: the Ps ahead of this one
     try:
         k, registered = ready.get(timeout=DEADLINE)
         assert registered, "the child could not register for membarrier"
+        if what == "apply":  # verified now: the child frees them
+            for b in given:
+                assert bytes(b.buf) == pattern(b.handle, b.size)
         holder.locks.raw_acquire(lid)
-        go.put("alloc")
+        go.put("call")
         end = time.monotonic() + DEADLINE
         while not _waiting_for_lock(arena, lid) and time.monotonic() < end:
             time.sleep(0.001)
-        assert _waiting_for_lock(arena, lid), "the child never waited for the class's lock"
+        assert _waiting_for_lock(arena, lid), "the child never waited for the lock"
         stw = world.StopTheWorld(arena, asymmetric=True)
-        assert stw.begin(1) == [k]
+        assert sorted(stw.begin(1)) == sorted([k, producer.slot])
         assert stw.poll(k, child.pid) == "stopped" and stw.confirm([k]) == [k]
         holder.locks.raw_release(lid)  # the P takes it, finds itself stopped, lets it go, parks
         end = time.monotonic() + DEADLINE
         while arena.q[arena.lay.slot_word(k) + SL["parked"]] != stw.epoch and time.monotonic() < end:
             time.sleep(0.001)
         assert arena.q[arena.lay.slot_word(k) + SL["parked"]] == stw.epoch, "the P did not park"
-        # Flushed while it was stopped: its span of 1000-byte blocks goes back (the P's lists are
-        # stale from here, and it resyncs when it resumes).
+        # Flushed while it was stopped: its span of 1000-byte blocks goes back (its lists are
+        # stale from here: it resyncs when it resumes), and its full buffer is applied.
         assert arena.flush_slots([k], keep_empty=True)[k][0] == 1
+        assert arena.q[arena.lay.slot_word(k) + SL["rfree_n"]] == 0
         stw.end({k})
-        handle, parks = results.get(timeout=DEADLINE)
-        assert parks == 1
+        assert results.get(timeout=DEADLINE) == 1  # parked once, then the call went through
         go.put("free")
         assert results.get(timeout=DEADLINE) is True, "a block lost its pattern"
         child.join(DEADLINE)
@@ -296,9 +308,11 @@ def test_a_p_waiting_for_its_refills_lock_is_stopped_without_waiting_for_it(aren
         if child.is_alive():
             child.kill()
             child.join(DEADLINE)
+    producer.close()  # every block it gave was freed once (none is left, none was bad)
     assert arena.check_all() == []
     stats = arena.read_stats()
     assert identities(stats) == [] and stats["heap_objects"] == 0
+    assert stats["bad_frees"] == 0
 
 
 def test_a_parked_worker_goes_on_when_the_daemon_dies_unreaped(start_daemon):
