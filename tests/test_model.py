@@ -162,6 +162,33 @@ class AllocatorModel(RuleBasedStateMachine):
         self.arena.flush_slots([self.ps[p].slot], keep_empty=True)
         stw.end({self.ps[p].slot})
 
+    @rule(p=st.integers(0, 1), size=SIZES, data=st.data())
+    def flushed_while_waiting_for_a_lock(self, p, size, data):
+        """P p allocates (or frees one of the live blocks), and when that call waits for its first
+        lock outside the call (Op.acquire's gate), the daemon stops and flushes P p meanwhile:
+        the call lets the lock go with nothing written, resyncs, and starts again."""
+        P, locks = self.ps[p], self.arena.locks
+        fired = []
+
+        def raw_acquire(lid, _orig=locks.raw_acquire):
+            # Outside the call, the P lock held: the gate's wait (a daemon's flush runs with
+            # the P lock free).
+            if not fired and P._inside[0] == 0 and P._lock.locked():
+                fired.append(lid)
+                self.stopped_and_flushed_by_the_daemon(p)
+            return _orig(lid)
+
+        locks.raw_acquire = raw_acquire
+        try:
+            if self.live and data.draw(st.booleans()):
+                self._free(p, data.draw(st.sampled_from(sorted(self.live))))
+            else:
+                self._alloc(p, size)
+        finally:
+            del locks.raw_acquire
+        if fired:
+            assert P._flush_gen == self.arena.q[self.arena.lay.slot_word(P.slot) + layout.SLOT["flush_gen"]]
+
     @rule()
     def release(self):
         self.arena.scavenge()
