@@ -522,21 +522,31 @@ class ProcessCache:
                 raise BadSizeType(f"alloc size must be an int, got {type(size).__name__} {size!r}") from None
         if size < 0:
             raise BadSize(f"alloc size must be >= 0, got {size}")
+        return self._call(self._alloc_locked, size)
+
+    def _call(self, fn, arg):
+        """fn(arg) as a slow-path call: under the P lock, inside (_enter, _leave).  Started again
+        when its first operation found the P stopped while it waited for its first lock outside
+        the call (Stopped, Op.acquire): the next _enter parks, then resyncs."""
         with self._lock:
             while True:
                 self._enter()
                 try:
-                    if size > MAX_SMALL_SIZE:
-                        return self._alloc_large(size)
-                    c = SIZE_TO_CLASS[(size + 7) >> 3] if size else 1  # malloc(0): a distinct, freeable block
-                    lst = self._lists[c]
-                    h = lst.pop() if lst else self._refill(c)
-                    self._amap[h >> L.GEN_BITS] = self._tag
-                    return Block((h, size, CLASS_TO_SIZE[c], self))
-                except Stopped:  # stopped while it waited for its first lock: park, resync, again
+                    return fn(arg)
+                except Stopped:
                     continue
                 finally:
                     self._leave()
+
+    def _alloc_locked(self, size):
+        """alloc() with the P lock held and inside a call."""
+        if size > MAX_SMALL_SIZE:
+            return self._alloc_large(size)
+        c = SIZE_TO_CLASS[(size + 7) >> 3] if size else 1  # malloc(0): a distinct, freeable block
+        lst = self._lists[c]
+        h = lst.pop() if lst else self._refill(c)
+        self._amap[h >> L.GEN_BITS] = self._tag
+        return Block((h, size, CLASS_TO_SIZE[c], self))
 
     def _alloc_large(self, size):
         arena, k = self.arena, self.slot
@@ -637,15 +647,7 @@ class ProcessCache:
         return [(j, m, h) for _, j, m, h in found]
 
     def _slow_free(self, h):
-        with self._lock:
-            while True:
-                self._enter()
-                try:
-                    return self._free_locked(h)
-                except Stopped:  # stopped while it waited for its first lock: park, resync, again
-                    continue
-                finally:
-                    self._leave()
+        self._call(self._free_locked, h)
 
     def _free_locked(self, h):
         """free() with the P lock held and inside a call."""
