@@ -433,14 +433,22 @@ class Arena:
                     continue  # a retry after a repair: already done
                 frees = folded.pop(r, None)
                 if frees is None:
-                    listed, _ = uncache(op, c, r, k, keep_empty)
+                    listed, _ = uncache(op, c, r, k, keep_empty, remember=not disown)
                 else:
                     # Each buffer's count drops below the frees applied here in the same step.
                     for j, hs in frees:
                         left[j] -= len(hs)
                     idxs = [lay.slot_word(j) + SL["rfree_n"] for j, _ in frees]
                     listed, bads = uncache(
-                        op, c, r, k, keep_empty, [hs for _, hs in frees], idxs, [left[j] for j, _ in frees]
+                        op,
+                        c,
+                        r,
+                        k,
+                        keep_empty,
+                        [hs for _, hs in frees],
+                        idxs,
+                        [left[j] for j, _ in frees],
+                        remember=not disown,
                     )
                     if any(bads):
                         op.add(bad_w, sum(bads))

@@ -248,16 +248,23 @@ class CentralList:
         return r
 
     def cache_span(self, op, c, k):
-        """Give P k a span of class c with a free object; returns (record, handles listed)."""
+        """Give P k a span of class c with a free object; returns (record, handles listed).  The
+        span a flush took from P k (its slot's last[c]) when it still waits on the partial list,
+        else the list's first: after a flush a P takes back the span that holds the objects it
+        allocated, whose frees then stay local (a P that took another's would buffer every
+        one of them as a remote free, for the next flush to apply), and the pages it touched."""
         op.need(L.LOCK_CENTRAL(c), "CentralList.cache_span")
-        q, cw = self.q, self.cw(c)
-        head = q[self.head_w(c, L.LIST_PARTIAL)]
+        q, cw, sw = self.q, self.cw(c), self.lay.slot_word(k)
+        head, last_w = q[self.head_w(c, L.LIST_PARTIAL)], sw + L.SLOT_LAST_AT + c
+        last = q[last_w]
+        if head and last and last != head and self._waits(c, last - 1):
+            head = last
         r = head - 1 if head else self.grow(op, c)
         w, nc = self.lay.span_word(r), cw + C["ncached"]
         # Cached by P k: its owner, count and slot word, and the class's count, in one step with
-        # the span's leaving the partial list.
-        idxs = [w + _OWNER, w + _ALLOC_COUNT, self.lay.slot_word(k) + L.SLOT_CACHED_AT + c, nc]
-        values = [k + 1, 0, r + 1, q[nc] + 1]
+        # the span's leaving the partial list; the hint is spent.
+        idxs = [w + _OWNER, w + _ALLOC_COUNT, sw + L.SLOT_CACHED_AT + c, nc, last_w]
+        values = [k + 1, 0, r + 1, q[nc] + 1, 0]
         if head:
             cnt, live, empty = q[w + _ALLOC_COUNT], cw + C["live"], cw + C["nempty"]
             idxs, values = [*idxs, live, empty], [*values, q[live] - cnt, q[empty] - (cnt == 0)]
@@ -265,6 +272,16 @@ class CentralList:
         else:
             op.wset(idxs, values)
         return r, self.collect(op, c, r, k)
+
+    def _waits(self, c, r):
+        """Does span r wait on class c's partial list?  Caller holds central lock c."""
+        q, w = self.q, self.lay.span_word(r)
+        return (
+            q[w + S["state"]] == L.SPAN_INUSE
+            and q[w + S["sizeclass"]] == c
+            and q[w + S["list"]] == L.LIST_PARTIAL
+            and not q[w + _OWNER]
+        )
 
     def _retag(self, op, c, r, k, table, what, frees=()):
         """Translate the object-start bytes of span r, which P k must cache, with `table`.  First
@@ -315,13 +332,14 @@ class CentralList:
         )
         return list(map(or_, slots, compress(self._gen_bytes(j0, stride, n)[::-1], listed)))
 
-    def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), idxs=(), values=()):
+    def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), idxs=(), values=(), remember=False):
         """Take span r back from P k (Go: mcentral.uncacheSpan): objects still listed are
         uncounted, PENDING frees merged, and the span placed by its allocated count.  `frees`:
         groups of buffered frees of objects of span r (each from one P's remote-free buffer),
         applied first, in the same retag (_retag).  `idxs`, `values`: the caller's own word writes,
-        logged with ours (words none of this reads).  Returns (listed objects uncounted, [frees
-        found bad in each group])."""
+        logged with ours (words none of this reads).  `remember` (a flush): P k's next span of
+        class c is this one if it still waits (cache_span).  Returns (listed objects uncounted,
+        [frees found bad in each group])."""
         old, new, _, _, bad = self._retag(op, c, r, k, UNCACHE_T[k], "CentralList.uncache_span", frees)
         q, lay = self.q, self.lay
         w, n = lay.span_word(r), len(old)
@@ -341,10 +359,12 @@ class CentralList:
             w + _ALLOC_COUNT,
             w + _NPENDING,
             sw + L.SLOT_CACHED_AT + c,
+            sw + L.SLOT_LAST_AT + c,
             nc,
             live,
         )
-        values = (*values, q[mal] + q[rel_w] - listed, 0, 0, na, 0, 0, q[nc] - 1, q[live] + na)
+        last = r + 1 if remember else 0
+        values = (*values, q[mal] + q[rel_w] - listed, 0, 0, na, 0, 0, last, q[nc] - 1, q[live] + na)
         self._place(op, c, r, na, n, keep_empty, idxs, values)
         return listed, bad
 

@@ -395,6 +395,11 @@ SLOT_RELISTS_AT = 104  # word index of relists[c], c in 0..66: objects of class 
 # span of class c is uncached.  Every P quiet (relists, lg_relists, rfree_n
 # 0, nothing cached or owned: stats.quiet_slot) => fast figures == slow
 # (stats.check_figures)
+SLOT_LAST_AT = 176  # word index of last[c], c in 0..66: record index+1 of the span of class c a
+# flush (one that leaves the P its slot: a snapshot's) took from this P, 0 once the P caches a span
+# of class c again; written under central lock c.  A hint: the P's next span of that class is that
+# one while it waits on the partial list (CentralList.cache_span); one a slot's earlier owner left
+# names at most another waiting span
 SLOT_RFREE_AT = 256  # word index of rfree[i], i < RFREE_CAP: handles this P freed remotely
 RFREE_CAP = 256
 SLOT_HEAD_WORDS = 512

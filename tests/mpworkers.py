@@ -332,8 +332,8 @@ def stuck_folding_frees(arena_name, ready, results, where):
     else:
         real_uncache = CentralList.uncache_span
 
-        def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), *args):
-            got = real_uncache(self, op, c, r, k, keep_empty, frees, *args)
+        def uncache_span(self, op, c, r, k, keep_empty=False, frees=(), *args, **kw):
+            got = real_uncache(self, op, c, r, k, keep_empty, frees, *args, **kw)
             if frees:
                 stop_forever(ready)
             return got

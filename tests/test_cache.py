@@ -127,6 +127,73 @@ def test_a_refill_collects_what_was_freed_in_the_span_it_caches_and_nothing_else
     other.close()
 
 
+def test_after_a_snapshots_flush_each_p_takes_back_the_span_that_holds_its_blocks(arena):
+    """A snapshot's flush gives every cached span back to its partial list, the last one flushed
+    at its head; each P's next refill of that class takes back the span it had (slot last[c]),
+    not the head: the blocks it allocated before the flush are its own again, and their frees
+    stay local -- none waits in its remote-free buffer for the next flush to apply."""
+    from shm.sizeclasses import SIZE_TO_CLASS
+
+    c = SIZE_TO_CLASS[64 >> 3]
+    ps = [ProcessCache(arena) for _ in range(3)]
+    blocks = {p.slot: [p.alloc(64) for _ in range(8)] for p in ps}
+    for bs in blocks.values():
+        for b in bs:
+            b.buf[:] = pattern(b.handle, b.size)
+    had = {p.slot: dict(arena.cached_spans(p.slot))[c] for p in ps}
+    assert len(set(had.values())) == 3
+    arena.flush_slots([p.slot for p in ps], keep_empty=True, disown=False)
+    assert all(not arena.cached_spans(p.slot) for p in ps)
+    head = arena.q[arena.central.head_w(c, layout.LIST_PARTIAL)] - 1
+    assert head == had[ps[-1].slot]  # the others' spans wait behind it
+    fresh = []
+    for p in ps:
+        fresh.append(p.alloc(64))  # the refill after the flush
+        assert dict(arena.cached_spans(p.slot))[c] == had[p.slot]
+        assert arena.q[arena.lay.slot_word(p.slot) + layout.SLOT_LAST_AT + c] == 0  # the hint is spent
+        verify_and_free(p, blocks[p.slot])
+        assert arena.buffered_frees(p.slot) == []  # every free was local
+    for p, b in zip(ps, fresh):
+        p.free(b)
+    snap = assert_healthy(arena, *ps)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    for p in ps:
+        p.close()
+
+
+def test_a_p_does_not_take_back_a_span_another_p_took_after_the_flush(arena):
+    """The span a flush took from P a is cached by P b (which had none of that class) before a
+    refills: a's hint names a span that no longer waits on the partial list, and a's refill takes
+    the list's head instead (the span a flush took from P d), leaving b's alone."""
+    from shm.sizeclasses import SIZE_TO_CLASS
+
+    c = SIZE_TO_CLASS[64 >> 3]
+    a, d = ProcessCache(arena), ProcessCache(arena)
+    mine, ds = [a.alloc(64) for _ in range(8)], [d.alloc(64) for _ in range(8)]
+    r, rd = dict(arena.cached_spans(a.slot))[c], dict(arena.cached_spans(d.slot))[c]
+    arena.flush_slots([a.slot], keep_empty=True, disown=False)
+    b = ProcessCache(arena)
+    theirs = [b.alloc(64) for _ in range(8)]  # takes the partial list's head: r
+    assert dict(arena.cached_spans(b.slot))[c] == r
+    arena.flush_slots([d.slot], keep_empty=True, disown=False)  # rd waits at the head now
+    assert arena.q[arena.lay.slot_word(a.slot) + layout.SLOT_LAST_AT + c] == r + 1
+    again = a.alloc(64)  # its hint names r, which b caches
+    assert dict(arena.cached_spans(a.slot))[c] == rd
+    assert dict(arena.cached_spans(b.slot))[c] == r
+    blocks = mine + ds + theirs + [again]
+    for blk in blocks:
+        blk.buf[:] = pattern(blk.handle, blk.size)
+    verify_and_free(a, mine)  # in the span b caches: remote frees
+    assert len(arena.buffered_frees(a.slot)) == len(mine)
+    verify_and_free(d, ds)  # in the span a caches now: remote frees too
+    verify_and_free(b, theirs)
+    verify_and_free(a, [again])
+    snap = assert_healthy(arena, a, b, d)
+    assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0
+    for p in (a, b, d):
+        p.close()
+
+
 BAD = [
     ("below the heap", lambda a, b: layout.HANDLE_MIN - 1, BadHandle),
     ("zero", lambda a, b: 0, BadHandle),
