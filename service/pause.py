@@ -35,6 +35,40 @@ LENT_PRIORITY = 1  # ... and of a P it waits for: below the pause's, so that a l
 # priority back (two lent Ps computing at the daemon's own priority would, on two cores)
 
 
+LEND_ALL_ROUND = 5  # a P still inside its call this many poll rounds into the pause (0.15 ms at
+# the least) is lent the priority for its every thread, not its main thread alone (StoppedWorld._lend)
+
+
+def lend_threads(pid):
+    """Every thread of process `pid` but its main one that runs SCHED_OTHER to SCHED_FIFO at
+    LENT_PRIORITY.  Returns the thread ids lent (give_back_threads), [] where not permitted or
+    gone; a thread that is real-time already, or SCHED_BATCH or SCHED_IDLE, keeps its policy."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+    lent = []
+    for tid in tids:
+        if tid == pid:
+            continue
+        try:
+            if os.sched_getscheduler(tid) == os.SCHED_OTHER:
+                os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(LENT_PRIORITY))
+                lent.append(tid)
+        except OSError:  # exited meanwhile, or not permitted
+            pass
+    return lent
+
+
+def give_back_threads(tids):
+    """The threads lend_threads lent, back to SCHED_OTHER."""
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass
+
+
 def set_realtime(on, pid=0):
     """This thread SCHED_FIFO at PAUSE_PRIORITY (or process `pid`'s main thread at LENT_PRIORITY),
     or back to SCHED_OTHER.  False where not permitted, or when `pid` is gone."""
@@ -83,6 +117,7 @@ class StoppedWorld:
         arena, stw = self.d.arena, self.d.stw
         self.realtime = self.d.realtime_pause and set_realtime(True)
         self.boosted = {}  # slot -> pid of a P lent our priority while we wait for it (_lend)
+        self.threads_lent = {}  # slot -> its other threads lent it too (_lend)
         try:
             ragged = self._ragged_round()
             t0 = time.perf_counter_ns()
@@ -287,9 +322,14 @@ class StoppedWorld:
         SCHED_FIFO it runs at once, finishes the call, and parks at its next one (or goes on
         with its own code: the next round finds it stopped and takes the priority back, within
         one poll interval).  Priority inheritance, as a lock would do it for its holder.  Only
-        where our own pause is real-time (CAP_SYS_NICE), only for the P's main thread, and only
-        for a P asked to stop: it parks at its next call, where a running P lent it could keep
-        a CPU at that priority for as long as it ran."""
+        where our own pause is real-time (CAP_SYS_NICE), and only for a P asked to stop: it
+        parks at its next call, where a running P lent it could keep a CPU at that priority for
+        as long as it ran.  First its main thread alone; a P still inside LEND_ALL_ROUND rounds
+        in, its every thread: its main thread may be waiting for the GIL, which another of its
+        threads holds -- its control thread, which takes it for the heartbeat once a second,
+        and which would otherwise wait for a CPU behind the busy workers while holding it (with
+        8 workers in tight loops on 2 cores, the P that held the slowest pauses up was asleep on
+        the GIL inside its call, seen in /proc)."""
         if not self.realtime or (rounds < 2 and not flushing):
             return
         stw = self.d.stw
@@ -298,12 +338,16 @@ class StoppedWorld:
             # A P of the cooperative protocol may be outside, at its own work: not it.
             if pid and stw.fast(k) and set_realtime(True, pid):
                 self.boosted[k] = pid
+        if rounds >= LEND_ALL_ROUND:
+            for k in (inside & self.boosted.keys()) - self.threads_lent.keys():
+                self.threads_lent[k] = lend_threads(self.boosted[k])
         for k in self.boosted.keys() - inside:
             self._unlend(k)
 
     def _unlend(self, k=None):
         """Take the lent priority back from P k (None: from every P that has it)."""
         for j in list(self.boosted) if k is None else [k]:
+            give_back_threads(self.threads_lent.pop(j, ()))
             set_realtime(False, self.boosted.pop(j))
 
     def _flush(self, ks, per_p):

@@ -171,6 +171,54 @@ def preempted_worker(endpoint, ready, results):
     heap.close()
 
 
+def gil_held_elsewhere_worker(endpoint, ready, results):
+    """Connect, then sit INSIDE the allocator waiting for the GIL, which another thread of this
+    process holds -- as a call does when the control thread takes the GIL for its heartbeat.
+    The switch interval is set far past any deadline, so the holder keeps the GIL until it lets
+    it go itself: only once the daemon lent it the real-time priority too (or past 15 s).
+    Reports (the holder's policy when it let go, the main thread's after the pause, the
+    holder's after the pause)."""
+    import os
+    import sys
+    import threading
+    import time
+
+    import client
+
+    heap = client.connect(endpoint)
+    b = heap.alloc(100)
+    heap.free(b)
+    go, done, seen = threading.Event(), threading.Event(), {}
+
+    def holder():
+        seen["tid"] = threading.get_native_id()
+        go.wait()  # then holds the GIL: a busy loop that never blocks
+        end = time.monotonic() + 15
+        while os.sched_getscheduler(0) != os.SCHED_FIFO and time.monotonic() < end:
+            pass
+        seen["policy"] = os.sched_getscheduler(0)
+        done.wait(60)  # lets the GIL go
+
+    t = threading.Thread(target=holder)
+    t.start()
+    sys.setswitchinterval(1000)
+    with heap._lock:
+        heap._enter()
+        ready.set()  # first: a set that blocks lets the GIL go too, and the holder must not have it yet
+        go.set()
+        time.sleep(0.05)  # lets the GIL go: the holder takes it, and we wait for it, inside the call
+        heap._leave()
+    sys.setswitchinterval(0.005)
+    b = heap.alloc(100)  # parks until the pause ends
+    after = os.sched_getscheduler(0)
+    holder_after = os.sched_getscheduler(seen["tid"])
+    done.set()
+    t.join()
+    heap.free(b)
+    results.put((seen["policy"], after, holder_after))
+    heap.close()
+
+
 def held_inside_worker(endpoint, ready, go, results):
     """Connect, then sit INSIDE the allocator (asleep, as a call waiting for a lock would) until
     `go` is set, and only then leave it.  Reports the handle it allocated after (once the pause

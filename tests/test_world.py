@@ -387,6 +387,31 @@ def test_a_worker_caught_inside_a_call_is_lent_the_pause_priority_and_gives_it_b
     assert p["state"] in ("stopped", "parked"), p
 
 
+@needs_membarrier
+@pytest.mark.skipif(not _may_go_realtime(), reason="SCHED_FIFO not permitted here (CAP_SYS_NICE)")
+def test_a_worker_waiting_inside_a_call_for_the_gil_its_other_thread_holds_is_lent_on_every_thread(
+    start_daemon,
+):
+    """The worker's main thread is inside a call, asleep on the GIL, which another of its threads
+    holds and lets go only once it runs real-time.  Lending the main thread alone would leave the
+    world waiting until the deadline; the daemon lends every thread of a P still inside a few
+    rounds into the pause, and gives each its policy back before anyone resumes."""
+    d = start_daemon(extra=("--park-deadline-ms", "5000"))
+    ready, out = SPAWN.Event(), SPAWN.Queue()
+    w = SPAWN.Process(target=mpworkers.gil_held_elsewhere_worker, args=(d.endpoint, ready, out))
+    w.start()
+    assert ready.wait(DEADLINE)
+    snap = client.stats(d.endpoint, deadline_ms=5000, slow=True, timeout_ms=int(DEADLINE * 1000))
+    holder, after, holder_after = out.get(timeout=DEADLINE)
+    w.join(DEADLINE)
+    assert w.exitcode == 0
+    assert holder == os.SCHED_FIFO, "the daemon never lent the thread holding the GIL its priority"
+    assert (after, holder_after) == (os.SCHED_OTHER, os.SCHED_OTHER), "a thread kept the priority"
+    assert snap["consistent"] and snap["slow_equal"] and identities(snap) == [], snap["unflushed"]
+    (p,) = snap["per_p"]
+    assert p["state"] in ("stopped", "parked"), p
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["membarrier", "cooperative"])
 def test_snapshots_as_fast_as_the_daemon_allows_while_workers_free_across_processes(
