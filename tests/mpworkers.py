@@ -413,6 +413,47 @@ def stuck_flushing_large(arena_name, ready):
     time.sleep(60)  # not reached
 
 
+def stuck_taking_back_its_span(arena_name, ready, out):
+    """Two Ps in one process allocate eight blocks of 64 B each (every block filled with its
+    pattern) and are flushed together, as a pause flushes them: their spans wait on the partial
+    list, the second P's at its head.  The first P's next refill takes its own span back out of
+    the middle of the list (CentralList.cache_span, the slot's hint) -- and we stop forever in
+    that step: its log entry complete, half of its words stored.  Puts (the blocks' handles, the
+    first P's slot, its span) on `out` first.  The test SIGKILLs us there."""
+    from service.demo import pattern
+    from shm import Arena, ProcessCache
+    from shm.central import CentralList
+    from shm.locks import Op
+    from shm.sizeclasses import SIZE_TO_CLASS
+
+    arena = Arena.attach(arena_name)
+    a, b = ProcessCache(arena), ProcessCache(arena)
+    blocks = [p.alloc(64) for p in (a, b) for _ in range(8)]
+    for blk in blocks:
+        blk.buf[:] = pattern(blk.handle, blk.size)
+    r = dict(arena.cached_spans(a.slot))[SIZE_TO_CLASS[64 >> 3]]
+    arena.flush_slots([a.slot, b.slot], keep_empty=True, disown=False)
+    out.put(([blk.handle for blk in blocks], a.slot, r))
+    real_cache, real_wset = CentralList.cache_span, Op.wset
+
+    def half_wset(self, idxs, values):
+        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
+            for j, v in enumerate(values):
+                if j == len(idxs) // 2:
+                    stop_forever(ready)
+                yield v
+
+        real_wset(self, idxs, stored())
+
+    def cache_span(self, op, c, k):
+        Op.wset = half_wset  # its first step: the span off the partial list, the hint spent
+        return real_cache(self, op, c, k)
+
+    CentralList.cache_span = cache_span
+    a.alloc(64)
+    time.sleep(60)  # not reached
+
+
 def stuck_in_pending_list(arena_name, ready, handles, where):
     """Stop forever in the middle of a step that moves a large span between a P's lists (one
     Op.wset, PageHeap.list_move): its log entry complete, half of its words stored -- the span

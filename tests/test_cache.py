@@ -194,6 +194,37 @@ def test_a_p_does_not_take_back_a_span_another_p_took_after_the_flush(arena):
         p.close()
 
 
+def test_sigkill_while_a_p_takes_back_its_span_rolls_back_the_step(make_arena):
+    """A P killed half way through the step that takes its span back out of the middle of the
+    partial list (the hint a flush left in its slot): the next taker of the central lock rolls
+    the step back -- the list whole again, the hint as it was -- the dead P is reclaimed, and
+    no block is handed out twice."""
+    import mpworkers
+    from support import DEADLINE, kill_and_repair, spawn_victim
+
+    from shm.sizeclasses import SIZE_TO_CLASS
+
+    c = SIZE_TO_CLASS[64 >> 3]
+    arena = make_arena(heap_max=64 << 20, nslots=8)
+    main = ProcessCache(arena)
+    victim, ready, out = spawn_victim(mpworkers.stuck_taking_back_its_span, arena.name)
+    handles, k, r = out.get(timeout=DEADLINE)
+    assert ready.wait(DEADLINE), "victim never reached its critical section"
+    assert arena.q[arena.lay.lock_word(layout.LOCK_CENTRAL(c))], "the victim should hold the lock, dirty"
+    mine = [kill_and_repair(arena, victim, lambda: main.alloc(64))]  # takes central[64 B]
+    assert arena.q[arena.lay.slot_word(k) + layout.SLOT_LAST_AT + c] == r + 1  # rolled back
+    assert arena.check_all() == []
+    mine += [main.alloc(64) for _ in range(300)]  # more than the spans the victim left hold
+    for b in mine:
+        b.buf[:] = pattern(b.handle, b.size)
+    for h in handles:  # the victim's blocks, live (it never freed them): untouched
+        assert bytes(main.view(h, 64)) == pattern(h, 64)
+    verify_and_free(main, mine)
+    snap = assert_healthy(arena, main)  # reclaims the victim's Ps
+    assert snap["heap_objects"] == len(handles) and snap["bad_frees"] == 0
+    main.close()
+
+
 BAD = [
     ("below the heap", lambda a, b: layout.HANDLE_MIN - 1, BadHandle),
     ("zero", lambda a, b: 0, BadHandle),
