@@ -10,6 +10,7 @@ flush_ns, unflushed, stuck_locks).  The daemon's waits for arena locks are bound
 unflushed, and the lock goes into stuck_locks -- the snapshot is then not consistent.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -118,6 +119,7 @@ class StoppedWorld:
         self.realtime = self.d.realtime_pause and set_realtime(True)
         self.boosted = {}  # slot -> pid of a P lent our priority while we wait for it (_lend)
         self.threads_lent = {}  # slot -> its other threads lent it too (_lend)
+        self.holders = []  # pids of lock holders lent our priority while a flush waits (_lend_holder)
         try:
             ragged = self._ragged_round()
             t0 = time.perf_counter_ns()
@@ -174,7 +176,8 @@ class StoppedWorld:
                 if asked and self._stopped_alone(k, pid):
                     bound, arena.locks.wait_s = arena.locks.wait_s, RAGGED_LOCK_WAIT_S
                     try:
-                        arena.flush_slots([k], arena.daemon_actor, keep_empty=True, disown=False)
+                        with self._lending_to_holders():
+                            arena.flush_slots([k], arena.daemon_actor, keep_empty=True, disown=False)
                     finally:
                         arena.locks.wait_s = bound
                     flushed = (k,)
@@ -362,7 +365,8 @@ class StoppedWorld:
             return
         t = time.perf_counter_ns()
         try:
-            done = arena.flush_slots(ks, arena.daemon_actor, keep_empty=True, disown=False)
+            with self._lending_to_holders():
+                done = arena.flush_slots(ks, arena.daemon_actor, keep_empty=True, disown=False)
         except LockUnavailable as e:  # rolled back: their caches are untouched
             w["unflushed"].update(ks)
             w["flush_ns"] += time.perf_counter_ns() - t
@@ -373,6 +377,30 @@ class StoppedWorld:
             w["flushed"].add(k)
             arena.q[L.HDR["flush_count"]] += 1
         w["flush_ns"] += time.perf_counter_ns() - t
+
+    @contextlib.contextmanager
+    def _lending_to_holders(self):
+        """While a flush of ours runs: a lock it must wait for is held by a P in the middle of a
+        call, which the scheduler may have preempted -- lend that P our priority until the flush
+        ends, as _lend does for a P we wait for (priority inheritance).  The lent P runs at most
+        as long as our flush at that priority: we take it back as soon as the flush is done."""
+        if not self.realtime:
+            yield
+            return
+        locks = self.d.arena.locks
+        locks.on_wait = self._lend_holder
+        try:
+            yield
+        finally:
+            locks.on_wait = None
+            for pid in self.holders:
+                set_realtime(False, pid)
+            self.holders.clear()
+
+    def _lend_holder(self, lid):
+        pid, _ = self.d.arena.locks.holder(lid)
+        if pid and pid not in self.holders and pid not in self.boosted.values() and set_realtime(True, pid):
+            self.holders.append(pid)
 
     def _stuck(self, e):
         """A lock the pause could not take within the daemon's bound: the snapshot says so."""

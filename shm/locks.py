@@ -171,6 +171,9 @@ class Locks:
         # poll for at most that long, then raise LockUnavailable (the daemon, whose control loop
         # must keep answering).
         self.wait_s = None
+        # Called with a lock's id when a bounded wait for it begins (the daemon lends its
+        # priority to the lock's holder, as to a P it waits for); None: nothing.
+        self.on_wait = None
 
     def after_fork(self):
         """In a forked child: another thread of the parent may have held an in-process lock at
@@ -199,6 +202,8 @@ class Locks:
             deadline = time.monotonic() + STRANDED_GRACE_S
         else:
             deadline = time.monotonic() + self.wait_s
+            if self.on_wait is not None:
+                self.on_wait(lid)
         # A bounded waiter (the daemon, in a pause) polls often: the holders it waits for are
         # short, and every microsecond it sleeps past a lock gone free lengthens the pause.
         pause, most = (50e-6, 5e-3) if self.wait_s is None else (BOUNDED_POLL_S, 2 * BOUNDED_POLL_S)

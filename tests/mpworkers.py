@@ -219,6 +219,33 @@ def gil_held_elsewhere_worker(endpoint, ready, results):
     heap.close()
 
 
+def holding_a_lock_worker(arena_name, ready, out, lid, done):
+    """Claim a P and, outside any allocator call, hold arena lock `lid` in an operation of ours
+    (its dirty word names us) until we run SCHED_FIFO, or 30 s: a process the scheduler
+    preempted while it held a lock, as the daemon sees it.  Reports our policy when we let go,
+    then, once `done` is set, our policy then."""
+    import os
+
+    from shm import Arena, ProcessCache
+
+    arena = Arena.attach(arena_name)
+    p = ProcessCache(arena)
+
+    def hold(op):
+        op.acquire(lid)
+        ready.set()
+        end = time.monotonic() + 30
+        while os.sched_getscheduler(0) != os.SCHED_FIFO and time.monotonic() < end:
+            pass  # busy, the lock held
+        return os.sched_getscheduler(0)
+
+    out.put(arena.run(p.slot, hold))
+    done.wait(120)
+    out.put(os.sched_getscheduler(0))
+    p.close()
+    arena.close()
+
+
 def held_inside_worker(endpoint, ready, go, results):
     """Connect, then sit INSIDE the allocator (asleep, as a call waiting for a lock would) until
     `go` is set, and only then leave it.  Reports the handle it allocated after (once the pause

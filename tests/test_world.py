@@ -9,7 +9,7 @@ import time
 
 import mpworkers
 import pytest
-from support import DEADLINE
+from support import DEADLINE, spawn_victim
 from test_daemon import SPAWN, finish_workers, observe, start_workers
 
 import client
@@ -385,6 +385,43 @@ def test_a_worker_caught_inside_a_call_is_lent_the_pause_priority_and_gives_it_b
     assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
     (p,) = snap["per_p"]
     assert p["state"] in ("stopped", "parked"), p
+
+
+@needs_membarrier
+@pytest.mark.skipif(not _may_go_realtime(), reason="SCHED_FIFO not permitted here (CAP_SYS_NICE)")
+def test_a_lock_a_flush_waits_for_is_lent_to_its_holder_until_the_flush_ends(start_daemon):
+    """A process holds the central lock a worker's flush needs and lets it go only once it runs
+    real-time; it is outside any allocator call, so the stop takes it as stopped and never
+    lends it anything.  The daemon, real-time for its pause, lends its priority to the holder
+    its flush waits for (the lock's dirty word names it), as a lock would, and takes it back
+    when the flush ends: the snapshot is exact.  Without the loan the flush gives up at the
+    daemon's bound and the snapshot says the lock was stuck."""
+    import multiprocessing as mp
+
+    d = start_daemon()
+    w, cmds, res, slot = connect_worker(d)
+    cmds.put(("alloc", 64))
+    kind, h = res.get(timeout=DEADLINE)
+    assert kind == "ok"
+    done = mp.get_context("spawn").Event()
+    lid = layout.LOCK_CENTRAL(SIZE_TO_CLASS[64 >> 3])
+    holder, ready, out = spawn_victim(mpworkers.holding_a_lock_worker, d.name, lid, done)
+    try:
+        assert ready.wait(DEADLINE)
+        snap = client.stats(d.endpoint, slow=True)
+        assert out.get(timeout=DEADLINE) == os.SCHED_FIFO, "the holder was never lent the priority"
+    finally:
+        done.set()
+    assert out.get(timeout=DEADLINE) == os.SCHED_OTHER, "the holder kept the priority"
+    holder.join(DEADLINE)
+    assert holder.exitcode == 0
+    assert snap["consistent"] and snap["slow_equal"] and identities(snap) == [], snap["stuck_locks"]
+    assert snap["heap_objects"] == 1
+    cmds.put(("verify", h, 64))
+    assert res.get(timeout=DEADLINE) == ("ok", None)
+    cmds.put(("free", h))
+    assert res.get(timeout=DEADLINE)[0] == "ok"
+    close_worker(w, cmds, res)
 
 
 @needs_membarrier
