@@ -27,6 +27,25 @@ def stop_forever(ready):
         signal.pause()
 
 
+def halfway(real_wset, ready, before=None):
+    """An Op.wset that stops forever half way through its step: its log entry complete, half
+    of its words stored (wset stores word j once it has drawn value j: we stop before drawing
+    one).  `before()`, if given, runs just before we stop."""
+
+    def half_wset(self, idxs, values):
+        def stored():
+            for j, v in enumerate(values):
+                if j == len(idxs) // 2:
+                    if before is not None:
+                        before()
+                    stop_forever(ready)
+                yield v
+
+        real_wset(self, idxs, stored())
+
+    return half_wset
+
+
 def stuck_in_critical_section(arena_name, where, ready):
     """Attach, then stop forever INSIDE an operation -- locks held, undo log half full -- at
     `where` ("heap": after a large allocation's writes; "central": after a refill's collect;
@@ -326,15 +345,7 @@ def stuck_applying_frees(arena_name, ready, results, nth=1, moving=False):
         stop_forever(ready)
         return bad  # not reached
 
-    def half_wset(self, idxs, values):
-        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
-            for j, v in enumerate(values):
-                if j == len(idxs) // 2:
-                    results.put((n, layout.RFREE_CAP))
-                    stop_forever(ready)
-                yield v
-
-        real_wset(self, idxs, stored())
+    half_wset = halfway(real_wset, ready, lambda: results.put((n, layout.RFREE_CAP)))
 
     def list_move(self, op, from_w, to_w, r, tag, *a):
         if tag == layout.LIST_PARTIAL:
@@ -463,14 +474,7 @@ def stuck_taking_back_its_span(arena_name, ready, out):
     out.put(([blk.handle for blk in blocks], a.slot, r))
     real_cache, real_wset = CentralList.cache_span, Op.wset
 
-    def half_wset(self, idxs, values):
-        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
-            for j, v in enumerate(values):
-                if j == len(idxs) // 2:
-                    stop_forever(ready)
-                yield v
-
-        real_wset(self, idxs, stored())
+    half_wset = halfway(real_wset, ready)
 
     def cache_span(self, op, c, k):
         Op.wset = half_wset  # its first step: the span off the partial list, the hint spent
@@ -498,14 +502,7 @@ def stuck_in_pending_list(arena_name, ready, handles, where):
     real_move, real_wset = PageHeap.list_move, Op.wset
     tag = L.LIST_LPENDING if where == "free" else L.LIST_LARGE
 
-    def half_wset(self, idxs, values):
-        def stored():  # wset stores word j once it has drawn value j: stop before drawing one
-            for j, v in enumerate(values):
-                if j == len(idxs) // 2:
-                    stop_forever(ready)
-                yield v
-
-        real_wset(self, idxs, stored())
+    half_wset = halfway(real_wset, ready)
 
     def list_move(self, op, from_w, to_w, r, t, *a, **kw):
         if t == tag:
@@ -556,14 +553,7 @@ def stuck_taking_back(arena_name, ready, handles, where):
 
     def wset(self, idxs, values):
         if calls["take_back"] and where == "half":
-
-            def stored():  # wset stores word j once it has drawn value j: stop before drawing one
-                for j, v in enumerate(values):
-                    if j == len(idxs) // 2:
-                        stop_forever(ready)
-                    yield v
-
-            return real_wset(self, idxs, stored())
+            return halfway(real_wset, ready)(self, idxs, values)
         return real_wset(self, idxs, values)
 
     def wscatter(self, offs, values):

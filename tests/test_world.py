@@ -39,6 +39,15 @@ def close_worker(w, cmds, res):
     assert w.exitcode == 0
 
 
+def verify_free_and_close(w, cmds, res, h):
+    """The worker's 64-byte block `h` still holds its pattern; freed; the worker closed."""
+    cmds.put(("verify", h, 64))
+    assert res.get(timeout=DEADLINE) == ("ok", None)
+    cmds.put(("free", h))
+    assert res.get(timeout=DEADLINE)[0] == "ok"
+    close_worker(w, cmds, res)
+
+
 @needs_membarrier
 @pytest.mark.parametrize("ragged", [True, False], ids=["ragged round", "--no-ragged-flush"])
 def test_an_idle_worker_is_stopped_and_flushed_without_its_help(start_daemon, ragged):
@@ -116,11 +125,7 @@ def test_a_ragged_flush_that_cannot_take_its_lock_is_left_to_the_pause(start_dae
     snap = client.stats(d.endpoint, slow=True)
     assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
     assert snap["ragged_flushed"] == 1 and snap["heap_objects"] == 1
-    cmds.put(("verify", h, 64))
-    assert res.get(timeout=DEADLINE) == ("ok", None)
-    cmds.put(("free", h))
-    assert res.get(timeout=DEADLINE)[0] == "ok"
-    close_worker(w, cmds, res)
+    verify_free_and_close(w, cmds, res, h)
 
 
 @needs_membarrier
@@ -358,6 +363,21 @@ def test_a_parked_worker_goes_on_when_the_daemon_dies_unreaped(start_daemon):
     os.unlink(d.sock_path())
 
 
+def snapshot_beside(d, target, deadline_ms):
+    """Start target(endpoint, ready, out) in a worker process; once it is ready, take a slow
+    snapshot (park deadline `deadline_ms`), then wait for the worker's report and its exit.
+    Returns (snapshot, report)."""
+    ready, out = SPAWN.Event(), SPAWN.Queue()
+    w = SPAWN.Process(target=target, args=(d.endpoint, ready, out))
+    w.start()
+    assert ready.wait(DEADLINE)
+    snap = client.stats(d.endpoint, deadline_ms=deadline_ms, slow=True, timeout_ms=int(DEADLINE * 1000))
+    report = out.get(timeout=DEADLINE)
+    w.join(DEADLINE)
+    assert w.exitcode == 0
+    return snap, report
+
+
 def _may_go_realtime():
     from service.pause import set_realtime
 
@@ -372,14 +392,7 @@ def test_a_worker_caught_inside_a_call_is_lent_the_pause_priority_and_gives_it_b
     takes it back before anyone resumes.  The worker leaves its call only once it sees
     SCHED_FIFO: without the loan the snapshot would end at its deadline, not consistent."""
     d = start_daemon(extra=("--park-deadline-ms", "30000"))
-    ready, out = SPAWN.Event(), SPAWN.Queue()
-    w = SPAWN.Process(target=mpworkers.preempted_worker, args=(d.endpoint, ready, out))
-    w.start()
-    assert ready.wait(DEADLINE)
-    snap = client.stats(d.endpoint, deadline_ms=10000, slow=True, timeout_ms=int(DEADLINE * 1000))
-    inside, after = out.get(timeout=DEADLINE)
-    w.join(DEADLINE)
-    assert w.exitcode == 0
+    snap, (inside, after) = snapshot_beside(d, mpworkers.preempted_worker, 10000)
     assert inside == os.SCHED_FIFO, "the daemon never lent the P inside a call its priority"
     assert after == os.SCHED_OTHER, "the P kept the real-time priority after the pause"
     assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
@@ -417,11 +430,7 @@ def test_a_lock_a_flush_waits_for_is_lent_to_its_holder_until_the_flush_ends(sta
     assert holder.exitcode == 0
     assert snap["consistent"] and snap["slow_equal"] and identities(snap) == [], snap["stuck_locks"]
     assert snap["heap_objects"] == 1
-    cmds.put(("verify", h, 64))
-    assert res.get(timeout=DEADLINE) == ("ok", None)
-    cmds.put(("free", h))
-    assert res.get(timeout=DEADLINE)[0] == "ok"
-    close_worker(w, cmds, res)
+    verify_free_and_close(w, cmds, res, h)
 
 
 @needs_membarrier
@@ -434,14 +443,7 @@ def test_a_worker_waiting_inside_a_call_for_the_gil_its_other_thread_holds_is_le
     world waiting until the deadline; the daemon lends every thread of a P still inside a few
     rounds into the pause, and gives each its policy back before anyone resumes."""
     d = start_daemon(extra=("--park-deadline-ms", "5000"))
-    ready, out = SPAWN.Event(), SPAWN.Queue()
-    w = SPAWN.Process(target=mpworkers.gil_held_elsewhere_worker, args=(d.endpoint, ready, out))
-    w.start()
-    assert ready.wait(DEADLINE)
-    snap = client.stats(d.endpoint, deadline_ms=5000, slow=True, timeout_ms=int(DEADLINE * 1000))
-    holder, after, holder_after = out.get(timeout=DEADLINE)
-    w.join(DEADLINE)
-    assert w.exitcode == 0
+    snap, (holder, after, holder_after) = snapshot_beside(d, mpworkers.gil_held_elsewhere_worker, 5000)
     assert holder == os.SCHED_FIFO, "the daemon never lent the thread holding the GIL its priority"
     assert (after, holder_after) == (os.SCHED_OTHER, os.SCHED_OTHER), "a thread kept the priority"
     assert snap["consistent"] and snap["slow_equal"] and identities(snap) == [], snap["unflushed"]
