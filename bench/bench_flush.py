@@ -20,7 +20,8 @@ pause, some Ps refilled every class since the last flush and some none.  --parts
 what the flush's pieces cost it (each timed around its call): grouping each P's buffered frees
 (_buffer_groups), applying them (_apply_buffer, and apply_frees within it), uncaching the small
 spans (uncache_span), settling the large ones (LargeObjects.flush); the rest is the flush's own
-bookkeeping and its locks.
+bookkeeping and its locks -- and how many buffered frees a flush applied, in how many groups (a
+group: the frees of one span, applied in one step).
 """
 
 import argparse
@@ -81,6 +82,15 @@ def main(argv=None):
                 (arena.large, "flush"),
             ):
                 setattr(obj, name, timed(getattr(obj, name), name, parts, calls))
+            grouped = arena._buffer_groups
+
+            def counted(k):
+                groups = grouped(k)
+                calls["buffered frees"] += sum(len(hs) for hs in groups.values())
+                calls["their groups"] += len(groups)
+                return groups
+
+            arena._buffer_groups = counted
 
         times, spans, done = [], [], {}
         warm = 3 if not args.tight else 20
@@ -124,11 +134,14 @@ def main(argv=None):
     if args.parts:
         mean = sum(times) / len(times)
         print(f"its pieces, per flush (mean {mean / 1e3:.0f} us):")
+        n = len(times)
         for name, ns in parts.items():
-            n = len(times)
             print(
                 f"  {name}: {ns / n / 1e3:.0f} us, {calls[name] / n:.1f} calls, {ns / calls[name] / 1e3:.1f} us a call"
             )
+        print(
+            f"buffered frees a flush: {calls['buffered frees'] / n:.1f}, in {calls['their groups'] / n:.1f} groups"
+        )
 
 
 def timed(fn, name, acc, calls):
