@@ -30,11 +30,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _benchlib import header, md_table, median, parse_size  # noqa: E402
 
 
+def _timed(obj, name):
+    """Wrap obj.name (a method the slow paths look up at each call) to count its calls and time
+    them: returns [calls, seconds], updated in place."""
+    fn, pc, acc = getattr(obj, name), time.perf_counter, [0, 0.0]
+
+    def timed(*args, **kw):
+        a = pc()
+        try:
+            return fn(*args, **kw)
+        finally:
+            acc[0] += 1
+            acc[1] += pc() - a
+
+    setattr(obj, name, timed)
+    return acc
+
+
 def producer(name, size, n, conn, ack, out):
     from shm import Arena, ProcessCache
 
     arena = Arena.attach(name)
     heap, pc = ProcessCache(arena), time.perf_counter
+    slow = _timed(heap, "_alloc_locked")
     B = min(256, (16 << 20) // size)
     tail, hs, inflight, t_alloc, t_fill, t_wait = bytes(size - 8), array("Q"), 0, 0.0, 0.0, 0.0
     t0 = pc()
@@ -63,7 +81,16 @@ def producer(name, size, n, conn, ack, out):
     del mv, b
     while ack.recv_bytes() != b"E":
         pass
-    out.put({"producer msg/s": n / (t1 - t0), "alloc": t_alloc, "fill": t_fill, "ack waits": t_wait})
+    out.put(
+        {
+            "producer msg/s": n / (t1 - t0),
+            "alloc": t_alloc,
+            "alloc: slow path": slow[1],
+            "alloc: slow paths taken": slow[0],
+            "fill": t_fill,
+            "ack waits": t_wait,
+        }
+    )
     heap.close()
     arena.close()
 
@@ -73,6 +100,7 @@ def consumer(name, size, n, conn, ack, out):
 
     arena = Arena.attach(name)
     heap, pc = ProcessCache(arena), time.perf_counter
+    slow, applies = _timed(heap, "_free_locked"), _timed(arena, "apply_buffered_frees")
     B = min(256, (16 << 20) // size)
     view, free, crc = heap.view, heap.free, zlib.crc32(bytes(size - 8))
     t_view = t_read = t_free = t_recv = t_ack = 0.0
@@ -116,6 +144,10 @@ def consumer(name, size, n, conn, ack, out):
             "view": t_view,
             "read": t_read,
             "free": t_free,
+            "free: slow path": slow[1],
+            "free: slow paths taken": slow[0],
+            "free: buffer applies": applies[1],
+            "free: buffer applies made": applies[0],
             "recv": t_recv,
             "ack": t_ack,
         }
@@ -169,11 +201,31 @@ def main():
     runs = [one_run(size, n) for _ in range(args.runs)]
     rows = []
     for side, pieces in (
-        ("producer", ("alloc", "fill", "ack waits")),
-        ("consumer", ("view", "read", "free", "recv", "ack")),
+        ("producer", ("alloc", "alloc: slow path", "alloc: slow paths taken", "fill", "ack waits")),
+        (
+            "consumer",
+            (
+                "view",
+                "read",
+                "free",
+                "free: slow path",
+                "free: slow paths taken",
+                "free: buffer applies",
+                "free: buffer applies made",
+                "recv",
+                "ack",
+            ),
+        ),
     ):
         for piece in pieces:
-            rows.append([side, piece, f"{median([r[piece] for r in runs]) / n * 1e6:.2f}"])
+            m = median([r[piece] for r in runs]) / n
+            rows.append(
+                [
+                    side,
+                    piece,
+                    f"{m * 1000:.1f} in 1000" if piece.endswith(("taken", "made")) else f"{m * 1e6:.2f}",
+                ]
+            )
         rate = median([r[f"{side} msg/s"] for r in runs])
         rows.append([side, "messages a second", f"{rate:,.0f}".replace(",", " ")])
     print(md_table(["side", "piece", "µs a message (median of runs)"], rows))
