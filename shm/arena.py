@@ -43,6 +43,7 @@ SL = L.SLOT
 PAGE = L.PAGE_SIZE
 _SMALL_SPAN_PAGES = max(CLASS_TO_ALLOCNPAGES)  # the longest small span, in pages
 LARGE_GROUP = (0, -1)  # Arena._buffer_groups' key of the buffered frees of large blocks
+LARGE_KEPT = (0, -2)  # apply_buffered_frees' key of the large frees it keeps for their owners
 LARGE_STEP = 8  # buffered frees of large blocks applied in one checkpointed step, at most
 
 
@@ -470,18 +471,42 @@ class Arena:
             self._warn_bad(k, n)
         return {k: tuple(v) for k, v in out.items()}
 
-    def apply_buffered_frees(self, k, actor=None, gate=None):
+    def apply_buffered_frees(self, k, actor=None, gate=None, keep=0, keep_pages=0, old=0):
         """P k applies its own remote-free buffer (it is full, or the P is closing).  `gate`:
-        as for run()."""
+        as for run().  `keep`, `keep_pages`: the frees of large blocks that another P owns and
+        may still take back (LargeObjects.waiting) stay in the buffer, at its start, when they
+        are no more than that many and pages -- but for those among its first `old` entries,
+        which the apply before kept: none is kept twice.  The owner takes each back when it
+        next wants one; applied, each would move to its pending list, a list move logged under
+        the heap lock, where keeping it costs a word.  Returns the number of frees found bad."""
         groups = self._buffer_groups(k)
-        if not groups and not self.q[self.lay.slot_word(k) + SL["rfree_n"]]:
+        n_w = self.lay.slot_word(k) + SL["rfree_n"]
+        if not groups and not self.q[n_w]:
             return 0
 
         def apply(op):
             for c in sorted({c for c, _ in groups} - {0}):
                 op.acquire(L.LOCK_CENTRAL(c))
             op.acquire(L.LOCK_HEAP)
-            return self._apply_buffer(op, k, groups)
+            if not keep or LARGE_GROUP not in groups:
+                return self._apply_buffer(op, k, groups)
+            at = n_w - SL["rfree_n"] + L.SLOT_RFREE_AT
+            now = self.q[at : at + self.q[n_w]].tolist()
+            there = set(now[old:]) - set(now[:old])
+            kept = self.large.waiting(op, k, [h for h in groups[LARGE_GROUP] if h in there])
+            if not kept or len(kept) > keep or sum(n for _, n, _ in kept) > keep_pages:
+                return self._apply_buffer(op, k, groups)
+            mine = {h for h, _, _ in kept}
+            rest = [h for h in groups[LARGE_GROUP] if h not in mine]
+            split = {key: hs for key, hs in groups.items() if key != LARGE_GROUP}
+            if rest:
+                split[LARGE_GROUP] = rest
+            split[LARGE_KEPT] = sorted(mine)
+            for j in {j for _, _, j in kept}:
+                # A hint (unlogged: one left set by a rolled-back step costs a look): each owner
+                # looks at its next large slow path, as after a free of its block.
+                self.q[self.lay.slot_word(j) + SL["lg_rhint"]] = 1
+            return self._apply_buffer(op, k, split, (LARGE_KEPT,))
 
         nbad = self.run(k if actor is None else actor, apply, gate)
         self._warn_bad(k, nbad)

@@ -71,6 +71,8 @@ LARGE_RFREE_BYTES = LARGE_CACHE_MAX  # bytes of other Ps' large blocks whose fre
 # Their owners take them back out of it as they need them (LargeObjects.take_back); the bound is
 # for an owner that does not allocate again, whose pages would otherwise wait for 256 frees (a
 # gigabyte of 4 MiB blocks)
+RFREE_KEEP = L.RFREE_CAP // 4  # frees of other Ps' large blocks that a full remote-free buffer keeps
+# for their owners to take back, at most (and at most half of LARGE_RFREE_BYTES); more are applied
 LARGE_PENDING_SPANS = L.RFREE_CAP  # large spans other Ps freed that a P leaves waiting for its next
 # large allocations, at most (and at most LARGE_CACHE_MAX bytes): one remote-free buffer's worth
 
@@ -164,7 +166,7 @@ class ProcessCache:
         self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
         # Frees of large blocks in our remote-free buffer and their pages, about (fewer when a
         # flush applied it): at _rlcap pages the buffer is applied.
-        self._rlarge = [0, 0]
+        self._rlarge = [0, 0, 0]  # and the first entries, kept by the last apply (RFREE_KEEP)
         self._rlcap = min(LARGE_RFREE_BYTES, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._rseen: dict[int, tuple[int, int]] = {}  # P -> (entries of its remote-free buffer we
         # looked at, the last of them as read then)
@@ -300,7 +302,10 @@ class ProcessCache:
             ins[0] = 1
             try:
                 n = rfree_n[0]
-                c, p = rlarge if n >= rlarge[0] else (0, 0)  # fewer buffered: a flush applied them
+                if n >= rlarge[0]:
+                    c, p = rlarge[0], rlarge[1]
+                else:  # fewer buffered: a flush applied them
+                    c = p = rlarge[2] = 0
                 npg = q[w + NPG]
                 if p + npg < rlcap and n < RCAP and not stop[0]:
                     rbuf[n] = h
@@ -678,11 +683,12 @@ class ProcessCache:
             self._lnp.pop(i, None)
             return self.arena.free(h, self.slot)  # over the cache's bound: to the page heap
         if b == L.ALLOC or b >= L.TAG0:
+            rlarge = self._rlarge
+            if self._rfree_n[0] < rlarge[0]:  # applied meanwhile (a flush): count afresh
+                rlarge[:] = [0, 0, 0]
             if self._rfree_n[0] >= L.RFREE_CAP:
-                self.arena.apply_buffered_frees(self.slot, gate=self._gate)  # first: may start again
-            n, rlarge = self._rfree_n[0], self._rlarge
-            if n < rlarge[0]:  # applied meanwhile (a flush): count afresh
-                rlarge[:] = [0, 0]
+                self._apply_full(self._gate)  # first: may start again
+            n = self._rfree_n[0]
             self._rbuf[n] = h
             self._rfree_n[0] = n + 1
             self._amap[i] = L.RFREED
@@ -699,9 +705,20 @@ class ProcessCache:
                     rlarge[1] = (rlarge[0] - min(taken, rlarge[0])) * rlarge[1] // rlarge[0]
                     if rlarge[1] >= self._rlcap:
                         self.arena.apply_buffered_frees(self.slot)
-                        rlarge[:] = [0, 0]
+                        rlarge[:] = [0, 0, 0]
             return
         self.arena.free(h, self.slot)  # not a live object: raises BadHandle or DoubleFree
+
+    def _apply_full(self, gate=None):
+        """Apply our full remote-free buffer, but for the frees of large blocks whose owners may
+        still take them back (a producer's, freed by us, its consumer): kept at its start, and
+        counted in rlarge (their pages about: the mean of those counted)."""
+        c, p, old = self._rlarge
+        self.arena.apply_buffered_frees(
+            self.slot, gate=gate, keep=RFREE_KEEP, keep_pages=self._rlcap // 2, old=old
+        )
+        kept = self._rfree_n[0]
+        self._rlarge[:] = [kept, kept * p // c if c else 0, kept]
 
     def _large_pages(self, i):
         """The pages of the large block (of any P) index i starts (handle >> GEN_BITS, checked),

@@ -173,6 +173,27 @@ class LargeObjects:
             return False
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
+    def waiting(self, op, k, handles):
+        """Of `handles`, frees of large blocks in P k's remote-free buffer, those their owner may
+        still take back out of it (take_back): the block RFREED, on a span another P owns.
+        Returns [(handle, pages, owner)].  Read under the heap lock, which every take_back
+        holds."""
+        op.need(L.LOCK_HEAP, "LargeObjects.waiting")
+        q, lay, out = self.q, self.lay, []
+        for h in handles:
+            r = self.heap.span_of_page(lay.handle_page(h))
+            w = lay.span_word(r)
+            owner = q[w + S["owner"]] - 1
+            if (
+                r >= 0
+                and q[w + S["sizeclass"]] == 0
+                and owner not in (-1, k)
+                and self.base(r) == h
+                and self.mv[lay.amap_byte(h)] == L.RFREED
+            ):
+                out.append((h, q[w + S["npages"]], owner))
+        return out
+
     def give_back_listed(self, op, k, handles):
         """Give back to the heap the spans of `handles`, LISTED in P k's large cache (the P
         makes room in it for blocks of another size).  Checkpoints after each span."""

@@ -316,13 +316,14 @@ def connected_worker(endpoint, cmds, results):
             results.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def stuck_applying_frees(arena_name, ready, results, nth=1, moving=False):
+def stuck_applying_frees(arena_name, ready, results, nth=1, moving=False, large=0):
     """Two Ps in one process: the first allocates, the second frees every block (a remote free)
     until its buffer fills and is applied -- and stops forever INSIDE that batch's operation,
     after the `nth` span's frees were written (the spans before it checkpointed); with `moving`,
     half way through the step that moves the first span the batch emptied from the full list to
     the partial one (PageHeap.list_move: its log entry complete, half of its words stored).  The
-    test SIGKILLs us there."""
+    first `large` blocks are large ones (100 000 B), whose frees the apply keeps in the buffer
+    for their owner.  The test SIGKILLs us there."""
     from shm import Arena, ProcessCache, layout
     from shm.central import CentralList
     from shm.heap import PageHeap
@@ -331,7 +332,7 @@ def stuck_applying_frees(arena_name, ready, results, nth=1, moving=False):
     arena = Arena.attach(arena_name)
     owner, freer = ProcessCache(arena), ProcessCache(arena)
     n = layout.RFREE_CAP + 1
-    blocks = [owner.alloc(64) for _ in range(n)]
+    blocks = [owner.alloc(100_000) for _ in range(large)] + [owner.alloc(64) for _ in range(n - large)]
     real, real_move, real_wset = CentralList.apply_frees, PageHeap.list_move, Op.wset
 
     calls = []

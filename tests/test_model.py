@@ -147,11 +147,15 @@ class AllocatorModel(RuleBasedStateMachine):
     def flush_one(self, p):
         self.ps[p].flush()
 
-    @rule(p=st.integers(0, 1))
-    def apply_buffer(self, p):
-        """A P applies its remote-free buffer (as it does when the buffer is full)."""
+    @rule(p=st.integers(0, 1), full=st.booleans())
+    def apply_buffer(self, p, full):
+        """A P applies its remote-free buffer: whole (as when its large frees' pages reach their
+        bound), or as when it is full -- the large frees their owner may take back kept."""
         with self.ps[p]._lock:
-            self.arena.apply_buffered_frees(self.ps[p].slot)
+            if full:
+                self.ps[p]._apply_full()
+            else:
+                self.arena.apply_buffered_frees(self.ps[p].slot)
 
     @rule(p=st.integers(0, 1))
     def stopped_and_flushed_by_the_daemon(self, p):

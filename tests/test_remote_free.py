@@ -162,18 +162,20 @@ def test_closing_applies_the_buffer(arena):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nth", [1, 2, "moving"])
-def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_arena, nth):
+@pytest.mark.parametrize("nth,large", [(1, 0), (2, 0), ("moving", 0), (1, 20), (2, 20)])
+def test_sigkill_while_applying_a_batch_rolls_back_and_applies_it_once(make_arena, nth, large):
     """The victim dies inside its batch's operation (central and heap locks held, the `nth`
     span's frees written; with nth 2 the first span's were checkpointed, the buffer's count
     dropped below them; "moving": half way through the step that moves the first span the batch
     emptied from the full list to the partial one).  The next taker of the lock rolls that span
-    back; the reclaim applies the rest of the batch, so every free is applied exactly once."""
+    back; the reclaim applies the rest of the batch, so every free is applied exactly once.
+    With `large`, the buffer starts with that many frees of the owner's large blocks, which the
+    apply keeps at its start for their owner (RFREE_KEEP): the reclaim applies them too."""
     arena = make_arena(heap_max=64 << 20, nslots=8)
     main = ProcessCache(arena)
     moving = nth == "moving"
     victim, ready, out = spawn_victim(
-        mpworkers.stuck_applying_frees, arena.name, 1 if moving else nth, moving
+        mpworkers.stuck_applying_frees, arena.name, 1 if moving else nth, moving, large
     )
     assert ready.wait(DEADLINE), "victim never reached its critical section"
     n_alloc, n_buffered = out.get(timeout=DEADLINE)
@@ -683,5 +685,93 @@ def test_an_owner_finds_its_blocks_in_a_buffer_applied_and_refilled_since_it_las
     verify_and_free(owner, [a2, c])
     snap = assert_healthy(arena, owner, freer)
     assert snap["heap_objects"] == 0 and snap["bad_frees"] == 0 and snap["large_frees"] == 4
+    owner.close()
+    freer.close()
+
+
+def fill_buffer_with_large_first(owner, freer, size, nlarge):
+    """`owner` allocates `nlarge` large blocks of `size` bytes and enough 64 B blocks to fill
+    `freer`'s buffer, and one more; `freer` checks and frees them all, the large ones first, and
+    the hint they left their owner is cleared before the last free, which finds the buffer full
+    and applies it.  Returns (large handles, small Blocks)."""
+    large = [owner.alloc(size) for _ in range(nlarge)]
+    small = [owner.alloc(64) for _ in range(layout.RFREE_CAP - nlarge + 1)]
+    for b in large + small:
+        b.buf[:] = pattern(b.handle, b.size)
+    for b in large + small:
+        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        if b is small[-1]:
+            assert arena_q(freer)[owner_hint(owner)] == 1
+            arena_q(freer)[owner_hint(owner)] = 0
+        freer.free(b.handle)
+    return [b.handle for b in large], small
+
+
+def arena_q(p):
+    return p.arena.q
+
+
+def owner_hint(p):
+    return p.arena.lay.slot_word(p.slot) + SL["lg_rhint"]
+
+
+def test_a_full_buffer_keeps_the_large_frees_their_owner_may_take_back(arena):
+    """A full buffer is applied but for the frees of large blocks another P owns (RFREED): they
+    stay at its start, for their owner to take back as it wants them -- none goes to its pending
+    list, a list move under the heap lock each -- and the owner is told to look.  The small
+    frees are applied as before."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    hs, small = fill_buffer_with_large_first(owner, freer, 100_000, 20)
+    assert arena.q[owner_hint(owner)] == 1  # set again by the apply: the owner looks
+    assert buffered(arena, freer) == sorted(hs) + [small[-1].handle]
+    assert [arena.mv[arena.lay.amap_byte(h)] for h in hs] == [layout.RFREED] * 20
+    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
+    assert {arena.mv[arena.lay.amap_byte(b.handle)] for b in small[:-1]} <= {layout.PENDING, layout.FREE}
+    freer.free(owner.alloc(64))  # a free on the fast path: the kept count is the buffer's
+    c = owner.alloc(100_000)
+    assert c.handle in {layout.next_handle(h) for h in hs}  # taken back: no page-heap operation
+    c.buf[:] = pattern(c.handle, c.size)
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["bad_frees"] == 0 and snap["large_taken_back"] >= 1
+    assert snap["large_frees"] == 20 and snap["heap_objects"] == 1
+    owner.free(c)
+    assert assert_healthy(arena, owner, freer)["heap_objects"] == 0
+    owner.close()
+    freer.close()
+
+
+def test_a_large_free_kept_once_is_applied_when_the_buffer_fills_again(arena):
+    """No free waits in a buffer through two applies: those a full buffer kept and their owner
+    did not take back by the time it is full again go to the owner's pending list then."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    hs, _ = fill_buffer_with_large_first(owner, freer, 100_000, 20)
+    assert buffered(arena, freer)[:20] == sorted(hs)
+    more = [owner.alloc(64) for _ in range(layout.RFREE_CAP - 21)]
+    for b in more:
+        freer.free(b)  # the last fills the buffer again (20 kept, 1 + these), the next applies it
+    assert arena.q[arena.lay.slot_word(freer.slot) + SL["rfree_n"]] == layout.RFREE_CAP
+    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 0
+    freer.free(owner.alloc(64))
+    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == 20
+    assert not set(hs) & set(buffered(arena, freer))
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["bad_frees"] == 0 and snap["large_frees"] == 20 and snap["heap_objects"] == 0
+    owner.close()
+    freer.close()
+
+
+@pytest.mark.parametrize("n,size", [(cache.RFREE_KEEP + 1, 33_000), (10, 60 * layout.PAGE_SIZE)])
+def test_a_full_buffer_applies_every_large_free_when_more_wait_than_it_keeps(arena, n, size):
+    """Past RFREE_KEEP frees of large blocks waiting for their owner, or past half the pages a
+    buffer's large frees may hold, a full buffer is applied whole: they go to the owner's pending
+    list, and the buffer is empty for new frees."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    assert n < large_batch(freer, size)  # the pages' bound does not apply it first
+    assert (n > cache.RFREE_KEEP) != (n * size > (freer._rlcap // 2) * layout.PAGE_SIZE)  # one bound
+    hs, small = fill_buffer_with_large_first(owner, freer, size, n)
+    assert buffered(arena, freer) == [small[-1].handle]
+    assert arena.q[arena.lay.slot_word(owner.slot) + SL["lg_pending"]] == n
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["bad_frees"] == 0 and snap["large_frees"] == n and snap["heap_objects"] == 0
     owner.close()
     freer.close()
