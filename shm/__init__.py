@@ -85,7 +85,8 @@ Freeing (ProcessCache.free):
      next collect; a free found bad then is counted (bad_frees).  So is a buffer holding
      LARGE_RFREE_BYTES of frees of large blocks: each goes to its owner's pending list.  Until
      then their owner (told by lg_rhint) takes them back out of the buffer itself when its
-     large cache runs dry (LargeObjects.take_back: the entry 0, the block LISTED).
+     large cache runs dry (LargeObjects.take_back: the entry 0, the block LISTED); a full
+     buffer keeps those it still may (RFREE_KEEP at most, none twice) at its start.
   3. Anything else is no live block: Arena.free raises BadHandle (a stale handle, or no block)
      or DoubleFree (the block's last handle, and it is free) and changes nothing.  A free applied
      under a lock (a buffered one, or Arena.free) bumps the generation too; a buffered free whose
