@@ -165,8 +165,9 @@ class ProcessCache:
         self._lcache: dict[int, list[int]] = {}  # pages -> LISTED large handles we keep
         self._lnp: dict[int, int] = {}  # handle >> GEN_BITS -> pages, of the large spans we own
         # Frees of large blocks in our remote-free buffer and their pages, about (fewer when a
-        # flush applied it): at _rlcap pages the buffer is applied.
-        self._rlarge = [0, 0, 0]  # and the first entries, kept by the last apply (RFREE_KEEP)
+        # flush applied it): at _rlcap pages the buffer is applied.  Third: how many of them the
+        # last apply of the full buffer kept at its start (RFREE_KEEP): the next applies those.
+        self._rlarge = [0, 0, 0]
         self._rlcap = min(LARGE_RFREE_BYTES, lay.heap_max // 4) >> L.PAGE_SHIFT
         self._rseen: dict[int, tuple[int, int]] = {}  # P -> (entries of its remote-free buffer we
         # looked at, the last of them as read then)

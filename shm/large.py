@@ -182,11 +182,12 @@ class LargeObjects:
         q, lay, out = self.q, self.lay, []
         for h in handles:
             r = self.heap.span_of_page(lay.handle_page(h))
+            if r < 0:
+                continue
             w = lay.span_word(r)
             owner = q[w + S["owner"]] - 1
             if (
-                r >= 0
-                and q[w + S["sizeclass"]] == 0
+                q[w + S["sizeclass"]] == 0
                 and owner not in (-1, k)
                 and self.base(r) == h
                 and self.mv[lay.amap_byte(h)] == L.RFREED
