@@ -775,3 +775,18 @@ def test_a_full_buffer_applies_every_large_free_when_more_wait_than_it_keeps(are
     assert snap["bad_frees"] == 0 and snap["large_frees"] == n and snap["heap_objects"] == 0
     owner.close()
     freer.close()
+
+
+def test_large_frees_kept_for_an_owner_that_closes_are_applied_once_later(arena):
+    """An owner that closes while a full buffer keeps frees of its large blocks gives up their
+    spans (its flush disowns them): the freer's next apply frees them to the heap, each once."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    hs, _ = fill_buffer_with_large_first(owner, freer, 100_000, 20)
+    assert buffered(arena, freer)[:20] == sorted(hs)
+    owner.close()
+    assert buffered(arena, freer)[:20] == sorted(hs)  # still waiting, now for nobody
+    other = ProcessCache(arena)
+    snap = assert_healthy(arena, other, freer)  # the snapshot's flush applies them
+    assert snap["bad_frees"] == 0 and snap["large_frees"] == 20 and snap["heap_objects"] == 0
+    other.close()
+    freer.close()
