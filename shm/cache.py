@@ -101,7 +101,7 @@ class Block(tuple):
     @property
     def buf(self) -> memoryview:
         """Zero-copy memoryview of the block's `size` bytes."""
-        return self[3].view(self[0], self[1])
+        return self[3]._own_view(self[0], self[1])
 
     def __repr__(self) -> str:
         return f"Block(handle={self[0]}, size={self[1]}, capacity={self[2]})"
@@ -142,6 +142,7 @@ class ProcessCache:
     alloc: Callable[[int], Block]
     free: Callable[[Block | SupportsIndex], None]
     view: Callable[..., memoryview]  # (handle, size=None): a live block of any process
+    _own_view: Callable[[int, int], memoryview]  # (handle, size): Block.buf
     _set_stop: Callable[[bytearray | memoryview, bytearray | memoryview], None]
     _charged: Callable[..., int]  # (pages=0, reset=False): the large cache's charge, after adding pages
 
@@ -442,6 +443,24 @@ class ProcessCache:
             d += hb
             return mv[d : d + size]
 
+        def own_view(h, size):
+            """view(h, size) for Block.buf: a live block of a span we cache (map byte our tag,
+            generation the handle's -- so at an object's start, as a free's fast path reads it)
+            needs no span lookup: its class is the page's in pclass, its place the handle's.
+            Anything else, a Block freed since or one made by hand included, goes to view(),
+            which says why it is no live block."""
+            try:
+                if not stop[0]:
+                    i = h >> GB
+                    if i >= G0 and amap[i] == tag_k and gmap[i] == h & GM:
+                        c = pclass[i >> GPS]
+                        if c != COARSE and 0 <= size <= c2s[c]:
+                            d = ((i - G0) << 3) + hb
+                            return mv[d : d + size]
+            except (IndexError, TypeError):  # past the heap, or no int: view() says so
+                pass
+            return view(h, size)
+
         def set_stop(stop_view, inside_view):
             nonlocal stop, inside
             stop, inside = stop_view, inside_view
@@ -454,6 +473,7 @@ class ProcessCache:
             return lcached
 
         self.alloc, self.free, self.view, self._set_stop = alloc, free, view, set_stop
+        self._own_view = own_view
         self._charged = charged
 
     # --- entering a call the slow way (under the P lock) ----------------------------------

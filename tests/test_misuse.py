@@ -5,7 +5,8 @@ error tree, and changes nothing."""
 import pytest
 from support import assert_healthy, metadata_bytes
 
-from shm import BadHandle, BadSize, BadSizeType, ProcessCache, ShmallocError
+from shm import BadHandle, BadSize, BadSizeType, ProcessCache, ShmallocError, layout
+from shm.cache import Block
 
 
 @pytest.mark.parametrize(
@@ -60,4 +61,33 @@ def test_scavenging_any_number_of_free_spans(make_arena):
     for b in blocks[1::2]:
         p.free(b)
     assert_healthy(arena, p)
+    p.close()
+
+
+def test_the_buf_of_a_block_freed_since_or_made_by_hand_raises_and_changes_nothing(arena):
+    """Block.buf of a block of one's own skips the span lookup (its class read from the P's page
+    table) only while the map byte says the block is the P's and live: a Block freed since --
+    its object handed out again or not -- raises as view() does, and so does one made by hand
+    that asks for more than its class holds or names no block; the arena unchanged."""
+    p = ProcessCache(arena)
+    b = p.alloc(64)
+    b.buf[:] = bytes(range(64))
+    assert bytes(b.buf) == bytes(range(64)) and len(b.buf) == 64
+    p.free(b)
+    before = metadata_bytes(arena)
+    with pytest.raises(BadHandle, match="not a live block"):
+        _ = b.buf
+    assert metadata_bytes(arena) == before
+    again = p.alloc(64)  # the same object, its next generation
+    assert again.handle >> layout.GEN_BITS == b.handle >> layout.GEN_BITS
+    before = metadata_bytes(arena)
+    with pytest.raises(BadHandle, match="stale"):
+        _ = b.buf
+    with pytest.raises(BadHandle, match="view of 65 bytes of a block of 64"):
+        _ = Block((again.handle, 65, 64, p)).buf
+    for h in (again.handle + (8 << layout.GEN_BITS), 5, 1 << 62):  # inside no block, below, past
+        with pytest.raises(BadHandle):
+            _ = Block((h, 8, 64, p)).buf
+    assert metadata_bytes(arena) == before
+    p.free(again)
     p.close()
