@@ -331,10 +331,10 @@ def main(argv=None):
         ops = [0, 0]  # locked operations (central or heap locks: all go through arena.run), their ns
         arena_run = arena.run
 
-        def counted_run(actor, fn):
+        def counted_run(actor, fn, gate=None):
             t = time.perf_counter_ns()
             try:
-                return arena_run(actor, fn)
+                return arena_run(actor, fn, gate)
             finally:
                 ops[0] += 1
                 ops[1] += time.perf_counter_ns() - t
