@@ -606,12 +606,17 @@ class ProcessCache:
 
             kept, gone = arena.run(k, collect)
             if cands:
-                # Ours that it had no room for: the next look reads their buffers from them.
+                # Ours that it had no room for: the next look reads their buffers from them, and
+                # comes at the next allocation its cache cannot serve (the hint set again: no free
+                # need come first -- else those would wait for their buffer's apply while the
+                # allocations took new spans from the heap).
                 taken, seen = {g for g, _ in kept}, self._rseen
                 for j, m, h in cands:
-                    if L.next_handle(h) not in taken and m < seen[j][0]:
-                        at = arena.lay.slot_word(j) + L.SLOT_RFREE_AT
-                        seen[j] = (m, q[at + m - 1] if m else 0)
+                    if L.next_handle(h) not in taken:
+                        q[sw + SL["lg_rhint"]] = 1
+                        if m < seen[j][0]:
+                            at = arena.lay.slot_word(j) + L.SLOT_RFREE_AT
+                            seen[j] = (m, q[at + m - 1] if m else 0)
             for n, g in stale:
                 self._lcache[n].remove(g)
                 self._lnp.pop(g >> L.GEN_BITS, None)

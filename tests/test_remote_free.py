@@ -790,3 +790,27 @@ def test_large_frees_kept_for_an_owner_that_closes_are_applied_once_later(arena)
     assert snap["bad_frees"] == 0 and snap["large_frees"] == 20 and snap["heap_objects"] == 0
     other.close()
     freer.close()
+
+
+def test_an_owner_takes_back_all_its_large_blocks_a_burst_of_frees_left_in_another_buffer(arena):
+    """An owner takes back at most what its large cache has room for at a look (8 spans); the
+    blocks it left behind are found at its next allocations, with no further free to tell it:
+    20 blocks freed at once come back to it through 20 allocations, none new from the heap."""
+    owner, freer = ProcessCache(arena), ProcessCache(arena)
+    blocks = [owner.alloc(100_000) for _ in range(20)]
+    for b in blocks:
+        b.buf[:] = pattern(b.handle, b.size)
+    for b in blocks:
+        assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
+        freer.free(b.handle)
+    again = [owner.alloc(100_000) for _ in range(20)]
+    assert sorted(b.handle for b in again) == sorted(layout.next_handle(b.handle) for b in blocks)
+    assert buffered(arena, freer) == []  # every entry taken back: 0
+    for b in again:
+        b.buf[:] = pattern(b.handle, b.size)
+    verify_and_free(owner, again)
+    snap = assert_healthy(arena, owner, freer)
+    assert snap["large_taken_back"] == 20 and snap["large_mallocs"] == 40 and snap["heap_objects"] == 0
+    assert snap["bad_frees"] == 0
+    owner.close()
+    freer.close()
