@@ -60,6 +60,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _benchlib import count_calls  # noqa: E402
 from bench_alloc import pairs  # noqa: E402 - one pair loop for every bench
 
 from shm import cache  # noqa: E402
@@ -328,18 +329,7 @@ def main(argv=None):
     arena = Arena.create(f"shmalloc-bench-{uuid.uuid4().hex[:8]}", 64 << 20, 8)
     caches = []
     try:
-        ops = [0, 0]  # locked operations (central or heap locks: all go through arena.run), their ns
-        arena_run = arena.run
-
-        def counted_run(actor, fn, gate=None):
-            t = time.perf_counter_ns()
-            try:
-                return arena_run(actor, fn, gate)
-            finally:
-                ops[0] += 1
-                ops[1] += time.perf_counter_ns() - t
-
-        arena.run = counted_run
+        ops = count_calls(arena, "run")  # locked operations (central or heap locks: all go through run), ns
 
         def cache_for():
             p = ProcessCache(arena)
@@ -353,14 +343,7 @@ def main(argv=None):
         # The real pairs, 64 B and 1 MiB; count the refills the 64 B pairs meet after warm-up.
         pp.free(pp.alloc(64))
         pp.free(pp.alloc(1 << 20))
-        refills_met = [0]
-        pp_refill = pp._refill
-
-        def counted_refill(c):
-            refills_met[0] += 1
-            return pp_refill(c)
-
-        pp._refill = counted_refill
+        refills_met = count_calls(pp, "_refill")
         pair_ops = {}
 
         def counting_ops(key, loop):

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _benchlib import cpu_model, git_revision  # noqa: E402
+from _benchlib import count_calls, cpu_model, git_revision  # noqa: E402
 
 from shm import Arena, ProcessCache  # noqa: E402
 
@@ -49,7 +49,7 @@ def main(argv=None):
     ap.add_argument("--tight", action="store_true", help="tight loops between flushes (see above)")
     ap.add_argument("--parts", action="store_true", help="time the flush's pieces too")
     args = ap.parse_args(argv)
-    parts, calls = collections.Counter(), collections.Counter()
+    parts, calls = {}, collections.Counter()  # piece -> [calls, ns]; counts of buffered frees
     arena = Arena.create(f"shmalloc-bench-flush-{os.getpid()}", 256 << 20, nslots=args.ps + 2)
     try:
         caches = [ProcessCache(arena) for _ in range(args.ps)]
@@ -81,7 +81,7 @@ def main(argv=None):
                 (arena.central, "uncache_span"),
                 (arena.large, "flush"),
             ):
-                setattr(obj, name, timed(getattr(obj, name), name, parts, calls))
+                parts[name] = count_calls(obj, name)
             grouped = arena._buffer_groups
 
             def counted(k):
@@ -97,7 +97,8 @@ def main(argv=None):
         for rep in range(args.reps + warm):  # the first ones warm the lists up, untimed
             churn()
             if rep == warm:
-                parts.clear()
+                for acc in parts.values():
+                    acc[:] = [0, 0]
                 calls.clear()
             t = time.perf_counter_ns()
             done = arena.flush_slots(slots, arena.daemon_actor, keep_empty=True, disown=False)
@@ -135,27 +136,11 @@ def main(argv=None):
         mean = sum(times) / len(times)
         print(f"its pieces, per flush (mean {mean / 1e3:.0f} us):")
         n = len(times)
-        for name, ns in parts.items():
-            print(
-                f"  {name}: {ns / n / 1e3:.0f} us, {calls[name] / n:.1f} calls, {ns / calls[name] / 1e3:.1f} us a call"
-            )
+        for name, (k, ns) in parts.items():
+            print(f"  {name}: {ns / n / 1e3:.0f} us, {k / n:.1f} calls, {ns / k / 1e3:.1f} us a call")
         print(
             f"buffered frees a flush: {calls['buffered frees'] / n:.1f}, in {calls['their groups'] / n:.1f} groups"
         )
-
-
-def timed(fn, name, acc, calls):
-    """fn, its time and calls added to acc[name], calls[name]."""
-
-    def call(*args, **kw):
-        t = time.perf_counter_ns()
-        try:
-            return fn(*args, **kw)
-        finally:
-            acc[name] += time.perf_counter_ns() - t
-            calls[name] += 1
-
-    return call
 
 
 if __name__ == "__main__":

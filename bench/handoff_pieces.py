@@ -27,24 +27,7 @@ from array import array
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchlib import header, md_table, median, parse_size  # noqa: E402
-
-
-def _timed(obj, name):
-    """Wrap obj.name (a method the slow paths look up at each call) to count its calls and time
-    them: returns [calls, seconds], updated in place."""
-    fn, pc, acc = getattr(obj, name), time.perf_counter, [0, 0.0]
-
-    def timed(*args, **kw):
-        a = pc()
-        try:
-            return fn(*args, **kw)
-        finally:
-            acc[0] += 1
-            acc[1] += pc() - a
-
-    setattr(obj, name, timed)
-    return acc
+from _benchlib import count_calls, header, md_table, median, parse_size  # noqa: E402
 
 
 def producer(name, size, n, conn, ack, out):
@@ -52,7 +35,7 @@ def producer(name, size, n, conn, ack, out):
 
     arena = Arena.attach(name)
     heap, pc = ProcessCache(arena), time.perf_counter
-    slow = _timed(heap, "_alloc_locked")
+    slow = count_calls(heap, "_alloc_locked")
     B = min(256, (16 << 20) // size)
     tail, hs, inflight, t_alloc, t_fill, t_wait = bytes(size - 8), array("Q"), 0, 0.0, 0.0, 0.0
     t0 = pc()
@@ -85,7 +68,7 @@ def producer(name, size, n, conn, ack, out):
         {
             "producer msg/s": n / (t1 - t0),
             "alloc": t_alloc,
-            "alloc: slow path": slow[1],
+            "alloc: slow path": slow[1] / 1e9,
             "alloc: slow paths taken": slow[0],
             "fill": t_fill,
             "ack waits": t_wait,
@@ -100,7 +83,7 @@ def consumer(name, size, n, conn, ack, out):
 
     arena = Arena.attach(name)
     heap, pc = ProcessCache(arena), time.perf_counter
-    slow, applies = _timed(heap, "_free_locked"), _timed(arena, "apply_buffered_frees")
+    slow, applies = count_calls(heap, "_free_locked"), count_calls(arena, "apply_buffered_frees")
     B = min(256, (16 << 20) // size)
     view, free, crc = heap.view, heap.free, zlib.crc32(bytes(size - 8))
     t_view = t_read = t_free = t_recv = t_ack = 0.0
@@ -144,9 +127,9 @@ def consumer(name, size, n, conn, ack, out):
             "view": t_view,
             "read": t_read,
             "free": t_free,
-            "free: slow path": slow[1],
+            "free: slow path": slow[1] / 1e9,
             "free: slow paths taken": slow[0],
-            "free: buffer applies": applies[1],
+            "free: buffer applies": applies[1] / 1e9,
             "free: buffer applies made": applies[0],
             "recv": t_recv,
             "ack": t_ack,
