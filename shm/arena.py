@@ -490,8 +490,7 @@ class Arena:
             op.acquire(L.LOCK_HEAP)
             if not keep or LARGE_GROUP not in groups:
                 return self._apply_buffer(op, k, groups)
-            at = n_w - SL["rfree_n"] + L.SLOT_RFREE_AT
-            now = self.q[at : at + self.q[n_w]].tolist()
+            now = self.buffered_frees(k)
             there = set(now[old:]) - set(now[:old])
             kept = self.large.waiting(op, k, [h for h in groups[LARGE_GROUP] if h in there])
             if not kept or len(kept) > keep or sum(n for _, n, _ in kept) > keep_pages:

@@ -173,26 +173,28 @@ class LargeObjects:
             return False
         raise CorruptionError(f"large block {h}: object byte {b}, span owner {owner}")
 
+    def _buffered(self, h):
+        """The record word of the large span whose block `h` names while that block is RFREED
+        (its free waits in some P's remote-free buffer), else None.  Caller holds the heap lock."""
+        r = self.heap.span_of_page(self.lay.handle_page(h))
+        if r < 0:
+            return None
+        w = self.lay.span_word(r)
+        if self.q[w + S["sizeclass"]] or self.base(r) != h or self.mv[self.lay.amap_byte(h)] != L.RFREED:
+            return None
+        return w
+
     def waiting(self, op, k, handles):
         """Of `handles`, frees of large blocks in P k's remote-free buffer, those their owner may
         still take back out of it (take_back): the block RFREED, on a span another P owns.
         Returns [(handle, pages, owner)].  Read under the heap lock, which every take_back
         holds."""
         op.need(L.LOCK_HEAP, "LargeObjects.waiting")
-        q, lay, out = self.q, self.lay, []
+        q, out = self.q, []
         for h in handles:
-            r = self.heap.span_of_page(lay.handle_page(h))
-            if r < 0:
-                continue
-            w = lay.span_word(r)
-            owner = q[w + S["owner"]] - 1
-            if (
-                q[w + S["sizeclass"]] == 0
-                and owner not in (-1, k)
-                and self.base(r) == h
-                and self.mv[lay.amap_byte(h)] == L.RFREED
-            ):
-                out.append((h, q[w + S["npages"]], owner))
+            w = self._buffered(h)
+            if w is not None and q[w + S["owner"]] not in (0, k + 1):
+                out.append((h, q[w + S["npages"]], q[w + S["owner"]] - 1))
         return out
 
     def give_back_listed(self, op, k, handles):
@@ -233,15 +235,8 @@ class LargeObjects:
             e = sj + L.SLOT_RFREE_AT + m
             if m >= q[sj + SL["rfree_n"]] or q[e] != h:
                 continue  # applied meanwhile: PENDING for us, or bad
-            r = self.heap.span_of_page(lay.handle_page(h))
-            w = lay.span_word(r)
-            if (
-                r < 0
-                or q[w + S["sizeclass"]]
-                or q[w + S["owner"]] != k + 1
-                or self.base(r) != h
-                or self.mv[lay.amap_byte(h)] != L.RFREED
-            ):
+            w = self._buffered(h)
+            if w is None or q[w + S["owner"]] != k + 1:
                 continue  # not a block of ours still waiting in that buffer: the apply judges it
             npages = q[w + S["npages"]]
             charge = max(npages, least)
