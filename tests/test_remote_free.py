@@ -701,14 +701,10 @@ def fill_buffer_with_large_first(owner, freer, size, nlarge):
     for b in large + small:
         assert bytes(freer.view(b.handle, b.size)) == pattern(b.handle, b.size)
         if b is small[-1]:
-            assert arena_q(freer)[owner_hint(owner)] == 1
-            arena_q(freer)[owner_hint(owner)] = 0
+            assert owner.arena.q[owner_hint(owner)] == 1
+            owner.arena.q[owner_hint(owner)] = 0
         freer.free(b.handle)
     return [b.handle for b in large], small
-
-
-def arena_q(p):
-    return p.arena.q
 
 
 def owner_hint(p):

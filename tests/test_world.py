@@ -582,10 +582,9 @@ def test_frees_a_full_buffer_keeps_for_their_owner_are_flushed_by_a_snapshot(sta
     check_and_free(second[0])  # the buffer is full: applied, but for the 64 its owner may take back
     arena = Arena.attach(d.name)
     try:
-        sw = arena.lay.slot_word(cslot)
-        kept = arena.q[sw + layout.SLOT_RFREE_AT : sw + layout.SLOT_RFREE_AT + 64].tolist()
-        assert kept == sorted(first[192:]) and arena.q[sw + SL["rfree_n"]] == 65
-        assert {arena.mv[arena.lay.amap_byte(h)] for h in kept} == {layout.RFREED}
+        buffered = arena.buffered_frees(cslot)
+        assert buffered[:64] == sorted(first[192:]) and len(buffered) == 65
+        assert {arena.mv[arena.lay.amap_byte(h)] for h in buffered[:64]} == {layout.RFREED}
     finally:
         arena.close()
     snap = client.stats(d.endpoint, slow=True)  # flushes both workers: the kept frees applied
