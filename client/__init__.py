@@ -6,6 +6,9 @@ See shm/__init__.py for the allocator's overview.
     blk = heap.alloc(1000)            # Block: .handle (int), .size, .capacity, .buf (memoryview)
     heap.free(blk)                    # or heap.free(blk.handle), from any process
     mv = heap.view(handle)            # zero-copy view of a block another process allocated
+    ch = heap.channel()               # blocks to one other process, no system call a message:
+    ch.send(blk)                      # ... rx = heap.open_channel(ch.handle) there, then
+                                      # mv = rx.recv(); ...; rx.release() (the sender frees it)
     snap = heap.stats()               # consistent snapshot (every cache flushed first)
     client.stats(endpoint)            # the same from an observer that holds no P
     heap.close()                      # or: with client.connect() as heap: ...
@@ -25,7 +28,7 @@ Errors (one tree, shm/errors.py):
     ShmallocError
     ├── OutOfMemory, BadHandle (DoubleFree), BadSize, BadSizeType, LayoutMismatch,
     │   CorruptionError, ArenaClosed, ForkedHeap, NoFreeSlot, LockUnavailable,
-    │   ForeignReference
+    │   ForeignReference, ChannelClosed, ChannelBusy, ChannelUnsupported
     ├── StartupError
     └── ProtocolError ── DaemonUnavailable, NotRegistered, Forbidden, RemoteError
 
@@ -43,13 +46,16 @@ from typing import Any, Literal
 
 import zmq
 
-from shm import Arena, Block, ProcessCache
+from shm import Arena, Block, Channel, ProcessCache
 from shm import layout as L
 from shm.errors import (
     ArenaClosed,
     BadHandle,
     BadSize,
     BadSizeType,
+    ChannelBusy,
+    ChannelClosed,
+    ChannelUnsupported,
     CorruptionError,
     DaemonUnavailable,
     DoubleFree,
@@ -85,6 +91,7 @@ __all__ = [
     "ping",
     "Heap",
     "Block",
+    "Channel",
     "ShmallocError",
     "OutOfMemory",
     "BadHandle",
@@ -98,6 +105,9 @@ __all__ = [
     "NoFreeSlot",
     "LockUnavailable",
     "ForeignReference",
+    "ChannelClosed",
+    "ChannelBusy",
+    "ChannelUnsupported",
     "ProtocolError",
     "DaemonUnavailable",
     "NotRegistered",
@@ -221,6 +231,17 @@ class Heap(ProcessCache):
         from .arrays import new_array
 
         return new_array(self, shape, dtype, order)
+
+    def channel(self, capacity: int = 256) -> Channel:
+        """A new channel (shm/channel.py) whose sender is this process: `ch.send(block)`; the
+        receiver opens it with `heap.open_channel(ch.handle)`.  Up to `capacity` messages in
+        flight; a released message's block comes back to this process, which frees it."""
+        return Channel.create(self, capacity)
+
+    def open_channel(self, handle: int) -> Channel:
+        """The receiving end of the channel at `handle` (a Channel's .handle): `mv =
+        rx.recv()`, then `rx.release()` (or `rx.take()` to keep the block)."""
+        return Channel.open(self, handle)
 
     def stats(self, deadline_ms: int = 2000, slow: bool = False) -> dict[str, Any]:
         """A consistent snapshot: the daemon parks every P -- this one included, through its

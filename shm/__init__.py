@@ -115,11 +115,15 @@ for (locks.py).  The daemon's waits on arena locks are bounded (Locks.wait_s).
 from . import layout
 from .arena import Arena
 from .cache import Block, ProcessCache
+from .channel import Channel
 from .errors import (
     ArenaClosed,
     BadHandle,
     BadSize,
     BadSizeType,
+    ChannelBusy,
+    ChannelClosed,
+    ChannelUnsupported,
     CorruptionError,
     DoubleFree,
     ForkedHeap,
@@ -135,6 +139,7 @@ __all__ = [
     "Arena",
     "ProcessCache",
     "Block",
+    "Channel",
     "layout",
     "FIELDS",
     "identities",
@@ -152,4 +157,7 @@ __all__ = [
     "ForkedHeap",
     "NoFreeSlot",
     "LockUnavailable",
+    "ChannelClosed",
+    "ChannelBusy",
+    "ChannelUnsupported",
 ]

@@ -124,6 +124,25 @@ class ForeignReference(ShmallocError, ValueError):
     code = "FOREIGN_REFERENCE"
 
 
+class ChannelClosed(ShmallocError, EOFError):
+    """The other end of a channel (shm/channel.py) closed it or died, and nothing is left to
+    receive; or this end is closed, or is not the end for the call.  Nothing was sent."""
+
+    code = "CHANNEL_CLOSED"
+
+
+class ChannelBusy(ShmallocError):
+    """A channel's receiving end is open in another live process: one receiver at a time."""
+
+    code = "CHANNEL_BUSY"
+
+
+class ChannelUnsupported(ShmallocError):
+    """Channels need x86-64's memory order (shm/channel.py); this machine is another."""
+
+    code = "CHANNEL_UNSUPPORTED"
+
+
 class StartupError(ShmallocError):
     """The daemon cannot start: the endpoint is served, the arena is held or of another
     version, /dev/shm is too small, an option is malformed.  Nothing was left behind."""

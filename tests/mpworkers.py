@@ -798,3 +798,107 @@ def call_behind_a_lock(arena_name, what, handles, ready, go, results):
     p.close()
     arena.close()
     results.put(ok)
+
+
+def _attach(where):
+    """A P of the arena named `where`, or, for an endpoint ("ipc://..."), of its daemon's."""
+    if "://" in where:
+        import client
+
+        heap = client.connect(where)
+        return heap, heap.close
+    from shm import Arena, ProcessCache
+
+    arena = Arena.attach(where)
+    p = ProcessCache(arena)
+
+    def close():
+        p.close()
+        arena.close()
+
+    return p, close
+
+
+def channel_sender(where, handles, n, seed, go, results, stop_after=None, ready=None, in_loan=False):
+    """Attach, make a channel of 16 slots and put its handle on `handles`; send `n` messages of
+    log-uniform sizes 1 B .. 1 MiB, every other one by loan()/commit() and the rest by send(),
+    each filled with pattern(handle, size).  With `stop_after`, stop forever (for the test's
+    SIGKILL) once that many are sent -- with `in_loan`, inside the next loan, filled and not
+    committed.  Else wait for `go`, close the channel and the P, and put [(handle, size)] sent,
+    in order, on `results`."""
+    import random
+
+    from service.demo import log_uniform_size, pattern
+    from shm import Channel
+
+    p, close = _attach(where)
+    ch = Channel.create(p, 16)
+    handles.put(ch.handle)
+    rng, sent = random.Random(seed), []
+    for i in range(n):
+        size = log_uniform_size(rng)
+        if i == stop_after:
+            if in_loan:
+                ch.loan(size)[:] = bytes(size)  # filled, never committed
+            stop_forever(ready)
+        if i % 2:
+            mv = ch.loan(size)
+            h = ch.loaned_handle
+            mv[:] = pattern(h, size)
+            mv.release()
+            ch.commit()
+        else:
+            b = p.alloc(size)
+            h = b.handle
+            b.buf[:] = pattern(h, size)
+            ch.send(b)
+        sent.append((h, size))
+    go.wait(120)
+    ch.close()
+    close()
+    results.put(sent)
+
+
+def channel_receiver(where, handle, n, results, take_every=0, hold=0, ready=None):
+    """Attach, open the channel at `handle`, receive `n` messages: each view checked against
+    pattern(last_handle, its size), then released -- or, every `take_every`-th, taken, checked
+    again and freed by us.  With `ready`, the last `hold` received are not released: stop
+    forever there (for the test's SIGKILL).  Else close and put [(handle, size)] received, in
+    order, on `results`."""
+    from service.demo import pattern
+    from shm import Channel
+
+    p, close = _attach(where)
+    rx = Channel.open(p, handle)
+    got = []
+    for i in range(n):
+        mv = rx.recv(timeout=120)
+        h = rx.last_handle
+        assert bytes(mv) == pattern(h, len(mv)), f"message {i}: block {h} was overwritten"
+        got.append((h, len(mv)))
+        mv.release()
+        if ready is not None and i >= n - hold:
+            continue
+        if take_every and i % take_every == take_every - 1:
+            b = rx.take()
+            assert (b.handle, b.size) == got[-1]
+            assert bytes(b.buf) == pattern(h, b.size)
+            p.free(b)
+        else:
+            rx.release()
+    if ready is not None:
+        stop_forever(ready)
+    rx.close()
+    close()
+    results.put(got)
+
+
+def stuck_opening_channel(arena_name, ready, out, handle):
+    """Attach and open the receiving end of the channel at `handle` -- and stop forever INSIDE
+    the claim, the registry lock held, our pid written and our start time not.  The test
+    SIGKILLs us there."""
+    from shm import Arena, Channel, ProcessCache, locks
+
+    p = ProcessCache(Arena.attach(arena_name))
+    locks.Op.wset = halfway(locks.Op.wset, ready)
+    Channel.open(p, handle)
