@@ -35,9 +35,10 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from typing import Literal, SupportsIndex
 
 from . import layout as L
-from .cache import Block, _handle
+from .cache import Block, ProcessCache, _handle
 from .errors import BadHandle, ChannelBusy, ChannelClosed, ChannelUnsupported, CorruptionError, DoubleFree
 from .locks import holder_alive, my_start
 
@@ -82,7 +83,7 @@ class Channel:
     release: Callable[[], None]
     take: Callable[[], Block]
 
-    def __init__(self, heap, handle, role):
+    def __init__(self, heap: ProcessCache, handle: int, role: str) -> None:
         self.heap, self.handle, self.role = heap, handle, role
         arena = heap.arena
         base = (arena.lay.heap_off + arena.lay.handle_offset(handle) + 63) & ~63
@@ -292,7 +293,7 @@ class Channel:
 
     # --- making and opening ------------------------------------------------------------------
     @classmethod
-    def create(cls, heap, capacity=256):
+    def create(cls, heap: ProcessCache, capacity: int = 256) -> "Channel":
         """A new channel in `heap`'s arena, of `capacity` messages in flight; the caller is its
         sender."""
         if not _SUPPORTED:
@@ -313,7 +314,7 @@ class Channel:
         return cls(heap, blk.handle, "send")
 
     @classmethod
-    def open(cls, heap, handle):
+    def open(cls, heap: ProcessCache, handle: SupportsIndex) -> "Channel":
         """The receiving end of the channel at `handle`, for this process.  BadHandle if no
         channel is there; ChannelBusy while another live process has it open; ChannelClosed
         once its receiver closed it, or it was torn down."""
@@ -385,7 +386,7 @@ class Channel:
         return ""
 
     # --- closing -----------------------------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Close this end.  The sender first frees what the receiver released.  The last end to
         close (or one closing after the other end died) frees every block left in the ring and
         the ring itself; before that, the receiver may still drain what was sent."""
@@ -441,13 +442,13 @@ class Channel:
                 f"(a sent block is the channel's): {bad[:8]}; the rest and the ring are freed"
             )
 
-    def __enter__(self):
+    def __enter__(self) -> "Channel":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.pending} pending"
         return f"<Channel {self.handle} {self.role}, capacity {self.capacity}, {state}>"
