@@ -19,6 +19,12 @@ min(256, 16 MiB / size): 256, 256, 64, 4 for the default sizes) and the producer
 4B messages ahead (shmalloc blocks and SharedMemory segments would otherwise pile up).
 
 Rows (msg/s):
+  shmalloc channel   a channel in the heap (heap.channel(4B): a ring of 4B handles, no Pipe):
+                     producer: mv = ch.loan(size) (a new block in the next slot), fill, ch.commit();
+                     consumer: mv = rx.recv(), read, rx.release(); the producer frees each released
+                     block itself (a local free) at a later loan.  A full or empty ring is looked
+                     at again after sleep(0) (64 times, as iceoryx2's producer does), then after
+                     sleeps doubling up to 1 ms; the ring (4B) is the window
   shmalloc batched   producer: heap.alloc(size), block.buf filled (2 slice assignments), the
                      handles sent B at a time (array('Q') bytes over a multiprocessing Pipe);
                      consumer: heap.view(handle, size), read, heap.free(handle): a cross-process free
@@ -45,8 +51,8 @@ Rows (msg/s):
 Peers not installed are skipped (iceoryx2, ray: pip install -e '.[bench]').
 
 Prints msg/s (medians) per size and row, then the ratios of medians:
-  shmalloc batched / pickle, shmalloc 1/msg / pickle           target: > 1 at every size
-  shmalloc batched / iceoryx2 batched, 1/msg / iceoryx2 1/msg   target: >= 0.67 (within 1.5x) up to
+  shmalloc channel, batched, 1/msg / pickle                     target: > 1 at every size
+  shmalloc channel, batched / iceoryx2 batched, 1/msg / 1/msg   target: >= 0.67 (within 1.5x) up to
                                                                4 KiB, at least level (>= 1) from 256 KiB
 Machines are shared and noisy: read the ratios of one run, never a bare rate.
 """
@@ -82,6 +88,7 @@ from _benchlib import (  # noqa: E402
 
 DEFAULT_SIZES = "64,4K,256K,4M"
 ALL_ROWS = [
+    "shmalloc channel",
     "shmalloc batched",
     "shmalloc 1/msg",
     "pickle",
@@ -233,6 +240,24 @@ def produce(st, row, size, seconds, cell):
     recv_ack, send_bytes = link.recv_bytes, link.send_bytes
     t_start = st.ready(True)
     t_end = t_start + seconds
+    if row == "shmalloc channel":
+        ch = st.heap.channel(window)
+        send_bytes(ch.handle.to_bytes(8, "little"))
+        loan, commit = ch.loan, ch.commit
+        while True:
+            mv = loan(size)  # a new block in the next slot; waits while `window` are in flight
+            mv[:8] = seq.to_bytes(8, "little")
+            mv[8:] = tail
+            commit()
+            seq += 1
+            if time.perf_counter() >= t_end:
+                break
+        loan(0)  # the end: an empty message
+        commit()
+        while recv_ack() != b"E":  # the consumer has closed its end
+            pass
+        ch.close()  # frees what is left, and the ring
+        return {"t_start": t_start, "count": seq}
     if row.startswith("shmalloc"):
         alloc = st.heap.alloc
         batched = row == "shmalloc batched"
@@ -334,6 +359,23 @@ def consume(st, row, size, cell, time_reads=False):
 
     recv_bytes, ack = link.recv_bytes, link.send_bytes
     st.ready(False)
+    if row == "shmalloc channel":
+        rx = st.heap.open_channel(int.from_bytes(recv_bytes(), "little"))
+        recv, release = rx.recv, rx.release
+        while True:
+            mv = recv()
+            if not mv:
+                break
+            if crc32(mv[8:]) != crc or int.from_bytes(mv[:8], "little") != seq:
+                bad_message(seq, int.from_bytes(mv[:8], "little"))
+            mv.release()
+            release()
+            seq += 1
+        t_end = time.perf_counter()
+        release()
+        rx.close()
+        ack(b"E")
+        return {"t_end": t_end, "count": seq, "read_s": read_s[0]}
     if row.startswith("shmalloc"):
         view, free = st.heap.view, st.heap.free
         batched = row == "shmalloc batched"
@@ -596,8 +638,10 @@ def main(argv=None):
     )
     print()
     pairs = [
+        ("shmalloc channel", "pickle"),
         ("shmalloc batched", "pickle"),
         ("shmalloc 1/msg", "pickle"),
+        ("shmalloc channel", "iceoryx2 batched"),
         ("shmalloc batched", "iceoryx2 batched"),
         ("shmalloc 1/msg", "iceoryx2 1/msg"),
     ]
