@@ -49,7 +49,7 @@ W_MAGIC, W_CAP, W_TAIL, W_SPID, W_SSTART, W_SCLOSED = 0, 1, 2, 3, 4, 5
 # line 1 (the receiver writes it; torn down by the last to close, under the registry lock)
 W_HEAD, W_RPID, W_RSTART, W_RCLOSED, W_TORN = 8, 9, 10, 11, 12
 MAX_CAPACITY = 1 << 20
-SPINS = 64  # an empty (or full) ring is looked at again after sleep(0) this many times, then
+SPINS = 64  # an empty (or full) ring is looked at again after sched_yield() this many times, then
 BACKOFF_S = (20e-6, 1e-3)  # after sleeps doubling from the first to the second, which bounds the
 # latency of a message to an idle receiver; the other end is checked for life at each sleep
 _SUPPORTED = platform.machine().lower() in ("x86_64", "amd64")
@@ -354,11 +354,12 @@ class Channel:
     # --- waiting -----------------------------------------------------------------------------
     def _wait(self, ready, timeout, what):
         deadline = None if timeout is None else time.monotonic() + timeout
-        sleep, spins, delay = time.sleep, 0, BACKOFF_S[0]
+        sleep, yield_cpu, spins, delay = time.sleep, os.sched_yield, 0, BACKOFF_S[0]
         while not ready():
             if spins < SPINS:
                 spins += 1
-                sleep(0)
+                yield_cpu()  # sched_yield: a process that shares this CPU -- the other end,
+                # it may be -- runs first (sleep(0) would take the CPU back at once)
                 continue
             gone = self._peer_gone()
             if gone and not ready():
