@@ -843,15 +843,14 @@ class Daemon:
         """Every parked P's cache was flushed as it parked (StoppedWorld), every dead one
         reclaimed: only now read -- the seed's order."""
         self.scavenger.publish()  # the retained target as of now (a share of heap_sys follows it)
-        snap = stats.read_stats(self.arena)
-        if slow:
-            d = (
-                stats.diff(snap, stats.read_stats_slow(self.arena))
-                if not not_quiet(world)
-                else ["not compared: " + "; ".join(not_quiet(world))]
-            )
-            snap["slow_equal"] = not d
-            snap["slow_diff"] = d
+        if not slow:
+            return stats.read_stats(self.arena)
+        if not_quiet(world):
+            snap, d = stats.read_stats(self.arena), ["not compared: " + "; ".join(not_quiet(world))]
+        else:
+            snap, d = stats.read_compared(self.arena)  # no worker claims a slot in between
+        snap["slow_equal"] = not d
+        snap["slow_diff"] = d
         return snap
 
     # --- stop --------------------------------------------------------------------------

@@ -381,6 +381,25 @@ def monotonic(prev, cur):
     return bad
 
 
+def read_compared(arena):
+    """(read_stats(arena), its differences from read_stats_slow(arena)), both read under the
+    registry lock -- a raw lock, only reads -- so that no P is claimed between them: a slot
+    claimed there would count in one and not the other (mcache_sys, mcache_inuse).  When the
+    lock is not taken in time (a bounded wait, in the daemon) the figures are not compared,
+    and the one difference says why."""
+    from .errors import LockUnavailable
+
+    try:
+        arena.locks.raw_acquire(L.LOCK_REGISTRY)
+    except LockUnavailable as e:
+        return read_stats(arena), [f"not compared: the registry lock was not taken ({e})"]
+    try:
+        fast = read_stats(arena)
+        return fast, diff(fast, read_stats_slow(arena))
+    finally:
+        arena.locks.raw_release(L.LOCK_REGISTRY)
+
+
 def diff(a, b):
     """Field-by-field differences between two snapshots (fast vs slow)."""
     out = [f"{k}: {a[k]} != {b[k]}" for k in FIELD_NAMES if a[k] != b[k]]
