@@ -115,9 +115,9 @@ class Channel:
             bytes (default: the Block's size, or an int handle's whole capacity).  The block is
             the channel's from here on: the sender must not use or free it; once the receiver
             releases the message, the sender frees it at a later send or at close.  Waits while
-            the ring is full (TimeoutError after `timeout` seconds); ChannelClosed if the
-            receiver closed or died meanwhile.  On any error the block is still the caller's,
-            and nothing was sent."""
+            the ring is full (TimeoutError after `timeout` seconds) -- also while its
+            receiver is dead, for another may open it; ChannelClosed once the receiver
+            closed it.  On any error the block is still the caller's, and nothing was sent."""
             nonlocal tail
             if loaned:
                 raise ValueError("send() while a loan() is not committed: commit() it first")
@@ -374,12 +374,8 @@ class Channel:
         w = self._w
         if w[W_TORN]:
             return "torn down"
-        if self.role == "send":
-            if w[W_RCLOSED]:
-                return "its receiver closed it"
-            if w[W_RPID] and not holder_alive(w[W_RPID], w[W_RSTART]):
-                return f"its receiver (pid {w[W_RPID]}) died"
-            return ""
+        if self.role == "send":  # a receiver that died may be replaced (open): wait on
+            return "its receiver closed it" if w[W_RCLOSED] else ""
         if w[W_SCLOSED]:
             return "its sender closed it and every message was received"
         if not holder_alive(w[W_SPID], w[W_SSTART]):
