@@ -606,7 +606,7 @@ class ProcessCache:
             charge = max(npg, self._lmin)
             stale = []
             if self._lcap - self._charged() < charge:
-                stale = [(n, h) for n, hs in self._lcache.items() if n != npg for h in hs]
+                stale = self._stale_listed(npg)
             room = self._lcap - self._charged() + sum(max(n, self._lmin) for n, _ in stale)
 
             def collect(op):
@@ -632,10 +632,7 @@ class ProcessCache:
                         if m < seen[j][0]:
                             at = arena.lay.slot_word(j) + L.SLOT_RFREE_AT
                             seen[j] = (m, q[at + m - 1] if m else 0)
-            for n, g in stale:
-                self._lcache[n].remove(g)
-                self._lnp.pop(g >> L.GEN_BITS, None)
-                self._charged(-max(n, self._lmin))
+            self._forget_listed(stale)
             for g in gone:
                 self._lnp.pop(g >> L.GEN_BITS, None)
             for g, n in kept:
@@ -658,6 +655,26 @@ class ProcessCache:
             self._cpclass[arena.lay.handle_page(h)] = _LARGE
         self._amap[h >> L.GEN_BITS] = self._tag
         return Block((h, size, npg << L.PAGE_SHIFT, self))
+
+    def _stale_listed(self, npg, need=None):
+        """[(pages, handle)] of the spans in our large cache of another size than `npg` pages:
+        all of them, or with `need` the first whose charges reach `need` pages (the sizes
+        cached first first, each size's oldest first; [] if all of them would not)."""
+        stale = [(n, h) for n, hs in self._lcache.items() if n != npg for h in hs]
+        if need is None:
+            return stale
+        for j, (n, _) in enumerate(stale):
+            need -= max(n, self._lmin)
+            if need <= 0:
+                return stale[: j + 1]
+        return []
+
+    def _forget_listed(self, spans):
+        """Spans of our large cache given back to the heap (give_back_listed): out of it."""
+        for n, g in spans:
+            self._lcache[n].remove(g)
+            self._lnp.pop(g >> L.GEN_BITS, None)
+            self._charged(-max(n, self._lmin))
 
     def _freed_elsewhere(self, want):
         """Our large blocks that other Ps freed, read from their remote-free buffers without a
@@ -713,6 +730,18 @@ class ProcessCache:
                 self._lists[c].append(h2)
                 return
             npg = self._lnp.get(i, 0)
+            over = self._charged() + max(npg, self._lmin) - self._lcap
+            if npg and over > 0 and (stale := self._stale_listed(npg, over)):
+                # No room, for spans of other sizes fill the cache: the P moved on to another
+                # size.  Enough of those go back to the heap, the oldest first, and this one is
+                # kept -- else every pair of the new size took the heap lock twice, until a
+                # flush emptied the cache.  (One locked operation, as the free to the heap.)
+                def give_back(op):
+                    op.acquire(L.LOCK_HEAP)
+                    self.arena.large.give_back_listed(op, self.slot, [g for _, g in stale])
+
+                self.arena.run(self.slot, give_back)
+                self._forget_listed(stale)
             if npg and self._charged() + max(npg, self._lmin) <= self._lcap:
                 self._gmap[i] = h2 & L.GEN_MASK
                 self._lgrel[0] += 1

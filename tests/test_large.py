@@ -334,3 +334,34 @@ def test_taking_back_pending_spans_takes_the_size_wanted_first_as_room_allows(ar
     assert snap["heap_objects"] == 0 and snap["large_frees"] == len(blocks) and snap["bad_frees"] == 0
     owner.close()
     freer.close()
+
+
+def test_a_p_that_moves_on_to_another_size_makes_room_at_a_free_and_its_pairs_take_no_lock(make_arena):
+    """Its large cache full of spans of 4 MiB, a P moves on to 256 KiB blocks.  The first free
+    of one gives back the oldest 4 MiB span (one locked operation, as the free to the heap
+    would be) and keeps the new one, so the pairs from then on take no lock -- before, every
+    pair took the heap lock twice (alloc and free) until a flush emptied the cache."""
+    from shm import cache
+
+    arena = make_arena(heap_max=128 << 20)  # the cache: 32 MiB, 8 spans of at least 4 MiB each
+    p = ProcessCache(arena)
+    old = [p.alloc(4 << 20) for _ in range(cache.LARGE_CACHE_SPANS)]
+    for b in old:
+        p.free(b)
+    assert sum(len(v) for v in p._lcache.values()) == cache.LARGE_CACHE_SPANS
+    ops, run = [], arena.run
+    arena.run = lambda actor, fn, gate=None: ops.append(fn) or run(actor, fn, gate)
+    for i in range(10):
+        b = p.alloc(256 << 10)
+        b.buf[:] = pattern(b.handle, b.size)
+        assert bytes(b.buf) == pattern(b.handle, b.size)
+        p.free(b)
+        if i == 0:
+            assert len(ops) == 2, "the first pair: its span from the heap, and room made"
+    del arena.run
+    assert len(ops) == 2, f"{len(ops) - 2} locked operations in the 9 pairs after the first"
+    pages = {n: len(hs) for n, hs in p._lcache.items() if hs}
+    assert pages == {512: cache.LARGE_CACHE_SPANS - 1, 32: 1}, pages
+    snap = assert_healthy(arena, p)
+    assert snap["heap_objects"] == 0 and snap["large_frees"] == cache.LARGE_CACHE_SPANS + 10
+    p.close()
