@@ -92,6 +92,13 @@ Freeing (ProcessCache.free):
      under a lock (a buffered one, or Arena.free) bumps the generation too; a buffered free whose
      object no longer carries its generation is skipped and counted in bad_frees.
 
+Channels (channel.py): a ring of (handle, bytes) slots in one block of the heap, from one sender
+process to one receiver.  send/loan+commit write a slot, then the tail; recv reads the tail, then
+the slot, and views the block from its handle alone; release moves the head.  The sender frees
+the released blocks itself -- local frees, step 1 above -- zeroing each slot first.  No lock and no
+system call a message; the receiver's claim and each end's close are operations under the
+registry lock, and the last end to close frees what is left.  x86-64 only (memory order).
+
 Snapshots (driven by the daemon's stop-the-world, world.py; Arena.update_stats in one process):
   0. Beforehand (the ragged round, service/pause.py) each P is stopped alone, flushed and
      resumed while the others run; step 2 then skips a P that made no call since its last
