@@ -143,7 +143,6 @@ class ProcessCache:
     free: Callable[[Block | SupportsIndex], None]
     view: Callable[..., memoryview]  # (handle, size=None): a live block of any process
     _own_view: Callable[[int, int], memoryview]  # (handle, size): Block.buf
-    _check_live: Callable[[int, int], None]  # (handle, size): raises unless a live block
     _set_stop: Callable[[bytearray | memoryview, bytearray | memoryview], None]
     _charged: Callable[..., int]  # (pages=0, reset=False): the large cache's charge, after adding pages
 
@@ -462,20 +461,6 @@ class ProcessCache:
                 pass
             return view(h, size)
 
-        def check_live(h, size):
-            """Raise unless h is a live block of at least `size` bytes: own_view() without the
-            view (a channel's send)."""
-            try:
-                if not stop[0]:
-                    i = h >> GB
-                    if i >= G0 and amap[i] == tag_k and gmap[i] == h & GM:
-                        c = pclass[i >> GPS]
-                        if c != COARSE and 0 <= size <= c2s[c]:
-                            return
-            except (IndexError, TypeError):  # past the heap, or no int: view() says so
-                pass
-            view(h, size).release()
-
         def set_stop(stop_view, inside_view):
             nonlocal stop, inside
             stop, inside = stop_view, inside_view
@@ -488,7 +473,7 @@ class ProcessCache:
             return lcached
 
         self.alloc, self.free, self.view, self._set_stop = alloc, free, view, set_stop
-        self._own_view, self._check_live = own_view, check_live
+        self._own_view = own_view
         self._charged = charged
 
     # --- entering a call the slow way (under the P lock) ----------------------------------

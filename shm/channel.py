@@ -100,7 +100,7 @@ class Channel:
         lay = arena.lay
         mv, hb, heap_end = arena.mv, lay.heap_off, lay.heap_off + lay.heap_max
         C0, GB, G0 = lay.handle_c0, L.GEN_BITS, L.HANDLE_G0
-        check_live, free = heap._check_live, heap.free
+        own_view, free = heap._own_view, heap.free
         # The sender: messages sent; messages whose blocks it freed (the slots behind are zero or
         # unused).  The receiver: the next message to receive; the head as it last wrote it; the
         # tail as it last read it.
@@ -129,7 +129,7 @@ class Channel:
                 n = _whole(heap, h) if nbytes is None else nbytes
             if self._closed or w[W_RCLOSED] or role != "send":
                 raise ChannelClosed(f"send() on channel {self.handle}: " + self._why_not_send())
-            check_live(h, n)  # raises unless h is a live block of at least n bytes
+            own_view(h, n).release()  # raises unless h is a live block of at least n bytes
             make_room(timeout)
             t = tail
             s = SLOTS_AT + t % cap
