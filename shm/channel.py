@@ -34,12 +34,21 @@ die without closing leaks its blocks, as any block a dead process held does.
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable
 from typing import Literal, SupportsIndex
 
 from . import layout as L
 from .cache import Block, ProcessCache, _handle
-from .errors import BadHandle, ChannelBusy, ChannelClosed, ChannelUnsupported, CorruptionError, DoubleFree
+from .errors import (
+    BadHandle,
+    ChannelBusy,
+    ChannelClosed,
+    ChannelUnsupported,
+    CorruptionError,
+    DoubleFree,
+    ForkedHeap,
+)
 from .locks import holder_alive, my_start
 
 MAGIC = 0x316E_6168_6363_6873  # b"shcchan1"
@@ -93,6 +102,7 @@ class Channel:
         self._pid = os.getpid()
         self._closed = False
         self._bind()
+        _ENDS.add(self)
 
     def _bind(self):
         heap, w, cap, role = self.heap, self._w, self.capacity, self.role
@@ -449,3 +459,21 @@ class Channel:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.pending} pending"
         return f"<Channel {self.handle} {self.role}, capacity {self.capacity}, {state}>"
+
+
+_ENDS: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """An end inherited through fork() is its parent's: every call of it refuses in the child,
+    where it would move the parent's counters (and close() does nothing)."""
+    for end in list(_ENDS):
+
+        def refuse(*args, _h=end.handle, **kw):
+            raise ForkedHeap(f"channel {_h}: this end belongs to the parent process; open one here")
+
+        end.send = end.loan = end.commit = end.cancel = end.recv = end.release = end.take = refuse
+        end._closed = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -449,3 +449,37 @@ def test_the_readmes_channel_example_runs(start_daemon, tmp_path):
     snap = client.stats(d.endpoint, slow=True)
     assert snap["consistent"] and snap["slow_equal"] and identities(snap) == []
     assert snap["heap_objects"] == 0, "the example left blocks allocated"
+
+
+def _use_inherited_ends(ch, rx, out):
+    got = []
+    for call in (lambda: ch.loan(8), lambda: ch.send(1), lambda: rx.recv(timeout=0), rx.release, rx.take):
+        try:
+            call()
+            got.append("no error")
+        except Exception as e:  # noqa: BLE001 - the test wants every kind reported
+            got.append(type(e).__name__)
+    ch.close()  # does nothing here
+    rx.close()
+    out.put(got)
+
+
+def test_ends_inherited_through_fork_refuse_every_call_and_the_parents_go_on(ends, arena):
+    sender, _, ch, rx = ends
+    b = sender.alloc(64)
+    b.buf[:] = pattern(b.handle, 64)
+    ch.send(b)
+    assert bytes(rx.recv()) == pattern(b.handle, 64)  # received, not released: the child must
+    # not release it for us
+    fork = mp.get_context("fork")
+    out = fork.Queue()
+    child = fork.Process(target=_use_inherited_ends, args=(ch, rx, out))
+    child.start()
+    assert out.get(timeout=DEADLINE) == ["ForkedHeap"] * 5
+    child.join(DEADLINE)
+    assert child.exitcode == 0
+    assert ch.pending == 1 and rx.pending == 1  # the parent's ends are as they were
+    rx.release()
+    ch.send(sender.alloc(8))  # and work on
+    rx.recv()
+    rx.release()
