@@ -902,3 +902,17 @@ def stuck_opening_channel(arena_name, ready, out, handle):
     p = ProcessCache(Arena.attach(arena_name))
     locks.Op.wset = halfway(locks.Op.wset, ready)
     Channel.open(p, handle)
+
+
+def stuck_closing_channel(arena_name, ready, out, handle):
+    """Attach, open the receiving end of the channel at `handle`, receive and release one
+    message, then close it -- and stop forever INSIDE the close's operation, the registry lock
+    held, its closed flag written and the torn-down flag not.  The test SIGKILLs us there."""
+    from shm import Arena, Channel, ProcessCache, locks
+
+    p = ProcessCache(Arena.attach(arena_name))
+    rx = Channel.open(p, handle)
+    rx.recv(timeout=60)
+    rx.release()
+    locks.Op.wset = halfway(locks.Op.wset, ready)
+    rx.close()

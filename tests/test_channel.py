@@ -483,3 +483,23 @@ def test_ends_inherited_through_fork_refuse_every_call_and_the_parents_go_on(end
     ch.send(sender.alloc(8))  # and work on
     rx.recv()
     rx.release()
+
+
+def test_a_process_killed_inside_the_close_of_its_end_is_rolled_back_and_the_other_end_frees_all(arena):
+    p = ProcessCache(arena)
+    ch = Channel.create(p, 4)
+    for _ in range(3):
+        ch.send(p.alloc(50_000))
+    victim, ready, _ = spawn_victim(mpworkers.stuck_closing_channel, arena.name, ch.handle)
+    assert ready.wait(DEADLINE)
+    w = ch._w
+    assert w[shm_channel.W_RCLOSED] == 1 and w[shm_channel.W_TORN] == 0  # half way
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(DEADLINE)
+    repairs = arena.repairs
+    ch.close()  # takes the registry lock: the dead close rolled back, then ours -- the last
+    assert arena.repairs == repairs + 1
+    with pytest.raises(BadHandle):
+        p.view(ch.handle)  # torn down: the ring freed, and the blocks in it
+    p.close()
+    assert_empty_and_consistent(arena)
