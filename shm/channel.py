@@ -35,6 +35,7 @@ import os
 import platform
 import time
 import weakref
+from array import array
 from collections.abc import Callable
 from typing import Literal, SupportsIndex
 
@@ -73,6 +74,11 @@ def _whole(heap, h):
     return n
 
 
+def _ring_word(lay, h):
+    """The word index of line 0 of the ring in the block at handle h: its first cache line."""
+    return ((lay.heap_off + lay.handle_offset(h) + 63) & ~63) // 8
+
+
 def ring_bytes(capacity):
     """Bytes of the block a channel of `capacity` slots takes (alignment slack included)."""
     return 64 + (SLOTS_AT + 2 * capacity) * 8
@@ -95,8 +101,7 @@ class Channel:
     def __init__(self, heap: ProcessCache, handle: int, role: str) -> None:
         self.heap, self.handle, self.role = heap, handle, role
         arena = heap.arena
-        base = (arena.lay.heap_off + arena.lay.handle_offset(handle) + 63) & ~63
-        self._b = base // 8
+        self._b = _ring_word(arena.lay, handle)
         self.capacity = arena.q[self._b + W_CAP]
         self._w = arena.words(self._b, SLOTS_AT + 2 * self.capacity)
         self._pid = os.getpid()
@@ -315,10 +320,8 @@ class Channel:
             raise ValueError(f"a channel's capacity is an int in [1, {MAX_CAPACITY}], got {capacity!r}")
         blk = heap.alloc(ring_bytes(capacity))
         arena = heap.arena
-        base = (arena.lay.heap_off + arena.lay.handle_offset(blk.handle) + 63) & ~63
-        n = SLOTS_AT + 2 * capacity
-        arena.mv[base : base + 8 * n] = bytes(8 * n)
-        b, q, me = base // 8, arena.q, os.getpid()
+        b, n, q, me = _ring_word(arena.lay, blk.handle), SLOTS_AT + 2 * capacity, arena.q, os.getpid()
+        q[b : b + n] = array("Q", bytes(8 * n))
         q[b + W_CAP], q[b + W_SPID], q[b + W_SSTART] = capacity, me, my_start(me)
         q[b + W_MAGIC] = MAGIC  # last: a channel half made is no channel
         return cls(heap, blk.handle, "send")
@@ -333,17 +336,12 @@ class Channel:
                 f"channels rely on x86-64's store and load order; this is {platform.machine()}"
             )
         h = handle.__index__()
-        ring = heap.view(h)  # raises BadHandle unless a live block is there
-        lay = heap.arena.lay
-        off = lay.heap_off + lay.handle_offset(h)
-        base = (off + 63) & ~63
-        q = heap.arena.q
-        cap = q[base // 8 + W_CAP]
-        if q[base // 8 + W_MAGIC] != MAGIC or not 1 <= cap <= MAX_CAPACITY or len(ring) < ring_bytes(cap):
-            raise BadHandle(f"handle {h} names a block of {len(ring)} bytes that holds no channel")
-        ring.release()
+        size = _whole(heap, h)  # raises BadHandle unless a live block is there
+        b, q = _ring_word(heap.arena.lay, h), heap.arena.q
+        cap = q[b + W_CAP]
+        if q[b + W_MAGIC] != MAGIC or not 1 <= cap <= MAX_CAPACITY or size < ring_bytes(cap):
+            raise BadHandle(f"handle {h} names a block of {size} bytes that holds no channel")
         me, start = os.getpid(), my_start(os.getpid())
-        b = base // 8
         key = (me, heap.arena.arena_id, h)
         if key in _RECEIVING:
             raise ChannelBusy(f"channel {h} is open for receiving in this process already")
@@ -397,10 +395,7 @@ class Channel:
         """Close this end.  The sender first frees what the receiver released.  The last end to
         close (or one closing after the other end died) frees every block left in the ring and
         the ring itself; before that, the receiver may still drain what was sent."""
-        if self._closed:
-            return
-        if os.getpid() != self._pid:
-            self._closed = True  # a forked copy: the end belongs to the parent
+        if self._closed:  # closed, or inherited through fork (_after_fork_in_child)
             return
         heap = self.heap
         if self.role == "send":
@@ -427,12 +422,12 @@ class Channel:
         self._shut()
         _RECEIVING.discard((self._pid, heap.arena.arena_id, self.handle))
         if last:
-            self._tear_down(b)
+            self._tear_down()
 
-    def _tear_down(self, b):
+    def _tear_down(self):
         """Free every block left in the ring, then the ring (the last end, the channel torn down
         under the registry lock: nobody else does it)."""
-        q, free = self.heap.arena.q, self.heap.free
+        q, free, b = self.heap.arena.q, self.heap.free, self._b
         cap, bad = q[b + W_CAP], []
         for s in range(b + SLOTS_AT, b + SLOTS_AT + cap):
             h = q[s]

@@ -23,6 +23,7 @@ killed between any two instructions cannot make mallocs, frees and live objects 
 
 from . import layout as L
 from .central import allocated
+from .errors import LockUnavailable
 from .sizeclasses import CLASS_TO_SIZE
 
 H = L.HEAP
@@ -387,8 +388,6 @@ def read_compared(arena):
     claimed there would count in one and not the other (mcache_sys, mcache_inuse).  When the
     lock is not taken in time (a bounded wait, in the daemon) the figures are not compared,
     and the one difference says why."""
-    from .errors import LockUnavailable
-
     try:
         arena.locks.raw_acquire(L.LOCK_REGISTRY)
     except LockUnavailable as e:

@@ -76,7 +76,7 @@ def test_blocks_sent_through_a_channel_arrive_whole_and_go_back_to_their_sender(
     # Its place (the handle without its generation) used again: blocks came back to the sender.
     assert len({h >> layout.GEN_BITS for h, _ in sent}) < n / 2
     snap = assert_empty_and_consistent(arena)
-    # Released blocks were freed by their sender (local frees), taken ones by the receiver.
+    # Every block freed once: released ones by their sender, taken ones by the receiver.
     assert snap["frees"] == snap["mallocs"]
 
 
